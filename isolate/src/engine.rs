@@ -1,0 +1,121 @@
+//! The compiler and its identity.
+//!
+//! One [`Engine`] per process compiles every module with cranelift. Its
+//! [`fingerprint`](Engine::fingerprint) names everything a compiled artifact depends on —
+//! wasmer's version, the compiler, the target triple and the host CPU features — so the
+//! on-disk artifact cache never hands a node code compiled for another machine or release.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use wasmer::sys::NativeEngineExt;
+use wasmer::{ExternType, Module};
+
+use crate::error::IsolateError;
+use crate::wasi::WASI_MODULE;
+
+/// A cheap-to-clone handle on the process's wasmer engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: wasmer::Engine,
+    fingerprint: Arc<str>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Engine")
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+/// The wasmer release this crate is built against (kept in step with Cargo.toml).
+const WASMER_VERSION: &str = "7.4.2";
+
+impl Engine {
+    pub fn new() -> Result<Engine, IsolateError> {
+        let compiler = wasmer::sys::Cranelift::default();
+        let inner: wasmer::Engine = wasmer::sys::EngineBuilder::new(compiler).engine().into();
+        let target = inner.target();
+        let identity = format!(
+            "wasmer-{WASMER_VERSION}/{}/{}/{:?}",
+            inner.deterministic_id(),
+            target.triple(),
+            target.cpu_features()
+        );
+        let digest = Sha256::digest(identity.as_bytes());
+        let fingerprint: Arc<str> = hex::encode(&digest[..8]).into();
+        Ok(Engine { inner, fingerprint })
+    }
+
+    /// A short hex string that changes whenever compiled code would.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub(crate) fn wasmer(&self) -> &wasmer::Engine {
+        &self.inner
+    }
+
+    /// Compiles `wasm` and checks that it is a WCGI program Atoll can run.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Module, IsolateError> {
+        if wasm.len() < 8 || &wasm[..4] != b"\0asm" {
+            return Err(IsolateError::Invalid(
+                "not a WebAssembly binary (missing the \\0asm header)".into(),
+            ));
+        }
+        let module = Module::from_binary(&self.inner, wasm)
+            .map_err(|error| IsolateError::Invalid(format!("does not compile: {error}")))?;
+        check_interface(&module)?;
+        Ok(module)
+    }
+
+    /// Compiles and checks `wasm`, discarding the result (what a registry does on push).
+    pub fn validate(&self, wasm: &[u8]) -> Result<(), IsolateError> {
+        self.compile(wasm).map(drop)
+    }
+}
+
+/// A WCGI program is a WASI command: it exports `_start` and a memory, and imports nothing
+/// but WASI preview1 functions.
+pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
+    let start = module.exports().find(|export| export.name() == "_start");
+    match start.map(|export| export.ty().clone()) {
+        Some(ExternType::Function(signature))
+            if signature.params().is_empty() && signature.results().is_empty() => {}
+        Some(_) => {
+            return Err(IsolateError::Invalid(
+                "`_start` must be a function taking and returning nothing".into(),
+            ));
+        }
+        None => {
+            return Err(IsolateError::Invalid(
+                "not a WASI command: it exports no `_start` function".into(),
+            ));
+        }
+    }
+    if !module
+        .exports()
+        .any(|export| export.name() == "memory" && matches!(export.ty(), ExternType::Memory(_)))
+    {
+        return Err(IsolateError::Invalid("the module exports no `memory`".into()));
+    }
+    for import in module.imports() {
+        if import.module() != WASI_MODULE {
+            return Err(IsolateError::Invalid(format!(
+                "imports `{}::{}`; only {WASI_MODULE} is available",
+                import.module(),
+                import.name()
+            )));
+        }
+        if !matches!(import.ty(), ExternType::Function(_)) {
+            return Err(IsolateError::Invalid(format!(
+                "imports `{}::{}` which is not a function",
+                import.module(),
+                import.name()
+            )));
+        }
+    }
+    Ok(())
+}

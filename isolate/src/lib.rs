@@ -1,0 +1,27 @@
+//! atoll-isolate: runs WebAssembly functions as WCGI programs, one fresh instance per request.
+//!
+//! ```text
+//! wasm bytes ──Engine::compile──▶ Module ──ArtifactCache──▶ disk (<sha256>-<fingerprint>.artifact)
+//!                                   │
+//!                                   ▼
+//! CgiRequest ──▶ LoadedFunction::invoke: Store + Instance (lean WASI) ─ _start ─▶ stdout ──▶ CgiResponse
+//! ```
+//!
+//! - [`cgi`] is the sans-IO contract (request → environment, stdout → response).
+//! - [`wasi`] is the handful of WASI preview1 calls a CGI program needs.
+//! - [`engine`] owns the compiler and the fingerprint that keys compiled artifacts.
+//! - [`artifact_cache`] keeps compiled modules on disk across restarts.
+//! - [`function`] ties them together per request.
+
+pub mod artifact_cache;
+pub mod cgi;
+pub mod engine;
+pub mod error;
+pub mod function;
+pub mod wasi;
+
+pub use artifact_cache::{ArtifactCache, LoadKind};
+pub use cgi::{CgiError, CgiRequest, CgiResponse};
+pub use engine::Engine;
+pub use error::IsolateError;
+pub use function::{FunctionConfig, Invocation, InvokeError, LoadedFunction};

@@ -1,0 +1,377 @@
+//! A lean WASI preview1 host: just what a CGI program uses.
+//!
+//! A WCGI guest needs its environment, stdin, stdout, stderr, a clock, randomness and
+//! `proc_exit`. wasmer-wasix provides all of POSIX, but building its `WasiEnv` costs about
+//! 0.4 ms per request — more than the rest of an invocation — so Atoll implements the
+//! handful of calls itself. Every other `wasi_snapshot_preview1` import a module declares
+//! is satisfied by a stub answering `ENOSYS`, so programs that merely *link* file or socket
+//! calls still run; imports from any other module are refused when the module is loaded.
+//!
+//! There is no filesystem and no preopened directory: functions are stateless by design.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use wasmer::{
+    Extern, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, MemoryView, Module, RuntimeError, Store,
+    Type, Value,
+};
+
+/// The import module name of WASI preview1.
+pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
+
+const ERRNO_SUCCESS: i32 = 0;
+const ERRNO_BADF: i32 = 8;
+const ERRNO_FAULT: i32 = 21;
+const ERRNO_INVAL: i32 = 28;
+const ERRNO_IO: i32 = 29;
+const ERRNO_NOSYS: i32 = 52;
+const ERRNO_SPIPE: i32 = 70;
+
+/// `proc_exit` unwinds the guest with this error; the invoker turns it into an exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("guest exited with status {0}")]
+pub struct ProcExit(pub u32);
+
+/// Per-invocation WASI state: the request in, the response and log out.
+pub struct WasiContext {
+    memory: Option<Memory>,
+    args: Vec<u8>,
+    arg_offsets: Vec<usize>,
+    environ: Vec<u8>,
+    environ_offsets: Vec<usize>,
+    stdin: Bytes,
+    stdin_position: usize,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    max_stdout: usize,
+    max_stderr: usize,
+    stdout_overflow: bool,
+}
+
+/// What a finished invocation left behind.
+pub struct WasiOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_overflow: bool,
+}
+
+impl WasiContext {
+    pub fn new(
+        args: &[&str],
+        env: &[(String, String)],
+        stdin: Bytes,
+        max_stdout: usize,
+        max_stderr: usize,
+    ) -> Self {
+        let (args, arg_offsets) = nul_joined(args.iter().map(|arg| arg.as_bytes().to_vec()));
+        let (environ, environ_offsets) = nul_joined(env.iter().map(|(key, value)| {
+            let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
+            entry.extend_from_slice(key.as_bytes());
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            entry
+        }));
+        WasiContext {
+            memory: None,
+            args,
+            arg_offsets,
+            environ,
+            environ_offsets,
+            stdin,
+            stdin_position: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            max_stdout,
+            max_stderr,
+            stdout_overflow: false,
+        }
+    }
+
+    pub fn set_memory(&mut self, memory: Memory) {
+        self.memory = Some(memory);
+    }
+
+    pub fn take_output(&mut self) -> WasiOutput {
+        WasiOutput {
+            stdout: std::mem::take(&mut self.stdout),
+            stderr: std::mem::take(&mut self.stderr),
+            stdout_overflow: self.stdout_overflow,
+        }
+    }
+}
+
+/// Concatenates entries, each followed by NUL, remembering where each starts.
+fn nul_joined(entries: impl Iterator<Item = Vec<u8>>) -> (Vec<u8>, Vec<usize>) {
+    let mut buffer = Vec::new();
+    let mut offsets = Vec::new();
+    for entry in entries {
+        offsets.push(buffer.len());
+        buffer.extend_from_slice(&entry);
+        buffer.push(0);
+    }
+    (buffer, offsets)
+}
+
+/// Builds the import object for `module`: real implementations for the calls above, ENOSYS
+/// stubs for the rest of preview1.
+pub fn imports(store: &mut Store, env: &FunctionEnv<WasiContext>, module: &Module) -> Imports {
+    let mut imports = Imports::new();
+    for import in module.imports() {
+        if import.module() != WASI_MODULE {
+            continue;
+        }
+        let name = import.name();
+        let function = match name {
+            "args_get" => Function::new_typed_with_env(store, env, args_get),
+            "args_sizes_get" => Function::new_typed_with_env(store, env, args_sizes_get),
+            "environ_get" => Function::new_typed_with_env(store, env, environ_get),
+            "environ_sizes_get" => Function::new_typed_with_env(store, env, environ_sizes_get),
+            "fd_read" => Function::new_typed_with_env(store, env, fd_read),
+            "fd_write" => Function::new_typed_with_env(store, env, fd_write),
+            "fd_close" => Function::new_typed_with_env(store, env, fd_close),
+            "fd_fdstat_get" => Function::new_typed_with_env(store, env, fd_fdstat_get),
+            "fd_seek" => Function::new_typed_with_env(store, env, fd_seek),
+            "fd_prestat_get" => Function::new_typed_with_env(store, env, fd_prestat_get),
+            "fd_prestat_dir_name" => Function::new_typed_with_env(store, env, fd_prestat_dir_name),
+            "proc_exit" => Function::new_typed_with_env(store, env, proc_exit),
+            "random_get" => Function::new_typed_with_env(store, env, random_get),
+            "clock_time_get" => Function::new_typed_with_env(store, env, clock_time_get),
+            "clock_res_get" => Function::new_typed_with_env(store, env, clock_res_get),
+            "sched_yield" => Function::new_typed(store, || ERRNO_SUCCESS),
+            _ => {
+                let Some(signature) = import.ty().func() else {
+                    continue;
+                };
+                let name = name.to_string();
+                let returns_errno = signature.results() == [Type::I32];
+                Function::new(store, signature.clone(), move |_| {
+                    if returns_errno {
+                        Ok(vec![Value::I32(ERRNO_NOSYS)])
+                    } else {
+                        Err(RuntimeError::new(format!("WASI call {name} is not supported")))
+                    }
+                })
+            }
+        };
+        imports.define(WASI_MODULE, import.name(), Extern::Function(function));
+    }
+    imports
+}
+
+/// Runs `f` with the guest memory's view and the context, or answers `EFAULT` when the
+/// module has no memory.
+fn with_memory(
+    env: &mut FunctionEnvMut<WasiContext>,
+    f: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, i32>,
+) -> i32 {
+    let (context, store) = env.data_and_store_mut();
+    let Some(memory) = context.memory.clone() else {
+        return ERRNO_FAULT;
+    };
+    let view = memory.view(&store);
+    f(context, &view).unwrap_or_else(|errno| errno)
+}
+
+fn read_u32(view: &MemoryView, address: u32) -> Result<u32, i32> {
+    let mut bytes = [0u8; 4];
+    view.read(u64::from(address), &mut bytes)
+        .map_err(|_| ERRNO_FAULT)?;
+    Ok(u32::from_le_bytes(bytes))
+}
+
+fn write_bytes(view: &MemoryView, address: u32, bytes: &[u8]) -> Result<(), i32> {
+    view.write(u64::from(address), bytes).map_err(|_| ERRNO_FAULT)
+}
+
+fn write_u32(view: &MemoryView, address: u32, value: u32) -> Result<(), i32> {
+    write_bytes(view, address, &value.to_le_bytes())
+}
+
+fn write_u64(view: &MemoryView, address: u32, value: u64) -> Result<(), i32> {
+    write_bytes(view, address, &value.to_le_bytes())
+}
+
+fn write_pointer_list(
+    view: &MemoryView,
+    list_address: u32,
+    buffer_address: u32,
+    buffer: &[u8],
+    offsets: &[usize],
+) -> Result<i32, i32> {
+    for (index, offset) in offsets.iter().enumerate() {
+        let pointer = buffer_address
+            .checked_add(u32::try_from(*offset).map_err(|_| ERRNO_INVAL)?)
+            .ok_or(ERRNO_FAULT)?;
+        write_u32(view, list_address + 4 * index as u32, pointer)?;
+    }
+    write_bytes(view, buffer_address, buffer)?;
+    Ok(ERRNO_SUCCESS)
+}
+
+fn args_get(mut env: FunctionEnvMut<WasiContext>, argv: u32, argv_buf: u32) -> i32 {
+    with_memory(&mut env, |context, view| {
+        write_pointer_list(view, argv, argv_buf, &context.args, &context.arg_offsets)
+    })
+}
+
+fn args_sizes_get(mut env: FunctionEnvMut<WasiContext>, count: u32, size: u32) -> i32 {
+    with_memory(&mut env, |context, view| {
+        write_u32(view, count, context.arg_offsets.len() as u32)?;
+        write_u32(view, size, context.args.len() as u32)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}
+
+fn environ_get(mut env: FunctionEnvMut<WasiContext>, environ: u32, environ_buf: u32) -> i32 {
+    with_memory(&mut env, |context, view| {
+        write_pointer_list(
+            view,
+            environ,
+            environ_buf,
+            &context.environ,
+            &context.environ_offsets,
+        )
+    })
+}
+
+fn environ_sizes_get(mut env: FunctionEnvMut<WasiContext>, count: u32, size: u32) -> i32 {
+    with_memory(&mut env, |context, view| {
+        write_u32(view, count, context.environ_offsets.len() as u32)?;
+        write_u32(view, size, context.environ.len() as u32)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}
+
+fn fd_read(mut env: FunctionEnvMut<WasiContext>, fd: i32, iovs: u32, iovs_len: u32, nread: u32) -> i32 {
+    with_memory(&mut env, |context, view| {
+        if fd != 0 {
+            return Err(ERRNO_BADF);
+        }
+        let mut total: u32 = 0;
+        for index in 0..iovs_len {
+            let entry = iovs.checked_add(index * 8).ok_or(ERRNO_FAULT)?;
+            let buffer = read_u32(view, entry)?;
+            let length = read_u32(view, entry + 4)? as usize;
+            let remaining = &context.stdin[context.stdin_position..];
+            let chunk = &remaining[..remaining.len().min(length)];
+            if chunk.is_empty() {
+                break;
+            }
+            write_bytes(view, buffer, chunk)?;
+            context.stdin_position += chunk.len();
+            total += chunk.len() as u32;
+        }
+        write_u32(view, nread, total)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}
+
+fn fd_write(mut env: FunctionEnvMut<WasiContext>, fd: i32, iovs: u32, iovs_len: u32, nwritten: u32) -> i32 {
+    with_memory(&mut env, |context, view| {
+        let mut total: u32 = 0;
+        for index in 0..iovs_len {
+            let entry = iovs.checked_add(index * 8).ok_or(ERRNO_FAULT)?;
+            let buffer = read_u32(view, entry)?;
+            let length = read_u32(view, entry + 4)? as usize;
+            let (sink, limit) = match fd {
+                1 => (&mut context.stdout, context.max_stdout),
+                2 => (&mut context.stderr, context.max_stderr),
+                _ => return Err(ERRNO_BADF),
+            };
+            if sink.len() + length > limit {
+                if fd == 1 {
+                    context.stdout_overflow = true;
+                    return Err(ERRNO_IO);
+                }
+                // The log is best effort: keep its head, pretend the rest was written.
+                total += length as u32;
+                continue;
+            }
+            let start = sink.len();
+            sink.resize(start + length, 0);
+            view.read(u64::from(buffer), &mut sink[start..])
+                .map_err(|_| ERRNO_FAULT)?;
+            total += length as u32;
+        }
+        write_u32(view, nwritten, total)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}
+
+fn fd_close(_env: FunctionEnvMut<WasiContext>, fd: i32) -> i32 {
+    if (0..=2).contains(&fd) {
+        ERRNO_SUCCESS
+    } else {
+        ERRNO_BADF
+    }
+}
+
+fn fd_fdstat_get(mut env: FunctionEnvMut<WasiContext>, fd: i32, stat: u32) -> i32 {
+    with_memory(&mut env, |_, view| {
+        if !(0..=2).contains(&fd) {
+            return Err(ERRNO_BADF);
+        }
+        // fdstat: filetype u8 (2 = character device), flags u16, rights base u64, inheriting u64.
+        let mut record = [0u8; 24];
+        record[0] = 2;
+        let rights: u64 = if fd == 0 { 1 << 1 } else { 1 << 6 }; // fd_read / fd_write
+        record[8..16].copy_from_slice(&rights.to_le_bytes());
+        write_bytes(view, stat, &record)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}
+
+fn fd_seek(_env: FunctionEnvMut<WasiContext>, fd: i32, _offset: i64, _whence: i32, _new: u32) -> i32 {
+    if (0..=2).contains(&fd) {
+        ERRNO_SPIPE
+    } else {
+        ERRNO_BADF
+    }
+}
+
+fn fd_prestat_get(_env: FunctionEnvMut<WasiContext>, _fd: i32, _prestat: u32) -> i32 {
+    ERRNO_BADF
+}
+
+fn fd_prestat_dir_name(_env: FunctionEnvMut<WasiContext>, _fd: i32, _path: u32, _len: u32) -> i32 {
+    ERRNO_BADF
+}
+
+fn proc_exit(_env: FunctionEnvMut<WasiContext>, code: u32) -> Result<(), ProcExit> {
+    Err(ProcExit(code))
+}
+
+fn random_get(mut env: FunctionEnvMut<WasiContext>, buffer: u32, length: u32) -> i32 {
+    with_memory(&mut env, |_, view| {
+        let mut bytes = vec![0u8; length as usize];
+        getrandom::fill(&mut bytes).map_err(|_| ERRNO_IO)?;
+        write_bytes(view, buffer, &bytes)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}
+
+fn clock_time_get(mut env: FunctionEnvMut<WasiContext>, clock: i32, _precision: i64, time: u32) -> i32 {
+    with_memory(&mut env, |_, view| {
+        let nanos = match clock {
+            // realtime, monotonic, process and thread CPU time: wall time serves them all.
+            0..=3 => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos() as u64)
+                .unwrap_or(0),
+            _ => return Err(ERRNO_INVAL),
+        };
+        write_u64(view, time, nanos)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}
+
+fn clock_res_get(mut env: FunctionEnvMut<WasiContext>, clock: i32, resolution: u32) -> i32 {
+    with_memory(&mut env, |_, view| {
+        if !(0..=3).contains(&clock) {
+            return Err(ERRNO_INVAL);
+        }
+        write_u64(view, resolution, 1_000)?;
+        Ok(ERRNO_SUCCESS)
+    })
+}

@@ -1,0 +1,658 @@
+//! The registry's HTTP/JSON API (axum), and [`Registry`], the service behind it.
+//!
+//! [`Registry`] holds what a push needs — the store, the engine that proves a module
+//! compiles and is a WASI command, the token, the limits — and is usable without HTTP.
+//! The handlers here only translate: multipart or JSON in, a [`Registry`] or [`Store`]
+//! call, JSON out, and every error as `{"error": "<one line>"}` with the status its kind
+//! calls for (400 bad input, 401 auth, 404, 409 conflict, 413 too big, 422 module refused).
+//!
+//! ```text
+//! GET  /healthz                          "ok" (no auth)
+//! POST /v1/functions                     multipart: manifest (atoll.toml), module (wasm)
+//! GET  /v1/functions                     [FunctionSummary]
+//! GET  /v1/functions/{name}/versions     VersionsResponse
+//! POST /v1/functions/{name}/rollback     {"to": N} or {} → RollbackResponse
+//! GET  /v1/blobs/{sha256}                module bytes (application/wasm)
+//! GET  /v1/watch?since=N                 NDJSON WatchEvents, streaming (see crate::watch)
+//! ```
+//!
+//! Two details worth knowing:
+//!
+//! * Oversized uploads. An early answer (401, 413) to a request whose body is still
+//!   arriving would close the connection with unread data, and the kernel then resets it —
+//!   the client sees "connection reset" instead of our JSON. So the outermost layer keeps a
+//!   handle on the request body and, after the handler answers, reads and discards what is
+//!   left (bounded in bytes and time) before the response goes out.
+//! * Graceful shutdown. Watch streams never end by themselves, so [`serve`] turns its
+//!   shutdown future into a signal that ends them; only then can axum's graceful shutdown
+//!   finish.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::api_types::{
+    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
+};
+use crate::manifest::{Manifest, ManifestError};
+use crate::model::{FunctionRecord, Version};
+use crate::store::{Store, StoreError, is_sha256_hex};
+use crate::token::token_matches;
+use crate::watch::WatchEvent;
+use atoll_isolate::{Engine, IsolateError};
+
+/// Default largest module: 64 MiB.
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 64 << 20;
+/// Slack over the module limit for the rest of a push body (the manifest, multipart framing).
+const BODY_SLACK: u64 = 1 << 20;
+/// How long to keep discarding an unread request body after answering early.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Tunables of a [`Registry`].
+#[derive(Clone, Debug)]
+pub struct RegistryOptions {
+    /// Largest module accepted by a push. Default 64 MiB.
+    pub max_module_bytes: u64,
+    /// Idle time after which a watch stream sends a heartbeat. Default 5 s.
+    pub heartbeat: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
+            heartbeat: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The registry service: store + engine + token + options.
+pub struct Registry {
+    store: Store,
+    engine: Engine,
+    token: String,
+    options: RegistryOptions,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Registry")
+            .field("store", &self.store)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a push (or another registry call) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The manifest does not parse or breaks a rule (400).
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The module part is empty (400).
+    #[error("module is empty")]
+    EmptyModule,
+    /// The module is over `max_module_bytes` (413).
+    #[error("module is {size} bytes, over the {} limit", human_bytes(*limit))]
+    TooLarge {
+        /// The module's size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The engine refused the module (422).
+    #[error("invalid module: {0}")]
+    InvalidModule(String),
+    /// The engine failed for another reason (500).
+    #[error("engine: {0}")]
+    Engine(String),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RegistryError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RegistryError::Manifest(_) | RegistryError::EmptyModule => StatusCode::BAD_REQUEST,
+            RegistryError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RegistryError::InvalidModule(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RegistryError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RegistryError::Store(e) => store_status(e),
+        }
+    }
+}
+
+fn store_status(error: &StoreError) -> StatusCode {
+    match error {
+        StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+        StoreError::Conflict(_) => StatusCode::CONFLICT,
+        StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+        StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        StoreError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl Registry {
+    /// Opens the store in `data_dir` and assembles the service.
+    pub fn open(
+        data_dir: &Path,
+        engine: Engine,
+        token: String,
+        options: RegistryOptions,
+    ) -> Result<Registry, StoreError> {
+        Ok(Registry {
+            store: Store::open(data_dir)?,
+            engine,
+            token,
+            options,
+        })
+    }
+
+    /// The store (for reads, rollback, watch).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The options it runs with.
+    pub fn options(&self) -> &RegistryOptions {
+        &self.options
+    }
+
+    /// Validates everything — manifest, size, module (compiled on a blocking thread),
+    /// routes — and stores a new active version. Nothing is stored on any error.
+    pub async fn push(&self, manifest_text: &str, module: Vec<u8>) -> Result<Version, RegistryError> {
+        let manifest = Manifest::parse(manifest_text)?;
+        if module.is_empty() {
+            return Err(RegistryError::EmptyModule);
+        }
+        let limit = self.options.max_module_bytes;
+        if module.len() as u64 > limit {
+            return Err(RegistryError::TooLarge {
+                size: module.len() as u64,
+                limit,
+            });
+        }
+        let engine = self.engine.clone();
+        let (module, checked) = tokio::task::spawn_blocking(move || {
+            let checked = engine.validate(&module);
+            (module, checked)
+        })
+        .await
+        .map_err(|e| RegistryError::Engine(e.to_string()))?;
+        match checked {
+            Ok(()) => {}
+            Err(IsolateError::Invalid(reason)) => return Err(RegistryError::InvalidModule(reason)),
+            Err(other) => return Err(RegistryError::Engine(other.to_string())),
+        }
+        let name = manifest.name.clone();
+        let version = self.store.push(manifest, module).await?;
+        tracing::info!(
+            "pushed {name} v{} sha256:{} ({} bytes)",
+            version.version,
+            version.sha256,
+            version.size
+        );
+        Ok(version)
+    }
+
+    /// Moves `name`'s active pointer (see [`Store::rollback`]).
+    pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, RegistryError> {
+        let record = self.store.rollback(name, to).await?;
+        let sha = record
+            .active_version()
+            .map(|v| v.sha256.as_str())
+            .unwrap_or_default();
+        tracing::info!("rolled back {name} to v{} sha256:{sha}", record.active);
+        Ok(record)
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then ends watch streams and
+/// lets in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let (stop, stopped) = watch::channel(false);
+    let app = router(state, stopped);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stop.send_replace(true);
+        })
+        .await
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    /// Turns `true` when the server shuts down; watch streams end then.
+    stopped: watch::Receiver<bool>,
+}
+
+/// The API as an axum router (what [`serve`] serves). Watch streams end when `stopped`
+/// turns `true` or its sender is dropped.
+pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router {
+    let body_limit = registry.options.max_module_bytes.saturating_add(BODY_SLACK);
+    let state = AppState { registry, stopped };
+    let v1 = Router::new()
+        .route("/v1/functions", post(push).get(list))
+        .route("/v1/functions/{name}/versions", get(versions))
+        .route("/v1/functions/{name}/rollback", post(rollback))
+        .route("/v1/blobs/{sha256}", get(blob))
+        .route("/v1/watch", get(watch_events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(v1)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(body_limit).unwrap_or(usize::MAX),
+        ))
+        .layer(middleware::from_fn_with_state(body_limit, drain_unread_body))
+        .with_state(state)
+}
+
+/// An error answer: status + `{"error": message}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, "{}", self.message);
+        }
+        let mut response = (self.status, axum::Json(ErrorResponse { error: self.message })).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        ApiError::new(e.status(), e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        ApiError::new(store_status(&e), e.to_string())
+    }
+}
+
+/// `64 MiB`, `1 KiB`, `1000 bytes`.
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+async fn require_token(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty());
+    match presented {
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response(),
+        Some(token) if !token_matches(&app.registry.token, token) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response()
+        }
+        Some(_) => next.run(request).await,
+    }
+}
+
+/// Keeps a handle on the request body; once the handler has answered, discards whatever
+/// it left unread (up to `limit` bytes, for up to [`DRAIN_TIMEOUT`]) so that the client,
+/// still sending, gets the answer rather than a connection reset.
+async fn drain_unread_body(State(limit): State<u64>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let http1 = parts.version <= axum::http::Version::HTTP_11;
+    let shared = Arc::new(Mutex::new(body.into_data_stream()));
+    let reader = shared.clone();
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+        reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .poll_next_unpin(cx)
+    }));
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    let drain = async {
+        let mut discarded = 0u64;
+        while discarded <= limit {
+            let chunk = futures_util::future::poll_fn(|cx| {
+                shared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .poll_next_unpin(cx)
+            })
+            .await;
+            match chunk {
+                Some(Ok(bytes)) => discarded += bytes.len() as u64,
+                // The end, or a broken body: nothing more to wait for.
+                Some(Err(_)) | None => return true,
+            }
+        }
+        false
+    };
+    let consumed = tokio::time::timeout(DRAIN_TIMEOUT, drain).await.unwrap_or(false);
+    if !consumed && http1 {
+        // Gave up on the rest: tell the client this connection will not carry another
+        // request, so it does not reuse it.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn multipart_error(app: &AppState, e: MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let limit = app.registry.options.max_module_bytes;
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body is over the {} limit (modules may be at most {})",
+                human_bytes(limit.saturating_add(BODY_SLACK)),
+                human_bytes(limit)
+            ),
+        )
+    } else {
+        ApiError::new(e.status(), format!("malformed multipart body: {}", e.body_text()))
+    }
+}
+
+async fn push(
+    State(app): State<AppState>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, axum::Json<PushResponse>), ApiError> {
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("expected a multipart/form-data body: {}", e.body_text()),
+        )
+    })?;
+    let limit = app.registry.options.max_module_bytes;
+    let mut manifest: Option<String> = None;
+    let mut module: Option<Vec<u8>> = None;
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(&app, e))?
+    {
+        match field.name().unwrap_or_default() {
+            "manifest" if manifest.is_none() => {
+                manifest = Some(field.text().await.map_err(|e| multipart_error(&app, e))?);
+            }
+            "module" if module.is_none() => {
+                let mut bytes = Vec::new();
+                let mut size = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(&app, e))? {
+                    size += chunk.len() as u64;
+                    if size <= limit {
+                        bytes.extend_from_slice(&chunk);
+                    }
+                }
+                if size > limit {
+                    return Err(RegistryError::TooLarge { size, limit }.into());
+                }
+                module = Some(bytes);
+            }
+            name @ ("manifest" | "module") => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("part `{name}` appears twice"),
+                ));
+            }
+            name => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("unexpected part `{name}` (expected `manifest` and `module`)"),
+                ));
+            }
+        }
+    }
+    let manifest =
+        manifest.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "missing part `manifest`"))?;
+    let module = module.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "missing part `module`"))?;
+    let version = app.registry.push(&manifest, module).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(PushResponse {
+            name: version.manifest.name,
+            version: version.version,
+            sha256: version.sha256,
+        }),
+    ))
+}
+
+async fn list(State(app): State<AppState>) -> axum::Json<Vec<FunctionSummary>> {
+    let summaries = app
+        .registry
+        .store
+        .list()
+        .into_iter()
+        .filter_map(|record| {
+            let active = record.active_version()?;
+            Some(FunctionSummary {
+                name: record.name.clone(),
+                active: record.active,
+                versions: record.versions.len() as u64,
+                routes: active.manifest.routes.clone(),
+                sha256: active.sha256.clone(),
+            })
+        })
+        .collect();
+    axum::Json(summaries)
+}
+
+async fn versions(
+    State(app): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<axum::Json<VersionsResponse>, ApiError> {
+    let record = app
+        .registry
+        .store
+        .get(&name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no function `{name}`")))?;
+    Ok(axum::Json(VersionsResponse {
+        name: record.name,
+        active: record.active,
+        versions: record.versions,
+    }))
+}
+
+async fn rollback(
+    State(app): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> Result<axum::Json<RollbackResponse>, ApiError> {
+    let request: RollbackRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RollbackRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid rollback body: {e}")))?
+    };
+    let record = app.registry.rollback(&name, request.to).await?;
+    let sha256 = record
+        .active_version()
+        .map(|v| v.sha256.clone())
+        .unwrap_or_default();
+    Ok(axum::Json(RollbackResponse {
+        name: record.name,
+        active: record.active,
+        sha256,
+    }))
+}
+
+async fn blob(State(app): State<AppState>, UrlPath(sha256): UrlPath<String>) -> Result<Response, ApiError> {
+    if !is_sha256_hex(&sha256) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{sha256:?} is not a SHA-256 (64 lowercase hex characters)"),
+        ));
+    }
+    let bytes = app.registry.store.read_blob(&sha256).await?;
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/wasm"))],
+        bytes,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct WatchQuery {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn watch_events(
+    State(app): State<AppState>,
+    query: Result<Query<WatchQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(WatchQuery { since }) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid query: {}", e.body_text()),
+        )
+    })?;
+    let store = app.registry.store.clone();
+    // Subscribe before the catch-up scan so that a commit in between is not missed.
+    let changes = store.subscribe();
+    let (events, revision) = store.events_since(since);
+    let mut queue: VecDeque<WatchEvent> = events.into();
+    queue.push_back(WatchEvent::Synced { revision });
+    let stream = WatchStream {
+        store,
+        changes,
+        stopped: app.stopped.clone(),
+        queue,
+        last: revision,
+        heartbeat: app.registry.options.heartbeat,
+    };
+    let body = futures_util::stream::unfold(stream, |mut stream| async move {
+        let event = stream.next_event().await?;
+        Some((Ok::<_, Infallible>(Bytes::from(event.to_line())), stream))
+    });
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-ndjson"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// The state of one watch response.
+struct WatchStream {
+    store: Store,
+    changes: watch::Receiver<u64>,
+    stopped: watch::Receiver<bool>,
+    queue: VecDeque<WatchEvent>,
+    /// The revision the stream has covered so far.
+    last: u64,
+    heartbeat: Duration,
+}
+
+enum Wake {
+    Stop,
+    Changed,
+    Idle,
+}
+
+impl WatchStream {
+    /// The next event to send; `None` ends the stream (server shutting down).
+    async fn next_event(&mut self) -> Option<WatchEvent> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(event);
+            }
+            let wake = tokio::select! {
+                _ = self.stopped.wait_for(|stopped| *stopped) => Wake::Stop,
+                changed = self.changes.changed() => match changed {
+                    Ok(()) => Wake::Changed,
+                    Err(_) => Wake::Stop,
+                },
+                _ = tokio::time::sleep(self.heartbeat) => Wake::Idle,
+            };
+            match wake {
+                Wake::Stop => return None,
+                Wake::Idle => {
+                    return Some(WatchEvent::Heartbeat { revision: self.last });
+                }
+                Wake::Changed => {
+                    // Re-scan by mod_revision: changes that came in while we were busy
+                    // coalesce, none is lost.
+                    let (events, revision) = self.store.events_since(self.last);
+                    self.last = self.last.max(revision);
+                    self.queue.extend(events);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(64 << 20), "64 MiB");
+        assert_eq!(human_bytes(1024), "1 KiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+        assert_eq!(human_bytes(4 << 30), "4 GiB");
+        assert_eq!(human_bytes((64 << 20) + (1 << 20)), "65 MiB");
+    }
+}

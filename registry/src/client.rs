@@ -1,0 +1,390 @@
+//! The HTTP client of the registry API, used by the CLI (`atoll push/ls/versions/rollback`)
+//! and by nodes (blob fetch, watch).
+//!
+//! Errors are shaped for the person reading them: an answer from the registry becomes
+//! `registry answered 409 Conflict: <the registry's own message>`, a network failure
+//! `cannot reach registry at URL: <root cause>` — one line each, ready for a CLI to print.
+//!
+//! [`RegistryClient::watch`] turns the NDJSON body into a stream of [`WatchEvent`]s, joining
+//! lines split across chunk boundaries. It sets no overall timeout (the stream lives as
+//! long as the node); the registry sends heartbeats, so a node can put a timeout on each
+//! `next()` to detect a dead connection.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use reqwest::{Response, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+use crate::api_types::{
+    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
+};
+use crate::watch::WatchEvent;
+
+/// Connect timeout for every request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Whole-request timeout for small calls (not push, blob or watch).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Whole-request timeout for uploading or downloading a module.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest watch line accepted (a deployment is a few KiB of JSON).
+const MAX_LINE: usize = 16 << 20;
+
+/// What went wrong talking to the registry. Display is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL is unusable.
+    #[error("invalid registry URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// As given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// No HTTP answer: connection refused, DNS, timeout, reset.
+    #[error("cannot reach registry at {url}: {message}")]
+    Unreachable {
+        /// The registry's base URL.
+        url: String,
+        /// The root cause, one line.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry answered with an error status.
+    #[error("registry answered {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The registry's `error` message (or the raw body).
+        message: String,
+    },
+    /// The registry's answer could not be understood.
+    #[error("unexpected answer from registry at {url}: {message}")]
+    Protocol {
+        /// The registry's base URL.
+        url: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status, when the registry answered with an error.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one registry.
+#[derive(Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("RegistryClient")
+            .field("base", &self.base.as_str())
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl RegistryClient {
+    /// A client for the registry at `base_url` (`http://host:port`, optionally with a path
+    /// prefix), sending `token` as a bearer token when given.
+    pub fn new(base_url: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let invalid = |reason: String| ClientError::InvalidUrl {
+            url: base_url.to_owned(),
+            reason,
+        };
+        let mut base = Url::parse(base_url).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(invalid("the scheme must be http or https".into()));
+        }
+        if base.cannot_be_a_base() || base.host_str().is_none() {
+            return Err(invalid("it has no host".into()));
+        }
+        base.set_query(None);
+        base.set_fragment(None);
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(RegistryClient {
+            http,
+            base,
+            token: token.filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// The base URL.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    /// Pushes a module with its manifest (the `atoll.toml` text).
+    pub async fn push(&self, manifest_text: &str, module: Vec<u8>) -> Result<PushResponse, ClientError> {
+        let module = reqwest::multipart::Part::bytes(module)
+            .file_name("module.wasm")
+            .mime_str("application/wasm")
+            .map_err(|e| self.unreachable(e))?;
+        let form = reqwest::multipart::Form::new()
+            .text("manifest", manifest_text.to_owned())
+            .part("module", module);
+        let request = self
+            .request(reqwest::Method::POST, &["v1", "functions"])
+            .timeout(TRANSFER_TIMEOUT)
+            .multipart(form);
+        self.json(request).await
+    }
+
+    /// Every function, sorted by name.
+    pub async fn list(&self) -> Result<Vec<FunctionSummary>, ClientError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "functions"])
+            .timeout(REQUEST_TIMEOUT);
+        self.json(request).await
+    }
+
+    /// One function's versions.
+    pub async fn versions(&self, name: &str) -> Result<VersionsResponse, ClientError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "functions", name, "versions"])
+            .timeout(REQUEST_TIMEOUT);
+        self.json(request).await
+    }
+
+    /// Activates `to`, or by default the version before the active one.
+    pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<RollbackResponse, ClientError> {
+        let request = self
+            .request(reqwest::Method::POST, &["v1", "functions", name, "rollback"])
+            .timeout(REQUEST_TIMEOUT)
+            .json(&RollbackRequest { to });
+        self.json(request).await
+    }
+
+    /// The module bytes with this SHA-256 (the caller verifies the digest).
+    pub async fn blob(&self, sha256: &str) -> Result<Bytes, ClientError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "blobs", sha256])
+            .timeout(TRANSFER_TIMEOUT);
+        let response = self.send(request).await?;
+        response.bytes().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// Watches changes after revision `since` (0: everything): `Put`s for the catch-up,
+    /// `Synced`, then live `Put`s and `Heartbeat`s. The stream ends when the registry
+    /// closes the connection, and yields an error if it breaks.
+    pub async fn watch(
+        &self,
+        since: u64,
+    ) -> Result<impl Stream<Item = Result<WatchEvent, ClientError>> + Send + Unpin + use<>, ClientError> {
+        let mut url = self.url(&["v1", "watch"]);
+        url.query_pairs_mut().append_pair("since", &since.to_string());
+        let request = self.authorize(self.http.get(url));
+        let response = self.send(request).await?;
+        let base = self.base.to_string();
+        let reader = LineReader {
+            body: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+            done: false,
+            base,
+        };
+        let stream = futures_util::stream::unfold(reader, |mut reader| async move {
+            let item = reader.next_event().await?;
+            if item.is_err() {
+                reader.done = true;
+            }
+            Some((item, reader))
+        });
+        Ok(Box::pin(stream))
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    fn request(&self, method: reqwest::Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        self.authorize(self.http.request(method, self.url(segments)))
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Sends, and turns an error status into [`ClientError::Status`].
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Response, ClientError> {
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        let message = match serde_json::from_slice::<ErrorResponse>(&body) {
+            Ok(error) => error.error,
+            Err(_) => {
+                let text = String::from_utf8_lossy(&body);
+                let line = text.lines().next().unwrap_or("").trim();
+                if line.is_empty() {
+                    status.canonical_reason().unwrap_or("error").to_owned()
+                } else {
+                    line.chars().take(200).collect()
+                }
+            }
+        };
+        Err(ClientError::Status { status, message })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let response = self.send(request).await?;
+        let body = response.bytes().await.map_err(|e| self.unreachable(e))?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+            url: self.base.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    fn unreachable(&self, error: reqwest::Error) -> ClientError {
+        unreachable_error(self.base.as_str(), error)
+    }
+}
+
+fn unreachable_error(url: &str, error: reqwest::Error) -> ClientError {
+    // reqwest's own message is generic ("error sending request for url (…)"); the root
+    // cause ("Connection refused") is what the reader needs.
+    let mut message = if error.is_timeout() {
+        "timed out".to_owned()
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message = cause.to_string();
+        source = cause.source();
+    }
+    ClientError::Unreachable {
+        url: url.to_owned(),
+        message,
+        source: error,
+    }
+}
+
+/// Splits the watch body into lines across chunk boundaries.
+struct LineReader {
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    buffer: Vec<u8>,
+    done: bool,
+    base: String,
+}
+
+impl LineReader {
+    async fn next_event(&mut self) -> Option<Result<WatchEvent, ClientError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                return Some(serde_json::from_slice(line).map_err(|e| ClientError::Protocol {
+                    url: self.base.clone(),
+                    message: format!("bad watch event: {e}"),
+                }));
+            }
+            if self.buffer.len() > MAX_LINE {
+                return Some(Err(ClientError::Protocol {
+                    url: self.base.clone(),
+                    message: "watch event line too long".into(),
+                }));
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Some(Err(e)) => return Some(Err(unreachable_error(&self.base, e))),
+                None => {
+                    self.done = true;
+                    let rest = std::mem::take(&mut self.buffer);
+                    let rest = rest.trim_ascii();
+                    if rest.is_empty() {
+                        return None;
+                    }
+                    return Some(serde_json::from_slice(rest).map_err(|e| ClientError::Protocol {
+                        url: self.base.clone(),
+                        message: format!("bad watch event: {e}"),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let c = RegistryClient::new("http://127.0.0.1:7070", None).unwrap();
+        assert_eq!(
+            c.url(&["v1", "functions", "a/b", "versions"]).as_str(),
+            "http://127.0.0.1:7070/v1/functions/a%2Fb/versions"
+        );
+        let c = RegistryClient::new("https://reg.example.com/atoll/", None).unwrap();
+        assert_eq!(
+            c.url(&["v1", "watch"]).as_str(),
+            "https://reg.example.com/atoll/v1/watch"
+        );
+        for bad in ["", "127.0.0.1:7070", "ftp://x", "http://"] {
+            let e = RegistryClient::new(bad, None).unwrap_err();
+            assert!(e.to_string().starts_with("invalid registry URL"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_across_chunks() {
+        let events = [
+            WatchEvent::Synced { revision: 1 },
+            WatchEvent::Heartbeat { revision: 1 },
+            WatchEvent::Delete {
+                revision: 2,
+                name: "f".into(),
+            },
+        ];
+        let bytes: Vec<u8> = events.iter().flat_map(|e| e.to_line()).collect();
+        // One byte per chunk, and no newline after the last event.
+        let chunks: Vec<reqwest::Result<Bytes>> = bytes[..bytes.len() - 1]
+            .iter()
+            .map(|b| Ok(Bytes::copy_from_slice(&[*b])))
+            .collect();
+        let mut reader = LineReader {
+            body: Box::pin(futures_util::stream::iter(chunks)),
+            buffer: Vec::new(),
+            done: false,
+            base: "http://x/".into(),
+        };
+        for expected in &events {
+            assert_eq!(&reader.next_event().await.unwrap().unwrap(), expected);
+        }
+        assert!(reader.next_event().await.is_none());
+    }
+}

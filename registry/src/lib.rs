@@ -1,0 +1,37 @@
+//! atoll-registry: where functions live before nodes serve them.
+//!
+//! ```text
+//! atoll push ──HTTP──▶ api (auth, multipart) ──▶ Registry::push
+//!                        manifest::Manifest::parse   (routes via route::RoutePattern)
+//!                        atoll_isolate::Engine::validate   (compiles, is a WASI command)
+//!                        store::Store::push          (blob, then state.json, atomically)
+//! node ◀──NDJSON── GET /v1/watch?since=N ◀── revision bump ── store
+//! node ──GET /v1/blobs/{sha256}──▶ module bytes
+//! ```
+//!
+//! The model ([`model`]) is append-only: versions are immutable, a function's `active`
+//! pointer moves on push and rollback, and every mutation bumps a global revision that the
+//! watch stream ([`watch`]) uses to bring a node up to date from wherever it left off.
+//! [`client::RegistryClient`] is the other end, used by the CLI and by nodes.
+
+pub mod api;
+pub mod api_types;
+pub mod client;
+pub mod manifest;
+pub mod model;
+pub mod route;
+pub mod store;
+pub mod token;
+pub mod watch;
+
+pub use api::{Registry, RegistryError, RegistryOptions, router, serve};
+pub use api_types::{
+    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
+};
+pub use client::{ClientError, RegistryClient};
+pub use manifest::{Limits, Manifest, ManifestError};
+pub use model::{Deployment, FunctionRecord, Version};
+pub use route::{HostPattern, RouteError, RoutePattern};
+pub use store::{State, Store, StoreError};
+pub use token::{TokenOrigin, load_or_create, token_matches};
+pub use watch::WatchEvent;

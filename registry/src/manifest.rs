@@ -1,0 +1,452 @@
+//! The function manifest, `atoll.toml`, which sits beside the module.
+//!
+//! Parsing follows "TOML → file struct → validated value": serde reads the file into
+//! [`Manifest`] with `deny_unknown_fields` everywhere (a typo such as `rotues` is an
+//! error naming the key, never silently ignored), then [`Manifest::parse`] checks every
+//! field so that nothing downstream — the store, the router, a node — ever sees a
+//! manifest that is not valid. Routes are rewritten to their canonical form
+//! ([`crate::RoutePattern`]'s `Display`), so two spellings of one route compare equal.
+//!
+//! ```toml
+//! name = "echo"          # [a-z0-9-], 1..=63 chars, no leading/trailing '-'
+//! wasm = "echo.wasm"     # required; relative to the manifest
+//! routes = ["echo.example.com", "*.echo.example.com", "api.example.com/echo"]
+//! [env]                  # optional; keys [A-Za-z_][A-Za-z0-9_]*
+//! GREETING = "hi"
+//! [limits]               # optional
+//! memory = "64MiB"       # default 128MiB; B, KiB, MiB, GiB, KB, MB, GB; 0 < m <= 4GiB
+//! timeout = "10s"        # default 30s; humantime syntax; 0 < t <= 15m
+//! ```
+//!
+//! The same struct travels as JSON from the registry to nodes, so it is `Serialize` too.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::route::{RouteError, RoutePattern};
+
+/// The file name looked up when [`Manifest::load`] is given a directory.
+pub const MANIFEST_FILE: &str = "atoll.toml";
+/// Memory limit when `[limits] memory` is absent: 128 MiB.
+pub const DEFAULT_MEMORY_BYTES: u64 = 128 << 20;
+/// Largest memory limit: 4 GiB (the 32-bit Wasm address space).
+pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
+/// Timeout when `[limits] timeout` is absent.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest timeout.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Longest function name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// A function's manifest. Build one with [`Manifest::parse`] (or [`Manifest::load`]) so
+/// that it is validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Function name: `[a-z0-9-]`, 1..=63 chars, not starting or ending with `-`;
+    /// unique in the registry. Required.
+    pub name: String,
+    /// Path of the module, relative to the manifest. Required, non-empty.
+    pub wasm: String,
+    /// `host[/path-prefix]` patterns, canonical form, at least one, no duplicates.
+    pub routes: Vec<String>,
+    /// Environment passed to the function. Default: empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Resource limits. Default: all defaults.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]`: kept as written (so the manifest round-trips); read the effective values
+/// with [`Limits::memory_bytes`] and [`Limits::timeout`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory cap, e.g. `"64MiB"`. Default 128MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Wall-clock limit per request, e.g. `"10s"`. Default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// Why a manifest was refused. Display is one line starting with `manifest: `.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not TOML, an unknown key, a missing field or a value of the wrong type.
+    #[error("manifest: {0}")]
+    Syntax(String),
+    /// A field whose value breaks a rule.
+    #[error("manifest: {0}")]
+    Invalid(String),
+    /// One of `routes` does not parse.
+    #[error("manifest: {0}")]
+    Route(#[from] RouteError),
+    /// The file could not be read.
+    #[error("manifest: cannot read {}: {source}", path.display())]
+    Io {
+        /// The file (or directory) that was asked for.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Manifest {
+    /// Parses `atoll.toml` text and validates every field. Routes come back in their
+    /// canonical form.
+    pub fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        let mut manifest: Manifest =
+            toml::from_str(text).map_err(|e| ManifestError::Syntax(toml_message(text, &e)))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Reads and parses a manifest. `path` is either the `atoll.toml` file or a directory
+    /// holding one. Returns the manifest and the module's path, resolved against the
+    /// manifest's directory.
+    pub fn load(path: &Path) -> Result<(Manifest, PathBuf), ManifestError> {
+        let file = if path.is_dir() {
+            path.join(MANIFEST_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let manifest = Manifest::parse(&text)?;
+        let dir = file.parent().unwrap_or(Path::new(""));
+        let wasm = dir.join(&manifest.wasm);
+        Ok((manifest, wasm))
+    }
+
+    /// The routes, parsed. Infallible for a manifest that went through [`Manifest::parse`];
+    /// entries that do not parse (a hand-built manifest) are skipped.
+    pub fn route_patterns(&self) -> Vec<RoutePattern> {
+        self.routes.iter().filter_map(|r| r.parse().ok()).collect()
+    }
+
+    /// Checks every rule and canonicalises the routes.
+    fn validate(&mut self) -> Result<(), ManifestError> {
+        check_name(&self.name).map_err(ManifestError::Invalid)?;
+        if self.wasm.trim().is_empty() {
+            return Err(ManifestError::Invalid("`wasm` must not be empty".into()));
+        }
+        if self.routes.is_empty() {
+            return Err(ManifestError::Invalid(
+                "`routes` must list at least one route".into(),
+            ));
+        }
+        let mut canonical: Vec<String> = Vec::with_capacity(self.routes.len());
+        for route in &self.routes {
+            let pattern: RoutePattern = route.parse()?;
+            let text = pattern.to_string();
+            if canonical.contains(&text) {
+                return Err(ManifestError::Invalid(format!("route {route:?} is listed twice")));
+            }
+            canonical.push(text);
+        }
+        self.routes = canonical;
+        for (key, value) in &self.env {
+            if !is_env_key(key) {
+                return Err(ManifestError::Invalid(format!(
+                    "env key {key:?} is invalid: keys are [A-Za-z_][A-Za-z0-9_]*"
+                )));
+            }
+            if value.contains('\0') {
+                return Err(ManifestError::Invalid(format!(
+                    "env value of {key} contains a NUL byte"
+                )));
+            }
+        }
+        if let Some(memory) = &self.limits.memory {
+            parse_memory(memory).map_err(|reason| {
+                ManifestError::Invalid(format!("limits.memory {memory:?} is invalid: {reason}"))
+            })?;
+        }
+        if let Some(timeout) = &self.limits.timeout {
+            parse_timeout(timeout).map_err(|reason| {
+                ManifestError::Invalid(format!("limits.timeout {timeout:?} is invalid: {reason}"))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Limits {
+    /// The memory limit in bytes, default applied.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory
+            .as_deref()
+            .and_then(|m| parse_memory(m).ok())
+            .unwrap_or(DEFAULT_MEMORY_BYTES)
+    }
+
+    /// The per-request timeout, default applied.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+            .as_deref()
+            .and_then(|t| parse_timeout(t).ok())
+            .unwrap_or(DEFAULT_TIMEOUT)
+    }
+}
+
+/// Checks a function name: `[a-z0-9-]`, 1..=63 chars, no leading or trailing `-`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("name {name:?} is invalid: {why}"));
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("it is longer than 63 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return bad("only a-z, 0-9 and '-' are allowed");
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return bad("it must not start or end with '-'");
+    }
+    Ok(())
+}
+
+fn is_env_key(key: &str) -> bool {
+    let mut bytes = key.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `"64MiB"`, `"64 MiB"`, `"1GB"`: an integer and a unit.
+fn parse_memory(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = (&text[..digits_end], text[digits_end..].trim_start());
+    if number.is_empty() {
+        return Err("expected an integer and a unit, as in \"64MiB\"".into());
+    }
+    let multiplier: u64 = match unit {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "" => return Err("a unit is required (B, KiB, MiB, GiB, KB, MB, GB)".into()),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ));
+        }
+    };
+    let bytes = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|b| *b <= MAX_MEMORY_BYTES)
+        .ok_or_else(|| "it is over the 4GiB maximum".to_string())?;
+    if bytes == 0 {
+        return Err("it must be greater than zero".into());
+    }
+    Ok(bytes)
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("it must be greater than zero".into());
+    }
+    if duration > MAX_TIMEOUT {
+        return Err("it is over the 15m maximum".into());
+    }
+    Ok(duration)
+}
+
+/// toml's own Display is several lines with a source snippet; keep one line: the message
+/// plus where it is.
+fn toml_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+name = "echo"
+wasm = "echo.wasm"
+routes = ["Echo.Example.com", "*.echo.example.com", "api.example.com/echo/"]
+[env]
+GREETING = "hi"
+_X1 = ""
+[limits]
+memory = "64MiB"
+timeout = "10s"
+"#;
+
+    fn error(text: &str) -> String {
+        let e = Manifest::parse(text).expect_err("should be refused");
+        let message = e.to_string();
+        assert!(!message.contains('\n'), "one line: {message}");
+        assert!(message.starts_with("manifest: "), "{message}");
+        message
+    }
+
+    fn with(extra: &str) -> String {
+        format!("name = \"echo\"\nwasm = \"echo.wasm\"\nroutes = [\"a.com\"]\n{extra}")
+    }
+
+    #[test]
+    fn full_manifest() {
+        let m = Manifest::parse(FULL).unwrap();
+        assert_eq!(m.name, "echo");
+        assert_eq!(m.wasm, "echo.wasm");
+        assert_eq!(
+            m.routes,
+            ["echo.example.com", "*.echo.example.com", "api.example.com/echo"]
+        );
+        assert_eq!(m.env.get("GREETING").map(String::as_str), Some("hi"));
+        assert_eq!(m.env.len(), 2);
+        assert_eq!(m.limits.memory_bytes(), 64 << 20);
+        assert_eq!(m.limits.timeout(), Duration::from_secs(10));
+        assert_eq!(m.route_patterns().len(), 3);
+        // Travels as JSON unchanged.
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn defaults() {
+        let m = Manifest::parse(&with("")).unwrap();
+        assert!(m.env.is_empty());
+        assert_eq!(m.limits, Limits::default());
+        assert_eq!(m.limits.memory_bytes(), 128 << 20);
+        assert_eq!(m.limits.timeout(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn memory_units() {
+        for (text, bytes) in [
+            ("1B", 1),
+            ("2KiB", 2048),
+            ("3 MiB", 3 << 20),
+            ("4GiB", 4 << 30),
+            ("5KB", 5000),
+            ("6MB", 6_000_000),
+            ("4GB", 4_000_000_000),
+        ] {
+            assert_eq!(parse_memory(text), Ok(bytes), "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_top_level_key() {
+        let m = error(&with("colour = \"red\""));
+        assert!(m.contains("unknown field `colour`"), "{m}");
+    }
+
+    #[test]
+    fn unknown_limits_key() {
+        let m = error(&with("[limits]\ncpu = \"1\""));
+        assert!(m.contains("unknown field `cpu`"), "{m}");
+    }
+
+    #[test]
+    fn bad_names() {
+        for name in ["", "Echo", "-echo", "echo-", "ec_ho", "e.cho", &"a".repeat(64)] {
+            let text = format!("name = {name:?}\nwasm = \"a.wasm\"\nroutes = [\"a.com\"]");
+            let m = error(&text);
+            assert!(m.contains("name"), "{m}");
+        }
+        Manifest::parse(&format!(
+            "name = \"{}\"\nwasm = \"a.wasm\"\nroutes = [\"a.com\"]",
+            "a".repeat(63)
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_route() {
+        let m = error("name = \"e\"\nwasm = \"e.wasm\"\nroutes = [\"a b\"]");
+        assert!(m.starts_with("manifest: route \"a b\" is invalid: "), "{m}");
+        let m = error("name = \"e\"\nwasm = \"e.wasm\"\nroutes = [\"a.com\", \"A.com/\"]");
+        assert!(m.contains("listed twice"), "{m}");
+    }
+
+    #[test]
+    fn empty_routes() {
+        let m = error("name = \"e\"\nwasm = \"e.wasm\"\nroutes = []");
+        assert!(m.contains("at least one route"), "{m}");
+        let m = error("name = \"e\"\nwasm = \"e.wasm\"");
+        assert!(m.contains("missing field `routes`"), "{m}");
+    }
+
+    #[test]
+    fn bad_memory() {
+        for memory in ["0MiB", "64", "64XB", "5GiB", "MiB", "-1MiB", "1.5GiB"] {
+            let m = error(&with(&format!("[limits]\nmemory = {memory:?}")));
+            assert!(m.contains("limits.memory"), "{m}");
+        }
+    }
+
+    #[test]
+    fn bad_timeout() {
+        for timeout in ["0s", "16m", "soon", "10"] {
+            let m = error(&with(&format!("[limits]\ntimeout = {timeout:?}")));
+            assert!(m.contains("limits.timeout"), "{m}");
+        }
+        assert!(Manifest::parse(&with("[limits]\ntimeout = \"15m\"")).is_ok());
+        assert!(Manifest::parse(&with("[limits]\ntimeout = \"500ms\"")).is_ok());
+    }
+
+    #[test]
+    fn missing_or_empty_wasm() {
+        let m = error("name = \"e\"\nroutes = [\"a.com\"]");
+        assert!(m.contains("missing field `wasm`"), "{m}");
+        let m = error("name = \"e\"\nwasm = \"\"\nroutes = [\"a.com\"]");
+        assert!(m.contains("`wasm` must not be empty"), "{m}");
+    }
+
+    #[test]
+    fn bad_env() {
+        let m = error(&with("[env]\n\"1X\" = \"a\""));
+        assert!(m.contains("env key \"1X\""), "{m}");
+        let m = error(&with("[env]\nX = 1"));
+        assert!(m.contains("invalid type"), "{m}");
+    }
+
+    #[test]
+    fn not_toml() {
+        let m = error("name = ");
+        assert!(m.contains("line 1"), "{m}");
+    }
+
+    #[test]
+    fn load_file_or_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("atoll.toml"), FULL).unwrap();
+        let (m, wasm) = Manifest::load(dir.path()).unwrap();
+        assert_eq!(m.name, "echo");
+        assert_eq!(wasm, dir.path().join("echo.wasm"));
+        let (_, wasm) = Manifest::load(&dir.path().join("atoll.toml")).unwrap();
+        assert_eq!(wasm, dir.path().join("echo.wasm"));
+        let e = Manifest::load(&dir.path().join("nope")).unwrap_err();
+        assert!(e.to_string().starts_with("manifest: cannot read "), "{e}");
+    }
+}

@@ -1,0 +1,635 @@
+//! The embedded store: function metadata and module blobs in one data directory.
+//!
+//! ```text
+//! DATA/
+//!   state.json            { "revision": N, "functions": { name: FunctionRecord } }
+//!   blobs/sha256/<hex>    module bytes, content-addressed, never rewritten
+//! ```
+//!
+//! Crash safety comes from ordering and atomic renames, not from a log:
+//!
+//! 1. the blob is written to `<hex>.tmp` in its final directory, fsynced, renamed into
+//!    place and the directory fsynced — *before* any metadata refers to it;
+//! 2. the whole new metadata document is written to `state.json.tmp`, fsynced, renamed over
+//!    `state.json`, and the directory fsynced;
+//! 3. only then is the in-memory snapshot swapped, watchers woken, and the caller answered.
+//!
+//! A crash anywhere leaves either the old or the new `state.json`, never half of one; an
+//! orphan blob (written, never referenced) is harmless, and stale `*.tmp` files are removed
+//! on open. The document is small (metadata only), so rewriting it per mutation is cheap
+//! next to the fsyncs.
+//!
+//! Concurrency: mutations are serialised by one async mutex, and the commit (disk writes,
+//! snapshot swap, notification) runs on a blocking thread that owns the mutex guard, so a
+//! caller that gives up half-way (a dropped HTTP request) cannot leave the disk ahead of
+//! memory. Readers never wait for a writer: they clone an `Arc` of the current snapshot.
+//!
+//! Every mutation bumps the global `revision` and stamps the function's `mod_revision`; a
+//! `tokio::sync::watch` channel carries the latest revision to watch streams, which then
+//! re-scan the snapshot by `mod_revision` — so a slow watcher can coalesce but never lose
+//! a change.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, watch};
+
+use crate::manifest::Manifest;
+use crate::model::{FunctionRecord, Version};
+use crate::route::RoutePattern;
+use crate::watch::WatchEvent;
+
+const STATE_FILE: &str = "state.json";
+const STATE_TMP: &str = "state.json.tmp";
+
+/// The metadata document, `state.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Bumped by every mutation; 0 for an empty store.
+    pub revision: u64,
+    /// Every function, by name.
+    pub functions: BTreeMap<String, FunctionRecord>,
+}
+
+/// What went wrong in the store; each variant maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such function, version or blob (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The change clashes with the current state, e.g. a route another function serves (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is malformed (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// Too big to store (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The disk failed us (500).
+    #[error("store: {context}: {source}")]
+    Io {
+        /// What the store was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// Handle on the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    /// Serialises mutations; the guard travels into the blocking commit.
+    write: Arc<Mutex<()>>,
+    /// The committed state; replaced wholesale on commit.
+    current: RwLock<Arc<State>>,
+    /// The committed revision, for watch streams.
+    revision: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .field("revision", &self.snapshot().revision)
+            .finish()
+    }
+}
+
+/// Whether `sha` is a SHA-256 in lowercase hex.
+pub fn is_sha256_hex(sha: &str) -> bool {
+    sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: removes stale temp files and loads the
+    /// last committed `state.json`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let blobs = dir.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs).map_err(io_error(format!("creating {}", blobs.display())))?;
+        remove_stale_tmp(dir)?;
+        remove_stale_tmp(&blobs)?;
+        let path = dir.join(STATE_FILE);
+        let state = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<State>(&bytes).map_err(|e| StoreError::Io {
+                context: format!("reading {}", path.display()),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io_error(format!("reading {}", path.display()))(e)),
+        };
+        for record in state.functions.values() {
+            if record.active_version().is_none() {
+                return Err(StoreError::Io {
+                    context: format!("reading {}", path.display()),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "function `{}` has active v{} which does not exist",
+                            record.name, record.active
+                        ),
+                    ),
+                });
+            }
+        }
+        let (revision, _) = watch::channel(state.revision);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                write: Arc::new(Mutex::new(())),
+                current: RwLock::new(Arc::new(state)),
+                revision,
+            }),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The committed state, as of now. Cheap (an `Arc` clone).
+    pub fn snapshot(&self) -> Arc<State> {
+        self.inner
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> u64 {
+        self.snapshot().revision
+    }
+
+    /// A receiver that changes whenever a mutation commits (value: the new revision).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.revision.subscribe()
+    }
+
+    /// Every function, sorted by name.
+    pub fn list(&self) -> Vec<FunctionRecord> {
+        self.snapshot().functions.values().cloned().collect()
+    }
+
+    /// One function.
+    pub fn get(&self, name: &str) -> Option<FunctionRecord> {
+        self.snapshot().functions.get(name).cloned()
+    }
+
+    /// Where the blob with this SHA-256 lives (whether or not it exists).
+    pub fn blob_path(&self, sha256: &str) -> Result<PathBuf, StoreError> {
+        if !is_sha256_hex(sha256) {
+            return Err(StoreError::Invalid(format!(
+                "{sha256:?} is not a SHA-256 (64 lowercase hex characters)"
+            )));
+        }
+        Ok(self.inner.dir.join("blobs").join("sha256").join(sha256))
+    }
+
+    /// The module bytes with this SHA-256.
+    pub async fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(sha256)?;
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StoreError::NotFound(format!("no blob sha256:{sha256}")))
+            }
+            Err(e) => Err(io_error(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    /// A `Put` for every function changed after `since` (by `mod_revision`, ascending), and
+    /// the revision they bring the caller up to.
+    pub fn events_since(&self, since: u64) -> (Vec<WatchEvent>, u64) {
+        let state = self.snapshot();
+        let mut changed: Vec<&FunctionRecord> = state
+            .functions
+            .values()
+            .filter(|r| r.mod_revision > since)
+            .collect();
+        changed.sort_by_key(|r| r.mod_revision);
+        let events = changed
+            .into_iter()
+            .filter_map(|r| {
+                r.deployment().map(|deployment| WatchEvent::Put {
+                    revision: r.mod_revision,
+                    deployment,
+                })
+            })
+            .collect();
+        (events, state.revision)
+    }
+
+    /// Stores a new version of `manifest.name` with `module` and makes it active.
+    /// `manifest` must be validated ([`Manifest::parse`]). Refused, with nothing stored, if
+    /// the module is empty or a route is served by another function.
+    pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
+        if module.is_empty() {
+            return Err(StoreError::Invalid("module is empty".into()));
+        }
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        check_routes(&state, &manifest.name, &manifest)?;
+
+        let sha256 = hex::encode(Sha256::digest(&module));
+        let mut record = state
+            .functions
+            .get(&manifest.name)
+            .cloned()
+            .unwrap_or_else(|| FunctionRecord {
+                name: manifest.name.clone(),
+                versions: Vec::new(),
+                active: 0,
+                mod_revision: 0,
+            });
+        let version = Version {
+            version: record.latest() + 1,
+            sha256: sha256.clone(),
+            manifest,
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            size: module.len() as u64,
+        };
+        let mut next = (*state).clone();
+        next.revision += 1;
+        record.versions.push(version.clone());
+        record.active = version.version;
+        record.mod_revision = next.revision;
+        next.functions.insert(record.name.clone(), record);
+
+        let blob = self.blob_path(&sha256)?;
+        let inner = self.inner.clone();
+        commit(guard, move || {
+            write_blob(&blob, &module)?;
+            inner.persist_and_publish(next)
+        })
+        .await?;
+        Ok(version)
+    }
+
+    /// Makes an earlier (or any existing) version active: `to`, or by default the highest
+    /// version below the active one. Versions are not touched. Re-activating the active
+    /// version changes nothing.
+    pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, StoreError> {
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        let record = state
+            .functions
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
+        let target = match to {
+            Some(v) => record
+                .version(v)
+                .ok_or_else(|| StoreError::NotFound(format!("function `{name}` has no v{v}")))?,
+            None => record
+                .versions
+                .iter()
+                .filter(|v| v.version < record.active)
+                .max_by_key(|v| v.version)
+                .ok_or_else(|| {
+                    StoreError::Conflict(format!(
+                        "function `{name}` has no version before v{} to roll back to",
+                        record.active
+                    ))
+                })?,
+        };
+        if target.version == record.active {
+            return Ok(record.clone());
+        }
+        check_routes(&state, name, &target.manifest)?;
+
+        let mut next = (*state).clone();
+        next.revision += 1;
+        let mut record = record.clone();
+        record.active = target.version;
+        record.mod_revision = next.revision;
+        next.functions.insert(name.to_owned(), record.clone());
+
+        let inner = self.inner.clone();
+        commit(guard, move || inner.persist_and_publish(next)).await?;
+        Ok(record)
+    }
+}
+
+impl Inner {
+    /// Writes `next` durably, then makes it the visible state and wakes watchers.
+    fn persist_and_publish(&self, next: State) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(&next).map_err(|e| StoreError::Io {
+            context: "encoding state".into(),
+            source: io::Error::other(e),
+        })?;
+        write_atomically(&self.dir.join(STATE_TMP), &self.dir.join(STATE_FILE), &json).map_err(io_error(
+            format!("writing {}", self.dir.join(STATE_FILE).display()),
+        ))?;
+        let revision = next.revision;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        self.revision.send_replace(revision);
+        Ok(())
+    }
+}
+
+/// Runs `work` on a blocking thread that owns the writer guard: once started, a commit
+/// finishes (and releases the lock) even if the caller's future is dropped.
+async fn commit<F>(guard: tokio::sync::OwnedMutexGuard<()>, work: F) -> Result<(), StoreError>
+where
+    F: FnOnce() -> Result<(), StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let result = work();
+        drop(guard);
+        result
+    })
+    .await
+    .map_err(|e| StoreError::Io {
+        context: "commit task".into(),
+        source: io::Error::other(e.to_string()),
+    })?
+}
+
+/// Refuses a manifest whose routes another function's active version already serves.
+fn check_routes(state: &State, name: &str, manifest: &Manifest) -> Result<(), StoreError> {
+    let wanted: Vec<RoutePattern> = manifest.route_patterns();
+    for other in state.functions.values().filter(|r| r.name != name) {
+        let Some(active) = other.active_version() else {
+            continue;
+        };
+        let theirs = active.manifest.route_patterns();
+        if let Some(route) = wanted.iter().find(|r| theirs.contains(r)) {
+            return Err(StoreError::Conflict(format!(
+                "route \"{route}\" is already served by function `{}`",
+                other.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Content-addressed write: skip if present, else temp + fsync + rename + fsync dir.
+fn write_blob(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    if path.exists() {
+        return Ok(());
+    }
+    write_atomically(&path.with_extension("tmp"), path, bytes)
+        .map_err(io_error(format!("writing {}", path.display())))
+}
+
+fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = File::create(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+/// Removes `*.tmp` left in `dir` by a crash mid-write.
+fn remove_stale_tmp(dir: &Path) -> Result<(), StoreError> {
+    let entries = fs::read_dir(dir).map_err(io_error(format!("listing {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io_error(format!("listing {}", dir.display())))?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "tmp") && path.is_file() {
+            tracing::warn!(path = %path.display(), "removing a temp file left by a crash");
+            fs::remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(name: &str, routes: &[&str]) -> Manifest {
+        let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
+        Manifest::parse(&format!(
+            "name = {name:?}\nwasm = \"m.wasm\"\nroutes = [{}]",
+            routes.join(", ")
+        ))
+        .unwrap()
+    }
+
+    fn blob_count(dir: &Path) -> usize {
+        fs::read_dir(dir.join("blobs/sha256")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn push_allocates_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.revision(), 0);
+        let v1 = store
+            .push(manifest("echo", &["a.com"]), b"one".to_vec())
+            .await
+            .unwrap();
+        let v2 = store
+            .push(manifest("echo", &["a.com"]), b"two".to_vec())
+            .await
+            .unwrap();
+        assert_eq!((v1.version, v2.version), (1, 2));
+        assert_eq!(v1.sha256, hex::encode(Sha256::digest(b"one")));
+        assert_eq!(v1.size, 3);
+        assert!(v1.created_at.ends_with('Z'), "{}", v1.created_at);
+        let record = store.get("echo").unwrap();
+        assert_eq!(record.active, 2);
+        assert_eq!(record.mod_revision, 2);
+        assert_eq!(store.revision(), 2);
+        assert_eq!(store.read_blob(&v1.sha256).await.unwrap(), b"one");
+        assert!(store.blob_path(&v2.sha256).unwrap().is_file());
+        assert!(matches!(
+            store.read_blob(&"0".repeat(64)).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.read_blob("../state.json").await,
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.push(manifest("echo", &["a.com"]), vec![]).await,
+            Err(StoreError::Invalid(_))
+        ));
+
+        // Survives a reopen.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get("echo").unwrap(), record);
+        assert_eq!(store.list().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn rollback_default_and_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for body in ["1", "2", "3"] {
+            store
+                .push(manifest("f", &["f.com"]), body.as_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+        let r = store.rollback("f", None).await.unwrap();
+        assert_eq!(r.active, 2);
+        assert_eq!(r.mod_revision, 4);
+        let r = store.rollback("f", None).await.unwrap();
+        assert_eq!(r.active, 1);
+        assert!(matches!(
+            store.rollback("f", None).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let r = store.rollback("f", Some(3)).await.unwrap();
+        assert_eq!((r.active, r.versions.len()), (3, 3));
+        // Same version again: no change, no new revision.
+        let rev = store.revision();
+        store.rollback("f", Some(3)).await.unwrap();
+        assert_eq!(store.revision(), rev);
+        assert!(matches!(
+            store.rollback("f", Some(9)).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.rollback("nope", None).await,
+            Err(StoreError::NotFound(_))
+        ));
+        // A push after a rollback takes the next number after the highest.
+        let v = store
+            .push(manifest("f", &["f.com"]), b"4".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(v.version, 4);
+    }
+
+    #[tokio::test]
+    async fn route_conflict_refused_and_nothing_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .push(manifest("a", &["x.com", "*.y.com"]), b"a".to_vec())
+            .await
+            .unwrap();
+        let before = store.snapshot();
+        let err = store
+            .push(manifest("b", &["b.com", "X.com/"]), b"b".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)));
+        assert_eq!(
+            err.to_string(),
+            "route \"x.com\" is already served by function `a`"
+        );
+        assert_eq!(store.snapshot(), before);
+        assert_eq!(blob_count(dir.path()), 1);
+        // Same function may keep its routes; another path on the host is fine.
+        store
+            .push(manifest("a", &["x.com"]), b"a2".to_vec())
+            .await
+            .unwrap();
+        store
+            .push(manifest("b", &["x.com/b", "*.y.com"]), b"b".to_vec())
+            .await
+            .unwrap();
+
+        // Rolling `a` back to v1 would take `*.y.com` back from `b`: refused.
+        let err = store.rollback("a", None).await.unwrap_err();
+        assert!(err.to_string().contains("`b`"), "{err}");
+        assert_eq!(store.get("a").unwrap().active, 2);
+    }
+
+    #[tokio::test]
+    async fn reopen_after_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .push(manifest("f", &["f.com"]), b"v1".to_vec())
+            .await
+            .unwrap();
+        let committed = store.snapshot();
+        drop(store);
+        // A crash during the next push: a half-written state and blob temp, an orphan blob.
+        fs::write(dir.path().join("state.json.tmp"), b"{\"revision\": 9, \"func").unwrap();
+        let orphan = hex::encode(Sha256::digest(b"orphan"));
+        fs::write(dir.path().join("blobs/sha256").join(&orphan), b"orphan").unwrap();
+        fs::write(
+            dir.path().join("blobs/sha256").join(format!("{orphan}.tmp")),
+            b"orph",
+        )
+        .unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.snapshot(), committed);
+        assert!(!dir.path().join("state.json.tmp").exists());
+        assert!(
+            !dir.path()
+                .join("blobs/sha256")
+                .join(format!("{orphan}.tmp"))
+                .exists()
+        );
+        // The store keeps working; pushing the orphan's bytes reuses the blob.
+        let v = store
+            .push(manifest("f", &["f.com"]), b"orphan".to_vec())
+            .await
+            .unwrap();
+        assert_eq!((v.version, v.sha256), (2, orphan));
+    }
+
+    #[tokio::test]
+    async fn corrupt_state_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("state.json"), b"{").unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Io { .. })));
+    }
+
+    #[tokio::test]
+    async fn events_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut rx = store.subscribe();
+        assert_eq!(store.events_since(0), (vec![], 0));
+        store
+            .push(manifest("a", &["a.com"]), b"a".to_vec())
+            .await
+            .unwrap(); // rev 1
+        store
+            .push(manifest("b", &["b.com"]), b"b".to_vec())
+            .await
+            .unwrap(); // rev 2
+        store
+            .push(manifest("a", &["a.com"]), b"a2".to_vec())
+            .await
+            .unwrap(); // rev 3
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 3);
+
+        let (events, revision) = store.events_since(0);
+        assert_eq!(revision, 3);
+        let summary: Vec<(u64, String, u64)> = events
+            .iter()
+            .map(|e| match e {
+                WatchEvent::Put { revision, deployment } => {
+                    (*revision, deployment.name.clone(), deployment.version)
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(summary, [(2, "b".into(), 1), (3, "a".into(), 2)]);
+        let (events, _) = store.events_since(2);
+        assert_eq!(events.len(), 1);
+        assert_eq!(store.events_since(3), (vec![], 3));
+    }
+}

@@ -1,0 +1,401 @@
+//! The registry API end to end over loopback: a real server on `127.0.0.1:0`, driven by
+//! the real `RegistryClient`, with the real engine validating modules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoll_registry::{ClientError, Registry, RegistryClient, RegistryOptions, WatchEvent, serve};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::oneshot;
+
+const TOKEN: &str = "test-token-0123456789";
+
+fn leb128(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// `(module (memory (export "memory") 1) (func (export "_start")))` plus a custom section
+/// named `tag`, so different tags give different bytes (and digests).
+fn module(tag: &str) -> Vec<u8> {
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    m.extend_from_slice(&[0x01, 0x04, 0x01, 0x60, 0x00, 0x00]); // type: () -> ()
+    m.extend_from_slice(&[0x03, 0x02, 0x01, 0x00]); // func 0: type 0
+    m.extend_from_slice(&[0x05, 0x03, 0x01, 0x00, 0x01]); // memory 0: min 1 page
+    m.extend_from_slice(&[0x07, 0x13, 0x02]); // export section, 19 bytes, 2 entries
+    m.extend_from_slice(b"\x06_start\x00\x00"); // "_start" func 0
+    m.extend_from_slice(b"\x06memory\x02\x00"); // "memory" memory 0
+    m.extend_from_slice(&[0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b]); // code: empty body
+    let mut payload = Vec::new();
+    leb128(tag.len(), &mut payload);
+    payload.extend_from_slice(tag.as_bytes());
+    m.push(0x00); // custom section
+    leb128(payload.len(), &mut m);
+    m.extend_from_slice(&payload);
+    m
+}
+
+fn manifest(name: &str, routes: &[&str]) -> String {
+    let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        "name = {name:?}\nwasm = \"{name}.wasm\"\nroutes = [{}]\n[env]\nGREETING = \"hi\"\n",
+        routes.join(", ")
+    )
+}
+
+struct Server {
+    url: String,
+    data: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(options: RegistryOptions) -> Server {
+        let data = tempfile::tempdir().unwrap();
+        let engine = atoll_isolate::Engine::new().unwrap();
+        let registry = Registry::open(data.path(), engine, TOKEN.into(), options).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, Arc::new(registry), async move {
+            let _ = stopped.await;
+        }));
+        // Poll until it answers; never sleep for readiness.
+        let http = reqwest::Client::new();
+        let health = format!("{url}/healthz");
+        for attempt in 0.. {
+            match http.get(&health).send().await {
+                Ok(r) if r.status() == 200 => {
+                    assert_eq!(r.text().await.unwrap(), "ok");
+                    break;
+                }
+                _ if attempt < 500 => tokio::task::yield_now().await,
+                other => panic!("registry never became healthy: {other:?}"),
+            }
+        }
+        Server {
+            url,
+            data,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn client(&self) -> RegistryClient {
+        RegistryClient::new(&self.url, Some(TOKEN.into())).unwrap()
+    }
+
+    fn blob_files(&self) -> usize {
+        std::fs::read_dir(self.data.path().join("blobs/sha256"))
+            .unwrap()
+            .count()
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("graceful shutdown finishes")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn status_of(e: &ClientError) -> u16 {
+    e.status()
+        .unwrap_or_else(|| panic!("expected an HTTP error, got {e}"))
+        .as_u16()
+}
+
+async fn next_event<S>(stream: &mut S) -> WatchEvent
+where
+    S: Stream<Item = Result<WatchEvent, ClientError>> + Unpin,
+{
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("stream still open")
+        .expect("a valid event")
+}
+
+#[tokio::test]
+async fn push_list_versions_rollback_blob() {
+    let server = Server::start(RegistryOptions::default()).await;
+    let client = server.client();
+
+    let v1 = client
+        .push(
+            &manifest("echo", &["echo.example.com", "API.example.com/echo/"]),
+            module("v1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((v1.name.as_str(), v1.version), ("echo", 1));
+    assert_eq!(v1.sha256.len(), 64);
+    let v2 = client
+        .push(&manifest("echo", &["echo.example.com"]), module("v2"))
+        .await
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    assert_ne!(v1.sha256, v2.sha256);
+    client
+        .push(&manifest("alpha", &["alpha.example.com"]), module("a"))
+        .await
+        .unwrap();
+
+    let list = client.list().await.unwrap();
+    let names: Vec<&str> = list.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["alpha", "echo"]);
+    assert_eq!(list[1].active, 2);
+    assert_eq!(list[1].versions, 2);
+    assert_eq!(list[1].routes, ["echo.example.com"]);
+    assert_eq!(list[1].sha256, v2.sha256);
+
+    let versions = client.versions("echo").await.unwrap();
+    assert_eq!(versions.active, 2);
+    assert_eq!(versions.versions.len(), 2);
+    assert_eq!(
+        versions.versions[0].manifest.routes,
+        ["echo.example.com", "api.example.com/echo"]
+    );
+    assert_eq!(versions.versions[0].manifest.env["GREETING"], "hi");
+    let e = client.versions("nope").await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "registry answered 404 Not Found: no function `nope`"
+    );
+
+    let r = client.rollback("echo", None).await.unwrap();
+    assert_eq!((r.active, r.sha256.as_str()), (1, v1.sha256.as_str()));
+    let r = client.rollback("echo", Some(2)).await.unwrap();
+    assert_eq!((r.active, r.sha256.as_str()), (2, v2.sha256.as_str()));
+    assert_eq!(
+        status_of(&client.rollback("echo", Some(9)).await.unwrap_err()),
+        404
+    );
+    assert_eq!(status_of(&client.rollback("nope", None).await.unwrap_err()), 404);
+    // An empty body means "the version before".
+    let raw = reqwest::Client::new()
+        .post(format!("{}/v1/functions/echo/rollback", server.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 200);
+    assert_eq!(client.versions("echo").await.unwrap().active, 1);
+
+    assert_eq!(client.blob(&v1.sha256).await.unwrap(), module("v1"));
+    let e = client.blob("not-a-digest").await.unwrap_err();
+    assert_eq!(status_of(&e), 400);
+    assert_eq!(status_of(&client.blob(&"0".repeat(64)).await.unwrap_err()), 404);
+
+    // Route taken by another function: 409 naming it, nothing stored.
+    let blobs = server.blob_files();
+    let e = client
+        .push(&manifest("other", &["ECHO.example.com"]), module("o"))
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), 409);
+    assert!(e.to_string().contains("function `echo`"), "{e}");
+    assert_eq!(client.list().await.unwrap().len(), 2);
+    assert_eq!(server.blob_files(), blobs);
+
+    // Bad manifest: 400 naming the key.
+    let e = client
+        .push(
+            &format!("colour = \"red\"\n{}", manifest("x", &["x.com"])),
+            module("x"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), 400);
+    assert!(e.to_string().contains("manifest: unknown field `colour`"), "{e}");
+    // Empty module: 400.
+    let e = client.push(&manifest("x", &["x.com"]), vec![]).await.unwrap_err();
+    assert_eq!(status_of(&e), 400);
+
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn auth_is_required() {
+    let server = Server::start(RegistryOptions::default()).await;
+    let anonymous = RegistryClient::new(&server.url, None).unwrap();
+    let e = anonymous.list().await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "registry answered 401 Unauthorized: missing bearer token"
+    );
+    let wrong = RegistryClient::new(&server.url, Some("nope".into())).unwrap();
+    let e = wrong.list().await.unwrap_err();
+    assert_eq!(e.to_string(), "registry answered 401 Unauthorized: invalid token");
+    let e = wrong
+        .push(&manifest("a", &["a.com"]), module("a"))
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), 401);
+    assert!(wrong.watch(0).await.is_err());
+    assert_eq!(server.blob_files(), 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_module_is_refused_and_nothing_stored() {
+    let server = Server::start(RegistryOptions::default()).await;
+    let client = server.client();
+    let e = client
+        .push(&manifest("a", &["a.com"]), b"not wasm at all".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), 422);
+    assert!(e.to_string().contains(": invalid module: "), "{e}");
+    // Valid Wasm, but not a WASI command (no `_start`).
+    let e = client
+        .push(&manifest("a", &["a.com"]), b"\0asm\x01\0\0\0".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), 422);
+    assert!(e.to_string().contains("_start"), "{e}");
+    assert!(client.list().await.unwrap().is_empty());
+    assert_eq!(server.blob_files(), 0);
+    assert!(!server.data.path().join("state.json").exists());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_modules_get_a_clean_413() {
+    let options = RegistryOptions {
+        max_module_bytes: 1024,
+        ..RegistryOptions::default()
+    };
+    let server = Server::start(options).await;
+    let client = server.client();
+
+    // Over the module limit, within the body limit: the exact size is reported.
+    let big = module(&"x".repeat(2000));
+    let e = client
+        .push(&manifest("a", &["a.com"]), big.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "registry answered 413 Payload Too Large: module is {} bytes, over the 1 KiB limit",
+            big.len()
+        )
+    );
+    // Over the body limit itself (1 KiB + 1 MiB): still an answer, not a reset.
+    let huge = module(&"x".repeat(4 << 20));
+    let e = client.push(&manifest("a", &["a.com"]), huge).await.unwrap_err();
+    assert_eq!(status_of(&e), 413, "{e}");
+    assert!(e.to_string().contains("request body is over"), "{e}");
+
+    // Still serving, nothing stored; a module within the limit goes through.
+    assert!(client.list().await.unwrap().is_empty());
+    assert_eq!(server.blob_files(), 0);
+    client
+        .push(&manifest("a", &["a.com"]), module("small"))
+        .await
+        .unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_catches_up_then_streams() {
+    let options = RegistryOptions {
+        heartbeat: Duration::from_millis(200),
+        ..RegistryOptions::default()
+    };
+    let server = Server::start(options).await;
+    let client = server.client();
+    let a = client
+        .push(&manifest("a", &["a.com"]), module("a1"))
+        .await
+        .unwrap();
+
+    let mut watch = client.watch(0).await.unwrap();
+    match next_event(&mut watch).await {
+        WatchEvent::Put { revision, deployment } => {
+            assert_eq!(revision, 1);
+            assert_eq!((deployment.name.as_str(), deployment.version), ("a", 1));
+            assert_eq!(deployment.sha256, a.sha256);
+            assert_eq!(deployment.manifest.routes, ["a.com"]);
+        }
+        other => panic!("expected a put, got {other:?}"),
+    }
+    assert_eq!(next_event(&mut watch).await, WatchEvent::Synced { revision: 1 });
+
+    // A new push arrives on the open stream (heartbeats may come first).
+    let b = client
+        .push(&manifest("b", &["b.com"]), module("b1"))
+        .await
+        .unwrap();
+    let put = loop {
+        match next_event(&mut watch).await {
+            WatchEvent::Heartbeat { .. } => continue,
+            other => break other,
+        }
+    };
+    match put {
+        WatchEvent::Put { revision, deployment } => {
+            assert_eq!(revision, 2);
+            assert_eq!(deployment.name, "b");
+            assert_eq!(deployment.sha256, b.sha256);
+        }
+        other => panic!("expected a put, got {other:?}"),
+    }
+    // A rollback is a put too.
+    client
+        .push(&manifest("a", &["a.com"]), module("a2"))
+        .await
+        .unwrap();
+    client.rollback("a", None).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.last().map(WatchEvent::revision) != Some(4) {
+        match next_event(&mut watch).await {
+            WatchEvent::Heartbeat { .. } => {}
+            WatchEvent::Put { revision, deployment } => seen.push(WatchEvent::Put { revision, deployment }),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    match seen.last() {
+        Some(WatchEvent::Put { deployment, .. }) => assert_eq!(deployment.version, 1),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Idle: heartbeats carry the covered revision.
+    assert_eq!(
+        next_event(&mut watch).await,
+        WatchEvent::Heartbeat { revision: 4 }
+    );
+
+    // Resuming from revision 2 sends only what changed after it.
+    let mut resumed = client.watch(2).await.unwrap();
+    match next_event(&mut resumed).await {
+        WatchEvent::Put { revision, deployment } => assert_eq!(
+            (revision, deployment.name.as_str(), deployment.version),
+            (4, "a", 1)
+        ),
+        other => panic!("expected a put, got {other:?}"),
+    }
+    assert_eq!(next_event(&mut resumed).await, WatchEvent::Synced { revision: 4 });
+
+    // Shutdown ends the streams, so the graceful shutdown completes.
+    server.shutdown().await;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = watch.next().await {
+            if event.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "watch stream ended");
+}

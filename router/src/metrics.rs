@@ -1,0 +1,83 @@
+//! The node's metrics, in one place so names and labels stay consistent.
+//!
+//! Exposed as Prometheus text on the admin listener's `/metrics`. The recorder is global to
+//! the process (the `metrics` crate's design), so it is installed once even when a process
+//! runs several nodes, as the in-process benches and tests do.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by `function` (or `-` when no route matched) and `status`.
+pub const REQUESTS_TOTAL: &str = "atoll_requests_total";
+/// Time from request head to response, by `function`.
+pub const REQUEST_DURATION: &str = "atoll_request_duration_seconds";
+/// Instances created, by `function`.
+pub const INSTANCE_STARTS_TOTAL: &str = "atoll_instance_starts_total";
+/// Time to create an instance until it is ready to run, by `function`.
+pub const INSTANCE_START_DURATION: &str = "atoll_instance_start_seconds";
+/// Invocations by `function` and `outcome` (`ok`, `trap`, `exit`, `malformed_output`, …).
+pub const INVOCATIONS_TOTAL: &str = "atoll_invocations_total";
+/// Modules made ready on this node, by `kind`: `compile` or `cached` (from disk).
+pub const MODULE_LOADS_TOTAL: &str = "atoll_module_loads_total";
+/// The registry revision the node's route table reflects.
+pub const ROUTE_TABLE_REVISION: &str = "atoll_route_table_revision";
+/// Routes in the current table.
+pub const ROUTES: &str = "atoll_routes";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let latency_buckets = [
+                0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
+                .expect("static buckets are valid");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    metrics::describe_counter!(REQUESTS_TOTAL, "Requests answered by function and status");
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Request latency by function"
+    );
+    metrics::describe_counter!(INSTANCE_STARTS_TOTAL, "Instances created by function");
+    metrics::describe_histogram!(
+        INSTANCE_START_DURATION,
+        metrics::Unit::Seconds,
+        "Time to create an instance, by function"
+    );
+    metrics::describe_counter!(INVOCATIONS_TOTAL, "Invocations by function and outcome");
+    metrics::describe_counter!(
+        MODULE_LOADS_TOTAL,
+        "Modules made ready, by kind (compile or cached)"
+    );
+    metrics::describe_gauge!(ROUTE_TABLE_REVISION, "Registry revision of the route table");
+    metrics::describe_gauge!(ROUTES, "Routes in the current table");
+}

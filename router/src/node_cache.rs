@@ -1,0 +1,129 @@
+//! The node's disk cache: what it serves, kept so it can serve again without the registry.
+//!
+//! ```text
+//! DATA/node-state.json         last applied registry revision + deployments (atomic replace)
+//! DATA/modules/<sha256>.wasm   module bytes, verified against their name on every read
+//! DATA/artifacts/              compiled artifacts (atoll_isolate::ArtifactCache)
+//! ```
+//!
+//! This is static stability: a node that restarts while the registry is down serves its last
+//! known routes from here. Every file is written to a temporary name, fsynced and renamed,
+//! so a crash never leaves a half-written file under a real name.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use atoll_registry::Deployment;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What the node last applied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CachedState {
+    pub revision: u64,
+    pub deployments: Vec<Deployment>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeCache {
+    directory: PathBuf,
+}
+
+impl NodeCache {
+    pub fn open(directory: impl Into<PathBuf>) -> io::Result<Self> {
+        let directory = directory.into();
+        fs::create_dir_all(directory.join("modules"))?;
+        fs::create_dir_all(directory.join("artifacts"))?;
+        Ok(NodeCache { directory })
+    }
+
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.directory.join("artifacts")
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.directory.join("node-state.json")
+    }
+
+    fn module_path(&self, sha256: &str) -> PathBuf {
+        self.directory.join("modules").join(format!("{sha256}.wasm"))
+    }
+
+    pub fn load_state(&self) -> io::Result<Option<CachedState>> {
+        match fs::read(self.state_path()) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    pub fn save_state(&self, state: &CachedState) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
+        write_atomically(&self.state_path(), &bytes)
+    }
+
+    /// The cached module with this digest, if present and intact.
+    pub fn read_module(&self, sha256: &str) -> Option<Vec<u8>> {
+        let path = self.module_path(sha256);
+        let bytes = fs::read(&path).ok()?;
+        if hex::encode(Sha256::digest(&bytes)) != sha256 {
+            tracing::warn!(path = %path.display(), "cached module does not match its digest; discarding");
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        Some(bytes)
+    }
+
+    pub fn write_module(&self, sha256: &str, bytes: &[u8]) -> io::Result<()> {
+        write_atomically(&self.module_path(sha256), bytes)
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new contents.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let directory = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");
+    let temporary = directory.join(format!(".{file_name}.tmp{}", std::process::id()));
+    {
+        let mut file = fs::File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&temporary, path)?;
+    fs::File::open(directory)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_are_verified_on_read() {
+        let directory = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(directory.path()).unwrap();
+        let bytes = b"module bytes";
+        let sha = hex::encode(Sha256::digest(bytes));
+        cache.write_module(&sha, bytes).unwrap();
+        assert_eq!(cache.read_module(&sha).unwrap(), bytes);
+
+        fs::write(cache.module_path(&sha), b"tampered").unwrap();
+        assert!(cache.read_module(&sha).is_none());
+        assert!(!cache.module_path(&sha).exists());
+    }
+
+    #[test]
+    fn state_round_trips_and_starts_empty() {
+        let directory = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(directory.path()).unwrap();
+        assert!(cache.load_state().unwrap().is_none());
+        let state = CachedState {
+            revision: 7,
+            deployments: vec![],
+        };
+        cache.save_state(&state).unwrap();
+        assert_eq!(cache.load_state().unwrap().unwrap(), state);
+    }
+}

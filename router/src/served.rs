@@ -1,0 +1,78 @@
+//! What the node serves: the current route table of loaded functions.
+//!
+//! `Routing` is the one piece of shared state on the request path. Readers load the current
+//! table from an `ArcSwapOption` (lock-free, no contention between cores); the sync task
+//! publishes a whole new table per change. `None` means the node has no table yet and is not
+//! ready.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use atoll_isolate::LoadedFunction;
+use atoll_registry::Deployment;
+
+use crate::route_table::{RouteEntry, RouteTable};
+
+/// One function version, compiled and ready.
+#[derive(Debug)]
+pub struct ServedFunction {
+    pub deployment: Deployment,
+    pub function: LoadedFunction,
+}
+
+impl ServedFunction {
+    pub fn name(&self) -> &str {
+        &self.deployment.name
+    }
+}
+
+pub type FunctionTable = RouteTable<Arc<ServedFunction>>;
+
+/// Builds a table from the served functions, ordered by name so ties are deterministic.
+pub fn build_table<'a>(functions: impl IntoIterator<Item = &'a Arc<ServedFunction>>) -> FunctionTable {
+    let mut functions: Vec<&Arc<ServedFunction>> = functions.into_iter().collect();
+    functions.sort_by(|a, b| a.name().cmp(b.name()));
+    RouteTable::new(functions.into_iter().flat_map(|served| {
+        served
+            .deployment
+            .manifest
+            .routes
+            .iter()
+            .filter_map(|route| match route.parse() {
+                Ok(pattern) => Some(RouteEntry {
+                    pattern,
+                    target: Arc::clone(served),
+                }),
+                Err(error) => {
+                    tracing::warn!(function = served.name(), %error, "skipping invalid route");
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    }))
+}
+
+/// The node's current routing state, shared by listeners, admin and sync.
+#[derive(Default)]
+pub struct Routing {
+    table: ArcSwapOption<FunctionTable>,
+}
+
+impl Routing {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Routing::default())
+    }
+
+    pub fn current(&self) -> Option<Arc<FunctionTable>> {
+        self.table.load_full()
+    }
+
+    pub fn publish(&self, table: FunctionTable) {
+        metrics::gauge!(crate::metrics::ROUTES).set(table.len() as f64);
+        self.table.store(Some(Arc::new(table)));
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.table.load().is_some()
+    }
+}

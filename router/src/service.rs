@@ -1,0 +1,216 @@
+//! The edge's HTTP service: route a request to a function and run it.
+//!
+//! Per request: find the host (the URI authority for HTTP/2, the `Host` header for HTTP/1.1),
+//! look it up in the current route table (lock-free), read the body up to a limit, and run
+//! the function on the blocking pool so a slow guest never holds an I/O thread. Failures
+//! are answered with short, clear statuses: 404 naming an unknown host, 413 for a body over
+//! the limit, 502 when the function fails (the reason and the function's stderr go to the
+//! node log, not to the client).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use atoll_isolate::CgiRequest;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::metrics;
+use crate::served::{Routing, ServedFunction};
+use crate::server::{ConnectionInfo, Handler, text_response};
+
+/// Largest request body a function accepts.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Routes requests to functions.
+pub struct EdgeService {
+    routing: Arc<Routing>,
+    max_body_bytes: usize,
+}
+
+impl EdgeService {
+    pub fn new(routing: Arc<Routing>) -> Arc<Self> {
+        Arc::new(EdgeService {
+            routing,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        })
+    }
+}
+
+impl Handler for EdgeService {
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        connection: ConnectionInfo,
+    ) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let (response, function) = self.route(request, connection).await;
+        let status = response.status().as_u16().to_string();
+        let function_label = function.unwrap_or_else(|| "-".to_string());
+        ::metrics::histogram!(metrics::REQUEST_DURATION, "function" => function_label.clone())
+            .record(started.elapsed().as_secs_f64());
+        ::metrics::counter!(metrics::REQUESTS_TOTAL, "function" => function_label, "status" => status)
+            .increment(1);
+        response
+    }
+}
+
+impl EdgeService {
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        connection: ConnectionInfo,
+    ) -> (Response<Full<Bytes>>, Option<String>) {
+        let Some(host) = request_host(&request) else {
+            return (
+                text_response(StatusCode::BAD_REQUEST, "request has no Host"),
+                None,
+            );
+        };
+        let Some(table) = self.routing.current() else {
+            return (
+                text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "node is starting: no route table yet",
+                ),
+                None,
+            );
+        };
+        let path = request.uri().path().to_string();
+        let Some(found) = table.lookup(&host, &path) else {
+            let host = crate::route_table::normalize_host(&host).into_owned();
+            return (
+                text_response(
+                    StatusCode::NOT_FOUND,
+                    format!("no function is routed for host `{host}`"),
+                ),
+                None,
+            );
+        };
+        let served = Arc::clone(found.target);
+        let matched_route = found.pattern.to_string();
+        let route_prefix = found.pattern.path_prefix.clone().unwrap_or_default();
+        let function_name = served.name().to_string();
+        drop(table);
+
+        let (parts, body) = request.into_parts();
+        let body = match Limited::new(body, self.max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                return (
+                    text_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("request body is over the {} byte limit", self.max_body_bytes),
+                    ),
+                    Some(function_name),
+                );
+            }
+            Err(error) => {
+                tracing::debug!(%error, "reading request body failed");
+                return (
+                    text_response(StatusCode::BAD_REQUEST, "could not read the request body"),
+                    Some(function_name),
+                );
+            }
+        };
+        let server_name = crate::route_table::normalize_host(&host).into_owned();
+        let cgi_request = CgiRequest {
+            method: parts.method.as_str().to_string(),
+            raw_path: path,
+            query: parts.uri.query().unwrap_or("").to_string(),
+            protocol: protocol_name(parts.version).to_string(),
+            scheme: "http".to_string(),
+            server_name,
+            server_port: connection.local.port(),
+            remote_addr: connection.remote.ip().to_string(),
+            remote_port: connection.remote.port(),
+            matched_route,
+            route_prefix,
+            headers: parts.headers,
+            body,
+        };
+        (invoke(served, cgi_request).await, Some(function_name))
+    }
+}
+
+async fn invoke(served: Arc<ServedFunction>, request: CgiRequest) -> Response<Full<Bytes>> {
+    let name = served.name().to_string();
+    let version = served.deployment.version;
+    let outcome = tokio::task::spawn_blocking(move || served.function.invoke(&request)).await;
+    ::metrics::counter!(metrics::INSTANCE_STARTS_TOTAL, "function" => name.clone()).increment(1);
+    match outcome {
+        Ok(Ok(invocation)) => {
+            ::metrics::histogram!(metrics::INSTANCE_START_DURATION, "function" => name.clone())
+                .record(invocation.start_time.as_secs_f64());
+            ::metrics::counter!(metrics::INVOCATIONS_TOTAL, "function" => name.clone(), "outcome" => "ok")
+                .increment(1);
+            if !invocation.log.is_empty() {
+                tracing::info!(
+                    target: "atoll::function",
+                    function = %name,
+                    version,
+                    "{}",
+                    String::from_utf8_lossy(&invocation.log).trim_end()
+                );
+            }
+            let mut response = Response::new(Full::new(invocation.response.body));
+            *response.status_mut() = invocation.response.status;
+            *response.headers_mut() = invocation.response.headers;
+            response
+        }
+        Ok(Err(error)) => {
+            ::metrics::counter!(metrics::INVOCATIONS_TOTAL, "function" => name.clone(), "outcome" => error.outcome())
+                .increment(1);
+            tracing::warn!(
+                function = %name,
+                version,
+                error = %error,
+                stderr = %String::from_utf8_lossy(error.log()).trim_end(),
+                "invocation failed"
+            );
+            text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("function `{name}` failed: {}", public_reason(&error)),
+            )
+        }
+        Err(join_error) => {
+            tracing::error!(function = %name, error = %join_error, "invocation panicked");
+            text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
+}
+
+/// What the client is told: the kind of failure, not the guest's internals.
+fn public_reason(error: &atoll_isolate::InvokeError) -> &'static str {
+    use atoll_isolate::InvokeError;
+    match error {
+        InvokeError::Instantiate { .. } => "it could not be started",
+        InvokeError::Trap { .. } => "it trapped",
+        InvokeError::Exit { .. } => "it exited with an error",
+        InvokeError::MalformedOutput { .. } => "its output is not a valid CGI response",
+        InvokeError::ResponseTooLarge { .. } => "its response is too large",
+    }
+}
+
+fn request_host(request: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = request.uri().authority() {
+        return Some(authority.as_str().to_string());
+    }
+    request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .filter(|host| !host.is_empty())
+        .map(str::to_string)
+}
+
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
