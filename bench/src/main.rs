@@ -1,1 +1,36 @@
-fn main() {}
+//! atoll-bench: measures Atoll side by side with a baseline in the same run.
+//!
+//! Every scenario runs the baseline and Atoll one after the other on the same machine with
+//! the same load generator and prints both figures and their ratio, so results from
+//! different machines (or a noisy neighbour) are still comparable as ratios.
+//!
+//! `atoll-bench http`: a hello function served through a node (fresh instance per
+//! request, HTTP/1.1 keep-alive) against a bare hyper hello-world server. Load comes from
+//! `wrk` (a separate process, closed loop), the reference tool for this comparison.
+
+mod http_scenario;
+mod wrk;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "atoll-bench",
+    about = "Atoll side by side with a baseline, in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Requests/s and latency of a hello function through the node vs a bare hyper server.
+    Http(http_scenario::HttpArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().scenario {
+        Scenario::Http(args) => http_scenario::run(args),
+    }
+}

@@ -84,9 +84,10 @@ pub enum ManifestError {
     /// A field whose value breaks a rule.
     #[error("manifest: {0}")]
     Invalid(String),
-    /// One of `routes` does not parse.
+    /// One of `routes` does not parse. (Not `#[from]`: that would also make the route error
+    /// the `source`, and a cause chain printed in full, as the CLI does, would repeat it.)
     #[error("manifest: {0}")]
-    Route(#[from] RouteError),
+    Route(RouteError),
     /// The file could not be read.
     #[error("manifest: cannot read {}: {source}", path.display())]
     Io {
@@ -96,6 +97,12 @@ pub enum ManifestError {
         #[source]
         source: io::Error,
     },
+}
+
+impl From<RouteError> for ManifestError {
+    fn from(error: RouteError) -> Self {
+        ManifestError::Route(error)
+    }
 }
 
 impl Manifest {

@@ -1,0 +1,233 @@
+//! `atoll-bench http`: hello through an Atoll node vs a bare hyper hello-world.
+//!
+//! Both servers run in this process, each on its own multi-threaded runtime, and are loaded
+//! one after the other by the same wrk command. The Atoll side is the real thing: a registry
+//! on the embedded store, a node following it, the `hello` example pushed and compiled, and
+//! every request served by a fresh instance.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::wrk::{self, Load, WrkReport};
+
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// Seconds of load per server.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// wrk threads.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// Worker threads for each server's runtime (default: all cores).
+    #[arg(long)]
+    server_threads: Option<usize>,
+    /// The hello module (default: the example built by `cargo build`).
+    #[arg(long)]
+    hello_wasm: Option<PathBuf>,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+const HELLO_MANIFEST: &str = "name = \"hello\"\nwasm = \"hello.wasm\"\nroutes = [\"hello.localhost\"]\n";
+
+pub fn run(args: HttpArgs) -> Result<()> {
+    let load = Load {
+        threads: args.threads,
+        connections: args.connections,
+        duration: Duration::from_secs(args.duration),
+    };
+    let workers = args
+        .server_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?;
+
+    let hello_wasm = args.hello_wasm.unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/target/wasm32-wasip1/release/hello.wasm")
+    });
+    let module = std::fs::read(&hello_wasm).with_context(|| {
+        format!(
+            "reading {} (build the examples first: `cargo build` at the workspace root)",
+            hello_wasm.display()
+        )
+    })?;
+
+    let baseline_address = runtime.block_on(start_hyper_hello())?;
+    let (atoll_address, _data) = runtime.block_on(start_atoll(module))?;
+
+    // Warm both up briefly so connection setup and first compiles are not measured.
+    let warmup = Load {
+        duration: Duration::from_secs(1),
+        ..load.clone()
+    };
+    wrk::run(&format!("http://{baseline_address}/"), "hello.localhost", &warmup)?;
+    wrk::run(&format!("http://{atoll_address}/"), "hello.localhost", &warmup)?;
+
+    let baseline = wrk::run(&format!("http://{baseline_address}/"), "hello.localhost", &load)?;
+    let atoll = wrk::run(&format!("http://{atoll_address}/"), "hello.localhost", &load)?;
+    report(&baseline, &atoll, &load, args.json);
+    drop(runtime);
+    Ok(())
+}
+
+fn report(baseline: &WrkReport, atoll: &WrkReport, load: &Load, json: bool) {
+    let ratio = atoll.requests_per_second / baseline.requests_per_second;
+    if json {
+        for (scenario, result) in [("hyper-hello", baseline), ("atoll-hello", atoll)] {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "http",
+                    "scenario": scenario,
+                    "connections": load.connections,
+                    "rps": result.requests_per_second.round(),
+                    "p50_us": result.p50.as_micros(),
+                    "p99_us": result.p99.as_micros(),
+                    "errors": result.errors,
+                })
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({"bench": "http", "ratio_rps": (ratio * 1000.0).round() / 1000.0})
+        );
+        return;
+    }
+    println!(
+        "http: wrk -t{} -c{} -d{}s, HTTP/1.1 keep-alive",
+        load.threads,
+        load.connections,
+        load.duration.as_secs()
+    );
+    println!(
+        "{:<14} {:>12} {:>10} {:>10} {:>7}",
+        "scenario", "req/s", "p50", "p99", "errors"
+    );
+    for (scenario, result) in [("hyper-hello", baseline), ("atoll-hello", atoll)] {
+        println!(
+            "{:<14} {:>12.0} {:>10} {:>10} {:>7}",
+            scenario,
+            result.requests_per_second,
+            format!("{:?}", result.p50),
+            format!("{:?}", result.p99),
+            result.errors
+        );
+    }
+    println!("ratio atoll/hyper req/s: {ratio:.3}");
+}
+
+/// The baseline: the smallest useful hyper server.
+async fn start_hyper_hello() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "text/plain; charset=utf-8")
+                            .body(Full::new(Bytes::from_static(b"Hello from hyper!\n")))
+                            .expect("valid response"),
+                    )
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// Registry + node in process, `hello` pushed and served. Returns the node's address and the
+/// temporary data directory (kept alive by the caller).
+async fn start_atoll(module: Vec<u8>) -> Result<(SocketAddr, tempfile::TempDir)> {
+    let data = tempfile::tempdir()?;
+    let engine = atoll_isolate::Engine::new()?;
+    let token = "bench-token".to_string();
+    let registry = atoll_registry::Registry::open(
+        &data.path().join("registry"),
+        engine.clone(),
+        token.clone(),
+        atoll_registry::RegistryOptions::default(),
+    )?;
+    let registry_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let registry_url = format!("http://{}", registry_listener.local_addr()?);
+    tokio::spawn(atoll_registry::serve(
+        registry_listener,
+        Arc::new(registry),
+        std::future::pending(),
+    ));
+
+    let node_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let node_address = node_listener.local_addr()?;
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let options = atoll_router::NodeOptions {
+        data_dir: data.path().join("node"),
+        registry_url: registry_url.clone(),
+        token: Some(token.clone()),
+        name: "bench".into(),
+        region: "bench".into(),
+    };
+    tokio::spawn(atoll_router::run(
+        options,
+        engine,
+        node_listener,
+        admin_listener,
+        std::future::pending(),
+    ));
+
+    let client = atoll_registry::RegistryClient::new(&registry_url, Some(token))?;
+    client.push(HELLO_MANIFEST, module).await?;
+    wait_until_served(node_address).await?;
+    Ok((node_address, data))
+}
+
+async fn wait_until_served(address: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(status) = get_status(address).await
+            && status == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the node did not serve hello within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn get_status(address: SocketAddr) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).context("no status line")?;
+    Ok(status.parse()?)
+}
