@@ -11,7 +11,6 @@
 //! fingerprint in the name make that true for every file this module accepts.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -49,6 +48,7 @@ impl ArtifactCache {
     pub fn open(directory: impl Into<PathBuf>, engine: Engine) -> Result<Self, IsolateError> {
         let directory = directory.into();
         fs::create_dir_all(&directory)?;
+        crate::durable::remove_stale_temporaries(&directory)?;
         Ok(ArtifactCache { directory, engine })
     }
 
@@ -109,16 +109,10 @@ fn deserialize(engine: &Engine, payload: &[u8]) -> Result<Module, wasmer::Deseri
 }
 
 fn write_artifact(path: &Path, payload: &[u8]) -> std::io::Result<()> {
-    let directory = path.parent().unwrap_or(Path::new("."));
-    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut file = fs::File::create(&temporary)?;
-        file.write_all(&Sha256::digest(payload))?;
-        file.write_all(payload)?;
-        file.sync_all()?;
-    }
-    fs::rename(&temporary, path)?;
-    fs::File::open(directory)?.sync_all()
+    let mut contents = Vec::with_capacity(32 + payload.len());
+    contents.extend_from_slice(&Sha256::digest(payload));
+    contents.extend_from_slice(payload);
+    crate::durable::write_atomically(path, &contents)
 }
 
 #[cfg(test)]

@@ -11,10 +11,12 @@
 //! - [`wasi`] is the handful of WASI preview1 calls a CGI program needs.
 //! - [`engine`] owns the compiler and the fingerprint that keys compiled artifacts.
 //! - [`artifact_cache`] keeps compiled modules on disk across restarts.
+//! - [`durable`] is the crash-safe file write every on-disk structure uses.
 //! - [`function`] ties them together per request.
 
 pub mod artifact_cache;
 pub mod cgi;
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod function;

@@ -30,8 +30,8 @@
 //! a change.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -40,13 +40,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, watch};
 
+use atoll_isolate::durable::write_atomically;
+
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
 use crate::route::RoutePattern;
 use crate::watch::WatchEvent;
 
 const STATE_FILE: &str = "state.json";
-const STATE_TMP: &str = "state.json.tmp";
 
 /// The metadata document, `state.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,9 +336,10 @@ impl Inner {
             context: "encoding state".into(),
             source: io::Error::other(e),
         })?;
-        write_atomically(&self.dir.join(STATE_TMP), &self.dir.join(STATE_FILE), &json).map_err(io_error(
-            format!("writing {}", self.dir.join(STATE_FILE).display()),
-        ))?;
+        write_atomically(&self.dir.join(STATE_FILE), &json).map_err(io_error(format!(
+            "writing {}",
+            self.dir.join(STATE_FILE).display()
+        )))?;
         let revision = next.revision;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         self.revision.send_replace(revision);
@@ -386,32 +388,14 @@ fn write_blob(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     if path.exists() {
         return Ok(());
     }
-    write_atomically(&path.with_extension("tmp"), path, bytes)
-        .map_err(io_error(format!("writing {}", path.display())))
-}
-
-fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = File::create(tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(tmp, path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
+    write_atomically(path, bytes).map_err(io_error(format!("writing {}", path.display())))
 }
 
 /// Removes `*.tmp` left in `dir` by a crash mid-write.
 fn remove_stale_tmp(dir: &Path) -> Result<(), StoreError> {
-    let entries = fs::read_dir(dir).map_err(io_error(format!("listing {}", dir.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(io_error(format!("listing {}", dir.display())))?;
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "tmp") && path.is_file() {
-            tracing::warn!(path = %path.display(), "removing a temp file left by a crash");
-            fs::remove_file(&path).map_err(io_error(format!("removing {}", path.display())))?;
-        }
-    }
-    Ok(())
+    atoll_isolate::durable::remove_stale_temporaries(dir)
+        .map(drop)
+        .map_err(io_error(format!("cleaning {}", dir.display())))
 }
 
 #[cfg(test)]

@@ -11,8 +11,10 @@
 //! so a crash never leaves a half-written file under a real name.
 
 use std::fs;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::PathBuf;
+
+use atoll_isolate::durable::{remove_stale_temporaries, write_atomically};
 
 use atoll_registry::Deployment;
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,8 @@ impl NodeCache {
         let directory = directory.into();
         fs::create_dir_all(directory.join("modules"))?;
         fs::create_dir_all(directory.join("artifacts"))?;
+        remove_stale_temporaries(&directory)?;
+        remove_stale_temporaries(&directory.join("modules"))?;
         Ok(NodeCache { directory })
     }
 
@@ -80,20 +84,6 @@ impl NodeCache {
     pub fn write_module(&self, sha256: &str, bytes: &[u8]) -> io::Result<()> {
         write_atomically(&self.module_path(sha256), bytes)
     }
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves either the old or the new contents.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let directory = path.parent().unwrap_or(Path::new("."));
-    let file_name = path.file_name().and_then(|name| name.to_str()).unwrap_or("file");
-    let temporary = directory.join(format!(".{file_name}.tmp{}", std::process::id()));
-    {
-        let mut file = fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    fs::rename(&temporary, path)?;
-    fs::File::open(directory)?.sync_all()
 }
 
 #[cfg(test)]
