@@ -37,7 +37,7 @@ fn push_then_serve_hello() {
         "no request counter for hello in /metrics:\n{metrics}"
     );
     assert!(
-        metrics.contains(r#"atoll_instance_starts_total{function="hello"}"#),
+        metrics.contains(r#"atoll_instance_starts_total{function="hello",when="#),
         "{metrics}"
     );
     assert!(

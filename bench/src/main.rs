@@ -7,8 +7,16 @@
 //! `atoll-bench http`: a hello function served through a node (fresh instance per
 //! request, HTTP/1.1 keep-alive) against a bare hyper hello-world server. Load comes from
 //! `wrk` (a separate process, closed loop), the reference tool for this comparison.
+//!
+//! `atoll-bench isolate`: start-to-ready and start-to-response latency of a fresh instance
+//! for modules with 40 KB, 1 MiB and 16 MiB memory images, under Atoll's stock path, its
+//! copy-on-write snapshots and wasmtime's pooling allocator.
 
 mod http_scenario;
+mod isolate_scenario;
+mod latency;
+mod wasm_modules;
+mod wasmtime_pooling;
 mod wrk;
 
 use clap::{Parser, Subcommand};
@@ -27,10 +35,13 @@ struct Cli {
 enum Scenario {
     /// Requests/s and latency of a hello function through the node vs a bare hyper server.
     Http(http_scenario::HttpArgs),
+    /// Start-up latency of a fresh instance: stock wasmer, Atoll snapshots, wasmtime pooling.
+    Isolate(isolate_scenario::IsolateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Http(args) => http_scenario::run(args),
+        Scenario::Isolate(args) => isolate_scenario::run(args),
     }
 }

@@ -75,6 +75,34 @@ impl Engine {
     pub fn validate(&self, wasm: &[u8]) -> Result<(), IsolateError> {
         self.compile(wasm).map(drop)
     }
+
+    /// [`validate`](Engine::validate), and refuses a module whose memory starts larger than
+    /// `max_memory_bytes` (the manifest's `[limits] memory`): it could never run.
+    pub fn validate_with_memory_limit(&self, wasm: &[u8], max_memory_bytes: u64) -> Result<(), IsolateError> {
+        let module = self.compile(wasm)?;
+        let declared = declared_memory_bytes(&module);
+        if declared > max_memory_bytes {
+            return Err(IsolateError::Invalid(format!(
+                "its memory starts at {} MiB, over the {} MiB memory limit",
+                declared >> 20,
+                max_memory_bytes >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The initial size of the module's exported memory, in bytes.
+pub fn declared_memory_bytes(module: &Module) -> u64 {
+    module
+        .exports()
+        .find_map(|export| match export.ty() {
+            ExternType::Memory(memory) if export.name() == "memory" => {
+                Some(u64::from(memory.minimum.0) * u64::from(wasmer::WASM_PAGE_SIZE as u32))
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 /// A WCGI program is a WASI command: it exports `_start` and a memory, and imports nothing

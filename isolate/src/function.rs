@@ -1,17 +1,22 @@
 //! A loaded function and one invocation of it.
 //!
-//! "Use and destroy": every request gets a fresh `Store` and `Instance`, runs `_start` as a
-//! CGI program, and everything it touched is dropped with the store. Nothing one request
-//! wrote can be seen by the next. The instance is created from a module compiled before
-//! the function was routed (see the node's sync), so no request waits for a compiler.
+//! "Use and destroy": every request runs in a fresh instance, and everything it touched is
+//! dropped with its store, so nothing one request wrote is seen by the next. Creating the
+//! instance is split from running it — [`LoadedFunction::prepare`] makes a
+//! [`ReadyInstance`] (store, imports, instance) before any request is known, and
+//! [`ReadyInstance::run`] hands it the request and runs `_start` — so a pool can keep
+//! instances ready ahead of requests (see `pool`).
 //!
-//! Invocations block the calling thread while the guest runs: callers on an async runtime
-//! run them on a blocking pool so a slow guest never stalls I/O.
+//! Running blocks the calling thread while the guest runs: callers on an async runtime use a
+//! blocking pool so a slow guest never stalls I/O. A run can be stopped from another thread
+//! through its [`InterruptHandle`] (wasmer's host interrupt), which is how timeouts work.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use wasmer::{FunctionEnv, Instance, Module, Store};
+use wasmer::{Function, FunctionEnv, Instance, Module, Store};
 
 use crate::cgi::{self, CgiError, CgiRequest, CgiResponse};
 use crate::engine::Engine;
@@ -28,6 +33,11 @@ pub struct FunctionConfig {
     pub max_response_bytes: usize,
     /// How much of the guest's stderr is kept for the log.
     pub max_log_bytes: usize,
+    /// Largest linear memory, in bytes (`[limits] memory`).
+    pub max_memory_bytes: u64,
+    /// Wall-clock limit per request (`[limits] timeout`), enforced by the caller through
+    /// [`InterruptHandle`].
+    pub timeout: Duration,
 }
 
 impl FunctionConfig {
@@ -35,8 +45,10 @@ impl FunctionConfig {
         FunctionConfig {
             name: name.into(),
             env: Vec::new(),
-            max_response_bytes: 64 * 1024 * 1024,
+            max_response_bytes: 32 * 1024 * 1024,
             max_log_bytes: 64 * 1024,
+            max_memory_bytes: 128 * 1024 * 1024,
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -46,7 +58,7 @@ impl FunctionConfig {
 pub struct LoadedFunction {
     engine: Engine,
     module: Module,
-    config: FunctionConfig,
+    config: Arc<FunctionConfig>,
 }
 
 impl std::fmt::Debug for LoadedFunction {
@@ -63,12 +75,14 @@ impl std::fmt::Debug for LoadedFunction {
 pub struct Invocation {
     pub response: CgiResponse,
     pub log: Vec<u8>,
-    /// Time from the start of instantiation until the instance was ready to run.
+    /// Time to create the instance (zero when it was prepared ahead of the request).
     pub start_time: Duration,
+    /// Time `_start` ran.
+    pub run_time: Duration,
 }
 
-/// Why an invocation produced no response. Every variant maps to a 502 at the edge and
-/// carries the guest's stderr for the node log.
+/// Why an invocation produced no response. Every variant carries the guest's stderr (when
+/// it ran) for the node log.
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     #[error("instantiation failed: {reason}")]
@@ -81,6 +95,8 @@ pub enum InvokeError {
     MalformedOutput { source: CgiError, log: Vec<u8> },
     #[error("response is over the {limit}-byte limit")]
     ResponseTooLarge { limit: usize, log: Vec<u8> },
+    #[error("stopped after the {limit:?} timeout")]
+    Timeout { limit: Duration, log: Vec<u8> },
 }
 
 impl InvokeError {
@@ -91,7 +107,8 @@ impl InvokeError {
             InvokeError::Trap { log, .. }
             | InvokeError::Exit { log, .. }
             | InvokeError::MalformedOutput { log, .. }
-            | InvokeError::ResponseTooLarge { log, .. } => log,
+            | InvokeError::ResponseTooLarge { log, .. }
+            | InvokeError::Timeout { log, .. } => log,
         }
     }
 
@@ -103,7 +120,65 @@ impl InvokeError {
             InvokeError::Exit { .. } => "exit",
             InvokeError::MalformedOutput { .. } => "malformed_output",
             InvokeError::ResponseTooLarge { .. } => "response_too_large",
+            InvokeError::Timeout { .. } => "timeout",
         }
+    }
+}
+
+/// Stops a running instance from another thread.
+#[derive(Clone)]
+pub struct InterruptHandle {
+    interrupter: wasmer::Interrupter,
+    fired: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for InterruptHandle {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("InterruptHandle")
+            .field("fired", &self.fired.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl InterruptHandle {
+    /// Asks the running guest to stop; its run then ends with [`InvokeError::Timeout`].
+    /// If the guest is not running yet the request may be missed: call again until the run
+    /// has returned.
+    pub fn interrupt(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        self.interrupter.interrupt();
+    }
+}
+
+/// An instance created ahead of its request.
+pub struct ReadyInstance {
+    store: Store,
+    env: FunctionEnv<WasiContext>,
+    start: Function,
+    config: Arc<FunctionConfig>,
+    start_time: Duration,
+    fired: Arc<AtomicBool>,
+}
+
+// SAFETY: wasmer 7's `Store` is not `Send` only because it holds raw pointers into its own
+// heap objects (instances, memories, tables, globals) and an optional `on_called` hook that
+// is not `Send`. A `ReadyInstance` owns its store outright: nothing else holds a pointer
+// into it, no `on_called` hook is ever installed, and its environment (`WasiContext`) is
+// `Send`. Moving the whole store to another thread between calls is therefore a move of
+// owned memory, like wasmtime's `Store<T: Send>`. wasmer's thread-local state (trap
+// handling, the interrupt registry) is only used while a call runs, and a call starts and
+// ends on one thread. This lets a pool prepare instances on one thread and run them on
+// another.
+#[allow(unsafe_code)]
+unsafe impl Send for ReadyInstance {}
+
+impl std::fmt::Debug for ReadyInstance {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ReadyInstance")
+            .field("function", &self.config.name)
+            .finish()
     }
 }
 
@@ -112,7 +187,7 @@ impl LoadedFunction {
         LoadedFunction {
             engine,
             module,
-            config,
+            config: Arc::new(config),
         }
     }
 
@@ -120,43 +195,82 @@ impl LoadedFunction {
         &self.config.name
     }
 
-    /// Runs the function once for `request` in a fresh instance. Blocks while the guest runs.
-    pub fn invoke(&self, request: &CgiRequest) -> Result<Invocation, InvokeError> {
+    pub fn config(&self) -> &FunctionConfig {
+        &self.config
+    }
+
+    /// Creates an instance, ready for one request.
+    pub fn prepare(&self) -> Result<ReadyInstance, InvokeError> {
         let started = Instant::now();
-        let environment = cgi::environment(request, &self.config.env);
         let context = WasiContext::new(
             &[self.config.name.as_str()],
-            &environment,
-            request.body.clone(),
+            &[],
+            Bytes::new(),
             self.config.max_response_bytes,
             self.config.max_log_bytes,
         );
         let mut store = Store::new(self.engine.wasmer().clone());
         let env = FunctionEnv::new(&mut store, context);
         let imports = wasi::imports(&mut store, &env, &self.module);
+        let instantiate_error = |error: &dyn std::fmt::Display| InvokeError::Instantiate {
+            reason: error.to_string(),
+        };
         let instance =
-            Instance::new(&mut store, &self.module, &imports).map_err(|error| InvokeError::Instantiate {
-                reason: error.to_string(),
-            })?;
+            Instance::new(&mut store, &self.module, &imports).map_err(|e| instantiate_error(&e))?;
         let memory = instance
             .exports
             .get_memory("memory")
-            .map_err(|error| InvokeError::Instantiate {
-                reason: error.to_string(),
-            })?
+            .map_err(|e| instantiate_error(&e))?
             .clone();
         env.as_mut(&mut store).set_memory(memory);
         let start = instance
             .exports
             .get_function("_start")
-            .map_err(|error| InvokeError::Instantiate {
-                reason: error.to_string(),
-            })?
+            .map_err(|e| instantiate_error(&e))?
             .clone();
-        let start_time = started.elapsed();
+        Ok(ReadyInstance {
+            store,
+            env,
+            start,
+            config: Arc::clone(&self.config),
+            start_time: started.elapsed(),
+            fired: Arc::new(AtomicBool::new(false)),
+        })
+    }
 
-        let outcome = start.call(&mut store, &[]);
-        let output = env.as_mut(&mut store).take_output();
+    /// Runs the function once for `request` in a fresh instance. Blocks while the guest runs.
+    pub fn invoke(&self, request: &CgiRequest) -> Result<Invocation, InvokeError> {
+        let ready = self.prepare()?;
+        let start_time = ready.start_time;
+        let mut invocation = ready.run(request)?;
+        invocation.start_time = start_time;
+        Ok(invocation)
+    }
+}
+
+impl ReadyInstance {
+    /// How long creating this instance took.
+    pub fn start_time(&self) -> Duration {
+        self.start_time
+    }
+
+    pub fn interrupt_handle(&self) -> InterruptHandle {
+        InterruptHandle {
+            interrupter: self.store.interrupter(),
+            fired: Arc::clone(&self.fired),
+        }
+    }
+
+    /// Runs `_start` for `request`. Blocks while the guest runs; consumes the instance.
+    pub fn run(mut self, request: &CgiRequest) -> Result<Invocation, InvokeError> {
+        let environment = cgi::environment(request, &self.config.env);
+        self.env
+            .as_mut(&mut self.store)
+            .set_input(&environment, request.body.clone());
+        let started = Instant::now();
+        let outcome = self.start.call(&mut self.store, &[]);
+        let run_time = started.elapsed();
+        let output = self.env.as_mut(&mut self.store).take_output();
         let log = output.stderr;
         if output.stdout_overflow {
             return Err(InvokeError::ResponseTooLarge {
@@ -168,6 +282,12 @@ impl LoadedFunction {
             match error.downcast::<ProcExit>() {
                 Ok(ProcExit(0)) => {}
                 Ok(ProcExit(code)) => return Err(InvokeError::Exit { code, log }),
+                Err(_) if self.fired.load(Ordering::SeqCst) => {
+                    return Err(InvokeError::Timeout {
+                        limit: self.config.timeout,
+                        log,
+                    });
+                }
                 Err(error) => {
                     return Err(InvokeError::Trap {
                         reason: error.message(),
@@ -180,7 +300,8 @@ impl LoadedFunction {
             Ok(response) => Ok(Invocation {
                 response,
                 log,
-                start_time,
+                start_time: Duration::ZERO,
+                run_time,
             }),
             Err(source) => Err(InvokeError::MalformedOutput { source, log }),
         }

@@ -12,18 +12,23 @@
 //! - [`engine`] owns the compiler and the fingerprint that keys compiled artifacts.
 //! - [`artifact_cache`] keeps compiled modules on disk across restarts.
 //! - [`durable`] is the crash-safe file write every on-disk structure uses.
-//! - [`function`] ties them together per request.
+//! - [`function`] ties them together per request; [`pool`] admits requests, keeps instances
+//!   ready ahead of them and scales to zero.
 
 pub mod artifact_cache;
 pub mod cgi;
+pub mod cow_memory;
 pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod function;
+pub mod pool;
+pub mod snapshot;
 pub mod wasi;
 
 pub use artifact_cache::{ArtifactCache, LoadKind};
 pub use cgi::{CgiError, CgiRequest, CgiResponse};
 pub use engine::Engine;
 pub use error::IsolateError;
-pub use function::{FunctionConfig, Invocation, InvokeError, LoadedFunction};
+pub use function::{FunctionConfig, InterruptHandle, Invocation, InvokeError, LoadedFunction, ReadyInstance};
+pub use pool::{Admission, InstancePool, InterruptSlot, Overloaded, ScaleConfig, StartKind};

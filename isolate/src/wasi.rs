@@ -88,6 +88,22 @@ impl WasiContext {
         }
     }
 
+    /// Replaces the request-specific input: an instance is prepared before its request is
+    /// known, and gets its environment and stdin just before `_start` runs.
+    pub fn set_input(&mut self, env: &[(String, String)], stdin: Bytes) {
+        let (environ, environ_offsets) = nul_joined(env.iter().map(|(key, value)| {
+            let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
+            entry.extend_from_slice(key.as_bytes());
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            entry
+        }));
+        self.environ = environ;
+        self.environ_offsets = environ_offsets;
+        self.stdin = stdin;
+        self.stdin_position = 0;
+    }
+
     pub fn set_memory(&mut self, memory: Memory) {
         self.memory = Some(memory);
     }

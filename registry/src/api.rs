@@ -193,8 +193,9 @@ impl Registry {
             });
         }
         let engine = self.engine.clone();
+        let memory_limit = manifest.limits.memory_bytes();
         let (module, checked) = tokio::task::spawn_blocking(move || {
-            let checked = engine.validate(&module);
+            let checked = engine.validate_with_memory_limit(&module, memory_limit);
             (module, checked)
         })
         .await

@@ -16,6 +16,12 @@
 //! [limits]               # optional
 //! memory = "64MiB"       # default 128MiB; B, KiB, MiB, GiB, KB, MB, GB; 0 < m <= 4GiB
 //! timeout = "10s"        # default 30s; humantime syntax; 0 < t <= 15m
+//! response = "16MiB"     # default 32MiB: largest response (headers + body) a function may write
+//! [scale]                # optional; per function, per node
+//! min_instances = 0      # default 0: instances kept ready (reserved) even when idle
+//! max_concurrency = 64   # default 64: requests running at once; more wait in the queue
+//! max_queue = 1024       # default 1024: requests waiting; beyond it 503 + Retry-After
+//! idle_timeout = "60s"   # default 60s: without requests, ready instances go back to min
 //! ```
 //!
 //! The same struct travels as JSON from the registry to nodes, so it is `Serialize` too.
@@ -60,6 +66,84 @@ pub struct Manifest {
     /// Resource limits. Default: all defaults.
     #[serde(default)]
     pub limits: Limits,
+    /// Scaling per node. Default: all defaults.
+    #[serde(default, skip_serializing_if = "Scale::is_default")]
+    pub scale: Scale,
+}
+
+/// Default `[scale] max_concurrency`.
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 64;
+/// Default `[scale] max_queue`.
+pub const DEFAULT_MAX_QUEUE: u32 = 1024;
+/// Default `[scale] idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest `[scale] min_instances` (each holds a reserved instance).
+pub const MAX_MIN_INSTANCES: u32 = 256;
+/// Default `[limits] response`: 32 MiB.
+pub const DEFAULT_RESPONSE_BYTES: u64 = 32 << 20;
+
+/// `[scale]`: how a node runs instances of the function. Read the effective values with
+/// the accessor methods.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    /// Instances kept ready even when idle (reserved). Default 0: scale to zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_instances: Option<u32>,
+    /// Requests running at once on a node. Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Requests waiting for a free slot; beyond it the node answers 503. Default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<u32>,
+    /// Time without requests after which ready instances are released. Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+}
+
+impl Scale {
+    fn is_default(&self) -> bool {
+        *self == Scale::default()
+    }
+
+    pub fn min_instances(&self) -> u32 {
+        self.min_instances.unwrap_or(0)
+    }
+
+    pub fn max_concurrency(&self) -> u32 {
+        self.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY)
+    }
+
+    pub fn max_queue(&self) -> u32 {
+        self.max_queue.unwrap_or(DEFAULT_MAX_QUEUE)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_concurrency == Some(0) {
+            return Err("scale.max_concurrency must be at least 1".into());
+        }
+        if self.min_instances() > MAX_MIN_INSTANCES {
+            return Err(format!("scale.min_instances must be at most {MAX_MIN_INSTANCES}"));
+        }
+        if self.min_instances() > self.max_concurrency() {
+            return Err("scale.min_instances must not exceed scale.max_concurrency".into());
+        }
+        if let Some(text) = &self.idle_timeout {
+            match humantime::parse_duration(text) {
+                Ok(duration) if duration >= Duration::from_millis(10) => {}
+                Ok(_) => return Err(format!("scale.idle_timeout {text:?} is invalid: at least 10ms")),
+                Err(error) => return Err(format!("scale.idle_timeout {text:?} is invalid: {error}")),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[limits]`: kept as written (so the manifest round-trips); read the effective values
@@ -73,6 +157,10 @@ pub struct Limits {
     /// Wall-clock limit per request, e.g. `"10s"`. Default 30s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Largest response (headers and body) a request may produce, e.g. `"16MiB"`.
+    /// Default 32MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
 }
 
 /// Why a manifest was refused. Display is one line starting with `manifest: `.
@@ -178,6 +266,12 @@ impl Manifest {
                 ManifestError::Invalid(format!("limits.memory {memory:?} is invalid: {reason}"))
             })?;
         }
+        if let Some(response) = &self.limits.response {
+            parse_memory(response).map_err(|reason| {
+                ManifestError::Invalid(format!("limits.response {response:?} is invalid: {reason}"))
+            })?;
+        }
+        self.scale.validate().map_err(ManifestError::Invalid)?;
         if let Some(timeout) = &self.limits.timeout {
             parse_timeout(timeout).map_err(|reason| {
                 ManifestError::Invalid(format!("limits.timeout {timeout:?} is invalid: {reason}"))
@@ -194,6 +288,14 @@ impl Limits {
             .as_deref()
             .and_then(|m| parse_memory(m).ok())
             .unwrap_or(DEFAULT_MEMORY_BYTES)
+    }
+
+    /// The response size cap in bytes, default applied.
+    pub fn response_bytes(&self) -> u64 {
+        self.response
+            .as_deref()
+            .and_then(|m| parse_memory(m).ok())
+            .unwrap_or(DEFAULT_RESPONSE_BYTES)
     }
 
     /// The per-request timeout, default applied.
@@ -345,6 +447,31 @@ timeout = "10s"
         assert_eq!(m.limits, Limits::default());
         assert_eq!(m.limits.memory_bytes(), 128 << 20);
         assert_eq!(m.limits.timeout(), Duration::from_secs(30));
+        assert_eq!(m.limits.response_bytes(), 32 << 20);
+        assert_eq!(m.scale.min_instances(), 0);
+        assert_eq!(m.scale.max_concurrency(), 64);
+        assert_eq!(m.scale.max_queue(), 1024);
+        assert_eq!(m.scale.idle_timeout(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn scale_section() {
+        let m = Manifest::parse(&with(
+            "[scale]\nmin_instances = 2\nmax_concurrency = 8\nmax_queue = 0\nidle_timeout = \"5s\"",
+        ))
+        .unwrap();
+        assert_eq!(m.scale.min_instances(), 2);
+        assert_eq!(m.scale.max_concurrency(), 8);
+        assert_eq!(m.scale.max_queue(), 0);
+        assert_eq!(m.scale.idle_timeout(), Duration::from_secs(5));
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), m);
+
+        assert!(error(&with("[scale]\nmax_concurrency = 0")).contains("max_concurrency"));
+        assert!(error(&with("[scale]\nmin_instances = 9\nmax_concurrency = 8")).contains("min_instances"));
+        assert!(error(&with("[scale]\nidle_timeout = \"soon\"")).contains("idle_timeout"));
+        assert!(error(&with("[scale]\nreplicas = 3")).contains("unknown field `replicas`"));
+        assert!(error(&with("[limits]\nresponse = \"lots\"")).contains("limits.response"));
     }
 
     #[test]

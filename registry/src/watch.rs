@@ -20,6 +20,9 @@ use crate::model::Deployment;
 /// `{"type":"put","revision":3,"deployment":{…}}`, `{"type":"synced","revision":3}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// `Put` is by far the common event and is consumed right away; boxing it would only add an
+// allocation per event.
+#[allow(clippy::large_enum_variant)]
 pub enum WatchEvent {
     /// The function is (now) served at this deployment; `revision` is its `mod_revision`.
     Put {

@@ -13,12 +13,20 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS_TOTAL: &str = "atoll_requests_total";
 /// Time from request head to response, by `function`.
 pub const REQUEST_DURATION: &str = "atoll_request_duration_seconds";
-/// Instances created, by `function`.
+/// Instances created, by `function` and `when`: `ahead` (prepared before a request) or
+/// `on_demand` (created while a request waited).
 pub const INSTANCE_STARTS_TOTAL: &str = "atoll_instance_starts_total";
-/// Time to create an instance until it is ready to run, by `function`.
-pub const INSTANCE_START_DURATION: &str = "atoll_instance_start_seconds";
-/// Invocations by `function` and `outcome` (`ok`, `trap`, `exit`, `malformed_output`, …).
+/// Time to make an isolate ready, by `function` and `kind`: `snapshot` (an instance restored
+/// from the function's prepared state) or `compile` (compiling a module, at deploy time).
+pub const ISOLATE_START_DURATION: &str = "atoll_isolate_start_seconds";
+/// Instances by `function` and `state`: `idle` (ready, waiting for a request) or `busy`.
+pub const INSTANCES: &str = "atoll_instances";
+/// Invocations by `function` and `outcome` (`ok`, `trap`, `exit`, `timeout`, …).
 pub const INVOCATIONS_TOTAL: &str = "atoll_invocations_total";
+/// Time the guest ran, by `function`.
+pub const INVOCATION_DURATION: &str = "atoll_invocation_duration_seconds";
+/// Requests refused because a function's queue was full, by `function`.
+pub const OVERLOADED_TOTAL: &str = "atoll_overloaded_total";
 /// Modules made ready on this node, by `kind`: `compile` or `cached` (from disk).
 pub const MODULE_LOADS_TOTAL: &str = "atoll_module_loads_total";
 /// The registry revision the node's route table reflects.
@@ -67,13 +75,23 @@ fn describe() {
         metrics::Unit::Seconds,
         "Request latency by function"
     );
-    metrics::describe_counter!(INSTANCE_STARTS_TOTAL, "Instances created by function");
+    metrics::describe_counter!(INSTANCE_STARTS_TOTAL, "Instances created, by function and when");
     metrics::describe_histogram!(
-        INSTANCE_START_DURATION,
+        ISOLATE_START_DURATION,
         metrics::Unit::Seconds,
-        "Time to create an instance, by function"
+        "Time to make an isolate ready, by function and kind (snapshot or compile)"
     );
+    metrics::describe_gauge!(INSTANCES, "Instances by function and state (idle or busy)");
     metrics::describe_counter!(INVOCATIONS_TOTAL, "Invocations by function and outcome");
+    metrics::describe_histogram!(
+        INVOCATION_DURATION,
+        metrics::Unit::Seconds,
+        "Time the guest ran, by function"
+    );
+    metrics::describe_counter!(
+        OVERLOADED_TOTAL,
+        "Requests refused with 503 because the queue was full"
+    );
     metrics::describe_counter!(
         MODULE_LOADS_TOTAL,
         "Modules made ready, by kind (compile or cached)"

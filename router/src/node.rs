@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use atoll_isolate::{ArtifactCache, Engine};
 use atoll_registry::RegistryClient;
@@ -44,6 +45,39 @@ pub enum NodeError {
     Listener(std::io::Error),
 }
 
+/// How often pools are trimmed (scale down, to zero when idle) and topped up, and the
+/// instance gauges refreshed.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Scales every function's pool to its target and publishes `atoll_instances`.
+async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut interval = tokio::time::interval(MAINTENANCE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = &mut shutdown => return,
+        }
+        for served in routing.functions() {
+            let pool = Arc::clone(&served.pool);
+            pool.trim();
+            let name = served.name().to_string();
+            let replenish = Arc::clone(&pool);
+            if let Ok(start_times) = tokio::task::spawn_blocking(move || replenish.replenish()).await {
+                for start_time in start_times {
+                    crate::service::record_isolate_start(&name, start_time, "ahead");
+                }
+            }
+            let (idle, busy) = pool.instances();
+            ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name.clone(), "state" => "idle")
+                .set(idle as f64);
+            ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name, "state" => "busy")
+                .set(busy as f64);
+        }
+    }
+}
+
 /// Runs a node until `shutdown` resolves: serves traffic on `listener`, admin on `admin`.
 pub async fn run(
     options: NodeOptions,
@@ -68,6 +102,7 @@ pub async fn run(
         let _ = receiver.wait_for(|stop| *stop).await;
     };
     let sync_task = tokio::spawn(syncer.run(stop.clone()));
+    let maintenance = tokio::spawn(maintain_pools(Arc::clone(&routing), stopped(stop.clone())));
     let edge = tokio::spawn(crate::server::serve(
         listener,
         EdgeService::new(Arc::clone(&routing)),
@@ -84,6 +119,7 @@ pub async fn run(
     tracing::info!("node shutting down");
     let _ = stop_sender.send(true);
     let _ = sync_task.await;
+    let _ = maintenance.await;
     if let Ok(Err(error)) = edge.await {
         return Err(NodeError::Listener(error));
     }

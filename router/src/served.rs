@@ -8,16 +8,16 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use atoll_isolate::LoadedFunction;
+use atoll_isolate::InstancePool;
 use atoll_registry::Deployment;
 
 use crate::route_table::{RouteEntry, RouteTable};
 
-/// One function version, compiled and ready.
+/// One function version, compiled, with its instance pool.
 #[derive(Debug)]
 pub struct ServedFunction {
     pub deployment: Deployment,
-    pub function: LoadedFunction,
+    pub pool: Arc<InstancePool>,
 }
 
 impl ServedFunction {
@@ -70,6 +70,20 @@ impl Routing {
     pub fn publish(&self, table: FunctionTable) {
         metrics::gauge!(crate::metrics::ROUTES).set(table.len() as f64);
         self.table.store(Some(Arc::new(table)));
+    }
+
+    /// Every served function once (a function with several routes appears once).
+    pub fn functions(&self) -> Vec<Arc<ServedFunction>> {
+        let Some(table) = self.current() else {
+            return Vec::new();
+        };
+        let mut functions: Vec<Arc<ServedFunction>> = Vec::new();
+        for entry in table.entries() {
+            if !functions.iter().any(|known| Arc::ptr_eq(known, &entry.target)) {
+                functions.push(Arc::clone(&entry.target));
+            }
+        }
+        functions
     }
 
     pub fn is_ready(&self) -> bool {

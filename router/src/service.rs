@@ -8,9 +8,9 @@
 //! node log, not to the client).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use atoll_isolate::CgiRequest;
+use atoll_isolate::{CgiRequest, InterruptSlot, InvokeError, StartKind};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
@@ -137,12 +137,58 @@ impl EdgeService {
 async fn invoke(served: Arc<ServedFunction>, request: CgiRequest) -> Response<Full<Bytes>> {
     let name = served.name().to_string();
     let version = served.deployment.version;
-    let outcome = tokio::task::spawn_blocking(move || served.function.invoke(&request)).await;
-    ::metrics::counter!(metrics::INSTANCE_STARTS_TOTAL, "function" => name.clone()).increment(1);
+    let pool = Arc::clone(&served.pool);
+    let admission = match pool.admit().await {
+        Ok(admission) => admission,
+        Err(overloaded) => {
+            ::metrics::counter!(metrics::OVERLOADED_TOTAL, "function" => name.clone()).increment(1);
+            tracing::debug!(function = %name, %overloaded, "queue full");
+            let mut response = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("function `{name}` is at capacity; retry shortly"),
+            );
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(overloaded.retry_after.as_secs().max(1)),
+            );
+            return response;
+        }
+    };
+    let timeout = pool.function().config().timeout;
+    let interrupt = InterruptSlot::new();
+    let (sender, mut receiver) = tokio::sync::oneshot::channel();
+    {
+        let pool = Arc::clone(&pool);
+        let interrupt = Arc::clone(&interrupt);
+        tokio::task::spawn_blocking(move || {
+            let outcome = pool.execute(&request, &interrupt);
+            drop(admission);
+            let _ = sender.send(outcome);
+            // Prepare the next instance while this thread is here anyway, off the
+            // request path: the response has been handed back already.
+            for start_time in pool.replenish() {
+                record_isolate_start(pool.function().name(), start_time, "ahead");
+            }
+        });
+    }
+    let outcome = match tokio::time::timeout(timeout, &mut receiver).await {
+        Ok(outcome) => outcome,
+        Err(_) => loop {
+            // The signal can miss a guest that is between instructions it checks; repeat
+            // until the run returns.
+            interrupt.fire();
+            if let Ok(outcome) = tokio::time::timeout(INTERRUPT_RETRY, &mut receiver).await {
+                break outcome;
+            }
+        },
+    };
     match outcome {
-        Ok(Ok(invocation)) => {
-            ::metrics::histogram!(metrics::INSTANCE_START_DURATION, "function" => name.clone())
-                .record(invocation.start_time.as_secs_f64());
+        Ok(Ok((invocation, start_kind))) => {
+            if start_kind == StartKind::OnDemand {
+                record_isolate_start(&name, invocation.start_time, "on_demand");
+            }
+            ::metrics::histogram!(metrics::INVOCATION_DURATION, "function" => name.clone())
+                .record(invocation.run_time.as_secs_f64());
             ::metrics::counter!(metrics::INVOCATIONS_TOTAL, "function" => name.clone(), "outcome" => "ok")
                 .increment(1);
             if !invocation.log.is_empty() {
@@ -169,27 +215,41 @@ async fn invoke(served: Arc<ServedFunction>, request: CgiRequest) -> Response<Fu
                 stderr = %String::from_utf8_lossy(error.log()).trim_end(),
                 "invocation failed"
             );
+            let status = match error {
+                InvokeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
             text_response(
-                StatusCode::BAD_GATEWAY,
+                status,
                 format!("function `{name}` failed: {}", public_reason(&error)),
             )
         }
-        Err(join_error) => {
-            tracing::error!(function = %name, error = %join_error, "invocation panicked");
+        Err(_) => {
+            tracing::error!(function = %name, "invocation panicked");
             text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
         }
     }
 }
 
+/// How often a timed-out guest is signalled again until it stops.
+const INTERRUPT_RETRY: Duration = Duration::from_millis(20);
+
+pub(crate) fn record_isolate_start(function: &str, start_time: Duration, when: &'static str) {
+    ::metrics::counter!(metrics::INSTANCE_STARTS_TOTAL, "function" => function.to_string(), "when" => when)
+        .increment(1);
+    ::metrics::histogram!(metrics::ISOLATE_START_DURATION, "function" => function.to_string(), "kind" => "snapshot")
+        .record(start_time.as_secs_f64());
+}
+
 /// What the client is told: the kind of failure, not the guest's internals.
-fn public_reason(error: &atoll_isolate::InvokeError) -> &'static str {
-    use atoll_isolate::InvokeError;
+fn public_reason(error: &InvokeError) -> &'static str {
     match error {
         InvokeError::Instantiate { .. } => "it could not be started",
         InvokeError::Trap { .. } => "it trapped",
         InvokeError::Exit { .. } => "it exited with an error",
         InvokeError::MalformedOutput { .. } => "its output is not a valid CGI response",
         InvokeError::ResponseTooLarge { .. } => "its response is too large",
+        InvokeError::Timeout { .. } => "it ran past its timeout",
     }
 }
 

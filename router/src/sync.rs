@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_isolate::{ArtifactCache, FunctionConfig, LoadKind, LoadedFunction};
+use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
 use atoll_registry::{Deployment, RegistryClient, WatchEvent};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -34,7 +34,7 @@ use crate::served::{Routing, ServedFunction, build_table};
 #[derive(Debug, PartialEq)]
 pub enum Plan {
     /// Load this deployment, then publish.
-    Load(Deployment),
+    Load(Box<Deployment>),
     /// Remove the function, then publish.
     Remove(String),
     /// Nothing changes in the table; just record the revision.
@@ -50,7 +50,7 @@ pub fn plan(event: WatchEvent, served: &HashMap<String, (u64, String)>) -> Plan 
             Some((version, sha256)) if *version == deployment.version && *sha256 == deployment.sha256 => {
                 Plan::Advance
             }
-            _ => Plan::Load(deployment),
+            _ => Plan::Load(Box::new(deployment)),
         },
         WatchEvent::Delete { name, .. } if served.contains_key(&name) => Plan::Remove(name),
         WatchEvent::Delete { .. } | WatchEvent::Heartbeat { .. } => Plan::Advance,
@@ -188,7 +188,7 @@ impl Syncer {
                 .collect();
             match plan(event, &served_versions) {
                 Plan::Load(deployment) => {
-                    let served = self.fetch_and_load(deployment).await?;
+                    let served = self.fetch_and_load(*deployment).await?;
                     self.served.insert(served.name().to_string(), served);
                     self.revision = self.revision.max(revision);
                     self.publish();
@@ -269,15 +269,41 @@ impl Syncer {
             took = ?started.elapsed(),
             "function ready"
         );
+        if kind == LoadKind::Compiled {
+            ::metrics::histogram!(
+                metrics::ISOLATE_START_DURATION,
+                "function" => deployment.name.clone(),
+                "kind" => "compile"
+            )
+            .record(started.elapsed().as_secs_f64());
+        }
+        let manifest = &deployment.manifest;
         let mut config = FunctionConfig::new(deployment.name.clone());
-        config.env = deployment
-            .manifest
+        config.env = manifest
             .env
             .iter()
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
+        config.max_memory_bytes = manifest.limits.memory_bytes();
+        config.max_response_bytes = usize::try_from(manifest.limits.response_bytes()).unwrap_or(usize::MAX);
+        config.timeout = manifest.limits.timeout();
+        let scale = ScaleConfig {
+            min_instances: manifest.scale.min_instances() as usize,
+            max_concurrency: manifest.scale.max_concurrency() as usize,
+            max_queue: manifest.scale.max_queue() as usize,
+            idle_timeout: manifest.scale.idle_timeout(),
+            ..ScaleConfig::default()
+        };
         let function = LoadedFunction::new(self.artifacts.engine().clone(), module, config);
-        Ok(Arc::new(ServedFunction { deployment, function }))
+        let pool = InstancePool::new(function, scale);
+        // Reserved instances (`min_instances`) are made ready before the version is routed.
+        let reserved = Arc::clone(&pool);
+        if let Ok(start_times) = tokio::task::spawn_blocking(move || reserved.replenish()).await {
+            for start_time in start_times {
+                crate::service::record_isolate_start(&deployment.name, start_time, "ahead");
+            }
+        }
+        Ok(Arc::new(ServedFunction { deployment, pool }))
     }
 
     fn publish(&self) {
@@ -326,19 +352,19 @@ mod tests {
         };
         assert_eq!(
             plan(put(deployment("a", 1, "aa")), &served),
-            Plan::Load(deployment("a", 1, "aa"))
+            Plan::Load(Box::new(deployment("a", 1, "aa")))
         );
         served.insert("a".to_string(), (1, "aa".to_string()));
         assert_eq!(plan(put(deployment("a", 1, "aa")), &served), Plan::Advance);
         assert_eq!(
             plan(put(deployment("a", 2, "bb")), &served),
-            Plan::Load(deployment("a", 2, "bb"))
+            Plan::Load(Box::new(deployment("a", 2, "bb")))
         );
         // A rollback to v1 is a Put of v1: loaded again.
         served.insert("a".to_string(), (2, "bb".to_string()));
         assert_eq!(
             plan(put(deployment("a", 1, "aa")), &served),
-            Plan::Load(deployment("a", 1, "aa"))
+            Plan::Load(Box::new(deployment("a", 1, "aa")))
         );
     }
 

@@ -1,0 +1,916 @@
+//! Copy-on-write linear memories: instance start-up that does not grow with the module's
+//! initial memory image.
+//!
+//! Stock wasmer reserves a fresh region per instance and copies every active data segment
+//! into it (a 16 MiB image costs 6–10 ms per instance). Here the module's initial memory
+//! image is built once per module ([`MemoryImage::from_wasm`]) into a sealed memfd, and
+//! every instance maps it `MAP_PRIVATE`: pages are shared with the page cache until the
+//! guest writes one, which then gets a private copy. Start-up is a couple of syscalls
+//! whatever the image size.
+//!
+//! # A slot
+//!
+//! ```text
+//!  base                                                         base + bound + guard
+//!  │◀──────────── bound (4 GiB, the wasm32 index space) ────────────▶│◀── offset guard ──▶│
+//!  ┌──────────────────────┬────────────────────┬──────────────────────┬────────────────────┐
+//!  │ image (memfd, CoW)   │ anonymous zero     │ PROT_NONE            │ PROT_NONE          │
+//!  │ MAP_PRIVATE|MAP_FIXED│ pages (mprotect RW)│ (grow: mprotect RW)  │ (traps)            │
+//!  └──────────────────────┴────────────────────┴──────────────────────┴────────────────────┘
+//!  0               image_len          current_length
+//! ```
+//!
+//! The whole slot is one anonymous `PROT_NONE`, `MAP_NORESERVE` reservation; the image is
+//! mapped over its start, the rest of the initial pages are made accessible with
+//! `mprotect`, and `memory.grow` extends the accessible part with `mprotect`. Compiled code
+//! uses wasmer's static memory style (no bounds checks; out-of-bounds accesses hit
+//! `PROT_NONE` and trap), exactly as with [`BaseTunables`].
+//!
+//! # Pooling
+//!
+//! Reserving and unmapping an 8 GiB region costs microseconds and takes the process's mm
+//! lock. A dropped [`CowMemory`] therefore resets its slot — one `mmap(MAP_FIXED |
+//! MAP_ANONYMOUS, PROT_NONE)` over the range it used, which discards both the private
+//! copy-on-write pages and the file mapping (it subsumes `madvise(MADV_DONTNEED)`), so
+//! nothing the previous tenant wrote or mapped can be seen — and pushes it on a per-thread
+//! free list (at most [`MAX_FREE_SLOTS_PER_THREAD`]), where the next instantiation on that
+//! thread finds it. Per-thread lists need no lock and keep cores from contending.
+//!
+//! # Arming
+//!
+//! [`Tunables`] never see the module's bytes, so the caller *arms* the current thread with a
+//! [`MemoryPlan`] around `Instance::new` ([`instantiate_with`]). The first memory created
+//! under that arming takes the image; the memory limit applies to every memory created under
+//! it. Unarmed, [`CowTunables`] behave exactly like [`BaseTunables`].
+//!
+//! `initialize_with_data` is skipped only for the active segments the image was built from,
+//! in order, and only for the memory that took the image; each skipped call is checked
+//! against the image (offset, length and a sample of the bytes) so an image armed for the
+//! wrong module fails instantiation instead of running with foreign data. Every later call
+//! (`memory.init` of passive segments) copies as usual.
+//!
+//! # Trade-offs
+//!
+//! - The image is whatever the active data segments say. Modules whose segments the image
+//!   cannot express (`global.get` offsets, imported or 64-bit or shared memories, several
+//!   memories, segments that trap) get no image and use stock wasmer.
+//! - The first write to each image page costs a page fault and a 4 KiB copy; a guest that
+//!   rewrites its whole image pays what stock wasmer paid up front, spread over the run.
+//! - Pooled slots hold 8 GiB of address space each (no memory): 16 per thread.
+//! - Linux only (memfd, sealing).
+
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use wasmer::sys::vm::{
+    LinearMemory, MemoryError, MemoryStyle, TableStyle, Trap, TrapCode, VMMemory, VMMemoryDefinition,
+    VMTable, VMTableDefinition,
+};
+use wasmer::sys::wasmparser::{self, DataKind, Operator, Parser, Payload, TypeRef};
+use wasmer::sys::{BaseTunables, NativeEngineExt, Tunables};
+use wasmer::{MemoryType, Pages, TableType, WASM_PAGE_SIZE};
+
+/// How many reset slots each thread keeps for reuse.
+pub const MAX_FREE_SLOTS_PER_THREAD: usize = 16;
+
+/// Bytes sampled at each end of a skipped data segment to check the image matches.
+const SEGMENT_CHECK_BYTES: usize = 16;
+
+/// The largest 32-bit linear memory, in bytes (4 GiB).
+const MAX_WASM32_BYTES: u64 = 1 << 32;
+
+fn os_page_size() -> usize {
+    static PAGE_SIZE: OnceLock<usize> = OnceLock::new();
+    *PAGE_SIZE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(size)
+            .ok()
+            .filter(|size| *size > 0)
+            .unwrap_or(4096)
+    })
+}
+
+fn round_up(value: usize, to: usize) -> usize {
+    value.div_ceil(to) * to
+}
+
+fn last_os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+// ------------------------------------------------------------------------------------------
+// The image
+// ------------------------------------------------------------------------------------------
+
+/// The initial contents of a module's memory 0, in a sealed memfd that every instance maps
+/// copy-on-write.
+#[derive(Debug)]
+pub struct MemoryImage {
+    file: File,
+    /// Bytes of the memfd, a multiple of the OS page size (0 when there is no data).
+    len: usize,
+    initial_pages: u32,
+    maximum_pages: Option<u32>,
+    /// `(offset, len)` of every active segment, in module order: the calls to
+    /// `initialize_with_data` the image stands for.
+    segments: Vec<(usize, usize)>,
+}
+
+impl MemoryImage {
+    /// Builds the image of `wasm`'s memory 0 from its active data segments.
+    ///
+    /// `Ok(None)` when the module has no memory or the image cannot express its initial
+    /// state (imported, shared, 64-bit or several memories; custom page sizes; offsets that
+    /// are not a single `i32.const`; segments outside the initial memory, which trap at
+    /// instantiation): the caller then instantiates with stock wasmer. `Err` when the module
+    /// does not parse or the memfd cannot be made.
+    pub fn from_wasm(wasm: &[u8]) -> Result<Option<Arc<MemoryImage>>, String> {
+        let Some(layout) = parse_layout(wasm)? else {
+            return Ok(None);
+        };
+        let initial_bytes = u64::from(layout.initial_pages) * WASM_PAGE_SIZE as u64;
+        let mut end = 0usize;
+        for (offset, data) in &layout.segments {
+            let segment_end = *offset as u64 + data.len() as u64;
+            if segment_end > initial_bytes {
+                return Ok(None);
+            }
+            end = end.max(segment_end as usize);
+        }
+        let len = round_up(end, os_page_size());
+        let file = create_memfd(&layout.segments, len)?;
+        Ok(Some(Arc::new(MemoryImage {
+            file,
+            len,
+            initial_pages: layout.initial_pages,
+            maximum_pages: layout.maximum_pages,
+            segments: layout
+                .segments
+                .iter()
+                .map(|(offset, data)| (*offset as usize, data.len()))
+                .collect(),
+        })))
+    }
+
+    /// Size of the mapped image in bytes (page-aligned; the memory beyond is zero).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the image holds no data at all (the memory starts all zero).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory's declared minimum, in 64 KiB wasm pages.
+    pub fn initial_pages(&self) -> u32 {
+        self.initial_pages
+    }
+
+    /// The memory's declared maximum, in 64 KiB wasm pages.
+    pub fn maximum_pages(&self) -> Option<u32> {
+        self.maximum_pages
+    }
+
+    /// How many active data segments the image was built from.
+    pub fn data_segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+struct Layout<'a> {
+    initial_pages: u32,
+    maximum_pages: Option<u32>,
+    segments: Vec<(u32, &'a [u8])>,
+}
+
+/// Memory 0's type and its active segments, or `None` when the image cannot express them.
+fn parse_layout(wasm: &[u8]) -> Result<Option<Layout<'_>>, String> {
+    let mut memory: Option<wasmparser::MemoryType> = None;
+    let mut memories = 0usize;
+    let mut segments = Vec::new();
+    let mut expressible = true;
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|error| error.to_string())? {
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    if let TypeRef::Memory(_) = import.map_err(|error| error.to_string())?.ty {
+                        return Ok(None);
+                    }
+                }
+            }
+            Payload::MemorySection(reader) => {
+                for ty in reader {
+                    let ty = ty.map_err(|error| error.to_string())?;
+                    memories += 1;
+                    memory.get_or_insert(ty);
+                }
+            }
+            Payload::DataSection(reader) => {
+                for data in reader {
+                    let data = data.map_err(|error| error.to_string())?;
+                    let DataKind::Active {
+                        memory_index,
+                        offset_expr,
+                    } = data.kind
+                    else {
+                        continue;
+                    };
+                    if memory_index != 0 {
+                        expressible = false;
+                        continue;
+                    }
+                    let mut operators = offset_expr.get_operators_reader();
+                    let first = operators.read().map_err(|error| error.to_string())?;
+                    let second = operators.read().map_err(|error| error.to_string())?;
+                    match (first, second) {
+                        // wasmer traps on negative offsets: leave those to it.
+                        (Operator::I32Const { value }, Operator::End) if value >= 0 => {
+                            segments.push((value as u32, data.data));
+                        }
+                        _ => expressible = false,
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(memory) = memory else {
+        return Ok(None);
+    };
+    if !expressible
+        || memories != 1
+        || memory.memory64
+        || memory.shared
+        || memory.page_size_log2.is_some_and(|log2| log2 != 16)
+    {
+        return Ok(None);
+    }
+    let (Ok(initial_pages), maximum_pages) = (
+        u32::try_from(memory.initial),
+        memory.maximum.map(u32::try_from).transpose(),
+    ) else {
+        return Ok(None);
+    };
+    let Ok(maximum_pages) = maximum_pages else {
+        return Ok(None);
+    };
+    if initial_pages > Pages::max_value().0 {
+        return Ok(None);
+    }
+    Ok(Some(Layout {
+        initial_pages,
+        maximum_pages,
+        segments,
+    }))
+}
+
+/// Writes the segments, in order, into a new memfd of `len` bytes and seals it.
+fn create_memfd(segments: &[(u32, &[u8])], len: usize) -> Result<File, String> {
+    // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"atoll-memory-image".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(last_os_error("memfd_create"));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len as u64)
+        .map_err(|error| format!("sizing the memory image: {error}"))?;
+    // Later segments overwrite earlier ones, as at instantiation; untouched bytes read zero.
+    for (offset, data) in segments {
+        file.write_all_at(data, u64::from(*offset))
+            .map_err(|error| format!("writing the memory image: {error}"))?;
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: `file` owns a valid memfd; F_ADD_SEALS takes an int argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(last_os_error("sealing the memory image"));
+    }
+    Ok(file)
+}
+
+/// Memory 0's declared minimum in bytes (minimum pages × 64 KiB), imported or defined;
+/// `None` when the module declares no memory or does not parse.
+pub fn declared_minimum_bytes(wasm: &[u8]) -> Option<u64> {
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.ok()? {
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    if let TypeRef::Memory(ty) = import.ok()?.ty {
+                        return Some(ty.initial.saturating_mul(u64::from(ty.page_size())));
+                    }
+                }
+            }
+            Payload::MemorySection(reader) => {
+                let ty = reader.into_iter().next()?.ok()?;
+                return Some(ty.initial.saturating_mul(u64::from(ty.page_size())));
+            }
+            // Memories are declared before any code or data.
+            Payload::CodeSectionStart { .. } | Payload::DataSection(_) => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+// ------------------------------------------------------------------------------------------
+// Arming
+// ------------------------------------------------------------------------------------------
+
+/// What the next instantiation on this thread should get.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryPlan {
+    /// The module's initial memory image (from [`MemoryImage::from_wasm`] on the same
+    /// module bytes), or `None` to copy data segments as stock wasmer does.
+    pub image: Option<Arc<MemoryImage>>,
+    /// The most bytes any memory of the instance may grow to; `memory.grow` beyond it
+    /// returns -1 and a module declaring more fails to instantiate.
+    pub max_bytes: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Armed {
+    image: Option<Arc<MemoryImage>>,
+    max_bytes: Option<u64>,
+}
+
+thread_local! {
+    static ARMED: RefCell<Option<Armed>> = const { RefCell::new(None) };
+    static FREE_SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` (which calls `Instance::new`) with `plan` armed for this thread, so memories the
+/// engine's [`CowTunables`] create meanwhile map the image and obey the limit. The previous
+/// arming is restored afterwards, also when `f` panics.
+pub fn instantiate_with<R>(plan: &MemoryPlan, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Armed>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            let _ = ARMED.try_with(|armed| *armed.borrow_mut() = previous);
+        }
+    }
+    let previous = ARMED.with(|armed| {
+        armed.borrow_mut().replace(Armed {
+            image: plan.image.clone(),
+            max_bytes: plan.max_bytes,
+        })
+    });
+    let _restore = Restore(previous);
+    f()
+}
+
+/// For a memory about to be created: `None` when unarmed, else the image (taken: only the
+/// first memory gets it) and the limit.
+fn take_arming() -> Option<(Option<Arc<MemoryImage>>, Option<u64>)> {
+    ARMED
+        .try_with(|armed| {
+            armed
+                .borrow_mut()
+                .as_mut()
+                .map(|armed| (armed.image.take(), armed.max_bytes))
+        })
+        .ok()
+        .flatten()
+}
+
+// ------------------------------------------------------------------------------------------
+// Tunables
+// ------------------------------------------------------------------------------------------
+
+/// Wasmer tunables that create [`CowMemory`]s for instantiations armed with
+/// [`instantiate_with`], and behave as [`BaseTunables`] otherwise.
+#[derive(Clone, Default)]
+pub struct CowTunables {
+    base: BaseTunables,
+}
+
+impl CowTunables {
+    pub fn new() -> Self {
+        CowTunables::default()
+    }
+}
+
+/// Installs [`CowTunables`] on `engine` (a `sys` engine). Do it before cloning the engine
+/// or compiling with it: clones made earlier keep their tunables.
+pub fn install(engine: &mut wasmer::Engine) {
+    engine.set_tunables(CowTunables::new());
+}
+
+impl CowTunables {
+    fn create(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        location: Option<NonNull<VMMemoryDefinition>>,
+    ) -> Option<Result<VMMemory, MemoryError>> {
+        if ty.shared || !matches!(style, MemoryStyle::Static) {
+            return None;
+        }
+        let (image, max_bytes) = take_arming()?;
+        let image = image.filter(|image| {
+            image.initial_pages == ty.minimum.0 && image.maximum_pages == ty.maximum.map(|m| m.0)
+        });
+        // SAFETY: forwarded from `create_vm_memory`'s contract, or `None` for host memories.
+        Some(
+            unsafe { CowMemory::new(ty, style, image, max_bytes, location) }
+                .map(|memory| VMMemory(Box::new(memory))),
+        )
+    }
+}
+
+impl Tunables for CowTunables {
+    fn memory_style(&self, memory: &MemoryType) -> MemoryStyle {
+        self.base.memory_style(memory)
+    }
+
+    fn table_style(&self, table: &TableType) -> TableStyle {
+        self.base.table_style(table)
+    }
+
+    fn create_host_memory(&self, ty: &MemoryType, style: &MemoryStyle) -> Result<VMMemory, MemoryError> {
+        match self.create(ty, style, None) {
+            Some(memory) => memory,
+            None => self.base.create_host_memory(ty, style),
+        }
+    }
+
+    /// # Safety
+    /// `vm_definition_location` must point to a valid, owned `VMMemoryDefinition` (in the
+    /// instance's `VMContext`) that outlives the memory.
+    unsafe fn create_vm_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        vm_definition_location: NonNull<VMMemoryDefinition>,
+    ) -> Result<VMMemory, MemoryError> {
+        match self.create(ty, style, Some(vm_definition_location)) {
+            Some(memory) => memory,
+            // SAFETY: the caller upholds the contract, which is the same.
+            None => unsafe { self.base.create_vm_memory(ty, style, vm_definition_location) },
+        }
+    }
+
+    fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
+        self.base.create_host_table(ty, style)
+    }
+
+    /// # Safety
+    /// `vm_definition_location` must point to a valid, owned `VMTableDefinition`.
+    unsafe fn create_vm_table(
+        &self,
+        ty: &TableType,
+        style: &TableStyle,
+        vm_definition_location: NonNull<VMTableDefinition>,
+    ) -> Result<VMTable, String> {
+        // SAFETY: the caller upholds the contract, which is the same.
+        unsafe { self.base.create_vm_table(ty, style, vm_definition_location) }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Slots
+// ------------------------------------------------------------------------------------------
+
+/// A reserved region: `len` bytes at `base`, all `PROT_NONE` anonymous while it is free.
+#[derive(Debug)]
+struct Slot {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a slot is an address range this process owns exclusively; nothing about it is
+// tied to the thread that mapped it.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    /// Pops a free slot of `len` bytes from this thread's list, or reserves a new one.
+    fn acquire(len: usize) -> Result<Slot, String> {
+        let pooled = FREE_SLOTS
+            .try_with(|slots| {
+                let mut slots = slots.borrow_mut();
+                let index = slots.iter().rposition(|slot| slot.len == len)?;
+                Some(slots.swap_remove(index))
+            })
+            .ok()
+            .flatten();
+        if let Some(slot) = pooled {
+            return Ok(slot);
+        }
+        // SAFETY: a fresh anonymous reservation at an address of the kernel's choosing
+        // touches no existing mapping.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(last_os_error("reserving a linear memory"));
+        }
+        Ok(Slot {
+            base: NonNull::new(base.cast()).expect("mmap returned a null mapping"),
+            len,
+        })
+    }
+
+    /// Makes `[0, used)` `PROT_NONE` anonymous again, dropping every page and mapping a
+    /// tenant had there, and returns the slot to this thread's list (or unmaps it).
+    fn release(self, used: usize) {
+        if used > 0 {
+            // SAFETY: `[base, base + used)` lies inside this slot, which nothing else
+            // references any more (its memory was dropped).
+            let reset = unsafe {
+                libc::mmap(
+                    self.base.as_ptr().cast(),
+                    used,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if reset == libc::MAP_FAILED {
+                return drop(self);
+            }
+        }
+        let mut slot = Some(self);
+        let _ = FREE_SLOTS.try_with(|slots| {
+            let mut slots = slots.borrow_mut();
+            if slots.len() < MAX_FREE_SLOTS_PER_THREAD {
+                slots.push(slot.take().expect("slot pushed once"));
+            }
+        });
+        // Otherwise `slot` is dropped here, unmapping it.
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // SAFETY: the slot owns its whole range and nothing references it any more.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// How many slots this thread holds for reuse (for tests and metrics).
+pub fn free_slots_on_this_thread() -> usize {
+    FREE_SLOTS.try_with(|slots| slots.borrow().len()).unwrap_or(0)
+}
+
+// ------------------------------------------------------------------------------------------
+// The memory
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+enum Definition {
+    /// Owned here (host memories), at a stable address.
+    Host(Box<std::cell::UnsafeCell<VMMemoryDefinition>>),
+    /// In the instance's `VMContext`, where compiled code reads it.
+    Instance(NonNull<VMMemoryDefinition>),
+}
+
+impl Definition {
+    fn as_ptr(&self) -> NonNull<VMMemoryDefinition> {
+        match self {
+            Definition::Host(cell) => NonNull::new(cell.get()).expect("boxed definition"),
+            Definition::Instance(location) => *location,
+        }
+    }
+}
+
+/// A wasm32 linear memory in a pooled slot, optionally starting from a copy-on-write
+/// [`MemoryImage`].
+#[derive(Debug)]
+pub struct CowMemory {
+    /// `None` only while dropping.
+    slot: Option<Slot>,
+    definition: Definition,
+    ty: MemoryType,
+    style: MemoryStyle,
+    /// Current size in bytes (the accessible prefix of the slot).
+    size_bytes: usize,
+    /// Bytes of the slot ever touched (mapped or made accessible): what a reset must clear.
+    used_bytes: usize,
+    /// Upper bound on growth, in bytes: the declared maximum, the plan's limit and 4 GiB.
+    limit_bytes: u64,
+    image: Option<Arc<MemoryImage>>,
+    /// How many of the image's segments `initialize_with_data` has skipped so far.
+    skipped_segments: AtomicUsize,
+}
+
+// SAFETY: the memory exclusively owns its slot; wasmer moves memories between threads with
+// their store and serialises access to them as it does for `VMOwnedMemory`.
+unsafe impl Send for CowMemory {}
+// SAFETY: as above; `&self` methods only read, except the atomic segment counter.
+unsafe impl Sync for CowMemory {}
+
+impl CowMemory {
+    /// Creates a memory of type `ty` in a (pooled) slot, mapping `image` at offset 0.
+    ///
+    /// # Safety
+    /// When `location` is `Some`, it must point to a valid, writable `VMMemoryDefinition`
+    /// that outlives this memory (the one in the instance's `VMContext`).
+    unsafe fn new(
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        image: Option<Arc<MemoryImage>>,
+        max_bytes: Option<u64>,
+        location: Option<NonNull<VMMemoryDefinition>>,
+    ) -> Result<CowMemory, MemoryError> {
+        if ty.minimum > Pages::max_value() {
+            return Err(MemoryError::MinimumMemoryTooLarge {
+                min_requested: ty.minimum,
+                max_allowed: Pages::max_value(),
+            });
+        }
+        if let Some(maximum) = ty.maximum {
+            if maximum > Pages::max_value() {
+                return Err(MemoryError::MaximumMemoryTooLarge {
+                    max_requested: maximum,
+                    max_allowed: Pages::max_value(),
+                });
+            }
+            if maximum < ty.minimum {
+                return Err(MemoryError::InvalidMemory {
+                    reason: format!(
+                        "the maximum ({} pages) is less than the minimum ({} pages)",
+                        maximum.0, ty.minimum.0
+                    ),
+                });
+            }
+        }
+        let page = WASM_PAGE_SIZE as u64;
+        let mut limit_bytes = MAX_WASM32_BYTES;
+        if let Some(maximum) = ty.maximum {
+            limit_bytes = limit_bytes.min(u64::from(maximum.0) * page);
+        }
+        if let Some(max_bytes) = max_bytes {
+            limit_bytes = limit_bytes.min(max_bytes);
+        }
+        let initial_bytes = u64::from(ty.minimum.0) * page;
+        if initial_bytes > limit_bytes {
+            return Err(MemoryError::MinimumMemoryTooLarge {
+                min_requested: ty.minimum,
+                max_allowed: Pages((limit_bytes / page) as u32),
+            });
+        }
+        let initial_bytes = initial_bytes as usize;
+
+        let bound = MemoryStyle::static_bound().bytes().0;
+        let guard = usize::try_from(style.offset_guard_size())
+            .map_err(|error| MemoryError::Generic(format!("offset guard: {error}")))?;
+        let slot_len = bound
+            .checked_add(guard)
+            .ok_or_else(|| MemoryError::Generic("slot size overflows".into()))?;
+        let slot = Slot::acquire(slot_len).map_err(MemoryError::Region)?;
+
+        // From here on a failure returns the slot via `Drop for CowMemory`.
+        let base = slot.base.as_ptr();
+        let mut memory = CowMemory {
+            slot: Some(slot),
+            definition: match location {
+                Some(location) => Definition::Instance(location),
+                None => Definition::Host(Box::new(std::cell::UnsafeCell::new(VMMemoryDefinition {
+                    base,
+                    current_length: 0,
+                }))),
+            },
+            ty: *ty,
+            style: *style,
+            size_bytes: 0,
+            used_bytes: 0,
+            limit_bytes,
+            image: None,
+            skipped_segments: AtomicUsize::new(0),
+        };
+
+        let image_len = image.as_ref().map_or(0, |image| image.len);
+        if image_len > 0 {
+            let file = &image.as_ref().expect("image_len > 0").file;
+            memory.used_bytes = image_len;
+            // SAFETY: `[base, base + image_len)` lies inside the slot this memory owns
+            // (image_len <= initial_bytes <= 4 GiB), so MAP_FIXED replaces only our own
+            // reservation. The memfd is sealed against writes and size changes.
+            let mapped = unsafe {
+                libc::mmap(
+                    base.cast(),
+                    image_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                return Err(MemoryError::Region(last_os_error("mapping the memory image")));
+            }
+        }
+        memory.image = image;
+        memory.make_accessible(image_len, initial_bytes)?;
+        memory.size_bytes = initial_bytes;
+        memory.publish();
+        Ok(memory)
+    }
+
+    /// Makes `[from, to)` of the slot readable and writable (zero pages, never touched).
+    fn make_accessible(&mut self, from: usize, to: usize) -> Result<(), MemoryError> {
+        if to <= from {
+            return Ok(());
+        }
+        let slot = self.slot.as_ref().expect("live memory has a slot");
+        debug_assert!(to <= MAX_WASM32_BYTES as usize && to <= slot.len);
+        self.used_bytes = self.used_bytes.max(to);
+        // SAFETY: `[from, to)` lies within the slot's first 4 GiB, which this memory owns.
+        let result = unsafe {
+            libc::mprotect(
+                slot.base.as_ptr().add(from).cast(),
+                to - from,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if result != 0 {
+            return Err(MemoryError::Region(last_os_error("growing a linear memory")));
+        }
+        Ok(())
+    }
+
+    /// Writes base and length where compiled code reads them.
+    fn publish(&mut self) {
+        let base = self.slot.as_ref().expect("live memory has a slot").base;
+        let mut definition = self.definition.as_ptr();
+        // SAFETY: the definition is either boxed here or the `VMContext` location the
+        // creator promised is valid for this memory's lifetime; wasmer does not access it
+        // concurrently with `&mut self` methods.
+        unsafe {
+            let definition = definition.as_mut();
+            definition.base = base.as_ptr();
+            definition.current_length = self.size_bytes;
+        }
+    }
+
+    fn could_not_grow(&self, delta: Pages) -> MemoryError {
+        MemoryError::CouldNotGrow {
+            current: self.size(),
+            attempted_delta: delta,
+        }
+    }
+
+    /// Whether this memory was created from an image (for tests and metrics).
+    pub fn has_image(&self) -> bool {
+        self.image.is_some()
+    }
+
+    /// The skipped call must be the next segment of the image, with the image's bytes.
+    fn matches_next_segment(&self, image: &MemoryImage, start: usize, data: &[u8]) -> Option<bool> {
+        let index = self.skipped_segments.load(Ordering::Relaxed);
+        let &(offset, len) = image.segments.get(index)?;
+        if offset != start || len != data.len() {
+            return Some(false);
+        }
+        // Sample the segment's ends; later segments may overwrite earlier ones in the
+        // image, so only compare a segment no later segment overlaps.
+        let overlapped = image.segments[index + 1..]
+            .iter()
+            .any(|&(other, other_len)| other < start + len && start < other + other_len);
+        if !overlapped {
+            let base = self.slot.as_ref().expect("live memory has a slot").base;
+            let head = len.min(SEGMENT_CHECK_BYTES);
+            let tail = len - len.min(SEGMENT_CHECK_BYTES);
+            // SAFETY: `[start, start + len)` lies in the initial memory (checked by wasmer
+            // against `current_length` before calling), which is mapped readable.
+            let mapped = unsafe { std::slice::from_raw_parts(base.as_ptr().add(start), len) };
+            if mapped[..head] != data[..head] || mapped[tail..] != data[tail..] {
+                return Some(false);
+            }
+        }
+        Some(true)
+    }
+}
+
+impl Drop for CowMemory {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.release(self.used_bytes);
+        }
+    }
+}
+
+impl LinearMemory for CowMemory {
+    fn ty(&self) -> MemoryType {
+        let mut ty = self.ty;
+        ty.minimum = self.size();
+        ty
+    }
+
+    fn size(&self) -> Pages {
+        Pages((self.size_bytes / WASM_PAGE_SIZE) as u32)
+    }
+
+    fn style(&self) -> MemoryStyle {
+        self.style
+    }
+
+    fn grow(&mut self, delta: Pages) -> Result<Pages, MemoryError> {
+        let previous = self.size();
+        if delta.0 == 0 {
+            return Ok(previous);
+        }
+        let new_bytes = u64::from(previous.0) + u64::from(delta.0);
+        let new_bytes = new_bytes * WASM_PAGE_SIZE as u64;
+        if new_bytes > self.limit_bytes {
+            return Err(self.could_not_grow(delta));
+        }
+        let new_bytes = new_bytes as usize;
+        self.make_accessible(self.size_bytes, new_bytes)?;
+        self.size_bytes = new_bytes;
+        self.publish();
+        Ok(previous)
+    }
+
+    fn grow_at_least(&mut self, min_size: u64) -> Result<(), MemoryError> {
+        let current = self.size_bytes as u64;
+        if current < min_size {
+            let pages = (min_size - current).div_ceil(WASM_PAGE_SIZE as u64);
+            let pages = u32::try_from(pages).map_err(|_| self.could_not_grow(Pages(u32::MAX)))?;
+            self.grow(Pages(pages))?;
+        }
+        Ok(())
+    }
+
+    fn vmmemory(&self) -> NonNull<VMMemoryDefinition> {
+        self.definition.as_ptr()
+    }
+
+    fn try_clone(&self) -> Result<Box<dyn LinearMemory + Send + Sync + 'static>, MemoryError> {
+        Err(MemoryError::MemoryNotShared)
+    }
+
+    /// # Safety
+    /// As for [`LinearMemory::initialize_with_data`]: `start + data.len()` must lie within
+    /// the current memory (wasmer checks it before calling).
+    unsafe fn initialize_with_data(&self, start: usize, data: &[u8]) -> Result<(), Trap> {
+        if let Some(image) = &self.image {
+            match self.matches_next_segment(image, start, data) {
+                Some(true) => {
+                    // The image already holds this segment.
+                    self.skipped_segments.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Some(false) => {
+                    return Err(Trap::user(
+                        "the memory image does not belong to this module's data segments".into(),
+                    ));
+                }
+                None => {} // Past the active segments: `memory.init`, copy.
+            }
+        }
+        if start
+            .checked_add(data.len())
+            .is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(Trap::lib(TrapCode::HeapAccessOutOfBounds));
+        }
+        let base = self.slot.as_ref().expect("live memory has a slot").base;
+        // SAFETY: `[start, start + data.len())` is within the accessible memory (checked
+        // above); `data` comes from the module, never from this memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), base.as_ptr().add(start), data.len());
+        }
+        Ok(())
+    }
+
+    /// A new memory (in its own slot, without an image) holding a copy of this one.
+    fn copy(&self) -> Result<Box<dyn LinearMemory + Send + Sync + 'static>, MemoryError> {
+        // SAFETY: a host memory: no `VMContext` location.
+        let mut copy = unsafe { CowMemory::new(&self.ty, &self.style, None, Some(self.limit_bytes), None)? };
+        let current = self.size();
+        if current > copy.size() {
+            copy.grow(Pages(current.0 - copy.size().0))?;
+        }
+        let source = self.slot.as_ref().expect("live memory has a slot").base;
+        let target = copy.slot.as_ref().expect("live memory has a slot").base;
+        // SAFETY: both memories have `size_bytes` accessible bytes at their bases, in
+        // distinct slots.
+        unsafe {
+            std::ptr::copy_nonoverlapping(source.as_ptr(), target.as_ptr(), self.size_bytes);
+        }
+        Ok(Box::new(copy))
+    }
+}

@@ -1,0 +1,412 @@
+//! Copy-on-write memories: same contents as stock wasmer, no state across instances or
+//! modules sharing a pooled slot, growth and its limit, and a start-up timing print.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atoll_isolate::cow_memory::{
+    self, MemoryImage, MemoryPlan, declared_minimum_bytes, free_slots_on_this_thread, instantiate_with,
+};
+use wasmer::{Instance, Module, Store, imports};
+
+const PAGE: usize = 65536;
+
+fn engine() -> wasmer::Engine {
+    let mut engine: wasmer::Engine = wasmer::sys::EngineBuilder::new(wasmer::sys::Cranelift::default())
+        .engine()
+        .into();
+    cow_memory::install(&mut engine);
+    engine
+}
+
+/// A module with 4 initial pages (max 16), data at several constant offsets (one segment
+/// overwriting part of another, one on the last page), and helpers to poke at memory.
+fn module_a() -> Vec<u8> {
+    wasmer::wat2wasm(
+        br#"(module
+          (memory (export "memory") 4 16)
+          (data (i32.const 0) "hello, image")
+          (data (i32.const 70000) "world")
+          (data (i32.const 70002) "RL")
+          (data (i32.const 131072) "\01\02\03\04\05\06\07\08")
+          (data (i32.const 262139) "last!")
+          (data "passive segment")
+          (func (export "load8") (param i32) (result i32) (i32.load8_u (local.get 0)))
+          (func (export "store8") (param i32 i32) (i32.store8 (local.get 0) (local.get 1)))
+          (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0)))
+          (func (export "init") (param i32)
+            (memory.init 5 (local.get 0) (i32.const 0) (i32.const 15))))"#,
+    )
+    .expect("module a")
+    .into_owned()
+}
+
+/// Same memory shape as A (so it reuses A's slots), different data.
+fn module_b() -> Vec<u8> {
+    wasmer::wat2wasm(
+        br#"(module
+          (memory (export "memory") 4 16)
+          (data (i32.const 16) "module b")
+          (func (export "load8") (param i32) (result i32) (i32.load8_u (local.get 0)))
+          (func (export "store8") (param i32 i32) (i32.store8 (local.get 0) (local.get 1)))
+          (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0))))"#,
+    )
+    .expect("module b")
+    .into_owned()
+}
+
+struct Running {
+    store: Store,
+    instance: Instance,
+}
+
+impl Running {
+    fn start(engine: &wasmer::Engine, module: &Module, plan: Option<&MemoryPlan>) -> Running {
+        let mut store = Store::new(engine.clone());
+        let mut instantiate =
+            || Instance::new(&mut store, module, &imports! {}).map_err(|error| error.to_string());
+        let instance = match plan {
+            Some(plan) => instantiate_with(plan, instantiate),
+            None => instantiate(),
+        }
+        .expect("instantiates");
+        Running { store, instance }
+    }
+
+    fn memory(&self) -> Vec<u8> {
+        let memory = self.instance.exports.get_memory("memory").unwrap();
+        let view = memory.view(&self.store);
+        let mut bytes = vec![0; view.data_size() as usize];
+        view.read(0, &mut bytes).unwrap();
+        bytes
+    }
+
+    fn load8(&mut self, address: usize) -> i32 {
+        let load = self
+            .instance
+            .exports
+            .get_typed_function::<i32, i32>(&self.store, "load8")
+            .unwrap();
+        load.call(&mut self.store, address as i32).unwrap()
+    }
+
+    fn store8(&mut self, address: usize, value: u8) {
+        let store = self
+            .instance
+            .exports
+            .get_typed_function::<(i32, i32), ()>(&self.store, "store8")
+            .unwrap();
+        store
+            .call(&mut self.store, address as i32, i32::from(value))
+            .unwrap();
+    }
+
+    fn grow(&mut self, delta: i32) -> i32 {
+        let grow = self
+            .instance
+            .exports
+            .get_typed_function::<i32, i32>(&self.store, "grow")
+            .unwrap();
+        grow.call(&mut self.store, delta).unwrap()
+    }
+}
+
+fn plan(wasm: &[u8], max_bytes: Option<u64>) -> MemoryPlan {
+    let image = MemoryImage::from_wasm(wasm).unwrap().expect("an image");
+    MemoryPlan {
+        image: Some(image),
+        max_bytes,
+    }
+}
+
+#[test]
+fn image_describes_the_data_segments() {
+    let image = MemoryImage::from_wasm(&module_a()).unwrap().unwrap();
+    assert_eq!(image.initial_pages(), 4);
+    assert_eq!(image.maximum_pages(), Some(16));
+    assert_eq!(image.data_segment_count(), 5);
+    assert_eq!(image.len(), 4 * PAGE, "the last segment ends on the last page");
+    let image = MemoryImage::from_wasm(&module_b()).unwrap().unwrap();
+    assert_eq!(image.data_segment_count(), 1);
+    assert_eq!(image.len() % 4096, 0);
+    assert!(image.len() >= 24 && image.len() < PAGE);
+}
+
+#[test]
+fn armed_memory_reads_back_exactly_like_stock_wasmer() {
+    let engine = engine();
+    let wasm = module_a();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let stock = Running::start(&engine, &module, None).memory();
+    let mut armed = Running::start(&engine, &module, Some(&plan(&wasm, None)));
+    let cow = armed.memory();
+    assert_eq!(stock.len(), 4 * PAGE);
+    assert_eq!(cow.len(), stock.len());
+    assert!(cow == stock, "copy-on-write memory differs from stock wasmer's");
+    assert_eq!(&cow[..12], b"hello, image");
+    assert_eq!(&cow[70000..70005], b"woRLd");
+    assert_eq!(&cow[262139..], b"last!");
+    assert!(cow[12..70000].iter().all(|byte| *byte == 0));
+    assert_eq!(armed.load8(262143), i32::from(b'!'));
+    assert_eq!(armed.load8(200000), 0);
+
+    // A passive segment is still copied by `memory.init` after instantiation.
+    let init = armed
+        .instance
+        .exports
+        .get_typed_function::<i32, ()>(&armed.store, "init")
+        .unwrap();
+    init.call(&mut armed.store, 1000).unwrap();
+    assert_eq!(&armed.memory()[1000..1015], b"passive segment");
+
+    // Without an image (only a limit) the CowMemory copies the segments itself.
+    let plain = Running::start(
+        &engine,
+        &module,
+        Some(&MemoryPlan {
+            image: None,
+            max_bytes: Some(8 * PAGE as u64),
+        }),
+    );
+    assert!(plain.memory() == stock);
+}
+
+#[test]
+fn writes_do_not_reach_the_next_instance_of_the_same_module() {
+    let engine = engine();
+    let wasm = module_a();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    for round in 0..3 {
+        let mut running = Running::start(&engine, &module, Some(&plan));
+        assert_eq!(running.load8(0), i32::from(b'h'), "round {round}");
+        assert_eq!(running.load8(3 * PAGE + 7), 0, "round {round}");
+        running.store8(0, b'X'); // an image page
+        running.store8(3 * PAGE + 7, 0xAA); // a zero page
+        assert_eq!(running.grow(2), 4);
+        assert_eq!(running.load8(5 * PAGE), 0, "round {round}: grown page");
+        running.store8(5 * PAGE, 0xBB); // a grown page
+        assert_eq!(running.load8(0), i32::from(b'X'));
+    }
+    assert!(free_slots_on_this_thread() >= 1, "the slot went back to the pool");
+}
+
+#[test]
+fn a_reused_slot_shows_nothing_of_another_module() {
+    let engine = engine();
+    let (wasm_a, wasm_b) = (module_a(), module_b());
+    let module_a = Module::new(&engine, &wasm_a).unwrap();
+    let module_b = Module::new(&engine, &wasm_b).unwrap();
+    let (plan_a, plan_b) = (plan(&wasm_a, None), plan(&wasm_b, None));
+    let stock_b = Running::start(&engine, &module_b, None).memory();
+
+    let slots_before = free_slots_on_this_thread();
+    let mut a = Running::start(&engine, &module_a, Some(&plan_a));
+    assert_eq!(free_slots_on_this_thread(), slots_before.saturating_sub(1));
+    for address in [20, 100, 70001, 3 * PAGE + 9] {
+        a.store8(address, 0x5A);
+    }
+    assert_eq!(a.grow(3), 4);
+    a.store8(6 * PAGE + 1, 0x5A);
+    drop(a);
+    assert!(free_slots_on_this_thread() > 0);
+
+    for plan in [Some(&plan_b), Some(&MemoryPlan::default())] {
+        let slots = free_slots_on_this_thread();
+        let mut b = Running::start(&engine, &module_b, plan);
+        assert_eq!(free_slots_on_this_thread(), slots - 1, "the slot was reused");
+        assert!(b.memory() == stock_b, "B sees exactly its own image");
+        assert_eq!(b.load8(100), 0, "A's image (\"hello, image\") is gone");
+        assert_eq!(b.load8(70001), 0);
+        assert_eq!(b.load8(3 * PAGE + 9), 0);
+        assert_eq!(b.grow(3), 4);
+        assert_eq!(b.load8(6 * PAGE + 1), 0, "A's grown page is gone");
+        b.store8(6 * PAGE + 2, 1);
+    }
+}
+
+#[test]
+fn grow_returns_the_old_size_and_stops_at_the_limit() {
+    let engine = engine();
+    let wasm = module_a();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let mut running = Running::start(&engine, &module, Some(&plan(&wasm, Some(6 * PAGE as u64))));
+    assert_eq!(running.grow(0), 4);
+    assert_eq!(running.grow(1), 4);
+    assert_eq!(running.load8(4 * PAGE + 5), 0);
+    running.store8(4 * PAGE + 5, 9);
+    assert_eq!(running.load8(4 * PAGE + 5), 9);
+    assert_eq!(running.grow(2), -1, "beyond max_bytes");
+    assert_eq!(running.grow(1), 5);
+    assert_eq!(running.grow(1), -1);
+    assert_eq!(running.memory().len(), 6 * PAGE);
+
+    // Without a plan limit the declared maximum (16 pages) still holds.
+    let mut running = Running::start(&engine, &module, Some(&plan(&wasm, None)));
+    assert_eq!(running.grow(12), 4);
+    assert_eq!(running.grow(1), -1);
+    assert_eq!(running.load8(16 * PAGE - 1), 0);
+
+    // A memory with no declared maximum stops at 4 GiB.
+    let wasm = wasmer::wat2wasm(
+        br#"(module (memory (export "memory") 1)
+              (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0))))"#,
+    )
+    .unwrap();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let mut running = Running::start(&engine, &module, Some(&plan(&wasm, None)));
+    assert_eq!(running.grow(65536), -1);
+    assert_eq!(running.grow(65535), 1);
+    assert_eq!(running.grow(1), -1);
+}
+
+#[test]
+fn a_module_larger_than_the_limit_does_not_instantiate() {
+    let engine = engine();
+    let wasm = module_a();
+    assert_eq!(declared_minimum_bytes(&wasm), Some(4 * PAGE as u64));
+    let module = Module::new(&engine, &wasm).unwrap();
+    let mut store = Store::new(engine.clone());
+    let plan = plan(&wasm, Some(2 * PAGE as u64));
+    let result = instantiate_with(&plan, || {
+        Instance::new(&mut store, &module, &imports! {}).map_err(|error| error.to_string())
+    });
+    assert!(result.is_err());
+}
+
+#[test]
+fn an_image_armed_for_another_module_fails_instantiation() {
+    let engine = engine();
+    let same_offsets = wasmer::wat2wasm(
+        br#"(module (memory (export "memory") 4 16)
+              (data (i32.const 0) "HELLO, IMAGE") (data (i32.const 70000) "WORLD")
+              (data (i32.const 70002) "rl") (data (i32.const 131072) "\08\07\06\05\04\03\02\01")
+              (data (i32.const 262139) "LAST?") (data "passive segment"))"#,
+    )
+    .unwrap();
+    let module = Module::new(&engine, &same_offsets).unwrap();
+    let mut store = Store::new(engine.clone());
+    let plan = plan(&module_a(), None);
+    let result = instantiate_with(&plan, || {
+        Instance::new(&mut store, &module, &imports! {}).map_err(|error| error.to_string())
+    });
+    assert!(result.is_err(), "foreign image accepted");
+}
+
+#[test]
+fn arming_ends_with_the_closure_even_on_panic() {
+    let engine = engine();
+    let wasm = module_a();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, Some(4 * PAGE as u64));
+    let outcome = std::panic::catch_unwind(|| instantiate_with(&plan, || panic!("boom")));
+    assert!(outcome.is_err());
+    // Unarmed again: stock memory, which may grow to the declared maximum.
+    let mut running = Running::start(&engine, &module, None);
+    assert_eq!(running.grow(1), 4);
+}
+
+#[test]
+fn images_are_refused_when_they_cannot_express_the_module() {
+    let global_offset = wasmer::wat2wasm(
+        br#"(module (global $g i32 (i32.const 16)) (memory 1)
+              (data (global.get $g) "x"))"#,
+    )
+    .unwrap();
+    assert!(MemoryImage::from_wasm(&global_offset).unwrap().is_none());
+    let imported =
+        wasmer::wat2wasm(br#"(module (import "env" "memory" (memory 1)) (data (i32.const 0) "x"))"#).unwrap();
+    assert!(MemoryImage::from_wasm(&imported).unwrap().is_none());
+    assert_eq!(declared_minimum_bytes(&imported), Some(PAGE as u64));
+    let no_memory = wasmer::wat2wasm(br#"(module (func (export "f")))"#).unwrap();
+    assert!(MemoryImage::from_wasm(&no_memory).unwrap().is_none());
+    assert_eq!(declared_minimum_bytes(&no_memory), None);
+    let out_of_bounds = wasmer::wat2wasm(br#"(module (memory 1) (data (i32.const 65535) "xy"))"#).unwrap();
+    assert!(MemoryImage::from_wasm(&out_of_bounds).unwrap().is_none());
+    let memory64 = wasmer::wat2wasm(br#"(module (memory i64 1) (data (i64.const 0) "x"))"#).unwrap();
+    assert!(MemoryImage::from_wasm(&memory64).unwrap().is_none());
+    let no_data = wasmer::wat2wasm(br#"(module (memory 2))"#).unwrap();
+    let image = MemoryImage::from_wasm(&no_data).unwrap().unwrap();
+    assert!(image.is_empty());
+    assert!(MemoryImage::from_wasm(b"\0asm\x01\0\0\0\x05").is_err());
+}
+
+fn leb128(mut value: u64, out: &mut Vec<u8>) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn section(id: u8, content: &[u8], out: &mut Vec<u8>) {
+    out.push(id);
+    leb128(content.len() as u64, out);
+    out.extend_from_slice(content);
+}
+
+/// `(module (memory (export "memory") pages) (data (i32.const 0) <bytes>))`, hand-encoded
+/// (a 16 MiB string is too much for the text format).
+fn module_with_image(pages: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+    let mut memory = vec![1, 0];
+    leb128(pages, &mut memory);
+    section(5, &memory, &mut wasm);
+    let mut export = vec![1, 6];
+    export.extend_from_slice(b"memory");
+    export.extend_from_slice(&[2, 0]);
+    section(7, &export, &mut wasm);
+    let mut data = vec![1, 0, 0x41, 0, 0x0b];
+    leb128(bytes.len() as u64, &mut data);
+    data.extend_from_slice(bytes);
+    section(11, &data, &mut wasm);
+    wasm
+}
+
+fn p50(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[test]
+fn start_up_is_flat_in_the_image_size() {
+    let engine = engine();
+    for size in [80 << 10, 1 << 20, 16 << 20] {
+        let bytes: Vec<u8> = (0..size).map(|i: usize| (i % 251) as u8 | 1).collect();
+        let wasm = module_with_image(size.div_ceil(PAGE) as u64 + 1, &bytes);
+        let module = Module::new(&engine, &wasm).unwrap();
+        let plan = plan(&wasm, None);
+        let image: &Arc<MemoryImage> = plan.image.as_ref().unwrap();
+        assert_eq!(image.len(), size.next_multiple_of(4096));
+
+        // Separate loops: a stock instance dropping 16 MiB of dirty pages just before
+        // slows the next start-up (page freeing, LRU batches) whatever its kind.
+        let time = |plan: Option<&MemoryPlan>| {
+            (0..200)
+                .map(|_| {
+                    let started = Instant::now();
+                    let running = Running::start(&engine, &module, plan);
+                    let elapsed = started.elapsed();
+                    drop(running);
+                    elapsed
+                })
+                .collect::<Vec<_>>()
+        };
+        let armed = time(Some(&plan));
+        let stock = time(None);
+        let check = Running::start(&engine, &module, Some(&plan));
+        let memory = check.memory();
+        assert!(memory[..size] == bytes[..]);
+        assert!(memory[size..].iter().all(|byte| *byte == 0));
+        eprintln!(
+            "{} KiB image, Store + Instance::new, p50 of 200: copy-on-write {:?}, stock {:?}",
+            size >> 10,
+            p50(armed),
+            p50(stock)
+        );
+    }
+}
