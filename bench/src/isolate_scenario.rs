@@ -4,9 +4,8 @@
 //! real `hello` example, ~40 KB), `1mib` and `16mib` (generated, see [`wasm_modules`]) —
 //! each started under three scenarios in the same run:
 //!
-//! - `stock`: Atoll's current path, `LoadedFunction::invoke` on the engine as
-//!   `Engine::new()` builds it: wasmer's default tunables, so every instance allocates its
-//!   memory and copies every data segment into it.
+//! - `stock`: `LoadedFunction::invoke` on `Engine::stock()`: wasmer's default tunables, so
+//!   every instance maps a fresh region and copies every data segment into it.
 //! - `snapshot`: Atoll's copy-on-write snapshot restore (see [`snapshot_function`]).
 //! - `wasmtime-pooling`: the baseline to beat, wasmtime's pooling allocator with
 //!   copy-on-write memory images and imports resolved once (see [`wasmtime_pooling`]).
@@ -49,21 +48,28 @@ pub struct IsolateArgs {
 
 /// Whether [`snapshot_function`] still builds the stock path (the table says so).
 // TODO(lead): set to false when `snapshot_function` switches to snapshot loading.
-const SNAPSHOT_PENDING: bool = true;
+const SNAPSHOT_PENDING: bool = false;
 
 /// The function as Atoll's snapshot/copy-on-write restore loads it.
+/// Prepared as a node prepares a version: pre-initialised, compiled, its memory image in a
+/// memfd that every instance maps copy-on-write from a pooled slot.
 fn snapshot_function(engine: &Engine, wasm: &[u8]) -> Result<LoadedFunction> {
-    // TODO(lead): switch to snapshot loading (isolate/src/cow_memory.rs) once the API lands.
-    Ok(LoadedFunction::new(
+    let directory = tempfile::tempdir()?;
+    let cache = atoll_isolate::ArtifactCache::open(directory.path(), engine.clone())?;
+    let digest = atoll_isolate::durable::sha256_hex(wasm);
+    let prepared = cache.load_or_prepare(&digest, wasm, "bench", &[])?;
+    anyhow::ensure!(prepared.image.is_some(), "the module has no copy-on-write image");
+    Ok(LoadedFunction::from_prepared(
         engine.clone(),
-        engine.compile(wasm)?,
+        prepared,
         FunctionConfig::new("bench"),
     ))
 }
 
 /// The function as Atoll loads it today. Keep this on the stock wasmer path even when the
 /// engine grows snapshots: it is the baseline the snapshot is measured against.
-fn stock_function(engine: &Engine, wasm: &[u8]) -> Result<LoadedFunction> {
+fn stock_function(stock_engine: &Engine, wasm: &[u8]) -> Result<LoadedFunction> {
+    let engine = stock_engine;
     Ok(LoadedFunction::new(
         engine.clone(),
         engine.compile(wasm)?,
@@ -160,6 +166,7 @@ pub fn run(args: IsolateArgs) -> Result<()> {
     }
     let modules = modules(&args)?;
     let engine = Engine::new()?;
+    let stock_engine = Engine::stock()?;
     let wasmtime_engine = wasmtime_pooling::pooling_engine()?;
     let request = bench_request();
 
@@ -167,7 +174,7 @@ pub fn run(args: IsolateArgs) -> Result<()> {
     for module in &modules {
         for scenario in ScenarioKind::ALL {
             let runner = match scenario {
-                ScenarioKind::Stock => Runner::Atoll(stock_function(&engine, &module.wasm)?),
+                ScenarioKind::Stock => Runner::Atoll(stock_function(&stock_engine, &module.wasm)?),
                 ScenarioKind::Snapshot => Runner::Atoll(snapshot_function(&engine, &module.wasm)?),
                 ScenarioKind::WasmtimePooling => {
                     Runner::Wasmtime(PooledFunction::new(&wasmtime_engine, &module.wasm)?)

@@ -1,7 +1,19 @@
-//! Compiled artifacts on disk, so a node restart does not recompile.
+//! What a node prepares once per function version, kept on disk so a restart redoes nothing.
 //!
-//! Files are named `<module sha256>-<engine fingerprint>.artifact` and hold a SHA-256 of the
-//! payload followed by wasmer's serialized module. They are written to a temporary file,
+//! Preparing a module means: pre-initialise it (run `wizer.initialize` / `atoll_init` once
+//! and capture the state as a rewritten module, see [`crate::snapshot`]), compile the result,
+//! and build its copy-on-write memory image ([`crate::cow_memory`]). Per version, under a key
+//! of `<module sha256>-<init env digest>-<engine fingerprint>`:
+//!
+//! ```text
+//! KEY.snapshot.wasm   the pre-initialised module (only when the module has an init export)
+//! KEY.artifact        SHA-256 of the payload + wasmer's serialized module
+//! ```
+//!
+//! The snapshot module is written before the artifact, and the artifact's presence is what
+//! marks the version prepared, so a crash in between only means preparing again. The memory
+//! image is rebuilt from the (snapshot) module's data segments on load: that costs a copy of
+//! the image, once per version and process, not a compile or an init run. They are written to a temporary file,
 //! fsynced and renamed, so a crash never leaves a half-written artifact under the real
 //! name; on load the checksum is verified before wasmer sees a byte, and a file that fails
 //! it (or fails to deserialize) is deleted and recompiled.
@@ -12,12 +24,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use wasmer::Module;
 
+use crate::cow_memory::MemoryImage;
 use crate::engine::{Engine, check_interface};
 use crate::error::IsolateError;
+use crate::snapshot::{self, Preinit};
 
 /// How a module came to be ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +49,29 @@ impl LoadKind {
             LoadKind::Cached => "cached",
             LoadKind::Compiled => "compile",
         }
+    }
+}
+
+/// A module ready to instantiate: compiled, pre-initialised, with its memory image.
+#[derive(Clone)]
+pub struct PreparedModule {
+    pub module: Module,
+    /// The initial memory image, mapped copy-on-write into every instance; `None` when the
+    /// module's memory cannot be expressed as one (then wasmer copies data segments).
+    pub image: Option<Arc<MemoryImage>>,
+    pub kind: LoadKind,
+    /// Whether an init export ran (the module is the pre-initialised rewrite).
+    pub preinitialized: bool,
+}
+
+impl std::fmt::Debug for PreparedModule {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("PreparedModule")
+            .field("kind", &self.kind)
+            .field("image_bytes", &self.image.as_ref().map(|image| image.len()))
+            .field("preinitialized", &self.preinitialized)
+            .finish()
     }
 }
 
@@ -59,6 +97,67 @@ impl ArtifactCache {
     fn path_for(&self, sha256: &str) -> PathBuf {
         self.directory
             .join(format!("{sha256}-{}.artifact", self.engine.fingerprint()))
+    }
+
+    fn prepared_key(&self, sha256: &str, name: &str, init_env: &[(String, String)]) -> String {
+        let mut digest = Sha256::new();
+        digest.update(name.as_bytes());
+        for (key, value) in init_env {
+            digest.update([0]);
+            digest.update(key.as_bytes());
+            digest.update([0]);
+            digest.update(value.as_bytes());
+        }
+        let env_digest = hex::encode(&digest.finalize()[..8]);
+        format!("{sha256}-{env_digest}-{}", self.engine.fingerprint())
+    }
+
+    /// The prepared form of `wasm` (hex SHA-256 `sha256`) for function `name` whose init
+    /// runs with `init_env`: from disk when it was prepared before, otherwise prepared now
+    /// and stored. Blocking and CPU-heavy on a miss.
+    pub fn load_or_prepare(
+        &self,
+        sha256: &str,
+        wasm: &[u8],
+        name: &str,
+        init_env: &[(String, String)],
+    ) -> Result<PreparedModule, IsolateError> {
+        let key = self.prepared_key(sha256, name, init_env);
+        let artifact_path = self.directory.join(format!("{key}.artifact"));
+        let snapshot_path = self.directory.join(format!("{key}.snapshot.wasm"));
+        if let Some(module) = self.load(&artifact_path) {
+            let snapshot = fs::read(&snapshot_path).ok();
+            let preinitialized = snapshot.is_some();
+            let image = memory_image(snapshot.as_deref().unwrap_or(wasm));
+            return Ok(PreparedModule {
+                module,
+                image,
+                kind: LoadKind::Cached,
+                preinitialized,
+            });
+        }
+        let (final_wasm, preinitialized) =
+            match snapshot::preinitialize_named(&self.engine, wasm, name, init_env)? {
+                Preinit::Unchanged => {
+                    let _ = fs::remove_file(&snapshot_path);
+                    (std::borrow::Cow::Borrowed(wasm), false)
+                }
+                Preinit::Rewritten { wasm: rewritten, .. } => {
+                    crate::durable::write_atomically(&snapshot_path, &rewritten)?;
+                    (std::borrow::Cow::Owned(rewritten), true)
+                }
+            };
+        let module = self.engine.compile(&final_wasm)?;
+        let serialized = module
+            .serialize()
+            .map_err(|error| IsolateError::Engine(format!("serialize: {error}")))?;
+        write_artifact(&artifact_path, &serialized)?;
+        Ok(PreparedModule {
+            module,
+            image: memory_image(&final_wasm),
+            kind: LoadKind::Compiled,
+            preinitialized,
+        })
     }
 
     /// The compiled module for `wasm` (whose hex SHA-256 is `sha256`): from the cache when a
@@ -96,6 +195,17 @@ impl ArtifactCache {
                 let _ = fs::remove_file(path);
                 None
             }
+        }
+    }
+}
+
+/// The copy-on-write image of `wasm`'s memory, or `None` (stock data-segment copies).
+fn memory_image(wasm: &[u8]) -> Option<Arc<MemoryImage>> {
+    match MemoryImage::from_wasm(wasm) {
+        Ok(image) => image,
+        Err(error) => {
+            tracing::warn!(%error, "no copy-on-write memory image; instances copy data segments");
+            None
         }
     }
 }

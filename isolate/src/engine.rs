@@ -34,9 +34,25 @@ impl std::fmt::Debug for Engine {
 const WASMER_VERSION: &str = "7.4.2";
 
 impl Engine {
+    /// The engine Atoll runs functions on: cranelift, copy-on-write memories from pooled
+    /// slots for instances armed with a memory plan.
     pub fn new() -> Result<Engine, IsolateError> {
+        Engine::build(true)
+    }
+
+    /// Wasmer exactly as it comes (default tunables: every instance maps a fresh region and
+    /// copies its data segments). The baseline benchmarks measure against.
+    pub fn stock() -> Result<Engine, IsolateError> {
+        Engine::build(false)
+    }
+
+    fn build(copy_on_write: bool) -> Result<Engine, IsolateError> {
         let compiler = wasmer::sys::Cranelift::default();
-        let inner: wasmer::Engine = wasmer::sys::EngineBuilder::new(compiler).engine().into();
+        let mut inner: wasmer::Engine = wasmer::sys::EngineBuilder::new(compiler).engine().into();
+        if copy_on_write {
+            // Must happen before the engine is cloned.
+            crate::cow_memory::install(&mut inner);
+        }
         let target = inner.target();
         let identity = format!(
             "wasmer-{WASMER_VERSION}/{}/{}/{:?}",

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use wasmer::{Function, FunctionEnv, Instance, Module, Store};
 
+use crate::artifact_cache::PreparedModule;
 use crate::cgi::{self, CgiError, CgiRequest, CgiResponse};
+use crate::cow_memory::{self, MemoryImage, MemoryPlan};
 use crate::engine::Engine;
 use crate::wasi::{self, ProcExit, WasiContext};
 
@@ -58,6 +60,7 @@ impl FunctionConfig {
 pub struct LoadedFunction {
     engine: Engine,
     module: Module,
+    memory_plan: MemoryPlan,
     config: Arc<FunctionConfig>,
 }
 
@@ -183,12 +186,40 @@ impl std::fmt::Debug for ReadyInstance {
 }
 
 impl LoadedFunction {
+    /// A function whose instances copy the module's data segments (stock wasmer), with the
+    /// memory limit enforced.
     pub fn new(engine: Engine, module: Module, config: FunctionConfig) -> Self {
+        LoadedFunction::with_image(engine, module, None, config)
+    }
+
+    /// A function whose instances map `image` (built from the same module bytes that
+    /// `module` was compiled from) copy-on-write.
+    pub fn with_image(
+        engine: Engine,
+        module: Module,
+        image: Option<Arc<MemoryImage>>,
+        config: FunctionConfig,
+    ) -> Self {
+        let memory_plan = MemoryPlan {
+            image,
+            max_bytes: Some(config.max_memory_bytes),
+        };
         LoadedFunction {
             engine,
             module,
+            memory_plan,
             config: Arc::new(config),
         }
+    }
+
+    /// A function from a prepared (pre-initialised, compiled, imaged) module.
+    pub fn from_prepared(engine: Engine, prepared: PreparedModule, config: FunctionConfig) -> Self {
+        LoadedFunction::with_image(engine, prepared.module, prepared.image, config)
+    }
+
+    /// Whether instances map a copy-on-write memory image.
+    pub fn has_memory_image(&self) -> bool {
+        self.memory_plan.image.is_some()
     }
 
     pub fn name(&self) -> &str {
@@ -215,8 +246,9 @@ impl LoadedFunction {
         let instantiate_error = |error: &dyn std::fmt::Display| InvokeError::Instantiate {
             reason: error.to_string(),
         };
-        let instance =
-            Instance::new(&mut store, &self.module, &imports).map_err(|e| instantiate_error(&e))?;
+        let instance = cow_memory::instantiate_with(&self.memory_plan, || {
+            Instance::new(&mut store, &self.module, &imports).map_err(|e| instantiate_error(&e))
+        })?;
         let memory = instance
             .exports
             .get_memory("memory")

@@ -241,9 +241,18 @@ impl Syncer {
     async fn load(&self, deployment: Deployment, bytes: Vec<u8>) -> Result<Arc<ServedFunction>, SyncError> {
         let artifacts = self.artifacts.clone();
         let sha256 = deployment.sha256.clone();
+        let name = deployment.name.clone();
+        let init_env: Vec<(String, String)> = deployment
+            .manifest
+            .env
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
         let started = std::time::Instant::now();
-        let loaded = tokio::task::spawn_blocking(move || artifacts.load_or_compile(&sha256, &bytes)).await;
-        let (module, kind) = match loaded {
+        let loaded =
+            tokio::task::spawn_blocking(move || artifacts.load_or_prepare(&sha256, &bytes, &name, &init_env))
+                .await;
+        let prepared = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(error)) => {
                 return Err(SyncError::Load {
@@ -260,12 +269,15 @@ impl Syncer {
                 });
             }
         };
+        let kind = prepared.kind;
         ::metrics::counter!(metrics::MODULE_LOADS_TOTAL, "kind" => kind.as_str()).increment(1);
         tracing::info!(
             function = %deployment.name,
             version = deployment.version,
             sha256 = %deployment.sha256,
             how = if kind == LoadKind::Cached { "artifact from disk" } else { "compiled" },
+            preinitialized = prepared.preinitialized,
+            image_bytes = prepared.image.as_ref().map_or(0, |image| image.len()),
             took = ?started.elapsed(),
             "function ready"
         );
@@ -294,7 +306,7 @@ impl Syncer {
             idle_timeout: manifest.scale.idle_timeout(),
             ..ScaleConfig::default()
         };
-        let function = LoadedFunction::new(self.artifacts.engine().clone(), module, config);
+        let function = LoadedFunction::from_prepared(self.artifacts.engine().clone(), prepared, config);
         let pool = InstancePool::new(function, scale);
         // Reserved instances (`min_instances`) are made ready before the version is routed.
         let reserved = Arc::clone(&pool);

@@ -661,3 +661,223 @@ pub fn tmp_files(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+
+/// The value of the Prometheus sample `name{labels…}` in `text`, matching the given labels
+/// regardless of their order; the sample must carry exactly these labels (no more, no fewer).
+/// `None` when there is no such sample.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((series_name, rest)) => (series_name, parse_labels(rest.strip_suffix('}')?)?),
+                None => (series, Vec::new()),
+            };
+            if series_name != name || series_labels.len() != labels.len() {
+                return None;
+            }
+            let all_match = labels
+                .iter()
+                .all(|(key, value)| series_labels.iter().any(|(k, v)| k == key && v == value));
+            if !all_match {
+                return None;
+            }
+            value.trim().parse().ok()
+        })
+}
+
+/// `a="x",b="y"` as pairs (values unescaped: `\"`, `\\`, `\n`).
+fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((key.trim().to_string(), value));
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    Some(labels)
+}
+
+/// The current value of `atoll_instances{function=FUNCTION,state=STATE}` (0 when absent).
+pub fn instances(admin: &str, function: &str, state: &str) -> f64 {
+    metric_value(
+        &metrics(admin),
+        "atoll_instances",
+        &[("function", function), ("state", state)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Polls `/metrics` until the sample `name{labels}` satisfies `accept` (absent counts as
+/// `None`); returns its value. Panics after `timeout` with the last metrics seen.
+pub fn wait_for_metric(
+    admin: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    accept: impl Fn(Option<f64>) -> bool,
+    timeout: Duration,
+) -> Option<f64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = metrics(admin);
+        let value = metric_value(&text, name, labels);
+        if accept(value) {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("{name}{labels:?} not as expected within {timeout:?}; last value {value:?}\n{text}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A keep-alive HTTP/1.1 client
+
+/// One persistent HTTP/1.1 connection; requests go one after another on it (reconnecting
+/// when the server closes it). For tests that send many requests quickly.
+pub struct KeepAlive {
+    addr: SocketAddr,
+    stream: Option<BufReader<TcpStream>>,
+    /// Connections opened so far.
+    pub connects: usize,
+}
+
+impl KeepAlive {
+    pub fn new(addr: &str) -> KeepAlive {
+        KeepAlive {
+            addr: addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}")),
+            stream: None,
+            connects: 0,
+        }
+    }
+
+    /// `GET path` with `Host: host` on the persistent connection.
+    pub fn get(&mut self, host: &str, path: &str) -> std::io::Result<Response> {
+        let reader = match &mut self.stream {
+            Some(reader) => reader,
+            None => {
+                let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(10))?;
+                stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+                stream.set_write_timeout(Some(Duration::from_secs(60)))?;
+                stream.set_nodelay(true)?;
+                self.connects += 1;
+                self.stream.insert(BufReader::new(stream))
+            }
+        };
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let outcome = reader
+            .get_mut()
+            .write_all(head.as_bytes())
+            .and_then(|()| read_response(reader));
+        match outcome {
+            Ok(response) => {
+                let closing = response
+                    .header("connection")
+                    .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                if closing {
+                    self.stream = None;
+                }
+                Ok(response)
+            }
+            Err(error) => {
+                self.stream = None;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Reads one response (head, then a `Content-Length` or chunked body) off a kept-alive
+/// connection.
+fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<Response> {
+    fn read_line(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ));
+        }
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let status_line = read_line(reader)?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let mut headers = BTreeMap::new();
+    loop {
+        let line = read_line(reader)?;
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+        }
+    }
+    let mut body = Vec::new();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let size_line = read_line(reader)?;
+            let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad(format!("bad chunk size {size_line:?}")))?;
+            if size == 0 {
+                // Trailers, up to the blank line.
+                while !read_line(reader)?.is_empty() {}
+                break;
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            reader.read_exact(&mut body[start..])?;
+            read_line(reader)?;
+        }
+    } else if let Some(length) = headers.get("content-length") {
+        let length: usize = length
+            .parse()
+            .map_err(|_| bad(format!("bad content-length {length:?}")))?;
+        body.resize(length, 0);
+        reader.read_exact(&mut body)?;
+    } else if status != 204 && status != 304 {
+        reader.read_to_end(&mut body)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// The peak resident set size of process `pid` (`VmHWM`), in bytes, if Linux reports it.
+pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line["VmHWM:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
