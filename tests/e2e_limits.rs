@@ -103,11 +103,7 @@ fn looping_guest_is_stopped_with_504_in_time() {
     let worst = overshoots.iter().max().copied().unwrap_or_default();
     eprintln!(
         "timeout overshoot for a 300 ms timeout: {overshoots:?} (worst {worst:?}; target ≤ {TARGET_OVERSHOOT:?}{})",
-        if worst <= TARGET_OVERSHOOT {
-            ""
-        } else {
-            ", MISSED"
-        }
+        if worst <= TARGET_OVERSHOOT { "" } else { ", MISSED" }
     );
 
     let health = get(&cluster.admin, "admin", "/healthz");
@@ -183,7 +179,10 @@ fn memory_bomb_is_an_error_and_service_continues() {
     let started = Instant::now();
     let response = get(&cluster.http, "fault.localhost", "/grow");
     let elapsed = started.elapsed();
-    eprintln!("/grow with a 32 MiB limit answered {} after {elapsed:?}", response.status);
+    eprintln!(
+        "/grow with a 32 MiB limit answered {} after {elapsed:?}",
+        response.status
+    );
     assert_eq!(
         response.status,
         502,

@@ -99,12 +99,33 @@ impl Engine {
         let declared = declared_memory_bytes(&module);
         if declared > max_memory_bytes {
             return Err(IsolateError::Invalid(format!(
-                "its memory starts at {} MiB, over the {} MiB memory limit",
-                declared >> 20,
-                max_memory_bytes >> 20
+                "its memory starts at {}, over the {} memory limit",
+                human_bytes(declared),
+                human_bytes(max_memory_bytes)
             )));
         }
         Ok(())
+    }
+}
+
+/// `1.06 MiB`, `64 KiB`, `512 B`: exact enough that two different sizes never print alike
+/// in the cases that matter (limits are whole units, memories whole 64 KiB pages).
+fn human_bytes(bytes: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    let scaled = |unit: u64, name: &str| {
+        if bytes.is_multiple_of(unit) {
+            format!("{} {name}", bytes / unit)
+        } else {
+            format!("{:.2} {name}", bytes as f64 / unit as f64)
+        }
+    };
+    match bytes {
+        b if b >= GIB => scaled(GIB, "GiB"),
+        b if b >= MIB => scaled(MIB, "MiB"),
+        b if b >= KIB => scaled(KIB, "KiB"),
+        b => format!("{b} B"),
     }
 }
 
@@ -162,4 +183,18 @@ pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_exactly_enough() {
+        assert_eq!(human_bytes(17 * 65536), "1.06 MiB");
+        assert_eq!(human_bytes(1 << 20), "1 MiB");
+        assert_eq!(human_bytes(64 << 10), "64 KiB");
+        assert_eq!(human_bytes(4 << 30), "4 GiB");
+        assert_eq!(human_bytes(100), "100 B");
+    }
 }
