@@ -80,6 +80,40 @@ pub fn preinitialize(
     preinitialize_named(engine, wasm, DEFAULT_ARGV0, env)
 }
 
+/// Longest an init function may run: a deploy must not hang on a looping init.
+pub const INIT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `call` with a watchdog that interrupts the store after `limit`; returns the call's
+/// outcome and whether the watchdog fired.
+fn with_deadline<R>(
+    interrupter: wasmer::Interrupter,
+    limit: std::time::Duration,
+    call: impl FnOnce() -> R,
+) -> (R, bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{RecvTimeoutError, channel};
+    let fired = std::sync::Arc::new(AtomicBool::new(false));
+    let (finished, wait) = channel::<()>();
+    let watchdog = {
+        let fired = std::sync::Arc::clone(&fired);
+        std::thread::spawn(move || {
+            if !matches!(wait.recv_timeout(limit), Err(RecvTimeoutError::Timeout)) {
+                return;
+            }
+            fired.store(true, Ordering::SeqCst);
+            // A signal can miss a guest that is not running yet: repeat until it returns.
+            while let Err(RecvTimeoutError::Timeout) = {
+                interrupter.interrupt();
+                wait.recv_timeout(std::time::Duration::from_millis(10))
+            } {}
+        })
+    };
+    let outcome = call();
+    drop(finished);
+    let _ = watchdog.join();
+    (outcome, fired.load(Ordering::SeqCst))
+}
+
 /// [`preinitialize`] with `name` as `argv[0]`, as requests will see it.
 pub fn preinitialize_named(
     engine: &Engine,
@@ -443,8 +477,14 @@ fn run_init(
         .map_err(|error| IsolateError::Invalid(error.to_string()))?
         .clone();
 
-    let outcome = function.call(&mut store, &[]);
+    let interrupter = store.interrupter();
+    let (outcome, timed_out) = with_deadline(interrupter, INIT_TIME_LIMIT, || function.call(&mut store, &[]));
     let output = function_env.as_mut(&mut store).take_output();
+    if timed_out {
+        return Err(IsolateError::Invalid(format!(
+            "init function did not finish within {INIT_TIME_LIMIT:?}"
+        )));
+    }
     if let Err(error) = outcome {
         let log = String::from_utf8_lossy(&output.stderr);
         let log = log.trim();

@@ -335,3 +335,21 @@ fn scattered_memory_fits_the_segment_limit() {
             .all(|(at, &byte)| byte == u8::from(at % 128 == 0))
     );
 }
+
+#[test]
+fn looping_init_is_stopped_and_refused() {
+    let engine = atoll_isolate::Engine::new().unwrap();
+    let wasm = wasmer::wat2wasm(
+        br#"(module
+          (memory (export "memory") 1)
+          (func (export "atoll_init") (loop $forever (br $forever)))
+          (func (export "_start")))"#,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let error = atoll_isolate::snapshot::preinitialize(&engine, &wasm, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("did not finish"), "{error}");
+    assert!(started.elapsed() < atoll_isolate::snapshot::INIT_TIME_LIMIT * 3);
+}

@@ -194,8 +194,21 @@ impl Registry {
         }
         let engine = self.engine.clone();
         let memory_limit = manifest.limits.memory_bytes();
+        let name = manifest.name.clone();
+        let init_env: Vec<(String, String)> = manifest
+            .env
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
         let (module, checked) = tokio::task::spawn_blocking(move || {
-            let checked = engine.validate_with_memory_limit(&module, memory_limit);
+            // The module must compile, fit its memory limit, and — if it has an init export —
+            // initialise, exactly as nodes will prepare it: refuse now what no node could serve.
+            let checked = engine
+                .validate_with_memory_limit(&module, memory_limit)
+                .and_then(|()| {
+                    atoll_isolate::snapshot::preinitialize_named(&engine, &module, &name, &init_env)
+                })
+                .map(drop);
             (module, checked)
         })
         .await

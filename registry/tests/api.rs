@@ -264,6 +264,29 @@ async fn invalid_module_is_refused_and_nothing_stored() {
         .unwrap_err();
     assert_eq!(status_of(&e), 422);
     assert!(e.to_string().contains("_start"), "{e}");
+    // A WASI command whose init function traps: no node could prepare it.
+    let trapping_init = wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+             (func (export "atoll_init") unreachable)
+             (func (export "_start")))"#,
+    )
+    .unwrap();
+    let e = client
+        .push(&manifest("a", &["a.com"]), trapping_init)
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e), 422);
+    assert!(e.to_string().contains("init function"), "{e}");
+    // A memory that starts larger than the manifest's limit could never run.
+    let big_memory =
+        wat::parse_str(r#"(module (memory (export "memory") 40) (func (export "_start")))"#).unwrap();
+    let limited = format!(
+        "{}[limits]\nmemory = \"2MiB\"\n",
+        manifest("a", &["a.com"]).replace("[env]\nGREETING = \"hi\"\n", "")
+    );
+    let e = client.push(&limited, big_memory).await.unwrap_err();
+    assert_eq!(status_of(&e), 422);
+    assert!(e.to_string().contains("over the 2 MiB memory limit"), "{e}");
     assert!(client.list().await.unwrap().is_empty());
     assert_eq!(server.blob_files(), 0);
     assert!(!server.data.path().join("state.json").exists());
