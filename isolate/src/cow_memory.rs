@@ -26,15 +26,40 @@
 //! uses wasmer's static memory style (no bounds checks; out-of-bounds accesses hit
 //! `PROT_NONE` and trap), exactly as with [`BaseTunables`].
 //!
-//! # Pooling
+//! # Pooling and reset
 //!
-//! Reserving and unmapping an 8 GiB region costs microseconds and takes the process's mm
-//! lock. A dropped [`CowMemory`] therefore resets its slot — one `mmap(MAP_FIXED |
-//! MAP_ANONYMOUS, PROT_NONE)` over the range it used, which discards both the private
-//! copy-on-write pages and the file mapping (it subsumes `madvise(MADV_DONTNEED)`), so
-//! nothing the previous tenant wrote or mapped can be seen — and pushes it on a per-thread
-//! free list (at most [`MAX_FREE_SLOTS_PER_THREAD`]), where the next instantiation on that
-//! thread finds it. Per-thread lists need no lock and keep cores from contending.
+//! Every `mmap`, `mprotect` and `munmap` takes the process's mm lock for writing and may
+//! shoot down TLBs on every core; with an instance per request they were a quarter of a
+//! busy node's CPU. So slots are pooled and keep their image mapped between tenants, as
+//! wasmtime's pooling allocator does:
+//!
+//! ```text
+//!  drop (release)                         free list (per thread)      instantiate (acquire)
+//!  madvise(DONTNEED) [0, size)            ┌──────────────────────┐    same image: take it,
+//!  ─ image: private CoW copies dropped ──▶│ slot: image X, 4 pg  │──▶ no syscall at all
+//!  ─ zero region: pages dropped (zero)    │ slot: image Y, 1 pg  │    other/no image:
+//!  mprotect(NONE) [initial, size)         │ slot: no image, 2 pg │──▶ mmap(anon, NONE) over
+//!    only if the tenant grew              └──────────────────────┘    the old image's range,
+//!  list full or a step failed: munmap       ≤ MAX_FREE_SLOTS_PER_THREAD   mmap the new image,
+//!                                                                       mprotect to size
+//! ```
+//!
+//! - A released slot is `madvise(MADV_DONTNEED)`-ed over its whole accessible range. In the
+//!   `MAP_PRIVATE` image mapping that discards the private copy-on-write pages, so the next
+//!   access sees the (sealed) image again; in the anonymous region after it pages read zero
+//!   again. `madvise` takes the mm lock only for reading. If the tenant grew the memory, the
+//!   grown tail (discarded too) goes back to `PROT_NONE` with one `mprotect`: size and
+//!   accessibility are the initial ones again. The slot remembers which image it shows (the
+//!   `Arc<MemoryImage>`, compared by identity) and how much of it is accessible.
+//! - Acquiring prefers the most recently released slot already showing the same image:
+//!   the instance starts with zero syscalls. Otherwise it takes a slot showing nothing, or
+//!   one whose image no module holds any more, or the least recently released; a slot
+//!   showing another image is first blanked with one anonymous `PROT_NONE` `mmap` over its
+//!   whole accessible range, so no byte of the other module can remain visible, even where
+//!   the new image is shorter. Only then is the new image mapped and the size set.
+//! - A failed syscall poisons the slot: it is unmapped, never reused.
+//! - Per-thread lists need no lock and keep cores from contending; an instance dropped on
+//!   another thread than it started on feeds that thread's list.
 //!
 //! # Arming
 //!
@@ -56,7 +81,13 @@
 //!   memories, segments that trap) get no image and use stock wasmer.
 //! - The first write to each image page costs a page fault and a 4 KiB copy; a guest that
 //!   rewrites its whole image pays what stock wasmer paid up front, spread over the run.
-//! - Pooled slots hold 8 GiB of address space each (no memory): 16 per thread.
+//! - Pooled slots hold 8 GiB of address space each (no memory): 16 per thread. A free slot
+//!   keeps its image's memfd alive (shared page cache, counted once per image however many
+//!   slots show it), until the slot is switched to another image or evicted.
+//! - `MADV_DONTNEED` also drops the clean image pages a tenant only read; the next tenant
+//!   faults them back in from the page cache (minor faults, no copy).
+//! - The list cap counts slots, not images: a thread serving more than 16 functions in
+//!   turn remaps on most starts, as before.
 //! - Linux only (memfd, sealing).
 
 #![allow(unsafe_code)]
@@ -485,31 +516,95 @@ impl Tunables for CowTunables {
 // Slots
 // ------------------------------------------------------------------------------------------
 
-/// A reserved region: `len` bytes at `base`, all `PROT_NONE` anonymous while it is free.
+/// A reserved region of `len` bytes at `base`.
+///
+/// Its layout, between instances (on a free list) and as an instance starts:
+///
+/// - `[0, image.len)`: the image's memfd mapped `MAP_PRIVATE`, readable and writable, with
+///   no private copy-on-write page (every access sees the image);
+/// - `[image.len, accessible)`: anonymous, readable and writable, with no page (reads zero);
+/// - `[accessible, len)`: anonymous `PROT_NONE`, with no page.
+///
+/// `image.len <= accessible` always (an image never extends past the initial memory). A
+/// live memory may dirty `[0, accessible)` and grow `accessible`; [`Slot::release`] restores
+/// the layout above before the slot goes back on a list.
 #[derive(Debug)]
 struct Slot {
     base: NonNull<u8>,
     len: usize,
+    /// The image mapped at offset 0; never an empty image (those map nothing).
+    image: Option<Arc<MemoryImage>>,
+    /// Bytes from the base that are readable and writable.
+    accessible: usize,
+    /// A syscall on the slot failed midway: its layout is unknown, so it is unmapped
+    /// instead of reused.
+    poisoned: bool,
 }
 
 // SAFETY: a slot is an address range this process owns exclusively; nothing about it is
-// tied to the thread that mapped it.
+// tied to the thread that mapped it (the image is an `Arc` of a `File`, both `Send`).
 unsafe impl Send for Slot {}
 
+/// Whether a slot holding `held` already shows `wanted` (same memfd, or both none).
+fn same_image(held: Option<&Arc<MemoryImage>>, wanted: Option<&Arc<MemoryImage>>) -> bool {
+    match (held, wanted) {
+        (Some(held), Some(wanted)) => Arc::ptr_eq(held, wanted),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 impl Slot {
-    /// Pops a free slot of `len` bytes from this thread's list, or reserves a new one.
-    fn acquire(len: usize) -> Result<Slot, String> {
+    /// A slot of `len` bytes showing `image` (if any, and not empty) followed by zeros, with
+    /// `[0, initial_bytes)` accessible: from this thread's list if it has one (best a slot
+    /// already holding `image`, which then costs no syscall at all), else a new
+    /// reservation.
+    ///
+    /// `image.len() <= initial_bytes <= 4 GiB < len` (the caller checks).
+    fn acquire(len: usize, image: Option<&Arc<MemoryImage>>, initial_bytes: usize) -> Result<Slot, String> {
+        let image = image.filter(|image| image.len > 0);
+        debug_assert!(image.is_none_or(|image| image.len <= initial_bytes));
+        debug_assert!(initial_bytes <= len);
         let pooled = FREE_SLOTS
             .try_with(|slots| {
                 let mut slots = slots.borrow_mut();
-                let index = slots.iter().rposition(|slot| slot.len == len)?;
-                Some(slots.swap_remove(index))
+                // Most recently released first among slots already holding the image; else
+                // one holding nothing, else one whose image nobody else holds any more (its
+                // module is gone), else the least recently released.
+                let index = slots
+                    .iter()
+                    .rposition(|slot| slot.len == len && same_image(slot.image.as_ref(), image))
+                    .or_else(|| {
+                        slots
+                            .iter()
+                            .position(|slot| slot.len == len && slot.image.is_none())
+                    })
+                    .or_else(|| {
+                        slots.iter().position(|slot| {
+                            slot.len == len
+                                && slot
+                                    .image
+                                    .as_ref()
+                                    .is_some_and(|held| Arc::strong_count(held) == 1)
+                        })
+                    })
+                    .or_else(|| slots.iter().position(|slot| slot.len == len))?;
+                Some(slots.remove(index))
             })
             .ok()
             .flatten();
-        if let Some(slot) = pooled {
-            return Ok(slot);
-        }
+        let mut slot = match pooled {
+            Some(slot) => slot,
+            None => Slot::reserve(len)?,
+        };
+        // On failure `slot` is dropped here, unmapping it whatever state it was left in.
+        slot.show(image)?;
+        slot.set_accessible(initial_bytes)?;
+        Ok(slot)
+    }
+
+    /// Reserves a new slot: all anonymous `PROT_NONE`.
+    fn reserve(len: usize) -> Result<Slot, String> {
         // SAFETY: a fresh anonymous reservation at an address of the kernel's choosing
         // touches no existing mapping.
         let base = unsafe {
@@ -528,19 +623,29 @@ impl Slot {
         Ok(Slot {
             base: NonNull::new(base.cast()).expect("mmap returned a null mapping"),
             len,
+            image: None,
+            accessible: 0,
+            poisoned: false,
         })
     }
 
-    /// Makes `[0, used)` `PROT_NONE` anonymous again, dropping every page and mapping a
-    /// tenant had there, and returns the slot to this thread's list (or unmaps it).
-    fn release(self, used: usize) {
-        if used > 0 {
-            // SAFETY: `[base, base + used)` lies inside this slot, which nothing else
-            // references any more (its memory was dropped).
+    /// Makes the slot (a free one, in the layout of [`Slot`]) show `image` at offset 0 and
+    /// zeros after it. Nothing to do when it already does.
+    fn show(&mut self, image: Option<&Arc<MemoryImage>>) -> Result<(), String> {
+        if same_image(self.image.as_ref(), image) {
+            return Ok(());
+        }
+        if self.image.is_some() {
+            // Replace every byte the old image's mapping covers (and the zero pages after
+            // it, which keeps the slot one anonymous run): nothing of another module stays
+            // visible, even where the new image is shorter or absent.
+            let blank = self.accessible;
+            // SAFETY: `[base, base + accessible)` lies inside this slot, which no memory
+            // uses while it is being acquired; MAP_FIXED replaces only our own mappings.
             let reset = unsafe {
                 libc::mmap(
                     self.base.as_ptr().cast(),
-                    used,
+                    blank,
                     libc::PROT_NONE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
                     -1,
@@ -548,8 +653,82 @@ impl Slot {
                 )
             };
             if reset == libc::MAP_FAILED {
+                self.poisoned = true;
+                return Err(last_os_error("clearing a pooled linear memory"));
+            }
+            self.image = None;
+            self.accessible = 0;
+        }
+        if let Some(image) = image {
+            // SAFETY: `[base, base + image.len)` lies inside the slot (image.len <= 4 GiB <
+            // len), which no memory uses while it is being acquired, so MAP_FIXED replaces
+            // only our own (page-less) anonymous mapping. The memfd is sealed against writes
+            // and size changes.
+            let mapped = unsafe {
+                libc::mmap(
+                    self.base.as_ptr().cast(),
+                    image.len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    image.file.as_raw_fd(),
+                    0,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                self.poisoned = true;
+                return Err(last_os_error("mapping the memory image"));
+            }
+            self.image = Some(Arc::clone(image));
+            self.accessible = self.accessible.max(image.len);
+        }
+        Ok(())
+    }
+
+    /// Makes exactly `[0, bytes)` readable and writable: `mprotect` of the difference, or
+    /// nothing when the slot is already that size. Shrinking must not cut into the image
+    /// (`bytes >= image.len`) and is only for page-less ranges (a reset slot).
+    fn set_accessible(&mut self, bytes: usize) -> Result<(), String> {
+        debug_assert!(bytes <= MAX_WASM32_BYTES as usize && bytes <= self.len);
+        debug_assert!(self.image.as_ref().is_none_or(|image| image.len <= bytes));
+        let (from, to, protection) = match bytes.cmp(&self.accessible) {
+            std::cmp::Ordering::Equal => return Ok(()),
+            std::cmp::Ordering::Greater => (self.accessible, bytes, libc::PROT_READ | libc::PROT_WRITE),
+            std::cmp::Ordering::Less => (bytes, self.accessible, libc::PROT_NONE),
+        };
+        // SAFETY: `[from, to)` lies within the slot's first 4 GiB, which this slot owns;
+        // beyond the image it is anonymous, so changing its protection exposes only zero
+        // pages or (shrinking) hides pages already discarded.
+        let result = unsafe { libc::mprotect(self.base.as_ptr().add(from).cast(), to - from, protection) };
+        if result != 0 {
+            self.poisoned = true;
+            return Err(last_os_error("resizing a linear memory"));
+        }
+        self.accessible = bytes;
+        Ok(())
+    }
+
+    /// Discards everything a tenant wrote — `madvise(MADV_DONTNEED)` over the accessible
+    /// range drops the private copies of image pages (the image shows again) and the
+    /// anonymous pages (zeros again) — and makes the slot `initial_bytes` long again (an
+    /// `mprotect` only if the tenant grew it). The image stays mapped. The slot goes back
+    /// to this thread's list, or is unmapped if the list is full or a step failed.
+    fn release(mut self, initial_bytes: usize) {
+        if self.poisoned {
+            return drop(self);
+        }
+        if self.accessible > 0 {
+            // SAFETY: `[base, base + accessible)` lies inside this slot, which nothing
+            // references any more (its memory was dropped); discarding its pages is what
+            // we want, and the mappings themselves stay.
+            let result =
+                unsafe { libc::madvise(self.base.as_ptr().cast(), self.accessible, libc::MADV_DONTNEED) };
+            if result != 0 {
                 return drop(self);
             }
+        }
+        // Only a grown tail (anonymous and just discarded) goes back to PROT_NONE.
+        if self.set_accessible(initial_bytes.min(self.accessible)).is_err() {
+            return drop(self);
         }
         let mut slot = Some(self);
         let _ = FREE_SLOTS.try_with(|slots| {
@@ -558,7 +737,7 @@ impl Slot {
                 slots.push(slot.take().expect("slot pushed once"));
             }
         });
-        // Otherwise `slot` is dropped here, unmapping it.
+        // Otherwise `slot` is dropped here, unmapping it (and letting go of its image).
     }
 }
 
@@ -606,8 +785,8 @@ pub struct CowMemory {
     style: MemoryStyle,
     /// Current size in bytes (the accessible prefix of the slot).
     size_bytes: usize,
-    /// Bytes of the slot ever touched (mapped or made accessible): what a reset must clear.
-    used_bytes: usize,
+    /// The declared minimum in bytes: the size the slot goes back to when reset.
+    initial_bytes: usize,
     /// Upper bound on growth, in bytes: the declared maximum, the plan's limit and 4 GiB.
     limit_bytes: u64,
     image: Option<Arc<MemoryImage>>,
@@ -679,9 +858,8 @@ impl CowMemory {
         let slot_len = bound
             .checked_add(guard)
             .ok_or_else(|| MemoryError::Generic("slot size overflows".into()))?;
-        let slot = Slot::acquire(slot_len).map_err(MemoryError::Region)?;
-
-        // From here on a failure returns the slot via `Drop for CowMemory`.
+        // The slot comes with the image mapped and the initial pages accessible.
+        let slot = Slot::acquire(slot_len, image.as_ref(), initial_bytes).map_err(MemoryError::Region)?;
         let base = slot.base.as_ptr();
         let mut memory = CowMemory {
             slot: Some(slot),
@@ -694,61 +872,23 @@ impl CowMemory {
             },
             ty: *ty,
             style: *style,
-            size_bytes: 0,
-            used_bytes: 0,
+            size_bytes: initial_bytes,
+            initial_bytes,
             limit_bytes,
-            image: None,
+            image,
             skipped_segments: AtomicUsize::new(0),
         };
-
-        let image_len = image.as_ref().map_or(0, |image| image.len);
-        if image_len > 0 {
-            let file = &image.as_ref().expect("image_len > 0").file;
-            memory.used_bytes = image_len;
-            // SAFETY: `[base, base + image_len)` lies inside the slot this memory owns
-            // (image_len <= initial_bytes <= 4 GiB), so MAP_FIXED replaces only our own
-            // reservation. The memfd is sealed against writes and size changes.
-            let mapped = unsafe {
-                libc::mmap(
-                    base.cast(),
-                    image_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_FIXED,
-                    file.as_raw_fd(),
-                    0,
-                )
-            };
-            if mapped == libc::MAP_FAILED {
-                return Err(MemoryError::Region(last_os_error("mapping the memory image")));
-            }
-        }
-        memory.image = image;
-        memory.make_accessible(image_len, initial_bytes)?;
-        memory.size_bytes = initial_bytes;
         memory.publish();
         Ok(memory)
     }
 
-    /// Makes `[from, to)` of the slot readable and writable (zero pages, never touched).
-    fn make_accessible(&mut self, from: usize, to: usize) -> Result<(), MemoryError> {
-        if to <= from {
+    /// Makes the slot's first `to` bytes readable and writable (the new ones: zero pages).
+    fn make_accessible(&mut self, to: usize) -> Result<(), MemoryError> {
+        let slot = self.slot.as_mut().expect("live memory has a slot");
+        if to <= slot.accessible {
             return Ok(());
         }
-        let slot = self.slot.as_ref().expect("live memory has a slot");
-        debug_assert!(to <= MAX_WASM32_BYTES as usize && to <= slot.len);
-        self.used_bytes = self.used_bytes.max(to);
-        // SAFETY: `[from, to)` lies within the slot's first 4 GiB, which this memory owns.
-        let result = unsafe {
-            libc::mprotect(
-                slot.base.as_ptr().add(from).cast(),
-                to - from,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        if result != 0 {
-            return Err(MemoryError::Region(last_os_error("growing a linear memory")));
-        }
-        Ok(())
+        slot.set_accessible(to).map_err(MemoryError::Region)
     }
 
     /// Writes base and length where compiled code reads them.
@@ -807,7 +947,7 @@ impl CowMemory {
 impl Drop for CowMemory {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            slot.release(self.used_bytes);
+            slot.release(self.initial_bytes);
         }
     }
 }
@@ -838,7 +978,7 @@ impl LinearMemory for CowMemory {
             return Err(self.could_not_grow(delta));
         }
         let new_bytes = new_bytes as usize;
-        self.make_accessible(self.size_bytes, new_bytes)?;
+        self.make_accessible(new_bytes)?;
         self.size_bytes = new_bytes;
         self.publish();
         Ok(previous)

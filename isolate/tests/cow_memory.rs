@@ -101,6 +101,22 @@ impl Running {
             .unwrap();
     }
 
+    fn try_load8(&mut self, address: usize) -> Result<i32, String> {
+        let load = self
+            .instance
+            .exports
+            .get_typed_function::<i32, i32>(&self.store, "load8")
+            .unwrap();
+        load.call(&mut self.store, address as i32)
+            .map_err(|error| error.message())
+    }
+
+    /// Where the linear memory lives: equal for two instances means the same pooled slot.
+    fn base(&self) -> usize {
+        let memory = self.instance.exports.get_memory("memory").unwrap();
+        memory.view(&self.store).data_ptr() as usize
+    }
+
     fn grow(&mut self, delta: i32) -> i32 {
         let grow = self
             .instance
@@ -223,6 +239,156 @@ fn a_reused_slot_shows_nothing_of_another_module() {
         assert_eq!(b.load8(6 * PAGE + 1), 0, "A's grown page is gone");
         b.store8(6 * PAGE + 2, 1);
     }
+}
+
+/// Dirties every kind of page a slot has: image pages, zero pages after the image, and
+/// (growing to 7 pages if smaller) pages beyond the initial size.
+fn scribble(running: &mut Running) {
+    for address in [0, 11, 70001, 131072, 262143, 20, 3 * PAGE + 9, 200000] {
+        running.store8(address, 0xA5);
+    }
+    let pages = running.grow(0);
+    if pages < 7 {
+        assert_eq!(running.grow(7 - pages), pages);
+    }
+    for address in [4 * PAGE, 5 * PAGE + 1, 7 * PAGE - 1] {
+        running.store8(address, 0xA5);
+    }
+}
+
+/// `running` shows exactly `stock` (a fresh stock instance's memory) at its initial size,
+/// traps past it, and grows again to zero pages.
+fn assert_fresh(running: &mut Running, stock: &[u8], what: &str) {
+    let memory = running.memory();
+    assert_eq!(memory.len(), 4 * PAGE, "{what}: size is the initial size");
+    for address in [
+        0,
+        11,
+        20,
+        70000,
+        70001,
+        70004,
+        131072,
+        131079,
+        3 * PAGE + 9,
+        200000,
+        262139,
+        262143,
+    ] {
+        assert_eq!(memory[address], stock[address], "{what}: byte {address}");
+        assert_eq!(
+            running.load8(address),
+            i32::from(stock[address]),
+            "{what}: load8 {address}"
+        );
+    }
+    assert!(
+        memory == stock,
+        "{what}: memory differs from a fresh stock instance"
+    );
+    assert!(
+        running.try_load8(4 * PAGE).is_err(),
+        "{what}: the grown tail is inaccessible again"
+    );
+    assert!(
+        running.try_load8(5 * PAGE + 1).is_err(),
+        "{what}: the grown tail is inaccessible again"
+    );
+    assert_eq!(running.grow(0), 4, "{what}: memory.size");
+    assert_eq!(running.grow(3), 4, "{what}: memory.grow");
+    for address in [4 * PAGE, 5 * PAGE + 1, 7 * PAGE - 1] {
+        assert_eq!(running.load8(address), 0, "{what}: grown byte {address}");
+    }
+    running.store8(7 * PAGE - 1, 1);
+    assert_eq!(running.load8(7 * PAGE - 1), 1);
+    assert_eq!(running.grow(10), -1, "{what}: the declared maximum still holds");
+}
+
+#[test]
+fn a_slot_reused_for_the_same_image_shows_exactly_the_image() {
+    let engine = engine();
+    let wasm = module_a();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    let stock = Running::start(&engine, &module, None).memory();
+
+    let mut first = Running::start(&engine, &module, Some(&plan));
+    let base = first.base();
+    assert_fresh(&mut first, &stock, "first instance");
+    drop(first);
+    for round in 0..4 {
+        let mut running = Running::start(&engine, &module, Some(&plan));
+        assert_eq!(running.base(), base, "round {round}: the same slot is reused");
+        assert_fresh(&mut running, &stock, &format!("round {round}"));
+        // Leave more behind, including a grown memory, for the next round.
+        scribble(&mut running);
+        if round % 2 == 1 {
+            assert_eq!(running.grow(9), 7, "round {round}: grow to the maximum");
+            running.store8(16 * PAGE - 1, 0xEE);
+        }
+    }
+    let slots = free_slots_on_this_thread();
+    assert!(slots >= 1);
+    let mut running = Running::start(&engine, &module, Some(&plan));
+    assert_eq!(free_slots_on_this_thread(), slots - 1);
+    assert_fresh(&mut running, &stock, "last instance");
+}
+
+#[test]
+fn each_image_goes_back_to_its_own_slot_and_switching_images_shows_none_of_the_old() {
+    let engine = engine();
+    let (wasm_a, wasm_b) = (module_a(), module_b());
+    let module_a = Module::new(&engine, &wasm_a).unwrap();
+    let module_b = Module::new(&engine, &wasm_b).unwrap();
+    let (plan_a, plan_b) = (plan(&wasm_a, None), plan(&wasm_b, None));
+    let stock_a = Running::start(&engine, &module_a, None).memory();
+    let stock_b = Running::start(&engine, &module_b, None).memory();
+
+    // Two slots, one per image; each instance goes back to the slot holding its image.
+    let mut a = Running::start(&engine, &module_a, Some(&plan_a));
+    let mut b = Running::start(&engine, &module_b, Some(&plan_b));
+    let (base_a, base_b) = (a.base(), b.base());
+    assert_ne!(base_a, base_b);
+    scribble(&mut a);
+    scribble(&mut b);
+
+    // A's slot, dirtied and grown, switched to B's shorter image, to no image, and back.
+    // B keeps its own slot busy meanwhile, so the slot just released is the only candidate.
+    let mut last = a;
+    let cases: [(&Module, Option<&MemoryPlan>, &[u8], &str); 4] = [
+        (&module_b, Some(&plan_b), &stock_b, "B in A's slot"),
+        (&module_a, Some(&plan_a), &stock_a, "A after B"),
+        (
+            &module_b,
+            Some(&MemoryPlan::default()),
+            &stock_b,
+            "B without an image in A's slot",
+        ),
+        (&module_a, Some(&plan_a), &stock_a, "A after no image"),
+    ];
+    for (module, plan, stock, what) in cases {
+        let base = last.base();
+        drop(last);
+        let mut running = Running::start(&engine, module, plan);
+        assert_eq!(running.base(), base, "{what}: the slot is reused");
+        assert_fresh(&mut running, stock, what);
+        scribble(&mut running);
+        last = running;
+    }
+    assert_eq!(b.base(), base_b);
+}
+
+#[test]
+fn the_free_list_is_capped() {
+    let engine = engine();
+    let wasm = module_b();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    let running: Vec<Running> = (0..cow_memory::MAX_FREE_SLOTS_PER_THREAD + 4)
+        .map(|_| Running::start(&engine, &module, Some(&plan)))
+        .collect();
+    drop(running);
+    assert_eq!(free_slots_on_this_thread(), cow_memory::MAX_FREE_SLOTS_PER_THREAD);
 }
 
 #[test]

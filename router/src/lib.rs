@@ -9,11 +9,13 @@
 //!
 //! - [`route_table`]: host/path matching, pure and generic over its target.
 //! - [`served`]: the published table of loaded functions.
-//! - [`service`]: the request path; [`server`]: accept loops with graceful shutdown.
+//! - [`service`]: the request path; [`server`]: accept loops with graceful shutdown;
+//!   [`executor`]: the threads guest code runs on.
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
 //! - [`admin`] and [`metrics`]: what operators look at.
 
 pub mod admin;
+pub mod executor;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::AdminService;
+use crate::executor::GuestExecutor;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;
 use crate::service::EdgeService;
@@ -105,7 +106,7 @@ pub async fn run(
     let maintenance = tokio::spawn(maintain_pools(Arc::clone(&routing), stopped(stop.clone())));
     let edge = tokio::spawn(crate::server::serve(
         listener,
-        EdgeService::new(Arc::clone(&routing)),
+        EdgeService::new(Arc::clone(&routing), GuestExecutor::per_core()),
         stopped(stop.clone()),
     ));
     let admin = tokio::spawn(crate::server::serve(

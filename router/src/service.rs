@@ -16,6 +16,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::executor::GuestExecutor;
 use crate::metrics;
 use crate::served::{Routing, ServedFunction};
 use crate::server::{ConnectionInfo, Handler, text_response};
@@ -26,13 +27,15 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Routes requests to functions.
 pub struct EdgeService {
     routing: Arc<Routing>,
+    executor: Arc<GuestExecutor>,
     max_body_bytes: usize,
 }
 
 impl EdgeService {
-    pub fn new(routing: Arc<Routing>) -> Arc<Self> {
+    pub fn new(routing: Arc<Routing>, executor: Arc<GuestExecutor>) -> Arc<Self> {
         Arc::new(EdgeService {
             routing,
+            executor,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         })
     }
@@ -130,11 +133,18 @@ impl EdgeService {
             headers: parts.headers,
             body,
         };
-        (invoke(served, cgi_request).await, Some(function_name))
+        (
+            invoke(&self.executor, served, cgi_request).await,
+            Some(function_name),
+        )
     }
 }
 
-async fn invoke(served: Arc<ServedFunction>, request: CgiRequest) -> Response<Full<Bytes>> {
+async fn invoke(
+    executor: &GuestExecutor,
+    served: Arc<ServedFunction>,
+    request: CgiRequest,
+) -> Response<Full<Bytes>> {
     let name = served.name().to_string();
     let version = served.deployment.version;
     let pool = Arc::clone(&served.pool);
@@ -160,7 +170,7 @@ async fn invoke(served: Arc<ServedFunction>, request: CgiRequest) -> Response<Fu
     {
         let pool = Arc::clone(&pool);
         let interrupt = Arc::clone(&interrupt);
-        tokio::task::spawn_blocking(move || {
+        executor.spawn(move || {
             let outcome = pool.execute(&request, &interrupt);
             drop(admission);
             let _ = sender.send(outcome);

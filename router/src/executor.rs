@@ -1,0 +1,167 @@
+//! Where guest code runs: a few hot threads, and overflow threads when those are stuck.
+//!
+//! Guest code blocks the thread it runs on, so it never runs on the threads that serve I/O.
+//! Handing each invocation to tokio's blocking pool works but spreads requests over dozens
+//! of threads: every request pays a futex wake-up and context switches, and caches go cold.
+//! Instead, one hot worker per core takes invocations from a shared queue. A worker whose
+//! guest has run longer than [`STALL_THRESHOLD`] counts as stalled; when every worker is
+//! stalled — a function spinning for seconds on every core — new invocations go to tokio's
+//! blocking pool, which grows as needed, and a watchdog moves any invocation still queued
+//! there too. Other functions keep their latency; fast functions keep the hot path.
+//!
+//! ```text
+//! submit ──all workers stalled?──no──▶ queue ──▶ worker 0..N (hot, one per core)
+//!              └─yes──▶ spawn_blocking (overflow)      ▲ watchdog: queue → overflow when all stall
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// A guest running longer than this no longer counts as a free-able worker.
+pub const STALL_THRESHOLD: Duration = Duration::from_millis(10);
+/// How often the watchdog looks for a queue stuck behind stalled workers.
+const WATCHDOG_INTERVAL: Duration = Duration::from_millis(5);
+
+struct Shared {
+    epoch: Instant,
+    /// Per worker: when its current job started (nanoseconds since `epoch`, plus one), or 0
+    /// when idle.
+    busy_since: Vec<AtomicU64>,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    fn all_stalled(&self) -> bool {
+        let now = self.now();
+        let threshold = STALL_THRESHOLD.as_nanos() as u64;
+        self.busy_since.iter().all(|since| {
+            let since = since.load(Ordering::Acquire);
+            since != 0 && now.saturating_sub(since) > threshold
+        })
+    }
+}
+
+pub struct GuestExecutor {
+    sender: crossbeam_channel::Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for GuestExecutor {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("GuestExecutor")
+            .field("workers", &self.shared.busy_since.len())
+            .finish()
+    }
+}
+
+impl GuestExecutor {
+    /// Starts `workers` hot threads (at least one) and the watchdog. Call it within a tokio
+    /// runtime: overflow goes to that runtime's blocking pool.
+    pub fn new(workers: usize) -> Arc<Self> {
+        let workers = workers.max(1);
+        let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        });
+        for index in 0..workers {
+            let receiver = receiver.clone();
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("atoll-guest-{index}"))
+                .spawn(move || {
+                    while let Ok(job) = receiver.recv() {
+                        shared.busy_since[index].store(shared.now(), Ordering::Release);
+                        // A panicking job must not take the worker down.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                        shared.busy_since[index].store(0, Ordering::Release);
+                    }
+                })
+                .expect("spawn a guest worker thread");
+        }
+        let runtime = tokio::runtime::Handle::current();
+        let watched = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("atoll-guest-watchdog".into())
+            .spawn(move || {
+                while let Some(shared) = watched.upgrade() {
+                    if shared.all_stalled() {
+                        while let Ok(job) = receiver.try_recv() {
+                            runtime.spawn_blocking(job);
+                        }
+                    }
+                    drop(shared);
+                    std::thread::sleep(WATCHDOG_INTERVAL);
+                }
+            })
+            .expect("spawn the guest watchdog thread");
+        Arc::new(GuestExecutor { sender, shared })
+    }
+
+    /// One worker per available core.
+    pub fn per_core() -> Arc<Self> {
+        GuestExecutor::new(std::thread::available_parallelism().map_or(2, |cores| cores.get()))
+    }
+
+    /// Runs `job` on a hot worker, or on the overflow pool when every worker is stalled.
+    /// Must be called from within a tokio runtime.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        if self.shared.all_stalled() {
+            tokio::task::spawn_blocking(job);
+            return;
+        }
+        if let Err(returned) = self.sender.send(Box::new(job)) {
+            // Workers are gone (the process is shutting down): run it anyway.
+            tokio::task::spawn_blocking(returned.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_workers_overflow_instead_of_queueing() {
+        let executor = GuestExecutor::new(1);
+        let (blocker_started, started) = tokio::sync::oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        executor.spawn(move || {
+            let _ = blocker_started.send(());
+            let _ = released.recv();
+        });
+        started.await.unwrap();
+        // The only worker is stalled: this job must still run promptly.
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let submitted = Instant::now();
+        executor.spawn(move || {
+            let _ = done.send(std::thread::current().name().map(str::to_string));
+        });
+        let thread_name = tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(submitted.elapsed() < Duration::from_secs(5));
+        assert_ne!(thread_name.as_deref(), Some("atoll-guest-0"));
+        release.send(()).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn free_workers_take_jobs() {
+        let executor = GuestExecutor::new(2);
+        let (done, finished) = tokio::sync::oneshot::channel();
+        executor.spawn(move || {
+            let _ = done.send(std::thread::current().name().map(str::to_string));
+        });
+        let thread_name = finished.await.unwrap();
+        assert!(thread_name.unwrap().starts_with("atoll-guest-"));
+    }
+}
