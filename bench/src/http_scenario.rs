@@ -43,6 +43,11 @@ pub struct HttpArgs {
 }
 
 const HELLO_MANIFEST: &str = "name = \"hello\"\nwasm = \"hello.wasm\"\nroutes = [\"hello.localhost\"]\n";
+/// A function whose memory image is 16 MiB: with copy-on-write restore it should cost about
+/// what hello costs.
+const IMAGE_MANIFEST: &str =
+    "name = \"image16\"\nwasm = \"image16.wasm\"\nroutes = [\"image16.localhost\"]\n";
+const IMAGE_BYTES: usize = 16 << 20;
 
 pub fn run(args: HttpArgs) -> Result<()> {
     let load = Load {
@@ -79,17 +84,26 @@ pub fn run(args: HttpArgs) -> Result<()> {
     wrk::run(&format!("http://{baseline_address}/"), "hello.localhost", &warmup)?;
     wrk::run(&format!("http://{atoll_address}/"), "hello.localhost", &warmup)?;
 
+    wrk::run(&format!("http://{atoll_address}/"), "image16.localhost", &warmup)?;
+
     let baseline = wrk::run(&format!("http://{baseline_address}/"), "hello.localhost", &load)?;
     let atoll = wrk::run(&format!("http://{atoll_address}/"), "hello.localhost", &load)?;
-    report(&baseline, &atoll, &load, args.json);
+    let image = wrk::run(&format!("http://{atoll_address}/"), "image16.localhost", &load)?;
+    report(&baseline, &atoll, &image, &load, args.json);
     drop(runtime);
     Ok(())
 }
 
-fn report(baseline: &WrkReport, atoll: &WrkReport, load: &Load, json: bool) {
+fn report(baseline: &WrkReport, atoll: &WrkReport, image: &WrkReport, load: &Load, json: bool) {
     let ratio = atoll.requests_per_second / baseline.requests_per_second;
+    let image_ratio = image.p50.as_secs_f64() / atoll.p50.as_secs_f64();
+    let rows = [
+        ("hyper-hello", baseline),
+        ("atoll-hello", atoll),
+        ("atoll-16mib", image),
+    ];
     if json {
-        for (scenario, result) in [("hyper-hello", baseline), ("atoll-hello", atoll)] {
+        for (scenario, result) in rows {
             println!(
                 "{}",
                 serde_json::json!({
@@ -119,7 +133,7 @@ fn report(baseline: &WrkReport, atoll: &WrkReport, load: &Load, json: bool) {
         "{:<14} {:>12} {:>10} {:>10} {:>7}",
         "scenario", "req/s", "p50", "p99", "errors"
     );
-    for (scenario, result) in [("hyper-hello", baseline), ("atoll-hello", atoll)] {
+    for (scenario, result) in rows {
         println!(
             "{:<14} {:>12.0} {:>10} {:>10} {:>7}",
             scenario,
@@ -130,6 +144,7 @@ fn report(baseline: &WrkReport, atoll: &WrkReport, load: &Load, json: bool) {
         );
     }
     println!("ratio atoll/hyper req/s: {ratio:.3}");
+    println!("ratio atoll-16mib/atoll-hello p50: {image_ratio:.3}");
 }
 
 /// The baseline: the smallest useful hyper server.
@@ -200,30 +215,37 @@ async fn start_atoll(module: Vec<u8>) -> Result<(SocketAddr, tempfile::TempDir)>
 
     let client = atoll_registry::RegistryClient::new(&registry_url, Some(token))?;
     client.push(HELLO_MANIFEST, module).await?;
-    wait_until_served(node_address).await?;
+    client
+        .push(
+            IMAGE_MANIFEST,
+            crate::wasm_modules::data_image_module(IMAGE_BYTES),
+        )
+        .await?;
+    wait_until_served(node_address, "hello.localhost").await?;
+    wait_until_served(node_address, "image16.localhost").await?;
     Ok((node_address, data))
 }
 
-async fn wait_until_served(address: SocketAddr) -> Result<()> {
+async fn wait_until_served(address: SocketAddr, host: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(status) = get_status(address).await
+        if let Ok(status) = get_status(address, host).await
             && status == 200
         {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the node did not serve hello within 30 s");
+            bail!("the node did not serve {host} within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-async fn get_status(address: SocketAddr) -> Result<u16> {
+async fn get_status(address: SocketAddr, host: &str) -> Result<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await?;
     stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n")
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
