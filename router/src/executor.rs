@@ -22,8 +22,10 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A guest running longer than this no longer counts as a free-able worker.
 pub const STALL_THRESHOLD: Duration = Duration::from_millis(10);
-/// How often the watchdog looks for a queue stuck behind stalled workers.
+/// How often the watchdog looks for a queue stuck behind stalled workers while any worker
+/// is busy, and while all are idle (nothing can stall then; it only has to notice work).
 const WATCHDOG_INTERVAL: Duration = Duration::from_millis(5);
+const WATCHDOG_IDLE_INTERVAL: Duration = Duration::from_millis(25);
 
 struct Shared {
     epoch: Instant,
@@ -97,8 +99,16 @@ impl GuestExecutor {
                             runtime.spawn_blocking(job);
                         }
                     }
+                    let any_busy = shared
+                        .busy_since
+                        .iter()
+                        .any(|since| since.load(Ordering::Relaxed) != 0);
                     drop(shared);
-                    std::thread::sleep(WATCHDOG_INTERVAL);
+                    std::thread::sleep(if any_busy {
+                        WATCHDOG_INTERVAL
+                    } else {
+                        WATCHDOG_IDLE_INTERVAL
+                    });
                 }
             })
             .expect("spawn the guest watchdog thread");

@@ -7,6 +7,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use dashmap::DashMap;
+use metrics::{Counter, Histogram};
+
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Requests answered, by `function` (or `-` when no route matched) and `status`.
@@ -35,6 +38,91 @@ pub const ROUTE_TABLE_REVISION: &str = "atoll_route_table_revision";
 pub const ROUTES: &str = "atoll_routes";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// One function's metric handles, registered once when the version is loaded: the request
+/// path then records without hashing labels or allocating label strings.
+pub struct FunctionMetrics {
+    name: String,
+    request_duration: Histogram,
+    requests_by_status: DashMap<u16, Counter>,
+    invocation_duration: Histogram,
+    invocations_ok: Counter,
+    overloaded: Counter,
+    starts_ahead: Counter,
+    starts_on_demand: Counter,
+    snapshot_start: Histogram,
+}
+
+impl std::fmt::Debug for FunctionMetrics {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("FunctionMetrics")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl FunctionMetrics {
+    pub fn new(name: &str) -> Self {
+        let label = name.to_string();
+        FunctionMetrics {
+            request_duration: metrics::histogram!(REQUEST_DURATION, "function" => label.clone()),
+            requests_by_status: DashMap::new(),
+            invocation_duration: metrics::histogram!(INVOCATION_DURATION, "function" => label.clone()),
+            invocations_ok: metrics::counter!(INVOCATIONS_TOTAL, "function" => label.clone(), "outcome" => "ok"),
+            overloaded: metrics::counter!(OVERLOADED_TOTAL, "function" => label.clone()),
+            starts_ahead: metrics::counter!(INSTANCE_STARTS_TOTAL, "function" => label.clone(), "when" => "ahead"),
+            starts_on_demand: metrics::counter!(
+                INSTANCE_STARTS_TOTAL,
+                "function" => label.clone(),
+                "when" => "on_demand"
+            ),
+            snapshot_start: metrics::histogram!(ISOLATE_START_DURATION, "function" => label.clone(), "kind" => "snapshot"),
+            name: label,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A request routed to this function was answered.
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        self.request_duration.record(elapsed.as_secs_f64());
+        if let Some(counter) = self.requests_by_status.get(&status) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(REQUESTS_TOTAL, "function" => self.name.clone(), "status" => status.to_string());
+        counter.increment(1);
+        self.requests_by_status.insert(status, counter);
+    }
+
+    pub fn invocation_ok(&self, run_time: Duration) {
+        self.invocations_ok.increment(1);
+        self.invocation_duration.record(run_time.as_secs_f64());
+    }
+
+    /// A failed invocation (the rare path: labels are looked up).
+    pub fn invocation_failed(&self, outcome: &'static str) {
+        metrics::counter!(INVOCATIONS_TOTAL, "function" => self.name.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    pub fn overloaded(&self) {
+        self.overloaded.increment(1);
+    }
+
+    /// An instance was created: `ahead` of its request, or on demand while one waited.
+    pub fn instance_started(&self, start_time: Duration, ahead: bool) {
+        if ahead {
+            self.starts_ahead.increment(1);
+        } else {
+            self.starts_on_demand.increment(1);
+        }
+        self.snapshot_start.record(start_time.as_secs_f64());
+    }
+}
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {

@@ -67,7 +67,7 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
             let replenish = Arc::clone(&pool);
             if let Ok(start_times) = tokio::task::spawn_blocking(move || replenish.replenish()).await {
                 for start_time in start_times {
-                    crate::service::record_isolate_start(&name, start_time, "ahead");
+                    served.metrics.instance_started(start_time, true);
                 }
             }
             let (idle, busy) = pool.instances();

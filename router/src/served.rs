@@ -11,6 +11,7 @@ use arc_swap::ArcSwapOption;
 use atoll_isolate::InstancePool;
 use atoll_registry::Deployment;
 
+use crate::metrics::FunctionMetrics;
 use crate::route_table::{RouteEntry, RouteTable};
 
 /// One function version, compiled, with its instance pool.
@@ -18,6 +19,7 @@ use crate::route_table::{RouteEntry, RouteTable};
 pub struct ServedFunction {
     pub deployment: Deployment,
     pub pool: Arc<InstancePool>,
+    pub metrics: Arc<FunctionMetrics>,
 }
 
 impl ServedFunction {

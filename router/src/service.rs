@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::executor::GuestExecutor;
-use crate::metrics;
+use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
 use crate::server::{ConnectionInfo, Handler, text_response};
 
@@ -49,12 +49,16 @@ impl Handler for EdgeService {
     ) -> Response<Full<Bytes>> {
         let started = Instant::now();
         let (response, function) = self.route(request, connection).await;
-        let status = response.status().as_u16().to_string();
-        let function_label = function.unwrap_or_else(|| "-".to_string());
-        ::metrics::histogram!(metrics::REQUEST_DURATION, "function" => function_label.clone())
-            .record(started.elapsed().as_secs_f64());
-        ::metrics::counter!(metrics::REQUESTS_TOTAL, "function" => function_label, "status" => status)
-            .increment(1);
+        let status = response.status().as_u16();
+        match function {
+            Some(function) => function.request(status, started.elapsed()),
+            None => {
+                ::metrics::histogram!(metrics::REQUEST_DURATION, "function" => "-")
+                    .record(started.elapsed().as_secs_f64());
+                ::metrics::counter!(metrics::REQUESTS_TOTAL, "function" => "-", "status" => status.to_string())
+                    .increment(1);
+            }
+        }
         response
     }
 }
@@ -64,7 +68,7 @@ impl EdgeService {
         &self,
         request: Request<Incoming>,
         connection: ConnectionInfo,
-    ) -> (Response<Full<Bytes>>, Option<String>) {
+    ) -> (Response<Full<Bytes>>, Option<Arc<FunctionMetrics>>) {
         let Some(host) = request_host(&request) else {
             return (
                 text_response(StatusCode::BAD_REQUEST, "request has no Host"),
@@ -94,7 +98,7 @@ impl EdgeService {
         let served = Arc::clone(found.target);
         let matched_route = found.pattern.to_string();
         let route_prefix = found.pattern.path_prefix.clone().unwrap_or_default();
-        let function_name = served.name().to_string();
+        let function_metrics = Arc::clone(&served.metrics);
         drop(table);
 
         let (parts, body) = request.into_parts();
@@ -106,14 +110,14 @@ impl EdgeService {
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!("request body is over the {} byte limit", self.max_body_bytes),
                     ),
-                    Some(function_name),
+                    Some(function_metrics),
                 );
             }
             Err(error) => {
                 tracing::debug!(%error, "reading request body failed");
                 return (
                     text_response(StatusCode::BAD_REQUEST, "could not read the request body"),
-                    Some(function_name),
+                    Some(function_metrics),
                 );
             }
         };
@@ -135,7 +139,7 @@ impl EdgeService {
         };
         (
             invoke(&self.executor, served, cgi_request).await,
-            Some(function_name),
+            Some(function_metrics),
         )
     }
 }
@@ -151,7 +155,7 @@ async fn invoke(
     let admission = match pool.admit().await {
         Ok(admission) => admission,
         Err(overloaded) => {
-            ::metrics::counter!(metrics::OVERLOADED_TOTAL, "function" => name.clone()).increment(1);
+            served.metrics.overloaded();
             tracing::debug!(function = %name, %overloaded, "queue full");
             let mut response = text_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -170,6 +174,7 @@ async fn invoke(
     {
         let pool = Arc::clone(&pool);
         let interrupt = Arc::clone(&interrupt);
+        let function_metrics = Arc::clone(&served.metrics);
         executor.spawn(move || {
             let outcome = pool.execute(&request, &interrupt);
             drop(admission);
@@ -177,7 +182,7 @@ async fn invoke(
             // Prepare the next instance while this thread is here anyway, off the
             // request path: the response has been handed back already.
             for start_time in pool.replenish() {
-                record_isolate_start(pool.function().name(), start_time, "ahead");
+                function_metrics.instance_started(start_time, true);
             }
         });
     }
@@ -195,12 +200,9 @@ async fn invoke(
     match outcome {
         Ok(Ok((invocation, start_kind))) => {
             if start_kind == StartKind::OnDemand {
-                record_isolate_start(&name, invocation.start_time, "on_demand");
+                served.metrics.instance_started(invocation.start_time, false);
             }
-            ::metrics::histogram!(metrics::INVOCATION_DURATION, "function" => name.clone())
-                .record(invocation.run_time.as_secs_f64());
-            ::metrics::counter!(metrics::INVOCATIONS_TOTAL, "function" => name.clone(), "outcome" => "ok")
-                .increment(1);
+            served.metrics.invocation_ok(invocation.run_time);
             if !invocation.log.is_empty() {
                 tracing::info!(
                     target: "atoll::function",
@@ -216,8 +218,7 @@ async fn invoke(
             response
         }
         Ok(Err(error)) => {
-            ::metrics::counter!(metrics::INVOCATIONS_TOTAL, "function" => name.clone(), "outcome" => error.outcome())
-                .increment(1);
+            served.metrics.invocation_failed(error.outcome());
             tracing::warn!(
                 function = %name,
                 version,
@@ -243,13 +244,6 @@ async fn invoke(
 
 /// How often a timed-out guest is signalled again until it stops.
 const INTERRUPT_RETRY: Duration = Duration::from_millis(20);
-
-pub(crate) fn record_isolate_start(function: &str, start_time: Duration, when: &'static str) {
-    ::metrics::counter!(metrics::INSTANCE_STARTS_TOTAL, "function" => function.to_string(), "when" => when)
-        .increment(1);
-    ::metrics::histogram!(metrics::ISOLATE_START_DURATION, "function" => function.to_string(), "kind" => "snapshot")
-        .record(start_time.as_secs_f64());
-}
 
 /// What the client is told: the kind of failure, not the guest's internals.
 fn public_reason(error: &InvokeError) -> &'static str {

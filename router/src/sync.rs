@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::metrics;
+use crate::metrics::{self, FunctionMetrics};
 use crate::node_cache::{CachedState, NodeCache};
 use crate::served::{Routing, ServedFunction, build_table};
 
@@ -308,14 +308,19 @@ impl Syncer {
         };
         let function = LoadedFunction::from_prepared(self.artifacts.engine().clone(), prepared, config);
         let pool = InstancePool::new(function, scale);
+        let function_metrics = Arc::new(FunctionMetrics::new(&deployment.name));
         // Reserved instances (`min_instances`) are made ready before the version is routed.
         let reserved = Arc::clone(&pool);
         if let Ok(start_times) = tokio::task::spawn_blocking(move || reserved.replenish()).await {
             for start_time in start_times {
-                crate::service::record_isolate_start(&deployment.name, start_time, "ahead");
+                function_metrics.instance_started(start_time, true);
             }
         }
-        Ok(Arc::new(ServedFunction { deployment, pool }))
+        Ok(Arc::new(ServedFunction {
+            deployment,
+            pool,
+            metrics: function_metrics,
+        }))
     }
 
     fn publish(&self) {
