@@ -60,6 +60,7 @@ impl FunctionConfig {
 pub struct LoadedFunction {
     engine: Engine,
     module: Module,
+    import_plan: Arc<[wasi::HostImport]>,
     memory_plan: MemoryPlan,
     config: Arc<FunctionConfig>,
 }
@@ -206,6 +207,7 @@ impl LoadedFunction {
         };
         LoadedFunction {
             engine,
+            import_plan: wasi::import_plan(&module).into(),
             module,
             memory_plan,
             config: Arc::new(config),
@@ -242,12 +244,12 @@ impl LoadedFunction {
         );
         let mut store = Store::new(self.engine.wasmer().clone());
         let env = FunctionEnv::new(&mut store, context);
-        let imports = wasi::imports(&mut store, &env, &self.module);
+        let externs = wasi::externs(&mut store, &env, &self.import_plan);
         let instantiate_error = |error: &dyn std::fmt::Display| InvokeError::Instantiate {
             reason: error.to_string(),
         };
         let instance = cow_memory::instantiate_with(&self.memory_plan, || {
-            Instance::new(&mut store, &self.module, &imports).map_err(|e| instantiate_error(&e))
+            Instance::new_by_index(&mut store, &self.module, &externs).map_err(|e| instantiate_error(&e))
         })?;
         let memory = instance
             .exports

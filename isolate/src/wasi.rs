@@ -13,8 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use wasmer::{
-    Extern, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, MemoryView, Module, RuntimeError, Store,
-    Type, Value,
+    Extern, Function, FunctionEnv, FunctionEnvMut, FunctionType, Imports, Memory, MemoryView, Module,
+    RuntimeError, Store, Type, Value,
 };
 
 /// The import module name of WASI preview1.
@@ -129,48 +129,127 @@ fn nul_joined(entries: impl Iterator<Item = Vec<u8>>) -> (Vec<u8>, Vec<usize>) {
     (buffer, offsets)
 }
 
-/// Builds the import object for `module`: real implementations for the calls above, ENOSYS
-/// stubs for the rest of preview1.
-pub fn imports(store: &mut Store, env: &FunctionEnv<WasiContext>, module: &Module) -> Imports {
-    let mut imports = Imports::new();
-    for import in module.imports() {
-        if import.module() != WASI_MODULE {
-            continue;
-        }
-        let name = import.name();
-        let function = match name {
-            "args_get" => Function::new_typed_with_env(store, env, args_get),
-            "args_sizes_get" => Function::new_typed_with_env(store, env, args_sizes_get),
-            "environ_get" => Function::new_typed_with_env(store, env, environ_get),
-            "environ_sizes_get" => Function::new_typed_with_env(store, env, environ_sizes_get),
-            "fd_read" => Function::new_typed_with_env(store, env, fd_read),
-            "fd_write" => Function::new_typed_with_env(store, env, fd_write),
-            "fd_close" => Function::new_typed_with_env(store, env, fd_close),
-            "fd_fdstat_get" => Function::new_typed_with_env(store, env, fd_fdstat_get),
-            "fd_seek" => Function::new_typed_with_env(store, env, fd_seek),
-            "fd_prestat_get" => Function::new_typed_with_env(store, env, fd_prestat_get),
-            "fd_prestat_dir_name" => Function::new_typed_with_env(store, env, fd_prestat_dir_name),
-            "proc_exit" => Function::new_typed_with_env(store, env, proc_exit),
-            "random_get" => Function::new_typed_with_env(store, env, random_get),
-            "clock_time_get" => Function::new_typed_with_env(store, env, clock_time_get),
-            "clock_res_get" => Function::new_typed_with_env(store, env, clock_res_get),
-            "sched_yield" => Function::new_typed(store, || ERRNO_SUCCESS),
-            _ => {
-                let Some(signature) = import.ty().func() else {
-                    continue;
+/// One import of a module, resolved to what the host provides for it. Computed once per
+/// module ([`import_plan`]) so that creating an instance only creates the functions, in
+/// import order, with no name lookups ([`externs`] + `Instance::new_by_index`).
+#[derive(Debug, Clone)]
+pub enum HostImport {
+    ArgsGet,
+    ArgsSizesGet,
+    EnvironGet,
+    EnvironSizesGet,
+    FdRead,
+    FdWrite,
+    FdClose,
+    FdFdstatGet,
+    FdSeek,
+    FdPrestatGet,
+    FdPrestatDirName,
+    ProcExit,
+    RandomGet,
+    ClockTimeGet,
+    ClockResGet,
+    SchedYield,
+    /// Any other function: answers `ENOSYS` when it returns an errno, traps otherwise.
+    Unsupported {
+        name: String,
+        signature: FunctionType,
+    },
+}
+
+/// How the host satisfies each of `module`'s imports, in import order. Imports that are not
+/// WASI functions become traps (modules with such imports are refused at load anyway).
+pub fn import_plan(module: &Module) -> Vec<HostImport> {
+    module
+        .imports()
+        .map(|import| {
+            let name = import.name();
+            if import.module() != WASI_MODULE {
+                let signature = import
+                    .ty()
+                    .func()
+                    .cloned()
+                    .unwrap_or_else(|| FunctionType::new([], []));
+                return HostImport::Unsupported {
+                    name: format!("{}::{name}", import.module()),
+                    signature,
                 };
-                let name = name.to_string();
-                let returns_errno = signature.results() == [Type::I32];
-                Function::new(store, signature.clone(), move |_| {
-                    if returns_errno {
-                        Ok(vec![Value::I32(ERRNO_NOSYS)])
-                    } else {
-                        Err(RuntimeError::new(format!("WASI call {name} is not supported")))
-                    }
-                })
             }
-        };
-        imports.define(WASI_MODULE, import.name(), Extern::Function(function));
+            match name {
+                "args_get" => HostImport::ArgsGet,
+                "args_sizes_get" => HostImport::ArgsSizesGet,
+                "environ_get" => HostImport::EnvironGet,
+                "environ_sizes_get" => HostImport::EnvironSizesGet,
+                "fd_read" => HostImport::FdRead,
+                "fd_write" => HostImport::FdWrite,
+                "fd_close" => HostImport::FdClose,
+                "fd_fdstat_get" => HostImport::FdFdstatGet,
+                "fd_seek" => HostImport::FdSeek,
+                "fd_prestat_get" => HostImport::FdPrestatGet,
+                "fd_prestat_dir_name" => HostImport::FdPrestatDirName,
+                "proc_exit" => HostImport::ProcExit,
+                "random_get" => HostImport::RandomGet,
+                "clock_time_get" => HostImport::ClockTimeGet,
+                "clock_res_get" => HostImport::ClockResGet,
+                "sched_yield" => HostImport::SchedYield,
+                _ => HostImport::Unsupported {
+                    name: name.to_string(),
+                    signature: import
+                        .ty()
+                        .func()
+                        .cloned()
+                        .unwrap_or_else(|| FunctionType::new([], [])),
+                },
+            }
+        })
+        .collect()
+}
+
+/// Creates the host functions for `plan` in `store`, in import order.
+pub fn externs(store: &mut Store, env: &FunctionEnv<WasiContext>, plan: &[HostImport]) -> Vec<Extern> {
+    plan.iter()
+        .map(|import| {
+            let function = match import {
+                HostImport::ArgsGet => Function::new_typed_with_env(store, env, args_get),
+                HostImport::ArgsSizesGet => Function::new_typed_with_env(store, env, args_sizes_get),
+                HostImport::EnvironGet => Function::new_typed_with_env(store, env, environ_get),
+                HostImport::EnvironSizesGet => Function::new_typed_with_env(store, env, environ_sizes_get),
+                HostImport::FdRead => Function::new_typed_with_env(store, env, fd_read),
+                HostImport::FdWrite => Function::new_typed_with_env(store, env, fd_write),
+                HostImport::FdClose => Function::new_typed_with_env(store, env, fd_close),
+                HostImport::FdFdstatGet => Function::new_typed_with_env(store, env, fd_fdstat_get),
+                HostImport::FdSeek => Function::new_typed_with_env(store, env, fd_seek),
+                HostImport::FdPrestatGet => Function::new_typed_with_env(store, env, fd_prestat_get),
+                HostImport::FdPrestatDirName => Function::new_typed_with_env(store, env, fd_prestat_dir_name),
+                HostImport::ProcExit => Function::new_typed_with_env(store, env, proc_exit),
+                HostImport::RandomGet => Function::new_typed_with_env(store, env, random_get),
+                HostImport::ClockTimeGet => Function::new_typed_with_env(store, env, clock_time_get),
+                HostImport::ClockResGet => Function::new_typed_with_env(store, env, clock_res_get),
+                HostImport::SchedYield => Function::new_typed(store, || ERRNO_SUCCESS),
+                HostImport::Unsupported { name, signature } => {
+                    let name = name.clone();
+                    let returns_errno = signature.results() == [Type::I32];
+                    Function::new(store, signature.clone(), move |_| {
+                        if returns_errno {
+                            Ok(vec![Value::I32(ERRNO_NOSYS)])
+                        } else {
+                            Err(RuntimeError::new(format!("WASI call {name} is not supported")))
+                        }
+                    })
+                }
+            };
+            Extern::Function(function)
+        })
+        .collect()
+}
+
+/// The import object for `module` by name (for callers that instantiate by name).
+pub fn imports(store: &mut Store, env: &FunctionEnv<WasiContext>, module: &Module) -> Imports {
+    let plan = import_plan(module);
+    let externs = externs(store, env, &plan);
+    let mut imports = Imports::new();
+    for (import, external) in module.imports().zip(externs) {
+        imports.define(import.module(), import.name(), external);
     }
     imports
 }
