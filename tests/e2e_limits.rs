@@ -9,27 +9,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// A registry and a node following it, both in `dir`.
-struct Cluster {
-    url: String,
-    http: String,
-    admin: String,
-    node: Process,
-    _registry: Process,
-}
-
-fn boot(dir: &Path) -> Cluster {
-    let (registry, url) = start_registry(&dir.join("registry"));
-    let (node, http, admin) = start_node(&url, &dir.join("node"));
-    Cluster {
-        url,
-        http,
-        admin,
-        node,
-        _registry: registry,
-    }
-}
-
 /// Pushes `fault` as `name` on `host` with the manifest tail `extra`, and waits until it
 /// serves `/`.
 fn push_fault(cluster: &Cluster, dir: &Path, name: &str, host: &str, extra: &str) {

@@ -11,27 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// A registry and a node following it, both in `dir`.
-struct Cluster {
-    url: String,
-    http: String,
-    admin: String,
-    node: Process,
-    _registry: Process,
-}
-
-fn boot(dir: &Path) -> Cluster {
-    let (registry, url) = start_registry(&dir.join("registry"));
-    let (node, http, admin) = start_node(&url, &dir.join("node"));
-    Cluster {
-        url,
-        http,
-        admin,
-        node,
-        _registry: registry,
-    }
-}
-
 /// Pushes `wasm` (an example's name) as function `name` on `NAME.localhost` with the
 /// manifest tail `extra`; returns the host.
 fn push_function(cluster: &Cluster, dir: &Path, name: &str, wasm: &str, extra: &str) -> String {

@@ -65,27 +65,22 @@ impl WasiContext {
         max_stderr: usize,
     ) -> Self {
         let (args, arg_offsets) = nul_joined(args.iter().map(|arg| arg.as_bytes().to_vec()));
-        let (environ, environ_offsets) = nul_joined(env.iter().map(|(key, value)| {
-            let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
-            entry.extend_from_slice(key.as_bytes());
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            entry
-        }));
-        WasiContext {
+        let mut context = WasiContext {
             memory: None,
             args,
             arg_offsets,
-            environ,
-            environ_offsets,
-            stdin,
+            environ: Vec::new(),
+            environ_offsets: Vec::new(),
+            stdin: Bytes::new(),
             stdin_position: 0,
             stdout: Vec::new(),
             stderr: Vec::new(),
             max_stdout,
             max_stderr,
             stdout_overflow: false,
-        }
+        };
+        context.set_input(env, stdin);
+        context
     }
 
     /// Replaces the request-specific input: an instance is prepared before its request is

@@ -881,3 +881,25 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
         .ok()?;
     Some(kib * 1024)
 }
+
+/// A registry and a node following it, both in `dir`.
+pub struct Cluster {
+    pub url: String,
+    pub http: String,
+    pub admin: String,
+    pub node: Process,
+    pub _registry: Process,
+}
+
+/// Boots a registry and a node in `dir`.
+pub fn boot(dir: &Path) -> Cluster {
+    let (registry, url) = start_registry(&dir.join("registry"));
+    let (node, http, admin) = start_node(&url, &dir.join("node"));
+    Cluster {
+        url,
+        http,
+        admin,
+        node,
+        _registry: registry,
+    }
+}
