@@ -15,6 +15,7 @@
 mod http_scenario;
 mod isolate_scenario;
 mod latency;
+mod scaling_scenario;
 mod wasm_modules;
 mod wasmtime_pooling;
 mod wrk;
@@ -37,11 +38,14 @@ enum Scenario {
     Http(http_scenario::HttpArgs),
     /// Start-up latency of a fresh instance: stock wasmer, Atoll snapshots, wasmtime pooling.
     Isolate(isolate_scenario::IsolateArgs),
+    /// Invocations/s of a fresh-instance-per-call function on one thread vs all cores.
+    Scaling(scaling_scenario::ScalingArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Http(args) => http_scenario::run(args),
         Scenario::Isolate(args) => isolate_scenario::run(args),
+        Scenario::Scaling(args) => scaling_scenario::run(args),
     }
 }
