@@ -1,11 +1,13 @@
 //! The edge's HTTP service: route a request to a function and run it.
 //!
 //! Per request: find the host (the URI authority for HTTP/2, the `Host` header for HTTP/1.1),
-//! look it up in the current route table (lock-free), read the body up to a limit, and run
-//! the function on the blocking pool so a slow guest never holds an I/O thread. Failures
-//! are answered with short, clear statuses: 404 naming an unknown host, 413 for a body over
-//! the limit, 502 when the function fails (the reason and the function's stderr go to the
-//! node log, not to the client).
+//! look it up in the current route table (lock-free), read the body up to a limit, get
+//! admitted by the function's pool (or 503 + `Retry-After` when its queue is full), and run
+//! the function on the guest executor so a slow guest never holds an I/O thread; past the
+//! function's timeout the guest is interrupted and the client gets 504. Other failures are
+//! answered with short, clear statuses: 404 naming an unknown host, 413 for a body over the
+//! limit, 502 when the function fails (the reason and the function's stderr go to the node
+//! log, not to the client).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
