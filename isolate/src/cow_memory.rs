@@ -35,22 +35,34 @@
 //!
 //! ```text
 //!  drop (release)                         free list (per thread)      instantiate (acquire)
-//!  madvise(DONTNEED) [0, size)            ┌──────────────────────┐    same image: take it,
-//!  ─ image: private CoW copies dropped ──▶│ slot: image X, 4 pg  │──▶ no syscall at all
-//!  ─ zero region: pages dropped (zero)    │ slot: image Y, 1 pg  │    other/no image:
-//!  mprotect(NONE) [initial, size)         │ slot: no image, 2 pg │──▶ mmap(anon, NONE) over
-//!    only if the tenant grew              └──────────────────────┘    the old image's range,
-//!  list full or a step failed: munmap       ≤ MAX_FREE_SLOTS_PER_THREAD   mmap the new image,
-//!                                                                       mprotect to size
+//!  pread /proc/self/pagemap [0, initial)  ┌──────────────────────┐    same image: take it,
+//!  ─ written image pages: copy the image ▶│ slot: image X, 4 pg  │──▶ no syscall at all
+//!  ─ written zero pages: fill with zeros  │ slot: image Y, 1 pg  │    other/no image:
+//!  > 256 written, or no pagemap:          │ slot: no image, 2 pg │──▶ mmap(anon, NONE) over
+//!    madvise(DONTNEED) [0, initial)       └──────────────────────┘    the old image's range,
+//!  grown: madvise(DONTNEED) + mprotect(NONE) [initial, size)          mmap the new image,
+//!  list full or a step failed: munmap       ≤ MAX_FREE_SLOTS_PER_THREAD   mprotect to size
 //! ```
 //!
-//! - A released slot is `madvise(MADV_DONTNEED)`-ed over its whole accessible range. In the
-//!   `MAP_PRIVATE` image mapping that discards the private copy-on-write pages, so the next
-//!   access sees the (sealed) image again; in the anonymous region after it pages read zero
-//!   again. `madvise` takes the mm lock only for reading. If the tenant grew the memory, the
-//!   grown tail (discarded too) goes back to `PROT_NONE` with one `mprotect`: size and
-//!   accessibility are the initial ones again. The slot remembers which image it shows (the
-//!   `Arc<MemoryImage>`, compared by identity) and how much of it is accessible.
+//! - A released slot is restored in place when it can be. One `pread` of
+//!   `/proc/self/pagemap` (one fd per thread) over the initial range tells which pages the
+//!   tenant may have written: in the `MAP_PRIVATE` image mapping, a present page that is not
+//!   a file page is a private copy-on-write copy, and gets the image's bytes back (copied
+//!   from a read-only `MAP_SHARED` view of the memfd, mapped once per image); after the
+//!   image, a present page that does not read zero gets zeros. Swapped-out pages count as
+//!   written. Those pages stay resident and writable, so neither the reset nor the next
+//!   tenant's writes to them touch the page tables: no mm write lock, no TLB shootdown, no
+//!   copy-on-write fault. Pages only read (the image's page-cache pages, the shared zero
+//!   page) are left alone.
+//! - If more than [`MAX_RESTORED_PAGES`] pages were written (or the page map cannot be read,
+//!   or the image cannot be viewed), the slot is `madvise(MADV_DONTNEED)`-ed over its
+//!   initial range instead: that discards the private copy-on-write pages, so the next
+//!   access sees the (sealed) image again, and the anonymous pages after it, which read
+//!   zero again. `madvise` takes the mm lock only for reading. If the tenant grew the
+//!   memory, the grown tail is always discarded that way and goes back to `PROT_NONE` with
+//!   one `mprotect`: size and accessibility are the initial ones again. The slot remembers
+//!   which image it shows (the `Arc<MemoryImage>`, compared by identity) and how much of it
+//!   is accessible.
 //! - Acquiring prefers the most recently released slot already showing the same image:
 //!   the instance starts with zero syscalls. Otherwise it takes a slot showing nothing, or
 //!   one whose image no module holds any more, or the least recently released; a slot
@@ -84,8 +96,17 @@
 //! - Pooled slots hold 8 GiB of address space each (no memory): 16 per thread. A free slot
 //!   keeps its image's memfd alive (shared page cache, counted once per image however many
 //!   slots show it), until the slot is switched to another image or evicted.
-//! - `MADV_DONTNEED` also drops the clean image pages a tenant only read; the next tenant
-//!   faults them back in from the page cache (minor faults, no copy).
+//! - Restoring in place reads 8 bytes of page map per 4 KiB of initial memory on every
+//!   release (a 16 MiB memory: 32 KiB, one `pread`) and copies 4 KiB per written page; the
+//!   pages written once stay resident (counted against the process) while the slot is
+//!   pooled, and are restored on every release until the slot is discarded. Past
+//!   [`MAX_RESTORED_PAGES`] written pages the `madvise` path is cheaper and taken instead.
+//! - `MADV_DONTNEED` (fallback and grown tails) also drops the clean image pages a tenant
+//!   only read; the next tenant faults them back in from the page cache (minor faults, no
+//!   copy), and its writes fault and copy again, with a TLB shootdown each.
+//! - The page-map flags relied on (present, swapped, file page) need no privilege; a
+//!   present page the flags cannot prove clean is treated as written (compared, or
+//!   rewritten), so an unexpected entry costs a copy, never stale bytes.
 //! - The list cap counts slots, not images: a thread serving more than 16 functions in
 //!   turn remaps on most starts, as before.
 //! - Linux only (memfd, sealing).
@@ -153,6 +174,31 @@ pub struct MemoryImage {
     /// `(offset, len)` of every active segment, in module order: the calls to
     /// `initialize_with_data` the image stands for.
     segments: Vec<(usize, usize)>,
+    /// A read-only shared mapping of the memfd, made on the first reset that restores a
+    /// written image page; `None` inside when it could not be made (resets then discard).
+    view: OnceLock<Option<ImageView>>,
+}
+
+/// The image's memfd mapped `PROT_READ`, `MAP_SHARED`: the source for restoring image pages
+/// a tenant wrote. Unmapped on drop.
+#[derive(Debug)]
+struct ImageView {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping of a sealed memfd: its bytes never change, so reading it from
+// any thread is sound, and unmapping it (on drop) needs no particular thread.
+unsafe impl Send for ImageView {}
+// SAFETY: as above; only ever read.
+unsafe impl Sync for ImageView {}
+
+impl Drop for ImageView {
+    fn drop(&mut self) {
+        // SAFETY: the view owns its mapping; slots only borrow it while restoring, through
+        // an `Arc<MemoryImage>` that outlives the borrow.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
 }
 
 impl MemoryImage {
@@ -188,7 +234,40 @@ impl MemoryImage {
                 .iter()
                 .map(|(offset, data)| (*offset as usize, data.len()))
                 .collect(),
+            view: OnceLock::new(),
         })))
+    }
+
+    /// The image's bytes, read-only (mapped on first use); `None` for an empty image or
+    /// when the mapping fails.
+    fn view(&self) -> Option<&ImageView> {
+        self.view
+            .get_or_init(|| {
+                if self.len == 0 {
+                    return None;
+                }
+                // SAFETY: a new shared read-only mapping at an address of the kernel's
+                // choosing touches no existing mapping; the memfd is sealed against writes
+                // and size changes, so its `len` bytes stay valid and unchanged.
+                let base = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        self.len,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        self.file.as_raw_fd(),
+                        0,
+                    )
+                };
+                if base == libc::MAP_FAILED {
+                    return None;
+                }
+                Some(ImageView {
+                    base: NonNull::new(base.cast())?,
+                    len: self.len,
+                })
+            })
+            .as_ref()
     }
 
     /// Size of the mapped image in bytes (page-aligned; the memory beyond is zero).
@@ -381,7 +460,32 @@ struct Armed {
 thread_local! {
     static ARMED: RefCell<Option<Armed>> = const { RefCell::new(None) };
     static FREE_SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+    /// `/proc/self/pagemap`, opened on the first reset on this thread (`None` inside when it
+    /// cannot be opened: resets then always discard). Per thread so `pread`s on different
+    /// cores share no `struct file`.
+    static PAGEMAP: std::cell::OnceCell<Option<File>> = const { std::cell::OnceCell::new() };
+    /// The buffer page-map entries are read into (`PAGEMAP_CHUNK` entries, allocated on first
+    /// use).
+    static PAGEMAP_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// At most this many written pages (1 MiB with 4 KiB pages) are restored in place on
+/// release; a tenant that wrote more gets its slot discarded with `madvise` instead.
+pub const MAX_RESTORED_PAGES: usize = 256;
+
+/// At most this many pages after the image that read zero already (mapped by a read: the
+/// shared zero page) are checked on release before falling back to `madvise`.
+const MAX_CHECKED_PAGES: usize = 4096;
+
+/// `/proc/self/pagemap` entries read per `pread` (64 KiB of entries, 32 MiB of memory):
+/// every `pread` of the page map has a fixed cost (mm lock, page-table walk set-up).
+const PAGEMAP_CHUNK: usize = 8192;
+/// Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+/// File page or shared anonymous page: in a `MAP_PRIVATE` file mapping, a page that is
+/// still the file's (page cache); a private copy-on-write copy is anonymous, without it.
+const PAGEMAP_FILE: u64 = 1 << 61;
 
 /// Runs `f` (which calls `Instance::new`) with `plan` armed for this thread, so memories the
 /// engine's [`CowTunables`] create meanwhile map the image and obey the limit. The previous
@@ -520,10 +624,14 @@ impl Tunables for CowTunables {
 ///
 /// Its layout, between instances (on a free list) and as an instance starts:
 ///
-/// - `[0, image.len)`: the image's memfd mapped `MAP_PRIVATE`, readable and writable, with
-///   no private copy-on-write page (every access sees the image);
-/// - `[image.len, accessible)`: anonymous, readable and writable, with no page (reads zero);
-/// - `[accessible, len)`: anonymous `PROT_NONE`, with no page.
+/// - `[0, image.len)`: the image's memfd mapped `MAP_PRIVATE`, readable and writable; every
+///   byte reads as the image (private copy-on-write pages may remain resident, restored to
+///   the image's bytes);
+/// - `[image.len, accessible)`: anonymous, readable and writable; every byte reads zero
+///   (resident pages may remain, zeroed);
+/// - `[accessible, len)`: anonymous `PROT_NONE`, with no page, or zeroed ones hidden when a
+///   slot restored in place was shrunk for a smaller memory (they read zero once grown
+///   into).
 ///
 /// `image.len <= accessible` always (an image never extends past the initial memory). A
 /// live memory may dirty `[0, accessible)` and grow `accessible`; [`Slot::release`] restores
@@ -686,7 +794,7 @@ impl Slot {
 
     /// Makes exactly `[0, bytes)` readable and writable: `mprotect` of the difference, or
     /// nothing when the slot is already that size. Shrinking must not cut into the image
-    /// (`bytes >= image.len`) and is only for page-less ranges (a reset slot).
+    /// (`bytes >= image.len`) and is only for ranges that read zero (a reset slot).
     fn set_accessible(&mut self, bytes: usize) -> Result<(), String> {
         debug_assert!(bytes <= MAX_WASM32_BYTES as usize && bytes <= self.len);
         debug_assert!(self.image.as_ref().is_none_or(|image| image.len <= bytes));
@@ -707,21 +815,39 @@ impl Slot {
         Ok(())
     }
 
-    /// Discards everything a tenant wrote — `madvise(MADV_DONTNEED)` over the accessible
-    /// range drops the private copies of image pages (the image shows again) and the
-    /// anonymous pages (zeros again) — and makes the slot `initial_bytes` long again (an
-    /// `mprotect` only if the tenant grew it). The image stays mapped. The slot goes back
-    /// to this thread's list, or is unmapped if the list is full or a step failed.
+    /// Undoes everything a tenant wrote and makes the slot `initial_bytes` long again. The
+    /// image stays mapped. The slot goes back to this thread's list, or is unmapped if the
+    /// list is full or a step failed.
+    ///
+    /// When the tenant wrote at most [`MAX_RESTORED_PAGES`] pages of the initial range,
+    /// those pages are restored in place ([`Slot::restore_written_pages`]) and stay
+    /// resident: no syscall besides reading the page map. Otherwise `madvise(MADV_DONTNEED)`
+    /// over the accessible range drops the private copies of image pages (the image shows
+    /// again) and the anonymous pages (zeros again). A grown tail is always discarded with
+    /// `madvise` and goes back to `PROT_NONE` with one `mprotect`.
     fn release(mut self, initial_bytes: usize) {
         if self.poisoned {
             return drop(self);
         }
-        if self.accessible > 0 {
-            // SAFETY: `[base, base + accessible)` lies inside this slot, which nothing
-            // references any more (its memory was dropped); discarding its pages is what
-            // we want, and the mappings themselves stay.
-            let result =
-                unsafe { libc::madvise(self.base.as_ptr().cast(), self.accessible, libc::MADV_DONTNEED) };
+        // The initial range is restored in place if it can be; whatever is not (all of it,
+        // or only a grown tail) is discarded.
+        let initial = initial_bytes.min(self.accessible);
+        let discard_from = if self.restore_written_pages(initial) {
+            initial
+        } else {
+            0
+        };
+        if self.accessible > discard_from {
+            // SAFETY: `[base + discard_from, base + accessible)` lies inside this slot, which
+            // nothing references any more (its memory was dropped); discarding its pages is
+            // what we want, and the mappings themselves stay.
+            let result = unsafe {
+                libc::madvise(
+                    self.base.as_ptr().add(discard_from).cast(),
+                    self.accessible - discard_from,
+                    libc::MADV_DONTNEED,
+                )
+            };
             if result != 0 {
                 return drop(self);
             }
@@ -738,6 +864,109 @@ impl Slot {
             }
         });
         // Otherwise `slot` is dropped here, unmapping it (and letting go of its image).
+    }
+}
+
+impl Slot {
+    /// Restores, in place, every page of `[0, bytes)` the tenant may have written,
+    /// found with `/proc/self/pagemap`: in the image, a page whose entry is present but not
+    /// a file page is a private copy-on-write copy and gets the image's bytes back; after
+    /// the image, any present page gets zeros back (unless it reads zero already: the shared
+    /// zero page is left alone). A swapped-out page counts as written in both. Pages not
+    /// present, or present as the image's page-cache page, already read as the image or zero.
+    ///
+    /// `false` when the page map cannot be read, the image cannot be viewed, or more than
+    /// [`MAX_RESTORED_PAGES`] pages were written (or [`MAX_CHECKED_PAGES`] zero-region pages
+    /// merely read): the caller then discards the whole range instead, which also covers
+    /// any pages restored before giving up.
+    fn restore_written_pages(&self, bytes: usize) -> bool {
+        let page = os_page_size();
+        let image_len = self.image.as_ref().map_or(0, |image| image.len);
+        let view = match &self.image {
+            Some(image) => match image.view() {
+                Some(view) => Some(view),
+                None => return false,
+            },
+            None => None,
+        };
+        debug_assert!(bytes <= self.accessible && image_len <= bytes);
+        let pages = bytes / page;
+        let first = self.base.as_ptr() as usize / page;
+        let image_pages = image_len / page;
+        // Pages restored (written), and zero-region pages only checked (they read zero).
+        let (mut restored, mut checked) = (0usize, 0usize);
+        let mut scan = |pagemap: &std::cell::OnceCell<Option<File>>, buffer: &RefCell<Vec<u8>>| {
+            let Some(file) = pagemap.get_or_init(|| File::open("/proc/self/pagemap").ok()) else {
+                return false;
+            };
+            let Ok(mut raw) = buffer.try_borrow_mut() else {
+                return false;
+            };
+            raw.resize(PAGEMAP_CHUNK * 8, 0);
+            let mut done = 0usize;
+            while done < pages {
+                let chunk = (pages - done).min(PAGEMAP_CHUNK);
+                let raw = &mut raw[..chunk * 8];
+                if file.read_exact_at(raw, ((first + done) * 8) as u64).is_err() {
+                    return false;
+                }
+                for (offset, entry) in raw.chunks_exact(8).enumerate() {
+                    let entry = u64::from_ne_bytes(entry.try_into().expect("8-byte entry"));
+                    let index = done + offset;
+                    let in_image = index < image_pages;
+                    let candidate = if in_image {
+                        entry & PAGEMAP_SWAPPED != 0
+                            || (entry & PAGEMAP_PRESENT != 0 && entry & PAGEMAP_FILE == 0)
+                    } else {
+                        entry & (PAGEMAP_SWAPPED | PAGEMAP_PRESENT) != 0
+                    };
+                    if !candidate {
+                        continue;
+                    }
+                    // SAFETY: `[index * page, (index + 1) * page)` lies in
+                    // `[0, bytes)` within `[0, accessible)`, readable and writable, in this slot, which
+                    // nothing references any more (its memory was dropped), so no one
+                    // else reads or writes it meanwhile.
+                    let target =
+                        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(index * page), page) };
+                    if !in_image && target.iter().all(|byte| *byte == 0) {
+                        // Already zero (typically the shared zero page a read mapped):
+                        // writing would fault in a private copy for nothing.
+                        checked += 1;
+                        if checked > MAX_CHECKED_PAGES {
+                            return false;
+                        }
+                        continue;
+                    }
+                    restored += 1;
+                    if restored > MAX_RESTORED_PAGES {
+                        // Too much to copy: the caller discards the whole range, which
+                        // also covers the pages restored so far.
+                        return false;
+                    }
+                    if in_image {
+                        let view = view.expect("an image region implies a view");
+                        // SAFETY: `(index + 1) * page <= image_len == view.len`; the
+                        // view is a read-only mapping of the sealed image, distinct from
+                        // the slot, alive while `self.image` is.
+                        let source =
+                            unsafe { std::slice::from_raw_parts(view.base.as_ptr().add(index * page), page) };
+                        target.copy_from_slice(source);
+                    } else {
+                        target.fill(0);
+                    }
+                }
+                done += chunk;
+            }
+            true
+        };
+        PAGEMAP
+            .try_with(|pagemap| {
+                PAGEMAP_BUFFER
+                    .try_with(|buffer| scan(pagemap, buffer))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(false)
     }
 }
 

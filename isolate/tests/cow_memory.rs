@@ -576,3 +576,150 @@ fn start_up_is_flat_in_the_image_size() {
         );
     }
 }
+
+/// 40 initial pages (640 OS pages), an image up to page 21, zeros after it (304 OS pages,
+/// more than `MAX_RESTORED_PAGES`), and a `fill` to dirty many pages at once.
+fn module_large() -> Vec<u8> {
+    wasmer::wat2wasm(
+        br#"(module
+          (memory (export "memory") 40 48)
+          (data (i32.const 0) "start of the image")
+          (data (i32.const 65000) "across a page boundary")
+          (data (i32.const 700000) "\ff\fe\fd\fc")
+          (data (i32.const 1376250) "end of image")
+          (func (export "load8") (param i32) (result i32) (i32.load8_u (local.get 0)))
+          (func (export "store8") (param i32 i32) (i32.store8 (local.get 0) (local.get 1)))
+          (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0)))
+          (func (export "fill") (param i32 i32 i32)
+            (memory.fill (local.get 0) (local.get 1) (local.get 2))))"#,
+    )
+    .expect("large module")
+    .into_owned()
+}
+
+impl Running {
+    fn fill(&mut self, start: usize, value: u8, len: usize) {
+        let fill = self
+            .instance
+            .exports
+            .get_typed_function::<(i32, i32, i32), ()>(&self.store, "fill")
+            .unwrap();
+        fill.call(&mut self.store, start as i32, i32::from(value), len as i32)
+            .unwrap();
+    }
+}
+
+/// Whether the OS page at `address` is resident in this process (`/proc/self/pagemap`).
+fn resident(address: usize) -> bool {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut entry = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut entry, (address / 4096 * 8) as u64)
+        .unwrap();
+    u64::from_ne_bytes(entry) & (1 << 63) != 0
+}
+
+const IMAGE_END: usize = 1376250 + 12;
+
+#[test]
+fn a_few_written_pages_are_restored_in_place() {
+    let engine = engine();
+    let wasm = module_large();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    let stock = Running::start(&engine, &module, None).memory();
+    assert_eq!(
+        plan.image.as_ref().unwrap().len(),
+        IMAGE_END.next_multiple_of(4096)
+    );
+
+    let mut base = None;
+    // Image pages (one with a segment, one all zero inside the image), pages after the
+    // image, and a page only read.
+    let written = [0, 65010, 300000, 700001, 1376255, 1500000, 32 * PAGE - 1];
+    for round in 0..5u8 {
+        let mut running = Running::start(&engine, &module, Some(&plan));
+        let slot = *base.get_or_insert(running.base());
+        assert_eq!(running.base(), slot, "round {round}: the same slot is reused");
+        // Before anything reads the memory (a read maps pages too).
+        if round > 0 {
+            for address in written {
+                assert!(
+                    resident(slot + address),
+                    "round {round}: written page {address} stayed resident"
+                );
+            }
+        }
+        let memory = running.memory();
+        assert_eq!(memory.len(), 40 * PAGE, "round {round}");
+        assert!(memory == stock, "round {round}: memory differs from stock");
+        for (n, address) in written.into_iter().enumerate() {
+            running.store8(address, 0x80 | round | n as u8);
+        }
+        running.fill(1600000, 0x11 + round, 5000); // two pages after the image
+        running.fill(10000, 0x22 + round, 9000); // three image pages
+        assert_eq!(running.load8(1800000), 0); // read only: the zero page
+        assert_eq!(running.load8(200000), 0); // read only: an image page
+    }
+}
+
+#[test]
+fn many_written_pages_and_grown_tails_are_discarded() {
+    let engine = engine();
+    let wasm = module_large();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    let stock = Running::start(&engine, &module, None).memory();
+    const { assert!(cow_memory::MAX_RESTORED_PAGES * 4096 < 40 * PAGE - IMAGE_END) };
+
+    let mut base = None;
+    for round in 0..5u8 {
+        let mut running = Running::start(&engine, &module, Some(&plan));
+        let slot = *base.get_or_insert(running.base());
+        assert_eq!(running.base(), slot, "round {round}: the same slot is reused");
+        // Before anything reads the memory (a read maps pages too).
+        if round % 3 == 0 && round > 0 {
+            // After a grown memory with a few written pages: those are restored in place,
+            // only the grown tail is discarded.
+            assert!(
+                resident(slot + 5 * PAGE),
+                "round {round}: a few written pages stayed resident"
+            );
+            assert!(
+                !resident(slot + 41 * PAGE),
+                "round {round}: the grown tail was discarded"
+            );
+        } else if round > 0 {
+            assert!(
+                !resident(slot + 5 * PAGE),
+                "round {round}: written pages were discarded"
+            );
+            assert!(
+                !resident(slot + 25 * PAGE),
+                "round {round}: written pages were discarded"
+            );
+        }
+        let memory = running.memory();
+        assert!(memory == stock, "round {round}: memory differs from stock");
+        match round % 3 {
+            // Image and zero region, every page.
+            0 => running.fill(7, 0xC0 | round, 30 * PAGE),
+            // Only after the image: more zero-region pages than the threshold.
+            1 => running.fill(IMAGE_END, 0xD0 | round, 40 * PAGE - IMAGE_END),
+            // A few pages, then grown: only the grown tail is discarded.
+            _ => {
+                running.store8(5 * PAGE, 0xE0);
+                assert_eq!(running.grow(2), 40);
+                running.fill(38 * PAGE, 0xE1, 4 * PAGE);
+                running.fill(5 * PAGE + 1, 0xE2, 2 * PAGE);
+            }
+        }
+    }
+    let mut running = Running::start(&engine, &module, Some(&plan));
+    assert!(running.memory() == stock, "last instance");
+    assert!(
+        running.try_load8(40 * PAGE).is_err(),
+        "the grown tail is inaccessible again"
+    );
+}
