@@ -723,3 +723,69 @@ fn many_written_pages_and_grown_tails_are_discarded() {
         "the grown tail is inaccessible again"
     );
 }
+
+/// Kernel release `(major, minor)` from `/proc/sys/kernel/osrelease`.
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Writes image and zero-region pages, reads others, and checks the next tenant of the
+/// slot sees exactly a fresh stock instance, with `PAGEMAP_SCAN` on or off.
+fn written_pages_round_trip(scan: bool) -> usize {
+    let engine = engine();
+    let wasm = module_large();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    let stock = Running::start(&engine, &module, None).memory();
+    cow_memory::use_pagemap_scan_on_this_thread(scan);
+    let resets_before = cow_memory::pagemap_scan_resets_on_this_thread();
+    let mut base = None;
+    for round in 0..6u8 {
+        let mut running = Running::start(&engine, &module, Some(&plan));
+        let slot = *base.get_or_insert(running.base());
+        assert_eq!(running.base(), slot, "round {round}: the same slot is reused");
+        if round > 0 {
+            assert!(resident(slot + 700001), "round {round}: restored in place");
+        }
+        assert!(
+            running.memory() == stock,
+            "scan {scan} round {round}: differs from stock"
+        );
+        // Scattered single pages (more runs than one scan vector holds), runs, both regions.
+        for n in 0..(100 + usize::from(round)) {
+            let address = (n * 3 * 4096 + usize::from(round) * 17) % (40 * PAGE);
+            running.store8(address, 0x80 | round);
+        }
+        running.fill(700001, 0x33 + round, 3 * 4096);
+        running.fill(1600000, 0x44 + round, 5000);
+        assert_eq!(running.load8(1800001), 0); // read only: the zero page
+        assert_eq!(running.load8(200001), 0); // read only: an image page
+    }
+    let running = Running::start(&engine, &module, Some(&plan));
+    assert!(running.memory() == stock, "scan {scan}: last instance");
+    drop(running);
+    let resets = cow_memory::pagemap_scan_resets_on_this_thread() - resets_before;
+    cow_memory::use_pagemap_scan_on_this_thread(true);
+    resets
+}
+
+#[test]
+fn pagemap_scan_restores_exactly_the_written_pages() {
+    let resets = written_pages_round_trip(true);
+    if kernel_version().is_some_and(|version| version >= (6, 7)) {
+        assert!(
+            cow_memory::pagemap_scan_supported(),
+            "PAGEMAP_SCAN exists since 6.7"
+        );
+        assert_eq!(resets, 7, "every release took the PAGEMAP_SCAN path");
+    }
+}
+
+#[test]
+fn the_pagemap_read_fallback_restores_exactly_the_written_pages() {
+    assert_eq!(written_pages_round_trip(false), 0, "PAGEMAP_SCAN was not used");
+}
