@@ -123,3 +123,23 @@ fn modules_that_are_not_wcgi_commands_are_refused() {
     let error = engine.validate(&foreign).unwrap_err().to_string();
     assert!(error.contains("env::f"), "{error}");
 }
+
+#[test]
+fn response_over_the_cap_is_refused_with_the_log() {
+    let engine = Engine::new().unwrap();
+    let wasm = guest(
+        "Content-Type: text/plain\n\nthis body is longer than the cap",
+        "wrote a lot",
+        "",
+    );
+    let mut config = FunctionConfig::new("test");
+    config.max_response_bytes = 16;
+    let function = LoadedFunction::new(engine.clone(), engine.compile(&wasm).unwrap(), config);
+    match function.invoke(&request()) {
+        Err(error @ InvokeError::ResponseTooLarge { limit: 16, .. }) => {
+            assert_eq!(error.log(), b"wrote a lot");
+            assert_eq!(error.outcome(), "response_too_large");
+        }
+        other => panic!("expected the response cap, got {other:?}"),
+    }
+}
