@@ -151,7 +151,7 @@ async fn invoke(
     served: Arc<ServedFunction>,
     request: CgiRequest,
 ) -> Response<Full<Bytes>> {
-    let name = served.name().to_string();
+    let name = served.name();
     let version = served.deployment.version;
     let pool = Arc::clone(&served.pool);
     let admission = match pool.admit().await {
