@@ -94,11 +94,6 @@ impl ArtifactCache {
         &self.engine
     }
 
-    fn path_for(&self, sha256: &str) -> PathBuf {
-        self.directory
-            .join(format!("{sha256}-{}.artifact", self.engine.fingerprint()))
-    }
-
     fn prepared_key(&self, sha256: &str, name: &str, init_env: &[(String, String)]) -> String {
         let mut digest = Sha256::new();
         digest.update(name.as_bytes());
@@ -158,26 +153,6 @@ impl ArtifactCache {
             kind: LoadKind::Compiled,
             preinitialized,
         })
-    }
-
-    /// The compiled module for `wasm` (whose hex SHA-256 is `sha256`): from the cache when a
-    /// valid artifact is there, otherwise compiled and stored.
-    pub fn load_or_compile(&self, sha256: &str, wasm: &[u8]) -> Result<(Module, LoadKind), IsolateError> {
-        let path = self.path_for(sha256);
-        if let Some(module) = self.load(&path) {
-            return Ok((module, LoadKind::Cached));
-        }
-        let module = self.engine.compile(wasm)?;
-        let serialized = module
-            .serialize()
-            .map_err(|error| IsolateError::Engine(format!("serialize: {error}")))?;
-        write_artifact(&path, &serialized)?;
-        Ok((module, LoadKind::Compiled))
-    }
-
-    /// Whether a valid-looking artifact for `sha256` is on disk.
-    pub fn contains(&self, sha256: &str) -> bool {
-        self.path_for(sha256).exists()
     }
 
     fn load(&self, path: &Path) -> Option<Module> {
@@ -240,18 +215,22 @@ mod tests {
         let engine = Engine::new().unwrap();
         let cache = ArtifactCache::open(directory.path(), engine).unwrap();
         let wasm = wasmer::wat2wasm(HELLO.as_bytes()).unwrap().to_vec();
-        let (_, kind) = cache.load_or_compile("abc", &wasm).unwrap();
-        assert_eq!(kind, LoadKind::Compiled);
-        assert!(cache.contains("abc"));
-        let (_, kind) = cache.load_or_compile("abc", &wasm).unwrap();
-        assert_eq!(kind, LoadKind::Cached);
+        let prepare = || cache.load_or_prepare("abc", &wasm, "hello", &[]).unwrap().kind;
+        assert_eq!(prepare(), LoadKind::Compiled);
+        let artifacts: Vec<_> = fs::read_dir(directory.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|extension| extension == "artifact"))
+            .collect();
+        assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+        assert_eq!(prepare(), LoadKind::Cached);
 
-        let path = cache.path_for("abc");
-        let mut bytes = fs::read(&path).unwrap();
+        let path = &artifacts[0];
+        let mut bytes = fs::read(path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
-        fs::write(&path, bytes).unwrap();
-        let (_, kind) = cache.load_or_compile("abc", &wasm).unwrap();
+        fs::write(path, bytes).unwrap();
+        let kind = prepare();
         assert_eq!(kind, LoadKind::Compiled);
     }
 }
