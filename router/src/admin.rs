@@ -10,11 +10,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::Body;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::served::Routing;
-use crate::server::{ConnectionInfo, Handler, text_response};
+use crate::server::{BoxError, ConnectionInfo, Handler, text_response};
 
 pub struct AdminService {
     routing: Arc<Routing>,
@@ -28,11 +28,15 @@ impl AdminService {
 }
 
 impl Handler for AdminService {
-    async fn handle(
+    async fn handle<B>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         _connection: ConnectionInfo,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         match request.uri().path() {
             "/healthz" => text_response(StatusCode::OK, "ok"),
             "/readyz" => match self.routing.current() {

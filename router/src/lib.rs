@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod executor;
+pub mod h1_guard;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;
@@ -24,6 +25,7 @@ pub mod served;
 pub mod server;
 pub mod service;
 pub mod sync;
+pub mod tls;
 
 pub use node::{NodeError, NodeOptions, run};
 pub use route_table::{RouteEntry, RouteMatch, RouteTable};

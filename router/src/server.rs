@@ -1,38 +1,90 @@
 //! Accept loops: a bound listener in, a shutdown future to stop.
 //!
 //! Following mini-redis, servers take an already-bound `TcpListener` (tests bind port 0) and a
-//! shutdown future. Each connection speaks HTTP/1.1 or HTTP/2 (prior knowledge, h2c),
-//! detected from its first bytes. On shutdown the loop stops accepting, in-flight requests
-//! finish within the grace period, then the function returns.
+//! shutdown future. A cleartext connection speaks HTTP/1.1 or HTTP/2 (prior knowledge, h2c),
+//! detected from its first bytes; a TLS connection speaks what ALPN chose. Every connection
+//! gets the edge's hardened limits ([`ServerLimits`]): a connection cap, a TLS handshake
+//! timeout, a header read timeout and an idle timeout (slowloris), strict HTTP/1.1 framing
+//! ([`crate::h1_guard`]), HTTP/2 stream and reset limits. On shutdown the loop stops
+//! accepting, in-flight requests finish within the grace period, then the function returns.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::h1_guard::{GuardState, GuardedIo, H1Limits, Rejection};
+use crate::tls::Certificates;
+
+/// A boxed error, as bodies report them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a connection reached us.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    Plain,
+    /// TLS over TCP; the SNI the client sent, if any.
+    Tls {
+        server_name: Option<Arc<str>>,
+    },
+    /// QUIC (HTTP/3); the SNI the client sent, if any.
+    Quic {
+        server_name: Option<Arc<str>>,
+    },
+}
 
 /// Where a connection came from and arrived at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    pub transport: Transport,
 }
 
-/// Something that answers requests.
+impl ConnectionInfo {
+    pub fn plain(local: SocketAddr, remote: SocketAddr) -> Self {
+        ConnectionInfo {
+            local,
+            remote,
+            transport: Transport::Plain,
+        }
+    }
+
+    /// Whether the connection is encrypted (TLS or QUIC): the CGI `HTTPS`/scheme.
+    pub fn is_secure(&self) -> bool {
+        !matches!(self.transport, Transport::Plain)
+    }
+
+    pub fn server_name(&self) -> Option<&str> {
+        match &self.transport {
+            Transport::Plain => None,
+            Transport::Tls { server_name } | Transport::Quic { server_name } => server_name.as_deref(),
+        }
+    }
+}
+
+/// Something that answers requests, whatever the body type of the protocol they came in.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
+    fn handle<B>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         connection: ConnectionInfo,
-    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>;
 }
 
 /// How long in-flight requests get to finish after shutdown is requested.
@@ -40,26 +92,110 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client must send its request head within this time (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `handler` on `listener` until `shutdown` resolves.
+/// The edge's limits on clients, each with its default. The README lists them.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Open connections per listener; beyond it the listener stops accepting.
+    pub max_connections: usize,
+    /// Time to finish a TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Time to send a whole HTTP/1.1 request head (slowloris).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Request line plus headers, in bytes (431 beyond).
+    pub max_header_bytes: usize,
+    /// Number of header fields (431 beyond).
+    pub max_headers: usize,
+    /// Request target length in bytes (414 beyond).
+    pub max_uri_bytes: usize,
+    /// Concurrent streams per HTTP/2 or HTTP/3 connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams reset by the client before the server saw them (rapid reset); the
+    /// connection is closed with ENHANCE_YOUR_CALM beyond.
+    pub h2_max_pending_reset_streams: usize,
+    /// HTTP/2 streams the server had to reset for protocol errors before it closes.
+    pub h2_max_local_error_reset_streams: usize,
+    /// How long in-flight requests get after shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_concurrent_streams: 100,
+            h2_max_pending_reset_streams: 20,
+            h2_max_local_error_reset_streams: 256,
+            shutdown_grace: SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl ServerLimits {
+    pub fn h1(&self) -> H1Limits {
+        H1Limits {
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            max_uri_bytes: self.max_uri_bytes,
+        }
+    }
+}
+
+/// TLS on a TCP listener: the rustls configuration and the certificates behind it.
+#[derive(Clone)]
+pub struct TlsIngress {
+    pub config: Arc<rustls::ServerConfig>,
+    pub certificates: Arc<Certificates>,
+}
+
+/// What a listener adds around the handler.
+#[derive(Clone, Default)]
+pub struct Ingress {
+    pub tls: Option<TlsIngress>,
+    /// `Alt-Svc` value announcing HTTP/3, added to every response.
+    pub alt_svc: Option<HeaderValue>,
+    pub limits: Arc<ServerLimits>,
+}
+
+/// Serves `handler` on `listener` (cleartext, default limits) until `shutdown` resolves.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_with(listener, handler, Ingress::default(), shutdown).await
+}
+
+/// Serves `handler` on `listener` with `ingress` (TLS, limits, Alt-Svc) until `shutdown`.
+pub async fn serve_with<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    ingress: Ingress,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let local = listener.local_addr()?;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+    let limits = Arc::clone(&ingress.limits);
+    let builder = Arc::new(http_builder(&limits));
+    let acceptor = ingress
+        .tls
+        .as_ref()
+        .map(|tls| tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config)));
+    let ingress = Arc::new(ingress);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => permit.expect("semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -73,30 +209,261 @@ pub async fn serve<H: Handler>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection_info = ConnectionInfo { local, remote };
-        let handler = Arc::clone(&handler);
-        let service = hyper::service::service_fn(move |request| {
-            let handler = Arc::clone(&handler);
-            async move { Ok::<_, std::convert::Infallible>(handler.handle(request, connection_info).await) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let connection = Connection {
+            handler: Arc::clone(&handler),
+            ingress: Arc::clone(&ingress),
+            builder: Arc::clone(&builder),
+            local,
+            remote,
+        };
+        let acceptor = acceptor.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%remote, %error, "connection ended with an error");
-            }
+            connection.run(stream, acceptor, watcher).await;
+            drop(permit);
         });
     }
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+        () = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!("grace period over; dropping remaining connections");
         }
     }
     Ok(())
+}
+
+fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    builder
+}
+
+/// One accepted connection and what it needs to be served.
+struct Connection<H> {
+    handler: Arc<H>,
+    ingress: Arc<Ingress>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+/// Per-connection bookkeeping shared by its requests: for the idle timeout and the guard.
+struct ConnectionState {
+    started: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds since `started` of the last request start or end.
+    last_activity_ms: AtomicU64,
+    requests: AtomicU64,
+    guard: Arc<GuardState>,
+}
+
+impl ConnectionState {
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once the connection has had no request in flight for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+            let deadline = self.started + last + idle;
+            if Instant::now() >= deadline && self.in_flight.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(deadline.max(Instant::now() + Duration::from_millis(100)).into()).await;
+        }
+    }
+}
+
+impl<H: Handler> Connection<H> {
+    async fn run(
+        self,
+        stream: TcpStream,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let limits = Arc::clone(&self.ingress.limits);
+        let Some(acceptor) = acceptor else {
+            let info = ConnectionInfo::plain(self.local, self.remote);
+            self.serve(stream, info, None, watcher).await;
+            return;
+        };
+        let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                tracing::debug!(remote = %self.remote, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(remote = %self.remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        if alpn.as_deref() == Some(crate::tls::ACME_TLS_ALPN) {
+            // A TLS-ALPN-01 validation: the handshake was the whole exchange.
+            return;
+        }
+        let server_name: Option<Arc<str>> = session.server_name().map(Arc::from);
+        let info = ConnectionInfo {
+            local: self.local,
+            remote: self.remote,
+            transport: Transport::Tls { server_name },
+        };
+        let h2_only = alpn.as_deref() == Some(b"h2".as_slice());
+        self.serve(tls, info, Some(h2_only), watcher).await;
+    }
+
+    /// Serves HTTP on `io`. `h2_only`: `None` for cleartext (detect h1/h2c), `Some(true)`
+    /// when ALPN chose h2, `Some(false)` for HTTP/1.1 over TLS.
+    async fn serve<S>(
+        self,
+        io: S,
+        info: ConnectionInfo,
+        h2_only: Option<bool>,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = Arc::clone(&self.ingress.limits);
+        let state = Arc::new(ConnectionState {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            guard: GuardState::new(),
+        });
+        let remote = info.remote;
+        let service = {
+            let state = Arc::clone(&state);
+            let handler = Arc::clone(&self.handler);
+            let ingress = Arc::clone(&self.ingress);
+            hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let state = Arc::clone(&state);
+                let handler = Arc::clone(&handler);
+                let ingress = Arc::clone(&ingress);
+                let info = info.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(respond(handler, &ingress, &state, request, info).await)
+                }
+            })
+        };
+        let builder = match h2_only {
+            Some(true) => {
+                let mut builder = (*self.builder).clone();
+                builder = builder.http2_only();
+                std::borrow::Cow::Owned(builder)
+            }
+            Some(false) => {
+                let mut builder = (*self.builder).clone();
+                builder = builder.http1_only();
+                std::borrow::Cow::Owned(builder)
+            }
+            None => std::borrow::Cow::Borrowed(&*self.builder),
+        };
+        let served = if h2_only == Some(true) {
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            tokio::select! {
+                result = watcher.watch(connection.into_owned()) => result,
+                () = state.idle(limits.idle_timeout) => Ok(()),
+            }
+        } else {
+            let io = GuardedIo::new(io, limits.h1(), Arc::clone(&state.guard));
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            tokio::select! {
+                result = watcher.watch(connection.into_owned()) => result,
+                () = state.idle(limits.idle_timeout) => Ok(()),
+            }
+        };
+        if let Err(error) = served {
+            tracing::debug!(%remote, %error, "connection ended with an error");
+        }
+    }
+}
+
+/// One request through the connection's checks, then the handler.
+async fn respond<H: Handler>(
+    handler: Arc<H>,
+    ingress: &Ingress,
+    state: &ConnectionState,
+    request: Request<hyper::body::Incoming>,
+    info: ConnectionInfo,
+) -> Response<Full<Bytes>> {
+    let index = state.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(rejection) = state.guard.rejection_for(index) {
+        return rejection_response(&rejection);
+    }
+    if let Some(tls) = &ingress.tls
+        && let Some(host) = request_host(&request)
+    {
+        let host = crate::route_table::normalize_host(&host);
+        if !tls.certificates.host_allowed(info.server_name(), &host) {
+            let mut response = text_response(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "host `{host}` is not served by the certificate for `{}` on this connection",
+                    info.server_name().unwrap_or("-")
+                ),
+            );
+            add_alt_svc(&mut response, ingress);
+            return response;
+        }
+    }
+    state.in_flight.fetch_add(1, Ordering::Relaxed);
+    state.touch();
+    let mut response = handler.handle(request, info).await;
+    state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    state.touch();
+    if let Some(rejection) = state.guard.rejection_for(index) {
+        return rejection_response(&rejection);
+    }
+    add_alt_svc(&mut response, ingress);
+    response
+}
+
+fn add_alt_svc(response: &mut Response<Full<Bytes>>, ingress: &Ingress) {
+    if let Some(alt_svc) = &ingress.alt_svc {
+        response
+            .headers_mut()
+            .insert(http::header::ALT_SVC, alt_svc.clone());
+    }
+}
+
+/// The response to a refused request; the connection closes after it.
+pub fn rejection_response(rejection: &Rejection) -> Response<Full<Bytes>> {
+    let mut response = text_response(rejection.status, rejection.reason);
+    response
+        .headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The host a request is for: the URI authority (HTTP/2, HTTP/3, absolute-form) or `Host`.
+pub fn request_host<B>(request: &Request<B>) -> Option<String> {
+    if let Some(authority) = request.uri().authority() {
+        return Some(authority.as_str().to_string());
+    }
+    request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .filter(|host| !host.is_empty())
+        .map(str::to_string)
 }
 
 /// A small plain-text response.

@@ -16,12 +16,12 @@ use atoll_isolate::{CgiRequest, InterruptSlot, InvokeError, StartKind};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::Body;
 
 use crate::executor::GuestExecutor;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
-use crate::server::{ConnectionInfo, Handler, text_response};
+use crate::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
 
 /// Largest request body a function accepts.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -44,11 +44,15 @@ impl EdgeService {
 }
 
 impl Handler for EdgeService {
-    async fn handle(
+    async fn handle<B>(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<B>,
         connection: ConnectionInfo,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
         let (response, function) = self.route(request, connection).await;
         let status = response.status().as_u16();
@@ -66,11 +70,15 @@ impl Handler for EdgeService {
 }
 
 impl EdgeService {
-    async fn route(
+    async fn route<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         connection: ConnectionInfo,
-    ) -> (Response<Full<Bytes>>, Option<Arc<FunctionMetrics>>) {
+    ) -> (Response<Full<Bytes>>, Option<Arc<FunctionMetrics>>)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let Some(host) = request_host(&request) else {
             return (
                 text_response(StatusCode::BAD_REQUEST, "request has no Host"),
@@ -129,7 +137,7 @@ impl EdgeService {
             raw_path: path,
             query: parts.uri.query().unwrap_or("").to_string(),
             protocol: protocol_name(parts.version).to_string(),
-            scheme: "http".to_string(),
+            scheme: if connection.is_secure() { "https" } else { "http" }.to_string(),
             server_name,
             server_port: connection.local.port(),
             remote_addr: connection.remote.ip().to_string(),
@@ -257,18 +265,6 @@ fn public_reason(error: &InvokeError) -> &'static str {
         InvokeError::ResponseTooLarge { .. } => "its response is too large",
         InvokeError::Timeout { .. } => "it ran past its timeout",
     }
-}
-
-fn request_host(request: &Request<Incoming>) -> Option<String> {
-    if let Some(authority) = request.uri().authority() {
-        return Some(authority.as_str().to_string());
-    }
-    request
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|value| value.to_str().ok())
-        .filter(|host| !host.is_empty())
-        .map(str::to_string)
 }
 
 fn protocol_name(version: Version) -> &'static str {
