@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use atoll_isolate::Engine;
@@ -46,6 +47,8 @@ enum Command {
         /// State directory (registry store, node cache).
         #[arg(long, default_value = ".atoll")]
         data: PathBuf,
+        #[command(flatten)]
+        edge: EdgeArgs,
     },
     /// The function registry on the embedded store.
     Registry {
@@ -76,6 +79,8 @@ enum Command {
         /// Registry token (default: $ATOLL_TOKEN).
         #[arg(long, env = "ATOLL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        edge: EdgeArgs,
     },
     /// Push a function: PATH is an atoll.toml or a folder holding one.
     Push {
@@ -103,6 +108,146 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// The node's ingress: TLS, HTTP/3, ACME and the limits on clients.
+#[derive(Args)]
+struct EdgeArgs {
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) here; needs --certs or --acme-directory.
+    #[arg(long)]
+    tls_listen: Option<SocketAddr>,
+    /// Serve HTTP/3 on this UDP address (default: the --tls-listen address).
+    #[arg(long)]
+    quic_listen: Option<SocketAddr>,
+    /// Do not serve HTTP/3.
+    #[arg(long)]
+    no_http3: bool,
+    /// Do not serve cleartext HTTP (only TLS and QUIC).
+    #[arg(long)]
+    no_cleartext: bool,
+    /// Directory of PEM pairs NAME.crt + NAME.key, chosen by SNI and reloaded on change.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// ACME directory URL: obtain certificates for every routed domain.
+    #[arg(long)]
+    acme_directory: Option<String>,
+    /// Contact address for the ACME account.
+    #[arg(long)]
+    acme_email: Option<String>,
+    /// PEM CA certificate to trust for the ACME server's TLS (pebble, step-ca).
+    #[arg(long)]
+    acme_ca_cert: Option<PathBuf>,
+    /// ACME challenge: tls-alpn-01 (on the TLS listener) or http-01 (on the HTTP listener).
+    #[arg(long, default_value = "tls-alpn-01", value_parser = ["tls-alpn-01", "http-01"])]
+    acme_challenge: String,
+    /// Open connections per listener.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Time a client has to send a request head (slowloris), e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Time to finish a TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
+    /// Request line plus headers, in bytes (431 beyond).
+    #[arg(long, default_value_t = 32 * 1024)]
+    max_header_bytes: usize,
+    /// Number of request header fields (431 beyond).
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+    /// Request target length in bytes (414 beyond).
+    #[arg(long, default_value_t = 8 * 1024)]
+    max_uri_bytes: usize,
+    /// Request body size in bytes (413 beyond).
+    #[arg(long, default_value_t = atoll_router::service::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    /// Concurrent streams per HTTP/2 or HTTP/3 connection.
+    #[arg(long, default_value_t = 100)]
+    max_concurrent_streams: u32,
+    /// How long in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// QUIC handshakes in progress beyond which new clients get a Retry (0: always).
+    #[arg(long, default_value_t = atoll_router::node::DEFAULT_QUIC_RETRY_THRESHOLD)]
+    quic_retry_threshold: usize,
+}
+
+impl EdgeArgs {
+    /// Fills the ingress part of `options`.
+    fn apply(&self, options: &mut atoll_router::NodeOptions) {
+        options.certs_dir = self.certs.clone();
+        options.acme = self
+            .acme_directory
+            .as_ref()
+            .map(|directory| atoll_router::acme::AcmeOptions {
+                directory: directory.clone(),
+                email: self.acme_email.clone(),
+                ca_cert: self.acme_ca_cert.clone(),
+                challenge: if self.acme_challenge == "http-01" {
+                    atoll_router::acme::ChallengeKind::Http01
+                } else {
+                    atoll_router::acme::ChallengeKind::TlsAlpn01
+                },
+                state_dir: options.data_dir.join("acme"),
+            });
+        options.limits = atoll_router::server::ServerLimits {
+            max_connections: self.max_connections,
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            header_read_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            max_uri_bytes: self.max_uri_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+            shutdown_grace: self.shutdown_grace,
+            ..Default::default()
+        };
+        options.max_body_bytes = self.max_body_bytes;
+        options.quic_retry_threshold = self.quic_retry_threshold;
+    }
+
+    /// Binds the node's sockets and prints where each listens.
+    async fn bind(&self, listen: SocketAddr, admin: SocketAddr) -> Result<atoll_router::NodeListeners> {
+        let http = if self.no_cleartext {
+            None
+        } else {
+            let listener = bind(listen).await?;
+            println!("node listening on http://{}", listener.local_addr()?);
+            Some(listener)
+        };
+        let tls = match self.tls_listen {
+            Some(address) => {
+                let listener = bind(address).await?;
+                println!("node listening on https://{}", listener.local_addr()?);
+                Some(listener)
+            }
+            None => None,
+        };
+        let quic = match (&tls, self.no_http3) {
+            (Some(tls), false) => {
+                let address = match self.quic_listen {
+                    Some(address) => address,
+                    None => tls.local_addr()?,
+                };
+                let socket =
+                    std::net::UdpSocket::bind(address).with_context(|| format!("binding UDP {address}"))?;
+                println!("node listening on h3://{}", socket.local_addr()?);
+                Some(socket)
+            }
+            _ => None,
+        };
+        let admin = bind(admin).await?;
+        println!("admin listening on http://{}", admin.local_addr()?);
+        Ok(atoll_router::NodeListeners {
+            http,
+            tls,
+            quic,
+            admin,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -170,7 +315,8 @@ async fn run(command: Command) -> Result<()> {
             registry_listen,
             admin,
             data,
-        } => up(listen, registry_listen, admin, data).await,
+            edge,
+        } => up(listen, registry_listen, admin, data, edge).await,
         Command::Registry {
             listen,
             data,
@@ -191,20 +337,16 @@ async fn run(command: Command) -> Result<()> {
             name,
             region,
             token,
+            edge,
         } => {
             let engine = Engine::new()?;
-            let listener = bind(listen).await?;
-            let admin = bind(admin).await?;
-            println!("node listening on http://{}", listener.local_addr()?);
-            println!("admin listening on http://{}", admin.local_addr()?);
-            let options = atoll_router::NodeOptions {
-                data_dir: data,
-                registry_url: registry,
-                token,
-                name: name.unwrap_or_else(default_node_name),
-                region,
-            };
-            atoll_router::run(options, engine, listener, admin, shutdown_signal()).await?;
+            let listeners = edge.bind(listen, admin).await?;
+            let mut options = atoll_router::NodeOptions::new(data, registry);
+            options.token = token;
+            options.name = name.unwrap_or_else(default_node_name);
+            options.region = region;
+            edge.apply(&mut options);
+            atoll_router::run(options, engine, listeners, shutdown_signal()).await?;
             Ok(())
         }
         Command::Push { path, client } => {
@@ -255,7 +397,13 @@ async fn run(command: Command) -> Result<()> {
 }
 
 /// `atoll up`: registry and node in one process, `hello` deployed.
-async fn up(listen: SocketAddr, registry_listen: SocketAddr, admin: SocketAddr, data: PathBuf) -> Result<()> {
+async fn up(
+    listen: SocketAddr,
+    registry_listen: SocketAddr,
+    admin: SocketAddr,
+    data: PathBuf,
+    edge: EdgeArgs,
+) -> Result<()> {
     let engine = Engine::new()?;
     let (registry, token) = open_registry(
         &data.join("registry"),
@@ -264,12 +412,13 @@ async fn up(listen: SocketAddr, registry_listen: SocketAddr, admin: SocketAddr, 
     )?;
     let registry_listener = bind(registry_listen).await?;
     let registry_url = format!("http://{}", registry_listener.local_addr()?);
-    let node_listener = bind(listen).await?;
-    let admin_listener = bind(admin).await?;
-    let node_address = node_listener.local_addr()?;
     println!("registry listening on {registry_url}");
-    println!("node listening on http://{node_address}");
-    println!("admin listening on http://{}", admin_listener.local_addr()?);
+    let listeners = edge.bind(listen, admin).await?;
+    let node_address = match (&listeners.http, &listeners.tls) {
+        (Some(http), _) => http.local_addr()?,
+        (None, Some(tls)) => tls.local_addr()?,
+        (None, None) => bail!("the node needs an HTTP or a TLS listener"),
+    };
 
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
@@ -280,18 +429,14 @@ async fn up(listen: SocketAddr, registry_listen: SocketAddr, admin: SocketAddr, 
         registry,
         stopped(stop.clone()),
     ));
-    let options = atoll_router::NodeOptions {
-        data_dir: data.join("node"),
-        registry_url: registry_url.clone(),
-        token: Some(token.clone()),
-        name: default_node_name(),
-        region: "default".into(),
-    };
+    let mut options = atoll_router::NodeOptions::new(data.join("node"), registry_url.clone());
+    options.token = Some(token.clone());
+    options.name = default_node_name();
+    edge.apply(&mut options);
     let node_task = tokio::spawn(atoll_router::run(
         options,
         engine,
-        node_listener,
-        admin_listener,
+        listeners,
         stopped(stop.clone()),
     ));
 

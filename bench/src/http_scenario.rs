@@ -198,18 +198,20 @@ async fn start_atoll(module: Vec<u8>) -> Result<(SocketAddr, tempfile::TempDir)>
     let node_listener = TcpListener::bind("127.0.0.1:0").await?;
     let node_address = node_listener.local_addr()?;
     let admin_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let options = atoll_router::NodeOptions {
-        data_dir: data.path().join("node"),
-        registry_url: registry_url.clone(),
-        token: Some(token.clone()),
-        name: "bench".into(),
-        region: "bench".into(),
+    let mut options = atoll_router::NodeOptions::new(data.path().join("node"), registry_url.clone());
+    options.token = Some(token.clone());
+    options.name = "bench".into();
+    options.region = "bench".into();
+    let listeners = atoll_router::NodeListeners {
+        http: Some(node_listener),
+        tls: None,
+        quic: None,
+        admin: admin_listener,
     };
     tokio::spawn(atoll_router::run(
         options,
         engine,
-        node_listener,
-        admin_listener,
+        listeners,
         std::future::pending(),
     ));
 

@@ -14,12 +14,14 @@
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
 //! - [`admin`] and [`metrics`]: what operators look at.
 
+pub mod acme;
 pub mod admin;
 pub mod executor;
 pub mod h1_guard;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;
+pub mod quic;
 pub mod route_table;
 pub mod served;
 pub mod server;
@@ -27,5 +29,5 @@ pub mod service;
 pub mod sync;
 pub mod tls;
 
-pub use node::{NodeError, NodeOptions, run};
+pub use node::{NodeError, NodeListeners, NodeOptions, run};
 pub use route_table::{RouteEntry, RouteMatch, RouteTable};

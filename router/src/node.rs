@@ -14,12 +14,15 @@ use atoll_registry::RegistryClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::acme::{AcmeOptions, Http01Challenges};
 use crate::admin::AdminService;
 use crate::executor::GuestExecutor;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;
+use crate::server::{Ingress, ServerLimits, TlsIngress};
 use crate::service::EdgeService;
 use crate::sync::Syncer;
+use crate::tls::Certificates;
 
 /// Everything a node needs besides its sockets.
 #[derive(Debug, Clone)]
@@ -30,6 +33,48 @@ pub struct NodeOptions {
     /// The node's name in logs and (later) cluster membership.
     pub name: String,
     pub region: String,
+    /// `--certs DIR`: PEM pairs served by SNI, reloaded when they change.
+    pub certs_dir: Option<PathBuf>,
+    /// Automatic certificates for routed domains.
+    pub acme: Option<AcmeOptions>,
+    pub limits: ServerLimits,
+    /// Largest request body a function accepts (413 beyond).
+    pub max_body_bytes: usize,
+    /// QUIC handshakes in progress beyond which clients must answer a Retry (0: always).
+    pub quic_retry_threshold: usize,
+}
+
+impl NodeOptions {
+    /// Options with the defaults for everything but where the node's state and registry are.
+    pub fn new(data_dir: PathBuf, registry_url: String) -> Self {
+        NodeOptions {
+            data_dir,
+            registry_url,
+            token: None,
+            name: "node".into(),
+            region: "default".into(),
+            certs_dir: None,
+            acme: None,
+            limits: ServerLimits::default(),
+            max_body_bytes: crate::service::DEFAULT_MAX_BODY_BYTES,
+            quic_retry_threshold: DEFAULT_QUIC_RETRY_THRESHOLD,
+        }
+    }
+}
+
+/// Handshakes in flight before QUIC asks new clients to validate their address.
+pub const DEFAULT_QUIC_RETRY_THRESHOLD: usize = 64;
+
+/// The node's sockets, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct NodeListeners {
+    /// Cleartext HTTP/1.1 and h2c (also where HTTP-01 challenges are answered).
+    pub http: Option<TcpListener>,
+    /// HTTPS: TLS with HTTP/2 and HTTP/1.1 by ALPN.
+    pub tls: Option<TcpListener>,
+    /// HTTP/3; needs `tls` for its certificates.
+    pub quic: Option<std::net::UdpSocket>,
+    pub admin: TcpListener,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +89,12 @@ pub enum NodeError {
     Sync(#[from] crate::sync::SyncError),
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("certificates: {0}")]
+    Certificates(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// How often pools are trimmed (scale down, to zero when idle) and topped up, and the
@@ -79,15 +130,39 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
     }
 }
 
-/// Runs a node until `shutdown` resolves: serves traffic on `listener`, admin on `admin`.
+/// Runs a node until `shutdown` resolves: serves traffic on the listeners, admin on `admin`.
 pub async fn run(
     options: NodeOptions,
     engine: Engine,
-    listener: TcpListener,
-    admin: TcpListener,
+    listeners: NodeListeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
+    if listeners.http.is_none() && listeners.tls.is_none() {
+        return Err(NodeError::Config(
+            "the node needs an HTTP or a TLS listener".into(),
+        ));
+    }
+    if listeners.quic.is_some() && listeners.tls.is_none() {
+        return Err(NodeError::Config(
+            "HTTP/3 needs the TLS listener's certificates".into(),
+        ));
+    }
+    if listeners.tls.is_some() && options.certs_dir.is_none() && options.acme.is_none() {
+        return Err(NodeError::Config(
+            "TLS needs certificates: give --certs DIR or --acme-directory URL".into(),
+        ));
+    }
     let metrics = crate::metrics::install();
+    let certificates = Certificates::new();
+    if let Some(dir) = &options.certs_dir {
+        match certificates.load_dir(dir) {
+            Ok(count) => tracing::info!(dir = %dir.display(), certificates = count, "certificates loaded"),
+            Err(errors) => {
+                let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                return Err(NodeError::Certificates(messages.join("; ")));
+            }
+        }
+    }
     let cache = NodeCache::open(&options.data_dir).map_err(|source| NodeError::DataDir {
         path: options.data_dir.clone(),
         source,
@@ -102,30 +177,102 @@ pub async fn run(
     let stopped = |mut receiver: watch::Receiver<bool>| async move {
         let _ = receiver.wait_for(|stop| *stop).await;
     };
-    let sync_task = tokio::spawn(syncer.run(stop.clone()));
-    let maintenance = tokio::spawn(maintain_pools(Arc::clone(&routing), stopped(stop.clone())));
-    let edge = tokio::spawn(crate::server::serve(
-        listener,
-        EdgeService::new(Arc::clone(&routing), GuestExecutor::per_core()),
+    let limits = Arc::new(options.limits.clone());
+    let http01 = Http01Challenges::new();
+    let service = EdgeService::with_options(
+        Arc::clone(&routing),
+        GuestExecutor::per_core(),
+        options.max_body_bytes,
+        Some(Arc::clone(&http01)),
+    );
+    let mut tasks = Vec::new();
+    let mut servers = Vec::new();
+    tasks.push(tokio::spawn(syncer.run(stop.clone())));
+    tasks.push(tokio::spawn(maintain_pools(
+        Arc::clone(&routing),
         stopped(stop.clone()),
-    ));
-    let admin = tokio::spawn(crate::server::serve(
-        admin,
+    )));
+    if let Some(dir) = options.certs_dir.clone() {
+        tasks.push(tokio::spawn(
+            Arc::clone(&certificates).watch_dir(dir, stopped(stop.clone())),
+        ));
+    }
+    if let Some(acme) = options.acme.clone() {
+        tasks.push(tokio::spawn(crate::acme::run(
+            acme,
+            Arc::clone(&certificates),
+            Arc::clone(&http01),
+            Arc::clone(&routing),
+            stopped(stop.clone()),
+        )));
+    }
+    let alt_svc = match &listeners.quic {
+        Some(socket) => {
+            let port = socket.local_addr().map_err(NodeError::Listener)?.port();
+            Some(http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400")).expect("valid header"))
+        }
+        None => None,
+    };
+    if let Some(listener) = listeners.http {
+        let ingress = Ingress {
+            tls: None,
+            alt_svc: None,
+            limits: Arc::clone(&limits),
+        };
+        servers.push(tokio::spawn(crate::server::serve_with(
+            listener,
+            Arc::clone(&service),
+            ingress,
+            stopped(stop.clone()),
+        )));
+    }
+    if let Some(listener) = listeners.tls {
+        let ingress = Ingress {
+            tls: Some(TlsIngress {
+                config: crate::tls::tcp_server_config(Arc::clone(&certificates))?,
+                certificates: Arc::clone(&certificates),
+            }),
+            alt_svc,
+            limits: Arc::clone(&limits),
+        };
+        servers.push(tokio::spawn(crate::server::serve_with(
+            listener,
+            Arc::clone(&service),
+            ingress,
+            stopped(stop.clone()),
+        )));
+    }
+    if let Some(socket) = listeners.quic {
+        let settings = crate::quic::QuicSettings {
+            retry_threshold: options.quic_retry_threshold,
+            limits: Arc::clone(&limits),
+        };
+        servers.push(tokio::spawn(crate::quic::serve_quic(
+            socket,
+            Arc::clone(&certificates),
+            Arc::clone(&service),
+            settings,
+            stopped(stop.clone()),
+        )));
+    }
+    servers.push(tokio::spawn(crate::server::serve(
+        listeners.admin,
         AdminService::new(routing, metrics),
         stopped(stop.clone()),
-    ));
+    )));
     tracing::info!(node = %options.name, region = %options.region, registry = %options.registry_url, "node started");
 
     shutdown.await;
     tracing::info!("node shutting down");
     let _ = stop_sender.send(true);
-    let _ = sync_task.await;
-    let _ = maintenance.await;
-    if let Ok(Err(error)) = edge.await {
-        return Err(NodeError::Listener(error));
+    for task in tasks {
+        let _ = task.await;
     }
-    if let Ok(Err(error)) = admin.await {
-        return Err(NodeError::Listener(error));
+    let mut result = Ok(());
+    for server in servers {
+        if let Ok(Err(error)) = server.await {
+            result = Err(NodeError::Listener(error));
+        }
     }
-    Ok(())
+    result
 }

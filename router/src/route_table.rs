@@ -112,6 +112,11 @@ impl<T> RouteTable<T> {
     }
 
     /// Every entry, for listings.
+    /// The exact (non-wildcard) host names that have routes, unordered.
+    pub fn exact_hosts(&self) -> impl Iterator<Item = &str> {
+        self.exact.keys().map(String::as_str)
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = &RouteEntry<T>> {
         self.exact.values().chain(self.wildcard.values()).flatten()
     }

@@ -88,6 +88,16 @@ impl Routing {
         functions
     }
 
+    /// Exact host names routed now, sorted: the domains ACME obtains certificates for.
+    pub fn exact_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .current()
+            .map(|table| table.exact_hosts().map(str::to_string).collect())
+            .unwrap_or_default();
+        hosts.sort();
+        hosts
+    }
+
     pub fn is_ready(&self) -> bool {
         self.table.load().is_some()
     }

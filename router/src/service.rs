@@ -18,6 +18,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 
+use crate::acme::Http01Challenges;
 use crate::executor::GuestExecutor;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
@@ -26,19 +27,34 @@ use crate::server::{BoxError, ConnectionInfo, Handler, request_host, text_respon
 /// Largest request body a function accepts.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// Where ACME HTTP-01 challenges are fetched (RFC 8555 §8.3).
+pub const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
 /// Routes requests to functions.
 pub struct EdgeService {
     routing: Arc<Routing>,
     executor: Arc<GuestExecutor>,
     max_body_bytes: usize,
+    /// ACME HTTP-01 tokens, answered before routing.
+    http01: Option<Arc<Http01Challenges>>,
 }
 
 impl EdgeService {
     pub fn new(routing: Arc<Routing>, executor: Arc<GuestExecutor>) -> Arc<Self> {
+        Self::with_options(routing, executor, DEFAULT_MAX_BODY_BYTES, None)
+    }
+
+    pub fn with_options(
+        routing: Arc<Routing>,
+        executor: Arc<GuestExecutor>,
+        max_body_bytes: usize,
+        http01: Option<Arc<Http01Challenges>>,
+    ) -> Arc<Self> {
         Arc::new(EdgeService {
             routing,
             executor,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_body_bytes,
+            http01,
         })
     }
 }
@@ -79,6 +95,23 @@ impl EdgeService {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        if let Some(http01) = &self.http01
+            && let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PATH)
+        {
+            return match http01.key_authorization(token) {
+                Some(key_authorization) => (
+                    Response::builder()
+                        .header(http::header::CONTENT_TYPE, "application/octet-stream")
+                        .body(Full::new(Bytes::from(key_authorization)))
+                        .expect("static response parts are valid"),
+                    None,
+                ),
+                None => (
+                    text_response(StatusCode::NOT_FOUND, "no such ACME challenge token"),
+                    None,
+                ),
+            };
+        }
         let Some(host) = request_host(&request) else {
             return (
                 text_response(StatusCode::BAD_REQUEST, "request has no Host"),
