@@ -290,6 +290,63 @@ pub fn start_node(registry_url: &str, data: &Path) -> (Process, String, String) 
     (process, http, admin)
 }
 
+/// A node started with extra flags, and every address it printed.
+pub struct EdgeNode {
+    pub process: Process,
+    /// Cleartext `127.0.0.1:PORT`, unless started with `--no-cleartext`.
+    pub http: Option<String>,
+    /// TLS `127.0.0.1:PORT`, when started with `--tls-listen`.
+    pub https: Option<String>,
+    /// HTTP/3 UDP `127.0.0.1:PORT`, when TLS is on and HTTP/3 is not disabled.
+    pub h3: Option<String>,
+    pub admin: String,
+}
+
+/// Starts `atoll node` on `127.0.0.1:0` with `extra` flags appended (e.g. `--tls-listen
+/// 127.0.0.1:0 --certs DIR`, `--header-timeout 2s`).
+pub fn start_edge_node(registry_url: &str, data: &Path, extra: &[&str]) -> EdgeNode {
+    let data = data.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "node",
+        "--registry",
+        registry_url,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--data",
+        data,
+        "--name",
+        "e2e",
+        "--region",
+        "test",
+    ];
+    args.extend_from_slice(extra);
+    let mut process = Process::spawn("node", &args);
+    // The admin line is printed last, after every traffic listener.
+    let admin = process.wait_for_line("admin listening on http://", STARTUP)
+        ["admin listening on http://".len()..]
+        .trim()
+        .to_string();
+    let find = |prefix: &str| {
+        process
+            .stdout_lines()
+            .into_iter()
+            .find(|line| line.starts_with(prefix))
+            .map(|line| line[prefix.len()..].trim().to_string())
+    };
+    let http = find("node listening on http://");
+    let https = find("node listening on https://");
+    let h3 = find("node listening on h3://");
+    EdgeNode {
+        process,
+        http,
+        https,
+        h3,
+        admin,
+    }
+}
+
 /// The `host:port` of an `http://host:port` URL.
 pub fn url_addr(url: &str) -> &str {
     url.trim_start_matches("http://").trim_end_matches('/')
