@@ -36,6 +36,8 @@ pub const MODULE_LOADS_TOTAL: &str = "atoll_module_loads_total";
 pub const ROUTE_TABLE_REVISION: &str = "atoll_route_table_revision";
 /// Routes in the current table.
 pub const ROUTES: &str = "atoll_routes";
+/// Gauge: requests the node is answering now (all listeners and protocols).
+pub const REQUESTS_IN_FLIGHT: &str = "atoll_requests_in_flight";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -169,6 +171,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to make an isolate ready, by function and kind (snapshot or compile)"
     );
+    metrics::describe_gauge!(REQUESTS_IN_FLIGHT, "Requests being answered now");
     metrics::describe_gauge!(INSTANCES, "Instances by function and state (idle or busy)");
     metrics::describe_counter!(INVOCATIONS_TOTAL, "Invocations by function and outcome");
     metrics::describe_histogram!(

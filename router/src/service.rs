@@ -37,6 +37,8 @@ pub struct EdgeService {
     max_body_bytes: usize,
     /// ACME HTTP-01 tokens, answered before routing.
     http01: Option<Arc<Http01Challenges>>,
+    /// `atoll_requests_in_flight`, registered once.
+    in_flight: ::metrics::Gauge,
 }
 
 impl EdgeService {
@@ -55,6 +57,7 @@ impl EdgeService {
             executor,
             max_body_bytes,
             http01,
+            in_flight: ::metrics::gauge!(metrics::REQUESTS_IN_FLIGHT),
         })
     }
 }
@@ -70,6 +73,7 @@ impl Handler for EdgeService {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
+        let _in_flight = InFlight::enter(&self.in_flight);
         let (response, function) = self.route(request, connection).await;
         let status = response.status().as_u16();
         match function {
@@ -282,6 +286,23 @@ async fn invoke(
             tracing::error!(function = %name, "invocation panicked");
             text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
         }
+    }
+}
+
+/// Counts a request in `atoll_requests_in_flight` until dropped (also when the client
+/// goes away and the request's future is dropped).
+struct InFlight<'a>(&'a ::metrics::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a ::metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
