@@ -63,15 +63,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
         .enable_all()
         .build()?;
 
-    let hello_wasm = args.hello_wasm.unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/target/wasm32-wasip1/release/hello.wasm")
-    });
-    let module = std::fs::read(&hello_wasm).with_context(|| {
-        format!(
-            "reading {} (build the examples first: `cargo build` at the workspace root)",
-            hello_wasm.display()
-        )
-    })?;
+    let module = read_hello(args.hello_wasm)?;
 
     let baseline_address = runtime.block_on(start_hyper_hello())?;
     let (atoll_address, _data) = runtime.block_on(start_atoll(module))?;
@@ -92,6 +84,19 @@ pub fn run(args: HttpArgs) -> Result<()> {
     report(&baseline, &atoll, &image, &load, args.json);
     drop(runtime);
     Ok(())
+}
+
+/// The hello module: `path`, or the example built by `cargo build`.
+pub fn read_hello(path: Option<PathBuf>) -> Result<Vec<u8>> {
+    let hello_wasm = path.unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/target/wasm32-wasip1/release/hello.wasm")
+    });
+    std::fs::read(&hello_wasm).with_context(|| {
+        format!(
+            "reading {} (build the examples first: `cargo build` at the workspace root)",
+            hello_wasm.display()
+        )
+    })
 }
 
 fn report(baseline: &WrkReport, atoll: &WrkReport, image: &WrkReport, load: &Load, json: bool) {
@@ -178,6 +183,35 @@ async fn start_hyper_hello() -> Result<SocketAddr> {
 /// Registry + node in process, `hello` pushed and served. Returns the node's address and the
 /// temporary data directory (kept alive by the caller).
 async fn start_atoll(module: Vec<u8>) -> Result<(SocketAddr, tempfile::TempDir)> {
+    let node = start_node(
+        module,
+        NodeSetup {
+            certs_dir: None,
+            with_image: true,
+        },
+    )
+    .await?;
+    Ok((node.http, node.data))
+}
+
+/// What [`start_node`] sets up besides `hello`.
+pub struct NodeSetup {
+    /// Serve TLS and HTTP/3 too, with the certificates in this directory.
+    pub certs_dir: Option<PathBuf>,
+    /// Also push `image16` (a 16 MiB memory image) at `image16.localhost`.
+    pub with_image: bool,
+}
+
+/// An in-process node and its addresses; `data` must outlive the node.
+pub struct AtollNode {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub h3: Option<SocketAddr>,
+    pub data: tempfile::TempDir,
+}
+
+/// Registry + node in process with `hello` pushed and served.
+pub async fn start_node(module: Vec<u8>, setup: NodeSetup) -> Result<AtollNode> {
     let data = tempfile::tempdir()?;
     let engine = atoll_isolate::Engine::new()?;
     let token = "bench-token".to_string();
@@ -202,10 +236,21 @@ async fn start_atoll(module: Vec<u8>) -> Result<(SocketAddr, tempfile::TempDir)>
     options.token = Some(token.clone());
     options.name = "bench".into();
     options.region = "bench".into();
+    options.certs_dir = setup.certs_dir.clone();
+    let (tls, quic) = match &setup.certs_dir {
+        Some(_) => {
+            let tls = TcpListener::bind("127.0.0.1:0").await?;
+            let quic = std::net::UdpSocket::bind(tls.local_addr()?)?;
+            (Some(tls), Some(quic))
+        }
+        None => (None, None),
+    };
+    let https = tls.as_ref().map(TcpListener::local_addr).transpose()?;
+    let h3 = quic.as_ref().map(std::net::UdpSocket::local_addr).transpose()?;
     let listeners = atoll_router::NodeListeners {
         http: Some(node_listener),
-        tls: None,
-        quic: None,
+        tls,
+        quic,
         admin: admin_listener,
     };
     tokio::spawn(atoll_router::run(
@@ -217,15 +262,22 @@ async fn start_atoll(module: Vec<u8>) -> Result<(SocketAddr, tempfile::TempDir)>
 
     let client = atoll_registry::RegistryClient::new(&registry_url, Some(token))?;
     client.push(HELLO_MANIFEST, module).await?;
-    client
-        .push(
-            IMAGE_MANIFEST,
-            crate::wasm_modules::data_image_module(IMAGE_BYTES),
-        )
-        .await?;
     wait_until_served(node_address, "hello.localhost").await?;
-    wait_until_served(node_address, "image16.localhost").await?;
-    Ok((node_address, data))
+    if setup.with_image {
+        client
+            .push(
+                IMAGE_MANIFEST,
+                crate::wasm_modules::data_image_module(IMAGE_BYTES),
+            )
+            .await?;
+        wait_until_served(node_address, "image16.localhost").await?;
+    }
+    Ok(AtollNode {
+        http: node_address,
+        https,
+        h3,
+        data,
+    })
 }
 
 async fn wait_until_served(address: SocketAddr, host: &str) -> Result<()> {
