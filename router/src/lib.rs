@@ -1,7 +1,9 @@
 //! atoll-router: the edge node.
 //!
 //! ```text
-//! TcpListener ─▶ server (h1 / h2c) ─▶ EdgeService ─▶ Routing (ArcSwap<RouteTable>) ─▶ LoadedFunction
+//! TCP (h1 / h2c) ─┐
+//! TLS (h2 / h1) ──┼▶ server / quic ─▶ EdgeService ─▶ Routing (ArcSwap<RouteTable>) ─▶ LoadedFunction
+//! QUIC (h3) ──────┘    ▲ tls::Certificates (SNI: --certs DIR, ACME)
 //!                                                          ▲
 //! registry watch ─▶ Syncer ─▶ fetch + verify + cache + compile ─┘   (node_cache on disk)
 //! admin listener ─▶ /healthz /readyz /metrics
@@ -9,8 +11,10 @@
 //!
 //! - [`route_table`]: host/path matching, pure and generic over its target.
 //! - [`served`]: the published table of loaded functions.
-//! - [`service`]: the request path; [`server`]: accept loops with graceful shutdown;
+//! - [`service`]: the request path; [`server`]: TCP and TLS accept loops with the edge's
+//!   limits and graceful shutdown; [`h1_guard`]: strict HTTP/1.1 framing; [`quic`]: HTTP/3;
 //!   [`executor`]: the threads guest code runs on.
+//! - [`tls`]: certificates by SNI; [`acme`]: obtaining and renewing them.
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
 //! - [`admin`] and [`metrics`]: what operators look at.
 
