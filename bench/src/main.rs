@@ -12,6 +12,8 @@
 //! for modules with 40 KB, 1 MiB and 16 MiB memory images, under Atoll's stock path, its
 //! copy-on-write snapshots and wasmtime's pooling allocator.
 
+#[allow(dead_code)] // Wired into a scenario separately.
+mod h3_load;
 mod http_scenario;
 mod isolate_scenario;
 mod latency;
