@@ -4,7 +4,7 @@
 //! of `atoll-bench` (`bench/src/h3_load.rs`, included by path). Covered: same status, body
 //! and headers as HTTP/2 and the Alt-Svc that announces HTTP/3, request bodies (and the 413
 //! over the limit), address validation with Retry, the 421 for a host the connection's
-//! certificate does not cover, 2000 requests under concurrency without a failure, and a
+//! certificate does not cover, a HEADERS frame too large to buffer, 2000 requests under concurrency without a failure, and a
 //! SIGTERM that lets in-flight requests finish.
 
 mod support;
@@ -392,6 +392,31 @@ fn a_host_the_connections_certificate_does_not_cover_gets_421() {
         "{}",
         misdirected.body()
     );
+}
+
+#[test]
+fn a_headers_frame_declaring_a_gigabyte_is_stopped_before_it_is_buffered() {
+    let (setup, certs) = H3Setup::boot(&[("hello.localhost", &["hello.localhost"])], &[]);
+    let ca = &certs[0].0;
+    push_ok(&setup.registry_url, &example("hello"));
+    setup.wait_served("hello.localhost", ca);
+
+    // h3 would buffer the frame whole before its 431 check; the frame limit stops the stream
+    // (both ways, H3_EXCESSIVE_LOAD) as soon as the length is read, and the connection keeps
+    // serving: the request after it, on the same connection, is answered.
+    let answer = aioquic(
+        &setup.target(ca),
+        "hello.localhost",
+        "/",
+        None,
+        &["--oversized-headers", &(1u64 << 30).to_string()],
+    );
+    const H3_EXCESSIVE_LOAD: u64 = 0x107;
+    let oversized = &answer.json["oversized_headers"];
+    assert_eq!(oversized["stop_sending"], H3_EXCESSIVE_LOAD, "{answer:?}");
+    assert_eq!(oversized["reset"], H3_EXCESSIVE_LOAD, "{answer:?}");
+    assert_eq!(answer.status(), Some(200), "{answer:?}");
+    assert_eq!(answer.body(), hello_body("hello.localhost"));
 }
 
 #[test]

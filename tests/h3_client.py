@@ -9,7 +9,9 @@ client accepts".
 
 The URL's host is the `:authority`; the TLS server name (SNI) is --server-name, by default
 the URL's host too, so a test can ask for one host on a connection made for another (421).
-Without --json it prints the first response's status on one line, then its body. With
+--oversized-headers LENGTH first sends, on each connection, a request stream whose HEADERS
+frame declares LENGTH bytes, and reports how the server stopped it (then the requests run on
+the same connection). Without --json it prints the first response's status on one line, then its body. With
 --json it prints one object: counts by status, failures (with the first error), whether
 every body was the same, and the first status and body. Exit status: 0 when every request
 got a response (whatever its status), 1 otherwise.
@@ -24,11 +26,12 @@ import time
 from urllib.parse import urlsplit
 
 from aioquic.asyncio.client import connect
+from aioquic.buffer import encode_uint_var
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, StreamReset
+from aioquic.quic.events import ConnectionTerminated, StopSendingReceived, StreamReset
 
 
 class Answer:
@@ -48,6 +51,8 @@ class H3Client(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self._http = H3Connection(self._quic)
         self._answers = {}
+        # Raw streams (see `oversized_headers`): stream id → how the server ended each side.
+        self._raw = {}
 
     def quic_event_received(self, event):
         if isinstance(event, ConnectionTerminated):
@@ -58,6 +63,13 @@ class H3Client(QuicConnectionProtocol):
                 if not answer.future.done():
                     answer.future.set_exception(error)
             self._answers.clear()
+        elif isinstance(event, (StreamReset, StopSendingReceived)) and event.stream_id in self._raw:
+            ended, future = self._raw[event.stream_id]
+            side = "reset" if isinstance(event, StreamReset) else "stop_sending"
+            ended[side] = event.error_code
+            if len(ended) == 2 and not future.done():
+                future.set_result(ended)
+            return
         elif isinstance(event, StreamReset):
             answer = self._answers.pop(event.stream_id, None)
             if answer is not None and not answer.future.done():
@@ -101,6 +113,18 @@ class H3Client(QuicConnectionProtocol):
         return await answer.future
 
 
+    async def oversized_headers(self, declared_length):
+        """Opens a request stream whose HEADERS frame declares `declared_length` bytes and
+        sends 64 KiB of it; returns the codes the server stopped and reset the stream with."""
+        stream_id = self._quic.get_next_available_stream_id()
+        future = asyncio.get_running_loop().create_future()
+        self._raw[stream_id] = ({}, future)
+        frame_head = encode_uint_var(0x1) + encode_uint_var(declared_length)
+        self._quic.send_stream_data(stream_id, frame_head + b"\0" * 65536, end_stream=False)
+        self.transmit()
+        return await future
+
+
 class Tally:
     def __init__(self, total):
         self.remaining = total
@@ -109,6 +133,7 @@ class Tally:
         self.errors = []
         self.first = None
         self.bodies = set()
+        self.oversized = None
 
     def claim(self):
         if self.remaining <= 0:
@@ -153,6 +178,13 @@ async def run_connection(args, url, tally, timeout):
                     if tally.first is None:
                         tally.first = (answer.status, text, answer.headers)
 
+            if args.oversized_headers:
+                try:
+                    tally.oversized = await asyncio.wait_for(
+                        client.oversized_headers(args.oversized_headers), timeout
+                    )
+                except Exception as error:  # noqa: BLE001 - reported as no answer
+                    tally.errors.append(f"oversized headers: {type(error).__name__}: {error}")
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     except Exception as error:  # noqa: BLE001 - a failed handshake fails its share
         tally.errors.append(f"connection: {type(error).__name__}: {error}")
@@ -171,6 +203,12 @@ async def main():
     parser.add_argument("-c", "--concurrency", type=int, default=1, help="per connection")
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
+    parser.add_argument(
+        "--oversized-headers",
+        type=int,
+        metavar="LENGTH",
+        help="first open a stream whose HEADERS frame declares LENGTH bytes (on each connection)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     url = urlsplit(args.url)
@@ -197,6 +235,7 @@ async def main():
             "status": tally.first[0] if tally.first else None,
             "body": tally.first[1] if tally.first else None,
             "headers": tally.first[2] if tally.first else [],
+            "oversized_headers": tally.oversized,
             "errors": tally.errors[:5],
             "seconds": round(elapsed, 3),
         }

@@ -32,9 +32,11 @@
 //!   early. Unidirectional streams are capped at a handful (h3 needs three).
 //! - **QPACK bombs**: h3 decodes QPACK statelessly — it advertises no dynamic table, so a
 //!   small header block cannot reference (and multiply) earlier large entries; the decoded
-//!   header section is capped at `max_header_bytes` (431 beyond). Caveat: h3 0.0.8 buffers
-//!   a HEADERS frame whole before that check; the time a client may spend sending one is
-//!   bounded by `header_read_timeout`, its concurrency by the stream limit.
+//!   header section is capped at `max_header_bytes` (431 beyond). h3 0.0.8 buffers every
+//!   frame but DATA whole before it looks at it (a HEADERS frame before the 431 check, an
+//!   unknown frame before skipping it), whatever length it declares, so the streams it reads
+//!   go through [`FrameLimit`]: a frame other than DATA declaring more than
+//!   [`max_frame_bytes`] stops the stream with `H3_EXCESSIVE_LOAD` before it is buffered.
 //! - **Memory per connection**: receive windows of [`STREAM_RECEIVE_WINDOW`] per stream and
 //!   [`CONNECTION_RECEIVE_WINDOW`] per connection, and at most `max_connections` connections.
 //! - **Idle and slow clients**: `idle_timeout` is QUIC's idle timeout (no packet in either
@@ -52,9 +54,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes};
+use h3::quic::{self as h3_quic, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame};
@@ -282,7 +285,10 @@ impl<H: Handler> Shared<H> {
         };
         let built = h3::server::builder()
             .max_field_section_size(self.limits.max_header_bytes as u64)
-            .build::<_, Bytes>(h3_quinn::Connection::new(connection.clone()))
+            .build::<_, Bytes>(GuardedConnection::new(
+                h3_quinn::Connection::new(connection.clone()),
+                max_frame_bytes(&self.limits),
+            ))
             .await;
         let mut h3 = match built {
             Ok(h3) => h3,
@@ -343,7 +349,7 @@ impl<H: Handler> Shared<H> {
     /// Reads one request head, runs the handler and sends its response.
     async fn serve_request(
         &self,
-        resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+        resolver: h3::server::RequestResolver<GuardedConnection, Bytes>,
         info: ConnectionInfo,
     ) {
         let remote = info.remote;
@@ -408,8 +414,8 @@ const CONNECTION_SPECIFIC_HEADERS: [http::header::HeaderName; 5] = [
     http::HeaderName::from_static("proxy-connection"),
 ];
 
-/// The response head for h3 (no connection-specific fields, a `content-length`) and its body
-/// (empty for HEAD).
+/// The response head for h3 (no connection-specific fields; `content-length` and `date`, as
+/// hyper adds them over TCP) and its body (empty for HEAD).
 async fn into_h3_parts(response: Response<Full<Bytes>>, head_only: bool) -> (Response<()>, Bytes) {
     let (mut parts, body) = response.into_parts();
     let body = match body.collect().await {
@@ -422,6 +428,11 @@ async fn into_h3_parts(response: Response<Full<Bytes>>, head_only: bool) -> (Res
     let bodiless = parts.status.is_informational()
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
+    if !parts.headers.contains_key(http::header::DATE) {
+        parts
+            .headers
+            .insert(http::header::DATE, http_date(SystemTime::now()));
+    }
     if !bodiless && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
         parts
             .headers
@@ -431,9 +442,400 @@ async fn into_h3_parts(response: Response<Full<Bytes>>, head_only: bool) -> (Res
     (Response::from_parts(parts, ()), body)
 }
 
+/// `time` as an HTTP date (IMF-fixdate, RFC 9110 §5.6.7): `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn http_date(time: SystemTime) -> HeaderValue {
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let seconds = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let shifted = days + 719_468;
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153; // 0 = March
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    let text = format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        second_of_day / 3_600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+    );
+    HeaderValue::from_str(&text).expect("an HTTP date is a valid header value")
+}
+
+// ---------------------------------------------------------------------------------------
+// Frame length limit
+//
+// h3 0.0.8 reads a frame other than DATA into memory until it is complete, whatever length
+// its header declares. The wrappers below sit between h3 and h3-quinn, watch the frame
+// headers going by on every framed stream the client opens (requests and the control stream)
+// and refuse a frame that declares more than the limit, before its payload arrives.
+
+/// The longest frame other than DATA a client may send: room for a header section twice
+/// the `max_header_bytes` limit (so a section a little over it still gets h3's 431), and
+/// never under 64 KiB.
+pub fn max_frame_bytes(limits: &ServerLimits) -> u64 {
+    (2 * limits.max_header_bytes as u64).max(64 * 1024)
+}
+
+/// HTTP/3 frame type of DATA (RFC 9114 §7.2.1), the one frame h3 streams.
+const DATA_FRAME: u64 = 0x0;
+/// Unidirectional stream type of the control stream (RFC 9114 §6.2.1).
+const CONTROL_STREAM: u64 = 0x0;
+
+/// A frame refused by [`FrameLimit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("HTTP/3 frame of type {frame_type:#x} declares {length} bytes, over the {max} byte limit")]
+pub struct FrameTooLarge {
+    pub frame_type: u64,
+    pub length: u64,
+    pub max: u64,
+}
+
+/// Where a [`FrameLimit`] is in its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FramePosition {
+    /// A unidirectional stream's first bytes: its type (only the control stream is framed).
+    StreamType { head: [u8; 8], filled: usize },
+    /// A frame's type and length varints.
+    FrameHead { head: [u8; 16], filled: usize },
+    /// Inside a frame's payload.
+    Payload { remaining: u64 },
+    /// Not framed (QPACK and unknown unidirectional streams): nothing to watch.
+    Unframed,
+    /// A frame was refused; the stream is done.
+    Refused(FrameTooLarge),
+}
+
+/// Sans-IO watcher of the HTTP/3 frame headers on one receive stream: fed the bytes as they
+/// arrive, it refuses a frame other than DATA whose declared length is over the limit.
+#[derive(Debug, Clone)]
+pub struct FrameLimit {
+    max: u64,
+    position: FramePosition,
+}
+
+impl FrameLimit {
+    /// For a request stream: frames from the first byte.
+    pub fn request_stream(max: u64) -> FrameLimit {
+        FrameLimit {
+            max,
+            position: FramePosition::FrameHead {
+                head: [0; 16],
+                filled: 0,
+            },
+        }
+    }
+
+    /// For a unidirectional stream: a stream type, then frames if it is the control stream.
+    pub fn unidirectional_stream(max: u64) -> FrameLimit {
+        FrameLimit {
+            max,
+            position: FramePosition::StreamType {
+                head: [0; 8],
+                filled: 0,
+            },
+        }
+    }
+
+    /// Follows `bytes`, the stream's next bytes.
+    pub fn observe(&mut self, mut bytes: &[u8]) -> Result<(), FrameTooLarge> {
+        while let Some((&byte, rest)) = bytes.split_first() {
+            match &mut self.position {
+                FramePosition::Unframed => return Ok(()),
+                FramePosition::Refused(refused) => return Err(*refused),
+                FramePosition::Payload { remaining } => {
+                    let skipped = (*remaining).min(bytes.len() as u64);
+                    *remaining -= skipped;
+                    bytes = &bytes[skipped as usize..];
+                    if *remaining == 0 {
+                        self.position = FramePosition::FrameHead {
+                            head: [0; 16],
+                            filled: 0,
+                        };
+                    }
+                    continue;
+                }
+                FramePosition::StreamType { head, filled } => {
+                    head[*filled] = byte;
+                    *filled += 1;
+                    if let Some((stream_type, _)) = varint(&head[..*filled]) {
+                        self.position = if stream_type == CONTROL_STREAM {
+                            FramePosition::FrameHead {
+                                head: [0; 16],
+                                filled: 0,
+                            }
+                        } else {
+                            FramePosition::Unframed
+                        };
+                    }
+                }
+                FramePosition::FrameHead { head, filled } => {
+                    head[*filled] = byte;
+                    *filled += 1;
+                    let parsed = varint(&head[..*filled])
+                        .and_then(|(frame_type, used)| Some((frame_type, varint(&head[used..*filled])?.0)));
+                    if let Some((frame_type, length)) = parsed {
+                        self.position = if frame_type != DATA_FRAME && length > self.max {
+                            FramePosition::Refused(FrameTooLarge {
+                                frame_type,
+                                length,
+                                max: self.max,
+                            })
+                        } else if length == 0 {
+                            FramePosition::FrameHead {
+                                head: [0; 16],
+                                filled: 0,
+                            }
+                        } else {
+                            FramePosition::Payload { remaining: length }
+                        };
+                        if let FramePosition::Refused(refused) = self.position {
+                            return Err(refused);
+                        }
+                    }
+                }
+            }
+            bytes = rest;
+        }
+        Ok(())
+    }
+}
+
+/// A QUIC variable-length integer at the start of `bytes` and its encoded length, if complete
+/// (RFC 9000 §16).
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let first = *bytes.first()?;
+    let length = 1usize << (first >> 6);
+    let encoded = bytes.get(..length)?;
+    let value = encoded[1..].iter().fold(u64::from(first & 0x3f), |value, &byte| {
+        (value << 8) | u64::from(byte)
+    });
+    Some((value, length))
+}
+
+/// h3-quinn's connection, with every stream the client opens watched by a [`FrameLimit`].
+pub struct GuardedConnection {
+    inner: h3_quinn::Connection,
+    opener: GuardedOpener,
+}
+
+impl GuardedConnection {
+    fn new(inner: h3_quinn::Connection, max_frame: u64) -> Self {
+        let opener = GuardedOpener {
+            inner: h3_quic::Connection::<Bytes>::opener(&inner),
+            max_frame,
+        };
+        GuardedConnection { inner, opener }
+    }
+}
+
+impl h3_quic::Connection<Bytes> for GuardedConnection {
+    type RecvStream = GuardedRecv;
+    type OpenStreams = GuardedOpener;
+
+    fn poll_accept_recv(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Result<GuardedRecv, ConnectionErrorIncoming>> {
+        let accepted = h3_quic::Connection::<Bytes>::poll_accept_recv(&mut self.inner, context);
+        accepted.map_ok(|stream| GuardedRecv {
+            inner: stream,
+            limit: FrameLimit::unidirectional_stream(self.opener.max_frame),
+        })
+    }
+
+    fn poll_accept_bidi(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Result<GuardedBidi, ConnectionErrorIncoming>> {
+        let accepted = h3_quic::Connection::<Bytes>::poll_accept_bidi(&mut self.inner, context);
+        accepted.map_ok(|stream| GuardedBidi::new(stream, self.opener.max_frame))
+    }
+
+    fn opener(&self) -> GuardedOpener {
+        self.opener.clone()
+    }
+}
+
+impl h3_quic::OpenStreams<Bytes> for GuardedConnection {
+    type BidiStream = GuardedBidi;
+    type SendStream = h3_quinn::SendStream<Bytes>;
+
+    fn poll_open_bidi(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Result<GuardedBidi, StreamErrorIncoming>> {
+        self.opener.poll_open_bidi(context)
+    }
+
+    fn poll_open_send(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Result<h3_quinn::SendStream<Bytes>, StreamErrorIncoming>> {
+        self.opener.poll_open_send(context)
+    }
+
+    fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
+        self.opener.close(code, reason);
+    }
+}
+
+/// Opens streams on a [`GuardedConnection`].
+#[derive(Clone)]
+pub struct GuardedOpener {
+    inner: h3_quinn::OpenStreams,
+    max_frame: u64,
+}
+
+impl h3_quic::OpenStreams<Bytes> for GuardedOpener {
+    type BidiStream = GuardedBidi;
+    type SendStream = h3_quinn::SendStream<Bytes>;
+
+    fn poll_open_bidi(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Result<GuardedBidi, StreamErrorIncoming>> {
+        let opened = h3_quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.inner, context);
+        opened.map_ok(|stream| GuardedBidi::new(stream, self.max_frame))
+    }
+
+    fn poll_open_send(
+        &mut self,
+        context: &mut Context<'_>,
+    ) -> Poll<Result<h3_quinn::SendStream<Bytes>, StreamErrorIncoming>> {
+        h3_quic::OpenStreams::<Bytes>::poll_open_send(&mut self.inner, context)
+    }
+
+    fn close(&mut self, code: h3::error::Code, reason: &[u8]) {
+        h3_quic::OpenStreams::<Bytes>::close(&mut self.inner, code, reason);
+    }
+}
+
+/// A request stream whose receive side is watched.
+pub struct GuardedBidi {
+    send: h3_quinn::SendStream<Bytes>,
+    recv: GuardedRecv,
+}
+
+impl GuardedBidi {
+    fn new(stream: h3_quinn::BidiStream<Bytes>, max_frame: u64) -> Self {
+        let (send, recv) = h3_quic::BidiStream::split(stream);
+        GuardedBidi {
+            send,
+            recv: GuardedRecv {
+                inner: recv,
+                limit: FrameLimit::request_stream(max_frame),
+            },
+        }
+    }
+}
+
+impl h3_quic::BidiStream<Bytes> for GuardedBidi {
+    type SendStream = h3_quinn::SendStream<Bytes>;
+    type RecvStream = GuardedRecv;
+
+    fn split(self) -> (Self::SendStream, Self::RecvStream) {
+        (self.send, self.recv)
+    }
+}
+
+impl h3_quic::RecvStream for GuardedBidi {
+    type Buf = Bytes;
+
+    fn poll_data(&mut self, context: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
+        let polled = self.recv.poll_data(context);
+        if matches!(self.recv.limit.position, FramePosition::Refused(_)) {
+            // Still reading the request head: there will be no response either.
+            h3_quic::SendStream::<Bytes>::reset(&mut self.send, EXCESSIVE_LOAD);
+        }
+        polled
+    }
+
+    fn stop_sending(&mut self, error_code: u64) {
+        self.recv.stop_sending(error_code);
+    }
+
+    fn recv_id(&self) -> StreamId {
+        self.recv.recv_id()
+    }
+}
+
+impl h3_quic::SendStream<Bytes> for GuardedBidi {
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        self.send.poll_ready(context)
+    }
+
+    fn send_data<T: Into<WriteBuf<Bytes>>>(&mut self, data: T) -> Result<(), StreamErrorIncoming> {
+        self.send.send_data(data)
+    }
+
+    fn poll_finish(&mut self, context: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        self.send.poll_finish(context)
+    }
+
+    fn reset(&mut self, reset_code: u64) {
+        self.send.reset(reset_code);
+    }
+
+    fn send_id(&self) -> StreamId {
+        self.send.send_id()
+    }
+}
+
+/// `H3_EXCESSIVE_LOAD`: what a stream that sent a frame over the limit is stopped with.
+const EXCESSIVE_LOAD: u64 = 0x107;
+
+/// h3-quinn's receive stream, watched by a [`FrameLimit`].
+pub struct GuardedRecv {
+    inner: h3_quinn::RecvStream,
+    limit: FrameLimit,
+}
+
+impl h3_quic::RecvStream for GuardedRecv {
+    type Buf = Bytes;
+
+    fn poll_data(&mut self, context: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
+        if let FramePosition::Refused(refused) = self.limit.position {
+            return Poll::Ready(Err(StreamErrorIncoming::Unknown(Box::new(refused))));
+        }
+        let polled = self.inner.poll_data(context);
+        if let Poll::Ready(Ok(Some(bytes))) = &polled
+            && let Err(refused) = self.limit.observe(bytes)
+        {
+            tracing::debug!(stream = %self.inner.recv_id(), %refused, "HTTP/3 stream stopped");
+            self.inner.stop_sending(EXCESSIVE_LOAD);
+            return Poll::Ready(Err(StreamErrorIncoming::Unknown(Box::new(refused))));
+        }
+        polled
+    }
+
+    fn stop_sending(&mut self, error_code: u64) {
+        self.inner.stop_sending(error_code);
+    }
+
+    fn recv_id(&self) -> StreamId {
+        self.inner.recv_id()
+    }
+}
+
 /// A request body streamed from the receive side of an h3 request stream.
 struct RequestBody {
-    stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    stream: h3::server::RequestStream<GuardedRecv, Bytes>,
 }
 
 impl Body for RequestBody {
@@ -478,6 +880,90 @@ mod tests {
             "HEAD keeps the length"
         );
         assert!(body.is_empty(), "HEAD has no body");
+    }
+
+    #[test]
+    fn http_dates_are_imf_fixdates() {
+        let at = |seconds: u64| http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
+        assert_eq!(at(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(at(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(at(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(at(4_102_444_799), "Thu, 31 Dec 2099 23:59:59 GMT");
+    }
+
+    /// A frame header: type and length as QUIC varints.
+    fn frame_head(frame_type: u64, length: u64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for value in [frame_type, length] {
+            match value {
+                0..=0x3f => bytes.push(value as u8),
+                0x40..=0x3fff => bytes.extend_from_slice(&(0x4000 | value as u16).to_be_bytes()),
+                0x4000..=0x3fff_ffff => bytes.extend_from_slice(&(0x8000_0000 | value as u32).to_be_bytes()),
+                _ => bytes.extend_from_slice(&(0xc000_0000_0000_0000 | value).to_be_bytes()),
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn the_frame_limit_lets_requests_through_and_refuses_huge_headers() {
+        const HEADERS: u64 = 0x1;
+        let max = 1000;
+        // HEADERS within the limit, a big DATA frame, an unknown (grease) frame, trailers:
+        // fed in every chunking from one byte at a time to all at once.
+        let mut stream = frame_head(HEADERS, 900);
+        stream.extend(vec![7; 900]);
+        stream.extend(frame_head(DATA_FRAME, 1 << 20));
+        stream.extend(vec![0; 1 << 20]);
+        stream.extend(frame_head(0x21, 3));
+        stream.extend([1, 2, 3]);
+        stream.extend(frame_head(HEADERS, 0));
+        for chunk in [1, 2, 3, 7, 1500, stream.len()] {
+            let mut limit = FrameLimit::request_stream(max);
+            for piece in stream.chunks(chunk) {
+                assert_eq!(limit.observe(piece), Ok(()), "chunks of {chunk}");
+            }
+        }
+
+        let refused = FrameTooLarge {
+            frame_type: HEADERS,
+            length: 1 << 40,
+            max,
+        };
+        let mut limit = FrameLimit::request_stream(max);
+        let huge = frame_head(HEADERS, 1 << 40);
+        assert_eq!(
+            limit.observe(&huge[..3]),
+            Ok(()),
+            "the length is not complete yet"
+        );
+        assert_eq!(limit.observe(&huge[3..]), Err(refused));
+        assert_eq!(limit.observe(&[0; 10]), Err(refused), "stays refused");
+
+        let mut limit = FrameLimit::request_stream(max);
+        assert!(
+            limit.observe(&frame_head(0x21, max + 1)).is_err(),
+            "unknown frames too"
+        );
+    }
+
+    #[test]
+    fn the_frame_limit_watches_the_control_stream_only() {
+        let max = 100;
+        let mut control = FrameLimit::unidirectional_stream(max);
+        let mut bytes = vec![CONTROL_STREAM as u8];
+        bytes.extend(frame_head(0x4, 6)); // SETTINGS
+        bytes.extend([1, 0, 6, 0x44, 0, 0]);
+        assert_eq!(control.observe(&bytes), Ok(()));
+        assert!(control.observe(&frame_head(0x21, 101)).is_err());
+
+        // A QPACK encoder stream (type 2) carries instructions, not frames.
+        let mut encoder = FrameLimit::unidirectional_stream(max);
+        assert_eq!(encoder.observe(&[0x02, 0xff, 0xff, 0xff, 0xff]), Ok(()));
+        // A two-byte stream type split across reads.
+        let mut grease = FrameLimit::unidirectional_stream(max);
+        assert_eq!(grease.observe(&[0x40]), Ok(()));
+        assert_eq!(grease.observe(&[0x21, 0x01, 0xff, 0xff]), Ok(()));
     }
 
     #[test]
