@@ -820,8 +820,11 @@ async fn validation_failure(order: &mut Order) -> String {
             continue;
         };
         for challenge in &state.challenges {
-            if let Some(problem) = &challenge.error {
-                details.push(format!("{:?} challenge: {problem}", challenge.r#type));
+            // The order's problem often repeats the failed challenge's: say it once.
+            if let Some(problem) = &challenge.error
+                && !details.contains(&problem.to_string())
+            {
+                details.push(problem.to_string());
             }
         }
     }
