@@ -11,13 +11,16 @@
 //! `atoll-bench isolate`: start-to-ready and start-to-response latency of a fresh instance
 //! for modules with 40 KB, 1 MiB and 16 MiB memory images, under Atoll's stock path, its
 //! copy-on-write snapshots and wasmtime's pooling allocator.
+//!
+//! `atoll-bench tls`: TLS handshakes/s against bare rustls, HTTPS against cleartext
+//! keep-alive, HTTP/3 against HTTP/2.
 
-#[allow(dead_code)] // Wired into a scenario separately.
 mod h3_load;
 mod http_scenario;
 mod isolate_scenario;
 mod latency;
 mod scaling_scenario;
+mod tls_scenario;
 mod wasm_modules;
 mod wasmtime_pooling;
 mod wrk;
@@ -42,6 +45,8 @@ enum Scenario {
     Isolate(isolate_scenario::IsolateArgs),
     /// Invocations/s of a fresh-instance-per-call function on one thread vs all cores.
     Scaling(scaling_scenario::ScalingArgs),
+    /// TLS handshakes/s, HTTPS vs cleartext keep-alive, HTTP/3 vs HTTP/2.
+    Tls(tls_scenario::TlsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Http(args) => http_scenario::run(args),
         Scenario::Isolate(args) => isolate_scenario::run(args),
         Scenario::Scaling(args) => scaling_scenario::run(args),
+        Scenario::Tls(args) => tls_scenario::run(args),
     }
 }
