@@ -6,15 +6,15 @@
 //! keeps it on disk and renews it when a third of its lifetime remains.
 //!
 //! ```text
-//! Routing::exact_hosts (polled every second)
-//!     │  filter: public DNS names not covered by a --certs certificate
-//!     ▼
-//! one task per domain ── load? ─▶ renewal(validity, now) ── due ─▶ order ─▶ challenge
-//!     ▲                                  │ later                         │ tls-alpn-01: Certificates
-//!     └──── sleep until due (≤ 1 h) ◀────┘                               │ http-01:     Http01Challenges
-//!                                                                        ▼
-//!     state_dir/certs/DOMAIN.{crt,key} ◀── finalize (CSR, P-256 key) ◀─ validated
-//!     Certificates::set_managed ◀──────────────┘
+//! Routing::exact_hosts, every second
+//!   │ keep public DNS names that no --certs certificate covers
+//!   ▼
+//! one task per domain: renewal(validity, now) ── fresh ──▶ sleep until due (≤ 1 h), decide again
+//!                        │ due (or no certificate)
+//!                        ▼
+//!   new order ─▶ publish the challenge (tls-alpn-01: Certificates, http-01: Http01Challenges)
+//!             ─▶ validated ─▶ finalize (CSR, new P-256 key) ─▶ certs/DOMAIN.key, DOMAIN.crt
+//!             ─▶ Certificates::set_managed            (failed: back off, try again)
 //! ```
 //!
 //! Design choices:
@@ -464,11 +464,22 @@ impl Accounts {
         Ok(account)
     }
 
-    /// Drops the account the CA no longer knows; the next attempt registers a new one.
-    async fn forget(&self) {
+    /// Drops the account `stale_id` that the CA no longer knows; the next attempt registers a
+    /// new one. A no-op when another domain has replaced it already.
+    async fn forget(&self, stale_id: &str) {
         let mut slot = self.slot.lock().await;
-        slot.account = None;
-        slot.ignore_stored = true;
+        if slot
+            .account
+            .as_ref()
+            .is_some_and(|account| account.id() == stale_id)
+        {
+            tracing::warn!(
+                account = stale_id,
+                "the ACME server does not know the stored account"
+            );
+            slot.account = None;
+            slot.ignore_stored = true;
+        }
     }
 
     fn builder(&self) -> Result<instant_acme::AccountBuilder, AcmeError> {
@@ -679,9 +690,6 @@ impl Manager {
                 }
                 Err(error) => {
                     ::metrics::counter!(CERTIFICATES_TOTAL, "outcome" => "failed").increment(1);
-                    if error.is_unknown_account() {
-                        self.accounts.forget().await;
-                    }
                     failures += 1;
                     let delay = retry_delay(failures, jitter());
                     tracing::warn!(
@@ -700,6 +708,16 @@ impl Manager {
     /// One attempt: order, challenge, finalize, store, install.
     async fn obtain(&self, domain: &str) -> Result<Validity, AcmeError> {
         let account = self.accounts.get().await?;
+        let outcome = self.obtain_with(&account, domain).await;
+        if let Err(error) = &outcome
+            && error.is_unknown_account()
+        {
+            self.accounts.forget(account.id()).await;
+        }
+        outcome
+    }
+
+    async fn obtain_with(&self, account: &Account, domain: &str) -> Result<Validity, AcmeError> {
         let identifiers = [Identifier::Dns(domain.to_string())];
         let mut order = account
             .new_order(&NewOrder::new(&identifiers))
@@ -886,6 +904,10 @@ pub async fn run(
         certificates: Arc::clone(&certificates),
         http01,
     });
+    if let Err(error) = manager.accounts.builder() {
+        // Said once at start; every attempt will say it again until the file is fixed.
+        tracing::error!(%error, "ACME cannot reach its server until this is fixed");
+    }
     let loaded = manager.load_stored();
     tracing::info!(
         directory = %manager.options.directory,
