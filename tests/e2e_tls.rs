@@ -253,13 +253,29 @@ fn the_certificate_directory_is_reloaded_and_a_broken_pair_keeps_the_old_one() {
 fn only_tls_1_2_and_1_3_and_sessions_resume() {
     let setup = boot_tls(&["a.test"], &[("a", &["a.test"])], &[]);
     let connect = setup.https.clone();
+    // Each run sends one request and reads until the server closes, so TLS 1.3 tickets
+    // (sent after the handshake) have arrived before s_client saves the session.
     let s_client = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .args(["s_client", "-connect", &connect, "-servername", "a.test"])
+        use std::io::Write;
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-ign_eof",
+                "-connect",
+                &connect,
+                "-servername",
+                "a.test",
+            ])
             .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run openssl s_client");
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+        drop(stdin);
+        let output = child.wait_with_output().expect("wait for openssl s_client");
         String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
     };
     for old in ["-tls1", "-tls1_1"] {
