@@ -130,6 +130,23 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
     }
 }
 
+/// Refuses an `--acme-ca-cert` that is not a readable PEM certificate at start-up, instead
+/// of failing every ACME attempt later.
+fn check_ca_certificate(path: &std::path::Path) -> Result<(), NodeError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let invalid =
+        |message: String| NodeError::Config(format!("--acme-ca-cert {}: {message}", path.display()));
+    let pem = std::fs::read(path).map_err(|error| invalid(error.to_string()))?;
+    let certificates: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|error| invalid(error.to_string()))?;
+    if certificates.is_empty() {
+        return Err(invalid("no CERTIFICATE block".into()));
+    }
+    Ok(())
+}
+
 /// Runs a node until `shutdown` resolves: serves traffic on the listeners, admin on `admin`.
 pub async fn run(
     options: NodeOptions,
@@ -151,6 +168,9 @@ pub async fn run(
         return Err(NodeError::Config(
             "TLS needs certificates: give --certs DIR or --acme-directory URL".into(),
         ));
+    }
+    if let Some(path) = options.acme.as_ref().and_then(|acme| acme.ca_cert.as_ref()) {
+        check_ca_certificate(path)?;
     }
     let metrics = crate::metrics::install();
     let certificates = Certificates::new();
