@@ -104,7 +104,12 @@ pub fn run(args: TlsArgs) -> Result<()> {
     // 1. Handshakes.
     let full = client_config(&roots, false);
     let resumed = client_config(&roots, true);
-    runtime.block_on(handshakes(baseline, &full, args.handshake_clients, Duration::from_secs(1)));
+    runtime.block_on(handshakes(
+        baseline,
+        &full,
+        args.handshake_clients,
+        Duration::from_secs(1),
+    ));
     for (scenario, address, config) in [
         ("rustls-full", baseline, &full),
         ("atoll-full", https, &full),
@@ -220,8 +225,14 @@ fn rate(rows: &[Row], scenario: &str) -> f64 {
 
 fn report(rows: &[Row], args: &TlsArgs) {
     let ratios = [
-        ("atoll/rustls full handshakes", rate(rows, "atoll-full") / rate(rows, "rustls-full")),
-        ("https/cleartext keep-alive req/s", rate(rows, "https") / rate(rows, "cleartext")),
+        (
+            "atoll/rustls full handshakes",
+            rate(rows, "atoll-full") / rate(rows, "rustls-full"),
+        ),
+        (
+            "https/cleartext keep-alive req/s",
+            rate(rows, "https") / rate(rows, "cleartext"),
+        ),
         ("http3/http2 req/s", rate(rows, "http3") / rate(rows, "http2")),
     ];
     if args.json {
@@ -240,7 +251,10 @@ fn report(rows: &[Row], args: &TlsArgs) {
             );
         }
         for (name, ratio) in ratios {
-            println!("{}", serde_json::json!({"bench": "tls", "ratio": name, "value": (ratio * 1000.0).round() / 1000.0}));
+            println!(
+                "{}",
+                serde_json::json!({"bench": "tls", "ratio": name, "value": (ratio * 1000.0).round() / 1000.0})
+            );
         }
         return;
     }
@@ -255,7 +269,10 @@ fn report(rows: &[Row], args: &TlsArgs) {
     );
     for row in rows {
         let (p50, p99) = match row.latency {
-            Some(latency) => (format!("{:.0}µs", latency.p50_us), format!("{:.0}µs", latency.p99_us)),
+            Some(latency) => (
+                format!("{:.0}µs", latency.p50_us),
+                format!("{:.0}µs", latency.p99_us),
+            ),
             None => ("-".into(), "-".into()),
         };
         println!(
@@ -332,7 +349,10 @@ async fn handshakes(
         let _ = task.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    (done.load(Ordering::Relaxed) as f64 / elapsed, failed.load(Ordering::Relaxed))
+    (
+        done.load(Ordering::Relaxed) as f64 / elapsed,
+        failed.load(Ordering::Relaxed),
+    )
 }
 
 /// HTTP/2 over TLS: `connections` × `streams` loops of GET /. Returns req/s, latency and
@@ -395,7 +415,11 @@ async fn h2_load(
     let elapsed = started.elapsed().as_secs_f64();
     let requests = latencies.len() as f64;
     anyhow::ensure!(!latencies.is_empty(), "no HTTP/2 request succeeded");
-    Ok((requests / elapsed, Summary::of(latencies), failures.load(Ordering::Relaxed)))
+    Ok((
+        requests / elapsed,
+        Summary::of(latencies),
+        failures.load(Ordering::Relaxed),
+    ))
 }
 
 /// The handshake baseline: tokio-rustls with rustls' defaults and the same certificate,
