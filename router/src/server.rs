@@ -383,7 +383,8 @@ impl<H: Handler> Connection<H> {
                 () = state.idle(limits.idle_timeout) => Ok(()),
             }
         } else {
-            let io = GuardedIo::new(io, limits.h1(), Arc::clone(&state.guard));
+            let io = GuardedIo::new(io, limits.h1(), Arc::clone(&state.guard))
+                .with_header_timeout(limits.header_read_timeout);
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::select! {
                 result = watcher.watch(connection.into_owned()) => result,
