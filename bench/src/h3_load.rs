@@ -44,6 +44,7 @@ impl LoadReport {
 #[derive(Debug, Clone, Copy)]
 enum Budget {
     Time(Instant),
+    #[allow(dead_code)] // Built by `run_requests` only.
     Requests(u64),
 }
 
@@ -72,7 +73,8 @@ pub async fn run(
 }
 
 /// Like [`run`], but sends exactly `requests` requests (spread over all streams) instead of
-/// running for a time.
+/// running for a time. The e2e tests use it; the bench runs for a time.
+#[allow(dead_code)]
 pub async fn run_requests(
     addr: SocketAddr,
     server_name: &str,
