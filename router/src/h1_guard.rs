@@ -3,10 +3,10 @@
 //! Request smuggling lives in the gaps between two parsers' readings of one byte stream: a
 //! proxy in front frames a message by `Content-Length`, the server by `Transfer-Encoding`,
 //! and the bytes left over become a second request nobody checked. hyper is lenient where the
-//! RFC lets it be (it ignores a `Content-Length` next to `Transfer-Encoding`, trims any
-//! whitespace around `chunked`, accepts `5 \r\n` as a chunk size…), so every HTTP/1
-//! connection goes through [`GuardedIo`] first, which accepts only framing that RFC 9112 reads
-//! one way, and refuses the rest (then closes, §6.3).
+//! RFC lets it be (it ignores a `Content-Length` next to `Transfer-Encoding`, accepts repeated
+//! equal `Content-Length`s, trims any whitespace around `chunked`, reads `5 \r\n` as a chunk
+//! size…), so every HTTP/1 connection goes through [`GuardedIo`] first, which accepts only
+//! framing that RFC 9112 reads one way, and refuses the rest (then closes, §6.3).
 //!
 //! ```text
 //!  socket ──▶ GuardedIo ──────────────────────────────────────▶ hyper ──▶ service (respond)
@@ -985,6 +985,10 @@ impl<S> GuardedIo<S> {
             }
             Err(violation) => self.refuse(violation),
         }
+        if self.head_clock.is_none() {
+            // A registered timer would wake the connection for nothing when it expires.
+            self.head_timer = None;
+        }
     }
 
     /// Records `violation` and arranges what hyper reads next.
@@ -1873,6 +1877,164 @@ mod tests {
             None,
             "a slow body is not the head timeout's business"
         );
+    }
+
+    /// A transport that returns scripted pieces, one per read (split further if the reader's
+    /// buffer is smaller), then end of stream.
+    struct ScriptedStream {
+        pieces: std::collections::VecDeque<Vec<u8>>,
+    }
+
+    impl ScriptedStream {
+        fn new(stream: &[u8], cuts: &[usize]) -> Self {
+            let mut pieces = std::collections::VecDeque::new();
+            let mut from = 0;
+            for &cut in cuts.iter().chain(std::iter::once(&stream.len())) {
+                if cut > from {
+                    pieces.push_back(stream[from..cut].to_vec());
+                }
+                from = cut;
+            }
+            ScriptedStream { pieces }
+        }
+    }
+
+    impl AsyncRead for ScriptedStream {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut piece) = self.pieces.pop_front() {
+                let n = piece.len().min(buf.remaining());
+                buf.put_slice(&piece[..n]);
+                if n < piece.len() {
+                    self.pieces.push_front(piece.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for ScriptedStream {
+        fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// How a read loop over a [`GuardedIo`] ended.
+    #[derive(Debug, PartialEq, Eq)]
+    enum ReadEnd {
+        Eof,
+        /// Reads stay pending (the guard refused and is waiting for hyper to close).
+        Pending,
+        Error(io::ErrorKind),
+    }
+
+    /// Reads `stream`, delivered in pieces cut at `cuts`, through a guard with reads of at
+    /// most `read_size` bytes; returns what the reader got and how the reads ended.
+    fn read_guarded(stream: &[u8], cuts: &[usize], read_size: usize) -> (Vec<u8>, ReadEnd, Arc<GuardState>) {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+
+        let state = GuardState::new();
+        let mut guarded = GuardedIo::new(ScriptedStream::new(stream, cuts), limits(), Arc::clone(&state));
+        let mut received = Vec::new();
+        let mut chunk = vec![0u8; read_size];
+        let end = loop {
+            match guarded.read(&mut chunk).now_or_never() {
+                Some(Ok(0)) => break ReadEnd::Eof,
+                Some(Ok(n)) => received.extend_from_slice(&chunk[..n]),
+                Some(Err(error)) => break ReadEnd::Error(error.kind()),
+                None => break ReadEnd::Pending,
+            }
+        };
+        (received, end, state)
+    }
+
+    #[test]
+    fn guarded_io_passes_valid_bytes_unchanged_whatever_the_read_sizes() {
+        for parts in valid_streams() {
+            let stream = parts.concat();
+            for read_size in [1, 7, 24, 8192] {
+                for cut in 0..=stream.len() {
+                    let (received, end, state) = read_guarded(&stream, &[cut], read_size);
+                    assert_eq!(end, ReadEnd::Eof, "cut {cut}, reads of {read_size}");
+                    assert!(received == stream, "cut {cut}, reads of {read_size}");
+                    assert_eq!(state.rejection_for(0), None);
+                }
+            }
+            let every_byte: Vec<usize> = (1..stream.len()).collect();
+            let (received, end, _) = read_guarded(&stream, &every_byte, 24);
+            assert_eq!((received, end), (stream.clone(), ReadEnd::Eof));
+        }
+        let mut h2 = H2_PREFACE.to_vec();
+        h2.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00GET / HTTP/1.1\n");
+        for cut in 0..=h2.len() {
+            let (received, end, _) = read_guarded(&h2, &[cut], 24);
+            assert_eq!((received, end), (h2.clone(), ReadEnd::Eof), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn guarded_io_hands_a_refused_head_over_as_the_synthetic_request() {
+        let good =
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
+        let mut stream = good.to_vec();
+        stream.extend_from_slice(&post(
+            "Content-Length: 3\r\nTransfer-Encoding: chunked",
+            "0\r\n\r\nGET /x",
+        ));
+        let mut expected = good.to_vec();
+        expected.extend_from_slice(SYNTHETIC_REQUEST);
+        for read_size in [1, 24, 8192] {
+            for cut in 0..=stream.len() {
+                let (received, end, state) = read_guarded(&stream, &[cut], read_size);
+                assert_eq!(end, ReadEnd::Pending, "cut {cut}, reads of {read_size}");
+                assert!(
+                    received == expected,
+                    "cut {cut}, reads of {read_size}: {:?}",
+                    String::from_utf8_lossy(&received)
+                );
+                assert_eq!(state.rejection_for(1), None);
+                assert_eq!(
+                    state.rejection_for(2).map(|r| r.status),
+                    Some(StatusCode::BAD_REQUEST)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn guarded_io_fails_the_read_at_a_bad_chunk_line() {
+        let stream = chunked("5\r\nhello\r\n5 \r\nworld\r\n0\r\n\r\n");
+        let valid_part = stream.len() - "5 \r\nworld\r\n0\r\n\r\n".len();
+        for read_size in [1, 24, 8192] {
+            for cut in 0..=stream.len() {
+                let (received, end, state) = read_guarded(&stream, &[cut], read_size);
+                assert_eq!(
+                    end,
+                    ReadEnd::Error(io::ErrorKind::InvalidData),
+                    "cut {cut}, reads of {read_size}"
+                );
+                assert!(
+                    received == stream[..valid_part],
+                    "cut {cut}, reads of {read_size}"
+                );
+                assert_eq!(
+                    state.rejection_for(0).map(|r| r.reason),
+                    Some("invalid chunk size or extension")
+                );
+            }
+        }
     }
 
     /// The guard in its real place: `server::serve_with` (hyper-util's auto builder and the
