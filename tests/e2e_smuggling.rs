@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rustls_pki_types::{CertificateDer, ServerName};
 use support::*;
 
 const HELLO: &str = "hello.localhost";
@@ -517,4 +518,75 @@ fn idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
         "closed after {idle:?}, before the 2 s idle timeout"
     );
     assert!(idle < Duration::from_secs(10), "closed only after {idle:?}");
+}
+
+/// Sends `request` over TLS (ALPN `http/1.1`, trusting `ca`) and reads until the server
+/// closes; the close must be a clean TLS close_notify.
+fn tls_exchange(https: &str, ca: &CertificateDer<'static>, request: &[u8]) -> std::io::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).expect("the test CA");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(HELLO).expect("server name");
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
+    let tcp = TcpStream::connect(https)?;
+    tcp.set_read_timeout(Some(CLOSE_DEADLINE))?;
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    tls.write_all(request)?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[test]
+fn http1_over_tls_is_guarded_too() {
+    let data = tempfile::tempdir().unwrap();
+    let certs = data.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec![HELLO.to_string()]).expect("a certificate");
+    std::fs::write(certs.join("hello.key"), certified.signing_key.serialize_pem()).unwrap();
+    std::fs::write(certs.join("hello.crt"), certified.cert.pem()).unwrap();
+    let ca = certified.cert.der().clone();
+    let (_registry, registry_url) = start_registry(&data.path().join("registry"));
+    let node = start_edge_node(
+        &registry_url,
+        &data.path().join("node"),
+        &["--tls-listen", "127.0.0.1:0", "--certs", certs.to_str().unwrap()],
+    );
+    let https = node.https.clone().expect("TLS listener");
+    push_ok(&registry_url, &example("hello"));
+    let get = format!("GET / HTTP/1.1\r\nHost: {HELLO}\r\nConnection: close\r\n\r\n");
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        match tls_exchange(&https, &ca, get.as_bytes()) {
+            Ok(answer) if statuses(&answer) == [200] => {
+                assert!(answer.ends_with(&hello_body(HELLO)), "{answer}");
+                break;
+            }
+            other if Instant::now() > deadline => panic!("hello not served over TLS: {other:?}"),
+            _ => std::thread::sleep(POLL),
+        }
+    }
+    let cases = [
+        (
+            post(
+                "Content-Length: 44\r\nTransfer-Encoding: chunked",
+                "0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: hello.localhost\r\n\r\n",
+            ),
+            400,
+        ),
+        (chunked("5\r\nhello\r\n0x5\r\nworld\r\n0\r\n\r\n"), 400),
+        (post("Transfer-Encoding: gzip, chunked", "0\r\n\r\n"), 501),
+    ];
+    for (request, status) in cases {
+        let answer = tls_exchange(&https, &ca, &request).unwrap_or_else(|error| {
+            panic!("{:?}: no clean close: {error}", String::from_utf8_lossy(&request))
+        });
+        assert_eq!(statuses(&answer), [status], "{answer:?}");
+    }
 }
