@@ -350,7 +350,8 @@ fn valid_http1_and_h2c_are_served_unchanged() {
     // function whole.
     let body = "5;ext=1\r\nhello\r\n7;q=\"a b\"\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n";
     let request = format!(
-        "POST /chunked HTTP/1.1\r\nHost: {echo}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}"
+        "POST /chunked HTTP/1.1\r\nHost: {echo}\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n{body}"
     );
     let mut stream = TcpStream::connect(&edge.http).unwrap();
     stream.set_nodelay(true).unwrap();
@@ -366,7 +367,8 @@ fn valid_http1_and_h2c_are_served_unchanged() {
     let mut stream = TcpStream::connect(&edge.http).unwrap();
     stream.set_read_timeout(Some(CLOSE_DEADLINE)).unwrap();
     let head = format!(
-        "POST /expect HTTP/1.1\r\nHost: {echo}\r\nExpect: 100-continue\r\nContent-Length: 4\r\nConnection: close\r\n\r\n"
+        "POST /expect HTTP/1.1\r\nHost: {echo}\r\nExpect: 100-continue\r\n\
+         Content-Length: 4\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());

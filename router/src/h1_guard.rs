@@ -9,13 +9,15 @@
 //! framing that RFC 9112 reads one way, and refuses the rest (then closes, §6.3).
 //!
 //! ```text
-//!  socket ──▶ GuardedIo ──────────────────────────────────────▶ hyper ──▶ service (respond)
-//!             │ H1Validator: a pure state machine fed bytes     ▲          │
-//!             │   Preface? ─▶ Head ─▶ FixedBody | ChunkSize ⇄ ChunkData    │ rejection_for(index)
-//!             │              ▲       ─▶ Trailers ─┘                        │
-//!             │ valid bytes: passed on in place (no copy)                  │
-//!             │ head / framing line cut by a read: held back until whole   │
-//!             └ violation ─▶ GuardState::record(index, Rejection) ─────────┘
+//!  socket ─▶ GuardedIo ─────────────────────────────────▶ hyper ─▶ service (respond)
+//!            │ H1Validator (pure, fed bytes):              ▲         │
+//!            │   Preface ─▶ h2: pass-through               │         │
+//!            │      └─▶ Head ─▶ FixedBody ─▶ Head …        │         │
+//!            │           └─▶ ChunkSize ⇄ ChunkData         │         │
+//!            │                └─▶ Trailers ─▶ Head …       │         │
+//!            │ valid bytes: passed on in place ────────────┘         │
+//!            │ a head or framing line cut by a read: held back       │
+//!            └ violation ─▶ GuardState::record(index, Rejection) ────┘ rejection_for(index)
 //! ```
 //!
 //! - **Sans-IO core.** [`H1Validator`] is fed bytes and says up to which stream offset they
@@ -44,13 +46,22 @@
 //!
 //! What is refused, and with which status:
 //!
-//! | status | cases |
-//! |--------|-------|
-//! | 400 | `Content-Length` with `Transfer-Encoding`; `Content-Length` twice (even equal), as a list, signed, non-digit, overflowing; a malformed `Transfer-Encoding` (empty element, a coding that is not a token, `chunked` with parameters, a token that merely contains `chunked` such as `xchunked`); `chunked` twice or not last; `Transfer-Encoding` in HTTP/1.0; bad chunk size (empty, non-hex, `0x`, overflow, whitespace or junk after it) or extension; no CRLF after chunk data; obs-fold; a bare LF or bare CR; an empty header name or one with whitespace or other non-token bytes (`Transfer-Encoding : chunked`); control bytes or NUL in a value; a bad request line (spacing, method, target, version other than HTTP/1.0 and HTTP/1.1); HTTP/1.1 without `Host`, two `Host` fields, or a `Host` value with bytes no host has |
-//! | 501 | a well-formed `Transfer-Encoding` list, `chunked` at most once and last, that names another coding: `gzip, chunked`, `identity`, `compress`, `gzip`, `foo` |
-//! | 431 | a head over `max_header_bytes` or with more than `max_headers` fields (trailers too) |
-//! | 414 | a request target over `max_uri_bytes` |
-//! | 408 | a head still incomplete at the header timeout |
+//! - **400**: `Content-Length` with `Transfer-Encoding`; `Content-Length` twice (even equal),
+//!   as a list, signed, non-digit or overflowing; a malformed `Transfer-Encoding` (an empty
+//!   element, a coding that is not a token, `chunked` with parameters, a token that merely
+//!   contains `chunked` such as `xchunked`); `chunked` twice or not last; `Transfer-Encoding`
+//!   in HTTP/1.0; a bad chunk size (empty, non-hex, `0x`, overflowing, whitespace or junk
+//!   after it) or chunk extension; no CRLF after chunk data; obs-fold; a bare LF or bare CR;
+//!   an empty header name or one with whitespace or other non-token bytes
+//!   (`Transfer-Encoding : chunked`); control bytes or NUL in a value; a bad request line
+//!   (spacing, method, target, a version other than HTTP/1.0 and HTTP/1.1); HTTP/1.1 without
+//!   `Host`, two `Host` fields, or a `Host` value with bytes no host has.
+//! - **501**: a well-formed `Transfer-Encoding` list, `chunked` at most once and last, that
+//!   names another coding: `gzip, chunked`, `identity`, `compress`, `gzip`, `foo`.
+//! - **431**: a head over `max_header_bytes` or with more than `max_headers` fields; the same
+//!   for trailers.
+//! - **414**: a request target over `max_uri_bytes`.
+//! - **408**: a head still incomplete at the header timeout.
 //!
 //! 400 versus 501: anything that could be a *spelling* of `chunked` that another parser might
 //! read differently, or that makes the body length ambiguous, is 400 — the message cannot be
@@ -2261,7 +2272,13 @@ mod tests {
             let server = start(small_limits()).await;
             let mut stream = TcpStream::connect(server.addr).await.unwrap();
             stream
-                .write_all(b"POST /e HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+                .write_all(
+                    concat!(
+                        "POST /e HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n",
+                        "Content-Length: 4\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
                 .await
                 .unwrap();
             let mut interim = Vec::new();
