@@ -301,22 +301,11 @@ fn start_acme_node(
     let tls_listen = format!("127.0.0.1:{tls_port}");
     let directory = pebble.directory_url();
     let mut args = vec![
-        "node",
-        "--registry",
-        registry_url,
         "--listen",
         &listen,
         "--tls-listen",
         &tls_listen,
         "--no-http3",
-        "--admin",
-        "127.0.0.1:0",
-        "--data",
-        data.to_str().unwrap(),
-        "--name",
-        "e2e",
-        "--region",
-        "test",
         "--acme-directory",
         &directory,
         "--acme-ca-cert",
@@ -325,56 +314,23 @@ fn start_acme_node(
         "ops@example.test",
     ];
     args.extend_from_slice(extra);
-    let mut process = Process::spawn("node", &args);
-    let admin = process.wait_for_line("admin listening on http://", STARTUP)
-        ["admin listening on http://".len()..]
-        .trim()
-        .to_string();
-    let find = |prefix: &str| {
-        let line = process
-            .stdout_lines()
-            .into_iter()
-            .find(|line| line.starts_with(prefix))
-            .unwrap_or_else(|| panic!("the node did not print `{prefix}`\n{}", process.logs()));
-        line[prefix.len()..].trim().to_string()
-    };
-    let http = find("node listening on http://");
-    let https = find("node listening on https://");
+    let node = start_edge_node(registry_url, data, &args);
+    let logs = node.process.logs();
     AcmeNode {
-        process,
-        http,
-        https,
-        admin,
+        http: node
+            .http
+            .unwrap_or_else(|| panic!("the node printed no http address\n{logs}")),
+        https: node
+            .https
+            .unwrap_or_else(|| panic!("the node printed no https address\n{logs}")),
+        admin: node.admin,
+        process: node.process,
     }
-}
-
-struct CurlResult {
-    status: u16,
-    http_version: String,
-    body: String,
-    stderr: String,
 }
 
 /// `curl https://HOST:PORT/` against the node, verifying with `root` only.
 fn curl(https: &str, host: &str, root: &Path) -> CurlResult {
-    let port = https.rsplit(':').next().unwrap();
-    let output = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "--cacert"])
-        .arg(root)
-        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
-        .args(["-w", "\n%{http_code} %{http_version}"])
-        .arg(format!("https://{host}:{port}/"))
-        .output()
-        .expect("run curl");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, tail) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    let mut fields = tail.split_whitespace();
-    CurlResult {
-        status: fields.next().and_then(|code| code.parse().ok()).unwrap_or(0),
-        http_version: fields.next().unwrap_or("").to_string(),
-        body: body.to_string(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    curl_https(https, host, "/", root, &[])
 }
 
 /// Polls until `https://HOST/` answers 200 with a certificate that verifies against `root`.

@@ -129,47 +129,9 @@ fn aioquic(target: &Target, host: &str, path: &str, server_name: Option<&str>, e
     H3Report::from_output(output)
 }
 
-struct CurlResult {
-    status: u16,
-    http_version: String,
-    body: String,
-    headers: String,
-    stderr: String,
-}
-
 /// curl over HTTP/2 to `https://HOST:PORT/PATH` on 127.0.0.1, trusting `ca`.
 fn curl_h2(https: &str, host: &str, path: &str, ca: &Path) -> CurlResult {
-    let port = https.rsplit(':').next().unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let headers = scratch.path().join("headers");
-    let output = Command::new("curl")
-        .args(["-sS", "--http2", "--max-time", "20", "--cacert"])
-        .arg(ca)
-        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
-        .arg("-D")
-        .arg(&headers)
-        .args(["-w", "\n%{http_code} %{http_version}"])
-        .arg(format!("https://{host}:{port}{path}"))
-        .output()
-        .expect("run curl");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, tail) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    let mut fields = tail.split_whitespace();
-    CurlResult {
-        status: fields.next().and_then(|code| code.parse().ok()).unwrap_or(0),
-        http_version: fields.next().unwrap_or("").to_string(),
-        body: body.to_string(),
-        headers: std::fs::read_to_string(&headers).unwrap_or_default(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + STARTUP;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    curl_https(https, host, path, ca, &["--http2"])
 }
 
 /// A registry and a node with TLS (and so HTTP/3) over the certificates in `certs`.

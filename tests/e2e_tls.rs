@@ -8,7 +8,6 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -52,42 +51,6 @@ fn write_certificate(dir: &Path, stem: &str, names: &[&str]) -> PathBuf {
     cert_path
 }
 
-struct CurlResult {
-    status: u16,
-    http_version: String,
-    body: String,
-    headers: String,
-    stderr: String,
-}
-
-/// `curl` to `https://HOST:PORT/PATH` connecting to the node, trusting `ca`.
-fn curl(https: &str, host: &str, path: &str, ca: &Path, extra: &[&str]) -> CurlResult {
-    let port = https.rsplit(':').next().unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let headers = scratch.path().join("headers");
-    let output = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "--cacert"])
-        .arg(ca)
-        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
-        .arg("-D")
-        .arg(&headers)
-        .args(["-w", "\n%{http_code} %{http_version}"])
-        .args(extra)
-        .arg(format!("https://{host}:{port}{path}"))
-        .output()
-        .expect("run curl");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, tail) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-    let mut fields = tail.split_whitespace();
-    CurlResult {
-        status: fields.next().and_then(|code| code.parse().ok()).unwrap_or(0),
-        http_version: fields.next().unwrap_or("").to_string(),
-        body: body.to_string(),
-        headers: std::fs::read_to_string(&headers).unwrap_or_default(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
 /// A registry, a node with `--tls-listen` over `certs`, and `hello` routed at `routes`.
 struct TlsSetup {
     _registry: Process,
@@ -120,17 +83,9 @@ fn boot_tls(routes: &[&str], certificates: &[(&str, &[&str])], extra: &[&str]) -
     };
     let ca = setup.certs.join(format!("{}.crt", certificates[0].0));
     wait_until(&format!("{} served over TLS", routes[0]), || {
-        curl(&setup.https, routes[0], "/", &ca, &[]).status == 200
+        curl_https(&setup.https, routes[0], "/", &ca, &[]).status == 200
     });
     setup
-}
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + STARTUP;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -142,7 +97,7 @@ fn two_domains_each_get_their_own_certificate_over_http2() {
     );
     for (host, stem) in [("a.test", "a"), ("b.test", "b"), ("x.w.test", "wild")] {
         // Trusting only this domain's own self-signed certificate proves which one was served.
-        let result = curl(
+        let result = curl_https(
             &setup.https,
             host,
             "/",
@@ -161,7 +116,7 @@ fn two_domains_each_get_their_own_certificate_over_http2() {
         assert!(alt_svc.contains(&format!("h3=\":{h3_port}\"")), "{alt_svc}");
         // The other domain's certificate does not verify this one.
         let other = if stem == "a" { "b" } else { "a" };
-        let wrong = curl(
+        let wrong = curl_https(
             &setup.https,
             host,
             "/",
@@ -170,7 +125,7 @@ fn two_domains_each_get_their_own_certificate_over_http2() {
         );
         assert_eq!(wrong.status, 0, "{host} verified with {other}'s certificate");
     }
-    let http1 = curl(
+    let http1 = curl_https(
         &setup.https,
         "a.test",
         "/",
@@ -179,7 +134,7 @@ fn two_domains_each_get_their_own_certificate_over_http2() {
     );
     assert_eq!((http1.status, http1.http_version.as_str()), (200, "1.1"));
     // An SNI no certificate covers fails the handshake instead of showing a wrong certificate.
-    let unknown = curl(
+    let unknown = curl_https(
         &setup.https,
         "nothing.test",
         "/",
@@ -197,7 +152,7 @@ fn a_host_the_connections_certificate_does_not_cover_gets_421() {
         &[],
     );
     for version in ["--http1.1", "--http2"] {
-        let result = curl(
+        let result = curl_https(
             &setup.https,
             "a.test",
             "/",
@@ -220,15 +175,18 @@ fn the_certificate_directory_is_reloaded_and_a_broken_pair_keeps_the_old_one() {
     write_certificate(&setup.certs, "a", &["a.test"]);
     let second = setup.certs.join("a.crt");
     wait_until("the new a.test certificate is served", || {
-        curl(&setup.https, "a.test", "/", &second, &[]).status == 200
+        curl_https(&setup.https, "a.test", "/", &second, &[]).status == 200
     });
-    assert_eq!(curl(&setup.https, "a.test", "/", &first_copy, &[]).status, 0);
+    assert_eq!(
+        curl_https(&setup.https, "a.test", "/", &first_copy, &[]).status,
+        0
+    );
 
     // A new pair adds a domain.
     write_certificate(&setup.certs, "c", &["c.test"]);
     let c = setup.certs.join("c.crt");
     wait_until("c.test is served", || {
-        curl(&setup.https, "c.test", "/", &c, &[]).status == 200
+        curl_https(&setup.https, "c.test", "/", &c, &[]).status == 200
     });
 
     // A broken pair is refused with a log line naming it; the last good one keeps serving.
@@ -240,13 +198,13 @@ fn the_certificate_directory_is_reloaded_and_a_broken_pair_keeps_the_old_one() {
     )
     .unwrap();
     setup.node.process.wait_for_stderr("a.crt", STARTUP);
-    let served = curl(&setup.https, "a.test", "/", &second_copy, &[]);
+    let served = curl_https(&setup.https, "a.test", "/", &second_copy, &[]);
     assert_eq!(
         served.status, 200,
         "the last good certificate must keep serving: {}",
         served.stderr
     );
-    assert_eq!(curl(&setup.https, "c.test", "/", &c, &[]).status, 200);
+    assert_eq!(curl_https(&setup.https, "c.test", "/", &c, &[]).status, 200);
 }
 
 #[test]
@@ -395,13 +353,13 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
     let manifest = write_manifest(data.path(), "fault", &example_wasm("fault"), &["f.test"], "");
     push_ok(&registry_url, &manifest);
     wait_until("fault served", || {
-        curl(&https, "f.test", "/", &ca, &[]).status == 200
+        curl_https(&https, "f.test", "/", &ca, &[]).status == 200
     });
 
     let in_flight = {
         let https = https.clone();
         let ca = ca.clone();
-        std::thread::spawn(move || curl(&https, "f.test", "/spin?ms=2000", &ca, &[]))
+        std::thread::spawn(move || curl_https(&https, "f.test", "/spin?ms=2000", &ca, &[]))
     };
     wait_for_metric(
         &node.admin,
@@ -416,7 +374,7 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
     let status = node.process.wait_exit(STARTUP);
     assert!(status.success(), "exit after SIGTERM: {status}");
     assert_eq!(
-        curl(&https, "f.test", "/", &ca, &[]).status,
+        curl_https(&https, "f.test", "/", &ca, &[]).status,
         0,
         "still accepting after exit"
     );

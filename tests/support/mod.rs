@@ -260,34 +260,9 @@ pub fn start_registry(data: &Path) -> (Process, String) {
 /// Starts `atoll node` following `registry_url`, with its cache in `data`; returns the
 /// process, its traffic address and its admin address (`127.0.0.1:PORT` each).
 pub fn start_node(registry_url: &str, data: &Path) -> (Process, String, String) {
-    let data = data.to_str().expect("utf-8 path");
-    let mut process = Process::spawn(
-        "node",
-        &[
-            "node",
-            "--registry",
-            registry_url,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data",
-            data,
-            "--name",
-            "e2e",
-            "--region",
-            "test",
-        ],
-    );
-    let http = process.wait_for_line("node listening on http://", STARTUP)
-        ["node listening on http://".len()..]
-        .trim()
-        .to_string();
-    let admin = process.wait_for_line("admin listening on http://", STARTUP)
-        ["admin listening on http://".len()..]
-        .trim()
-        .to_string();
-    (process, http, admin)
+    let node = start_edge_node(registry_url, data, &[]);
+    let http = node.http.expect("the node printed its http address");
+    (node.process, http, node.admin)
 }
 
 /// A node started with extra flags, and every address it printed.
@@ -303,15 +278,14 @@ pub struct EdgeNode {
 }
 
 /// Starts `atoll node` on `127.0.0.1:0` with `extra` flags appended (e.g. `--tls-listen
-/// 127.0.0.1:0 --certs DIR`, `--header-timeout 2s`).
+/// 127.0.0.1:0 --certs DIR`, `--header-timeout 2s`; a `--listen` there replaces the default).
 pub fn start_edge_node(registry_url: &str, data: &Path, extra: &[&str]) -> EdgeNode {
     let data = data.to_str().expect("utf-8 path");
-    let mut args = vec![
-        "node",
-        "--registry",
-        registry_url,
-        "--listen",
-        "127.0.0.1:0",
+    let mut args = vec!["node", "--registry", registry_url];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend([
         "--admin",
         "127.0.0.1:0",
         "--data",
@@ -320,7 +294,7 @@ pub fn start_edge_node(registry_url: &str, data: &Path, extra: &[&str]) -> EdgeN
         "e2e",
         "--region",
         "test",
-    ];
+    ]);
     args.extend_from_slice(extra);
     let mut process = Process::spawn("node", &args);
     // The admin line is printed last, after every traffic listener.
@@ -344,6 +318,57 @@ pub fn start_edge_node(registry_url: &str, data: &Path, extra: &[&str]) -> EdgeN
         https,
         h3,
         admin,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTPS through curl
+
+/// What one curl run gave.
+pub struct CurlResult {
+    pub status: u16,
+    pub http_version: String,
+    pub body: String,
+    pub headers: String,
+    pub stderr: String,
+}
+
+/// `curl` to `https://HOST:PORT/PATH` connecting to the node's TLS address `https`
+/// (`127.0.0.1:PORT`), trusting only `ca`; `extra` flags go before the URL. Status 0: no
+/// response (e.g. the certificate did not verify).
+pub fn curl_https(https: &str, host: &str, path: &str, ca: &Path, extra: &[&str]) -> CurlResult {
+    let port = https.rsplit(':').next().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let headers = scratch.path().join("headers");
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .arg("-D")
+        .arg(&headers)
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(extra)
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .expect("run curl");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, tail) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let mut fields = tail.split_whitespace();
+    CurlResult {
+        status: fields.next().and_then(|code| code.parse().ok()).unwrap_or(0),
+        http_version: fields.next().unwrap_or("").to_string(),
+        body: body.to_string(),
+        headers: std::fs::read_to_string(&headers).unwrap_or_default(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Polls `check` until it holds; panics naming `what` after [`STARTUP`].
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + STARTUP;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
