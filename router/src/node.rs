@@ -233,25 +233,25 @@ pub async fn run(
         }
         None => None,
     };
-    if let Some(listener) = listeners.http {
-        let ingress = Ingress {
-            tls: None,
-            alt_svc: None,
-            limits: Arc::clone(&limits),
-        };
-        servers.push(tokio::spawn(crate::server::serve_with(
-            listener,
-            Arc::clone(&service),
-            ingress,
-            stopped(stop.clone()),
-        )));
-    }
-    if let Some(listener) = listeners.tls {
-        let ingress = Ingress {
-            tls: Some(TlsIngress {
+    let tls = match listeners.tls {
+        Some(listener) => {
+            let tls = TlsIngress {
                 config: crate::tls::tcp_server_config(Arc::clone(&certificates))?,
                 certificates: Arc::clone(&certificates),
-            }),
+            };
+            Some((listener, tls))
+        }
+        None => None,
+    };
+    // Cleartext, then TLS (which announces HTTP/3); the same service behind both.
+    let tcp_listeners = listeners
+        .http
+        .map(|listener| (listener, None, None))
+        .into_iter()
+        .chain(tls.map(|(listener, tls)| (listener, Some(tls), alt_svc)));
+    for (listener, tls, alt_svc) in tcp_listeners {
+        let ingress = Ingress {
+            tls,
             alt_svc,
             limits: Arc::clone(&limits),
         };
