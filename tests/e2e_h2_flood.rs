@@ -48,12 +48,11 @@ async fn a_rapid_reset_flood_is_cut_off_with_enhance_your_calm() {
         .expect("the flooding connection was not closed")
         .unwrap();
     let error = ended.expect_err("the flooding connection ended without an error");
-    assert_eq!(
-        error.reason(),
-        Some(h2::Reason::ENHANCE_YOUR_CALM),
-        "after {sent} reset streams: {error}"
-    );
-    assert!(error.is_go_away(), "{error}");
+    // The node sends GOAWAY(ENHANCE_YOUR_CALM) and closes; a client still writing its flood
+    // may hit the closed socket (broken pipe, reset) before it reads the GOAWAY. Without the
+    // limit the connection stays open and the timeout above fails.
+    let calmed = error.is_go_away() && error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+    assert!(calmed || error.is_io(), "after {sent} reset streams: {error}");
     assert!(sent < 10_000, "the whole flood was accepted");
 
     // Everyone else is still served.
