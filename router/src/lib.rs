@@ -25,6 +25,7 @@ pub mod h1_guard;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;
+pub mod placement;
 pub mod quic;
 pub mod route_table;
 pub mod served;
