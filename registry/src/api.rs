@@ -1,9 +1,9 @@
 //! The registry's HTTP/JSON API (axum), and [`Registry`], the service behind it.
 //!
-//! [`Registry`] holds what a push needs — the store, the engine that proves a module
-//! compiles and is a WASI command, the token, the limits — and is usable without HTTP.
-//! The handlers here only translate: multipart or JSON in, a [`Registry`] or [`Store`]
-//! call, JSON out, and every error as `{"error": "<one line>"}` with the status its kind
+//! [`Registry`] holds what a push needs — the store (embedded or NATS, see
+//! [`crate::backend`]), the engine that proves a module compiles and is a WASI command, the
+//! token, the limits — and is usable without HTTP. The handlers here only translate:
+//! multipart or JSON in, a [`Registry`] or [`Backend`] call, JSON out, and every error as `{"error": "<one line>"}` with the status its kind
 //! calls for (400 bad input, 401 auth, 404, 409 conflict, 413 too big, 422 module refused).
 //!
 //! ```text
@@ -51,6 +51,7 @@ use tokio::sync::watch;
 use crate::api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
+use crate::backend::Backend;
 use crate::manifest::{Manifest, ManifestError};
 use crate::model::{FunctionRecord, Version};
 use crate::store::{Store, StoreError, is_sha256_hex};
@@ -85,7 +86,7 @@ impl Default for RegistryOptions {
 
 /// The registry service: store + engine + token + options.
 pub struct Registry {
-    store: Store,
+    store: Backend,
     engine: Engine,
     token: String,
     options: RegistryOptions,
@@ -153,23 +154,33 @@ fn store_status(error: &StoreError) -> StatusCode {
 }
 
 impl Registry {
-    /// Opens the store in `data_dir` and assembles the service.
+    /// Opens the embedded store in `data_dir` and assembles the service.
     pub fn open(
         data_dir: &Path,
         engine: Engine,
         token: String,
         options: RegistryOptions,
     ) -> Result<Registry, StoreError> {
-        Ok(Registry {
-            store: Store::open(data_dir)?,
+        Ok(Registry::with_backend(
+            Backend::Embedded(Store::open(data_dir)?),
             engine,
             token,
             options,
-        })
+        ))
+    }
+
+    /// Assembles the service on an opened store (embedded or NATS).
+    pub fn with_backend(store: Backend, engine: Engine, token: String, options: RegistryOptions) -> Registry {
+        Registry {
+            store,
+            engine,
+            token,
+            options,
+        }
     }
 
     /// The store (for reads, rollback, watch).
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &Backend {
         &self.store
     }
 
@@ -229,7 +240,7 @@ impl Registry {
         Ok(version)
     }
 
-    /// Moves `name`'s active pointer (see [`Store::rollback`]).
+    /// Moves `name`'s active pointer (see [`Store::rollback`]; the NATS store does the same).
     pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, RegistryError> {
         let record = self.store.rollback(name, to).await?;
         let sha = record
@@ -487,11 +498,12 @@ async fn push(
     ))
 }
 
-async fn list(State(app): State<AppState>) -> axum::Json<Vec<FunctionSummary>> {
+async fn list(State(app): State<AppState>) -> Result<axum::Json<Vec<FunctionSummary>>, ApiError> {
     let summaries = app
         .registry
         .store
         .list()
+        .await?
         .into_iter()
         .filter_map(|record| {
             let active = record.active_version()?;
@@ -504,7 +516,7 @@ async fn list(State(app): State<AppState>) -> axum::Json<Vec<FunctionSummary>> {
             })
         })
         .collect();
-    axum::Json(summaries)
+    Ok(axum::Json(summaries))
 }
 
 async fn versions(
@@ -515,6 +527,7 @@ async fn versions(
         .registry
         .store
         .get(&name)
+        .await?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no function `{name}`")))?;
     Ok(axum::Json(VersionsResponse {
         name: record.name,
@@ -580,7 +593,7 @@ async fn watch_events(
     let store = app.registry.store.clone();
     // Subscribe before the catch-up scan so that a commit in between is not missed.
     let changes = store.subscribe();
-    let (events, revision) = store.events_since(since);
+    let (events, revision) = store.events_since(since).await?;
     let mut queue: VecDeque<WatchEvent> = events.into();
     queue.push_back(WatchEvent::Synced { revision });
     let stream = WatchStream {
@@ -610,7 +623,7 @@ async fn watch_events(
 
 /// The state of one watch response.
 struct WatchStream {
-    store: Store,
+    store: Backend,
     changes: watch::Receiver<u64>,
     stopped: watch::Receiver<bool>,
     queue: VecDeque<WatchEvent>,
@@ -648,9 +661,18 @@ impl WatchStream {
                 Wake::Changed => {
                     // Re-scan by mod_revision: changes that came in while we were busy
                     // coalesce, none is lost.
-                    let (events, revision) = self.store.events_since(self.last);
-                    self.last = self.last.max(revision);
-                    self.queue.extend(events);
+                    match self.store.events_since(self.last).await {
+                        Ok((events, revision)) => {
+                            self.last = self.last.max(revision);
+                            self.queue.extend(events);
+                        }
+                        Err(e) => {
+                            // End the stream: the node resumes from the last revision it
+                            // applied, so ending loses nothing, whereas skipping would.
+                            tracing::warn!("watch stream ends: {e}");
+                            return None;
+                        }
+                    }
                 }
             }
         }

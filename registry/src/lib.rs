@@ -4,7 +4,8 @@
 //! atoll push ──HTTP──▶ api (auth, multipart) ──▶ Registry::push
 //!                        manifest::Manifest::parse   (routes via route::RoutePattern)
 //!                        atoll_isolate::Engine::validate   (compiles, is a WASI command)
-//!                        store::Store::push          (blob, then state.json, atomically)
+//!                        backend::Backend::push      embedded: blob, then state.json, atomically
+//!                                                    NATS: object, then KV compare-and-set
 //! node ◀──NDJSON── GET /v1/watch?since=N ◀── revision bump ── store
 //! node ──GET /v1/blobs/{sha256}──▶ module bytes
 //! ```
@@ -16,9 +17,11 @@
 
 pub mod api;
 pub mod api_types;
+pub mod backend;
 pub mod client;
 pub mod manifest;
 pub mod model;
+pub mod nats_store;
 pub mod route;
 pub mod store;
 pub mod token;
@@ -28,9 +31,11 @@ pub use api::{Registry, RegistryError, RegistryOptions, router, serve};
 pub use api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
+pub use backend::Backend;
 pub use client::{ClientError, RegistryClient};
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use model::{Deployment, FunctionRecord, Version};
+pub use nats_store::NatsStore;
 pub use route::{HostPattern, RouteError, RoutePattern};
 pub use store::{State, Store, StoreError};
 pub use token::{TokenOrigin, load_or_create, token_matches};

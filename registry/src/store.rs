@@ -44,7 +44,6 @@ use atoll_isolate::durable::write_atomically;
 
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
-use crate::route::RoutePattern;
 use crate::watch::WatchEvent;
 
 const STATE_FILE: &str = "state.json";
@@ -367,20 +366,7 @@ where
 
 /// Refuses a manifest whose routes another function's active version already serves.
 fn check_routes(state: &State, name: &str, manifest: &Manifest) -> Result<(), StoreError> {
-    let wanted: Vec<RoutePattern> = manifest.route_patterns();
-    for other in state.functions.values().filter(|r| r.name != name) {
-        let Some(active) = other.active_version() else {
-            continue;
-        };
-        let theirs = active.manifest.route_patterns();
-        if let Some(route) = wanted.iter().find(|r| theirs.contains(r)) {
-            return Err(StoreError::Conflict(format!(
-                "route \"{route}\" is already served by function `{}`",
-                other.name
-            )));
-        }
-    }
-    Ok(())
+    crate::backend::check_routes(state.functions.values(), name, manifest)
 }
 
 /// Content-addressed write: skip if present, else temp + fsync + rename + fsync dir.

@@ -1,0 +1,222 @@
+//! Where the registry keeps its state: one data directory, or a NATS JetStream cluster.
+//!
+//! ```text
+//! Registry ──▶ Backend::Embedded(Store)      one machine: DATA/state.json + DATA/blobs/
+//!          └─▶ Backend::Nats(NatsStore)      many registries: KV bucket + object store
+//! ```
+//!
+//! The API, the validation of a push and the watch protocol are the same for both; only
+//! this enum knows which store answers. An enum rather than a trait object: there are two
+//! implementations, both async, and a `match` keeps every call static and readable.
+//!
+//! The decisions both stores make — the next version of a push, the target of a rollback,
+//! whether another function already serves a route — are plain functions here, free of
+//! I/O, so the NATS store's compare-and-set loop only has to read, decide and write.
+
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+
+use crate::manifest::Manifest;
+use crate::model::{FunctionRecord, Version};
+use crate::nats_store::NatsStore;
+use crate::route::RoutePattern;
+use crate::store::{Store, StoreError};
+use crate::watch::WatchEvent;
+
+/// The registry's store: embedded (default) or NATS JetStream. Cheap to clone.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// Metadata and modules in one data directory ([`Store`]).
+    Embedded(Store),
+    /// Metadata in a JetStream KV bucket, modules in a JetStream object store.
+    Nats(NatsStore),
+}
+
+impl Backend {
+    /// Every function, sorted by name.
+    pub async fn list(&self) -> Result<Vec<FunctionRecord>, StoreError> {
+        match self {
+            Backend::Embedded(store) => Ok(store.list()),
+            Backend::Nats(store) => store.list().await,
+        }
+    }
+
+    /// One function, if it exists.
+    pub async fn get(&self, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
+        match self {
+            Backend::Embedded(store) => Ok(store.get(name)),
+            Backend::Nats(store) => store.get(name).await,
+        }
+    }
+
+    /// The module bytes with this SHA-256 (verified against it).
+    pub async fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.read_blob(sha256).await,
+            Backend::Nats(store) => store.read_blob(sha256).await,
+        }
+    }
+
+    /// Stores a new active version of `manifest.name` (see [`Store::push`]).
+    pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.push(manifest, module).await,
+            Backend::Nats(store) => store.push(manifest, module).await,
+        }
+    }
+
+    /// Moves `name`'s active pointer (see [`Store::rollback`]).
+    pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.rollback(name, to).await,
+            Backend::Nats(store) => store.rollback(name, to).await,
+        }
+    }
+
+    /// A `Put` for every function changed after `since`, ascending, and the revision the
+    /// caller is then up to date with.
+    pub async fn events_since(&self, since: u64) -> Result<(Vec<WatchEvent>, u64), StoreError> {
+        match self {
+            Backend::Embedded(store) => Ok(store.events_since(since)),
+            Backend::Nats(store) => store.events_since(since).await,
+        }
+    }
+
+    /// A receiver that changes whenever the store may hold something new.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        match self {
+            Backend::Embedded(store) => store.subscribe(),
+            Backend::Nats(store) => store.subscribe(),
+        }
+    }
+}
+
+/// The record after pushing a module with `sha256` and `size` bytes to `current` (`None`:
+/// a new function), and the version it adds: the next number after the highest, active.
+/// `mod_revision` is left for the store to stamp.
+pub fn plan_push(
+    current: Option<FunctionRecord>,
+    manifest: Manifest,
+    sha256: String,
+    size: u64,
+) -> (FunctionRecord, Version) {
+    let mut record = current.unwrap_or_else(|| FunctionRecord {
+        name: manifest.name.clone(),
+        versions: Vec::new(),
+        active: 0,
+        mod_revision: 0,
+    });
+    let version = Version {
+        version: record.latest() + 1,
+        sha256,
+        manifest,
+        created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        size,
+    };
+    record.versions.push(version.clone());
+    record.active = version.version;
+    (record, version)
+}
+
+/// The version a rollback of `record` activates: `to`, or by default the highest version
+/// below the active one.
+pub fn rollback_target(record: &FunctionRecord, to: Option<u64>) -> Result<&Version, StoreError> {
+    let name = &record.name;
+    match to {
+        Some(v) => record
+            .version(v)
+            .ok_or_else(|| StoreError::NotFound(format!("function `{name}` has no v{v}"))),
+        None => record
+            .versions
+            .iter()
+            .filter(|v| v.version < record.active)
+            .max_by_key(|v| v.version)
+            .ok_or_else(|| {
+                StoreError::Conflict(format!(
+                    "function `{name}` has no version before v{} to roll back to",
+                    record.active
+                ))
+            }),
+    }
+}
+
+/// Refuses a manifest whose routes another function's active version already serves.
+pub fn check_routes<'a>(
+    functions: impl IntoIterator<Item = &'a FunctionRecord>,
+    name: &str,
+    manifest: &Manifest,
+) -> Result<(), StoreError> {
+    let wanted: Vec<RoutePattern> = manifest.route_patterns();
+    for other in functions.into_iter().filter(|r| r.name != name) {
+        let Some(active) = other.active_version() else {
+            continue;
+        };
+        let theirs = active.manifest.route_patterns();
+        if let Some(route) = wanted.iter().find(|r| theirs.contains(r)) {
+            return Err(StoreError::Conflict(format!(
+                "route \"{route}\" is already served by function `{}`",
+                other.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(name: &str, routes: &[&str]) -> Manifest {
+        let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
+        Manifest::parse(&format!(
+            "name = {name:?}\nwasm = \"m.wasm\"\nroutes = [{}]",
+            routes.join(", ")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn push_plan_takes_the_next_number_after_the_highest() {
+        let (record, v1) = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 3);
+        assert_eq!((v1.version, record.active, record.versions.len()), (1, 1, 1));
+        let (mut record, v2) = plan_push(Some(record), manifest("f", &["f.com"]), "b".repeat(64), 4);
+        assert_eq!((v2.version, record.active), (2, 2));
+        // After a rollback to v1 the next push is still v3, not a second v2.
+        record.active = 1;
+        let (record, v3) = plan_push(Some(record), manifest("f", &["f.com"]), "c".repeat(64), 5);
+        assert_eq!((v3.version, record.active), (3, 3));
+        let numbers: Vec<u64> = record.versions.iter().map(|v| v.version).collect();
+        assert_eq!(numbers, [1, 2, 3]);
+    }
+
+    #[test]
+    fn rollback_target_default_and_explicit() {
+        let (record, _) = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 1);
+        let (record, _) = plan_push(Some(record), manifest("f", &["f.com"]), "b".repeat(64), 1);
+        assert_eq!(rollback_target(&record, None).unwrap().version, 1);
+        assert_eq!(rollback_target(&record, Some(2)).unwrap().version, 2);
+        assert!(matches!(
+            rollback_target(&record, Some(7)),
+            Err(StoreError::NotFound(_))
+        ));
+        let mut first = record.clone();
+        first.active = 1;
+        assert!(matches!(
+            rollback_target(&first, None),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn routes_of_other_functions_conflict() {
+        let (a, _) = plan_push(None, manifest("a", &["x.com"]), "a".repeat(64), 1);
+        let err = check_routes([&a], "b", &manifest("b", &["X.com/"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "route \"x.com\" is already served by function `a`"
+        );
+        check_routes([&a], "a", &manifest("a", &["x.com"])).unwrap();
+        check_routes([&a], "b", &manifest("b", &["x.com/b"])).unwrap();
+    }
+}

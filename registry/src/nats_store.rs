@@ -1,0 +1,533 @@
+//! The NATS JetStream store: what lets several registries serve one set of functions.
+//!
+//! ```text
+//! KV bucket    atoll_functions   key = function name, value = FunctionRecord (JSON)
+//! object store atoll_modules     name = module sha256 (hex), content = module bytes
+//! ```
+//!
+//! A registry on this store keeps nothing of its own but the token, so any number of them
+//! on one NATS cluster are interchangeable, and one restarted serves what it served before.
+//!
+//! * **Versions by compare-and-set.** A push reads the function's entry with its revision,
+//!   decides the next record ([`crate::backend::plan_push`]) and writes it with
+//!   `update(key, value, revision)`: JetStream refuses the write if anyone wrote the key
+//!   since the read, and the push starts again from a fresh read. Two registries pushing
+//!   at once therefore never lose a version nor give one number twice. Only a refused
+//!   compare is retried ([`after_write_failure`]): a write that timed out may have landed,
+//!   and retrying it could add a version the caller did not ask for.
+//! * **Module before metadata.** The module is put in the object store, named by its
+//!   sha256, before any record refers to it; it is checked against that sha256 whenever it
+//!   is read, so a damaged object is refused rather than served.
+//! * **Revisions are the bucket's.** The KV stream's sequence numbers are the global
+//!   revision, and an entry's revision is its function's `mod_revision`. The watch
+//!   catch-up reads the stream's last sequence *first*, then every key, and reports only
+//!   entries up to that sequence: a later write is not lost but comes with the next scan,
+//!   which a KV watch (one per registry, [`NatsStore::subscribe`]) triggers.
+//!
+//! Not covered: two *different* functions claiming one route at the same instant through
+//! two registries can both pass the route check, which reads every function but is not
+//! part of the compare-and-set (one key per function).
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, object_store};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::backend::{check_routes, plan_push, rollback_target};
+use crate::manifest::Manifest;
+use crate::model::{FunctionRecord, Version};
+use crate::store::{StoreError, is_sha256_hex};
+use crate::watch::WatchEvent;
+
+/// The KV bucket holding one record per function.
+pub const FUNCTIONS_BUCKET: &str = "atoll_functions";
+/// The object store holding modules by sha256.
+pub const MODULES_BUCKET: &str = "atoll_modules";
+/// Compare-and-set attempts before a push or rollback gives up (each lost race costs one).
+const MAX_CAS_ATTEMPTS: u32 = 64;
+/// How long to wait before re-opening the KV watch that wakes watch streams.
+const REWATCH_DELAY: Duration = Duration::from_millis(500);
+
+/// Handle on the JetStream store; cheap to clone.
+#[derive(Clone)]
+pub struct NatsStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    js: jetstream::Context,
+    functions: kv::Store,
+    modules: object_store::ObjectStore,
+    /// The latest revision the KV watch has seen; wakes watch streams.
+    revision: watch::Sender<u64>,
+    /// The task that feeds `revision`; ended with the store.
+    watcher: tokio::task::AbortHandle,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+impl std::fmt::Debug for NatsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsStore")
+            .field("url", &self.inner.url)
+            .field("revision", &*self.inner.revision.borrow())
+            .finish()
+    }
+}
+
+/// What to do after a compare-and-set write failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterWriteFailure {
+    /// Someone else wrote the key since our read: read again and decide again.
+    RetryWithFreshRead,
+    /// Lost too many races in a row: answer 409 and let the caller push again.
+    GiveUpContended,
+    /// Not a lost race (a timeout, the server gone): the write may or may not have landed,
+    /// so retrying could store a version twice. Report the error.
+    GiveUpFailed,
+}
+
+/// The decision after write attempt number `attempt` (1-based) failed; `stale` when
+/// JetStream refused it because the key's revision moved.
+pub fn after_write_failure(attempt: u32, stale: bool) -> AfterWriteFailure {
+    match (stale, attempt < MAX_CAS_ATTEMPTS) {
+        (false, _) => AfterWriteFailure::GiveUpFailed,
+        (true, true) => AfterWriteFailure::RetryWithFreshRead,
+        (true, false) => AfterWriteFailure::GiveUpContended,
+    }
+}
+
+fn nats_error(
+    context: impl Into<String>,
+) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io {
+        context,
+        source: io::Error::other(source.to_string()),
+    }
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+/// A function's current entry: the record (if the key holds one) and the revision to
+/// compare against when writing it (0: the key was never written).
+struct Current {
+    record: Option<FunctionRecord>,
+    revision: u64,
+}
+
+impl NatsStore {
+    /// Connects to `url` (`nats://HOST:PORT`) and opens — creating if missing — the KV
+    /// bucket and the object store. Fails clearly if the server is unreachable or has no
+    /// JetStream.
+    pub async fn connect(url: &str) -> Result<NatsStore, StoreError> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| nats_error(format!("connecting to NATS at {url}"))(boxed(e)))?;
+        let js = jetstream::new(client);
+        let functions = open_kv(&js).await?;
+        let modules = open_object_store(&js).await?;
+        let (revision, _) = watch::channel(0);
+        let watcher = tokio::spawn(follow_revisions(functions.clone(), revision.clone())).abort_handle();
+        let store = NatsStore {
+            inner: Arc::new(Inner {
+                url: url.to_owned(),
+                js,
+                functions,
+                modules,
+                revision,
+                watcher,
+            }),
+        };
+        let last = store.last_revision().await?;
+        store.inner.revision.send_if_modified(|seen| {
+            let changed = last > *seen;
+            *seen = (*seen).max(last);
+            changed
+        });
+        Ok(store)
+    }
+
+    /// A receiver that changes whenever the bucket changes, through any registry.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.revision.subscribe()
+    }
+
+    /// The bucket's last revision (the KV stream's last sequence), read fresh.
+    async fn last_revision(&self) -> Result<u64, StoreError> {
+        let stream = self
+            .inner
+            .js
+            .get_stream(format!("KV_{FUNCTIONS_BUCKET}"))
+            .await
+            .map_err(|e| nats_error("reading the KV stream")(boxed(e)))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| nats_error("reading the KV stream")(boxed(e)))?;
+        Ok(info.state.last_sequence)
+    }
+
+    async fn current(&self, name: &str) -> Result<Current, StoreError> {
+        let entry = self
+            .inner
+            .functions
+            .entry(name)
+            .await
+            .map_err(|e| nats_error(format!("reading function `{name}`"))(boxed(e)))?;
+        let Some(entry) = entry else {
+            return Ok(Current {
+                record: None,
+                revision: 0,
+            });
+        };
+        let record = match entry.operation {
+            kv::Operation::Put => Some(decode(&entry)?),
+            kv::Operation::Delete | kv::Operation::Purge => None,
+        };
+        Ok(Current {
+            record,
+            revision: entry.revision,
+        })
+    }
+
+    /// One function, if it exists.
+    pub async fn get(&self, name: &str) -> Result<Option<FunctionRecord>, StoreError> {
+        if !is_valid_key(name) {
+            return Ok(None);
+        }
+        Ok(self.current(name).await?.record)
+    }
+
+    /// Every function, sorted by name.
+    pub async fn list(&self) -> Result<Vec<FunctionRecord>, StoreError> {
+        let mut records = self.scan().await?;
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(records)
+    }
+
+    /// Every record in the bucket, each stamped with its entry's revision.
+    async fn scan(&self) -> Result<Vec<FunctionRecord>, StoreError> {
+        let mut keys = self
+            .inner
+            .functions
+            .keys()
+            .await
+            .map_err(|e| nats_error("listing functions")(boxed(e)))?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            names.push(key.map_err(|e| nats_error("listing functions")(boxed(e)))?);
+        }
+        let mut records = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(record) = self.current(&name).await?.record {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
+    /// A `Put` for every function whose entry revision is in `(since, R]`, ascending, and
+    /// R: the bucket's last revision, read before the scan (see the module docs).
+    pub async fn events_since(&self, since: u64) -> Result<(Vec<WatchEvent>, u64), StoreError> {
+        let revision = self.last_revision().await?;
+        if revision <= since {
+            return Ok((Vec::new(), since));
+        }
+        let mut changed: Vec<FunctionRecord> = self
+            .scan()
+            .await?
+            .into_iter()
+            .filter(|r| r.mod_revision > since && r.mod_revision <= revision)
+            .collect();
+        changed.sort_by_key(|r| r.mod_revision);
+        let events = changed
+            .into_iter()
+            .filter_map(|r| {
+                r.deployment().map(|deployment| WatchEvent::Put {
+                    revision: r.mod_revision,
+                    deployment,
+                })
+            })
+            .collect();
+        Ok((events, revision))
+    }
+
+    /// The module bytes with this SHA-256; refused if the stored object does not hash to it.
+    pub async fn read_blob(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
+        if !is_sha256_hex(sha256) {
+            return Err(StoreError::Invalid(format!(
+                "{sha256:?} is not a SHA-256 (64 lowercase hex characters)"
+            )));
+        }
+        // A deleted object still has info (marked deleted), and reading it would wait for
+        // chunks that never come: ask first.
+        let missing = || StoreError::NotFound(format!("no blob sha256:{sha256}"));
+        match self.inner.modules.info(sha256).await {
+            Ok(info) if info.deleted => return Err(missing()),
+            Ok(_) => {}
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Err(missing()),
+            Err(e) => return Err(nats_error(format!("reading module sha256:{sha256}"))(boxed(e))),
+        }
+        let mut object = match self.inner.modules.get(sha256).await {
+            Ok(object) => object,
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(missing()),
+            Err(e) => return Err(nats_error(format!("reading module sha256:{sha256}"))(boxed(e))),
+        };
+        let mut bytes = Vec::new();
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| nats_error(format!("reading module sha256:{sha256}"))(boxed(e)))?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != sha256 {
+            return Err(StoreError::Io {
+                context: format!("module sha256:{sha256} in the object store `{MODULES_BUCKET}`"),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("corrupt: its content hashes to sha256:{actual}"),
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Stores the module (if not there yet), then a new active version of `manifest.name`
+    /// by compare-and-set. Refused, with no metadata written, if the module is empty or a
+    /// route is served by another function.
+    pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
+        if module.is_empty() {
+            return Err(StoreError::Invalid("module is empty".into()));
+        }
+        let name = manifest.name.clone();
+        check_routes(&self.scan().await?, &name, &manifest)?;
+        let sha256 = hex::encode(Sha256::digest(&module));
+        self.put_module(&sha256, &module).await?;
+        let size = module.len() as u64;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.current(&name).await?;
+            let (record, version) = plan_push(current.record, manifest.clone(), sha256.clone(), size);
+            match self.write(&record, current.revision, attempt).await? {
+                Written::Yes => return Ok(version),
+                Written::Stale => continue,
+            }
+        }
+    }
+
+    /// Makes `to` (default: the highest version below the active one) active, by
+    /// compare-and-set. Re-activating the active version changes nothing.
+    pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, StoreError> {
+        let not_found = || StoreError::NotFound(format!("no function `{name}`"));
+        if !is_valid_key(name) {
+            return Err(not_found());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.current(name).await?;
+            let mut record = current.record.ok_or_else(not_found)?;
+            let target = rollback_target(&record, to)?;
+            if target.version == record.active {
+                return Ok(record);
+            }
+            check_routes(&self.scan().await?, name, &target.manifest)?;
+            record.active = target.version;
+            match self.write(&record, current.revision, attempt).await? {
+                Written::Yes => return self.current(name).await?.record.ok_or_else(not_found),
+                Written::Stale => continue,
+            }
+        }
+    }
+
+    /// Writes `record` if its key is still at `revision`.
+    async fn write(
+        &self,
+        record: &FunctionRecord,
+        revision: u64,
+        attempt: u32,
+    ) -> Result<Written, StoreError> {
+        let value = serde_json::to_vec(record).map_err(|e| nats_error("encoding a record")(boxed(e)))?;
+        let name = &record.name;
+        match self
+            .inner
+            .functions
+            .update(name, Bytes::from(value), revision)
+            .await
+        {
+            Ok(_) => Ok(Written::Yes),
+            Err(e) => {
+                let stale = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
+                match after_write_failure(attempt, stale) {
+                    AfterWriteFailure::RetryWithFreshRead => {
+                        tracing::debug!("function `{name}` changed under us (attempt {attempt}); retrying");
+                        Ok(Written::Stale)
+                    }
+                    AfterWriteFailure::GiveUpContended => Err(StoreError::Conflict(format!(
+                        "function `{name}` kept changing under {attempt} attempts; try again"
+                    ))),
+                    AfterWriteFailure::GiveUpFailed => {
+                        Err(nats_error(format!("writing function `{name}`"))(boxed(e)))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts the module under its sha256 unless an object of that name and size is there.
+    async fn put_module(&self, sha256: &str, module: &[u8]) -> Result<(), StoreError> {
+        if let Ok(info) = self.inner.modules.info(sha256).await
+            && !info.deleted
+            && info.size == module.len()
+        {
+            return Ok(());
+        }
+        let mut reader = module;
+        self.inner
+            .modules
+            .put(sha256, &mut reader)
+            .await
+            .map_err(|e| nats_error(format!("writing module sha256:{sha256}"))(boxed(e)))?;
+        Ok(())
+    }
+}
+
+enum Written {
+    Yes,
+    Stale,
+}
+
+/// The record in `entry`, its `mod_revision` set to the entry's revision.
+fn decode(entry: &kv::Entry) -> Result<FunctionRecord, StoreError> {
+    let mut record: FunctionRecord = serde_json::from_slice(&entry.value).map_err(|e| StoreError::Io {
+        context: format!("reading function `{}` from `{FUNCTIONS_BUCKET}`", entry.key),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })?;
+    record.mod_revision = entry.revision;
+    Ok(record)
+}
+
+/// Function names are `[a-z0-9-]`, always valid keys; anything else cannot be one.
+fn is_valid_key(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+async fn open_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
+    if let Ok(store) = js.get_key_value(FUNCTIONS_BUCKET).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: FUNCTIONS_BUCKET.into(),
+            description: "Atoll functions: one FunctionRecord (JSON) per function name".into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        // Another registry may have created it in between.
+        Err(create_error) => js.get_key_value(FUNCTIONS_BUCKET).await.map_err(|_| {
+            nats_error(format!(
+                "creating the KV bucket `{FUNCTIONS_BUCKET}` (is JetStream on?)"
+            ))(boxed(create_error))
+        }),
+    }
+}
+
+async fn open_object_store(js: &jetstream::Context) -> Result<object_store::ObjectStore, StoreError> {
+    if let Ok(store) = js.get_object_store(MODULES_BUCKET).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_object_store(object_store::Config {
+            bucket: MODULES_BUCKET.into(),
+            description: Some("Atoll modules by sha256".into()),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        Err(create_error) => js.get_object_store(MODULES_BUCKET).await.map_err(|_| {
+            nats_error(format!("creating the object store `{MODULES_BUCKET}`"))(boxed(create_error))
+        }),
+    }
+}
+
+/// Publishes the revision of every change to the bucket, whoever made it; re-opens the
+/// KV watch if it ends (NATS restarted, connection lost).
+async fn follow_revisions(functions: kv::Store, revision: watch::Sender<u64>) {
+    loop {
+        match functions.watch_all().await {
+            Ok(mut changes) => {
+                while let Some(change) = changes.next().await {
+                    match change {
+                        Ok(entry) => {
+                            revision.send_modify(|seen| *seen = (*seen).max(entry.revision));
+                        }
+                        Err(e) => {
+                            tracing::warn!("NATS KV watch: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("NATS KV watch: {e}"),
+        }
+        // Something may have changed while the watch was down: wake streams to re-scan.
+        revision.send_modify(|_| {});
+        tokio::time::sleep(REWATCH_DELAY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_compare_is_retried() {
+        assert_eq!(
+            after_write_failure(1, true),
+            AfterWriteFailure::RetryWithFreshRead
+        );
+        assert_eq!(
+            after_write_failure(MAX_CAS_ATTEMPTS - 1, true),
+            AfterWriteFailure::RetryWithFreshRead
+        );
+        assert_eq!(
+            after_write_failure(MAX_CAS_ATTEMPTS, true),
+            AfterWriteFailure::GiveUpContended
+        );
+        // A timeout may have landed: retrying could store the version twice.
+        assert_eq!(after_write_failure(1, false), AfterWriteFailure::GiveUpFailed);
+    }
+
+    #[test]
+    fn keys_are_function_names() {
+        assert!(is_valid_key("hello-2"));
+        assert!(!is_valid_key(""));
+        assert!(!is_valid_key("a.b"));
+        assert!(!is_valid_key("a>"));
+    }
+}

@@ -1,0 +1,209 @@
+//! [`NatsStore`] against a real `nats-server -js`: compare-and-set versions under
+//! concurrent writers on two connections, the watch catch-up, a second connection seeing
+//! the same state, and modules refused when their object is damaged or gone.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use atoll_registry::nats_store::MODULES_BUCKET;
+use atoll_registry::{Manifest, NatsStore, StoreError, WatchEvent};
+use sha2::{Digest, Sha256};
+
+/// A `nats-server -js` on a random loopback port; killed when dropped.
+struct NatsServer {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    fn start() -> NatsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server is installed (apt-get install nats-server)");
+        let stderr = child.stderr.take().unwrap();
+        let (found, address) = mpsc::channel();
+        std::thread::spawn(move || {
+            let needle = "Listening for client connections on ";
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find(needle) {
+                    let _ = found.send(line[at + needle.len()..].trim().to_string());
+                }
+            }
+        });
+        let address = address
+            .recv_timeout(Duration::from_secs(30))
+            .expect("nats-server printed its client address");
+        NatsServer {
+            child,
+            url: format!("nats://{address}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn manifest(name: &str, routes: &[&str]) -> Manifest {
+    let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
+    Manifest::parse(&format!(
+        "name = {name:?}\nwasm = \"m.wasm\"\nroutes = [{}]",
+        routes.join(", ")
+    ))
+    .unwrap()
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn concurrent_writers_on_two_connections_get_every_version_once() {
+    let nats = NatsServer::start();
+    let (one, two) = tokio::join!(NatsStore::connect(&nats.url), NatsStore::connect(&nats.url));
+    let (one, two) = (one.unwrap(), two.unwrap());
+    let pushes = (0..40u32).map(|i| {
+        let store = if i % 2 == 0 { one.clone() } else { two.clone() };
+        tokio::spawn(async move {
+            store
+                .push(manifest("f", &["f.com"]), format!("module {i}").into_bytes())
+                .await
+                .unwrap()
+                .version
+        })
+    });
+    let mut numbers = Vec::new();
+    for push in pushes {
+        numbers.push(push.await.unwrap());
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=40).collect::<Vec<u64>>());
+    let record = two.get("f").await.unwrap().unwrap();
+    let stored: Vec<u64> = record.versions.iter().map(|v| v.version).collect();
+    assert_eq!(stored, (1..=40).collect::<Vec<u64>>());
+    assert_eq!(record.active, 40);
+    // Every version's module is there and is what was pushed under that sha256.
+    for version in &record.versions {
+        let bytes = one.read_blob(&version.sha256).await.unwrap();
+        assert_eq!(sha(&bytes), version.sha256);
+    }
+}
+
+#[tokio::test]
+async fn watch_catch_up_rollback_and_routes_across_connections() {
+    let nats = NatsServer::start();
+    let one = NatsStore::connect(&nats.url).await.unwrap();
+    assert_eq!(one.events_since(0).await.unwrap(), (vec![], 0));
+    let mut changes = one.subscribe();
+
+    one.push(manifest("a", &["a.com"]), b"a1".to_vec()).await.unwrap();
+    one.push(manifest("b", &["b.com"]), b"b1".to_vec()).await.unwrap();
+    one.push(manifest("a", &["a.com"]), b"a2".to_vec()).await.unwrap();
+    // The KV watch wakes watch streams for writes through this connection too.
+    tokio::time::timeout(Duration::from_secs(30), changes.wait_for(|rev| *rev >= 3))
+        .await
+        .expect("the KV watch reported the writes")
+        .unwrap();
+
+    // A second connection (another registry, or this one restarted) sees the same.
+    let two = NatsStore::connect(&nats.url).await.unwrap();
+    let (events, revision) = two.events_since(0).await.unwrap();
+    assert_eq!(revision, 3);
+    let summary: Vec<(u64, String, u64)> = events
+        .iter()
+        .map(|e| match e {
+            WatchEvent::Put { revision, deployment } => {
+                (*revision, deployment.name.clone(), deployment.version)
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(summary, [(2, "b".into(), 1), (3, "a".into(), 2)]);
+    assert_eq!(two.events_since(2).await.unwrap().0.len(), 1);
+    assert_eq!(two.events_since(3).await.unwrap(), (vec![], 3));
+    let names: Vec<String> = two.list().await.unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["a", "b"]);
+
+    // Route conflicts see functions written through the other connection.
+    let err = two
+        .push(manifest("c", &["a.com"]), b"c".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert!(two.get("c").await.unwrap().is_none());
+
+    let rolled = two.rollback("a", None).await.unwrap();
+    assert_eq!((rolled.active, rolled.mod_revision), (1, 4));
+    assert_eq!(one.get("a").await.unwrap().unwrap().active, 1);
+    assert!(matches!(
+        two.rollback("a", None).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        two.rollback("nope", None).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // The next push takes the number after the highest.
+    let v = one.push(manifest("a", &["a.com"]), b"a3".to_vec()).await.unwrap();
+    assert_eq!(v.version, 3);
+}
+
+#[tokio::test]
+async fn a_damaged_or_missing_module_is_refused() {
+    let nats = NatsServer::start();
+    let store = NatsStore::connect(&nats.url).await.unwrap();
+    let version = store
+        .push(manifest("f", &["f.com"]), b"the real module".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_blob(&version.sha256).await.unwrap(),
+        b"the real module"
+    );
+
+    // Someone with access to NATS replaces the object's content.
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let objects = async_nats::jetstream::new(client)
+        .get_object_store(MODULES_BUCKET)
+        .await
+        .unwrap();
+    let mut tampered: &[u8] = b"something else entirely";
+    objects.put(version.sha256.as_str(), &mut tampered).await.unwrap();
+    let err = store.read_blob(&version.sha256).await.unwrap_err();
+    assert!(matches!(err, StoreError::Io { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("corrupt"), "{message}");
+    assert!(message.contains(&sha(b"something else entirely")), "{message}");
+
+    objects.delete(version.sha256.as_str()).await.unwrap();
+    assert!(matches!(
+        store.read_blob(&version.sha256).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.read_blob("../etc/passwd").await,
+        Err(StoreError::Invalid(_))
+    ));
+    // Pushing the module again restores the object.
+    store
+        .push(manifest("f", &["f.com"]), b"the real module".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_blob(&version.sha256).await.unwrap(),
+        b"the real module"
+    );
+}
