@@ -50,12 +50,17 @@ enum Command {
         #[command(flatten)]
         edge: EdgeArgs,
     },
-    /// The function registry on the embedded store.
+    /// The function registry, on the embedded store (default) or NATS JetStream.
     Registry {
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: SocketAddr,
+        /// Embedded store and token file (unused with --store nats://…).
         #[arg(long, default_value = ".atoll/registry")]
         data: PathBuf,
+        /// `nats://HOST:PORT`: keep functions in NATS JetStream (KV + object store), so that
+        /// several registries serve one state; needs ATOLL_TOKEN. Default: embedded at --data.
+        #[arg(long)]
+        store: Option<String>,
         /// Largest module a push may carry, in bytes.
         #[arg(long, default_value_t = atoll_registry::api::DEFAULT_MAX_MODULE_BYTES)]
         max_module_bytes: u64,
@@ -320,10 +325,14 @@ async fn run(command: Command) -> Result<()> {
         Command::Registry {
             listen,
             data,
+            store,
             max_module_bytes,
         } => {
             let engine = Engine::new()?;
-            let (registry, _token) = open_registry(&data, engine, max_module_bytes)?;
+            let registry = match store {
+                None => open_registry(&data, engine, max_module_bytes)?.0,
+                Some(url) => open_nats_registry(&url, engine, max_module_bytes).await?,
+            };
             let listener = bind(listen).await?;
             println!("registry listening on http://{}", listener.local_addr()?);
             atoll_registry::serve(listener, registry, shutdown_signal()).await?;
@@ -479,6 +488,30 @@ fn open_registry(data: &Path, engine: Engine, max_module_bytes: u64) -> Result<(
     let registry = Registry::open(data, engine, token.clone(), options)
         .with_context(|| format!("opening the store in {}", data.display()))?;
     Ok((Arc::new(registry), token))
+}
+
+/// A registry on NATS JetStream: stateless, so the token comes from ATOLL_TOKEN, shared by
+/// every registry on the cluster.
+async fn open_nats_registry(url: &str, engine: Engine, max_module_bytes: u64) -> Result<Arc<Registry>> {
+    if !url.starts_with("nats://") {
+        bail!("--store {url:?}: expected nats://HOST:PORT");
+    }
+    let token = std::env::var(atoll_registry::token::TOKEN_ENV)
+        .ok()
+        .map(|token| token.trim().to_string())
+        .filter(|token| !token.is_empty())
+        .context("--store nats://… needs ATOLL_TOKEN (every registry on the cluster shares it)")?;
+    println!("token: from ATOLL_TOKEN");
+    let store = atoll_registry::NatsStore::connect(url)
+        .await
+        .with_context(|| format!("opening the NATS store at {url}"))?;
+    println!("store: NATS JetStream at {url}");
+    let options = RegistryOptions {
+        max_module_bytes,
+        ..RegistryOptions::default()
+    };
+    let backend = atoll_registry::Backend::Nats(store);
+    Ok(Arc::new(Registry::with_backend(backend, engine, token, options)))
 }
 
 /// Reads a function folder or manifest: the manifest text and the module it names.
