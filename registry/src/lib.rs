@@ -20,6 +20,7 @@ pub mod api_types;
 pub mod backend;
 pub mod client;
 pub mod manifest;
+pub mod membership;
 pub mod model;
 pub mod nats_store;
 pub mod route;
