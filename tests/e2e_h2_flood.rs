@@ -50,10 +50,10 @@ async fn a_rapid_reset_flood_is_cut_off_with_enhance_your_calm() {
     let error = ended.expect_err("the flooding connection ended without an error");
     // The node sends GOAWAY(ENHANCE_YOUR_CALM) and closes; a client still writing its flood
     // may hit the closed socket (broken pipe, reset) before it reads the GOAWAY. Without the
-    // limit the connection stays open and the timeout above fails.
+    // limit the connection stays open and the timeout above fails. (The client may have
+    // queued its whole flood before it notices, so how many it sent proves nothing.)
     let calmed = error.is_go_away() && error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
     assert!(calmed || error.is_io(), "after {sent} reset streams: {error}");
-    assert!(sent < 10_000, "the whole flood was accepted");
 
     // Everyone else is still served.
     tokio::task::spawn_blocking(move || {

@@ -289,6 +289,25 @@ impl ConnectionState {
     }
 }
 
+/// Counts a request against the connection's idle timer until dropped, also when the
+/// client goes away mid-request and hyper drops the request's future.
+struct RequestInFlight<'a>(&'a ConnectionState);
+
+impl<'a> RequestInFlight<'a> {
+    fn enter(state: &'a ConnectionState) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.touch();
+        RequestInFlight(state)
+    }
+}
+
+impl Drop for RequestInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
 impl<H: Handler> Connection<H> {
     async fn run(
         self,
@@ -425,11 +444,9 @@ async fn respond<H: Handler>(
             return response;
         }
     }
-    state.in_flight.fetch_add(1, Ordering::Relaxed);
-    state.touch();
+    let in_flight = RequestInFlight::enter(state);
     let mut response = handler.handle(request, info).await;
-    state.in_flight.fetch_sub(1, Ordering::Relaxed);
-    state.touch();
+    drop(in_flight);
     if let Some(rejection) = state.guard.rejection_for(index) {
         return rejection_response(&rejection);
     }
