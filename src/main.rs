@@ -98,6 +98,11 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// List the cluster's nodes with their health.
+    Nodes {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List a function's versions.
     Versions {
         name: String,
@@ -178,6 +183,9 @@ struct EdgeArgs {
     /// QUIC handshakes in progress beyond which new clients get a Retry (0: always).
     #[arg(long, default_value_t = atoll_router::node::DEFAULT_QUIC_RETRY_THRESHOLD)]
     quic_retry_threshold: usize,
+    /// The IP peers and DNS reach this node at (default: the listen address).
+    #[arg(long)]
+    advertise: Option<std::net::IpAddr>,
 }
 
 impl EdgeArgs {
@@ -212,6 +220,7 @@ impl EdgeArgs {
         };
         options.max_body_bytes = self.max_body_bytes;
         options.quic_retry_threshold = self.quic_retry_threshold;
+        options.advertise = self.advertise;
     }
 
     /// Binds the node's sockets and prints where each listens.
@@ -374,6 +383,29 @@ async fn run(command: Command) -> Result<()> {
                     format!("v{}", function.active),
                     function.versions,
                     function.routes.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::Nodes { client } => {
+            let nodes = client.client()?.nodes().await?;
+            println!(
+                "{:<20} {:<12} {:<9} {:>8} {:>9}  ADDRESS",
+                "NAME", "REGION", "HEALTH", "AGE", "IN-FLIGHT"
+            );
+            for node in nodes {
+                let address = node
+                    .announcement
+                    .http
+                    .or(node.announcement.https)
+                    .map_or_else(|| "-".to_string(), |address| address.to_string());
+                println!(
+                    "{:<20} {:<12} {:<9} {:>8} {:>9}  {address}",
+                    node.announcement.name,
+                    node.announcement.region,
+                    node.health.as_str(),
+                    format!("{:.1}s", node.age_ms as f64 / 1000.0),
+                    node.announcement.in_flight,
                 );
             }
             Ok(())

@@ -43,7 +43,9 @@ use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, Request
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
+
+use crate::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -90,6 +92,8 @@ pub struct Registry {
     engine: Engine,
     token: String,
     options: RegistryOptions,
+    /// Nodes heard from. In memory: heartbeats rebuild it within one TTL after a restart.
+    members: std::sync::Mutex<MemberTable>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -176,7 +180,24 @@ impl Registry {
             engine,
             token,
             options,
+            members: std::sync::Mutex::new(MemberTable::new(MEMBER_TTL)),
         }
+    }
+
+    /// Records a node's heartbeat.
+    pub fn announce(&self, announcement: NodeAnnouncement) {
+        self.members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .announce(announcement, std::time::Instant::now());
+    }
+
+    /// Every node heard from recently, with its health.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        self.members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .list(std::time::Instant::now())
     }
 
     /// The store (for reads, rollback, watch).
@@ -287,6 +308,8 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/functions/{name}/rollback", post(rollback))
         .route("/v1/blobs/{sha256}", get(blob))
         .route("/v1/watch", get(watch_events))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", put(announce_node))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -517,6 +540,32 @@ async fn list(State(app): State<AppState>) -> Result<axum::Json<Vec<FunctionSumm
         })
         .collect();
     Ok(axum::Json(summaries))
+}
+
+/// `GET /v1/nodes`: the cluster's members with their health.
+async fn list_nodes(State(app): State<AppState>) -> axum::Json<Vec<MemberStatus>> {
+    axum::Json(app.registry.members())
+}
+
+/// `PUT /v1/nodes/{name}`: a node's heartbeat.
+async fn announce_node(
+    State(app): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    payload: Result<axum::Json<NodeAnnouncement>, axum::extract::rejection::JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let axum::Json(announcement) =
+        payload.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
+    if announcement.name != name || name.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the announcement names `{}`, the path `{name}`",
+                announcement.name
+            ),
+        ));
+    }
+    app.registry.announce(announcement);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn versions(

@@ -157,6 +157,26 @@ impl RegistryClient {
         self.json(request).await
     }
 
+    /// Sends this node's heartbeat.
+    pub async fn announce(
+        &self,
+        announcement: &crate::membership::NodeAnnouncement,
+    ) -> Result<(), ClientError> {
+        let request = self
+            .request(reqwest::Method::PUT, &["v1", "nodes", &announcement.name])
+            .timeout(REQUEST_TIMEOUT)
+            .json(announcement);
+        self.send(request).await.map(drop)
+    }
+
+    /// The cluster's members as the registry last heard from them.
+    pub async fn nodes(&self) -> Result<Vec<crate::membership::MemberStatus>, ClientError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "nodes"])
+            .timeout(REQUEST_TIMEOUT);
+        self.json(request).await
+    }
+
     /// One function's versions.
     pub async fn versions(&self, name: &str) -> Result<VersionsResponse, ClientError> {
         let request = self

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use atoll_isolate::{ArtifactCache, Engine};
 use atoll_registry::RegistryClient;
+use atoll_registry::membership::{HEARTBEAT_INTERVAL, NodeAnnouncement};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -42,6 +43,8 @@ pub struct NodeOptions {
     pub max_body_bytes: usize,
     /// QUIC handshakes in progress beyond which clients must answer a Retry (0: always).
     pub quic_retry_threshold: usize,
+    /// The IP peers and DNS use to reach this node (default: the listeners' address).
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 impl NodeOptions {
@@ -58,6 +61,7 @@ impl NodeOptions {
             limits: ServerLimits::default(),
             max_body_bytes: crate::service::DEFAULT_MAX_BODY_BYTES,
             quic_retry_threshold: DEFAULT_QUIC_RETRY_THRESHOLD,
+            advertise: None,
         }
     }
 }
@@ -126,6 +130,40 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
                 .set(idle as f64);
             ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name, "state" => "busy")
                 .set(busy as f64);
+        }
+    }
+}
+
+/// Announces this node to the registry every heartbeat interval until `shutdown`. A
+/// registry that cannot be reached costs nothing but a debug line: serving never depends on
+/// it (static stability).
+async fn heartbeat(
+    client: RegistryClient,
+    template: NodeAnnouncement,
+    service: Arc<EdgeService>,
+    routing: Arc<Routing>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut interval = tokio::time::interval(HEARTBEAT_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = &mut shutdown => return,
+        }
+        let free_capacity = routing
+            .functions()
+            .iter()
+            .map(|served| served.pool.instances().0 as u64)
+            .sum();
+        let announcement = NodeAnnouncement {
+            in_flight: service.in_flight(),
+            free_capacity,
+            ..template.clone()
+        };
+        if let Err(error) = client.announce(&announcement).await {
+            tracing::debug!(%error, "heartbeat not delivered");
         }
     }
 }
@@ -205,8 +243,32 @@ pub async fn run(
         options.max_body_bytes,
         Some(Arc::clone(&http01)),
     );
+    let advertised = |listener: &Option<TcpListener>| -> Result<Option<std::net::SocketAddr>, NodeError> {
+        let Some(listener) = listener else { return Ok(None) };
+        let mut address = listener.local_addr().map_err(NodeError::Listener)?;
+        if let Some(ip) = options.advertise {
+            address.set_ip(ip);
+        }
+        Ok(Some(address))
+    };
+    let announcement = NodeAnnouncement {
+        name: options.name.clone(),
+        region: options.region.clone(),
+        http: advertised(&listeners.http)?,
+        https: advertised(&listeners.tls)?,
+        in_flight: 0,
+        free_capacity: 0,
+        draining: false,
+    };
     let mut tasks = Vec::new();
     let mut servers = Vec::new();
+    tasks.push(tokio::spawn(heartbeat(
+        RegistryClient::new(&options.registry_url, options.token.clone())?,
+        announcement,
+        Arc::clone(&service),
+        Arc::clone(&routing),
+        stopped(stop.clone()),
+    )));
     tasks.push(tokio::spawn(syncer.run(stop.clone())));
     tasks.push(tokio::spawn(maintain_pools(
         Arc::clone(&routing),

@@ -39,6 +39,8 @@ pub struct EdgeService {
     http01: Option<Arc<Http01Challenges>>,
     /// `atoll_requests_in_flight`, registered once.
     in_flight: ::metrics::Gauge,
+    /// The same count, for heartbeats.
+    in_flight_count: std::sync::atomic::AtomicU64,
 }
 
 impl EdgeService {
@@ -58,7 +60,13 @@ impl EdgeService {
             max_body_bytes,
             http01,
             in_flight: ::metrics::gauge!(metrics::REQUESTS_IN_FLIGHT),
+            in_flight_count: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight_count.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -73,7 +81,7 @@ impl Handler for EdgeService {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let _in_flight = InFlight::enter(&self.in_flight);
+        let _in_flight = InFlight::enter(&self.in_flight, &self.in_flight_count);
         let (response, function) = self.route(request, connection).await;
         let status = response.status().as_u16();
         match function {
@@ -291,18 +299,20 @@ async fn invoke(
 
 /// Counts a request in `atoll_requests_in_flight` until dropped (also when the client
 /// goes away and the request's future is dropped).
-struct InFlight<'a>(&'a ::metrics::Gauge);
+struct InFlight<'a>(&'a ::metrics::Gauge, &'a std::sync::atomic::AtomicU64);
 
 impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a ::metrics::Gauge) -> Self {
+    fn enter(gauge: &'a ::metrics::Gauge, count: &'a std::sync::atomic::AtomicU64) -> Self {
         gauge.increment(1.0);
-        InFlight(gauge)
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(gauge, count)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+        self.1.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
