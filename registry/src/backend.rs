@@ -141,6 +141,29 @@ pub fn rollback_target(record: &FunctionRecord, to: Option<u64>) -> Result<&Vers
     }
 }
 
+/// The `put` events for the records changed after revision `since` and up to `up_to`, in
+/// revision order: a watch's catch-up, the same for either store.
+pub fn put_events<'a>(
+    records: impl IntoIterator<Item = &'a FunctionRecord>,
+    since: u64,
+    up_to: u64,
+) -> Vec<WatchEvent> {
+    let mut changed: Vec<&FunctionRecord> = records
+        .into_iter()
+        .filter(|record| record.mod_revision > since && record.mod_revision <= up_to)
+        .collect();
+    changed.sort_by_key(|record| record.mod_revision);
+    changed
+        .into_iter()
+        .filter_map(|record| {
+            record.deployment().map(|deployment| WatchEvent::Put {
+                revision: record.mod_revision,
+                deployment,
+            })
+        })
+        .collect()
+}
+
 /// Refuses a manifest whose routes another function's active version already serves.
 pub fn check_routes<'a>(
     functions: impl IntoIterator<Item = &'a FunctionRecord>,

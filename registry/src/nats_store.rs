@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::backend::{check_routes, plan_push, rollback_target};
+use crate::backend::{check_routes, plan_push, put_events, rollback_target};
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
 use crate::store::{StoreError, is_sha256_hex};
@@ -249,22 +249,8 @@ impl NatsStore {
         if revision <= since {
             return Ok((Vec::new(), since));
         }
-        let mut changed: Vec<FunctionRecord> = self
-            .scan()
-            .await?
-            .into_iter()
-            .filter(|r| r.mod_revision > since && r.mod_revision <= revision)
-            .collect();
-        changed.sort_by_key(|r| r.mod_revision);
-        let events = changed
-            .into_iter()
-            .filter_map(|r| {
-                r.deployment().map(|deployment| WatchEvent::Put {
-                    revision: r.mod_revision,
-                    deployment,
-                })
-            })
-            .collect();
+        let records = self.scan().await?;
+        let events = put_events(&records, since, revision);
         Ok((events, revision))
     }
 

@@ -34,7 +34,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -42,6 +41,7 @@ use tokio::sync::{Mutex, watch};
 
 use atoll_isolate::durable::write_atomically;
 
+use crate::backend::{plan_push, put_events, rollback_target};
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
 use crate::watch::WatchEvent;
@@ -220,21 +220,7 @@ impl Store {
     /// the revision they bring the caller up to.
     pub fn events_since(&self, since: u64) -> (Vec<WatchEvent>, u64) {
         let state = self.snapshot();
-        let mut changed: Vec<&FunctionRecord> = state
-            .functions
-            .values()
-            .filter(|r| r.mod_revision > since)
-            .collect();
-        changed.sort_by_key(|r| r.mod_revision);
-        let events = changed
-            .into_iter()
-            .filter_map(|r| {
-                r.deployment().map(|deployment| WatchEvent::Put {
-                    revision: r.mod_revision,
-                    deployment,
-                })
-            })
-            .collect();
+        let events = put_events(state.functions.values(), since, state.revision);
         (events, state.revision)
     }
 
@@ -250,27 +236,10 @@ impl Store {
         check_routes(&state, &manifest.name, &manifest)?;
 
         let sha256 = hex::encode(Sha256::digest(&module));
-        let mut record = state
-            .functions
-            .get(&manifest.name)
-            .cloned()
-            .unwrap_or_else(|| FunctionRecord {
-                name: manifest.name.clone(),
-                versions: Vec::new(),
-                active: 0,
-                mod_revision: 0,
-            });
-        let version = Version {
-            version: record.latest() + 1,
-            sha256: sha256.clone(),
-            manifest,
-            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            size: module.len() as u64,
-        };
+        let current = state.functions.get(&manifest.name).cloned();
+        let (mut record, version) = plan_push(current, manifest, sha256.clone(), module.len() as u64);
         let mut next = (*state).clone();
         next.revision += 1;
-        record.versions.push(version.clone());
-        record.active = version.version;
         record.mod_revision = next.revision;
         next.functions.insert(record.name.clone(), record);
 
@@ -294,22 +263,7 @@ impl Store {
             .functions
             .get(name)
             .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
-        let target = match to {
-            Some(v) => record
-                .version(v)
-                .ok_or_else(|| StoreError::NotFound(format!("function `{name}` has no v{v}")))?,
-            None => record
-                .versions
-                .iter()
-                .filter(|v| v.version < record.active)
-                .max_by_key(|v| v.version)
-                .ok_or_else(|| {
-                    StoreError::Conflict(format!(
-                        "function `{name}` has no version before v{} to roll back to",
-                        record.active
-                    ))
-                })?,
-        };
+        let target = rollback_target(record, to)?;
         if target.version == record.active {
             return Ok(record.clone());
         }
