@@ -118,6 +118,33 @@ fn nats_error(
     }
 }
 
+/// Longest any single JetStream request may take before it is reported as an error: a lost
+/// reply or a consumer waiting for messages that are gone must never hang a push or a watch.
+const NATS_OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `operation`, or a clear error naming `context` when it takes longer than `limit`.
+async fn bounded<T, E>(
+    context: impl Into<String>,
+    limit: Duration,
+    operation: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, StoreError>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let context = context.into();
+    match tokio::time::timeout(limit, operation).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(nats_error(context)(error.into())),
+        Err(_) => Err(StoreError::Io {
+            context,
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("NATS did not answer within {}s", limit.as_secs()),
+            ),
+        }),
+    }
+}
+
 fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(e)
 }
@@ -170,26 +197,23 @@ impl NatsStore {
 
     /// The bucket's last revision (the KV stream's last sequence), read fresh.
     async fn last_revision(&self) -> Result<u64, StoreError> {
-        let stream = self
-            .inner
-            .js
-            .get_stream(format!("KV_{FUNCTIONS_BUCKET}"))
-            .await
-            .map_err(|e| nats_error("reading the KV stream")(boxed(e)))?;
-        let info = stream
-            .get_info()
-            .await
-            .map_err(|e| nats_error("reading the KV stream")(boxed(e)))?;
+        let stream = bounded(
+            "reading the KV stream",
+            NATS_OP_TIMEOUT,
+            self.inner.js.get_stream(format!("KV_{FUNCTIONS_BUCKET}")),
+        )
+        .await?;
+        let info = bounded("reading the KV stream", NATS_OP_TIMEOUT, stream.get_info()).await?;
         Ok(info.state.last_sequence)
     }
 
     async fn current(&self, name: &str) -> Result<Current, StoreError> {
-        let entry = self
-            .inner
-            .functions
-            .entry(name)
-            .await
-            .map_err(|e| nats_error(format!("reading function `{name}`"))(boxed(e)))?;
+        let entry = bounded(
+            format!("reading function `{name}`"),
+            NATS_OP_TIMEOUT,
+            self.inner.functions.entry(name),
+        )
+        .await?;
         let Some(entry) = entry else {
             return Ok(Current {
                 record: None,
@@ -223,16 +247,31 @@ impl NatsStore {
 
     /// Every record in the bucket, each stamped with its entry's revision.
     async fn scan(&self) -> Result<Vec<FunctionRecord>, StoreError> {
-        let mut keys = self
-            .inner
-            .functions
-            .keys()
-            .await
-            .map_err(|e| nats_error("listing functions")(boxed(e)))?;
-        let mut names = Vec::new();
-        while let Some(key) = keys.next().await {
-            names.push(key.map_err(|e| nats_error("listing functions")(boxed(e)))?);
-        }
+        // Not `kv::Store::keys`: its consumer counts the messages pending when it starts and
+        // waits for them all, so a key updated meanwhile (history 1 deletes the old message)
+        // can leave it waiting forever. The stream's per-subject counts are one request.
+        let prefix = format!("$KV.{FUNCTIONS_BUCKET}.");
+        let names = bounded("listing functions", NATS_OP_TIMEOUT, async {
+            let stream = self
+                .inner
+                .js
+                .get_stream(format!("KV_{FUNCTIONS_BUCKET}"))
+                .await
+                .map_err(boxed)?;
+            let mut subjects = stream
+                .info_with_subjects(format!("{prefix}>"))
+                .await
+                .map_err(boxed)?;
+            let mut names = Vec::new();
+            while let Some(entry) = subjects.next().await {
+                let (subject, _) = entry.map_err(boxed)?;
+                if let Some(key) = subject.strip_prefix(&prefix) {
+                    names.push(key.to_string());
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(names)
+        })
+        .await?;
         let mut records = Vec::with_capacity(names.len());
         for name in names {
             if let Some(record) = self.current(&name).await?.record {
@@ -264,22 +303,24 @@ impl NatsStore {
         // A deleted object still has info (marked deleted), and reading it would wait for
         // chunks that never come: ask first.
         let missing = || StoreError::NotFound(format!("no blob sha256:{sha256}"));
-        match self.inner.modules.info(sha256).await {
-            Ok(info) if info.deleted => return Err(missing()),
-            Ok(_) => {}
-            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => return Err(missing()),
-            Err(e) => return Err(nats_error(format!("reading module sha256:{sha256}"))(boxed(e))),
-        }
-        let mut object = match self.inner.modules.get(sha256).await {
-            Ok(object) => object,
-            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(missing()),
-            Err(e) => return Err(nats_error(format!("reading module sha256:{sha256}"))(boxed(e))),
+        let context = || format!("reading module sha256:{sha256}");
+        let info = match self.module_info(sha256).await? {
+            Some(info) => info,
+            None => return Err(missing()),
         };
-        let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| nats_error(format!("reading module sha256:{sha256}"))(boxed(e)))?;
+        // Reading waits for every chunk the metadata names: bound it by the size.
+        let bytes = bounded(context(), transfer_timeout(info.size), async {
+            let mut object = match self.inner.modules.get(sha256).await {
+                Ok(object) => object,
+                Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(boxed(e)),
+            };
+            let mut bytes = Vec::with_capacity(info.size);
+            object.read_to_end(&mut bytes).await.map_err(boxed)?;
+            Ok(Some(bytes))
+        })
+        .await?
+        .ok_or_else(missing)?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != sha256 {
             return Err(StoreError::Io {
@@ -351,12 +392,15 @@ impl NatsStore {
     ) -> Result<Written, StoreError> {
         let value = serde_json::to_vec(record).map_err(|e| nats_error("encoding a record")(boxed(e)))?;
         let name = &record.name;
-        match self
-            .inner
-            .functions
-            .update(name, Bytes::from(value), revision)
-            .await
-        {
+        let update = self.inner.functions.update(name, Bytes::from(value), revision);
+        let Ok(updated) = tokio::time::timeout(NATS_OP_TIMEOUT, update).await else {
+            // May have landed: never retried (see `after_write_failure`).
+            return Err(StoreError::Io {
+                context: format!("writing function `{name}`"),
+                source: io::Error::new(io::ErrorKind::TimedOut, "NATS did not confirm the write"),
+            });
+        };
+        match updated {
             Ok(_) => Ok(Written::Yes),
             Err(e) => {
                 let stale = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
@@ -376,22 +420,78 @@ impl NatsStore {
         }
     }
 
-    /// Puts the module under its sha256 unless an object of that name and size is there.
-    async fn put_module(&self, sha256: &str, module: &[u8]) -> Result<(), StoreError> {
-        if let Ok(info) = self.inner.modules.info(sha256).await
-            && !info.deleted
-            && info.size == module.len()
-        {
-            return Ok(());
+    /// The object's metadata, `None` if there is none or it is marked deleted.
+    async fn module_info(&self, sha256: &str) -> Result<Option<object_store::ObjectInfo>, StoreError> {
+        let info = tokio::time::timeout(NATS_OP_TIMEOUT, self.inner.modules.info(sha256)).await;
+        match info {
+            Ok(Ok(info)) if info.deleted => Ok(None),
+            Ok(Ok(info)) => Ok(Some(info)),
+            Ok(Err(e)) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(None),
+            Ok(Err(e)) => Err(nats_error(format!("reading module sha256:{sha256}"))(boxed(e))),
+            Err(_) => Err(StoreError::Io {
+                context: format!("reading module sha256:{sha256}"),
+                source: io::Error::new(io::ErrorKind::TimedOut, "NATS did not answer"),
+            }),
         }
-        let mut reader = module;
-        self.inner
-            .modules
-            .put(sha256, &mut reader)
-            .await
-            .map_err(|e| nats_error(format!("writing module sha256:{sha256}"))(boxed(e)))?;
-        Ok(())
     }
+
+    /// Whether every chunk `info` names is in the stream. The object store replaces an
+    /// object by writing new chunks, then the metadata, then purging the *previous* chunks;
+    /// two registries putting the same module at once can leave metadata whose chunks the
+    /// other one purged, and reading that would wait forever. Counting is one request.
+    async fn chunks_complete(&self, info: &object_store::ObjectInfo) -> Result<bool, StoreError> {
+        let subject = format!("$O.{MODULES_BUCKET}.C.{}", info.nuid);
+        let counted = bounded("counting module chunks", NATS_OP_TIMEOUT, async {
+            let stream = self
+                .inner
+                .js
+                .get_stream(format!("OBJ_{MODULES_BUCKET}"))
+                .await
+                .map_err(boxed)?;
+            let mut subjects = stream.info_with_subjects(&subject).await.map_err(boxed)?;
+            let mut count = 0usize;
+            while let Some(entry) = subjects.next().await {
+                let (name, messages) = entry.map_err(boxed)?;
+                if name == subject {
+                    count += messages;
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(count)
+        })
+        .await?;
+        Ok(counted == info.chunks)
+    }
+
+    /// Makes sure the module is stored whole under its sha256: kept if an object of that
+    /// size with all its chunks is there, (re)written otherwise, and checked again after
+    /// writing, because a concurrent put of the same module may purge what this one wrote.
+    async fn put_module(&self, sha256: &str, module: &[u8]) -> Result<(), StoreError> {
+        const ATTEMPTS: u32 = 4;
+        for _ in 0..ATTEMPTS {
+            if let Some(info) = self.module_info(sha256).await?
+                && info.size == module.len()
+                && self.chunks_complete(&info).await?
+            {
+                return Ok(());
+            }
+            let mut reader = module;
+            bounded(
+                format!("writing module sha256:{sha256}"),
+                transfer_timeout(module.len()),
+                self.inner.modules.put(sha256, &mut reader),
+            )
+            .await?;
+        }
+        Err(StoreError::Conflict(format!(
+            "module sha256:{sha256} kept being replaced while it was written; try again"
+        )))
+    }
+}
+
+/// How long moving `size` bytes to or from NATS may take: the per-request bound plus a
+/// second per MiB (far below any link a cluster runs on).
+fn transfer_timeout(size: usize) -> Duration {
+    NATS_OP_TIMEOUT + Duration::from_secs((size >> 20) as u64)
 }
 
 enum Written {
