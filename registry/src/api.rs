@@ -92,7 +92,8 @@ pub struct Registry {
     engine: Engine,
     token: String,
     options: RegistryOptions,
-    /// Nodes heard from. In memory: heartbeats rebuild it within one TTL after a restart.
+    /// Nodes heard from, for the embedded store. In memory: heartbeats rebuild it within
+    /// one TTL after a restart. The NATS store keeps its own, shared by every registry.
     members: std::sync::Mutex<MemberTable>,
 }
 
@@ -185,15 +186,22 @@ impl Registry {
     }
 
     /// Records a node's heartbeat.
-    pub fn announce(&self, announcement: NodeAnnouncement) {
+    pub async fn announce(&self, announcement: NodeAnnouncement) -> Result<(), StoreError> {
+        if let Backend::Nats(store) = &self.store {
+            return store.announce(&announcement).await;
+        }
         self.members
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .announce(announcement, std::time::Instant::now());
+        Ok(())
     }
 
     /// Every node heard from recently, with its health.
     pub fn members(&self) -> Vec<MemberStatus> {
+        if let Backend::Nats(store) = &self.store {
+            return store.members();
+        }
         self.members
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -547,12 +555,12 @@ async fn list_nodes(State(app): State<AppState>) -> axum::Json<Vec<MemberStatus>
     axum::Json(app.registry.members())
 }
 
-/// `PUT /v1/nodes/{name}`: a node's heartbeat.
+/// `PUT /v1/nodes/{name}`: a node's heartbeat; answers the members, as `GET /v1/nodes`.
 async fn announce_node(
     State(app): State<AppState>,
     UrlPath(name): UrlPath<String>,
     payload: Result<axum::Json<NodeAnnouncement>, axum::extract::rejection::JsonRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<axum::Json<Vec<MemberStatus>>, ApiError> {
     let axum::Json(announcement) =
         payload.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
     if announcement.name != name || name.is_empty() {
@@ -564,8 +572,8 @@ async fn announce_node(
             ),
         ));
     }
-    app.registry.announce(announcement);
-    Ok(StatusCode::NO_CONTENT)
+    app.registry.announce(announcement).await?;
+    Ok(axum::Json(app.registry.members()))
 }
 
 async fn versions(

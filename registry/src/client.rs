@@ -27,6 +27,8 @@ use crate::watch::WatchEvent;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whole-request timeout for small calls (not push, blob or watch).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A heartbeat older than the member TTL is worthless: give up on it well before.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Whole-request timeout for uploading or downloading a module.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest watch line accepted (a deployment is a few KiB of JSON).
@@ -157,16 +159,17 @@ impl RegistryClient {
         self.json(request).await
     }
 
-    /// Sends this node's heartbeat.
+    /// Sends this node's heartbeat; the answer is the cluster's members (as `nodes`), so
+    /// a node learns its peers with the same round trip.
     pub async fn announce(
         &self,
         announcement: &crate::membership::NodeAnnouncement,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Vec<crate::membership::MemberStatus>, ClientError> {
         let request = self
             .request(reqwest::Method::PUT, &["v1", "nodes", &announcement.name])
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(HEARTBEAT_TIMEOUT)
             .json(announcement);
-        self.send(request).await.map(drop)
+        self.json(request).await
     }
 
     /// The cluster's members as the registry last heard from them.

@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// An announcement older than this means the node is gone.
 pub const MEMBER_TTL: Duration = Duration::from_secs(3);
+/// A gone member is still listed (as gone) for this many TTLs, so operators see it leave.
+pub const FORGET_AFTER_TTLS: u32 = 10;
 
 /// What a node says about itself in every heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,16 +89,23 @@ impl MemberTable {
         }
     }
 
-    /// Records `announcement` as heard at `now`.
-    pub fn announce(&mut self, announcement: NodeAnnouncement, now: Instant) {
-        self.members
-            .insert(announcement.name.clone(), (announcement, now));
+    /// Records `announcement` as heard at `heard`, unless a later one is already known
+    /// (deliveries can arrive out of order after a reconnect).
+    pub fn announce(&mut self, announcement: NodeAnnouncement, heard: Instant) {
+        match self.members.get_mut(&announcement.name) {
+            Some(known) if known.1 > heard => {}
+            Some(known) => *known = (announcement, heard),
+            None => {
+                self.members
+                    .insert(announcement.name.clone(), (announcement, heard));
+            }
+        }
     }
 
     /// Every member heard from within `ttl × 10`, by name, with its health at `now`; older
     /// ones are forgotten.
     pub fn list(&mut self, now: Instant) -> Vec<MemberStatus> {
-        let forget_after = self.ttl * 10;
+        let forget_after = self.ttl * FORGET_AFTER_TTLS;
         self.members
             .retain(|_, (_, heard)| now.saturating_duration_since(*heard) < forget_after);
         self.members

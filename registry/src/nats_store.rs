@@ -29,8 +29,8 @@
 //! part of the compare-and-set (one key per function).
 
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, kv, object_store};
 use bytes::Bytes;
@@ -41,6 +41,7 @@ use tokio::sync::watch;
 
 use crate::backend::{check_routes, plan_push, put_events, rollback_target};
 use crate::manifest::Manifest;
+use crate::membership::{FORGET_AFTER_TTLS, MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 use crate::model::{FunctionRecord, Version};
 use crate::store::{StoreError, is_sha256_hex};
 use crate::watch::WatchEvent;
@@ -49,6 +50,8 @@ use crate::watch::WatchEvent;
 pub const FUNCTIONS_BUCKET: &str = "atoll_functions";
 /// The object store holding modules by sha256.
 pub const MODULES_BUCKET: &str = "atoll_modules";
+/// The KV bucket holding each node's last heartbeat; entries expire after the forget time.
+pub const NODES_BUCKET: &str = "atoll_nodes";
 /// Compare-and-set attempts before a push or rollback gives up (each lost race costs one).
 const MAX_CAS_ATTEMPTS: u32 = 64;
 /// How long to wait before re-opening the KV watch that wakes watch streams.
@@ -65,15 +68,20 @@ struct Inner {
     js: jetstream::Context,
     functions: kv::Store,
     modules: object_store::ObjectStore,
+    nodes: kv::Store,
     /// The latest revision the KV watch has seen; wakes watch streams.
     revision: watch::Sender<u64>,
-    /// The task that feeds `revision`; ended with the store.
-    watcher: tokio::task::AbortHandle,
+    /// Every node's last heartbeat, fed by a watch on [`NODES_BUCKET`].
+    members: Arc<Mutex<MemberTable>>,
+    /// The tasks that feed `revision` and `members`; ended with the store.
+    watchers: [tokio::task::AbortHandle; 2],
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.watcher.abort();
+        for watcher in &self.watchers {
+            watcher.abort();
+        }
     }
 }
 
@@ -169,16 +177,23 @@ impl NatsStore {
         let js = jetstream::new(client);
         let functions = open_kv(&js).await?;
         let modules = open_object_store(&js).await?;
+        let nodes = open_nodes_kv(&js).await?;
         let (revision, _) = watch::channel(0);
-        let watcher = tokio::spawn(follow_revisions(functions.clone(), revision.clone())).abort_handle();
+        let members = Arc::new(Mutex::new(MemberTable::new(MEMBER_TTL)));
+        let watchers = [
+            tokio::spawn(follow_revisions(functions.clone(), revision.clone())).abort_handle(),
+            tokio::spawn(follow_members(nodes.clone(), Arc::clone(&members))).abort_handle(),
+        ];
         let store = NatsStore {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
                 js,
                 functions,
                 modules,
+                nodes,
                 revision,
-                watcher,
+                members,
+                watchers,
             }),
         };
         let last = store.last_revision().await?;
@@ -188,6 +203,35 @@ impl NatsStore {
             changed
         });
         Ok(store)
+    }
+
+    /// Records a node's heartbeat in [`NODES_BUCKET`], where every registry (and `atoll
+    /// dns`) connected to this NATS sees it.
+    pub async fn announce(&self, announcement: &NodeAnnouncement) -> Result<(), StoreError> {
+        let name = &announcement.name;
+        if !is_valid_key(name) {
+            return Err(StoreError::Invalid(format!(
+                "node name {name:?} must be letters, digits, `-` or `_`"
+            )));
+        }
+        let value =
+            serde_json::to_vec(announcement).map_err(|e| nats_error("encoding a heartbeat")(boxed(e)))?;
+        bounded(
+            format!("recording node `{name}`"),
+            NATS_OP_TIMEOUT,
+            self.inner.nodes.put(name, Bytes::from(value)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every node heard from recently (through any registry), with its health.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        self.inner
+            .members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .list(Instant::now())
     }
 
     /// A receiver that changes whenever the bucket changes, through any registry.
@@ -538,6 +582,73 @@ async fn open_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
                 "creating the KV bucket `{FUNCTIONS_BUCKET}` (is JetStream on?)"
             ))(boxed(create_error))
         }),
+    }
+}
+
+async fn open_nodes_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
+    if let Ok(store) = js.get_key_value(NODES_BUCKET).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: NODES_BUCKET.into(),
+            description: "Atoll nodes: each node's last heartbeat (JSON)".into(),
+            history: 1,
+            // Heartbeats are rewritten every second; losing them on a NATS restart costs
+            // one heartbeat interval, so memory storage is enough.
+            storage: jetstream::stream::StorageType::Memory,
+            max_age: MEMBER_TTL * FORGET_AFTER_TTLS,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        Err(create_error) => js
+            .get_key_value(NODES_BUCKET)
+            .await
+            .map_err(|_| nats_error(format!("creating the KV bucket `{NODES_BUCKET}`"))(boxed(create_error))),
+    }
+}
+
+/// Feeds `members` from the nodes bucket: the watch delivers each node's latest heartbeat,
+/// then every new one. A heartbeat is dated by the NATS server's timestamp, so one
+/// delivered late (the initial replay, a reconnect) is not taken for a fresh one.
+async fn follow_members(nodes: kv::Store, members: Arc<Mutex<MemberTable>>) {
+    loop {
+        match nodes.watch_all().await {
+            Ok(mut changes) => {
+                while let Some(change) = changes.next().await {
+                    let entry = match change {
+                        Ok(entry) => entry,
+                        Err(e) => {
+                            tracing::warn!("NATS nodes watch: {e}");
+                            break;
+                        }
+                    };
+                    if entry.operation != kv::Operation::Put {
+                        continue;
+                    }
+                    let Ok(announcement) = serde_json::from_slice::<NodeAnnouncement>(&entry.value) else {
+                        tracing::warn!(key = %entry.key, "ignoring a malformed heartbeat");
+                        continue;
+                    };
+                    let now_nanos = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_nanos() as i128;
+                    let age_nanos = (now_nanos - entry.created.unix_timestamp_nanos()).max(0);
+                    let age = Duration::from_nanos(u64::try_from(age_nanos).unwrap_or(u64::MAX));
+                    let now = Instant::now();
+                    let heard = now.checked_sub(age).unwrap_or(now);
+                    members
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .announce(announcement, heard);
+                }
+            }
+            Err(e) => tracing::warn!("NATS nodes watch: {e}"),
+        }
+        tokio::time::sleep(REWATCH_DELAY).await;
     }
 }
 

@@ -207,3 +207,71 @@ async fn a_damaged_or_missing_module_is_refused() {
         b"the real module"
     );
 }
+
+#[tokio::test]
+async fn a_heartbeat_through_one_connection_is_a_member_on_every_other() {
+    use atoll_registry::membership::{Health, NodeAnnouncement};
+    let nats = NatsServer::start();
+    let (one, two) = tokio::join!(NatsStore::connect(&nats.url), NatsStore::connect(&nats.url));
+    let (one, two) = (one.unwrap(), two.unwrap());
+    let announcement = NodeAnnouncement {
+        name: "edge-1".into(),
+        region: "eu".into(),
+        http: Some("127.0.0.11:8080".parse().unwrap()),
+        https: None,
+        in_flight: 2,
+        free_capacity: 5,
+        draining: false,
+    };
+    one.announce(&announcement).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        if let Some(member) = two
+            .members()
+            .into_iter()
+            .find(|m| m.announcement.name == "edge-1")
+        {
+            break member;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other connection never saw the heartbeat"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen.announcement, announcement);
+    assert_eq!(seen.health, Health::Healthy);
+    // Draining is carried, and a node that stops announcing is reported gone after the TTL.
+    one.announce(&NodeAnnouncement {
+        draining: true,
+        ..announcement.clone()
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut saw_draining = false;
+    loop {
+        let health = two
+            .members()
+            .into_iter()
+            .find(|m| m.announcement.name == "edge-1")
+            .map(|m| m.health);
+        saw_draining |= health == Some(Health::Draining);
+        if saw_draining && health == Some(Health::Gone) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "last health {health:?}, draining seen: {saw_draining}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A bad name is refused before it reaches NATS.
+    let refused = one
+        .announce(&NodeAnnouncement {
+            name: "a.b".into(),
+            ..announcement
+        })
+        .await;
+    assert!(matches!(refused, Err(StoreError::Invalid(_))), "{refused:?}");
+}
