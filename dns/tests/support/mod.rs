@@ -1,0 +1,300 @@
+//! Helpers shared by the DNS integration tests: a registry in-process, a tiny valid
+//! module, node announcements, and a DNS client over UDP and TCP from a chosen loopback
+//! source address.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use atoll_dns::config::{DnsConfig, DomainName, NsFlag, RegionMap, RegionRule, name_servers};
+use atoll_registry::membership::NodeAnnouncement;
+use atoll_registry::{Registry, RegistryClient, RegistryOptions};
+use hickory_server::proto::op::{Edns, Message, Query, ResponseCode};
+use hickory_server::proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+pub const TOKEN: &str = "test-token-0123456789";
+pub const REGION_A_CLIENT: &str = "127.0.0.21";
+pub const REGION_B_CLIENT: &str = "127.0.0.33";
+/// Generous bound for anything that should happen within a second or a TTL.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn leb128(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// `(module (memory (export "memory") 1) (func (export "_start")))` plus a custom section.
+pub fn module(tag: &str) -> Vec<u8> {
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    m.extend_from_slice(&[0x01, 0x04, 0x01, 0x60, 0x00, 0x00]);
+    m.extend_from_slice(&[0x03, 0x02, 0x01, 0x00]);
+    m.extend_from_slice(&[0x05, 0x03, 0x01, 0x00, 0x01]);
+    m.extend_from_slice(&[0x07, 0x13, 0x02]);
+    m.extend_from_slice(b"\x06_start\x00\x00");
+    m.extend_from_slice(b"\x06memory\x02\x00");
+    m.extend_from_slice(&[0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b]);
+    let mut payload = Vec::new();
+    leb128(tag.len(), &mut payload);
+    payload.extend_from_slice(tag.as_bytes());
+    m.push(0x00);
+    leb128(payload.len(), &mut m);
+    m.extend_from_slice(&payload);
+    m
+}
+
+pub fn node(name: &str, region: &str, http: &str, draining: bool) -> NodeAnnouncement {
+    NodeAnnouncement {
+        name: name.into(),
+        region: region.into(),
+        http: Some(http.parse().unwrap()),
+        https: None,
+        in_flight: 0,
+        free_capacity: 8,
+        draining,
+    }
+}
+
+pub struct RegistryServer {
+    pub url: String,
+    _data: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RegistryServer {
+    pub async fn start() -> RegistryServer {
+        let data = tempfile::tempdir().unwrap();
+        let engine = atoll_isolate::Engine::new().unwrap();
+        let registry = Registry::open(data.path(), engine, TOKEN.into(), RegistryOptions::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(atoll_registry::serve(listener, Arc::new(registry), async move {
+            let _ = stopped.await;
+        }));
+        RegistryServer {
+            url,
+            _data: data,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn client(&self) -> RegistryClient {
+        RegistryClient::new(&self.url, Some(TOKEN.into())).unwrap()
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("registry shuts down")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+pub fn question(name: &str, qtype: RecordType, ecs: Option<ClientSubnet>) -> Message {
+    let mut message = Message::query();
+    message.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    if let Some(subnet) = ecs {
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        edns.options_mut().insert(EdnsOption::Subnet(subnet));
+        message.set_edns(edns);
+    }
+    message
+}
+
+pub async fn ask_udp(server: SocketAddr, from: &str, query: &Message) -> Message {
+    let from: IpAddr = from.parse().unwrap();
+    let socket = tokio::net::UdpSocket::bind((from, 0)).await.unwrap();
+    socket.send_to(&query.to_vec().unwrap(), server).await.unwrap();
+    let mut buffer = vec![0u8; 4096];
+    let (len, peer) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer))
+        .await
+        .expect("a UDP answer within 5 s")
+        .unwrap();
+    assert_eq!(peer, server);
+    let response = Message::from_vec(&buffer[..len]).unwrap();
+    assert_eq!(response.metadata.id, query.metadata.id);
+    response
+}
+
+pub async fn ask_tcp(server: SocketAddr, from: &str, query: &Message) -> Message {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+    let mut stream = socket.connect(server).await.unwrap();
+    let bytes = query.to_vec().unwrap();
+    stream
+        .write_all(&(bytes.len() as u16).to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let read = async {
+        let len = stream.read_u16().await.unwrap();
+        let mut buffer = vec![0u8; usize::from(len)];
+        stream.read_exact(&mut buffer).await.unwrap();
+        buffer
+    };
+    let buffer = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("a TCP answer within 5 s");
+    let response = Message::from_vec(&buffer).unwrap();
+    assert_eq!(response.metadata.id, query.metadata.id);
+    response
+}
+
+pub fn addresses(response: &Message) -> BTreeSet<IpAddr> {
+    addresses_of(&response.answers)
+}
+
+pub fn addresses_of(records: &[Record]) -> BTreeSet<IpAddr> {
+    records
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
+    list.iter().map(|ip| ip.parse().unwrap()).collect()
+}
+
+/// Asks until the answer's addresses are `want`; returns how long that took.
+pub async fn until_answer(server: SocketAddr, from: &str, name: &str, want: &BTreeSet<IpAddr>) -> Duration {
+    let start = Instant::now();
+    loop {
+        let response = ask_udp(server, from, &question(name, RecordType::A, None)).await;
+        if response.metadata.response_code == ResponseCode::NoError && addresses(&response) == *want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{name} from {from}: still {:?} {:?}, want {want:?}",
+            response.metadata.response_code,
+            addresses(&response)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn config() -> DnsConfig {
+    let zones: Vec<DomainName> = vec!["example.com".parse().unwrap()];
+    let ns: Vec<NsFlag> = vec!["ns1.example.com=127.0.0.53".parse().unwrap()];
+    DnsConfig {
+        zones: name_servers(&zones, &ns, None),
+        region_map: RegionMap::new(
+            ["127.0.0.16/28=a", "127.0.0.32/28=b"]
+                .iter()
+                .map(|rule| rule.parse::<RegionRule>().unwrap()),
+        ),
+        default_region: "default".into(),
+        fallback: Default::default(),
+        ttl: 5,
+    }
+}
+
+/// Region a: two healthy nodes and a draining one (never named).
+pub fn region_a_nodes() -> Vec<NodeAnnouncement> {
+    vec![
+        node("a1", "a", "10.0.0.1:8080", false),
+        node("a2", "a", "10.0.0.2:8080", false),
+        node("a3", "a", "10.0.0.3:8080", true),
+    ]
+}
+
+/// Region b: one IPv4 and one IPv6 node.
+pub fn region_b_nodes() -> Vec<NodeAnnouncement> {
+    vec![
+        node("b1", "b", "10.0.1.1:8080", false),
+        node("b6", "b", "[2001:db8::b1]:8080", false),
+    ]
+}
+
+/// Announces region a's nodes every 300 ms while `a_alive`, region b's always, through
+/// `announce`.
+pub fn spawn_heartbeats<F, Fut>(a_alive: Arc<AtomicBool>, announce: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(NodeAnnouncement) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            if a_alive.load(Ordering::Relaxed) {
+                for node in region_a_nodes() {
+                    announce(node).await;
+                }
+            }
+            for node in region_b_nodes() {
+                announce(node).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// A `nats-server -js` on a random loopback port; killed when dropped.
+pub struct NatsServer {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server is installed (apt-get install nats-server)");
+        let stderr = child.stderr.take().unwrap();
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let needle = "Listening for client connections on ";
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find(needle) {
+                    let _ = found.send(line[at + needle.len()..].trim().to_string());
+                }
+            }
+        });
+        let address = address
+            .recv_timeout(Duration::from_secs(30))
+            .expect("nats-server printed its client address");
+        NatsServer {
+            child,
+            url: format!("nats://{address}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
