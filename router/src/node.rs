@@ -22,7 +22,7 @@ use crate::node_cache::NodeCache;
 use crate::served::Routing;
 use crate::server::{Ingress, ServerLimits, TlsIngress};
 use crate::service::EdgeService;
-use crate::sync::Syncer;
+use crate::sync::{SyncSource, Syncer};
 use crate::tls::Certificates;
 
 /// Everything a node needs besides its sockets.
@@ -228,7 +228,12 @@ pub async fn run(
     let artifacts = ArtifactCache::open(cache.artifacts_dir(), engine)?;
     let routing = Routing::new();
     let client = RegistryClient::new(&options.registry_url, options.token.clone())?;
-    let mut syncer = Syncer::new(client, cache, artifacts, Arc::clone(&routing));
+    let mut syncer = Syncer::new(
+        SyncSource::Registry(client),
+        cache,
+        artifacts,
+        Arc::clone(&routing),
+    );
     syncer.restore_from_disk().await?;
 
     let (stop_sender, stop) = watch::channel(false);

@@ -1,28 +1,36 @@
-//! Keeping the node's route table in step with the registry.
+//! Keeping the node's route table in step with the functions' source of truth.
 //!
 //! ```text
-//! registry /v1/watch?since=REV ──Put──▶ fetch blob ─▶ verify sha256 ─▶ cache on disk
-//!                                      ─▶ compile (or load artifact) ─▶ publish new table
-//!                               ──Synced──▶ ready
+//! SyncSource::Registry  GET /v1/watch?since=REV ─┐
+//! SyncSource::Nats      JetStream KV scan + watch ┴─Put──▶ fetch blob ─▶ verify sha256 ─▶ cache on disk
+//!                                                      ─▶ compile (or load artifact) ─▶ publish new table
+//!                                              ──Synced──▶ ready
 //! ```
 //!
 //! A version is compiled *before* the table that routes to it is published, so no request
 //! ever waits for a compiler. The applied revision and deployments are persisted after every
 //! change; on restart the node first rebuilds its table from disk (static stability), then
-//! resumes the watch from that revision. Any failure — registry unreachable, blob missing,
+//! resumes the watch from that revision. Any failure — source unreachable, blob missing,
 //! digest mismatch, compile error — leaves the current table serving, and the watch is
 //! resumed from the last revision that was fully applied, with backoff.
+//!
+//! Where the events come from is a [`SyncSource`]: a registry's watch stream, or NATS
+//! JetStream read directly. Both produce the same sequence of [`WatchEvent`]s (catch-up
+//! `Put`s, `Synced`, then live `Put`s and idle `Heartbeat`s), so everything after the
+//! stream — [`plan`], fetching, loading, persisting, backoff — is one code path.
 //!
 //! The decision of what an event requires ([`plan`]) is pure and unit-tested; the I/O lives
 //! in [`Syncer`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
-use atoll_registry::{Deployment, RegistryClient, WatchEvent};
+use atoll_registry::{Deployment, NatsStore, RegistryClient, StoreError, WatchEvent};
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -62,6 +70,8 @@ pub fn plan(event: WatchEvent, served: &HashMap<String, (u64, String)>) -> Plan 
 pub enum SyncError {
     #[error("registry: {0}")]
     Registry(#[from] atoll_registry::ClientError),
+    #[error("NATS: {0}")]
+    Nats(#[from] StoreError),
     #[error("module {sha256} of {name} v{version} does not match its digest")]
     DigestMismatch {
         name: String,
@@ -82,13 +92,189 @@ pub enum SyncError {
     Ended,
 }
 
-/// Longest silence tolerated on the watch stream (the registry sends heartbeats every 5 s).
+/// Longest silence tolerated on the watch stream (the registry sends heartbeats every 5 s,
+/// and so does [`SyncSource::Nats`] after checking that NATS answers).
 const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(15);
+/// Idle time after which a NATS watch asks JetStream for the bucket's revision — one
+/// request, which also catches a change the KV watch missed — and reports a heartbeat.
+const NATS_HEARTBEAT: Duration = Duration::from_secs(5);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The events a [`SyncSource`] watch yields: see [`WatchEvent`] for their order. The
+/// stream ends (or yields an error) when the source is lost; the [`Syncer`] then resumes
+/// from the last revision it applied.
+pub type WatchEvents = BoxStream<'static, Result<WatchEvent, SyncError>>;
+
+/// Where a node learns which functions to serve.
+///
+/// A node following JetStream directly needs no registry at all: registries then only take
+/// pushes (and rollbacks) and write them to NATS, and every node reads the same KV bucket
+/// and object store they write. Losing every registry then costs nothing but the ability
+/// to push; the NATS cluster is the only thing nodes depend on for updates, and not even
+/// for serving — a node keeps its table and disk cache when its source is gone.
+///
+/// Revisions are the source's own: a registry on the NATS store and NATS itself number
+/// changes alike (the KV stream's sequence), so a node may switch between the two; a
+/// registry on the embedded store numbers them differently.
+pub enum SyncSource {
+    /// A registry's `GET /v1/watch` and `GET /v1/blobs/{sha256}`.
+    Registry(RegistryClient),
+    /// NATS JetStream, through a connected [`NatsStore`]: the watch is a catch-up scan of
+    /// the functions bucket ([`NatsStore::events_since`]), `Synced`, then a re-scan
+    /// whenever the bucket changes ([`NatsStore::subscribe`]), with a heartbeat when idle;
+    /// modules come from the object store, checked against their digest.
+    Nats(NatsStore),
+    /// NATS JetStream at this URL (`nats://HOST:PORT`), not connected yet: the first watch
+    /// connects (retried with the [`Syncer`]'s backoff while NATS is unreachable) and the
+    /// source becomes [`SyncSource::Nats`]. What a node starting without NATS uses, so it
+    /// serves from its disk cache meanwhile instead of failing to start.
+    NatsUrl(String),
+}
+
+impl SyncSource {
+    /// NATS JetStream at `url`, connected on the first watch (see [`SyncSource::NatsUrl`]).
+    pub fn nats(url: impl Into<String>) -> SyncSource {
+        SyncSource::NatsUrl(url.into())
+    }
+
+    /// The events after revision `since` (0: everything): a `Put` for every function changed
+    /// since, `Synced`, then live `Put`s and `Heartbeat`s. Fails if the source cannot be
+    /// reached; the stream yields an error and ends if it is lost later.
+    pub async fn watch(&mut self, since: u64) -> Result<WatchEvents, SyncError> {
+        match self {
+            SyncSource::Registry(client) => {
+                let events = client.watch(since).await?;
+                Ok(events.map(|event| event.map_err(SyncError::from)).boxed())
+            }
+            SyncSource::Nats(store) => nats_watch(store.clone(), since, NATS_HEARTBEAT).await,
+            SyncSource::NatsUrl(url) => {
+                let store = NatsStore::connect(url).await?;
+                tracing::info!(url = %redact_credentials(url), "connected to NATS");
+                *self = SyncSource::Nats(store.clone());
+                nats_watch(store, since, NATS_HEARTBEAT).await
+            }
+        }
+    }
+
+    /// The module with this SHA-256. A registry's answer is not checked here: the caller
+    /// checks every module against its digest, whatever its source.
+    pub async fn blob(&self, sha256: &str) -> Result<Vec<u8>, SyncError> {
+        match self {
+            SyncSource::Registry(client) => Ok(client.blob(sha256).await?.to_vec()),
+            SyncSource::Nats(store) => Ok(store.read_blob(sha256).await?),
+            // Blobs are fetched for events, which only a connected source yields; connect
+            // for this one read anyway rather than fail.
+            SyncSource::NatsUrl(url) => Ok(NatsStore::connect(url).await?.read_blob(sha256).await?),
+        }
+    }
+}
+
+impl fmt::Debug for SyncSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyncSource::Registry(client) => f.debug_tuple("Registry").field(client).finish(),
+            // The store shows its URL, which may carry a password.
+            SyncSource::Nats(store) => f
+                .debug_tuple("Nats")
+                .field(&format_args!("{}", redact_credentials(&format!("{store:?}"))))
+                .finish(),
+            SyncSource::NatsUrl(url) => f.debug_tuple("NatsUrl").field(&redact_credentials(url)).finish(),
+        }
+    }
+}
+
+/// `url` (or text holding one URL) without the `user:password@` it may carry.
+fn redact_credentials(url: &str) -> String {
+    let rest_at = url.find("://").map_or(0, |at| at + 3);
+    match url[rest_at..].find('@') {
+        Some(at) if !url[rest_at..rest_at + at].contains('/') => {
+            format!("{}<credentials>@{}", &url[..rest_at], &url[rest_at + at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A watch on NATS: what a registry's `GET /v1/watch` on the NATS store sends, produced on
+/// the node. Subscribes before the catch-up scan so a change in between is not missed.
+async fn nats_watch(store: NatsStore, since: u64, heartbeat: Duration) -> Result<WatchEvents, SyncError> {
+    let changes = store.subscribe();
+    let (events, revision) = store.events_since(since).await?;
+    let mut queue: VecDeque<WatchEvent> = events.into();
+    queue.push_back(WatchEvent::Synced { revision });
+    let watch = NatsWatch {
+        store,
+        changes,
+        queue,
+        last: revision,
+        heartbeat,
+        ended: false,
+    };
+    Ok(futures_util::stream::unfold(watch, |mut watch| async move {
+        let event = watch.next_event().await?;
+        Some((event, watch))
+    })
+    .boxed())
+}
+
+/// The state of one NATS watch.
+struct NatsWatch {
+    store: NatsStore,
+    /// Changes whenever the functions bucket changes (fed by the store's KV watch).
+    changes: watch::Receiver<u64>,
+    queue: VecDeque<WatchEvent>,
+    /// The revision the stream has covered so far.
+    last: u64,
+    heartbeat: Duration,
+    /// An error was yielded: the stream is over.
+    ended: bool,
+}
+
+impl NatsWatch {
+    /// The next event; an error once if NATS fails, then `None`.
+    async fn next_event(&mut self) -> Option<Result<WatchEvent, SyncError>> {
+        if self.ended {
+            return None;
+        }
+        let quiet_until = tokio::time::Instant::now() + self.heartbeat;
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(Ok(event));
+            }
+            let idle = tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        self.ended = true;
+                        return Some(Err(SyncError::Ended));
+                    }
+                    false
+                }
+                () = tokio::time::sleep_until(quiet_until) => true,
+            };
+            // Re-scan by revision on a change (changes coalesce, none is lost) and when idle:
+            // the idle scan is how a dead NATS is noticed, and it picks up anything a
+            // disconnected KV watch did not report.
+            match self.store.events_since(self.last).await {
+                Ok((events, revision)) => {
+                    self.last = self.last.max(revision);
+                    self.queue.extend(events);
+                    if idle && self.queue.is_empty() {
+                        return Some(Ok(WatchEvent::Heartbeat { revision: self.last }));
+                    }
+                }
+                Err(error) => {
+                    // End the stream: the Syncer resumes from the last revision it applied,
+                    // so ending loses nothing, whereas skipping would.
+                    self.ended = true;
+                    return Some(Err(error.into()));
+                }
+            }
+        }
+    }
+}
+
 pub struct Syncer {
-    client: RegistryClient,
+    source: SyncSource,
     cache: NodeCache,
     artifacts: ArtifactCache,
     routing: Arc<Routing>,
@@ -98,13 +284,13 @@ pub struct Syncer {
 
 impl Syncer {
     pub fn new(
-        client: RegistryClient,
+        source: SyncSource,
         cache: NodeCache,
         artifacts: ArtifactCache,
         routing: Arc<Routing>,
     ) -> Self {
         Syncer {
-            client,
+            source,
             cache,
             artifacts,
             routing,
@@ -148,7 +334,7 @@ impl Syncer {
         Ok(self.served.len())
     }
 
-    /// Follows the registry until `shutdown` turns true.
+    /// Follows the source until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_START;
         loop {
@@ -157,7 +343,7 @@ impl Syncer {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             if let Err(error) = outcome {
-                tracing::warn!(%error, retry_in = ?backoff, "registry sync interrupted");
+                tracing::warn!(%error, source = ?self.source, retry_in = ?backoff, "sync interrupted");
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -168,7 +354,7 @@ impl Syncer {
     }
 
     async fn follow(&mut self, backoff: &mut Duration) -> Result<(), SyncError> {
-        let mut events = self.client.watch(self.revision).await?;
+        let mut events = self.source.watch(self.revision).await?;
         loop {
             let event = match tokio::time::timeout(WATCH_SILENCE_LIMIT, events.next()).await {
                 Err(_) => return Err(SyncError::Silent),
@@ -211,7 +397,7 @@ impl Syncer {
                     tracing::info!(
                         revision = self.revision,
                         functions = self.served.len(),
-                        "in sync with the registry"
+                        "in sync with the source"
                     );
                 }
             }
@@ -222,7 +408,7 @@ impl Syncer {
         let bytes = match self.cache.read_module(&deployment.sha256) {
             Some(bytes) => bytes,
             None => {
-                let bytes = self.client.blob(&deployment.sha256).await?;
+                let bytes = self.source.blob(&deployment.sha256).await?;
                 if hex::encode(Sha256::digest(&bytes)) != deployment.sha256 {
                     return Err(SyncError::DigestMismatch {
                         name: deployment.name,
@@ -231,7 +417,7 @@ impl Syncer {
                     });
                 }
                 self.cache.write_module(&deployment.sha256, &bytes)?;
-                bytes.to_vec()
+                bytes
             }
         };
         self.load(deployment, bytes).await
@@ -383,6 +569,20 @@ mod tests {
             plan(put(deployment("a", 1, "aa")), &served),
             Plan::Load(Box::new(deployment("a", 1, "aa")))
         );
+    }
+
+    #[test]
+    fn credentials_are_not_shown() {
+        assert_eq!(
+            redact_credentials("nats://user:secret@10.0.0.1:4222"),
+            "nats://<credentials>@10.0.0.1:4222"
+        );
+        assert_eq!(
+            redact_credentials("NatsStore { url: \"nats://token@h:4222\", revision: 2 }"),
+            "NatsStore { url: \"nats://<credentials>@h:4222\", revision: 2 }"
+        );
+        assert_eq!(redact_credentials("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
+        assert_eq!(redact_credentials("http://h/a@b"), "http://h/a@b");
     }
 
     #[test]

@@ -1,0 +1,245 @@
+//! A node following NATS JetStream directly ([`SyncSource::Nats`]), against a real
+//! `nats-server -js`: a function pushed to NATS is served, a new version replaces it, the
+//! table keeps serving while NATS is down, the node follows again once NATS is back; a node
+//! restarted while NATS is down serves from its disk cache alone and connects once it can.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use atoll_isolate::{ArtifactCache, CgiRequest, Engine};
+use atoll_registry::{Manifest, NatsStore};
+use atoll_router::node_cache::NodeCache;
+use atoll_router::served::Routing;
+use atoll_router::sync::{SyncSource, Syncer};
+use tokio::sync::watch;
+
+/// Generous bound for anything the test waits on (compiles on a busy 2-core machine).
+const PATIENCE: Duration = Duration::from_secs(90);
+const HOST: &str = "hello.example.com";
+
+/// A `nats-server -js` on loopback, its JetStream files in `dir`; killed when dropped.
+struct NatsServer {
+    child: Child,
+    url: String,
+    port: u16,
+}
+
+impl NatsServer {
+    /// Starts on `port` (`None`: a free one, read from the server's log).
+    fn start(dir: &Path, port: Option<u16>) -> NatsServer {
+        let port_arg = port.map_or_else(|| "-1".to_string(), |port| port.to_string());
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server is installed (apt-get install nats-server)");
+        let stderr = child.stderr.take().unwrap();
+        let (found, address) = mpsc::channel();
+        std::thread::spawn(move || {
+            let needle = "Listening for client connections on ";
+            // Keep draining so the server never blocks on a full pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find(needle) {
+                    let _ = found.send(line[at + needle.len()..].trim().to_string());
+                }
+            }
+        });
+        let address = address
+            .recv_timeout(Duration::from_secs(30))
+            .expect("nats-server printed its client address");
+        let port = address
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("the client address ends with a port");
+        NatsServer {
+            child,
+            url: format!("nats://{address}"),
+            port,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A WCGI guest answering `200 text/plain` with `body`.
+fn guest(body: &str) -> Vec<u8> {
+    let output = format!("Content-Type: text/plain\n\n{body}");
+    let escaped: String = output.bytes().map(|b| format!("\\{b:02x}")).collect();
+    let wat = format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 1024) "{escaped}")
+          (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 1024))
+            (i32.store (i32.const 4) (i32.const {len}))
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))"#,
+        len = output.len(),
+    );
+    wat::parse_str(wat).unwrap()
+}
+
+fn manifest() -> Manifest {
+    Manifest::parse(&format!(
+        "name = \"hello\"\nwasm = \"hello.wasm\"\nroutes = [\"{HOST}\"]\n"
+    ))
+    .unwrap()
+}
+
+/// The version `routing` serves for [`HOST`] and the body it answers, if it routes it.
+async fn served(routing: &Routing) -> Option<(u64, String)> {
+    let table = routing.current()?;
+    let function = Arc::clone(table.lookup(HOST, "/")?.target);
+    let version = function.deployment.version;
+    let body = tokio::task::spawn_blocking(move || {
+        let request = CgiRequest {
+            method: "GET".into(),
+            raw_path: "/".into(),
+            protocol: "HTTP/1.1".into(),
+            scheme: "http".into(),
+            server_name: HOST.into(),
+            server_port: 80,
+            ..CgiRequest::default()
+        };
+        let invocation = function
+            .pool
+            .function()
+            .invoke(&request)
+            .expect("the guest answers");
+        String::from_utf8(invocation.response.body.to_vec()).unwrap()
+    })
+    .await
+    .unwrap();
+    Some((version, body))
+}
+
+/// Polls until `routing` serves `version` answering `body`.
+async fn wait_for_version(routing: &Routing, version: u64, body: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = served(routing).await;
+        if now == Some((version, body.to_string())) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still serving {now:?}, not v{version} {body:?}, after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks, for `window`, that `routing` keeps serving `expected`.
+async fn assert_serves_throughout(routing: &Routing, expected: (u64, &str), window: Duration) {
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        assert_eq!(
+            served(routing).await,
+            Some((expected.0, expected.1.to_string())),
+            "the table changed while NATS was down"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A syncer on the node cache in `dir`, publishing to a fresh [`Routing`].
+fn syncer(source: SyncSource, dir: &Path) -> (Syncer, Arc<Routing>) {
+    let cache = NodeCache::open(dir).unwrap();
+    let artifacts = ArtifactCache::open(cache.artifacts_dir(), Engine::new().unwrap()).unwrap();
+    let routing = Routing::new();
+    (
+        Syncer::new(source, cache, artifacts, Arc::clone(&routing)),
+        routing,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_follows_jetstream_and_survives_its_outage() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let node_dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(nats_dir.path(), None);
+    let pusher = NatsStore::connect(&nats.url).await.unwrap();
+    assert_eq!(pusher.push(manifest(), guest("v1")).await.unwrap().version, 1);
+
+    // A node following NATS, no registry anywhere.
+    let store = NatsStore::connect(&nats.url).await.unwrap();
+    let (mut node, routing) = syncer(SyncSource::Nats(store), node_dir.path());
+    assert_eq!(node.restore_from_disk().await.unwrap(), 0);
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn(node.run(stopped));
+    wait_for_version(&routing, 1, "v1").await;
+
+    // A push is a KV change: the node's watch wakes and loads v2.
+    assert_eq!(pusher.push(manifest(), guest("v2")).await.unwrap().version, 2);
+    wait_for_version(&routing, 2, "v2").await;
+
+    // NATS goes away. The watch notices within the syncer's silence limit (15 s: an idle
+    // probe of NATS starts after 5 s and a request to a lost server times out after 10 s),
+    // and the syncer retries with backoff. The table stays as it is all along; the window is
+    // longer than that limit, so it spans a failed watch and failed retries.
+    let port = nats.port;
+    nats.kill();
+    drop(pusher);
+    assert_serves_throughout(&routing, (2, "v2"), Duration::from_secs(20)).await;
+
+    // NATS comes back with its data on the same address: the node's connection reconnects,
+    // its syncer resumes from the revision it applied and follows the next push.
+    let mut nats = NatsServer::start(nats_dir.path(), Some(port));
+    let pusher = NatsStore::connect(&nats.url).await.unwrap();
+    assert_eq!(pusher.push(manifest(), guest("v3")).await.unwrap().version, 3);
+    wait_for_version(&routing, 3, "v3").await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(PATIENCE, running)
+        .await
+        .expect("the syncer stops on shutdown")
+        .unwrap();
+
+    // The node restarts while NATS is down: it serves v3 from its disk cache alone (module
+    // and compiled artifact) and keeps trying to connect.
+    nats.kill();
+    drop(pusher);
+    let (mut node, routing) = syncer(SyncSource::nats(nats.url.clone()), node_dir.path());
+    assert_eq!(node.restore_from_disk().await.unwrap(), 1);
+    assert!(routing.is_ready());
+    assert_eq!(served(&routing).await, Some((3, "v3".to_string())));
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn(node.run(stopped));
+    assert_serves_throughout(&routing, (3, "v3"), Duration::from_secs(1)).await;
+
+    // Once NATS is back, the node connects for the first time and follows it.
+    let nats = NatsServer::start(nats_dir.path(), Some(port));
+    let pusher = NatsStore::connect(&nats.url).await.unwrap();
+    assert_eq!(pusher.push(manifest(), guest("v4")).await.unwrap().version, 4);
+    wait_for_version(&routing, 4, "v4").await;
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(PATIENCE, running)
+        .await
+        .expect("the syncer stops on shutdown")
+        .unwrap();
+}
+
+#[test]
+fn the_source_is_debuggable_without_credentials() {
+    let source = SyncSource::nats("nats://user:secret@127.0.0.1:4222");
+    let shown = format!("{source:?}");
+    assert!(shown.contains("127.0.0.1:4222"), "{shown}");
+    assert!(!shown.contains("secret"), "{shown}");
+}
