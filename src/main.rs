@@ -68,8 +68,23 @@ enum Command {
     /// An edge node that serves the registry's functions.
     Node {
         /// The registry to follow.
-        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        #[arg(long, default_value = "http://127.0.0.1:7070", conflicts_with = "store")]
         registry: String,
+        /// `nats://HOST:PORT`: follow NATS JetStream directly (no registry needed to serve).
+        #[arg(long)]
+        store: Option<String>,
+        /// Regions to forward to, in order, when this node's region has no node that takes
+        /// work (all draining or gone), e.g. `b,c`.
+        #[arg(long, value_delimiter = ',')]
+        region_fallback: Vec<String>,
+        /// Home nodes per function in each region: a function's requests are forwarded to
+        /// these so its instances stay warm there.
+        #[arg(long, default_value_t = atoll_router::cluster::DEFAULT_HOME_REPLICAS)]
+        home_replicas: usize,
+        /// After SIGTERM, how long a node with peers keeps accepting (and forwarding) while
+        /// it announces that it drains, before it stops.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        drain_delay: Duration,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9090")]
@@ -87,6 +102,9 @@ enum Command {
         #[command(flatten)]
         edge: EdgeArgs,
     },
+    /// Authoritative DNS for the cluster: routed domains answer with the healthy nodes of
+    /// the client's region, falling back to the next region.
+    Dns(atoll_dns::DnsArgs),
     /// Push a function: PATH is an atoll.toml or a folder holding one.
     Push {
         path: PathBuf,
@@ -349,6 +367,10 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Node {
             registry,
+            store,
+            region_fallback,
+            home_replicas,
+            drain_delay,
             listen,
             admin,
             data,
@@ -363,10 +385,15 @@ async fn run(command: Command) -> Result<()> {
             options.token = token;
             options.name = name.unwrap_or_else(default_node_name);
             options.region = region;
+            options.nats_url = store;
+            options.region_fallback = region_fallback;
+            options.home_replicas = home_replicas.max(1);
+            options.drain_delay = drain_delay;
             edge.apply(&mut options);
             atoll_router::run(options, engine, listeners, shutdown_signal()).await?;
             Ok(())
         }
+        Command::Dns(args) => atoll_dns::run(args, shutdown_signal()).await,
         Command::Push { path, client } => {
             let (manifest_text, module) = read_function(&path)?;
             let pushed = client.client()?.push(&manifest_text, module).await?;

@@ -6,74 +6,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
-
-/// A `nats-server -js` on a random loopback port, its JetStream files in a temporary
-/// directory. Killed and reaped when dropped.
-struct NatsServer {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    fn start() -> NatsServer {
-        let dir = tempfile::tempdir().unwrap();
-        // `-p -1` picks a free port; the server logs it ("Listening for client connections
-        // on 127.0.0.1:PORT") on stderr.
-        let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server is installed (apt-get install nats-server)");
-        let stderr = child.stderr.take().unwrap();
-        let (found, port) = mpsc::channel();
-        std::thread::spawn(move || {
-            let needle = "Listening for client connections on ";
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find(needle) {
-                    let _ = found.send(line[at + needle.len()..].trim().to_string());
-                }
-                // Keep draining so the server never blocks on a full pipe.
-            }
-        });
-        let address = port
-            .recv_timeout(STARTUP)
-            .expect("nats-server printed its client address");
-        NatsServer {
-            child,
-            url: format!("nats://{address}"),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `atoll registry --store URL` on a free port; the process and its `http://` URL.
-fn start_nats_registry(label: &str, nats: &NatsServer) -> (Process, String) {
-    let mut process = Process::spawn(
-        label,
-        &["registry", "--listen", "127.0.0.1:0", "--store", &nats.url],
-    );
-    let line = process.wait_for_line("registry listening on ", STARTUP);
-    let url = line["registry listening on ".len()..].trim().to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "unexpected line: {line}");
-    (process, url)
-}
 
 #[test]
 fn a_push_through_one_registry_is_listed_and_served_through_every_other() {

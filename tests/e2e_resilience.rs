@@ -111,7 +111,7 @@ fn node_restarted_without_registry_still_serves() {
         "the restarted node recompiled:\n{metrics}"
     );
     // It is trying to reach the registry, and says so.
-    node.wait_for_stderr("registry sync interrupted", STARTUP);
+    node.wait_for_stderr("sync interrupted", STARTUP);
 }
 
 /// SIGKILL of the registry while a large push is in flight, then a restart on the same data

@@ -15,6 +15,7 @@
 //! `atoll-bench tls`: TLS handshakes/s against bare rustls, HTTPS against cleartext
 //! keep-alive, HTTP/3 against HTTP/2.
 
+mod cluster_scenario;
 mod h3_load;
 mod http_scenario;
 mod isolate_scenario;
@@ -47,6 +48,8 @@ enum Scenario {
     Scaling(scaling_scenario::ScalingArgs),
     /// TLS handshakes/s, HTTPS vs cleartext keep-alive, HTTP/3 vs HTTP/2.
     Tls(tls_scenario::TlsArgs),
+    /// Latency a forward to a peer adds, and time from a home's crash to the first success.
+    Cluster(cluster_scenario::ClusterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Isolate(args) => isolate_scenario::run(args),
         Scenario::Scaling(args) => scaling_scenario::run(args),
         Scenario::Tls(args) => tls_scenario::run(args),
+        Scenario::Cluster(args) => cluster_scenario::run(args),
     }
 }

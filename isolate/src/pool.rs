@@ -305,6 +305,11 @@ impl InstancePool {
         )
     }
 
+    /// Whether a request admitted now would have to queue: every slot is taken.
+    pub fn saturated(&self) -> bool {
+        self.permits.available_permits() == 0
+    }
+
     /// Requests waiting for a slot.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)

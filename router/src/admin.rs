@@ -2,8 +2,13 @@
 //!
 //! - `GET /healthz` — 200 while the process runs.
 //! - `GET /readyz`  — 200 once the node has a route table (from the registry or its disk
-//!   cache), 503 before: a load balancer sends traffic only to ready nodes.
+//!   cache), 503 before and while draining: a load balancer sends traffic only to ready
+//!   nodes.
 //! - `GET /metrics` — Prometheus text.
+//! - `POST /drain` — take the node out of rotation: it announces that it drains, so DNS
+//!   stops naming it and peers stop forwarding to it, and it forwards what still reaches it
+//!   to peers. `DELETE /drain` puts it back; `GET /drain` tells which. For rolling
+//!   restarts: drain, wait out the DNS TTL, restart.
 
 use std::sync::Arc;
 
@@ -13,17 +18,30 @@ use http_body_util::Full;
 use hyper::body::Body;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::cluster::Cluster;
 use crate::served::Routing;
 use crate::server::{BoxError, ConnectionInfo, Handler, text_response};
 
 pub struct AdminService {
     routing: Arc<Routing>,
     metrics: PrometheusHandle,
+    cluster: Arc<Cluster>,
 }
 
 impl AdminService {
-    pub fn new(routing: Arc<Routing>, metrics: PrometheusHandle) -> Arc<Self> {
-        Arc::new(AdminService { routing, metrics })
+    pub fn new(routing: Arc<Routing>, metrics: PrometheusHandle, cluster: Arc<Cluster>) -> Arc<Self> {
+        Arc::new(AdminService {
+            routing,
+            metrics,
+            cluster,
+        })
+    }
+
+    fn drain_state(&self) -> Response<Full<Bytes>> {
+        match self.cluster.is_draining() {
+            true => text_response(StatusCode::OK, "draining"),
+            false => text_response(StatusCode::OK, "serving"),
+        }
     }
 }
 
@@ -40,8 +58,33 @@ impl Handler for AdminService {
         match request.uri().path() {
             "/healthz" => text_response(StatusCode::OK, "ok"),
             "/readyz" => match self.routing.current() {
+                _ if self.cluster.is_draining() => {
+                    text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining")
+                }
                 Some(table) => text_response(StatusCode::OK, format!("ready: {} routes", table.len())),
                 None => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no route table yet"),
+            },
+            "/drain" => match *request.method() {
+                http::Method::POST => {
+                    self.cluster.set_draining(true);
+                    self.drain_state()
+                }
+                http::Method::DELETE => {
+                    self.cluster.set_draining(false);
+                    self.drain_state()
+                }
+                http::Method::GET | http::Method::HEAD => self.drain_state(),
+                _ => {
+                    let mut response = text_response(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "use POST, DELETE or GET on /drain",
+                    );
+                    response.headers_mut().insert(
+                        http::header::ALLOW,
+                        http::HeaderValue::from_static("GET, POST, DELETE"),
+                    );
+                    response
+                }
             },
             "/metrics" => Response::builder()
                 .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")

@@ -16,10 +16,12 @@
 //!   [`executor`]: the threads guest code runs on.
 //! - [`tls`]: certificates by SNI; [`acme`]: obtaining and renewing them.
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
+//! - [`cluster`] and [`placement`]: peers, home nodes, forwarding, draining.
 //! - [`admin`] and [`metrics`]: what operators look at.
 
 pub mod acme;
 pub mod admin;
+pub mod cluster;
 pub mod executor;
 pub mod h1_guard;
 pub mod metrics;

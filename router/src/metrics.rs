@@ -38,6 +38,9 @@ pub const ROUTE_TABLE_REVISION: &str = "atoll_route_table_revision";
 pub const ROUTES: &str = "atoll_routes";
 /// Gauge: requests the node is answering now (all listeners and protocols).
 pub const REQUESTS_IN_FLIGHT: &str = "atoll_requests_in_flight";
+/// Counter: requests forwarded to a peer, by `outcome` (answered, unavailable, refused:
+/// never reached the peer, broken: lost after it may have).
+pub const FORWARDS_TOTAL: &str = "atoll_forwards_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

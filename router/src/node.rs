@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use atoll_isolate::{ArtifactCache, Engine};
 use atoll_registry::RegistryClient;
-use atoll_registry::membership::{HEARTBEAT_INTERVAL, NodeAnnouncement};
+use atoll_registry::membership::{HEARTBEAT_INTERVAL, MemberStatus, NodeAnnouncement};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::acme::{AcmeOptions, Http01Challenges};
 use crate::admin::AdminService;
+use crate::cluster::{Cluster, ClusterOptions};
 use crate::executor::GuestExecutor;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;
@@ -45,6 +46,16 @@ pub struct NodeOptions {
     pub quic_retry_threshold: usize,
     /// The IP peers and DNS use to reach this node (default: the listeners' address).
     pub advertise: Option<std::net::IpAddr>,
+    /// `nats://HOST:PORT`: follow JetStream and announce there instead of to a registry.
+    pub nats_url: Option<String>,
+    /// Regions to forward to, in order, when the node's own has none that takes work.
+    pub region_fallback: Vec<String>,
+    /// Home nodes per function and region.
+    pub home_replicas: usize,
+    /// After a shutdown signal, how long a node with peers stays up announcing that it
+    /// drains (and forwarding what still reaches it) before it stops accepting: at least
+    /// the DNS TTL, so clients have moved on.
+    pub drain_delay: Duration,
 }
 
 impl NodeOptions {
@@ -62,9 +73,16 @@ impl NodeOptions {
             max_body_bytes: crate::service::DEFAULT_MAX_BODY_BYTES,
             quic_retry_threshold: DEFAULT_QUIC_RETRY_THRESHOLD,
             advertise: None,
+            nats_url: None,
+            region_fallback: Vec::new(),
+            home_replicas: crate::cluster::DEFAULT_HOME_REPLICAS,
+            drain_delay: DEFAULT_DRAIN_DELAY,
         }
     }
 }
+
+/// Default for [`NodeOptions::drain_delay`]: the DNS TTL `atoll dns` gives by default.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 
 /// Handshakes in flight before QUIC asks new clients to validate their address.
 pub const DEFAULT_QUIC_RETRY_THRESHOLD: usize = 64;
@@ -134,14 +152,51 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
     }
 }
 
-/// Announces this node to the registry every heartbeat interval until `shutdown`. A
-/// registry that cannot be reached costs nothing but a debug line: serving never depends on
-/// it (static stability).
+/// Where heartbeats go: a registry (which answers with the members) or NATS directly.
+enum Membership {
+    Registry(RegistryClient),
+    /// Connected on first use, so a node starts while NATS is down.
+    Nats {
+        url: String,
+        store: Option<atoll_registry::NatsStore>,
+    },
+}
+
+impl Membership {
+    /// Sends `announcement`; returns the cluster's members.
+    async fn announce(&mut self, announcement: &NodeAnnouncement) -> Result<Vec<MemberStatus>, String> {
+        match self {
+            Membership::Registry(client) => client.announce(announcement).await.map_err(|e| e.to_string()),
+            Membership::Nats { url, store } => {
+                if store.is_none() {
+                    *store = Some(
+                        atoll_registry::NatsStore::connect(url)
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                let connected = store.as_ref().expect("connected above");
+                connected
+                    .announce(announcement)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(connected.members())
+            }
+        }
+    }
+}
+
+/// Announces this node every heartbeat interval (and at once when it starts or stops
+/// draining) until `shutdown`, and learns its peers from the answer. A control plane that
+/// cannot be reached costs nothing but a debug line: serving never depends on it (static
+/// stability), and the cluster view goes stale, which makes the node serve everything
+/// itself.
 async fn heartbeat(
-    client: RegistryClient,
+    mut membership: Membership,
     template: NodeAnnouncement,
     service: Arc<EdgeService>,
     routing: Arc<Routing>,
+    cluster: Arc<Cluster>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -150,6 +205,7 @@ async fn heartbeat(
     loop {
         tokio::select! {
             _ = interval.tick() => {}
+            () = cluster.changed() => {}
             () = &mut shutdown => return,
         }
         let free_capacity = routing
@@ -160,10 +216,14 @@ async fn heartbeat(
         let announcement = NodeAnnouncement {
             in_flight: service.in_flight(),
             free_capacity,
+            draining: cluster.is_draining(),
             ..template.clone()
         };
-        if let Err(error) = client.announce(&announcement).await {
-            tracing::debug!(%error, "heartbeat not delivered");
+        let delivery = tokio::time::timeout(HEARTBEAT_INTERVAL * 2, membership.announce(&announcement)).await;
+        match delivery {
+            Ok(Ok(members)) => cluster.learn(&members),
+            Ok(Err(error)) => tracing::debug!(%error, "heartbeat not delivered"),
+            Err(_) => tracing::debug!("heartbeat timed out"),
         }
     }
 }
@@ -227,13 +287,13 @@ pub async fn run(
     })?;
     let artifacts = ArtifactCache::open(cache.artifacts_dir(), engine)?;
     let routing = Routing::new();
-    let client = RegistryClient::new(&options.registry_url, options.token.clone())?;
-    let mut syncer = Syncer::new(
-        SyncSource::Registry(client),
-        cache,
-        artifacts,
-        Arc::clone(&routing),
-    );
+    // Following NATS, the node connects lazily: it starts (from its disk cache) while NATS
+    // is down.
+    let source = match &options.nats_url {
+        Some(url) => SyncSource::nats(url.clone()),
+        None => SyncSource::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
+    };
+    let mut syncer = Syncer::new(source, cache, artifacts, Arc::clone(&routing));
     syncer.restore_from_disk().await?;
 
     let (stop_sender, stop) = watch::channel(false);
@@ -241,18 +301,31 @@ pub async fn run(
         let _ = receiver.wait_for(|stop| *stop).await;
     };
     let limits = Arc::new(options.limits.clone());
+    let cluster = Cluster::new(ClusterOptions {
+        name: options.name.clone(),
+        region: options.region.clone(),
+        region_fallback: options.region_fallback.clone(),
+        home_replicas: options.home_replicas,
+    });
     let http01 = Http01Challenges::new();
     let service = EdgeService::with_options(
         Arc::clone(&routing),
         GuestExecutor::per_core(),
         options.max_body_bytes,
         Some(Arc::clone(&http01)),
+        Some(Arc::clone(&cluster)),
     );
     let advertised = |listener: &Option<TcpListener>| -> Result<Option<std::net::SocketAddr>, NodeError> {
         let Some(listener) = listener else { return Ok(None) };
         let mut address = listener.local_addr().map_err(NodeError::Listener)?;
-        if let Some(ip) = options.advertise {
-            address.set_ip(ip);
+        match options.advertise {
+            Some(ip) => address.set_ip(ip),
+            // Nobody can reach 0.0.0.0: announce no address rather than a wrong one.
+            None if address.ip().is_unspecified() => {
+                tracing::warn!(%address, "listening on every interface without --advertise: peers and DNS will not send traffic here");
+                return Ok(None);
+            }
+            None => {}
         }
         Ok(Some(address))
     };
@@ -267,11 +340,19 @@ pub async fn run(
     };
     let mut tasks = Vec::new();
     let mut servers = Vec::new();
+    let membership = match &options.nats_url {
+        Some(url) => Membership::Nats {
+            url: url.clone(),
+            store: None,
+        },
+        None => Membership::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
+    };
     tasks.push(tokio::spawn(heartbeat(
-        RegistryClient::new(&options.registry_url, options.token.clone())?,
+        membership,
         announcement,
         Arc::clone(&service),
         Arc::clone(&routing),
+        Arc::clone(&cluster),
         stopped(stop.clone()),
     )));
     tasks.push(tokio::spawn(syncer.run(stop.clone())));
@@ -344,12 +425,24 @@ pub async fn run(
     }
     servers.push(tokio::spawn(crate::server::serve(
         listeners.admin,
-        AdminService::new(routing, metrics),
+        AdminService::new(routing, metrics, Arc::clone(&cluster)),
         stopped(stop.clone()),
     )));
-    tracing::info!(node = %options.name, region = %options.region, registry = %options.registry_url, "node started");
+    match &options.nats_url {
+        Some(nats) => tracing::info!(node = %options.name, region = %options.region, %nats, "node started"),
+        None => {
+            tracing::info!(node = %options.name, region = %options.region, registry = %options.registry_url, "node started")
+        }
+    }
 
     shutdown.await;
+    // Out of rotation first: peers and DNS hear it with the heartbeat sent now, and what
+    // still arrives meanwhile is forwarded to them.
+    cluster.set_draining(true);
+    if cluster.has_peers_taking_work() && !options.drain_delay.is_zero() {
+        tracing::info!(delay = ?options.drain_delay, "draining before shutdown");
+        tokio::time::sleep(options.drain_delay).await;
+    }
     tracing::info!("node shutting down");
     let _ = stop_sender.send(true);
     for task in tasks {

@@ -8,6 +8,10 @@
 //! answered with short, clear statuses: 404 naming an unknown host, 413 for a body over the
 //! limit, 502 when the function fails (the reason and the function's stderr go to the node
 //! log, not to the client).
+//!
+//! In a cluster, [`Cluster::place`] may send the request to a peer instead (the function's
+//! home node, or any taker while this node drains); when that peer cannot be reached, or
+//! fails before it could have run the request, the request is served here after all.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +23,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 
 use crate::acme::Http01Challenges;
+use crate::cluster::{Cluster, HOP_HEADER, SERVED_BY_HEADER};
 use crate::executor::GuestExecutor;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
@@ -41,11 +46,15 @@ pub struct EdgeService {
     in_flight: ::metrics::Gauge,
     /// The same count, for heartbeats.
     in_flight_count: std::sync::atomic::AtomicU64,
+    /// Peers to forward to; `None` for a node on its own.
+    cluster: Option<Arc<Cluster>>,
+    /// This node's name for [`SERVED_BY_HEADER`].
+    served_by: http::HeaderValue,
 }
 
 impl EdgeService {
     pub fn new(routing: Arc<Routing>, executor: Arc<GuestExecutor>) -> Arc<Self> {
-        Self::with_options(routing, executor, DEFAULT_MAX_BODY_BYTES, None)
+        Self::with_options(routing, executor, DEFAULT_MAX_BODY_BYTES, None, None)
     }
 
     pub fn with_options(
@@ -53,7 +62,12 @@ impl EdgeService {
         executor: Arc<GuestExecutor>,
         max_body_bytes: usize,
         http01: Option<Arc<Http01Challenges>>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Arc<Self> {
+        let served_by = cluster
+            .as_ref()
+            .and_then(|cluster| http::HeaderValue::from_str(cluster.name()).ok())
+            .unwrap_or(http::HeaderValue::from_static("node"));
         Arc::new(EdgeService {
             routing,
             executor,
@@ -61,6 +75,8 @@ impl EdgeService {
             http01,
             in_flight: ::metrics::gauge!(metrics::REQUESTS_IN_FLIGHT),
             in_flight_count: std::sync::atomic::AtomicU64::new(0),
+            cluster,
+            served_by,
         })
     }
 
@@ -176,26 +192,79 @@ impl EdgeService {
                 );
             }
         };
+        let mut scheme = if connection.is_secure() { "https" } else { "http" };
+        let mut client = connection.remote;
+        let hop = parts.headers.contains_key(HOP_HEADER);
+        if let Some(cluster) = &self.cluster {
+            if hop {
+                // Only a peer is believed about the client and how it came in.
+                if cluster.is_peer(connection.remote.ip()) {
+                    if let Some(ip) = header_str(&parts.headers, "x-forwarded-for")
+                        .and_then(|value| value.trim().parse::<std::net::IpAddr>().ok())
+                    {
+                        client = std::net::SocketAddr::new(ip, 0);
+                    }
+                    if header_str(&parts.headers, "x-forwarded-proto") == Some("https") {
+                        scheme = "https";
+                    }
+                }
+            } else if let Some(peer) = cluster.place(served.name(), served.pool.saturated()) {
+                let timeout = served.pool.function().config().timeout + FORWARD_SLACK;
+                let forwarded = cluster
+                    .forward(
+                        (&peer.0, peer.1),
+                        parts.method.clone(),
+                        &parts.uri,
+                        parts.headers.clone(),
+                        body.clone(),
+                        &host,
+                        connection.remote,
+                        scheme,
+                        timeout,
+                    )
+                    .await;
+                match forwarded {
+                    // A peer at capacity (or starting) did not run it: serve it here.
+                    Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
+                        return (response, Some(function_metrics));
+                    }
+                    Ok(_) => {}
+                    Err(error) if error.maybe_sent && !is_idempotent(&parts.method) => {
+                        tracing::warn!(peer = %peer.0, reason = %error.reason, "forwarded request lost");
+                        return (
+                            text_response(StatusCode::BAD_GATEWAY, "the peer serving this request failed"),
+                            Some(function_metrics),
+                        );
+                    }
+                    Err(error) => {
+                        tracing::debug!(peer = %peer.0, reason = %error.reason, "forward failed; serving here");
+                    }
+                }
+            }
+        }
         let server_name = crate::route_table::normalize_host(&host).into_owned();
         let cgi_request = CgiRequest {
             method: parts.method.as_str().to_string(),
             raw_path: path,
             query: parts.uri.query().unwrap_or("").to_string(),
             protocol: protocol_name(parts.version).to_string(),
-            scheme: if connection.is_secure() { "https" } else { "http" }.to_string(),
+            scheme: scheme.to_string(),
             server_name,
             server_port: connection.local.port(),
-            remote_addr: connection.remote.ip().to_string(),
-            remote_port: connection.remote.port(),
+            remote_addr: client.ip().to_string(),
+            remote_port: client.port(),
             matched_route,
             route_prefix,
             headers: parts.headers,
             body,
         };
-        (
-            invoke(&self.executor, served, cgi_request).await,
-            Some(function_metrics),
-        )
+        let mut response = invoke(&self.executor, served, cgi_request).await;
+        if self.cluster.is_some() {
+            response
+                .headers_mut()
+                .insert(SERVED_BY_HEADER, self.served_by.clone());
+        }
+        (response, Some(function_metrics))
     }
 }
 
@@ -314,6 +383,28 @@ impl Drop for InFlight<'_> {
         self.0.decrement(1.0);
         self.1.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Time a forwarded request gets beyond the function's own timeout (the hop, a cold start).
+const FORWARD_SLACK: Duration = Duration::from_secs(5);
+
+/// Methods a client may repeat (RFC 9110 §9.2.2): safe to run here after a forward broke
+/// off with the request possibly run at the peer.
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
 }
 
 /// How often a timed-out guest is signalled again until it stops.

@@ -1,0 +1,310 @@
+//! `atoll-bench cluster`: what forwarding between nodes costs, and how fast a dead home is
+//! routed around.
+//!
+//! One registry (embedded store) and two nodes in one region, each node on its own tokio
+//! runtime so it can be "killed": dropping a runtime aborts every task and closes its
+//! sockets at once, which a peer sees as a crash (connections refused or reset), not a
+//! graceful stop. With one home per function, one node is hello's home and serves it
+//! locally (the baseline); the other forwards every request to it.
+//!
+//! 1. Latency: the same wrk load against the home (local) and the other node (forwarded);
+//!    the difference is what a hop costs.
+//! 2. Failover: a client sends requests one after another through the forwarding node; the
+//!    home is killed; reported is the time from the kill to the first success, the requests
+//!    that failed, and — as the baseline — the heartbeat TTL, which is how long a health check
+//!    by heartbeats alone would keep sending requests to the dead node.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::net::TcpListener;
+
+use crate::wrk::{self, Load, WrkReport};
+
+#[derive(clap::Args)]
+pub struct ClusterArgs {
+    /// Seconds of load per measurement.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Concurrent keep-alive connections for the loaded measurement.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// The hello module (default: the example built by `cargo build`).
+    #[arg(long)]
+    hello_wasm: Option<std::path::PathBuf>,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+const HELLO_MANIFEST: &str = "name = \"hello\"\nwasm = \"hello.wasm\"\nroutes = [\"hello.localhost\"]\n";
+const HOST: &str = "hello.localhost";
+
+struct BenchNode {
+    name: String,
+    http: SocketAddr,
+    runtime: tokio::runtime::Runtime,
+}
+
+pub fn run(args: ClusterArgs) -> Result<()> {
+    let module = crate::http_scenario::read_hello(args.hello_wasm.clone())?;
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let data = tempfile::tempdir()?;
+    let engine = atoll_isolate::Engine::new()?;
+    let token = "bench-token".to_string();
+    let registry_url = control.block_on(async {
+        let registry = atoll_registry::Registry::open(
+            &data.path().join("registry"),
+            engine.clone(),
+            token.clone(),
+            atoll_registry::RegistryOptions::default(),
+        )?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(atoll_registry::serve(
+            listener,
+            Arc::new(registry),
+            std::future::pending(),
+        ));
+        anyhow::Ok(url)
+    })?;
+    let mut nodes = Vec::new();
+    for name in ["n1", "n2"] {
+        nodes.push(start_node(
+            name,
+            &registry_url,
+            &token,
+            &data.path().join(name),
+            engine.clone(),
+        )?);
+    }
+    let client = atoll_registry::RegistryClient::new(&registry_url, Some(token))?;
+    control.block_on(async {
+        // Both nodes in the member list, then hello pushed and served by both.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.nodes().await.map_or(0, |nodes| nodes.len()) < 2 {
+            if Instant::now() > deadline {
+                bail!("the nodes did not announce themselves within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.push(HELLO_MANIFEST, module).await?;
+        anyhow::Ok(())
+    })?;
+    // Both nodes agree on the home once each has the function and the other's heartbeat.
+    let home = control.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let first = served_by(nodes[0].http).await.ok();
+            let second = served_by(nodes[1].http).await.ok();
+            if let (Some(first), Some(second)) = (&first, &second)
+                && first == second
+            {
+                return Ok(first.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("the nodes did not agree on hello's home within 30 s ({first:?}, {second:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })?;
+    let home_index = nodes
+        .iter()
+        .position(|node| node.name == home)
+        .context("home is a node")?;
+    let (home_http, front_http) = (nodes[home_index].http, nodes[1 - home_index].http);
+
+    let loads = [
+        (
+            "unloaded (wrk -c1)",
+            Load {
+                threads: 1,
+                connections: 1,
+                duration: Duration::from_secs(args.duration),
+            },
+        ),
+        (
+            "loaded",
+            Load {
+                threads: 1,
+                connections: args.connections,
+                duration: Duration::from_secs(args.duration),
+            },
+        ),
+    ];
+    let warmup = Load {
+        duration: Duration::from_secs(1),
+        ..loads[1].1.clone()
+    };
+    wrk::run(&format!("http://{home_http}/"), HOST, &warmup)?;
+    wrk::run(&format!("http://{front_http}/"), HOST, &warmup)?;
+    let mut rows = Vec::new();
+    for (label, load) in &loads {
+        let local = wrk::run(&format!("http://{home_http}/"), HOST, load)?;
+        let forwarded = wrk::run(&format!("http://{front_http}/"), HOST, load)?;
+        rows.push((*label, load.connections, local, forwarded));
+    }
+
+    // Failover: sequential requests through the front node; kill the home mid-stream.
+    let home_node = nodes.remove(home_index);
+    let failover = control.block_on(async move {
+        for _ in 0..50 {
+            served_by(front_http).await?;
+        }
+        let killed = Instant::now();
+        home_node.runtime.shutdown_background();
+        let mut failed = 0u32;
+        loop {
+            match served_by(front_http).await {
+                Ok(_) => return anyhow::Ok((killed.elapsed(), failed)),
+                Err(_) => failed += 1,
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("no success through the front node within 30 s of the kill");
+            }
+        }
+    })?;
+    report(&rows, failover, args.json);
+    drop(nodes);
+    Ok(())
+}
+
+fn start_node(
+    name: &str,
+    registry_url: &str,
+    token: &str,
+    data: &std::path::Path,
+    engine: atoll_isolate::Engine,
+) -> Result<BenchNode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let http = runtime.block_on(async {
+        let http = TcpListener::bind("127.0.0.1:0").await?;
+        let address = http.local_addr()?;
+        let admin = TcpListener::bind("127.0.0.1:0").await?;
+        let mut options = atoll_router::NodeOptions::new(data.to_path_buf(), registry_url.to_string());
+        options.token = Some(token.to_string());
+        options.name = name.to_string();
+        options.region = "bench".into();
+        options.home_replicas = 1;
+        let listeners = atoll_router::NodeListeners {
+            http: Some(http),
+            tls: None,
+            quic: None,
+            admin,
+        };
+        tokio::spawn(atoll_router::run(
+            options,
+            engine,
+            listeners,
+            std::future::pending(),
+        ));
+        anyhow::Ok(address)
+    })?;
+    Ok(BenchNode {
+        name: name.to_string(),
+        http,
+        runtime,
+    })
+}
+
+/// `GET /` for hello: the node that ran it, or an error for anything but 200.
+async fn served_by(address: SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(address))
+        .await
+        .context("connect timed out")??;
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .context("response timed out")??;
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).context("no status line")?;
+    if status != "200" {
+        bail!("status {status}");
+    }
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case(atoll_router::cluster::SERVED_BY_HEADER)
+                .then(|| value.trim().to_string())
+        })
+        .context("no x-atoll-node header")
+}
+
+fn report(rows: &[(&str, u32, WrkReport, WrkReport)], failover: (Duration, u32), json: bool) {
+    let ttl = atoll_registry::membership::MEMBER_TTL;
+    if json {
+        for (label, connections, local, forwarded) in rows {
+            for (scenario, report) in [("local", local), ("forwarded", forwarded)] {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "bench": "cluster",
+                        "load": label,
+                        "connections": connections,
+                        "scenario": scenario,
+                        "requests_per_second": report.requests_per_second.round(),
+                        "p50_us": report.p50.as_micros(),
+                        "p99_us": report.p99.as_micros(),
+                        "errors": report.errors,
+                    })
+                );
+            }
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "cluster",
+                "scenario": "home killed",
+                "first_success_ms": failover.0.as_secs_f64() * 1000.0,
+                "failed_requests": failover.1,
+                "baseline_heartbeat_ttl_ms": ttl.as_millis(),
+            })
+        );
+        return;
+    }
+    println!("cluster: two nodes, one region, one home per function; wrk -t1 per row");
+    println!(
+        "{:<20} {:<10} {:>12} {:>10} {:>10} {:>7}",
+        "load", "scenario", "req/s", "p50", "p99", "errors"
+    );
+    for (label, _, local, forwarded) in rows {
+        for (scenario, report) in [("local", local), ("forwarded", forwarded)] {
+            println!(
+                "{:<20} {:<10} {:>12.0} {:>9}µs {:>9}µs {:>7}",
+                label,
+                scenario,
+                report.requests_per_second,
+                report.p50.as_micros(),
+                report.p99.as_micros(),
+                report.errors
+            );
+        }
+        println!(
+            "{:<20} added by the hop: p50 {:+}µs, p99 {:+}µs; req/s ratio forwarded/local {:.3}",
+            "",
+            forwarded.p50.as_micros() as i64 - local.p50.as_micros() as i64,
+            forwarded.p99.as_micros() as i64 - local.p99.as_micros() as i64,
+            forwarded.requests_per_second / local.requests_per_second
+        );
+    }
+    println!(
+        "home killed: first success through the other node after {:.2} ms, {} failed requests \
+         (baseline: heartbeat TTL {} ms; ratio {:.4})",
+        failover.0.as_secs_f64() * 1000.0,
+        failover.1,
+        ttl.as_millis(),
+        failover.0.as_secs_f64() / ttl.as_secs_f64()
+    );
+}

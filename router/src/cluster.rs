@@ -1,0 +1,586 @@
+//! The node's view of its cluster, and where each request runs.
+//!
+//! ```text
+//! heartbeat answer ─▶ Cluster::learn (peers, their load, draining or not)
+//! request ─▶ Cluster::place(function) ─▶ None: serve here
+//!                                     └▶ Some(peer): forward (pooled HTTP/1.1, hop header)
+//!                                                    └─ fails before the peer answered ─▶ serve here
+//! ```
+//!
+//! Each function has a few *home* nodes per region ([`placement::home_nodes`]), so its
+//! instances stay warm on those and nowhere else. A node that gets a request for a function
+//! homed elsewhere — or whose own pool is full, or that is draining — forwards it to the
+//! less loaded of two home nodes (power of two choices), trying the configured fallback
+//! regions when its own region has none that takes work. A forwarded request carries
+//! [`HOP_HEADER`] and is always served where it lands, so requests never loop. Forwarding is
+//! an optimisation, never a dependency: when the view is stale (no heartbeat answer for a
+//! while), when no peer qualifies, or when the forward fails, the node serves the request
+//! itself — it has every function (static stability).
+//!
+//! Health is the heartbeat's (gone after the TTL, draining by its own word) plus passive
+//! outlier detection: a peer that refuses connections or answers 5xx several times in a row
+//! is skipped for a while ([`placement::Outliers`]).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use atoll_registry::membership::{Health, MemberStatus};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Notify;
+
+use crate::placement::{self, Member, Outliers};
+
+/// Marks a request forwarded by a peer (its value: that peer's name); such a request is
+/// served where it lands.
+pub const HOP_HEADER: &str = "x-atoll-hop";
+/// Names the node that ran the function, on every function response.
+pub const SERVED_BY_HEADER: &str = "x-atoll-node";
+/// Home nodes per function and region.
+pub const DEFAULT_HOME_REPLICAS: usize = 2;
+/// Consecutive failures that eject a peer, and for how long.
+const OUTLIER_THRESHOLD: u32 = 3;
+const OUTLIER_EJECTION: Duration = Duration::from_secs(10);
+/// A view older than this (no heartbeat answer since) is not trusted: serve locally.
+const VIEW_STALE_AFTER: Duration = Duration::from_secs(10);
+/// Connecting to a peer (same LAN or region): a dead one must cost little.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Largest response taken from a peer (functions' responses are bounded far below).
+const MAX_FORWARDED_RESPONSE: usize = 64 * 1024 * 1024;
+
+/// Who this node is in the cluster and how it balances.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub name: String,
+    pub region: String,
+    /// Regions to forward to, in order, when the local one has no node that takes work.
+    pub region_fallback: Vec<String>,
+    pub home_replicas: usize,
+}
+
+/// A peer as last announced.
+#[derive(Debug, Clone)]
+struct Peer {
+    member: Member,
+    http: SocketAddr,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    /// Healthy and draining peers (not this node, not gone), by name.
+    peers: HashMap<String, Peer>,
+    /// When the view was learned; `None` before the first heartbeat answer.
+    learned: Option<Instant>,
+}
+
+/// Why a forward did not produce an answer.
+#[derive(Debug)]
+pub struct ForwardError {
+    /// The request may have reached the peer (so it may have run there).
+    pub maybe_sent: bool,
+    pub reason: String,
+}
+
+/// The node's cluster state; shared by the service, the heartbeat and the admin listener.
+pub struct Cluster {
+    options: ClusterOptions,
+    view: ArcSwap<View>,
+    draining: AtomicBool,
+    /// Wakes the heartbeat when draining starts or stops, so peers hear at once.
+    changed: Notify,
+    outliers: Mutex<Outliers>,
+    /// Requests this node has in flight at each peer: added to the peer's announced load,
+    /// which is up to a heartbeat old.
+    forwarded: Mutex<HashMap<String, u64>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("options", &self.options)
+            .field("draining", &self.is_draining())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    pub fn new(options: ClusterOptions) -> Arc<Cluster> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(PEER_CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Arc::new(Cluster {
+            options,
+            view: ArcSwap::from_pointee(View::default()),
+            draining: AtomicBool::new(false),
+            changed: Notify::new(),
+            outliers: Mutex::new(Outliers::new(OUTLIER_THRESHOLD, OUTLIER_EJECTION)),
+            forwarded: Mutex::new(HashMap::new()),
+            client,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.options.name
+    }
+
+    pub fn region(&self) -> &str {
+        &self.options.region
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Takes the node out of rotation (or back in): announced with the next heartbeat,
+    /// which is sent at once.
+    pub fn set_draining(&self, draining: bool) {
+        if self.draining.swap(draining, Ordering::AcqRel) != draining {
+            tracing::info!(draining, "node rotation changed");
+            self.changed.notify_one();
+        }
+    }
+
+    /// Resolves when draining is switched; the heartbeat uses it to announce at once.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Replaces the view with the members a heartbeat answer listed (this node excluded).
+    pub fn learn(&self, members: &[MemberStatus]) {
+        let peers = members
+            .iter()
+            .filter(|status| status.announcement.name != self.options.name)
+            .filter(|status| status.health != Health::Gone)
+            .filter_map(|status| {
+                let announcement = &status.announcement;
+                let http = announcement.http?;
+                Some((
+                    announcement.name.clone(),
+                    Peer {
+                        member: Member {
+                            name: announcement.name.clone(),
+                            region: announcement.region.clone(),
+                            in_flight: announcement.in_flight,
+                            draining: status.health == Health::Draining,
+                        },
+                        http,
+                    },
+                ))
+            })
+            .collect();
+        self.view.store(Arc::new(View {
+            peers,
+            learned: Some(Instant::now()),
+        }));
+    }
+
+    /// Whether some peer takes work (so draining this node has somewhere to send requests).
+    pub fn has_peers_taking_work(&self) -> bool {
+        let view = self.view.load();
+        fresh(&view, Instant::now()) && view.peers.values().any(|peer| !peer.member.draining)
+    }
+
+    /// Whether `ip` is a peer's address: only peers are trusted to say who the client was.
+    pub fn is_peer(&self, ip: IpAddr) -> bool {
+        self.view.load().peers.values().any(|peer| peer.http.ip() == ip)
+    }
+
+    /// Where a request for `function` should run: `None` here, or the peer to forward to.
+    /// `saturated`: this node's pool for the function has no free slot.
+    pub fn place(&self, function: &str, saturated: bool) -> Option<(String, SocketAddr)> {
+        let now = Instant::now();
+        let view = self.view.load();
+        if !fresh(&view, now) {
+            return None;
+        }
+        let draining = self.is_draining();
+        let forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+        let outliers = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members: Vec<Member> = view
+            .peers
+            .values()
+            .filter(|peer| outliers.is_healthy(&peer.member.name, now))
+            .map(|peer| Member {
+                in_flight: peer.member.in_flight + forwarded.get(&peer.member.name).copied().unwrap_or(0),
+                ..peer.member.clone()
+            })
+            .collect();
+        drop(outliers);
+        drop(forwarded);
+        members.push(Member {
+            name: self.options.name.clone(),
+            region: self.options.region.clone(),
+            in_flight: 0,
+            draining,
+        });
+        let decision = decide(function, &self.options, &members, draining, saturated, |n| {
+            fastrand::usize(..n)
+        })?;
+        let peer = view.peers.get(&decision)?;
+        Some((decision, peer.http))
+    }
+
+    /// Sends the request to `peer` and returns its answer. `host` is the request's host, as
+    /// the client gave it; `client` the client's address and `scheme` how it came in.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn forward(
+        &self,
+        peer: (&str, SocketAddr),
+        method: http::Method,
+        uri: &http::Uri,
+        mut headers: HeaderMap,
+        body: Bytes,
+        host: &str,
+        client: SocketAddr,
+        scheme: &str,
+        timeout: Duration,
+    ) -> Result<Response<Full<Bytes>>, ForwardError> {
+        let (name, address) = peer;
+        let path = uri.path_and_query().map_or("/", |path| path.as_str()).to_string();
+        let uri: http::Uri = format!("http://{address}{path}")
+            .parse()
+            .map_err(|e| ForwardError {
+                maybe_sent: false,
+                reason: format!("building the peer URI: {e}"),
+            })?;
+        strip_hop_by_hop(&mut headers);
+        headers.insert(
+            http::header::HOST,
+            HeaderValue::from_str(host).map_err(|e| ForwardError {
+                maybe_sent: false,
+                reason: format!("host {host:?}: {e}"),
+            })?,
+        );
+        headers.insert(
+            HeaderName::from_static(HOP_HEADER),
+            HeaderValue::from_str(&self.options.name).unwrap_or(HeaderValue::from_static("peer")),
+        );
+        headers.insert(
+            HeaderName::from_static("x-forwarded-for"),
+            HeaderValue::from_str(&client.ip().to_string()).expect("an IP is a valid header"),
+        );
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_str(scheme).unwrap_or(HeaderValue::from_static("http")),
+        );
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+
+        self.adjust_forwarded(name, 1);
+        let outcome = tokio::time::timeout(timeout, async {
+            let response = self.client.request(request).await.map_err(|error| ForwardError {
+                maybe_sent: !error.is_connect(),
+                reason: error_chain(&error),
+            })?;
+            let (mut parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_FORWARDED_RESPONSE)
+                .collect()
+                .await
+                .map_err(|error| ForwardError {
+                    maybe_sent: true,
+                    reason: format!("reading the peer's answer: {error}"),
+                })?
+                .to_bytes();
+            strip_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, Full::new(body)))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(ForwardError {
+                maybe_sent: true,
+                reason: format!("no answer within {}s", timeout.as_secs_f32()),
+            })
+        });
+        self.adjust_forwarded(name, -1);
+
+        let failed = match &outcome {
+            Ok(response) => response.status().is_server_error(),
+            Err(_) => true,
+        };
+        let mut outliers = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        if failed {
+            outliers.failure(name, Instant::now());
+        } else {
+            outliers.success(name);
+        }
+        drop(outliers);
+        let label = match &outcome {
+            Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            Ok(_) => "answered",
+            Err(error) if error.maybe_sent => "broken",
+            Err(_) => "refused",
+        };
+        ::metrics::counter!(crate::metrics::FORWARDS_TOTAL, "outcome" => label).increment(1);
+        outcome
+    }
+
+    fn adjust_forwarded(&self, peer: &str, delta: i64) {
+        let mut forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+        let count = forwarded.entry(peer.to_string()).or_insert(0);
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            forwarded.remove(peer);
+        }
+    }
+}
+
+fn fresh(view: &View, now: Instant) -> bool {
+    view.learned
+        .is_some_and(|learned| now.saturating_duration_since(learned) < VIEW_STALE_AFTER)
+}
+
+/// The placement decision, pure: the name of the peer to forward to, or `None` to serve
+/// here. `members` includes this node (named `options.name`, `draining` as given) and only
+/// peers that may be picked; `random(n)` draws in `0..n`.
+pub fn decide(
+    function: &str,
+    options: &ClusterOptions,
+    members: &[Member],
+    draining: bool,
+    saturated: bool,
+    mut random: impl FnMut(usize) -> usize,
+) -> Option<String> {
+    let me = options.name.as_str();
+    for region in placement::region_order(&options.region, &options.region_fallback) {
+        let homes = placement::home_nodes(function, region, members, options.home_replicas);
+        let home_here = homes.iter().any(|member| member.name == me);
+        if home_here && !saturated {
+            return None;
+        }
+        let peers: Vec<&Member> = homes.into_iter().filter(|member| member.name != me).collect();
+        if peers.is_empty() {
+            if region == options.region && !draining {
+                // Nobody else to ask in the region: this node serves (it is taking work).
+                return None;
+            }
+            continue;
+        }
+        return placement::power_of_two(&peers, &mut random).map(|member| member.name.clone());
+    }
+    None
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        http::header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        http::header::PROXY_AUTHENTICATE,
+        http::header::PROXY_AUTHORIZATION,
+        http::header::TE,
+        http::header::TRAILER,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(name: &str, region: &str, fallback: &[&str]) -> ClusterOptions {
+        ClusterOptions {
+            name: name.into(),
+            region: region.into(),
+            region_fallback: fallback.iter().map(|r| r.to_string()).collect(),
+            home_replicas: 2,
+        }
+    }
+
+    fn member(name: &str, region: &str, draining: bool) -> Member {
+        Member {
+            name: name.into(),
+            region: region.into(),
+            in_flight: 0,
+            draining,
+        }
+    }
+
+    /// Six nodes, two per region a, b, c.
+    fn six(draining_in_a: bool) -> Vec<Member> {
+        ["a", "b", "c"]
+            .iter()
+            .flat_map(|region| {
+                (1..=2).map(move |i| member(&format!("{region}{i}"), region, draining_in_a && *region == "a"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_home_node_serves_locally_and_others_forward_to_a_home() {
+        // Three nodes in a with two homes: exactly one of them is not a home for "f".
+        let members = vec![
+            member("a1", "a", false),
+            member("a2", "a", false),
+            member("a3", "a", false),
+        ];
+        let homes: Vec<String> = placement::home_nodes("f", "a", &members, 2)
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        for name in ["a1", "a2", "a3"] {
+            let decision = decide("f", &options(name, "a", &[]), &members, false, false, |_| 0);
+            if homes.contains(&name.to_string()) {
+                assert_eq!(decision, None, "{name} is home");
+            } else {
+                let to = decision.expect("a non-home forwards");
+                assert!(homes.contains(&to), "{name} forwarded to {to}, not a home");
+            }
+        }
+    }
+
+    #[test]
+    fn a_saturated_home_forwards_to_the_other_home() {
+        let members = vec![member("a1", "a", false), member("a2", "a", false)];
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &members, false, false, |_| 0),
+            None
+        );
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &members, false, true, |_| 0).as_deref(),
+            Some("a2")
+        );
+        // Alone and saturated: nobody to ask, so it queues here.
+        let alone = vec![member("a1", "a", false)];
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &alone, false, true, |_| 0),
+            None
+        );
+    }
+
+    #[test]
+    fn a_draining_node_forwards_to_its_region_then_to_the_fallbacks() {
+        let mut members = six(false);
+        members.iter_mut().find(|m| m.name == "a1").unwrap().draining = true;
+        let to = decide(
+            "f",
+            &options("a1", "a", &["b", "c"]),
+            &members,
+            true,
+            false,
+            |_| 0,
+        );
+        assert_eq!(to.as_deref(), Some("a2"), "the region's other node");
+
+        let members = six(true);
+        let to = decide(
+            "f",
+            &options("a1", "a", &["c", "b"]),
+            &members,
+            true,
+            false,
+            |_| 0,
+        )
+        .unwrap();
+        assert!(to.starts_with('c'), "first fallback region, got {to}");
+        let to = decide("f", &options("a1", "a", &["b"]), &members, true, false, |_| 0).unwrap();
+        assert!(to.starts_with('b'), "got {to}");
+        // Draining with no fallback configured and no peer in the region: serve here.
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &members, true, false, |_| 0),
+            None
+        );
+    }
+
+    #[test]
+    fn a_forwarded_request_never_comes_back() {
+        // Whatever a node decides, the peer it names would serve the request itself (it is
+        // a home and not saturated), so one hop is the most a request takes.
+        let members = six(false);
+        for function in ["f", "g", "h", "shop", "api"] {
+            for from in &members {
+                let opts = options(&from.name, &from.region, &["b", "c"]);
+                if let Some(to) = decide(function, &opts, &members, false, false, |_| 0) {
+                    let peer = members.iter().find(|m| m.name == to).unwrap();
+                    let peer_opts = options(&peer.name, &peer.region, &["b", "c"]);
+                    assert_eq!(decide(function, &peer_opts, &members, false, false, |_| 0), None);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn the_view_excludes_this_node_and_gone_members_and_goes_stale() {
+        use atoll_registry::membership::NodeAnnouncement;
+        let cluster = Cluster::new(options("a1", "a", &[]));
+        assert!(!cluster.has_peers_taking_work(), "no view yet");
+        let status = |name: &str, health| MemberStatus {
+            announcement: NodeAnnouncement {
+                name: name.into(),
+                region: "a".into(),
+                http: Some("127.0.0.12:80".parse().unwrap()),
+                https: None,
+                in_flight: 0,
+                free_capacity: 0,
+                draining: health == Health::Draining,
+            },
+            age_ms: 0,
+            health,
+        };
+        cluster.learn(&[
+            status("a1", Health::Healthy),
+            status("a2", Health::Draining),
+            status("a3", Health::Gone),
+        ]);
+        assert!(!cluster.has_peers_taking_work(), "a2 drains, a3 is gone");
+        assert!(cluster.is_peer("127.0.0.12".parse().unwrap()));
+        cluster.learn(&[status("a2", Health::Healthy)]);
+        assert!(cluster.has_peers_taking_work());
+    }
+}

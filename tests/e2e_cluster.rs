@@ -1,0 +1,504 @@
+//! A cluster end to end: a real `nats-server -js`, two registries on it, and edge nodes in
+//! three regions on their own loopback addresses (127.0.0.11–12 for region a, .21–22 for b,
+//! .31–32 for c). What it proves: a push reaches every node; a request for a function homed
+//! elsewhere is forwarded to its home and served there; a home killed under load costs no
+//! more than the requests it had in flight; a drained region's traffic is served by the
+//! fallback region; and nodes keep serving with the whole control plane down, also after a
+//! restart.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use support::*;
+
+const REGIONS: [(&str, [&str; 2]); 3] = [
+    ("a", ["127.0.0.11", "127.0.0.12"]),
+    ("b", ["127.0.0.21", "127.0.0.22"]),
+    ("c", ["127.0.0.31", "127.0.0.32"]),
+];
+
+/// One `atoll node` of the cluster.
+struct Member {
+    name: String,
+    region: String,
+    process: Process,
+    http: String,
+    admin: String,
+    args: Vec<String>,
+}
+
+/// Starts `atoll node` named `name` in `region` on `ip` (ports picked by the OS), following
+/// `control` (`--registry URL` or `--store nats://…`), with one home node per function and
+/// region so forwarding is exercised, and `extra` flags.
+fn start_member(control: &[&str], name: &str, region: &str, ip: &str, data: &Path, extra: &[&str]) -> Member {
+    let listen = format!("{ip}:0");
+    let mut args: Vec<String> = vec!["node".into()];
+    args.extend(control.iter().map(|s| s.to_string()));
+    for (flag, value) in [
+        ("--listen", listen.as_str()),
+        ("--admin", listen.as_str()),
+        ("--data", data.to_str().unwrap()),
+        ("--name", name),
+        ("--region", region),
+        ("--home-replicas", "1"),
+        ("--drain-delay", "1s"),
+    ] {
+        args.push(flag.into());
+        args.push(value.into());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    launch(name, region, args)
+}
+
+fn launch(name: &str, region: &str, args: Vec<String>) -> Member {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut process = Process::spawn(name, &refs);
+    let admin = process.wait_for_line("admin listening on http://", STARTUP)
+        ["admin listening on http://".len()..]
+        .trim()
+        .to_string();
+    let http = process
+        .stdout_lines()
+        .into_iter()
+        .find_map(|line| {
+            line.strip_prefix("node listening on http://")
+                .map(|s| s.trim().to_string())
+        })
+        .expect("an HTTP listener");
+    Member {
+        name: name.into(),
+        region: region.into(),
+        process,
+        http,
+        admin,
+        args,
+    }
+}
+
+/// The registry's member list: (name, health) pairs.
+fn health(registry: &str) -> Vec<(String, String)> {
+    let Ok(response) = http_request(
+        url_addr(registry),
+        "GET",
+        "registry",
+        "/v1/nodes",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        b"",
+    ) else {
+        return Vec::new();
+    };
+    let members: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+    members
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or_default().to_string(),
+                m["health"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_for_health(registry: &str, names: &[&str], wanted: &str) {
+    wait_until(&format!("{names:?} {wanted} at {registry}"), || {
+        let listed = health(registry);
+        names
+            .iter()
+            .all(|name| listed.iter().any(|(n, h)| n == name && h == wanted))
+    });
+}
+
+/// Status and serving node of `GET /` for `host` through `addr` (0 and "" if no answer).
+fn served_by(addr: &str, host: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    match http_request(addr, "GET", host, "/", headers, b"") {
+        Ok(response) => (
+            response.status,
+            response.header("x-atoll-node").unwrap_or_default().to_string(),
+        ),
+        Err(_) => (0, String::new()),
+    }
+}
+
+fn drain(admin: &str, method: &str) {
+    let response = http_request(admin, method, "admin", "/drain", &[], b"").expect("admin answers");
+    assert_eq!(response.status, 200, "{method} /drain: {}", response.text());
+}
+
+/// NATS, two registries on it, and six nodes (two per region, each region falling back to
+/// the other two): regions a and b alternate between the registries, c follows NATS.
+struct Cluster {
+    _nats: NatsServer,
+    registries: Vec<(Process, String)>,
+    members: Vec<Member>,
+    _data: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let nats = NatsServer::start();
+        let registries = vec![
+            start_nats_registry("registry-1", &nats),
+            start_nats_registry("registry-2", &nats),
+        ];
+        let data = tempfile::tempdir().unwrap();
+        let mut members = Vec::new();
+        for (region, ips) in REGIONS {
+            let fallback: Vec<&str> = REGIONS.iter().map(|(r, _)| *r).filter(|r| *r != region).collect();
+            let fallback = fallback.join(",");
+            for (i, ip) in ips.iter().enumerate() {
+                let name = format!("{region}{}", i + 1);
+                // Region c follows JetStream directly; the others a registry each.
+                let control = match region {
+                    "c" => ["--store", nats.url.as_str()],
+                    _ => ["--registry", registries[members.len() % 2].1.as_str()],
+                };
+                members.push(start_member(
+                    &control,
+                    &name,
+                    region,
+                    ip,
+                    &data.path().join(&name),
+                    &["--region-fallback", &fallback],
+                ));
+            }
+        }
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        wait_for_health(&registries[1].1, &names, "healthy");
+        Cluster {
+            _nats: nats,
+            registries,
+            members,
+            _data: data,
+        }
+    }
+
+    fn member(&self, name: &str) -> &Member {
+        self.members.iter().find(|m| m.name == name).unwrap()
+    }
+}
+
+#[test]
+fn a_push_reaches_every_node_and_requests_are_served_by_their_home() {
+    let cluster = Cluster::start();
+    let pushed = Instant::now();
+    push_ok(&cluster.registries[0].1, &example("hello"));
+    // Every node has it itself: a request carrying the hop header is served where it lands.
+    let mut pending: Vec<&Member> = cluster.members.iter().collect();
+    while !pending.is_empty() {
+        assert!(
+            pushed.elapsed() < STARTUP,
+            "not served by {:?}",
+            pending.iter().map(|m| &m.name).collect::<Vec<_>>()
+        );
+        pending.retain(|member| {
+            served_by(&member.http, "hello.localhost", &[("x-atoll-hop", "test")])
+                != (200, member.name.clone())
+        });
+        std::thread::sleep(POLL);
+    }
+    println!("push served by all six nodes after {:?}", pushed.elapsed());
+
+    // Without it, each region's two nodes send the function to the same home, in the region.
+    for (region, _) in REGIONS {
+        let nodes: Vec<&Member> = cluster.members.iter().filter(|m| m.region == region).collect();
+        wait_until(&format!("region {region} agrees on a home"), || {
+            let first = served_by(&nodes[0].http, "hello.localhost", &[]);
+            let second = served_by(&nodes[1].http, "hello.localhost", &[]);
+            first.0 == 200 && first == second
+        });
+        for _ in 0..10 {
+            for node in &nodes {
+                let (status, by) = served_by(&node.http, "hello.localhost", &[]);
+                assert_eq!(status, 200);
+                assert!(
+                    by.starts_with(region),
+                    "{} forwarded out of its region to {by}",
+                    node.name
+                );
+            }
+        }
+    }
+    let forwarded: f64 = cluster
+        .members
+        .iter()
+        .filter_map(|m| {
+            metric_value(
+                &metrics(&m.admin),
+                "atoll_forwards_total",
+                &[("outcome", "answered")],
+            )
+        })
+        .sum();
+    assert!(forwarded >= 30.0, "forwards counted: {forwarded}");
+
+    // Region a drains: what still arrives there is served by b (its first fallback).
+    for member in cluster.members.iter().filter(|m| m.region == "a") {
+        drain(&member.admin, "POST");
+        let ready = http_get(&member.admin, "admin", "/readyz").unwrap();
+        assert_eq!(ready.status, 503, "a draining node is not ready");
+    }
+    wait_for_health(&cluster.registries[0].1, &["a1", "a2"], "draining");
+    for member in cluster.members.iter().filter(|m| m.region == "a") {
+        wait_until(&format!("{} forwards to region b", member.name), || {
+            served_by(&member.http, "hello.localhost", &[]).1.starts_with('b')
+        });
+    }
+    for _ in 0..20 {
+        for name in ["a1", "a2"] {
+            let (status, by) = served_by(&cluster.member(name).http, "hello.localhost", &[]);
+            assert_eq!(status, 200);
+            assert!(by.starts_with('b'), "a drained node's request was served by {by}");
+        }
+    }
+    // Back in rotation.
+    drain(&cluster.member("a1").admin, "DELETE");
+    wait_until("a1 serves region a again", || {
+        served_by(&cluster.member("a1").http, "hello.localhost", &[]).1 == "a1"
+    });
+
+    // SIGTERM drains before it stops: the node announces it at once, then exits cleanly.
+    let mut cluster = cluster;
+    let c1 = cluster.members.iter_mut().find(|m| m.name == "c1").unwrap();
+    c1.process.terminate();
+    wait_for_health(&cluster.registries[0].1, &["c1"], "draining");
+    let c1 = cluster.members.iter_mut().find(|m| m.name == "c1").unwrap();
+    assert!(c1.process.wait_exit(STARTUP).success());
+}
+
+#[test]
+fn killing_a_home_under_load_loses_no_more_than_its_requests_in_flight() {
+    let nats = NatsServer::start();
+    let (_registry, url) = start_nats_registry("registry", &nats);
+    let data = tempfile::tempdir().unwrap();
+    let mut members: Vec<Member> = REGIONS[0]
+        .1
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            let name = format!("a{}", i + 1);
+            start_member(
+                &["--registry", &url],
+                &name,
+                "a",
+                ip,
+                &data.path().join(&name),
+                &[],
+            )
+        })
+        .collect();
+    wait_for_health(&url, &["a1", "a2"], "healthy");
+    push_ok(&url, &example("hello"));
+    let mut home = String::new();
+    wait_until("both nodes send hello to one home", || {
+        let first = served_by(&members[0].http, "hello.localhost", &[]);
+        let second = served_by(&members[1].http, "hello.localhost", &[]);
+        home = first.1.clone();
+        first.0 == 200 && first == second
+    });
+    let home_index = members.iter().position(|m| m.name == home).unwrap();
+    let front = &members[1 - home_index];
+    let (front_http, front_admin) = (front.http.clone(), front.admin.clone());
+
+    const CONCURRENCY: usize = 16;
+    const REQUESTS: usize = 4000;
+    let load = {
+        let target = format!("http://{front_http}/");
+        std::thread::spawn(move || {
+            std::process::Command::new("ab")
+                .args([
+                    "-r",
+                    "-s",
+                    "30",
+                    "-n",
+                    &REQUESTS.to_string(),
+                    "-c",
+                    &CONCURRENCY.to_string(),
+                ])
+                .args(["-H", "Host: hello.localhost", &target])
+                .output()
+                .expect("ab is installed (apache2-utils)")
+        })
+    };
+    // Kill the home once the front node has been forwarding to it for a while.
+    wait_until("the front node forwards under load", || {
+        metric_value(
+            &metrics(&front_admin),
+            "atoll_forwards_total",
+            &[("outcome", "answered")],
+        )
+        .is_some_and(|count| count >= 500.0)
+    });
+    members[home_index].process.sigkill();
+    let output = load.join().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let field = |name: &str| -> usize {
+        report
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map_or(0, |value| {
+                value.split_whitespace().next().unwrap().parse().unwrap()
+            })
+    };
+    assert_eq!(field("Complete requests:"), REQUESTS, "{report}");
+    let lost = field("Failed requests:") + field("Non-2xx responses:");
+    println!("home killed under load: {lost} of {REQUESTS} requests lost");
+    assert!(
+        lost <= CONCURRENCY,
+        "lost {lost} requests, more than the {CONCURRENCY} in flight:\n{report}"
+    );
+    // The front node serves it now.
+    assert_eq!(
+        served_by(&front_http, "hello.localhost", &[]),
+        (200, members[1 - home_index].name.clone())
+    );
+}
+
+#[test]
+fn nodes_serve_with_the_control_plane_down_and_after_a_restart() {
+    let nats = NatsServer::start();
+    let (mut registry, url) = start_nats_registry("registry", &nats);
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = |name: &str| -> PathBuf { data.path().join(name) };
+    // One node follows the registry, the other NATS directly.
+    let members: Vec<Member> = REGIONS[0]
+        .1
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            let name = format!("a{}", i + 1);
+            let control = match i {
+                0 => ["--registry", url.as_str()],
+                _ => ["--store", nats.url.as_str()],
+            };
+            start_member(&control, &name, "a", ip, &data_dir(&name), &[])
+        })
+        .collect();
+    push_ok(&url, &example("hello"));
+    for member in &members {
+        wait_for_text(
+            &member.http,
+            "hello.localhost",
+            "/",
+            &hello_body("hello.localhost"),
+        );
+    }
+    registry.sigkill();
+    drop(nats);
+    for _ in 0..20 {
+        for member in &members {
+            let (status, _) = served_by(&member.http, "hello.localhost", &[]);
+            assert_eq!(status, 200, "{} with the control plane down", member.name);
+        }
+    }
+    // Restarted nodes serve from their disk cache, with nothing to ask.
+    for member in members {
+        let Member {
+            name,
+            region,
+            process,
+            args,
+            ..
+        } = member;
+        process.terminate();
+        let mut process = process;
+        assert!(process.wait_exit(STARTUP).success(), "{name} exits cleanly");
+        let again = launch(&name, &region, args);
+        wait_for_text(
+            &again.http,
+            "hello.localhost",
+            "/",
+            &hello_body("hello.localhost"),
+        );
+        assert_eq!(
+            served_by(&again.http, "hello.localhost", &[]),
+            (200, name.clone())
+        );
+    }
+}
+
+/// `dig` at the DNS server `server` (`IP:PORT`) from `source`: the A records for `name`.
+fn dig(server: &str, source: &str, name: &str) -> Vec<String> {
+    let (ip, port) = server.rsplit_once(':').unwrap();
+    let output = std::process::Command::new("dig")
+        .args([
+            &format!("@{ip}"),
+            "-p",
+            port,
+            "-b",
+            source,
+            name,
+            "A",
+            "+short",
+            "+tries=1",
+            "+time=2",
+        ])
+        .output()
+        .expect("dig is installed (dnsutils)");
+    let mut addresses: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(str::to_string)
+        .collect();
+    addresses.sort();
+    addresses
+}
+
+#[test]
+fn killing_region_a_moves_its_clients_dns_answer_to_region_b() {
+    let mut cluster = Cluster::start();
+    push_ok(&cluster.registries[0].1, &example("hello"));
+    let mut dns = Process::spawn(
+        "dns",
+        &[
+            "dns",
+            "--listen",
+            "127.0.0.1:0",
+            "--zone",
+            "localhost",
+            "--registry",
+            &cluster.registries[1].1,
+            "--region-map",
+            "127.0.0.8/29=a",
+            "--region-map",
+            "127.0.0.16/28=b",
+            "--region-fallback",
+            "a=b,c",
+        ],
+    );
+    let line = dns.wait_for_line("dns listening on udp://", STARTUP);
+    let server = line["dns listening on udp://".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    // A client at 127.0.0.9 is in region a: it is told a's nodes.
+    wait_until("region a's client gets a's nodes", || {
+        dig(&server, "127.0.0.9", "hello.localhost") == ["127.0.0.11", "127.0.0.12"]
+    });
+    assert_eq!(
+        dig(&server, "127.0.0.17", "hello.localhost"),
+        ["127.0.0.21", "127.0.0.22"]
+    );
+
+    let killed = Instant::now();
+    for member in cluster.members.iter_mut().filter(|m| m.region == "a") {
+        member.process.sigkill();
+    }
+    wait_until("region a's client gets b's nodes", || {
+        dig(&server, "127.0.0.9", "hello.localhost") == ["127.0.0.21", "127.0.0.22"]
+    });
+    println!(
+        "DNS answer for region a moved to region b {:?} after the kill",
+        killed.elapsed()
+    );
+    // And those nodes serve it.
+    assert_eq!(
+        served_by(&cluster.member("b1").http, "hello.localhost", &[]).0,
+        200
+    );
+}
