@@ -74,20 +74,29 @@ pub fn run(args: ClusterArgs) -> Result<()> {
         anyhow::Ok(url)
     })?;
     let mut nodes = Vec::new();
-    for name in ["n1", "n2"] {
+    for (name, region, ip) in [
+        ("a1", "a", "127.0.0.11"),
+        ("a2", "a", "127.0.0.12"),
+        ("b1", "b", "127.0.0.21"),
+    ] {
+        let data = data.path().join(name);
         nodes.push(start_node(
             name,
+            region,
+            ip,
             &registry_url,
             &token,
-            &data.path().join(name),
+            &data,
             engine.clone(),
         )?);
     }
+    let region_b = nodes.pop().context("b1")?;
+    let dns_server = control.block_on(start_dns(&registry_url, &token))?;
     let client = atoll_registry::RegistryClient::new(&registry_url, Some(token))?;
     control.block_on(async {
         // Both nodes in the member list, then hello pushed and served by both.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while client.nodes().await.map_or(0, |nodes| nodes.len()) < 2 {
+        while client.nodes().await.map_or(0, |nodes| nodes.len()) < 3 {
             if Instant::now() > deadline {
                 bail!("the nodes did not announce themselves within 30 s");
             }
@@ -169,13 +178,99 @@ pub fn run(args: ClusterArgs) -> Result<()> {
             }
         }
     })?;
-    report(&rows, failover, args.json);
-    drop(nodes);
+
+    // Region failover: kill the rest of region a; wait for the DNS to name b, and b to serve.
+    let region_a_client = "127.0.0.9";
+    let region_b_ip = region_b.http.ip().to_string();
+    let ask = |client: &str| dig(dns_server, client, HOST);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask(region_a_client)? != [nodes[0].http.ip().to_string()] {
+        if Instant::now() > deadline {
+            bail!("the DNS did not name region a's survivor within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let survivor = nodes.remove(0);
+    let killed = Instant::now();
+    survivor.runtime.shutdown_background();
+    loop {
+        if ask(region_a_client)? == [region_b_ip.clone()] {
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(30) {
+            bail!("the DNS did not move region a's client to region b within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answered = killed.elapsed();
+    control.block_on(served_by(region_b.http))?;
+    let region_failover = (answered, killed.elapsed());
+    report(&rows, failover, region_failover, args.json);
+    drop(region_b);
     Ok(())
+}
+
+/// `atoll dns` in process on `registry_url`, zone `localhost`, 127.0.0.8/29 in region a
+/// and 127.0.0.16/28 in b; its UDP address.
+async fn start_dns(registry_url: &str, token: &str) -> Result<SocketAddr> {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        dns: atoll_dns::DnsArgs,
+    }
+    let flags = Flags::try_parse_from([
+        "dns",
+        "--listen",
+        "127.0.0.1:0",
+        "--zone",
+        "localhost",
+        "--registry",
+        registry_url,
+        "--token",
+        token,
+        "--region-map",
+        "127.0.0.8/29=a",
+        "--region-map",
+        "127.0.0.16/28=b",
+        "--region-fallback",
+        "a=b",
+    ])?;
+    let config = flags.dns.config()?;
+    let source = flags.dns.source().await?;
+    let (udp, tcp) = atoll_dns::bind(flags.dns.listen).await?;
+    let address = udp.local_addr()?;
+    tokio::spawn(atoll_dns::serve(config, source, udp, tcp, std::future::pending()));
+    Ok(address)
+}
+
+/// The A records `dig` gets for `name` from `server`, asking from `source`.
+fn dig(server: SocketAddr, source: &str, name: &str) -> Result<Vec<String>> {
+    let output = std::process::Command::new("dig")
+        .args([
+            &format!("@{}", server.ip()),
+            "-p",
+            &server.port().to_string(),
+            "-b",
+            source,
+        ])
+        .args([name, "A", "+short", "+tries=1", "+time=2"])
+        .output()
+        .context("running dig (install it with `apt-get install dnsutils`)")?;
+    let mut addresses: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(str::to_string)
+        .collect();
+    addresses.sort();
+    Ok(addresses)
 }
 
 fn start_node(
     name: &str,
+    region: &str,
+    ip: &str,
     registry_url: &str,
     token: &str,
     data: &std::path::Path,
@@ -186,13 +281,13 @@ fn start_node(
         .enable_all()
         .build()?;
     let http = runtime.block_on(async {
-        let http = TcpListener::bind("127.0.0.1:0").await?;
+        let http = TcpListener::bind((ip, 0)).await?;
         let address = http.local_addr()?;
-        let admin = TcpListener::bind("127.0.0.1:0").await?;
+        let admin = TcpListener::bind((ip, 0)).await?;
         let mut options = atoll_router::NodeOptions::new(data.to_path_buf(), registry_url.to_string());
         options.token = Some(token.to_string());
         options.name = name.to_string();
-        options.region = "bench".into();
+        options.region = region.into();
         options.home_replicas = 1;
         let listeners = atoll_router::NodeListeners {
             http: Some(http),
@@ -242,8 +337,17 @@ async fn served_by(address: SocketAddr) -> Result<String> {
         .context("no x-atoll-node header")
 }
 
-fn report(rows: &[(&str, u32, WrkReport, WrkReport)], failover: (Duration, u32), json: bool) {
+/// How often `atoll dns` refreshes its view (its source's poll interval).
+const DNS_POLL: Duration = Duration::from_millis(500);
+
+fn report(
+    rows: &[(&str, u32, WrkReport, WrkReport)],
+    failover: (Duration, u32),
+    region: (Duration, Duration),
+    json: bool,
+) {
     let ttl = atoll_registry::membership::MEMBER_TTL;
+    let region_bound = ttl + DNS_POLL;
     if json {
         for (label, connections, local, forwarded) in rows {
             for (scenario, report) in [("local", local), ("forwarded", forwarded)] {
@@ -272,9 +376,19 @@ fn report(rows: &[(&str, u32, WrkReport, WrkReport)], failover: (Duration, u32),
                 "baseline_heartbeat_ttl_ms": ttl.as_millis(),
             })
         );
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "cluster",
+                "scenario": "region killed",
+                "dns_moved_ms": region.0.as_secs_f64() * 1000.0,
+                "first_success_ms": region.1.as_secs_f64() * 1000.0,
+                "baseline_member_ttl_plus_dns_poll_ms": region_bound.as_millis(),
+            })
+        );
         return;
     }
-    println!("cluster: two nodes, one region, one home per function; wrk -t1 per row");
+    println!("cluster: two nodes in region a (one home per function), one in b; wrk -t1 per row");
     println!(
         "{:<20} {:<10} {:>12} {:>10} {:>10} {:>7}",
         "load", "scenario", "req/s", "p50", "p99", "errors"
@@ -306,5 +420,13 @@ fn report(rows: &[(&str, u32, WrkReport, WrkReport)], failover: (Duration, u32),
         failover.1,
         ttl.as_millis(),
         failover.0.as_secs_f64() / ttl.as_secs_f64()
+    );
+    println!(
+        "region a killed: DNS names region b after {:.0} ms, first success there after {:.0} ms \
+         (bound by design: member TTL + DNS poll = {} ms; ratio {:.3}); client caches add up to the 5 s TTL",
+        region.0.as_secs_f64() * 1000.0,
+        region.1.as_secs_f64() * 1000.0,
+        region_bound.as_millis(),
+        region.1.as_secs_f64() / region_bound.as_secs_f64()
     );
 }
