@@ -235,6 +235,40 @@ fn a_push_reaches_every_node_and_requests_are_served_by_their_home() {
         .sum();
     assert!(forwarded >= 30.0, "forwards counted: {forwarded}");
 
+    // A forwarded request reaches the function as the client sent it: same client address,
+    // headers and body, and none of the forwarding headers (which a client cannot forge).
+    push_ok(&cluster.registries[1].1, &example("echo"));
+    let region_a: Vec<&Member> = cluster.members.iter().filter(|m| m.region == "a").collect();
+    let post = |member: &Member| {
+        http_request(
+            &member.http,
+            "POST",
+            "echo.localhost",
+            "/x?q=1",
+            &[("X-Test", "kept"), ("X-Atoll-Client", "192.0.2.1:1")],
+            b"payload",
+        )
+        .ok()
+        .filter(|response| response.status == 200)
+    };
+    wait_until("both region a nodes serve echo", || {
+        region_a.iter().all(|m| post(m).is_some())
+    });
+    let forwarded = region_a
+        .iter()
+        .filter_map(|member| post(member).map(|response| (member.name.clone(), response)))
+        .find(|(name, response)| response.header("x-atoll-node") != Some(name.as_str()))
+        .expect("one of region a's nodes is not echo's home and forwards it");
+    let fields = echo_fields(&forwarded.1.text());
+    assert_eq!(fields["REMOTE_ADDR"], "127.0.0.1", "{}", forwarded.1.text());
+    assert_eq!(fields["HTTP_X_TEST"], "kept");
+    assert_eq!(fields["BODY"], "payload");
+    assert_eq!(fields["QUERY_STRING"], "q=1");
+    assert!(
+        fields.keys().all(|key| !key.starts_with("HTTP_X_ATOLL")),
+        "forwarding headers reached the function: {fields:?}"
+    );
+
     // Region a drains: what still arrives there is served by b (its first fallback).
     for member in cluster.members.iter().filter(|m| m.region == "a") {
         drain(&member.admin, "POST");

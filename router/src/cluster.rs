@@ -42,6 +42,13 @@ use crate::placement::{self, Member, Outliers};
 /// Marks a request forwarded by a peer (its value: that peer's name); such a request is
 /// served where it lands.
 pub const HOP_HEADER: &str = "x-atoll-hop";
+/// On a forwarded request: the client's address (`IP:PORT`) as the first node saw it.
+pub const CLIENT_HEADER: &str = "x-atoll-client";
+/// On a forwarded request: `https` when the client came over TLS or QUIC.
+pub const SCHEME_HEADER: &str = "x-atoll-scheme";
+/// What a forward adds; removed before a function sees the request, so a function sees the
+/// same request whether it was forwarded or not (and a client cannot pose as a peer).
+pub const FORWARDING_HEADERS: [&str; 3] = [HOP_HEADER, CLIENT_HEADER, SCHEME_HEADER];
 /// Names the node that ran the function, on every function response.
 pub const SERVED_BY_HEADER: &str = "x-atoll-node";
 /// Home nodes per function and region.
@@ -64,6 +71,10 @@ pub struct ClusterOptions {
     /// Regions to forward to, in order, when the local one has no node that takes work.
     pub region_fallback: Vec<String>,
     pub home_replicas: usize,
+    /// The address forwards leave from: the node's own listening IP when it listens on one,
+    /// so peers recognise it ([`Cluster::is_peer`]) even where the kernel would pick
+    /// another source (loopback, several interfaces).
+    pub source_ip: Option<IpAddr>,
 }
 
 /// A peer as last announced.
@@ -117,6 +128,7 @@ impl Cluster {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(PEER_CONNECT_TIMEOUT));
         connector.set_nodelay(true);
+        connector.set_local_address(options.source_ip);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
@@ -203,7 +215,8 @@ impl Cluster {
     pub fn place(&self, function: &str, saturated: bool) -> Option<(String, SocketAddr)> {
         let now = Instant::now();
         let view = self.view.load();
-        if !fresh(&view, now) {
+        // Alone (or with a stale view): nothing to decide, and nothing to allocate.
+        if view.peers.is_empty() || !fresh(&view, now) {
             return None;
         }
         let draining = self.is_draining();
@@ -269,11 +282,11 @@ impl Cluster {
             HeaderValue::from_str(&self.options.name).unwrap_or(HeaderValue::from_static("peer")),
         );
         headers.insert(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_str(&client.ip().to_string()).expect("an IP is a valid header"),
+            HeaderName::from_static(CLIENT_HEADER),
+            HeaderValue::from_str(&client.to_string()).expect("an address is a valid header"),
         );
         headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
+            HeaderName::from_static(SCHEME_HEADER),
             HeaderValue::from_str(scheme).unwrap_or(HeaderValue::from_static("http")),
         );
         let mut request = Request::new(Full::new(body));
@@ -422,6 +435,7 @@ mod tests {
             region: region.into(),
             region_fallback: fallback.iter().map(|r| r.to_string()).collect(),
             home_replicas: 2,
+            source_ip: None,
         }
     }
 

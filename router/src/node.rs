@@ -306,6 +306,12 @@ pub async fn run(
         region: options.region.clone(),
         region_fallback: options.region_fallback.clone(),
         home_replicas: options.home_replicas,
+        source_ip: listeners
+            .http
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+            .map(|address| address.ip())
+            .filter(|ip| !ip.is_unspecified()),
     });
     let http01 = Http01Challenges::new();
     let service = EdgeService::with_options(

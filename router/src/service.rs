@@ -23,7 +23,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 
 use crate::acme::Http01Challenges;
-use crate::cluster::{Cluster, HOP_HEADER, SERVED_BY_HEADER};
+use crate::cluster::{
+    CLIENT_HEADER, Cluster, FORWARDING_HEADERS, HOP_HEADER, SCHEME_HEADER, SERVED_BY_HEADER,
+};
 use crate::executor::GuestExecutor;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
@@ -172,7 +174,7 @@ impl EdgeService {
         let function_metrics = Arc::clone(&served.metrics);
         drop(table);
 
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let body = match Limited::new(body, self.max_body_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.is::<http_body_util::LengthLimitError>() => {
@@ -195,20 +197,24 @@ impl EdgeService {
         let mut scheme = if connection.is_secure() { "https" } else { "http" };
         let mut client = connection.remote;
         let hop = parts.headers.contains_key(HOP_HEADER);
-        if let Some(cluster) = &self.cluster {
-            if hop {
-                // Only a peer is believed about the client and how it came in.
-                if cluster.is_peer(connection.remote.ip()) {
-                    if let Some(ip) = header_str(&parts.headers, "x-forwarded-for")
-                        .and_then(|value| value.trim().parse::<std::net::IpAddr>().ok())
-                    {
-                        client = std::net::SocketAddr::new(ip, 0);
-                    }
-                    if header_str(&parts.headers, "x-forwarded-proto") == Some("https") {
-                        scheme = "https";
-                    }
+        if hop {
+            // Only a peer is believed about the client and how it came in.
+            if self
+                .cluster
+                .as_ref()
+                .is_some_and(|cluster| cluster.is_peer(connection.remote.ip()))
+            {
+                if let Some(address) = header_str(&parts.headers, CLIENT_HEADER)
+                    .and_then(|value| value.trim().parse::<std::net::SocketAddr>().ok())
+                {
+                    client = address;
                 }
-            } else if let Some(peer) = cluster.place(served.name(), served.pool.saturated()) {
+                if header_str(&parts.headers, SCHEME_HEADER) == Some("https") {
+                    scheme = "https";
+                }
+            }
+        } else if let Some(cluster) = &self.cluster {
+            if let Some(peer) = cluster.place(served.name(), served.pool.saturated()) {
                 let timeout = served.pool.function().config().timeout + FORWARD_SLACK;
                 let forwarded = cluster
                     .forward(
@@ -241,6 +247,9 @@ impl EdgeService {
                     }
                 }
             }
+        }
+        for name in FORWARDING_HEADERS {
+            parts.headers.remove(name);
         }
         let server_name = crate::route_table::normalize_host(&host).into_owned();
         let cgi_request = CgiRequest {

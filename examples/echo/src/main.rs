@@ -28,6 +28,7 @@ fn main() {
         "SERVER_NAME",
         "SERVER_PORT",
         "SERVER_PROTOCOL",
+        "REMOTE_ADDR",
         "CONTENT_TYPE",
         "CONTENT_LENGTH",
         "SCRIPT_NAME",
