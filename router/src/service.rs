@@ -213,38 +213,38 @@ impl EdgeService {
                     scheme = "https";
                 }
             }
-        } else if let Some(cluster) = &self.cluster {
-            if let Some(peer) = cluster.place(served.name(), served.pool.saturated()) {
-                let timeout = served.pool.function().config().timeout + FORWARD_SLACK;
-                let forwarded = cluster
-                    .forward(
-                        (&peer.0, peer.1),
-                        parts.method.clone(),
-                        &parts.uri,
-                        parts.headers.clone(),
-                        body.clone(),
-                        &host,
-                        connection.remote,
-                        scheme,
-                        timeout,
-                    )
-                    .await;
-                match forwarded {
-                    // A peer at capacity (or starting) did not run it: serve it here.
-                    Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
-                        return (response, Some(function_metrics));
-                    }
-                    Ok(_) => {}
-                    Err(error) if error.maybe_sent && !is_idempotent(&parts.method) => {
-                        tracing::warn!(peer = %peer.0, reason = %error.reason, "forwarded request lost");
-                        return (
-                            text_response(StatusCode::BAD_GATEWAY, "the peer serving this request failed"),
-                            Some(function_metrics),
-                        );
-                    }
-                    Err(error) => {
-                        tracing::debug!(peer = %peer.0, reason = %error.reason, "forward failed; serving here");
-                    }
+        } else if let Some(cluster) = &self.cluster
+            && let Some(peer) = cluster.place(served.name(), served.pool.saturated())
+        {
+            let timeout = served.pool.function().config().timeout + FORWARD_SLACK;
+            let forwarded = cluster
+                .forward(
+                    (&peer.0, peer.1),
+                    parts.method.clone(),
+                    &parts.uri,
+                    parts.headers.clone(),
+                    body.clone(),
+                    &host,
+                    connection.remote,
+                    scheme,
+                    timeout,
+                )
+                .await;
+            match forwarded {
+                // A peer at capacity (or starting) did not run it: serve it here.
+                Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
+                    return (response, Some(function_metrics));
+                }
+                Ok(_) => {}
+                Err(error) if error.maybe_sent && !is_idempotent(&parts.method) => {
+                    tracing::warn!(peer = %peer.0, reason = %error.reason, "forwarded request lost");
+                    return (
+                        text_response(StatusCode::BAD_GATEWAY, "the peer serving this request failed"),
+                        Some(function_metrics),
+                    );
+                }
+                Err(error) => {
+                    tracing::debug!(peer = %peer.0, reason = %error.reason, "forward failed; serving here");
                 }
             }
         }
