@@ -222,6 +222,32 @@ fn a_push_reaches_every_node_and_requests_are_served_by_their_home() {
             }
         }
     }
+    // Forwards reuse connections: twenty forwarded requests open (almost) none at the home.
+    let region_a: Vec<&Member> = cluster.members.iter().filter(|m| m.region == "a").collect();
+    let home_name = served_by(&region_a[0].http, "hello.localhost", &[]).1;
+    let home = cluster.member(&home_name);
+    let front = region_a.iter().find(|m| m.name != home_name).unwrap();
+    let accepted = || {
+        metric_value(
+            &metrics(&home.admin),
+            "atoll_connections_accepted_total",
+            &[("listener", &home.http)],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = accepted();
+    for _ in 0..20 {
+        assert_eq!(
+            served_by(&front.http, "hello.localhost", &[]),
+            (200, home_name.clone())
+        );
+    }
+    let opened = accepted() - before;
+    assert!(
+        opened <= 2.0,
+        "20 forwards opened {opened} connections at the home"
+    );
+
     let forwarded: f64 = cluster
         .members
         .iter()

@@ -190,6 +190,8 @@ pub async fn serve_with<H: Handler>(
     let ingress = Arc::new(ingress);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    let accepted_total =
+        ::metrics::counter!(crate::metrics::CONNECTIONS_ACCEPTED_TOTAL, "listener" => local.to_string());
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -208,6 +210,7 @@ pub async fn serve_with<H: Handler>(
             },
             () = &mut shutdown => break,
         };
+        accepted_total.increment(1);
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             handler: Arc::clone(&handler),
