@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use atoll_registry::{NatsStore, RegistryClient};
+use atoll_registry::RegistryClient;
 
 use crate::config::{
     DnsConfig, DomainName, FallbackRule, NsFlag, RegionMap, RegionRule, name_servers, parse_ttl, parse_zone,
@@ -124,8 +124,12 @@ impl DnsArgs {
                 if !url.starts_with("nats://") {
                     bail!("--store: {url:?} is not a nats:// URL");
                 }
-                let store = NatsStore::connect(url).await.context("--store")?;
-                Ok(ClusterSource::Nats(store))
+                // Connected by the poller, so the DNS starts (and answers SOA/NS) while
+                // NATS is down.
+                Ok(ClusterSource::NatsUrl {
+                    url: url.clone(),
+                    store: tokio::sync::OnceCell::new(),
+                })
             }
             (None, Some(url)) => {
                 let client = RegistryClient::new(url, self.token.clone()).context("--registry")?;

@@ -54,6 +54,12 @@ pub enum ClusterSource {
     Registry(RegistryClient),
     /// The NATS JetStream store directly.
     Nats(NatsStore),
+    /// The NATS JetStream store at `url`, connected on first use (and retried every poll
+    /// until then), so the DNS starts while NATS is down.
+    NatsUrl {
+        url: String,
+        store: tokio::sync::OnceCell<NatsStore>,
+    },
 }
 
 impl ClusterSource {
@@ -65,17 +71,10 @@ impl ClusterSource {
                 let routes: Vec<String> = functions.into_iter().flat_map(|f| f.routes).collect();
                 (members, routes)
             }
-            ClusterSource::Nats(store) => {
-                // Read the functions first: it fails when NATS is unreachable, and then the
-                // last good view stays rather than members that merely went stale.
-                let records = store.list().await?;
-                let members = store.members();
-                let routes: Vec<String> = records
-                    .iter()
-                    .filter_map(|record| record.active_version())
-                    .flat_map(|version| version.manifest.routes.iter().cloned())
-                    .collect();
-                (members, routes)
+            ClusterSource::Nats(store) => nats_members_and_routes(store).await?,
+            ClusterSource::NatsUrl { url, store } => {
+                let store = store.get_or_try_init(|| NatsStore::connect(url)).await?;
+                nats_members_and_routes(store).await?
             }
         };
         let mut domains: Vec<String> = routes.iter().map(|r| route_host(r).to_owned()).collect();
@@ -83,6 +82,21 @@ impl ClusterSource {
         domains.dedup();
         Ok(ClusterSnapshot { members, domains })
     }
+}
+
+async fn nats_members_and_routes(
+    store: &NatsStore,
+) -> Result<(Vec<atoll_registry::membership::MemberStatus>, Vec<String>), SourceError> {
+    // Read the functions first: it fails when NATS is unreachable, and then the last good
+    // view stays rather than members that merely went stale.
+    let records = store.list().await?;
+    let members = store.members();
+    let routes: Vec<String> = records
+        .iter()
+        .filter_map(|record| record.active_version())
+        .flat_map(|version| version.manifest.routes.iter().cloned())
+        .collect();
+    Ok((members, routes))
 }
 
 /// Tracks whether the source is in an outage, so each outage is logged once.

@@ -33,13 +33,15 @@ async fn nats_source_fails_over_and_survives_nats_going_away() {
         })
     };
 
-    let reader = NatsStore::connect(&nats.url).await.unwrap();
     let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let server = udp.local_addr().unwrap();
     let (stop_dns, dns_stopped) = oneshot::channel::<()>();
     let dns = tokio::spawn(serve(
         config(),
-        ClusterSource::Nats(reader),
+        ClusterSource::NatsUrl {
+            url: nats.url.clone(),
+            store: tokio::sync::OnceCell::new(),
+        },
         udp,
         tcp,
         async move {
@@ -77,6 +79,48 @@ async fn nats_source_fails_over_and_survives_nats_going_away() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
+    stop_dns.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), dns)
+        .await
+        .expect("the DNS shuts down")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dns_starts_and_answers_for_its_zone_while_nats_is_down() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let server = udp.local_addr().unwrap();
+    let (stop_dns, dns_stopped) = oneshot::channel::<()>();
+    let dns = tokio::spawn(serve(
+        config(),
+        ClusterSource::NatsUrl {
+            url: format!("nats://127.0.0.1:{port}"),
+            store: tokio::sync::OnceCell::new(),
+        },
+        udp,
+        tcp,
+        async move {
+            let _ = dns_stopped.await;
+        },
+    ));
+    let response = ask_udp(
+        server,
+        REGION_A_CLIENT,
+        &question("example.com.", hickory_server::proto::rr::RecordType::SOA, None),
+    )
+    .await;
+    assert_eq!(
+        response.metadata.response_code,
+        hickory_server::proto::op::ResponseCode::NoError
+    );
+    assert_eq!(response.answers.len(), 1, "{response:?}");
     stop_dns.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), dns)
         .await
