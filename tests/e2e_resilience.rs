@@ -272,3 +272,38 @@ fn fetch_blob(url: &str, sha256: &str) -> Vec<u8> {
     assert_eq!(response.status, 200, "blob {sha256}: {}", response.text());
     response.body
 }
+
+/// A registry rebuilt from scratch counts revisions from 1 again: a node that had applied
+/// more must notice and catch up from the start, not wait for the new registry to pass its
+/// old revision.
+#[test]
+fn a_node_moved_to_a_fresh_registry_catches_up_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_data = dir.path().join("node");
+    let (mut old_registry, url) = start_registry(&dir.path().join("old-registry"));
+    let (mut node, http, _) = start_node(&url, &node_data);
+    for _ in 0..3 {
+        push_ok(&url, &example("hello"));
+    }
+    push_ok(&url, &example("echo"));
+    wait_for_body(&http, "echo.localhost", "/", |r| r.status == 200, STARTUP);
+    node.terminate();
+    assert!(node.wait_exit(STARTUP).success());
+    old_registry.sigkill();
+
+    let (_new_registry, url) = start_registry(&dir.path().join("new-registry"));
+    let scratch = tempfile::tempdir().unwrap();
+    let fresh = write_manifest(
+        &scratch.path().join("fresh"),
+        "fresh",
+        &example_wasm("hello"),
+        &["fresh.localhost"],
+        "",
+    );
+    push_ok(&url, &fresh);
+    let (node, http, _) = start_node(&url, &node_data);
+    wait_for_text(&http, "fresh.localhost", "/", &hello_body("fresh.localhost"));
+    node.wait_for_stderr("catching up from the start", STARTUP);
+    // What it had keeps serving (the new registry never mentioned it).
+    assert_eq!(get(&http, "hello.localhost", "/").status, 200);
+}

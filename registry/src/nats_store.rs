@@ -326,11 +326,12 @@ impl NatsStore {
     }
 
     /// A `Put` for every function whose entry revision is in `(since, R]`, ascending, and
-    /// R: the bucket's last revision, read before the scan (see the module docs).
+    /// R: the bucket's last revision, read before the scan (see the module docs). R below
+    /// `since` tells a watcher that the bucket was recreated since it last looked.
     pub async fn events_since(&self, since: u64) -> Result<(Vec<WatchEvent>, u64), StoreError> {
         let revision = self.last_revision().await?;
         if revision <= since {
-            return Ok((Vec::new(), since));
+            return Ok((Vec::new(), revision));
         }
         let records = self.scan().await?;
         let events = put_events(&records, since, revision);

@@ -90,6 +90,10 @@ pub enum SyncError {
     Silent,
     #[error("the watch stream ended")]
     Ended,
+    #[error(
+        "the source is at revision {source_revision}, behind the {applied} applied here: it was reset or replaced; catching up from the start"
+    )]
+    SourceReset { source_revision: u64, applied: u64 },
 }
 
 /// Longest silence tolerated on the watch stream (the registry sends heartbeats every 5 s,
@@ -362,6 +366,18 @@ impl Syncer {
                 Ok(Some(event)) => event?,
             };
             let revision = event.revision();
+            if let WatchEvent::Synced { .. } = event
+                && revision < self.revision
+            {
+                // A registry rebuilt from scratch, a recreated bucket, another control
+                // plane: its revisions are not ours, and resuming from ours would skip its
+                // changes. Catch up from the start; unchanged versions cost nothing.
+                let applied = std::mem::take(&mut self.revision);
+                return Err(SyncError::SourceReset {
+                    source_revision: revision,
+                    applied,
+                });
+            }
             let served_versions = self
                 .served
                 .iter()
