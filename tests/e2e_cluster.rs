@@ -42,11 +42,13 @@ fn start_member(control: &[&str], name: &str, region: &str, ip: &str, data: &Pat
         ("--data", data.to_str().unwrap()),
         ("--name", name),
         ("--region", region),
-        ("--home-replicas", "1"),
         ("--drain-delay", "1s"),
     ] {
         args.push(flag.into());
         args.push(value.into());
+    }
+    if !extra.contains(&"--home-replicas") {
+        args.extend(["--home-replicas".to_string(), "1".to_string()]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     launch(name, region, args)
@@ -561,4 +563,92 @@ fn killing_region_a_moves_its_clients_dns_answer_to_region_b() {
         served_by(&cluster.member("b1").http, "hello.localhost", &[]).0,
         200
     );
+}
+
+#[test]
+fn a_node_whose_pool_is_full_forwards_to_another_home() {
+    let nats = NatsServer::start();
+    let (_registry, url) = start_nats_registry("registry", &nats);
+    let data = tempfile::tempdir().unwrap();
+    // Two homes per function in region a, and room for one request at a time.
+    let members: Vec<Member> = REGIONS[0]
+        .1
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            let name = format!("a{}", i + 1);
+            let control = ["--registry", url.as_str()];
+            start_member(
+                &control,
+                &name,
+                "a",
+                ip,
+                &data.path().join(&name),
+                &["--home-replicas", "2"],
+            )
+        })
+        .collect();
+    wait_for_health(&url, &["a1", "a2"], "healthy");
+    let scratch = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(
+        &scratch.path().join("spin"),
+        "spin",
+        &example_wasm("fault"),
+        &["spin.localhost"],
+        "[limits]\ntimeout = \"10s\"\n\n[scale]\nmax_concurrency = 1\n",
+    );
+    push_ok(&url, &manifest);
+    let a1 = &members[0];
+    wait_until("a1 knows a2", || knows(&a1.admin, "a2"));
+    wait_until("a1 serves spin itself (it is a home)", || {
+        served_by_path(&a1.http, "spin.localhost", "/spin?ms=1") == (200, "a1".to_string())
+    });
+    wait_until("a2 serves spin", || {
+        served_by_path(&members[1].http, "spin.localhost", "/spin?ms=1").0 == 200
+    });
+    // Fill a1's only slot, then ask a1 again: it forwards to the other home. (A probe sent
+    // before the long request holds the slot is served by a1 itself; the next one is not.)
+    let long = {
+        let http = a1.http.clone();
+        std::thread::spawn(move || served_by_path(&http, "spin.localhost", "/spin?ms=4000"))
+    };
+    let mut probes = Vec::new();
+    while !long.is_finished() {
+        let probe = served_by_path(&a1.http, "spin.localhost", "/spin?ms=1");
+        probes.push(probe.clone());
+        if probe == (200, "a2".to_string()) {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(
+        probes.last(),
+        Some(&(200, "a2".to_string())),
+        "probes while a1 was full: {probes:?}"
+    );
+    assert_eq!(long.join().unwrap(), (200, "a1".to_string()));
+}
+
+fn served_by_path(addr: &str, host: &str, path: &str) -> (u16, String) {
+    match http_request(addr, "GET", host, path, &[], b"") {
+        Ok(response) => (
+            response.status,
+            response.header("x-atoll-node").unwrap_or_default().to_string(),
+        ),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Whether the node with admin address `admin` has `peer` in its view, taking work.
+fn knows(admin: &str, peer: &str) -> bool {
+    let Ok(response) = http_get(admin, "admin", "/peers") else {
+        return false;
+    };
+    let view: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+    view["view_fresh"] == true
+        && view["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == peer && p["draining"] == false && p["ejected"] == false)
 }

@@ -9,6 +9,8 @@
 //!   stops naming it and peers stop forwarding to it, and it forwards what still reaches it
 //!   to peers. `DELETE /drain` puts it back; `GET /drain` tells which. For rolling
 //!   restarts: drain, wait out the DNS TTL, restart.
+//! - `GET /peers` — the node's own view of its cluster (JSON): the peers it would forward
+//!   to, their load, and which it has ejected.
 
 use std::sync::Arc;
 
@@ -86,6 +88,10 @@ impl Handler for AdminService {
                     response
                 }
             },
+            "/peers" => Response::builder()
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(self.cluster.describe().to_string())))
+                .expect("static response parts are valid"),
             "/metrics" => Response::builder()
                 .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(self.metrics.render())))

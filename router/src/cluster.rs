@@ -205,6 +205,39 @@ impl Cluster {
         fresh(&view, Instant::now()) && view.peers.values().any(|peer| !peer.member.draining)
     }
 
+    /// The node's view, for `GET /peers` on the admin listener: this node's name, region
+    /// and whether it drains; how old the view is; and each peer with its region, address,
+    /// announced load, whether it drains and whether outlier detection has ejected it.
+    pub fn describe(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let view = self.view.load();
+        let outliers = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers: Vec<&Peer> = view.peers.values().collect();
+        peers.sort_by(|a, b| a.member.name.cmp(&b.member.name));
+        let peers: Vec<serde_json::Value> = peers
+            .into_iter()
+            .map(|peer| {
+                serde_json::json!({
+                    "name": peer.member.name,
+                    "region": peer.member.region,
+                    "http": peer.http.to_string(),
+                    "in_flight": peer.member.in_flight,
+                    "draining": peer.member.draining,
+                    "ejected": !outliers.is_healthy(&peer.member.name, now),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "name": self.options.name,
+            "region": self.options.region,
+            "draining": self.is_draining(),
+            "region_fallback": self.options.region_fallback,
+            "view_age_ms": view.learned.map(|learned| now.saturating_duration_since(learned).as_millis() as u64),
+            "view_fresh": fresh(&view, now),
+            "peers": peers,
+        })
+    }
+
     /// Whether `ip` is a peer's address: only peers are trusted to say who the client was.
     pub fn is_peer(&self, ip: IpAddr) -> bool {
         self.view.load().peers.values().any(|peer| peer.http.ip() == ip)
