@@ -237,7 +237,16 @@ fn a_push_reaches_every_node_and_requests_are_served_by_their_home() {
         )
         .unwrap_or(0.0)
     };
-    let before = accepted();
+    // A forwarded request is counted once, where it ran.
+    let served = |member: &Member| {
+        metric_value(
+            &metrics(&member.admin),
+            "atoll_requests_total",
+            &[("function", "hello"), ("status", "200")],
+        )
+        .unwrap_or(0.0)
+    };
+    let (before, home_before, front_before) = (accepted(), served(home), served(front));
     for _ in 0..20 {
         assert_eq!(
             served_by(&front.http, "hello.localhost", &[]),
@@ -248,6 +257,12 @@ fn a_push_reaches_every_node_and_requests_are_served_by_their_home() {
     assert!(
         opened <= 2.0,
         "20 forwards opened {opened} connections at the home"
+    );
+    assert_eq!(served(home) - home_before, 20.0);
+    assert_eq!(
+        served(front) - front_before,
+        0.0,
+        "the front node counted forwarded requests too"
     );
 
     let forwarded: f64 = cluster

@@ -103,8 +103,11 @@ impl Handler for EdgeService {
         let (response, function) = self.route(request, connection).await;
         let status = response.status().as_u16();
         match function {
-            Some(function) => function.request(status, started.elapsed()),
-            None => {
+            Accounting::Function(function) => function.request(status, started.elapsed()),
+            // Counted where it ran; here only in `atoll_forwards_total`, so that summing
+            // `atoll_requests_total` over the cluster counts each request once.
+            Accounting::Forwarded => {}
+            Accounting::Unrouted => {
                 ::metrics::histogram!(metrics::REQUEST_DURATION, "function" => "-")
                     .record(started.elapsed().as_secs_f64());
                 ::metrics::counter!(metrics::REQUESTS_TOTAL, "function" => "-", "status" => status.to_string())
@@ -120,7 +123,7 @@ impl EdgeService {
         &self,
         request: Request<B>,
         connection: ConnectionInfo,
-    ) -> (Response<Full<Bytes>>, Option<Arc<FunctionMetrics>>)
+    ) -> (Response<Full<Bytes>>, Accounting)
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -134,18 +137,18 @@ impl EdgeService {
                         .header(http::header::CONTENT_TYPE, "application/octet-stream")
                         .body(Full::new(Bytes::from(key_authorization)))
                         .expect("static response parts are valid"),
-                    None,
+                    Accounting::Unrouted,
                 ),
                 None => (
                     text_response(StatusCode::NOT_FOUND, "no such ACME challenge token"),
-                    None,
+                    Accounting::Unrouted,
                 ),
             };
         }
         let Some(host) = request_host(&request) else {
             return (
                 text_response(StatusCode::BAD_REQUEST, "request has no Host"),
-                None,
+                Accounting::Unrouted,
             );
         };
         let Some(table) = self.routing.current() else {
@@ -154,7 +157,7 @@ impl EdgeService {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "node is starting: no route table yet",
                 ),
-                None,
+                Accounting::Unrouted,
             );
         };
         let path = request.uri().path().to_string();
@@ -165,7 +168,7 @@ impl EdgeService {
                     StatusCode::NOT_FOUND,
                     format!("no function is routed for host `{host}`"),
                 ),
-                None,
+                Accounting::Unrouted,
             );
         };
         let served = Arc::clone(found.target);
@@ -183,14 +186,14 @@ impl EdgeService {
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!("request body is over the {} byte limit", self.max_body_bytes),
                     ),
-                    Some(function_metrics),
+                    Accounting::Function(function_metrics),
                 );
             }
             Err(error) => {
                 tracing::debug!(%error, "reading request body failed");
                 return (
                     text_response(StatusCode::BAD_REQUEST, "could not read the request body"),
-                    Some(function_metrics),
+                    Accounting::Function(function_metrics),
                 );
             }
         };
@@ -233,14 +236,14 @@ impl EdgeService {
             match forwarded {
                 // A peer at capacity (or starting) did not run it: serve it here.
                 Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
-                    return (response, Some(function_metrics));
+                    return (response, Accounting::Forwarded);
                 }
                 Ok(_) => {}
                 Err(error) if error.maybe_sent && !is_idempotent(&parts.method) => {
                     tracing::warn!(peer = %peer.0, reason = %error.reason, "forwarded request lost");
                     return (
                         text_response(StatusCode::BAD_GATEWAY, "the peer serving this request failed"),
-                        Some(function_metrics),
+                        Accounting::Function(function_metrics),
                     );
                 }
                 Err(error) => {
@@ -273,7 +276,7 @@ impl EdgeService {
                 .headers_mut()
                 .insert(SERVED_BY_HEADER, self.served_by.clone());
         }
-        (response, Some(function_metrics))
+        (response, Accounting::Function(function_metrics))
     }
 }
 
@@ -392,6 +395,16 @@ impl Drop for InFlight<'_> {
         self.0.decrement(1.0);
         self.1.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Where a request's metrics go.
+enum Accounting {
+    /// The function's own series.
+    Function(Arc<FunctionMetrics>),
+    /// `function="-"`: no function was found (or a challenge was answered).
+    Unrouted,
+    /// A peer ran it and counted it.
+    Forwarded,
 }
 
 /// Time a forwarded request gets beyond the function's own timeout (the hop, a cold start).
