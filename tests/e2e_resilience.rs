@@ -301,9 +301,25 @@ fn a_node_moved_to_a_fresh_registry_catches_up_from_the_start() {
         "",
     );
     push_ok(&url, &fresh);
+    // echo v1 again, the same module with another environment.
+    let echo = write_manifest(
+        &scratch.path().join("echo"),
+        "echo",
+        &example_wasm("echo"),
+        &["echo.localhost"],
+        "[env]\nGREETING = \"from the new registry\"\n",
+    );
+    assert_eq!(push_ok(&url, &echo), 1);
     let (node, http, _) = start_node(&url, &node_data);
     wait_for_text(&http, "fresh.localhost", "/", &hello_body("fresh.localhost"));
     node.wait_for_stderr("catching up from the start", STARTUP);
+    wait_for_body(
+        &http,
+        "echo.localhost",
+        "/",
+        |r| r.text().contains("GREETING=from the new registry"),
+        STARTUP,
+    );
     // What it had keeps serving (the new registry never mentioned it).
     assert_eq!(get(&http, "hello.localhost", "/").status, 200);
 }

@@ -388,7 +388,21 @@ impl Syncer {
                     )
                 })
                 .collect();
-            match plan(event, &served_versions) {
+            // The same version and module with another manifest only comes from another
+            // source (after a reset): what that source says wins.
+            let decided = match event {
+                WatchEvent::Put { deployment, .. }
+                    if self.served.get(&deployment.name).is_some_and(|served| {
+                        served.deployment.version == deployment.version
+                            && served.deployment.sha256 == deployment.sha256
+                            && served.deployment.manifest != deployment.manifest
+                    }) =>
+                {
+                    Plan::Load(Box::new(deployment))
+                }
+                event => plan(event, &served_versions),
+            };
+            match decided {
                 Plan::Load(deployment) => {
                     let served = self.fetch_and_load(*deployment).await?;
                     self.served.insert(served.name().to_string(), served);
