@@ -625,7 +625,23 @@ fn a_node_whose_pool_is_full_forwards_to_another_home() {
     // before the long request holds the slot is served by a1 itself; the next one is not.)
     let long = {
         let http = a1.http.clone();
-        std::thread::spawn(move || served_by_path(&http, "spin.localhost", "/spin?ms=4000"))
+        // The hop header keeps it on a1 even if a probe holds the slot at that moment.
+        std::thread::spawn(move || {
+            match http_request(
+                &http,
+                "GET",
+                "spin.localhost",
+                "/spin?ms=4000",
+                &[("x-atoll-hop", "test")],
+                b"",
+            ) {
+                Ok(response) => (
+                    response.status,
+                    response.header("x-atoll-node").unwrap_or_default().to_string(),
+                ),
+                Err(_) => (0, String::new()),
+            }
+        })
     };
     let mut probes = Vec::new();
     while !long.is_finished() {
