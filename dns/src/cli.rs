@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use atoll_registry::RegistryClient;
+use atoll_registry::{LazyNatsStore, RegistryClient};
 
 use crate::config::{
     DnsConfig, DomainName, FallbackRule, NsFlag, RegionMap, RegionRule, name_servers, parse_ttl, parse_zone,
@@ -126,10 +126,7 @@ impl DnsArgs {
                 }
                 // Connected by the poller, so the DNS starts (and answers SOA/NS) while
                 // NATS is down.
-                Ok(ClusterSource::NatsUrl {
-                    url: url.clone(),
-                    store: tokio::sync::OnceCell::new(),
-                })
+                Ok(ClusterSource::NatsUrl(LazyNatsStore::new(url.clone())))
             }
             (None, Some(url)) => {
                 let client = RegistryClient::new(url, self.token.clone()).context("--registry")?;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use atoll_registry::membership::MEMBER_TTL;
-use atoll_registry::{NatsStore, RegistryClient};
+use atoll_registry::{LazyNatsStore, NatsStore, RegistryClient};
 
 use crate::cluster::{ClusterSnapshot, ClusterView, route_host};
 
@@ -54,12 +54,9 @@ pub enum ClusterSource {
     Registry(RegistryClient),
     /// The NATS JetStream store directly.
     Nats(NatsStore),
-    /// The NATS JetStream store at `url`, connected on first use (and retried every poll
-    /// until then), so the DNS starts while NATS is down.
-    NatsUrl {
-        url: String,
-        store: tokio::sync::OnceCell<NatsStore>,
-    },
+    /// The NATS JetStream store connected on first use (and retried every poll until
+    /// then), so the DNS starts while NATS is down.
+    NatsUrl(LazyNatsStore),
 }
 
 impl ClusterSource {
@@ -72,10 +69,7 @@ impl ClusterSource {
                 (members, routes)
             }
             ClusterSource::Nats(store) => nats_members_and_routes(store).await?,
-            ClusterSource::NatsUrl { url, store } => {
-                let store = store.get_or_try_init(|| NatsStore::connect(url)).await?;
-                nats_members_and_routes(store).await?
-            }
+            ClusterSource::NatsUrl(lazy) => nats_members_and_routes(lazy.get().await?).await?,
         };
         let mut domains: Vec<String> = routes.iter().map(|r| route_host(r).to_owned()).collect();
         domains.sort_unstable();

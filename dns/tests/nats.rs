@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_dns::{ClusterSource, bind, serve};
-use atoll_registry::{Manifest, NatsStore};
+use atoll_registry::{LazyNatsStore, Manifest, NatsStore};
 use tokio::sync::oneshot;
 
 use support::*;
@@ -38,10 +38,7 @@ async fn nats_source_fails_over_and_survives_nats_going_away() {
     let (stop_dns, dns_stopped) = oneshot::channel::<()>();
     let dns = tokio::spawn(serve(
         config(),
-        ClusterSource::NatsUrl {
-            url: nats.url.clone(),
-            store: tokio::sync::OnceCell::new(),
-        },
+        ClusterSource::NatsUrl(LazyNatsStore::new(nats.url.clone())),
         udp,
         tcp,
         async move {
@@ -100,10 +97,7 @@ async fn the_dns_starts_and_answers_for_its_zone_while_nats_is_down() {
     let (stop_dns, dns_stopped) = oneshot::channel::<()>();
     let dns = tokio::spawn(serve(
         config(),
-        ClusterSource::NatsUrl {
-            url: format!("nats://127.0.0.1:{port}"),
-            store: tokio::sync::OnceCell::new(),
-        },
+        ClusterSource::NatsUrl(LazyNatsStore::new(format!("nats://127.0.0.1:{port}"))),
         udp,
         tcp,
         async move {

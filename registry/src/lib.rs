@@ -36,7 +36,7 @@ pub use backend::Backend;
 pub use client::{ClientError, RegistryClient};
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use model::{Deployment, FunctionRecord, Version};
-pub use nats_store::NatsStore;
+pub use nats_store::{LazyNatsStore, NatsStore};
 pub use route::{HostPattern, RouteError, RoutePattern};
 pub use store::{State, Store, StoreError};
 pub use token::{TokenOrigin, load_or_create, token_matches};

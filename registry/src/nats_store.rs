@@ -88,8 +88,57 @@ impl Drop for Inner {
 impl std::fmt::Debug for NatsStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsStore")
-            .field("url", &self.inner.url)
+            .field("url", &redact_credentials(&self.inner.url))
             .field("revision", &*self.inner.revision.borrow())
+            .finish()
+    }
+}
+
+/// `url` without the `user:password@` (or `token@`) it may carry, for logs and Debug.
+pub fn redact_credentials(url: &str) -> String {
+    let rest_at = url.find("://").map_or(0, |at| at + 3);
+    match url[rest_at..].find('@') {
+        Some(at) if !url[rest_at..rest_at + at].contains('/') => {
+            format!("{}<credentials>@{}", &url[..rest_at], &url[rest_at + at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A [`NatsStore`] connected on first use, and again on the next use after a failed
+/// attempt. What a process that must start while NATS is down holds (a node serving from
+/// its disk cache, the DNS answering for its zones); shared behind an `Arc`, every user in
+/// the process gets the one connection.
+pub struct LazyNatsStore {
+    url: String,
+    store: tokio::sync::OnceCell<NatsStore>,
+}
+
+impl LazyNatsStore {
+    pub fn new(url: impl Into<String>) -> LazyNatsStore {
+        LazyNatsStore {
+            url: url.into(),
+            store: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The connected store, connecting now if no attempt has succeeded yet.
+    pub async fn get(&self) -> Result<&NatsStore, StoreError> {
+        self.store
+            .get_or_try_init(|| async {
+                let store = NatsStore::connect(&self.url).await?;
+                tracing::info!(url = %redact_credentials(&self.url), "connected to NATS");
+                Ok(store)
+            })
+            .await
+    }
+}
+
+impl std::fmt::Debug for LazyNatsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyNatsStore")
+            .field("url", &redact_credentials(&self.url))
+            .field("connected", &self.store.initialized())
             .finish()
     }
 }
@@ -173,7 +222,9 @@ impl NatsStore {
             .connection_timeout(Duration::from_secs(10))
             .connect(url)
             .await
-            .map_err(|e| nats_error(format!("connecting to NATS at {url}"))(boxed(e)))?;
+            .map_err(|e| {
+                nats_error(format!("connecting to NATS at {}", redact_credentials(url)))(boxed(e))
+            })?;
         let js = jetstream::new(client);
         let functions = open_kv(&js).await?;
         let modules = open_object_store(&js).await?;
@@ -719,6 +770,26 @@ mod tests {
         );
         // A timeout may have landed: retrying could store the version twice.
         assert_eq!(after_write_failure(1, false), AfterWriteFailure::GiveUpFailed);
+    }
+
+    #[test]
+    fn credentials_are_not_shown() {
+        assert_eq!(
+            redact_credentials("nats://user:secret@10.0.0.1:4222"),
+            "nats://<credentials>@10.0.0.1:4222"
+        );
+        assert_eq!(
+            redact_credentials("nats://token@h:4222"),
+            "nats://<credentials>@h:4222"
+        );
+        assert_eq!(redact_credentials("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
+        assert_eq!(redact_credentials("http://h/a@b"), "http://h/a@b");
+        let lazy = LazyNatsStore::new("nats://user:secret@127.0.0.1:4222");
+        let shown = format!("{lazy:?}");
+        assert!(
+            shown.contains("127.0.0.1:4222") && !shown.contains("secret"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atoll_isolate::{ArtifactCache, Engine};
-use atoll_registry::RegistryClient;
 use atoll_registry::membership::{HEARTBEAT_INTERVAL, MemberStatus, NodeAnnouncement};
+use atoll_registry::{LazyNatsStore, RegistryClient};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -155,32 +155,20 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
 /// Where heartbeats go: a registry (which answers with the members) or NATS directly.
 enum Membership {
     Registry(RegistryClient),
-    /// Connected on first use, so a node starts while NATS is down.
-    Nats {
-        url: String,
-        store: Option<atoll_registry::NatsStore>,
-    },
+    /// The connection the node syncs through, made on first use (a node starts while NATS
+    /// is down).
+    Nats(Arc<LazyNatsStore>),
 }
 
 impl Membership {
     /// Sends `announcement`; returns the cluster's members.
-    async fn announce(&mut self, announcement: &NodeAnnouncement) -> Result<Vec<MemberStatus>, String> {
+    async fn announce(&self, announcement: &NodeAnnouncement) -> Result<Vec<MemberStatus>, String> {
         match self {
             Membership::Registry(client) => client.announce(announcement).await.map_err(|e| e.to_string()),
-            Membership::Nats { url, store } => {
-                if store.is_none() {
-                    *store = Some(
-                        atoll_registry::NatsStore::connect(url)
-                            .await
-                            .map_err(|e| e.to_string())?,
-                    );
-                }
-                let connected = store.as_ref().expect("connected above");
-                connected
-                    .announce(announcement)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(connected.members())
+            Membership::Nats(lazy) => {
+                let store = lazy.get().await.map_err(|e| e.to_string())?;
+                store.announce(announcement).await.map_err(|e| e.to_string())?;
+                Ok(store.members())
             }
         }
     }
@@ -192,7 +180,7 @@ impl Membership {
 /// stability), and the cluster view goes stale, which makes the node serve everything
 /// itself.
 async fn heartbeat(
-    mut membership: Membership,
+    membership: Membership,
     template: NodeAnnouncement,
     service: Arc<EdgeService>,
     routing: Arc<Routing>,
@@ -288,9 +276,13 @@ pub async fn run(
     let artifacts = ArtifactCache::open(cache.artifacts_dir(), engine)?;
     let routing = Routing::new();
     // Following NATS, the node connects lazily: it starts (from its disk cache) while NATS
-    // is down.
-    let source = match &options.nats_url {
-        Some(url) => SyncSource::nats(url.clone()),
+    // is down. Sync and heartbeats share the one connection.
+    let nats = options
+        .nats_url
+        .as_ref()
+        .map(|url| Arc::new(LazyNatsStore::new(url.clone())));
+    let source = match &nats {
+        Some(lazy) => SyncSource::NatsUrl(Arc::clone(lazy)),
         None => SyncSource::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
     };
     let mut syncer = Syncer::new(source, cache, artifacts, Arc::clone(&routing));
@@ -346,11 +338,8 @@ pub async fn run(
     };
     let mut tasks = Vec::new();
     let mut servers = Vec::new();
-    let membership = match &options.nats_url {
-        Some(url) => Membership::Nats {
-            url: url.clone(),
-            store: None,
-        },
+    let membership = match nats {
+        Some(lazy) => Membership::Nats(lazy),
         None => Membership::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
     };
     tasks.push(tokio::spawn(heartbeat(
@@ -435,7 +424,10 @@ pub async fn run(
         stopped(stop.clone()),
     )));
     match &options.nats_url {
-        Some(nats) => tracing::info!(node = %options.name, region = %options.region, %nats, "node started"),
+        Some(nats) => {
+            let nats = atoll_registry::nats_store::redact_credentials(nats);
+            tracing::info!(node = %options.name, region = %options.region, %nats, "node started")
+        }
         None => {
             tracing::info!(node = %options.name, region = %options.region, registry = %options.registry_url, "node started")
         }

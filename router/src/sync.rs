@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
-use atoll_registry::{Deployment, NatsStore, RegistryClient, StoreError, WatchEvent};
+use atoll_registry::{Deployment, LazyNatsStore, NatsStore, RegistryClient, StoreError, WatchEvent};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use sha2::{Digest, Sha256};
@@ -129,17 +129,17 @@ pub enum SyncSource {
     /// whenever the bucket changes ([`NatsStore::subscribe`]), with a heartbeat when idle;
     /// modules come from the object store, checked against their digest.
     Nats(NatsStore),
-    /// NATS JetStream at this URL (`nats://HOST:PORT`), not connected yet: the first watch
-    /// connects (retried with the [`Syncer`]'s backoff while NATS is unreachable) and the
-    /// source becomes [`SyncSource::Nats`]. What a node starting without NATS uses, so it
-    /// serves from its disk cache meanwhile instead of failing to start.
-    NatsUrl(String),
+    /// NATS JetStream connected on first use: the first watch connects (retried with the
+    /// [`Syncer`]'s backoff while NATS is unreachable). What a node starting without NATS
+    /// uses, so it serves from its disk cache meanwhile instead of failing to start; the
+    /// node shares it with its heartbeats, so both use one connection.
+    NatsUrl(Arc<LazyNatsStore>),
 }
 
 impl SyncSource {
     /// NATS JetStream at `url`, connected on the first watch (see [`SyncSource::NatsUrl`]).
     pub fn nats(url: impl Into<String>) -> SyncSource {
-        SyncSource::NatsUrl(url.into())
+        SyncSource::NatsUrl(Arc::new(LazyNatsStore::new(url)))
     }
 
     /// The events after revision `since` (0: everything): a `Put` for every function changed
@@ -152,12 +152,7 @@ impl SyncSource {
                 Ok(events.map(|event| event.map_err(SyncError::from)).boxed())
             }
             SyncSource::Nats(store) => nats_watch(store.clone(), since, NATS_HEARTBEAT).await,
-            SyncSource::NatsUrl(url) => {
-                let store = NatsStore::connect(url).await?;
-                tracing::info!(url = %redact_credentials(url), "connected to NATS");
-                *self = SyncSource::Nats(store.clone());
-                nats_watch(store, since, NATS_HEARTBEAT).await
-            }
+            SyncSource::NatsUrl(lazy) => nats_watch(lazy.get().await?.clone(), since, NATS_HEARTBEAT).await,
         }
     }
 
@@ -167,9 +162,7 @@ impl SyncSource {
         match self {
             SyncSource::Registry(client) => Ok(client.blob(sha256).await?.to_vec()),
             SyncSource::Nats(store) => Ok(store.read_blob(sha256).await?),
-            // Blobs are fetched for events, which only a connected source yields; connect
-            // for this one read anyway rather than fail.
-            SyncSource::NatsUrl(url) => Ok(NatsStore::connect(url).await?.read_blob(sha256).await?),
+            SyncSource::NatsUrl(lazy) => Ok(lazy.get().await?.read_blob(sha256).await?),
         }
     }
 }
@@ -178,24 +171,10 @@ impl fmt::Debug for SyncSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SyncSource::Registry(client) => f.debug_tuple("Registry").field(client).finish(),
-            // The store shows its URL, which may carry a password.
-            SyncSource::Nats(store) => f
-                .debug_tuple("Nats")
-                .field(&format_args!("{}", redact_credentials(&format!("{store:?}"))))
-                .finish(),
-            SyncSource::NatsUrl(url) => f.debug_tuple("NatsUrl").field(&redact_credentials(url)).finish(),
+            // Both show their URL without credentials.
+            SyncSource::Nats(store) => f.debug_tuple("Nats").field(store).finish(),
+            SyncSource::NatsUrl(lazy) => f.debug_tuple("NatsUrl").field(lazy).finish(),
         }
-    }
-}
-
-/// `url` (or text holding one URL) without the `user:password@` it may carry.
-fn redact_credentials(url: &str) -> String {
-    let rest_at = url.find("://").map_or(0, |at| at + 3);
-    match url[rest_at..].find('@') {
-        Some(at) if !url[rest_at..rest_at + at].contains('/') => {
-            format!("{}<credentials>@{}", &url[..rest_at], &url[rest_at + at + 1..])
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -599,20 +578,6 @@ mod tests {
             plan(put(deployment("a", 1, "aa")), &served),
             Plan::Load(Box::new(deployment("a", 1, "aa")))
         );
-    }
-
-    #[test]
-    fn credentials_are_not_shown() {
-        assert_eq!(
-            redact_credentials("nats://user:secret@10.0.0.1:4222"),
-            "nats://<credentials>@10.0.0.1:4222"
-        );
-        assert_eq!(
-            redact_credentials("NatsStore { url: \"nats://token@h:4222\", revision: 2 }"),
-            "NatsStore { url: \"nats://<credentials>@h:4222\", revision: 2 }"
-        );
-        assert_eq!(redact_credentials("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
-        assert_eq!(redact_credentials("http://h/a@b"), "http://h/a@b");
     }
 
     #[test]
