@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use atoll_dns::{ClusterSource, bind, serve};
 use atoll_registry::{LazyNatsStore, Manifest, NatsStore};
+use atoll_testkit::NatsServer;
 use tokio::sync::oneshot;
 
 use support::*;

@@ -2,60 +2,12 @@
 //! concurrent writers on two connections, the watch catch-up, a second connection seeing
 //! the same state, and modules refused when their object is damaged or gone.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use atoll_registry::nats_store::MODULES_BUCKET;
 use atoll_registry::{Manifest, NatsStore, StoreError, WatchEvent};
+use atoll_testkit::NatsServer;
 use sha2::{Digest, Sha256};
-
-/// A `nats-server -js` on a random loopback port; killed when dropped.
-struct NatsServer {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    fn start() -> NatsServer {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server is installed (apt-get install nats-server)");
-        let stderr = child.stderr.take().unwrap();
-        let (found, address) = mpsc::channel();
-        std::thread::spawn(move || {
-            let needle = "Listening for client connections on ";
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find(needle) {
-                    let _ = found.send(line[at + needle.len()..].trim().to_string());
-                }
-            }
-        });
-        let address = address
-            .recv_timeout(Duration::from_secs(30))
-            .expect("nats-server printed its client address");
-        NatsServer {
-            child,
-            url: format!("nats://{address}"),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn manifest(name: &str, routes: &[&str]) -> Manifest {
     let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();

@@ -3,11 +3,8 @@
 //! table keeps serving while NATS is down, the node follows again once NATS is back; a node
 //! restarted while NATS is down serves from its disk cache alone and connects once it can.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use atoll_isolate::{ArtifactCache, CgiRequest, Engine};
@@ -15,68 +12,12 @@ use atoll_registry::{Manifest, NatsStore};
 use atoll_router::node_cache::NodeCache;
 use atoll_router::served::Routing;
 use atoll_router::sync::{SyncSource, Syncer};
+use atoll_testkit::NatsServer;
 use tokio::sync::watch;
 
 /// Generous bound for anything the test waits on (compiles on a busy 2-core machine).
 const PATIENCE: Duration = Duration::from_secs(90);
 const HOST: &str = "hello.example.com";
-
-/// A `nats-server -js` on loopback, its JetStream files in `dir`; killed when dropped.
-struct NatsServer {
-    child: Child,
-    url: String,
-    port: u16,
-}
-
-impl NatsServer {
-    /// Starts on `port` (`None`: a free one, read from the server's log).
-    fn start(dir: &Path, port: Option<u16>) -> NatsServer {
-        let port_arg = port.map_or_else(|| "-1".to_string(), |port| port.to_string());
-        let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "-sd"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server is installed (apt-get install nats-server)");
-        let stderr = child.stderr.take().unwrap();
-        let (found, address) = mpsc::channel();
-        std::thread::spawn(move || {
-            let needle = "Listening for client connections on ";
-            // Keep draining so the server never blocks on a full pipe.
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find(needle) {
-                    let _ = found.send(line[at + needle.len()..].trim().to_string());
-                }
-            }
-        });
-        let address = address
-            .recv_timeout(Duration::from_secs(30))
-            .expect("nats-server printed its client address");
-        let port = address
-            .rsplit(':')
-            .next()
-            .and_then(|port| port.parse().ok())
-            .expect("the client address ends with a port");
-        NatsServer {
-            child,
-            url: format!("nats://{address}"),
-            port,
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A WCGI guest answering `200 text/plain` with `body`.
 fn guest(body: &str) -> Vec<u8> {
@@ -174,7 +115,7 @@ fn syncer(source: SyncSource, dir: &Path) -> (Syncer, Arc<Routing>) {
 async fn node_follows_jetstream_and_survives_its_outage() {
     let nats_dir = tempfile::tempdir().unwrap();
     let node_dir = tempfile::tempdir().unwrap();
-    let mut nats = NatsServer::start(nats_dir.path(), None);
+    let mut nats = NatsServer::start_in(nats_dir.path(), None);
     let pusher = NatsStore::connect(&nats.url).await.unwrap();
     assert_eq!(pusher.push(manifest(), guest("v1")).await.unwrap().version, 1);
 
@@ -201,7 +142,7 @@ async fn node_follows_jetstream_and_survives_its_outage() {
 
     // NATS comes back with its data on the same address: the node's connection reconnects,
     // its syncer resumes from the revision it applied and follows the next push.
-    let mut nats = NatsServer::start(nats_dir.path(), Some(port));
+    let mut nats = NatsServer::start_in(nats_dir.path(), Some(port));
     let pusher = NatsStore::connect(&nats.url).await.unwrap();
     assert_eq!(pusher.push(manifest(), guest("v3")).await.unwrap().version, 3);
     wait_for_version(&routing, 3, "v3").await;
@@ -224,7 +165,7 @@ async fn node_follows_jetstream_and_survives_its_outage() {
     assert_serves_throughout(&routing, (3, "v3"), Duration::from_secs(1)).await;
 
     // Once NATS is back, the node connects for the first time and follows it.
-    let nats = NatsServer::start(nats_dir.path(), Some(port));
+    let nats = NatsServer::start_in(nats_dir.path(), Some(port));
     let pusher = NatsStore::connect(&nats.url).await.unwrap();
     assert_eq!(pusher.push(manifest(), guest("v4")).await.unwrap().version, 4);
     wait_for_version(&routing, 4, "v4").await;

@@ -19,7 +19,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -990,55 +989,7 @@ pub fn boot(dir: &Path) -> Cluster {
 // ---------------------------------------------------------------------------------------
 // NATS JetStream
 
-/// A `nats-server -js` on a random loopback port, its JetStream files in a temporary
-/// directory. Killed and reaped when dropped.
-pub struct NatsServer {
-    child: Child,
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    pub fn start() -> NatsServer {
-        let dir = tempfile::tempdir().unwrap();
-        // `-p -1` picks a free port; the server logs it ("Listening for client connections
-        // on 127.0.0.1:PORT") on stderr.
-        let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server is installed (apt-get install nats-server)");
-        let stderr = child.stderr.take().unwrap();
-        let (found, port) = mpsc::channel();
-        std::thread::spawn(move || {
-            let needle = "Listening for client connections on ";
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find(needle) {
-                    let _ = found.send(line[at + needle.len()..].trim().to_string());
-                }
-                // Keep draining so the server never blocks on a full pipe.
-            }
-        });
-        let address = port
-            .recv_timeout(STARTUP)
-            .expect("nats-server printed its client address");
-        NatsServer {
-            child,
-            url: format!("nats://{address}"),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use atoll_testkit::NatsServer;
 
 /// `atoll registry --store URL` on a free port; the process and its `http://` URL.
 pub fn start_nats_registry(label: &str, nats: &NatsServer) -> (Process, String) {
