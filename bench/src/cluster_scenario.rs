@@ -15,7 +15,6 @@
 //!    by heartbeats alone would keep sending requests to the dead node.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -57,22 +56,11 @@ pub fn run(args: ClusterArgs) -> Result<()> {
     let data = tempfile::tempdir()?;
     let engine = atoll_isolate::Engine::new()?;
     let token = "bench-token".to_string();
-    let registry_url = control.block_on(async {
-        let registry = atoll_registry::Registry::open(
-            &data.path().join("registry"),
-            engine.clone(),
-            token.clone(),
-            atoll_registry::RegistryOptions::default(),
-        )?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        tokio::spawn(atoll_registry::serve(
-            listener,
-            Arc::new(registry),
-            std::future::pending(),
-        ));
-        anyhow::Ok(url)
-    })?;
+    let registry_url = control.block_on(crate::http_scenario::start_registry(
+        &data.path().join("registry"),
+        engine.clone(),
+        &token,
+    ))?;
     let mut nodes = Vec::new();
     for (name, region, ip) in [
         ("a1", "a", "127.0.0.11"),

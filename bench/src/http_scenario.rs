@@ -210,24 +210,34 @@ pub struct AtollNode {
     pub data: tempfile::TempDir,
 }
 
+/// A registry on the embedded store in `dir`, served in this runtime on a free port; its URL.
+pub async fn start_registry(
+    dir: &std::path::Path,
+    engine: atoll_isolate::Engine,
+    token: &str,
+) -> Result<String> {
+    let registry = atoll_registry::Registry::open(
+        dir,
+        engine,
+        token.to_string(),
+        atoll_registry::RegistryOptions::default(),
+    )?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(atoll_registry::serve(
+        listener,
+        Arc::new(registry),
+        std::future::pending(),
+    ));
+    Ok(url)
+}
+
 /// Registry + node in process with `hello` pushed and served.
 pub async fn start_node(module: Vec<u8>, setup: NodeSetup) -> Result<AtollNode> {
     let data = tempfile::tempdir()?;
     let engine = atoll_isolate::Engine::new()?;
     let token = "bench-token".to_string();
-    let registry = atoll_registry::Registry::open(
-        &data.path().join("registry"),
-        engine.clone(),
-        token.clone(),
-        atoll_registry::RegistryOptions::default(),
-    )?;
-    let registry_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let registry_url = format!("http://{}", registry_listener.local_addr()?);
-    tokio::spawn(atoll_registry::serve(
-        registry_listener,
-        Arc::new(registry),
-        std::future::pending(),
-    ));
+    let registry_url = start_registry(&data.path().join("registry"), engine.clone(), &token).await?;
 
     let node_listener = TcpListener::bind("127.0.0.1:0").await?;
     let node_address = node_listener.local_addr()?;
