@@ -191,12 +191,7 @@ mod tests {
     use super::*;
 
     fn manifest(name: &str, routes: &[&str]) -> Manifest {
-        let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
-        Manifest::parse(&format!(
-            "name = {name:?}\nwasm = \"m.wasm\"\nroutes = [{}]",
-            routes.join(", ")
-        ))
-        .unwrap()
+        Manifest::for_tests(name, routes)
     }
 
     #[test]

@@ -394,6 +394,19 @@ fn toml_message(text: &str, error: &toml::de::Error) -> String {
 }
 
 #[cfg(test)]
+impl Manifest {
+    /// A valid manifest for `name` serving `routes` (the stores' unit tests).
+    pub(crate) fn for_tests(name: &str, routes: &[&str]) -> Manifest {
+        let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
+        Manifest::parse(&format!(
+            "name = {name:?}\nwasm = \"m.wasm\"\nroutes = [{}]",
+            routes.join(", ")
+        ))
+        .unwrap()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
