@@ -192,6 +192,9 @@ struct EdgeArgs {
     /// Request body size in bytes (413 beyond).
     #[arg(long, default_value_t = atoll_router::service::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
+    /// Longest wait for the next part of a request body (408 and the connection closed).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
     /// Concurrent streams per HTTP/2 or HTTP/3 connection.
     #[arg(long, default_value_t = 100)]
     max_concurrent_streams: u32,
@@ -204,6 +207,18 @@ struct EdgeArgs {
     /// The IP peers and DNS reach this node at (default: the listen address).
     #[arg(long)]
     advertise: Option<std::net::IpAddr>,
+    /// Ceiling over every function's `[limits] memory` on this node (e.g. 512MiB).
+    #[arg(long, default_value = "4GiB", value_parser = atoll_registry::manifest::parse_size)]
+    max_function_memory: u64,
+    /// Ceiling over every function's `[limits] timeout` on this node.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    max_function_timeout: Duration,
+    /// Ceiling over every function's `[limits] response` on this node.
+    #[arg(long, default_value = "128MiB", value_parser = atoll_registry::manifest::parse_size)]
+    max_function_response: u64,
+    /// Ceiling over every function's `[scale] max_concurrency` on this node.
+    #[arg(long, default_value_t = atoll_registry::manifest::MAX_CONCURRENCY)]
+    max_function_concurrency: u32,
 }
 
 impl EdgeArgs {
@@ -237,6 +252,14 @@ impl EdgeArgs {
             ..Default::default()
         };
         options.max_body_bytes = self.max_body_bytes;
+        options.body_timeout = self.body_timeout;
+        options.ceilings = atoll_router::sync::FunctionCeilings {
+            memory_bytes: self.max_function_memory,
+            timeout: self.max_function_timeout,
+            response_bytes: self.max_function_response,
+            max_concurrency: self.max_function_concurrency,
+            ..Default::default()
+        };
         options.quic_retry_threshold = self.quic_retry_threshold;
         options.advertise = self.advertise;
     }

@@ -45,7 +45,16 @@ fn looping_guest_is_stopped_with_504_in_time() {
     let mut overshoots = Vec::new();
     for round in 0..3 {
         let started = Instant::now();
-        let response = get(&cluster.http, "fault.localhost", "/loop");
+        // Fail fast: a guest that is never stopped must fail the test within seconds, not
+        // after the client's own 60 s read timeout.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let http = cluster.http.clone();
+        std::thread::spawn(move || {
+            let _ = sender.send(get(&http, "fault.localhost", "/loop"));
+        });
+        let response = receiver
+            .recv_timeout(timeout + OVERSHOOT_SLACK + Duration::from_secs(3))
+            .unwrap_or_else(|_| panic!("round {round}: /loop was not stopped: no answer"));
         let elapsed = started.elapsed();
         assert_eq!(
             response.status,

@@ -40,8 +40,13 @@ pub fn run(args: ScalingArgs) -> Result<()> {
     let engine = Engine::new()?;
     let directory = tempfile::tempdir()?;
     let cache = ArtifactCache::open(directory.path(), engine.clone())?;
-    let prepared =
-        cache.load_or_prepare(&atoll_isolate::durable::sha256_hex(&wasm), &wasm, "scaling", &[])?;
+    let prepared = cache.load_or_prepare(
+        &atoll_isolate::durable::sha256_hex(&wasm),
+        &wasm,
+        "scaling",
+        &[],
+        128 << 20,
+    )?;
     let function = Arc::new(LoadedFunction::from_prepared(
         engine,
         prepared,

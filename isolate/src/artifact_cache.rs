@@ -94,9 +94,16 @@ impl ArtifactCache {
         &self.engine
     }
 
-    fn prepared_key(&self, sha256: &str, name: &str, init_env: &[(String, String)]) -> String {
+    fn prepared_key(
+        &self,
+        sha256: &str,
+        name: &str,
+        init_env: &[(String, String)],
+        max_memory_bytes: u64,
+    ) -> String {
         let mut digest = Sha256::new();
         digest.update(name.as_bytes());
+        digest.update(max_memory_bytes.to_le_bytes());
         for (key, value) in init_env {
             digest.update([0]);
             digest.update(key.as_bytes());
@@ -108,16 +115,19 @@ impl ArtifactCache {
     }
 
     /// The prepared form of `wasm` (hex SHA-256 `sha256`) for function `name` whose init
-    /// runs with `init_env`: from disk when it was prepared before, otherwise prepared now
-    /// and stored. Blocking and CPU-heavy on a miss.
+    /// runs with `init_env` under a memory limit of `max_memory_bytes`: from disk when it was
+    /// prepared before, otherwise prepared now and stored. Blocking and CPU-heavy on a miss.
+    /// `sha256` names files, so anything but 64 lowercase hex digits is refused.
     pub fn load_or_prepare(
         &self,
         sha256: &str,
         wasm: &[u8],
         name: &str,
         init_env: &[(String, String)],
+        max_memory_bytes: u64,
     ) -> Result<PreparedModule, IsolateError> {
-        let key = self.prepared_key(sha256, name, init_env);
+        crate::durable::check_sha256_hex(sha256)?;
+        let key = self.prepared_key(sha256, name, init_env, max_memory_bytes);
         let artifact_path = self.directory.join(format!("{key}.artifact"));
         let snapshot_path = self.directory.join(format!("{key}.snapshot.wasm"));
         if let Some(module) = self.load(&artifact_path) {
@@ -132,7 +142,7 @@ impl ArtifactCache {
             });
         }
         let (final_wasm, preinitialized) =
-            match snapshot::preinitialize_named(&self.engine, wasm, name, init_env)? {
+            match snapshot::preinitialize_named(&self.engine, wasm, name, init_env, max_memory_bytes)? {
                 Preinit::Unchanged => {
                     let _ = fs::remove_file(&snapshot_path);
                     (std::borrow::Cow::Borrowed(wasm), false)
@@ -215,7 +225,12 @@ mod tests {
         let engine = Engine::new().unwrap();
         let cache = ArtifactCache::open(directory.path(), engine).unwrap();
         let wasm = wasmer::wat2wasm(HELLO.as_bytes()).unwrap().to_vec();
-        let prepare = || cache.load_or_prepare("abc", &wasm, "hello", &[]).unwrap().kind;
+        let prepare = || {
+            cache
+                .load_or_prepare(&crate::durable::sha256_hex(&wasm), &wasm, "hello", &[], 64 << 20)
+                .unwrap()
+                .kind
+        };
         assert_eq!(prepare(), LoadKind::Compiled);
         let artifacts: Vec<_> = fs::read_dir(directory.path())
             .unwrap()

@@ -606,10 +606,15 @@ impl CowTunables {
         style: &MemoryStyle,
         location: Option<NonNull<VMMemoryDefinition>>,
     ) -> Option<Result<VMMemory, MemoryError>> {
-        if ty.shared || !matches!(style, MemoryStyle::Static) {
-            return None;
-        }
         let (image, max_bytes) = take_arming()?;
+        if ty.shared || !matches!(style, MemoryStyle::Static) {
+            // Armed means limited: a memory this module cannot create would escape the
+            // limit under stock tunables, so refuse it (modules declaring one are refused at
+            // load; this is the second line).
+            return Some(Err(MemoryError::InvalidMemory {
+                reason: "shared and dynamic memories are not supported under a memory limit".into(),
+            }));
+        }
         let image = image.filter(|image| {
             image.initial_pages == ty.minimum.0 && image.maximum_pages == ty.maximum.map(|m| m.0)
         });
@@ -665,8 +670,15 @@ impl Tunables for CowTunables {
         style: &TableStyle,
         vm_definition_location: NonNull<VMTableDefinition>,
     ) -> Result<VMTable, String> {
+        // Tables are not covered by the memory limit: cap how far they can grow.
+        let bounded = TableType {
+            maximum: Some(ty.maximum.map_or(crate::engine::MAX_TABLE_ELEMENTS, |maximum| {
+                maximum.min(crate::engine::MAX_TABLE_ELEMENTS)
+            })),
+            ..*ty
+        };
         // SAFETY: the caller upholds the contract, which is the same.
-        unsafe { self.base.create_vm_table(ty, style, vm_definition_location) }
+        unsafe { self.base.create_vm_table(&bounded, style, vm_definition_location) }
     }
 }
 

@@ -166,6 +166,7 @@ pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
     {
         return Err(IsolateError::Invalid("the module exports no `memory`".into()));
     }
+    check_resources(module)?;
     for import in module.imports() {
         if import.module() != WASI_MODULE {
             return Err(IsolateError::Invalid(format!(
@@ -179,6 +180,37 @@ pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
                 "imports `{}::{}` which is not a function",
                 import.module(),
                 import.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Most elements a table may have: a function's tables are not covered by its memory
+/// limit, so their size is bounded here (8 MiB of references).
+pub const MAX_TABLE_ELEMENTS: u32 = 1 << 20;
+
+/// Refuses what the per-function limits could not bound: shared memories (wasm threads)
+/// are created by wasmer outside the memory limit, a second memory would not be counted in
+/// it, and tables could grow without bound.
+fn check_resources(module: &Module) -> Result<(), IsolateError> {
+    let info = module.info();
+    if info.memories.len() > 1 {
+        return Err(IsolateError::Invalid(format!(
+            "declares {} memories; a function has one",
+            info.memories.len()
+        )));
+    }
+    if info.memories.values().any(|memory| memory.shared) {
+        return Err(IsolateError::Invalid(
+            "declares a shared memory (wasm threads), which functions cannot use".into(),
+        ));
+    }
+    for table in info.tables.values() {
+        if table.minimum > MAX_TABLE_ELEMENTS {
+            return Err(IsolateError::Invalid(format!(
+                "declares a table of {} elements, over the limit of {MAX_TABLE_ELEMENTS}",
+                table.minimum
             )));
         }
     }

@@ -63,6 +63,8 @@ pub struct LoadedFunction {
     import_plan: Arc<[wasi::HostImport]>,
     memory_plan: MemoryPlan,
     config: Arc<FunctionConfig>,
+    /// Whether instantiation runs guest code (a `(start)` section).
+    has_start_function: bool,
 }
 
 impl std::fmt::Debug for LoadedFunction {
@@ -127,6 +129,31 @@ impl InvokeError {
             InvokeError::Timeout { .. } => "timeout",
         }
     }
+}
+
+/// A guest's stderr as one line of text for the node's log: line breaks, other control
+/// characters, bidi overrides and backslashes are escaped (`\n`, `\u{1b}`, `\\`), so a
+/// guest cannot forge log lines or hide text, and trailing whitespace is dropped.
+pub fn printable_log(log: &[u8]) -> String {
+    let text = String::from_utf8_lossy(log);
+    let text = text.trim_end();
+    let mut printable = String::with_capacity(text.len());
+    for character in text.chars() {
+        match character {
+            '\\' => printable.push_str("\\\\"),
+            '\n' => printable.push_str("\\n"),
+            '\r' => printable.push_str("\\r"),
+            '\t' => printable.push('\t'),
+            character
+                if character.is_control()
+                    || matches!(character, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                printable.extend(character.escape_unicode());
+            }
+            character => printable.push(character),
+        }
+    }
+    printable
 }
 
 /// Stops a running instance from another thread.
@@ -207,6 +234,7 @@ impl LoadedFunction {
         };
         LoadedFunction {
             engine,
+            has_start_function: module.info().start_function.is_some(),
             import_plan: wasi::import_plan(&module).into(),
             module,
             memory_plan,
@@ -232,25 +260,68 @@ impl LoadedFunction {
         &self.config
     }
 
-    /// Creates an instance, ready for one request.
+    /// Creates an instance ahead of its request. A `(start)` function runs in here: it runs
+    /// under the function's timeout (see [`crate::deadline`]), so a looping one costs one
+    /// bounded run and ends in [`InvokeError::Timeout`].
     pub fn prepare(&self) -> Result<ReadyInstance, InvokeError> {
+        self.prepare_with(|store, fired| {
+            self.has_start_function
+                .then(|| crate::deadline::arm(store.interrupter(), self.config.timeout, Arc::clone(fired)))
+        })
+    }
+
+    /// Creates an instance for a request that is waiting: `arm` receives the instance's
+    /// interrupt handle before any guest code (a `(start)` function) runs, so the request's
+    /// own timeout can stop it.
+    pub fn prepare_for_request(
+        &self,
+        arm: impl FnOnce(InterruptHandle),
+    ) -> Result<ReadyInstance, InvokeError> {
+        self.prepare_with(|store, fired| {
+            arm(InterruptHandle {
+                interrupter: store.interrupter(),
+                fired: Arc::clone(fired),
+            });
+            None
+        })
+    }
+
+    fn prepare_with(
+        &self,
+        arm: impl FnOnce(&Store, &Arc<AtomicBool>) -> Option<crate::deadline::DeadlineGuard>,
+    ) -> Result<ReadyInstance, InvokeError> {
         let started = Instant::now();
+        let fired = Arc::new(AtomicBool::new(false));
         let context = WasiContext::new(
             &[self.config.name.as_str()],
             &[],
             Bytes::new(),
             self.config.max_response_bytes,
             self.config.max_log_bytes,
-        );
+        )
+        .with_interrupt_flag(Arc::clone(&fired));
         let mut store = Store::new(self.engine.wasmer().clone());
         let env = FunctionEnv::new(&mut store, context);
         let externs = wasi::externs(&mut store, &env, &self.import_plan);
         let instantiate_error = |error: &dyn std::fmt::Display| InvokeError::Instantiate {
             reason: error.to_string(),
         };
-        let instance = cow_memory::instantiate_with(&self.memory_plan, || {
-            Instance::new_by_index(&mut store, &self.module, &externs).map_err(|e| instantiate_error(&e))
-        })?;
+        let deadline = arm(&store, &fired);
+        let instantiated = cow_memory::instantiate_with(&self.memory_plan, || {
+            Instance::new_by_index(&mut store, &self.module, &externs).map_err(Box::new)
+        });
+        drop(deadline);
+        let instance = match instantiated {
+            Ok(instance) => instance,
+            Err(error) if fired.load(Ordering::SeqCst) => {
+                tracing::debug!(function = %self.config.name, %error, "start function interrupted");
+                return Err(InvokeError::Timeout {
+                    limit: self.config.timeout,
+                    log: env.as_mut(&mut store).take_output().stderr,
+                });
+            }
+            Err(error) => return Err(instantiate_error(&error)),
+        };
         let memory = instance
             .exports
             .get_memory("memory")
@@ -268,7 +339,7 @@ impl LoadedFunction {
             start,
             config: Arc::clone(&self.config),
             start_time: started.elapsed(),
-            fired: Arc::new(AtomicBool::new(false)),
+            fired,
         })
     }
 
@@ -339,5 +410,22 @@ impl ReadyInstance {
             }),
             Err(source) => Err(InvokeError::MalformedOutput { source, log }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable_log;
+
+    #[test]
+    fn guest_logs_cannot_forge_lines() {
+        let forged = b"hello\n2026-11-30T00:00:00Z  INFO atoll: admin logged in\r\x1b[2J\\n\xe2\x80\xae\n\n";
+        let printed = printable_log(forged);
+        assert!(!printed.contains(['\n', '\r', '\u{1b}', '\u{202e}']), "{printed}");
+        assert_eq!(
+            printed,
+            "hello\\n2026-11-30T00:00:00Z  INFO atoll: admin logged in\\r\\u{1b}[2J\\\\n\\u{202e}"
+        );
+        assert_eq!(printable_log(b"caf\xc3\xa9\ttab"), "caf\u{e9}\ttab");
     }
 }

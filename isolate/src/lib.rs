@@ -18,6 +18,7 @@
 pub mod artifact_cache;
 pub mod cgi;
 pub mod cow_memory;
+pub mod deadline;
 pub mod durable;
 pub mod engine;
 pub mod error;

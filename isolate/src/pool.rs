@@ -153,6 +153,40 @@ pub struct InstancePool {
     /// Instances being prepared by `replenish`, so concurrent callers don't overshoot.
     preparing: AtomicUsize,
     target: Mutex<ReadyTarget>,
+    /// After a failed preparation (a trapping or looping `(start)`), no instance is made
+    /// ahead before this instant; the wait doubles with each failure in a row.
+    prepare_backoff: Mutex<PrepareBackoff>,
+    /// Whether a maintenance pass ([`InstancePool::maintain`]) is running.
+    maintaining: AtomicBool,
+}
+
+/// Backs off making instances ahead of requests while they keep failing.
+#[derive(Debug, Default)]
+struct PrepareBackoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// First and longest wait after a failed preparation.
+const PREPARE_BACKOFF_START: Duration = Duration::from_secs(1);
+const PREPARE_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+impl PrepareBackoff {
+    fn ready(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    fn failed(&mut self, now: Instant) {
+        let wait = PREPARE_BACKOFF_START
+            .saturating_mul(1 << self.failures.min(16))
+            .min(PREPARE_BACKOFF_MAX);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(now + wait);
+    }
+
+    fn succeeded(&mut self) {
+        *self = PrepareBackoff::default();
+    }
 }
 
 impl std::fmt::Debug for InstancePool {
@@ -185,6 +219,8 @@ impl InstancePool {
             in_flight: AtomicUsize::new(0),
             ready: Mutex::new(Vec::new()),
             preparing: AtomicUsize::new(0),
+            prepare_backoff: Mutex::new(PrepareBackoff::default()),
+            maintaining: AtomicBool::new(false),
         })
     }
 
@@ -235,7 +271,7 @@ impl InstancePool {
         request: &CgiRequest,
         interrupt: &InterruptSlot,
     ) -> Result<(Invocation, StartKind), InvokeError> {
-        let (instance, kind) = self.take()?;
+        let (instance, kind) = self.take(interrupt)?;
         interrupt.arm(instance.interrupt_handle());
         let start_time = instance.start_time();
         let mut invocation = instance.run(request)?;
@@ -246,7 +282,7 @@ impl InstancePool {
         Ok((invocation, kind))
     }
 
-    fn take(&self) -> Result<(ReadyInstance, StartKind), InvokeError> {
+    fn take(&self, interrupt: &InterruptSlot) -> Result<(ReadyInstance, StartKind), InvokeError> {
         let in_flight = self.in_flight.load(Ordering::Relaxed).max(1);
         self.target
             .lock()
@@ -255,15 +291,29 @@ impl InstancePool {
         if let Some(instance) = self.ready.lock().expect("ready").pop() {
             return Ok((instance, StartKind::Ready));
         }
-        Ok((self.function.prepare()?, StartKind::OnDemand))
+        // The request's timeout covers a `(start)` function run while instantiating.
+        let instance = self
+            .function
+            .prepare_for_request(|handle| interrupt.arm(handle))?;
+        Ok((instance, StartKind::OnDemand))
     }
 
     /// Prepares instances until the ready count meets the target. Blocking; call it off the
     /// request path (after a response is sent, or from a maintenance task). Returns the
-    /// instances created.
+    /// instances created. Each preparation runs under the function's timeout, and after one
+    /// fails none is tried again for a while (backing off up to a minute), so a function
+    /// whose instances cannot be made costs one bounded attempt now and then.
     pub fn replenish(&self) -> Vec<Duration> {
         let mut start_times = Vec::new();
         loop {
+            if !self
+                .prepare_backoff
+                .lock()
+                .expect("backoff")
+                .ready(Instant::now())
+            {
+                return start_times;
+            }
             let target = self.target.lock().expect("target").target(Instant::now());
             let have = self.ready.lock().expect("ready").len() + self.preparing.load(Ordering::Acquire);
             if have >= target {
@@ -274,15 +324,40 @@ impl InstancePool {
             self.preparing.fetch_sub(1, Ordering::AcqRel);
             match prepared {
                 Ok(instance) => {
+                    self.prepare_backoff.lock().expect("backoff").succeeded();
                     start_times.push(instance.start_time());
                     self.ready.lock().expect("ready").push(instance);
                 }
                 Err(error) => {
+                    self.prepare_backoff
+                        .lock()
+                        .expect("backoff")
+                        .failed(Instant::now());
                     tracing::warn!(function = self.function.name(), %error, "preparing an instance failed");
                     return start_times;
                 }
             }
         }
+    }
+
+    /// One maintenance pass: [`trim`](InstancePool::trim), then
+    /// [`replenish`](InstancePool::replenish). Returns `None` without doing anything while
+    /// another pass over this pool is still running, so a function whose instances are slow
+    /// to make never has passes pile up, and callers can run each pool's pass on its own
+    /// without one function holding up the others.
+    pub fn maintain(&self) -> Option<Vec<Duration>> {
+        if self.maintaining.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.maintaining);
+        self.trim();
+        Some(self.replenish())
     }
 
     /// Drops ready instances beyond the target (scale down, to zero when idle) and returns
@@ -355,6 +430,25 @@ mod tests {
         target.observe(t0, 5);
         assert_eq!(target.target(t0), 5);
         assert_eq!(target.target(t0 + Duration::from_secs(3600)), 2);
+    }
+
+    #[test]
+    fn failed_preparations_back_off_up_to_a_minute() {
+        let mut backoff = PrepareBackoff::default();
+        let t0 = Instant::now();
+        assert!(backoff.ready(t0));
+        backoff.failed(t0);
+        assert!(!backoff.ready(t0 + Duration::from_millis(999)));
+        assert!(backoff.ready(t0 + Duration::from_secs(1)));
+        backoff.failed(t0);
+        assert!(!backoff.ready(t0 + Duration::from_secs(1)));
+        assert!(backoff.ready(t0 + Duration::from_secs(2)));
+        for _ in 0..40 {
+            backoff.failed(t0);
+        }
+        assert!(backoff.ready(t0 + PREPARE_BACKOFF_MAX));
+        backoff.succeeded();
+        assert!(backoff.ready(t0));
     }
 
     #[test]

@@ -36,6 +36,7 @@ use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasmer::{FunctionEnv, Instance, Module, Store, Value};
 use wasmparser::{DataKind, ElementItems, ExternalKind, Operator, Parser, Payload, TypeRef};
 
+use crate::cow_memory::{self, MemoryPlan};
 use crate::engine::Engine;
 use crate::error::IsolateError;
 use crate::wasi::{self, ProcExit, WasiContext};
@@ -70,56 +71,34 @@ pub enum Preinit {
 }
 
 /// Runs `wasm`'s init export (if any) once with the manifest's `env` and returns the module
-/// rewritten to start from the state it left. `argv[0]` is `atoll-init`; see
-/// [`preinitialize_named`] to pass the function's name.
+/// rewritten to start from the state it left. `argv[0]` is `atoll-init` and memory is
+/// limited to [`DEFAULT_INIT_MEMORY_BYTES`]; see [`preinitialize_named`] to pass the
+/// function's name and its `[limits] memory`.
 pub fn preinitialize(
     engine: &Engine,
     wasm: &[u8],
     env: &[(String, String)],
 ) -> Result<Preinit, IsolateError> {
-    preinitialize_named(engine, wasm, DEFAULT_ARGV0, env)
+    preinitialize_named(engine, wasm, DEFAULT_ARGV0, env, DEFAULT_INIT_MEMORY_BYTES)
 }
 
-/// Longest an init function may run: a deploy must not hang on a looping init.
+/// The memory limit of [`preinitialize`] (the manifest's default `[limits] memory`).
+pub const DEFAULT_INIT_MEMORY_BYTES: u64 = 128 << 20;
+
+/// Longest an init function (and the `(start)` function run before it) may run: a deploy
+/// must not hang on a looping init.
 pub const INIT_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs `call` with a watchdog that interrupts the store after `limit`; returns the call's
-/// outcome and whether the watchdog fired.
-fn with_deadline<R>(
-    interrupter: wasmer::Interrupter,
-    limit: std::time::Duration,
-    call: impl FnOnce() -> R,
-) -> (R, bool) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::mpsc::{RecvTimeoutError, channel};
-    let fired = std::sync::Arc::new(AtomicBool::new(false));
-    let (finished, wait) = channel::<()>();
-    let watchdog = {
-        let fired = std::sync::Arc::clone(&fired);
-        std::thread::spawn(move || {
-            if !matches!(wait.recv_timeout(limit), Err(RecvTimeoutError::Timeout)) {
-                return;
-            }
-            fired.store(true, Ordering::SeqCst);
-            // A signal can miss a guest that is not running yet: repeat until it returns.
-            while let Err(RecvTimeoutError::Timeout) = {
-                interrupter.interrupt();
-                wait.recv_timeout(std::time::Duration::from_millis(10))
-            } {}
-        })
-    };
-    let outcome = call();
-    drop(finished);
-    let _ = watchdog.join();
-    (outcome, fired.load(Ordering::SeqCst))
-}
-
-/// [`preinitialize`] with `name` as `argv[0]`, as requests will see it.
+/// [`preinitialize`] with `name` as `argv[0]`, as requests will see it, and the function's
+/// memory limit: init runs under it exactly as requests do (memory cannot grow past it),
+/// and a result whose memory starts larger is refused, so no node is handed a snapshot it
+/// could not serve.
 pub fn preinitialize_named(
     engine: &Engine,
     wasm: &[u8],
     name: &str,
     env: &[(String, String)],
+    max_memory_bytes: u64,
 ) -> Result<Preinit, IsolateError> {
     // Validates the module and its WCGI interface; everything below may assume a valid module.
     let module = engine.compile(wasm)?;
@@ -150,13 +129,19 @@ pub fn preinitialize_named(
     layout.check_capturable(wasm)?;
 
     let instrumented = instrument(wasm, &layout)?;
-    let state = run_init(engine, &instrumented, &layout, &init, name, env)?;
+    let state = run_init(engine, &instrumented, &layout, &init, name, env, max_memory_bytes)?;
     let rewritten = rewrite(wasm, &layout, &state)?;
-    engine.compile(&rewritten).map_err(|error| {
-        IsolateError::Invalid(format!(
-            "the pre-initialised module is not valid ({error}); this is a bug"
-        ))
-    })?;
+    engine
+        .validate_with_memory_limit(&rewritten, max_memory_bytes)
+        .map_err(|error| match error {
+            IsolateError::Invalid(reason) if reason.contains("memory limit") => {
+                IsolateError::Invalid(format!("after the init function, {reason}"))
+            }
+            IsolateError::Invalid(reason) => IsolateError::Invalid(format!(
+                "the pre-initialised module is not valid ({reason}); this is a bug"
+            )),
+            other => other,
+        })?;
     Ok(Preinit::Rewritten {
         wasm: rewritten,
         init_export: init,
@@ -453,16 +438,40 @@ fn run_init(
     init: &str,
     argv0: &str,
     env: &[(String, String)],
+    max_memory_bytes: u64,
 ) -> Result<State, IsolateError> {
     let module = Module::from_binary(engine.wasmer(), instrumented).map_err(|error| {
         IsolateError::Invalid(format!("the instrumented module does not compile: {error}"))
     })?;
     let mut store = Store::new(engine.wasmer().clone());
-    let context = WasiContext::new(&[argv0], env, Bytes::new(), INIT_OUTPUT_LIMIT, INIT_OUTPUT_LIMIT);
+    // One deadline covers the `(start)` function (run by `Instance::new`) and init, and the
+    // host calls stop on it too.
+    let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline = crate::deadline::arm(
+        store.interrupter(),
+        INIT_TIME_LIMIT,
+        std::sync::Arc::clone(&fired),
+    );
+    let timed_out =
+        || IsolateError::Invalid(format!("init function did not finish within {INIT_TIME_LIMIT:?}"));
+    let context = WasiContext::new(&[argv0], env, Bytes::new(), INIT_OUTPUT_LIMIT, INIT_OUTPUT_LIMIT)
+        .with_interrupt_flag(std::sync::Arc::clone(&fired));
     let function_env = FunctionEnv::new(&mut store, context);
     let imports = wasi::imports(&mut store, &function_env, &module);
-    let instance = Instance::new(&mut store, &module, &imports).map_err(|error| {
-        IsolateError::Invalid(format!("instantiation before the init function failed: {error}"))
+    // Init's memory obeys the function's limit, as every request's does.
+    let plan = MemoryPlan {
+        image: None,
+        max_bytes: Some(max_memory_bytes),
+    };
+    let instance = cow_memory::instantiate_with(&plan, || {
+        Instance::new(&mut store, &module, &imports).map_err(Box::new)
+    })
+    .map_err(|error| {
+        if deadline.fired() {
+            timed_out()
+        } else {
+            IsolateError::Invalid(format!("instantiation before the init function failed: {error}"))
+        }
     })?;
     let memory = |index: usize| format!("{MEMORY_EXPORT_PREFIX}{index}");
     let wasi_memory = instance
@@ -477,16 +486,15 @@ fn run_init(
         .map_err(|error| IsolateError::Invalid(error.to_string()))?
         .clone();
 
-    let interrupter = store.interrupter();
-    let (outcome, timed_out) = with_deadline(interrupter, INIT_TIME_LIMIT, || function.call(&mut store, &[]));
+    let outcome = function.call(&mut store, &[]);
+    let timed_out_now = deadline.fired();
+    drop(deadline);
     let output = function_env.as_mut(&mut store).take_output();
-    if timed_out {
-        return Err(IsolateError::Invalid(format!(
-            "init function did not finish within {INIT_TIME_LIMIT:?}"
-        )));
+    if timed_out_now {
+        return Err(timed_out());
     }
     if let Err(error) = outcome {
-        let log = String::from_utf8_lossy(&output.stderr);
+        let log = crate::function::printable_log(&output.stderr);
         let log = log.trim();
         let log = if log.is_empty() {
             String::new()
@@ -499,7 +507,7 @@ fn run_init(
         }));
     }
     if !output.stderr.is_empty() {
-        tracing::debug!(init, log = %String::from_utf8_lossy(&output.stderr), "init function log");
+        tracing::debug!(init, log = %crate::function::printable_log(&output.stderr), "init function log");
     }
 
     let mut globals = Vec::with_capacity(layout.globals.len());

@@ -8,8 +8,16 @@
 //! calls still run; imports from any other module are refused when the module is loaded.
 //!
 //! There is no filesystem and no preopened directory: functions are stateless by design.
+//!
+//! Host code is not interruptible the way guest code is, so every call here is written for
+//! a hostile guest: it checks the guest's pointers and lengths against its memory *before*
+//! doing any work, works in place (no buffer sized by the guest), and calls that may do a
+//! lot of work (long iovec lists, `random_get` over gigabytes) do it in chunks and stop
+//! once the run's deadline has fired, trapping so the run ends as a timeout.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use wasmer::{
@@ -47,6 +55,10 @@ pub struct WasiContext {
     max_stdout: usize,
     max_stderr: usize,
     stdout_overflow: bool,
+    /// Set when the run's deadline fires; long host calls check it between chunks.
+    interrupted: Arc<AtomicBool>,
+    /// When this instance was created: the origin of its CPU-time clocks.
+    created: Instant,
 }
 
 /// What a finished invocation left behind.
@@ -78,9 +90,17 @@ impl WasiContext {
             max_stdout,
             max_stderr,
             stdout_overflow: false,
+            interrupted: Arc::default(),
+            created: Instant::now(),
         };
         context.set_input(env, stdin);
         context
+    }
+
+    /// Shares the run's "deadline fired" flag, so long host calls stop when it is set.
+    pub fn with_interrupt_flag(mut self, interrupted: Arc<AtomicBool>) -> Self {
+        self.interrupted = interrupted;
+        self
     }
 
     /// Replaces the request-specific input: an instance is prepared before its request is
@@ -249,18 +269,61 @@ pub fn imports(store: &mut Store, env: &FunctionEnv<WasiContext>, module: &Modul
     imports
 }
 
+/// Why a host call stopped early: the run's deadline fired. The call traps, and the run
+/// ends as a timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by the deadline in a host call")]
+pub struct HostCallInterrupted;
+
+/// A host call's failure: an errno for the guest, or a trap.
+enum CallError {
+    Errno(i32),
+    Interrupted,
+}
+
+impl From<i32> for CallError {
+    fn from(errno: i32) -> Self {
+        CallError::Errno(errno)
+    }
+}
+
+/// How much a host call does between two looks at the deadline.
+const CHUNK_BYTES: usize = 64 * 1024;
+const CHUNK_ENTRIES: u32 = 4096;
+
+impl WasiContext {
+    fn check_deadline(&self) -> Result<(), CallError> {
+        if self.interrupted.load(Ordering::Relaxed) {
+            Err(CallError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Runs `f` with the guest memory's view and the context, or answers `EFAULT` when the
-/// module has no memory.
+/// module has no memory. A call the deadline stopped traps.
 fn with_memory(
     env: &mut FunctionEnvMut<WasiContext>,
-    f: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, i32>,
-) -> i32 {
+    f: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, CallError>,
+) -> Result<i32, HostCallInterrupted> {
     let (context, store) = env.data_and_store_mut();
     let Some(memory) = context.memory.clone() else {
-        return ERRNO_FAULT;
+        return Ok(ERRNO_FAULT);
     };
     let view = memory.view(&store);
-    f(context, &view).unwrap_or_else(|errno| errno)
+    match f(context, &view) {
+        Ok(errno) | Err(CallError::Errno(errno)) => Ok(errno),
+        Err(CallError::Interrupted) => Err(HostCallInterrupted),
+    }
+}
+
+/// Checks that `[address, address + length)` lies inside the guest's memory.
+fn check_range(view: &MemoryView, address: u32, length: u64) -> Result<(), i32> {
+    match u64::from(address).checked_add(length) {
+        Some(end) if end <= view.data_size() => Ok(()),
+        _ => Err(ERRNO_FAULT),
+    }
 }
 
 fn read_u32(view: &MemoryView, address: u32) -> Result<u32, i32> {
@@ -288,7 +351,9 @@ fn write_pointer_list(
     buffer_address: u32,
     buffer: &[u8],
     offsets: &[usize],
-) -> Result<i32, i32> {
+) -> Result<i32, CallError> {
+    check_range(view, list_address, 4 * offsets.len() as u64)?;
+    check_range(view, buffer_address, buffer.len() as u64)?;
     for (index, offset) in offsets.iter().enumerate() {
         let pointer = buffer_address
             .checked_add(u32::try_from(*offset).map_err(|_| ERRNO_INVAL)?)
@@ -299,13 +364,35 @@ fn write_pointer_list(
     Ok(ERRNO_SUCCESS)
 }
 
-fn args_get(mut env: FunctionEnvMut<WasiContext>, argv: u32, argv_buf: u32) -> i32 {
+/// The `(buffer, length)` pairs of an iovec list, after checking the whole list lies in
+/// memory.
+fn iovecs<'a>(
+    view: &'a MemoryView<'a>,
+    iovs: u32,
+    iovs_len: u32,
+) -> Result<impl Iterator<Item = Result<(u32, u32), i32>> + 'a, i32> {
+    check_range(view, iovs, u64::from(iovs_len) * 8)?;
+    Ok((0..iovs_len).map(move |index| {
+        let entry = iovs + index * 8;
+        Ok((read_u32(view, entry)?, read_u32(view, entry + 4)?))
+    }))
+}
+
+fn args_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    argv: u32,
+    argv_buf: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |context, view| {
         write_pointer_list(view, argv, argv_buf, &context.args, &context.arg_offsets)
     })
 }
 
-fn args_sizes_get(mut env: FunctionEnvMut<WasiContext>, count: u32, size: u32) -> i32 {
+fn args_sizes_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    count: u32,
+    size: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |context, view| {
         write_u32(view, count, context.arg_offsets.len() as u32)?;
         write_u32(view, size, context.args.len() as u32)?;
@@ -313,7 +400,11 @@ fn args_sizes_get(mut env: FunctionEnvMut<WasiContext>, count: u32, size: u32) -
     })
 }
 
-fn environ_get(mut env: FunctionEnvMut<WasiContext>, environ: u32, environ_buf: u32) -> i32 {
+fn environ_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    environ: u32,
+    environ_buf: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |context, view| {
         write_pointer_list(
             view,
@@ -325,7 +416,11 @@ fn environ_get(mut env: FunctionEnvMut<WasiContext>, environ: u32, environ_buf: 
     })
 }
 
-fn environ_sizes_get(mut env: FunctionEnvMut<WasiContext>, count: u32, size: u32) -> i32 {
+fn environ_sizes_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    count: u32,
+    size: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |context, view| {
         write_u32(view, count, context.environ_offsets.len() as u32)?;
         write_u32(view, size, context.environ.len() as u32)?;
@@ -333,56 +428,90 @@ fn environ_sizes_get(mut env: FunctionEnvMut<WasiContext>, count: u32, size: u32
     })
 }
 
-fn fd_read(mut env: FunctionEnvMut<WasiContext>, fd: i32, iovs: u32, iovs_len: u32, nread: u32) -> i32 {
+fn fd_read(
+    mut env: FunctionEnvMut<WasiContext>,
+    fd: i32,
+    iovs: u32,
+    iovs_len: u32,
+    nread: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |context, view| {
         if fd != 0 {
-            return Err(ERRNO_BADF);
+            return Err(ERRNO_BADF.into());
         }
+        check_range(view, nread, 4)?;
         let mut total: u32 = 0;
-        for index in 0..iovs_len {
-            let entry = iovs.checked_add(index * 8).ok_or(ERRNO_FAULT)?;
-            let buffer = read_u32(view, entry)?;
-            let length = read_u32(view, entry + 4)? as usize;
+        for (index, iovec) in iovecs(view, iovs, iovs_len)?.enumerate() {
+            if (index as u32).is_multiple_of(CHUNK_ENTRIES) {
+                context.check_deadline()?;
+            }
+            let (buffer, length) = iovec?;
+            check_range(view, buffer, u64::from(length))?;
             let remaining = &context.stdin[context.stdin_position..];
-            let chunk = &remaining[..remaining.len().min(length)];
+            let chunk = &remaining[..remaining.len().min(length as usize)];
             if chunk.is_empty() {
                 break;
             }
-            write_bytes(view, buffer, chunk)?;
+            for (offset, piece) in chunk.chunks(CHUNK_BYTES).enumerate() {
+                context.check_deadline()?;
+                write_bytes(view, buffer + (offset * CHUNK_BYTES) as u32, piece)?;
+            }
             context.stdin_position += chunk.len();
-            total += chunk.len() as u32;
+            total = total.saturating_add(chunk.len() as u32);
         }
         write_u32(view, nread, total)?;
         Ok(ERRNO_SUCCESS)
     })
 }
 
-fn fd_write(mut env: FunctionEnvMut<WasiContext>, fd: i32, iovs: u32, iovs_len: u32, nwritten: u32) -> i32 {
+fn fd_write(
+    mut env: FunctionEnvMut<WasiContext>,
+    fd: i32,
+    iovs: u32,
+    iovs_len: u32,
+    nwritten: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |context, view| {
+        if fd != 1 && fd != 2 {
+            return Err(ERRNO_BADF.into());
+        }
+        check_range(view, nwritten, 4)?;
         let mut total: u32 = 0;
-        for index in 0..iovs_len {
-            let entry = iovs.checked_add(index * 8).ok_or(ERRNO_FAULT)?;
-            let buffer = read_u32(view, entry)?;
-            let length = read_u32(view, entry + 4)? as usize;
+        for (index, iovec) in iovecs(view, iovs, iovs_len)?.enumerate() {
+            if (index as u32).is_multiple_of(CHUNK_ENTRIES) {
+                context.check_deadline()?;
+            }
+            let (buffer, length) = iovec?;
+            check_range(view, buffer, u64::from(length))?;
             let (sink, limit) = match fd {
                 1 => (&mut context.stdout, context.max_stdout),
-                2 => (&mut context.stderr, context.max_stderr),
-                _ => return Err(ERRNO_BADF),
+                _ => (&mut context.stderr, context.max_stderr),
             };
-            if sink.len() + length > limit {
+            if sink.len().saturating_add(length as usize) > limit {
                 if fd == 1 {
                     context.stdout_overflow = true;
-                    return Err(ERRNO_IO);
+                    return Err(ERRNO_IO.into());
                 }
                 // The log is best effort: keep its head, pretend the rest was written.
-                total += length as u32;
+                total = total.saturating_add(length);
                 continue;
             }
-            let start = sink.len();
-            sink.resize(start + length, 0);
-            view.read(u64::from(buffer), &mut sink[start..])
-                .map_err(|_| ERRNO_FAULT)?;
-            total += length as u32;
+            let mut copied = 0u32;
+            while copied < length {
+                context.check_deadline()?;
+                let piece = (length - copied).min(CHUNK_BYTES as u32);
+                let sink = if fd == 1 {
+                    &mut context.stdout
+                } else {
+                    &mut context.stderr
+                };
+                let start = sink.len();
+                sink.resize(start + piece as usize, 0);
+                view.read(u64::from(buffer + copied), &mut sink[start..])
+                    .map_err(|_| ERRNO_FAULT)?;
+                copied += piece;
+            }
+            total = total.saturating_add(length);
         }
         write_u32(view, nwritten, total)?;
         Ok(ERRNO_SUCCESS)
@@ -397,10 +526,14 @@ fn fd_close(_env: FunctionEnvMut<WasiContext>, fd: i32) -> i32 {
     }
 }
 
-fn fd_fdstat_get(mut env: FunctionEnvMut<WasiContext>, fd: i32, stat: u32) -> i32 {
+fn fd_fdstat_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    fd: i32,
+    stat: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |_, view| {
         if !(0..=2).contains(&fd) {
-            return Err(ERRNO_BADF);
+            return Err(ERRNO_BADF.into());
         }
         // fdstat: filetype u8 (2 = character device), flags u16, rights base u64, inheriting u64.
         let mut record = [0u8; 24];
@@ -432,34 +565,73 @@ fn proc_exit(_env: FunctionEnvMut<WasiContext>, code: u32) -> Result<(), ProcExi
     Err(ProcExit(code))
 }
 
-fn random_get(mut env: FunctionEnvMut<WasiContext>, buffer: u32, length: u32) -> i32 {
-    with_memory(&mut env, |_, view| {
-        let mut bytes = vec![0u8; length as usize];
-        getrandom::fill(&mut bytes).map_err(|_| ERRNO_IO)?;
-        write_bytes(view, buffer, &bytes)?;
+/// Fills the guest's buffer in place, a chunk at a time: checked against memory first, so a
+/// bad pointer costs nothing, and stopped by the deadline, so a 4 GiB request costs at most
+/// what the function's timeout allows.
+fn random_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    buffer: u32,
+    length: u32,
+) -> Result<i32, HostCallInterrupted> {
+    with_memory(&mut env, |context, view| {
+        check_range(view, buffer, u64::from(length))?;
+        let mut chunk = vec![0u8; (length as usize).min(CHUNK_BYTES)];
+        let mut filled = 0u32;
+        while filled < length {
+            context.check_deadline()?;
+            let piece = &mut chunk[..(length - filled).min(CHUNK_BYTES as u32) as usize];
+            getrandom::fill(piece).map_err(|_| ERRNO_IO)?;
+            write_bytes(view, buffer + filled, piece)?;
+            filled += piece.len() as u32;
+        }
         Ok(ERRNO_SUCCESS)
     })
 }
 
-fn clock_time_get(mut env: FunctionEnvMut<WasiContext>, clock: i32, _precision: i64, time: u32) -> i32 {
-    with_memory(&mut env, |_, view| {
+/// Nanoseconds on the monotonic clock: wall time when the process started plus the time
+/// elapsed since, from `Instant`, so it never goes backwards within a process and reads
+/// close to wall time (a value an init function froze into a snapshot stays plausible).
+fn monotonic_nanos() -> u64 {
+    static ORIGIN: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let (started, wall) = ORIGIN.get_or_init(|| (Instant::now(), realtime_nanos()));
+    wall.saturating_add(started.elapsed().as_nanos() as u64)
+}
+
+fn realtime_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn clock_time_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    clock: i32,
+    _precision: i64,
+    time: u32,
+) -> Result<i32, HostCallInterrupted> {
+    with_memory(&mut env, |context, view| {
         let nanos = match clock {
-            // realtime, monotonic, process and thread CPU time: wall time serves them all.
-            0..=3 => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|elapsed| elapsed.as_nanos() as u64)
-                .unwrap_or(0),
-            _ => return Err(ERRNO_INVAL),
+            0 => realtime_nanos(),
+            1 => monotonic_nanos(),
+            // Process and thread CPU time: a guest is one thread that has run since its
+            // instance was made; the elapsed time is what it can have used, and monotonic.
+            2 | 3 => context.created.elapsed().as_nanos() as u64,
+            _ => return Err(ERRNO_INVAL.into()),
         };
         write_u64(view, time, nanos)?;
         Ok(ERRNO_SUCCESS)
     })
 }
 
-fn clock_res_get(mut env: FunctionEnvMut<WasiContext>, clock: i32, resolution: u32) -> i32 {
+fn clock_res_get(
+    mut env: FunctionEnvMut<WasiContext>,
+    clock: i32,
+    resolution: u32,
+) -> Result<i32, HostCallInterrupted> {
     with_memory(&mut env, |_, view| {
         if !(0..=3).contains(&clock) {
-            return Err(ERRNO_INVAL);
+            return Err(ERRNO_INVAL.into());
         }
         write_u64(view, resolution, 1_000)?;
         Ok(ERRNO_SUCCESS)

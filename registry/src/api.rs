@@ -246,7 +246,13 @@ impl Registry {
             let checked = engine
                 .validate_with_memory_limit(&module, memory_limit)
                 .and_then(|()| {
-                    atoll_isolate::snapshot::preinitialize_named(&engine, &module, &name, &init_env)
+                    atoll_isolate::snapshot::preinitialize_named(
+                        &engine,
+                        &module,
+                        &name,
+                        &init_env,
+                        memory_limit,
+                    )
                 })
                 .map(drop);
             (module, checked)

@@ -81,6 +81,19 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_MIN_INSTANCES: u32 = 256;
 /// Default `[limits] response`: 32 MiB.
 pub const DEFAULT_RESPONSE_BYTES: u64 = 32 << 20;
+/// Largest `[limits] response`: a node holds a response whole in memory before sending it.
+pub const MAX_RESPONSE_BYTES: u64 = 128 << 20;
+/// Largest `[scale] max_concurrency`.
+pub const MAX_CONCURRENCY: u32 = 1024;
+/// Largest `[scale] max_queue`.
+pub const MAX_QUEUE: u32 = 10_000;
+/// Most `[env]` entries, and their largest total size (`KEY=value` plus a NUL each): every
+/// request copies the environment into the guest, and the manifest travels in every watch
+/// event to every node.
+pub const MAX_ENV_ENTRIES: usize = 256;
+pub const MAX_ENV_BYTES: usize = 64 << 10;
+/// Most routes one function may have.
+pub const MAX_ROUTES: usize = 64;
 
 /// `[scale]`: how a node runs instances of the function. Read the effective values with
 /// the accessor methods.
@@ -128,6 +141,12 @@ impl Scale {
     fn validate(&self) -> Result<(), String> {
         if self.max_concurrency == Some(0) {
             return Err("scale.max_concurrency must be at least 1".into());
+        }
+        if self.max_concurrency() > MAX_CONCURRENCY {
+            return Err(format!("scale.max_concurrency must be at most {MAX_CONCURRENCY}"));
+        }
+        if self.max_queue() > MAX_QUEUE {
+            return Err(format!("scale.max_queue must be at most {MAX_QUEUE}"));
         }
         if self.min_instances() > MAX_MIN_INSTANCES {
             return Err(format!("scale.min_instances must be at most {MAX_MIN_INSTANCES}"));
@@ -239,6 +258,12 @@ impl Manifest {
                 "`routes` must list at least one route".into(),
             ));
         }
+        if self.routes.len() > MAX_ROUTES {
+            return Err(ManifestError::Invalid(format!(
+                "`routes` lists {} routes; at most {MAX_ROUTES} are allowed",
+                self.routes.len()
+            )));
+        }
         let mut canonical: Vec<String> = Vec::with_capacity(self.routes.len());
         for route in &self.routes {
             let pattern: RoutePattern = route.parse()?;
@@ -249,6 +274,23 @@ impl Manifest {
             canonical.push(text);
         }
         self.routes = canonical;
+        if self.env.len() > MAX_ENV_ENTRIES {
+            return Err(ManifestError::Invalid(format!(
+                "env has {} entries; at most {MAX_ENV_ENTRIES} are allowed",
+                self.env.len()
+            )));
+        }
+        let env_bytes: usize = self
+            .env
+            .iter()
+            .map(|(key, value)| key.len() + value.len() + 2)
+            .sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return Err(ManifestError::Invalid(format!(
+                "env is {env_bytes} bytes; at most {} KiB are allowed",
+                MAX_ENV_BYTES >> 10
+            )));
+        }
         for (key, value) in &self.env {
             if !is_env_key(key) {
                 return Err(ManifestError::Invalid(format!(
@@ -267,9 +309,15 @@ impl Manifest {
             })?;
         }
         if let Some(response) = &self.limits.response {
-            parse_memory(response).map_err(|reason| {
+            let bytes = parse_memory(response).map_err(|reason| {
                 ManifestError::Invalid(format!("limits.response {response:?} is invalid: {reason}"))
             })?;
+            if bytes > MAX_RESPONSE_BYTES {
+                return Err(ManifestError::Invalid(format!(
+                    "limits.response {response:?} is invalid: it is over the {}MiB maximum",
+                    MAX_RESPONSE_BYTES >> 20
+                )));
+            }
         }
         self.scale.validate().map_err(ManifestError::Invalid)?;
         if let Some(timeout) = &self.limits.timeout {
@@ -334,7 +382,12 @@ fn is_env_key(key: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// `"64MiB"`, `"64 MiB"`, `"1GB"`: an integer and a unit.
+/// `"64MiB"`, `"64 MiB"`, `"1GB"`: an integer and a unit, at most 4 GiB (what a manifest's
+/// sizes and a node's ceilings are written as).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    parse_memory(text)
+}
+
 fn parse_memory(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -576,6 +629,40 @@ timeout = "10s"
         assert!(m.contains("env key \"1X\""), "{m}");
         let m = error(&with("[env]\nX = 1"));
         assert!(m.contains("invalid type"), "{m}");
+    }
+
+    #[test]
+    fn values_without_ceilings_are_refused() {
+        for (extra, expected) in [
+            ("[limits]\nresponse = \"4GiB\"", "over the 128MiB maximum"),
+            (
+                "[scale]\nmax_concurrency = 100000",
+                "max_concurrency must be at most 1024",
+            ),
+            (
+                "[scale]\nmax_queue = 4000000000",
+                "max_queue must be at most 10000",
+            ),
+        ] {
+            let m = error(&with(extra));
+            assert!(m.contains(expected), "{extra}: {m}");
+        }
+        let big_env = format!("[env]\nBIG = \"{}\"", "x".repeat(MAX_ENV_BYTES));
+        assert!(error(&with(&big_env)).contains("at most 64 KiB"));
+        let many: String = (0..=MAX_ENV_ENTRIES).map(|i| format!("K{i} = \"v\"\n")).collect();
+        assert!(error(&with(&format!("[env]\n{many}"))).contains("at most 256 are allowed"));
+        let routes: Vec<String> = (0..=MAX_ROUTES).map(|i| format!("\"r{i}.com\"")).collect();
+        let text = format!(
+            "name = \"echo\"\nwasm = \"echo.wasm\"\nroutes = [{}]\n",
+            routes.join(",")
+        );
+        assert!(error(&text).contains("at most 64 are allowed"));
+        // At the ceilings is fine.
+        let fine = format!(
+            "[env]\nBIG = \"{}\"\n[limits]\nresponse = \"128MiB\"\n[scale]\nmax_concurrency = 1024\nmax_queue = 10000",
+            "x".repeat(MAX_ENV_BYTES - 5)
+        );
+        Manifest::parse(&with(&fine)).unwrap();
     }
 
     #[test]

@@ -356,12 +356,16 @@ async fn watch_catches_up_then_streams() {
     }
     assert_eq!(next_event(&mut watch).await, WatchEvent::Synced { revision: 1 });
 
-    // A new push arrives on the open stream (heartbeats may come first).
+    // A new push arrives on the open stream (heartbeats may come first). Heartbeats reset
+    // next_event's own timeout, so the loops below also have an overall deadline: a
+    // broken watch fails the test instead of looping on heartbeats forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let b = client
         .push(&manifest("b", &["b.com"]), module("b1"))
         .await
         .unwrap();
     let put = loop {
+        assert!(std::time::Instant::now() < deadline, "no put within 30 s");
         match next_event(&mut watch).await {
             WatchEvent::Heartbeat { .. } => continue,
             other => break other,
@@ -383,6 +387,10 @@ async fn watch_catches_up_then_streams() {
     client.rollback("a", None).await.unwrap();
     let mut seen = Vec::new();
     while seen.last().map(WatchEvent::revision) != Some(4) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rollback put within 30 s: {seen:?}"
+        );
         match next_event(&mut watch).await {
             WatchEvent::Heartbeat { .. } => {}
             WatchEvent::Put { revision, deployment } => seen.push(WatchEvent::Put { revision, deployment }),

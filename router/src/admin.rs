@@ -5,6 +5,10 @@
 //!   cache), 503 before and while draining: a load balancer sends traffic only to ready
 //!   nodes.
 //! - `GET /metrics` — Prometheus text.
+//! - `GET /sync` — how far the node is from its source (JSON: applied and source revisions,
+//!   lag, versions loading, quarantined versions and why); 503 while degraded (a version the
+//!   source holds is not served here), so a load balancer or an alert can see it while
+//!   `/readyz` stays 200 for everything else the node serves.
 //! - `POST /drain` — take the node out of rotation: it announces that it drains, so DNS
 //!   stops naming it and peers stop forwarding to it, and it forwards what still reaches it
 //!   to peers. `DELETE /drain` puts it back; `GET /drain` tells which. For rolling
@@ -63,9 +67,37 @@ impl Handler for AdminService {
                 _ if self.cluster.is_draining() => {
                     text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining")
                 }
-                Some(table) => text_response(StatusCode::OK, format!("ready: {} routes", table.len())),
+                Some(table) => {
+                    // Ready while it serves; a version that could not be loaded (or is
+                    // still loading) is named here and, for a load balancer, in `/sync`.
+                    let sync = self.routing.sync_status();
+                    let degraded = match (sync.quarantined.len(), sync.loading.len()) {
+                        (0, 0) => String::new(),
+                        (quarantined, loading) => {
+                            format!("; degraded: {quarantined} quarantined, {loading} loading")
+                        }
+                    };
+                    text_response(StatusCode::OK, format!("ready: {} routes{degraded}", table.len()))
+                }
                 None => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no route table yet"),
             },
+            "/sync" => {
+                let sync = self.routing.sync_status();
+                let status = if sync.is_degraded() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                let mut body = serde_json::to_value(&*sync).unwrap_or_default();
+                body["lag"] = sync.lag().into();
+                body["degraded"] = sync.is_degraded().into();
+                let mut response = text_response(status, body.to_string());
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                response
+            }
             "/drain" => match *request.method() {
                 http::Method::POST => {
                     self.cluster.set_draining(true);

@@ -36,6 +36,14 @@ pub const MODULE_LOADS_TOTAL: &str = "atoll_module_loads_total";
 pub const ROUTE_TABLE_REVISION: &str = "atoll_route_table_revision";
 /// Routes in the current table.
 pub const ROUTES: &str = "atoll_routes";
+/// Versions that failed to load and wait for a retry (gauge).
+pub const SYNC_QUARANTINED: &str = "atoll_sync_quarantined";
+/// Versions being prepared (gauge).
+pub const SYNC_LOADING: &str = "atoll_sync_loading";
+/// Revisions the route table is behind its source (gauge).
+pub const SYNC_LAG: &str = "atoll_sync_lag_revisions";
+/// Failed loads of a version, by function (counter).
+pub const SYNC_LOAD_FAILURES_TOTAL: &str = "atoll_sync_load_failures_total";
 /// Gauge: requests the node is answering now (all listeners and protocols).
 pub const REQUESTS_IN_FLIGHT: &str = "atoll_requests_in_flight";
 /// Counter: requests forwarded to a peer, by `outcome` (answered, unavailable, refused:
@@ -193,5 +201,12 @@ fn describe() {
         "Modules made ready, by kind (compile or cached)"
     );
     metrics::describe_gauge!(ROUTE_TABLE_REVISION, "Registry revision of the route table");
+    metrics::describe_gauge!(
+        SYNC_QUARANTINED,
+        "Function versions that failed to load, retried with backoff"
+    );
+    metrics::describe_gauge!(SYNC_LOADING, "Function versions being prepared");
+    metrics::describe_gauge!(SYNC_LAG, "Revisions the route table is behind its source");
+    metrics::describe_counter!(SYNC_LOAD_FAILURES_TOTAL, "Failed loads of a function version");
     metrics::describe_gauge!(ROUTES, "Routes in the current table");
 }

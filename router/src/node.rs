@@ -42,6 +42,8 @@ pub struct NodeOptions {
     pub limits: ServerLimits,
     /// Largest request body a function accepts (413 beyond).
     pub max_body_bytes: usize,
+    /// Longest wait for the next part of a request body (408 beyond).
+    pub body_timeout: Duration,
     /// QUIC handshakes in progress beyond which clients must answer a Retry (0: always).
     pub quic_retry_threshold: usize,
     /// The IP peers and DNS use to reach this node (default: the listeners' address).
@@ -56,6 +58,9 @@ pub struct NodeOptions {
     /// drains (and forwarding what still reaches it) before it stops accepting: at least
     /// the DNS TTL, so clients have moved on.
     pub drain_delay: Duration,
+    /// Ceilings over what functions' manifests ask for (memory, timeout, response size,
+    /// concurrency, queue).
+    pub ceilings: crate::sync::FunctionCeilings,
 }
 
 impl NodeOptions {
@@ -71,12 +76,14 @@ impl NodeOptions {
             acme: None,
             limits: ServerLimits::default(),
             max_body_bytes: crate::service::DEFAULT_MAX_BODY_BYTES,
+            body_timeout: crate::service::DEFAULT_BODY_TIMEOUT,
             quic_retry_threshold: DEFAULT_QUIC_RETRY_THRESHOLD,
             advertise: None,
             nats_url: None,
             region_fallback: Vec::new(),
             home_replicas: crate::cluster::DEFAULT_HOME_REPLICAS,
             drain_delay: DEFAULT_DRAIN_DELAY,
+            ceilings: crate::sync::FunctionCeilings::default(),
         }
     }
 }
@@ -123,7 +130,11 @@ pub enum NodeError {
 /// instance gauges refreshed.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Scales every function's pool to its target and publishes `atoll_instances`.
+/// Scales every function's pool to its target and publishes `atoll_instances`. Each pool's
+/// pass runs on its own blocking thread and is not awaited: a function whose instances are
+/// slow to make (a `(start)` function running to its timeout) delays only its own upkeep,
+/// and [`InstancePool::maintain`](atoll_isolate::InstancePool::maintain) skips a pool whose
+/// previous pass is still running.
 async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let mut interval = tokio::time::interval(MAINTENANCE_INTERVAL);
@@ -135,19 +146,19 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
         }
         for served in routing.functions() {
             let pool = Arc::clone(&served.pool);
-            pool.trim();
-            let name = served.name().to_string();
-            let replenish = Arc::clone(&pool);
-            if let Ok(start_times) = tokio::task::spawn_blocking(move || replenish.replenish()).await {
-                for start_time in start_times {
-                    served.metrics.instance_started(start_time, true);
+            tokio::task::spawn_blocking(move || {
+                if let Some(start_times) = pool.maintain() {
+                    for start_time in start_times {
+                        served.metrics.instance_started(start_time, true);
+                    }
                 }
-            }
-            let (idle, busy) = pool.instances();
-            ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name.clone(), "state" => "idle")
-                .set(idle as f64);
-            ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name, "state" => "busy")
-                .set(busy as f64);
+                let (idle, busy) = pool.instances();
+                let name = served.name().to_string();
+                ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name.clone(), "state" => "idle")
+                    .set(idle as f64);
+                ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name, "state" => "busy")
+                    .set(busy as f64);
+            });
         }
     }
 }
@@ -285,7 +296,8 @@ pub async fn run(
         Some(lazy) => SyncSource::NatsUrl(Arc::clone(lazy)),
         None => SyncSource::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
     };
-    let mut syncer = Syncer::new(source, cache, artifacts, Arc::clone(&routing));
+    let mut syncer =
+        Syncer::new(source, cache, artifacts, Arc::clone(&routing)).with_ceilings(options.ceilings.clone());
     syncer.restore_from_disk().await?;
 
     let (stop_sender, stop) = watch::channel(false);
@@ -310,6 +322,7 @@ pub async fn run(
         Arc::clone(&routing),
         GuestExecutor::per_core(),
         options.max_body_bytes,
+        options.body_timeout,
         Some(Arc::clone(&http01)),
         Some(Arc::clone(&cluster)),
     );

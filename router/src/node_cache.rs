@@ -25,6 +25,9 @@ use sha2::{Digest, Sha256};
 pub struct CachedState {
     pub revision: u64,
     pub deployments: Vec<Deployment>,
+    /// Versions that failed to load, retried after a restart (absent in older files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<Deployment>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,8 +53,12 @@ impl NodeCache {
         self.directory.join("node-state.json")
     }
 
-    fn module_path(&self, sha256: &str) -> PathBuf {
-        self.directory.join("modules").join(format!("{sha256}.wasm"))
+    /// Where the module with this digest lives; `None` unless `sha256` is one (64 lowercase
+    /// hex digits). The digest comes from the registry or the store: a `../` in it must
+    /// never name, read or delete a file outside the cache.
+    fn module_path(&self, sha256: &str) -> Option<PathBuf> {
+        atoll_isolate::durable::is_sha256_hex(sha256)
+            .then(|| self.directory.join("modules").join(format!("{sha256}.wasm")))
     }
 
     pub fn load_state(&self) -> io::Result<Option<CachedState>> {
@@ -71,7 +78,7 @@ impl NodeCache {
 
     /// The cached module with this digest, if present and intact.
     pub fn read_module(&self, sha256: &str) -> Option<Vec<u8>> {
-        let path = self.module_path(sha256);
+        let path = self.module_path(sha256)?;
         let bytes = fs::read(&path).ok()?;
         if hex::encode(Sha256::digest(&bytes)) != sha256 {
             tracing::warn!(path = %path.display(), "cached module does not match its digest; discarding");
@@ -82,7 +89,13 @@ impl NodeCache {
     }
 
     pub fn write_module(&self, sha256: &str, bytes: &[u8]) -> io::Result<()> {
-        write_atomically(&self.module_path(sha256), bytes)
+        let path = self.module_path(sha256).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("`{}` is not a SHA-256", sha256.escape_debug()),
+            )
+        })?;
+        write_atomically(&path, bytes)
     }
 }
 
@@ -99,9 +112,33 @@ mod tests {
         cache.write_module(&sha, bytes).unwrap();
         assert_eq!(cache.read_module(&sha).unwrap(), bytes);
 
-        fs::write(cache.module_path(&sha), b"tampered").unwrap();
+        fs::write(cache.module_path(&sha).unwrap(), b"tampered").unwrap();
         assert!(cache.read_module(&sha).is_none());
-        assert!(!cache.module_path(&sha).exists());
+        assert!(!cache.module_path(&sha).unwrap().exists());
+    }
+
+    #[test]
+    fn digests_that_are_not_sha256_name_no_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let cache = NodeCache::open(directory.path()).unwrap();
+        // A file outside the module directory whose digest does not match its "name": a
+        // traversal would read it, see the mismatch and delete it.
+        let victim = directory.path().join("victim.wasm");
+        fs::write(&victim, b"not yours").unwrap();
+        for digest in [
+            "../victim",
+            "../../etc/passwd",
+            "",
+            "ABCDEF",
+            &"a".repeat(63),
+            &"g".repeat(64),
+        ] {
+            assert!(cache.read_module(digest).is_none(), "{digest:?}");
+            let error = cache.write_module(digest, b"x").unwrap_err();
+            assert!(error.to_string().contains("not a SHA-256"), "{error}");
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"not yours");
+        assert_eq!(fs::read_dir(directory.path().join("modules")).unwrap().count(), 0);
     }
 
     #[test]
@@ -112,6 +149,7 @@ mod tests {
         let state = CachedState {
             revision: 7,
             deployments: vec![],
+            quarantined: vec![],
         };
         cache.save_state(&state).unwrap();
         assert_eq!(cache.load_state().unwrap().unwrap(), state);

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use atoll_isolate::InstancePool;
 use atoll_registry::Deployment;
 
@@ -54,10 +54,46 @@ pub fn build_table<'a>(functions: impl IntoIterator<Item = &'a Arc<ServedFunctio
     }))
 }
 
+/// How far the node's table is from its source, as the sync task last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncStatus {
+    /// Revision up to which every change is applied or quarantined (persisted).
+    pub applied_revision: u64,
+    /// Newest revision the source has shown.
+    pub source_revision: u64,
+    /// Versions being prepared now.
+    pub loading: Vec<String>,
+    /// Versions that failed to load and are retried with backoff; the function keeps
+    /// serving what it served before (or nothing, if it is new).
+    pub quarantined: Vec<QuarantineReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QuarantineReport {
+    pub function: String,
+    pub version: u64,
+    pub reason: String,
+    pub failures: u32,
+}
+
+impl SyncStatus {
+    /// Revisions the table is behind its source.
+    pub fn lag(&self) -> u64 {
+        self.source_revision.saturating_sub(self.applied_revision)
+    }
+
+    /// Whether something the source holds is not served: a quarantined version, or a
+    /// version still loading.
+    pub fn is_degraded(&self) -> bool {
+        !self.quarantined.is_empty() || !self.loading.is_empty()
+    }
+}
+
 /// The node's current routing state, shared by listeners, admin and sync.
 #[derive(Default)]
 pub struct Routing {
     table: ArcSwapOption<FunctionTable>,
+    sync: ArcSwap<SyncStatus>,
 }
 
 impl Routing {
@@ -100,5 +136,13 @@ impl Routing {
 
     pub fn is_ready(&self) -> bool {
         self.table.load().is_some()
+    }
+
+    pub fn sync_status(&self) -> Arc<SyncStatus> {
+        self.sync.load_full()
+    }
+
+    pub fn set_sync_status(&self, status: SyncStatus) {
+        self.sync.store(Arc::new(status));
     }
 }

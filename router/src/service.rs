@@ -33,6 +33,11 @@ use crate::server::{BoxError, ConnectionInfo, Handler, request_host, text_respon
 
 /// Largest request body a function accepts.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Longest a client may go without sending any of the request body it announced (nginx's
+/// `client_body_timeout`, Envoy's stream idle timeout): past it the request gets 408 and an
+/// HTTP/1.1 connection is closed, so a trickling client cannot hold a connection slot or a
+/// stream forever.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where ACME HTTP-01 challenges are fetched (RFC 8555 §8.3).
 pub const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -42,6 +47,7 @@ pub struct EdgeService {
     routing: Arc<Routing>,
     executor: Arc<GuestExecutor>,
     max_body_bytes: usize,
+    body_timeout: Duration,
     /// ACME HTTP-01 tokens, answered before routing.
     http01: Option<Arc<Http01Challenges>>,
     /// `atoll_requests_in_flight`, registered once.
@@ -56,13 +62,21 @@ pub struct EdgeService {
 
 impl EdgeService {
     pub fn new(routing: Arc<Routing>, executor: Arc<GuestExecutor>) -> Arc<Self> {
-        Self::with_options(routing, executor, DEFAULT_MAX_BODY_BYTES, None, None)
+        Self::with_options(
+            routing,
+            executor,
+            DEFAULT_MAX_BODY_BYTES,
+            DEFAULT_BODY_TIMEOUT,
+            None,
+            None,
+        )
     }
 
     pub fn with_options(
         routing: Arc<Routing>,
         executor: Arc<GuestExecutor>,
         max_body_bytes: usize,
+        body_timeout: Duration,
         http01: Option<Arc<Http01Challenges>>,
         cluster: Option<Arc<Cluster>>,
     ) -> Arc<Self> {
@@ -74,6 +88,7 @@ impl EdgeService {
             routing,
             executor,
             max_body_bytes,
+            body_timeout,
             http01,
             in_flight: ::metrics::gauge!(metrics::REQUESTS_IN_FLIGHT),
             in_flight_count: std::sync::atomic::AtomicU64::new(0),
@@ -178,9 +193,20 @@ impl EdgeService {
         drop(table);
 
         let (mut parts, body) = request.into_parts();
-        let body = match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+        let body = match read_body(body, self.max_body_bytes, self.body_timeout).await {
+            Ok(body) => body,
+            Err(BodyError::Stalled) => {
+                let mut response = text_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("no request body received for {:?}; closing", self.body_timeout),
+                );
+                // HTTP/1.1: the rest of the body will never be read; free the connection.
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                return (response, Accounting::Function(function_metrics));
+            }
+            Err(BodyError::Read(error)) if error.is::<http_body_util::LengthLimitError>() => {
                 return (
                     text_response(
                         StatusCode::PAYLOAD_TOO_LARGE,
@@ -189,7 +215,7 @@ impl EdgeService {
                     Accounting::Function(function_metrics),
                 );
             }
-            Err(error) => {
+            Err(BodyError::Read(error)) => {
                 tracing::debug!(%error, "reading request body failed");
                 return (
                     text_response(StatusCode::BAD_REQUEST, "could not read the request body"),
@@ -280,6 +306,43 @@ impl EdgeService {
     }
 }
 
+/// Why a request body could not be read.
+enum BodyError {
+    /// No frame arrived within the progress timeout.
+    Stalled,
+    Read(BoxError),
+}
+
+/// Reads a request body up to `max_bytes`, giving the client at most `progress_timeout`
+/// between two frames.
+async fn read_body<B>(body: B, max_bytes: usize, progress_timeout: Duration) -> Result<Bytes, BodyError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(Limited::new(body, max_bytes));
+    let mut chunks: Vec<Bytes> = Vec::new();
+    loop {
+        match tokio::time::timeout(progress_timeout, body.frame()).await {
+            Err(_) => return Err(BodyError::Stalled),
+            Ok(None) => break,
+            Ok(Some(Err(error))) => return Err(BodyError::Read(error)),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    chunks.push(data);
+                }
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().expect("one chunk"),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
 async fn invoke(
     executor: &GuestExecutor,
     served: Arc<ServedFunction>,
@@ -345,7 +408,7 @@ async fn invoke(
                     function = %name,
                     version,
                     "{}",
-                    String::from_utf8_lossy(&invocation.log).trim_end()
+                    atoll_isolate::function::printable_log(&invocation.log)
                 );
             }
             let mut response = Response::new(Full::new(invocation.response.body));
@@ -359,7 +422,7 @@ async fn invoke(
                 function = %name,
                 version,
                 error = %error,
-                stderr = %String::from_utf8_lossy(error.log()).trim_end(),
+                stderr = %atoll_isolate::function::printable_log(error.log()),
                 "invocation failed"
             );
             let status = match error {

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::metrics::{self, FunctionMetrics};
 use crate::node_cache::{CachedState, NodeCache};
-use crate::served::{Routing, ServedFunction, build_table};
+use crate::served::{QuarantineReport, Routing, ServedFunction, SyncStatus, build_table};
 
 /// What applying an event takes.
 #[derive(Debug, PartialEq)]
@@ -145,7 +145,7 @@ impl SyncSource {
     /// The events after revision `since` (0: everything): a `Put` for every function changed
     /// since, `Synced`, then live `Put`s and `Heartbeat`s. Fails if the source cannot be
     /// reached; the stream yields an error and ends if it is lost later.
-    pub async fn watch(&mut self, since: u64) -> Result<WatchEvents, SyncError> {
+    pub async fn watch(&self, since: u64) -> Result<WatchEvents, SyncError> {
         match self {
             SyncSource::Registry(client) => {
                 let events = client.watch(since).await?;
@@ -256,13 +256,92 @@ impl NatsWatch {
     }
 }
 
-pub struct Syncer {
-    source: SyncSource,
+/// Versions prepared at once: a slow compile or init holds up at most this many slots, and
+/// every other version keeps loading beside it.
+const CONCURRENT_LOADS: usize = 2;
+/// First and longest wait before a quarantined version is tried again.
+const QUARANTINE_BACKOFF_START: Duration = Duration::from_secs(1);
+const QUARANTINE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Node-wide ceilings an operator sets over what manifests ask for: a function gets the
+/// smaller of its manifest's value and the node's (also for its init run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionCeilings {
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    pub response_bytes: u64,
+    pub max_concurrency: u32,
+    pub max_queue: u32,
+}
+
+impl Default for FunctionCeilings {
+    /// What a manifest may ask for at most.
+    fn default() -> Self {
+        use atoll_registry::manifest;
+        FunctionCeilings {
+            memory_bytes: manifest::MAX_MEMORY_BYTES,
+            timeout: manifest::MAX_TIMEOUT,
+            response_bytes: manifest::MAX_RESPONSE_BYTES,
+            max_concurrency: manifest::MAX_CONCURRENCY,
+            max_queue: manifest::MAX_QUEUE,
+        }
+    }
+}
+
+/// Fetches, checks and prepares versions; cheap to clone into a load task.
+#[derive(Clone)]
+struct Loader {
+    source: Arc<SyncSource>,
     cache: NodeCache,
     artifacts: ArtifactCache,
+    slots: Arc<tokio::sync::Semaphore>,
+    ceilings: Arc<FunctionCeilings>,
+}
+
+/// A version that failed to load. The function keeps serving what it served before (or
+/// nothing, if it is new); the version is tried again after a backoff, and dropped when the
+/// source moves the function on (a new version, a rollback, a delete).
+#[derive(Debug)]
+struct Quarantined {
+    deployment: Deployment,
+    reason: String,
+    failures: u32,
+    retry_at: tokio::time::Instant,
+}
+
+/// A finished load task.
+struct LoadDone {
+    deployment: Deployment,
+    result: Result<Arc<ServedFunction>, SyncError>,
+}
+
+/// A load in flight, and the revision of the event that asked for it (`None` for a retry
+/// of a quarantined version, which holds back no revision).
+struct Loading {
+    deployment: Deployment,
+    revision: Option<u64>,
+}
+
+/// Follows a [`SyncSource`] and keeps the node's table in step with it.
+///
+/// One deployment's failure never holds up the others: each version loads in its own task
+/// (at most [`CONCURRENT_LOADS`] at once), the watch goes on meanwhile, and a version that
+/// fails — a module that does not compile here, an init that traps, a blob that does not
+/// match its digest — is quarantined and retried with backoff while the rest carries on.
+/// The persisted revision is the highest one up to which every change is applied or
+/// quarantined, so a restart neither skips a load still in flight nor replays a poison
+/// event forever; quarantined versions are persisted too and retried after a restart.
+pub struct Syncer {
+    source: Arc<SyncSource>,
+    loader: Loader,
     routing: Arc<Routing>,
     served: HashMap<String, Arc<ServedFunction>>,
     revision: u64,
+    /// Newest revision the source has shown.
+    seen: u64,
+    loading: HashMap<String, Loading>,
+    loads: tokio::task::JoinSet<LoadDone>,
+    quarantine: HashMap<String, Quarantined>,
 }
 
 impl Syncer {
@@ -272,34 +351,62 @@ impl Syncer {
         artifacts: ArtifactCache,
         routing: Arc<Routing>,
     ) -> Self {
+        let source = Arc::new(source);
         Syncer {
+            loader: Loader {
+                source: Arc::clone(&source),
+                cache,
+                artifacts,
+                slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOADS)),
+                ceilings: Arc::new(FunctionCeilings::default()),
+            },
             source,
-            cache,
-            artifacts,
             routing,
             served: HashMap::new(),
             revision: 0,
+            seen: 0,
+            loading: HashMap::new(),
+            loads: tokio::task::JoinSet::new(),
+            quarantine: HashMap::new(),
         }
+    }
+
+    /// Caps what every function gets at `ceilings`, whatever its manifest asks for.
+    pub fn with_ceilings(mut self, ceilings: FunctionCeilings) -> Self {
+        self.loader.ceilings = Arc::new(ceilings);
+        self
     }
 
     /// Rebuilds the table from the disk cache, if there is one. Returns how many functions
     /// were restored.
     pub async fn restore_from_disk(&mut self) -> Result<usize, SyncError> {
-        let Some(state) = self.cache.load_state()? else {
+        let Some(state) = self.loader.cache.load_state()? else {
             return Ok(0);
         };
         let expected = state.deployments.len();
         for deployment in state.deployments {
-            let Some(bytes) = self.cache.read_module(&deployment.sha256) else {
+            let Some(bytes) = self.loader.cache.read_module(&deployment.sha256) else {
                 tracing::warn!(function = %deployment.name, "module missing from the disk cache; it will be fetched");
                 continue;
             };
-            match self.load(deployment.clone(), bytes).await {
+            match self.loader.load(deployment.clone(), bytes).await {
                 Ok(served) => {
                     self.served.insert(deployment.name.clone(), served);
                 }
                 Err(error) => tracing::warn!(%error, "could not restore a cached function"),
             }
+        }
+        // Versions quarantined before the restart are tried again soon.
+        for deployment in state.quarantined {
+            self.quarantine.insert(
+                deployment.name.clone(),
+                Quarantined {
+                    deployment,
+                    reason: "quarantined before the node restarted".into(),
+                    failures: 0,
+                    retry_at: tokio::time::Instant::now(),
+                },
+            );
         }
         // Resume from the cached revision only if everything it names was restored;
         // otherwise catch up from scratch (Puts of what is already served are no-ops).
@@ -308,6 +415,7 @@ impl Syncer {
         } else {
             0
         };
+        self.seen = self.revision;
         self.publish();
         tracing::info!(
             functions = self.served.len(),
@@ -328,6 +436,8 @@ impl Syncer {
             if let Err(error) = outcome {
                 tracing::warn!(%error, source = ?self.source, retry_in = ?backoff, "sync interrupted");
             }
+            // Loads in flight carry on while the watch is down; their results are applied
+            // when it resumes.
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
@@ -338,81 +448,296 @@ impl Syncer {
 
     async fn follow(&mut self, backoff: &mut Duration) -> Result<(), SyncError> {
         let mut events = self.source.watch(self.revision).await?;
+        let mut silent_after = tokio::time::Instant::now() + WATCH_SILENCE_LIMIT;
         loop {
-            let event = match tokio::time::timeout(WATCH_SILENCE_LIMIT, events.next()).await {
-                Err(_) => return Err(SyncError::Silent),
-                Ok(None) => return Err(SyncError::Ended),
-                Ok(Some(event)) => event?,
-            };
-            let revision = event.revision();
-            if let WatchEvent::Synced { .. } = event
-                && revision < self.revision
-            {
-                // A registry rebuilt from scratch, a recreated bucket, another control
-                // plane: its revisions are not ours, and resuming from ours would skip its
-                // changes. Catch up from the start; unchanged versions cost nothing.
-                let applied = std::mem::take(&mut self.revision);
-                return Err(SyncError::SourceReset {
-                    source_revision: revision,
-                    applied,
-                });
-            }
-            let served_versions = self
-                .served
-                .iter()
-                .map(|(name, served)| {
-                    (
-                        name.clone(),
-                        (served.deployment.version, served.deployment.sha256.clone()),
-                    )
-                })
-                .collect();
-            // The same version and module with another manifest only comes from another
-            // source (after a reset): what that source says wins.
-            let decided = match event {
-                WatchEvent::Put { deployment, .. }
-                    if self.served.get(&deployment.name).is_some_and(|served| {
-                        served.deployment.version == deployment.version
-                            && served.deployment.sha256 == deployment.sha256
-                            && served.deployment.manifest != deployment.manifest
-                    }) =>
-                {
-                    Plan::Load(Box::new(deployment))
+            let retry_at = self.next_retry();
+            tokio::select! {
+                event = tokio::time::timeout_at(silent_after, events.next()) => {
+                    let event = match event {
+                        Err(_) => return Err(SyncError::Silent),
+                        Ok(None) => return Err(SyncError::Ended),
+                        Ok(Some(event)) => event?,
+                    };
+                    silent_after = tokio::time::Instant::now() + WATCH_SILENCE_LIMIT;
+                    self.apply_event(event, backoff)?;
                 }
-                event => plan(event, &served_versions),
-            };
-            match decided {
-                Plan::Load(deployment) => {
-                    let served = self.fetch_and_load(*deployment).await?;
-                    self.served.insert(served.name().to_string(), served);
-                    self.revision = self.revision.max(revision);
-                    self.publish();
-                    self.persist()?;
-                }
-                Plan::Remove(name) => {
-                    self.served.remove(&name);
-                    self.revision = self.revision.max(revision);
-                    self.publish();
-                    self.persist()?;
-                }
-                Plan::Advance => {}
-                Plan::MarkSynced => {
-                    self.revision = self.revision.max(revision);
-                    if !self.routing.is_ready() {
-                        self.publish();
+                Some(done) = self.loads.join_next(), if !self.loads.is_empty() => {
+                    match done {
+                        Ok(done) => self.finish_load(done)?,
+                        Err(join_error) => tracing::error!(%join_error, "a load task failed"),
                     }
-                    self.persist()?;
-                    *backoff = BACKOFF_START;
-                    tracing::info!(
-                        revision = self.revision,
-                        functions = self.served.len(),
-                        "in sync with the source"
-                    );
+                }
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                    self.retry_quarantined();
                 }
             }
         }
     }
 
+    fn apply_event(&mut self, event: WatchEvent, backoff: &mut Duration) -> Result<(), SyncError> {
+        let revision = event.revision();
+        if let WatchEvent::Synced { .. } = event
+            && revision < self.revision
+        {
+            // A registry rebuilt from scratch, a recreated bucket, another control
+            // plane: its revisions are not ours, and resuming from ours would skip its
+            // changes. Catch up from the start; unchanged versions cost nothing.
+            let applied = std::mem::take(&mut self.revision);
+            self.seen = 0;
+            return Err(SyncError::SourceReset {
+                source_revision: revision,
+                applied,
+            });
+        }
+        self.seen = self.seen.max(revision);
+        let served_versions = self
+            .served
+            .iter()
+            .map(|(name, served)| {
+                (
+                    name.clone(),
+                    (served.deployment.version, served.deployment.sha256.clone()),
+                )
+            })
+            .collect();
+        let decided = match event {
+            // Already loading or quarantined exactly this: nothing new to do.
+            WatchEvent::Put { ref deployment, .. }
+                if self
+                    .loading
+                    .get(&deployment.name)
+                    .is_some_and(|loading| loading.deployment == *deployment)
+                    || self
+                        .quarantine
+                        .get(&deployment.name)
+                        .is_some_and(|quarantined| quarantined.deployment == *deployment) =>
+            {
+                Plan::Advance
+            }
+            // The same version and module with another manifest only comes from another
+            // source (after a reset): what that source says wins.
+            WatchEvent::Put { deployment, .. }
+                if self.served.get(&deployment.name).is_some_and(|served| {
+                    served.deployment.version == deployment.version
+                        && served.deployment.sha256 == deployment.sha256
+                        && served.deployment.manifest != deployment.manifest
+                }) =>
+            {
+                Plan::Load(Box::new(deployment))
+            }
+            WatchEvent::Delete { ref name, .. } => {
+                // Whatever was loading or quarantined for it is moot now.
+                self.loading.remove(name);
+                self.quarantine.remove(name);
+                plan(event, &served_versions)
+            }
+            event => plan(event, &served_versions),
+        };
+        match decided {
+            Plan::Load(deployment) => {
+                // A new version supersedes a quarantined or loading one.
+                self.quarantine.remove(&deployment.name);
+                if self
+                    .served
+                    .get(&deployment.name)
+                    .is_some_and(|served| served.deployment == *deployment)
+                {
+                    // Moved back to what is served (a rollback of a bad push).
+                    self.loading.remove(&deployment.name);
+                } else {
+                    self.start_load(*deployment, Some(revision));
+                }
+                self.advance()?;
+            }
+            Plan::Remove(name) => {
+                self.served.remove(&name);
+                self.publish();
+                self.advance()?;
+            }
+            Plan::Advance => self.advance()?,
+            Plan::MarkSynced => {
+                if !self.routing.is_ready() {
+                    self.publish();
+                }
+                self.advance()?;
+                *backoff = BACKOFF_START;
+                tracing::info!(
+                    revision = self.revision,
+                    functions = self.served.len(),
+                    loading = self.loading.len(),
+                    quarantined = self.quarantine.len(),
+                    "in sync with the source"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts preparing `deployment` in its own task.
+    fn start_load(&mut self, deployment: Deployment, revision: Option<u64>) {
+        let loader = self.loader.clone();
+        self.loading.insert(
+            deployment.name.clone(),
+            Loading {
+                deployment: deployment.clone(),
+                revision,
+            },
+        );
+        self.loads.spawn(async move {
+            let result = loader.fetch_and_load(deployment.clone()).await;
+            LoadDone { deployment, result }
+        });
+        self.report();
+    }
+
+    fn finish_load(&mut self, done: LoadDone) -> Result<(), SyncError> {
+        let name = done.deployment.name.clone();
+        if !self
+            .loading
+            .get(&name)
+            .is_some_and(|loading| loading.deployment == done.deployment)
+        {
+            // Superseded (a newer version, a delete) while it loaded.
+            return Ok(());
+        }
+        self.loading.remove(&name);
+        match done.result {
+            Ok(served) => {
+                self.quarantine.remove(&name);
+                self.served.insert(name, served);
+                self.publish();
+            }
+            Err(error) => {
+                let failures = self
+                    .quarantine
+                    .get(&name)
+                    .filter(|quarantined| quarantined.deployment == done.deployment)
+                    .map_or(0, |quarantined| quarantined.failures)
+                    .saturating_add(1);
+                let wait = QUARANTINE_BACKOFF_START
+                    .saturating_mul(1 << (failures - 1).min(16))
+                    .min(QUARANTINE_BACKOFF_MAX);
+                ::metrics::counter!(metrics::SYNC_LOAD_FAILURES_TOTAL, "function" => name.clone())
+                    .increment(1);
+                tracing::warn!(
+                    function = %name,
+                    version = done.deployment.version,
+                    %error,
+                    failures,
+                    retry_in = ?wait,
+                    "version quarantined; the node keeps serving the rest"
+                );
+                self.quarantine.insert(
+                    name,
+                    Quarantined {
+                        deployment: done.deployment,
+                        reason: error.to_string(),
+                        failures,
+                        retry_at: tokio::time::Instant::now() + wait,
+                    },
+                );
+            }
+        }
+        self.advance()
+    }
+
+    /// When the next quarantined version is due to be tried again.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.quarantine
+            .iter()
+            .filter(|(name, _)| !self.loading.contains_key(*name))
+            .map(|(_, quarantined)| quarantined.retry_at)
+            .min()
+    }
+
+    fn retry_quarantined(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<Deployment> = self
+            .quarantine
+            .iter()
+            .filter(|(name, quarantined)| quarantined.retry_at <= now && !self.loading.contains_key(*name))
+            .map(|(_, quarantined)| quarantined.deployment.clone())
+            .collect();
+        for deployment in due {
+            tracing::info!(function = %deployment.name, version = deployment.version, "retrying a quarantined version");
+            self.start_load(deployment, None);
+        }
+    }
+
+    /// Moves the applied revision up to what is resolved — everything seen, short of the
+    /// oldest event whose load is still in flight — and persists when it moved.
+    fn advance(&mut self) -> Result<(), SyncError> {
+        let resolved = match self.loading.values().filter_map(|loading| loading.revision).min() {
+            Some(oldest) => oldest.saturating_sub(1),
+            None => self.seen,
+        };
+        if resolved > self.revision {
+            self.revision = resolved;
+        }
+        self.persist()?;
+        self.report();
+        Ok(())
+    }
+
+    /// Publishes how far behind the source the node is, for `/readyz`, `/sync` and metrics.
+    fn report(&self) {
+        let mut loading: Vec<String> = self
+            .loading
+            .values()
+            .map(|loading| format!("{} v{}", loading.deployment.name, loading.deployment.version))
+            .collect();
+        loading.sort();
+        let mut quarantined: Vec<QuarantineReport> = self
+            .quarantine
+            .values()
+            .map(|quarantined| QuarantineReport {
+                function: quarantined.deployment.name.clone(),
+                version: quarantined.deployment.version,
+                reason: quarantined.reason.clone(),
+                failures: quarantined.failures,
+            })
+            .collect();
+        quarantined.sort_by(|a, b| a.function.cmp(&b.function));
+        let status = SyncStatus {
+            applied_revision: self.revision,
+            source_revision: self.seen.max(self.revision),
+            loading,
+            quarantined,
+        };
+        ::metrics::gauge!(metrics::SYNC_QUARANTINED).set(status.quarantined.len() as f64);
+        ::metrics::gauge!(metrics::SYNC_LOADING).set(status.loading.len() as f64);
+        ::metrics::gauge!(metrics::SYNC_LAG).set(status.lag() as f64);
+        self.routing.set_sync_status(status);
+    }
+
+    fn publish(&self) {
+        self.routing.publish(build_table(self.served.values()));
+        ::metrics::gauge!(metrics::ROUTE_TABLE_REVISION).set(self.revision as f64);
+    }
+
+    fn persist(&self) -> Result<(), SyncError> {
+        let mut deployments: Vec<Deployment> = self
+            .served
+            .values()
+            .map(|served| served.deployment.clone())
+            .collect();
+        deployments.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut quarantined: Vec<Deployment> = self
+            .quarantine
+            .values()
+            .map(|quarantined| quarantined.deployment.clone())
+            .collect();
+        quarantined.sort_by(|a, b| a.name.cmp(&b.name));
+        self.loader.cache.save_state(&CachedState {
+            revision: self.revision,
+            deployments,
+            quarantined,
+        })?;
+        Ok(())
+    }
+}
+
+impl Loader {
     async fn fetch_and_load(&self, deployment: Deployment) -> Result<Arc<ServedFunction>, SyncError> {
         let bytes = match self.cache.read_module(&deployment.sha256) {
             Some(bytes) => bytes,
@@ -434,6 +759,10 @@ impl Syncer {
 
     /// Compiles (or loads the cached artifact of) a deployment's module off the runtime.
     async fn load(&self, deployment: Deployment, bytes: Vec<u8>) -> Result<Arc<ServedFunction>, SyncError> {
+        let _slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .expect("the load semaphore is never closed");
         let artifacts = self.artifacts.clone();
         let sha256 = deployment.sha256.clone();
         let name = deployment.name.clone();
@@ -443,10 +772,17 @@ impl Syncer {
             .iter()
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
+        let ceilings = Arc::clone(&self.ceilings);
+        let memory_limit = deployment
+            .manifest
+            .limits
+            .memory_bytes()
+            .min(ceilings.memory_bytes);
         let started = std::time::Instant::now();
-        let loaded =
-            tokio::task::spawn_blocking(move || artifacts.load_or_prepare(&sha256, &bytes, &name, &init_env))
-                .await;
+        let loaded = tokio::task::spawn_blocking(move || {
+            artifacts.load_or_prepare(&sha256, &bytes, &name, &init_env, memory_limit)
+        })
+        .await;
         let prepared = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(error)) => {
@@ -491,13 +827,16 @@ impl Syncer {
             .iter()
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
-        config.max_memory_bytes = manifest.limits.memory_bytes();
-        config.max_response_bytes = usize::try_from(manifest.limits.response_bytes()).unwrap_or(usize::MAX);
-        config.timeout = manifest.limits.timeout();
+        config.max_memory_bytes = memory_limit;
+        config.max_response_bytes =
+            usize::try_from(manifest.limits.response_bytes().min(ceilings.response_bytes))
+                .unwrap_or(usize::MAX);
+        config.timeout = manifest.limits.timeout().min(ceilings.timeout);
+        let max_concurrency = manifest.scale.max_concurrency().min(ceilings.max_concurrency);
         let scale = ScaleConfig {
-            min_instances: manifest.scale.min_instances() as usize,
-            max_concurrency: manifest.scale.max_concurrency() as usize,
-            max_queue: manifest.scale.max_queue() as usize,
+            min_instances: manifest.scale.min_instances().min(max_concurrency) as usize,
+            max_concurrency: max_concurrency as usize,
+            max_queue: manifest.scale.max_queue().min(ceilings.max_queue) as usize,
             idle_timeout: manifest.scale.idle_timeout(),
             ..ScaleConfig::default()
         };
@@ -516,25 +855,6 @@ impl Syncer {
             pool,
             metrics: function_metrics,
         }))
-    }
-
-    fn publish(&self) {
-        self.routing.publish(build_table(self.served.values()));
-        ::metrics::gauge!(metrics::ROUTE_TABLE_REVISION).set(self.revision as f64);
-    }
-
-    fn persist(&self) -> Result<(), SyncError> {
-        let mut deployments: Vec<Deployment> = self
-            .served
-            .values()
-            .map(|served| served.deployment.clone())
-            .collect();
-        deployments.sort_by(|a, b| a.name.cmp(&b.name));
-        self.cache.save_state(&CachedState {
-            revision: self.revision,
-            deployments,
-        })?;
-        Ok(())
     }
 }
 
