@@ -108,6 +108,38 @@ fn a_version_no_node_can_load_is_quarantined_and_the_rest_is_served() {
     assert_eq!(report["lag"], 0, "{report}");
 }
 
+#[test]
+fn a_looping_start_function_with_reserved_instances_stops_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = boot(dir.path());
+    // Instantiating this module never returns on its own: its (start) function spins.
+    let spinner = wat::parse_str(
+        r#"(module
+          (memory (export "memory") 1)
+          (func $spin (loop $forever (br $forever)))
+          (start $spin)
+          (func (export "_start")))"#,
+    )
+    .unwrap();
+    let manifest = write_function(
+        dir.path(),
+        "spinner",
+        &spinner,
+        "[limits]\ntimeout = \"500ms\"\n[scale]\nmin_instances = 1\n",
+    );
+    push_ok(&cluster.url, &manifest);
+    // Pushed after it: served although the spinner's reserved instance cannot be made.
+    push_ok(&cluster.url, &example("hello"));
+    wait_for_text(&cluster.http, "hello.localhost", "/", &hello_body("hello.localhost"));
+    // The spinner's requests end at its timeout, and the node goes on serving.
+    let spinner_served = wait_for_body(&cluster.http, "spinner.localhost", "/", |r| r.status != 404, STARTUP);
+    assert_eq!(spinner_served.status, 504, "{}", spinner_served.text());
+    let started = Instant::now();
+    assert_eq!(get(&cluster.http, "spinner.localhost", "/").status, 504);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(get(&cluster.http, "hello.localhost", "/").status, 200);
+}
+
 /// A registry in front of the real one that answers `/v1/blobs/{sha}` for `target_sha` with
 /// `substitute` (another valid module) and passes everything else through.
 fn lying_registry(upstream: String, target_sha: String, substitute: Vec<u8>) -> String {

@@ -342,6 +342,8 @@ pub struct Syncer {
     loading: HashMap<String, Loading>,
     loads: tokio::task::JoinSet<LoadDone>,
     quarantine: HashMap<String, Quarantined>,
+    /// What was last written to the disk cache (heartbeats change nothing, so write nothing).
+    last_persisted: Option<CachedState>,
 }
 
 impl Syncer {
@@ -368,6 +370,7 @@ impl Syncer {
             loading: HashMap::new(),
             loads: tokio::task::JoinSet::new(),
             quarantine: HashMap::new(),
+            last_persisted: None,
         }
     }
 
@@ -484,12 +487,28 @@ impl Syncer {
             // changes. Catch up from the start; unchanged versions cost nothing.
             let applied = std::mem::take(&mut self.revision);
             self.seen = 0;
+            // Loads in flight were asked for in the old numbering: they hold back nothing
+            // now (the catch-up asks for them again).
+            for loading in self.loading.values_mut() {
+                loading.revision = None;
+            }
             return Err(SyncError::SourceReset {
                 source_revision: revision,
                 applied,
             });
         }
         self.seen = self.seen.max(revision);
+        if let WatchEvent::Put { deployment, .. } = &event
+            && self
+                .served
+                .get(&deployment.name)
+                .is_some_and(|served| served.deployment == *deployment)
+        {
+            // Back to exactly what is served (a rollback of a version that is loading or
+            // quarantined): that version is no longer wanted.
+            self.loading.remove(&deployment.name);
+            self.quarantine.remove(&deployment.name);
+        }
         let served_versions = self
             .served
             .iter()
@@ -614,9 +633,15 @@ impl Syncer {
                     .filter(|quarantined| quarantined.deployment == done.deployment)
                     .map_or(0, |quarantined| quarantined.failures)
                     .saturating_add(1);
+                // The source being unreachable is retried as often as the watch is; a
+                // version that does not load here backs off further.
+                let longest = match error {
+                    SyncError::Registry(_) | SyncError::Nats(_) | SyncError::Cache(_) => BACKOFF_MAX,
+                    _ => QUARANTINE_BACKOFF_MAX,
+                };
                 let wait = QUARANTINE_BACKOFF_START
                     .saturating_mul(1 << (failures - 1).min(16))
-                    .min(QUARANTINE_BACKOFF_MAX);
+                    .min(longest);
                 ::metrics::counter!(metrics::SYNC_LOAD_FAILURES_TOTAL, "function" => name.clone())
                     .increment(1);
                 tracing::warn!(
@@ -665,7 +690,8 @@ impl Syncer {
     }
 
     /// Moves the applied revision up to what is resolved — everything seen, short of the
-    /// oldest event whose load is still in flight — and persists when it moved.
+    /// oldest event whose load is still in flight — and persists what is served,
+    /// quarantined and applied when any of it changed.
     fn advance(&mut self) -> Result<(), SyncError> {
         let resolved = match self.loading.values().filter_map(|loading| loading.revision).min() {
             Some(oldest) => oldest.saturating_sub(1),
@@ -674,7 +700,11 @@ impl Syncer {
         if resolved > self.revision {
             self.revision = resolved;
         }
-        self.persist()?;
+        let persisted = self.persisted_state();
+        if self.last_persisted.as_ref() != Some(&persisted) {
+            self.loader.cache.save_state(&persisted)?;
+            self.last_persisted = Some(persisted);
+        }
         self.report();
         Ok(())
     }
@@ -715,7 +745,7 @@ impl Syncer {
         ::metrics::gauge!(metrics::ROUTE_TABLE_REVISION).set(self.revision as f64);
     }
 
-    fn persist(&self) -> Result<(), SyncError> {
+    fn persisted_state(&self) -> CachedState {
         let mut deployments: Vec<Deployment> = self
             .served
             .values()
@@ -728,12 +758,11 @@ impl Syncer {
             .map(|quarantined| quarantined.deployment.clone())
             .collect();
         quarantined.sort_by(|a, b| a.name.cmp(&b.name));
-        self.loader.cache.save_state(&CachedState {
+        CachedState {
             revision: self.revision,
             deployments,
             quarantined,
-        })?;
-        Ok(())
+        }
     }
 }
 
