@@ -8,9 +8,9 @@
 //! truncated and no bigger than its query. The cluster view has 150 IPv4 and 150 IPv6
 //! nodes, so A/AAAA answers (about 2.4 KB and 4 KB) must be truncated to fit.
 //!
-//! 25,000 cases run in a few seconds, in the normal test command. A failing case is
-//! shrunk and saved by proptest next to this file (`fuzz_packets.proptest-regressions`);
-//! keep an interesting one as a seed in `dns/fuzz-corpus/`.
+//! 25,000 cases run in about a second, in the normal test command. A failing case is
+//! shrunk and printed (the bytes and the source address); keep it as a seed in
+//! `dns/fuzz-corpus/` so every later run tries it first.
 
 mod support;
 
