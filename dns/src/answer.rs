@@ -14,6 +14,8 @@
 //!                                           every other region by name]
 //!                                          that has a node of that address family
 //! routed name, nobody healthy ............ NOERROR, no answer, SOA (NODATA)
+//! ANY ..................................... one RRset, the first there is of SOA, A, AAAA
+//!                                          (RFC 8482), over UDP and TCP alike
 //! other type for an existing name ........ NODATA (SOA in authority)
 //! name that does not exist ............... NXDOMAIN (SOA in authority)
 //! before the first cluster snapshot ...... SERVFAIL for anything the snapshot decides
@@ -31,6 +33,10 @@
 //!   `*.w.example.com` route) are empty non-terminals: NODATA, never NXDOMAIN (RFC 8020).
 //! - An NS host name takes precedence over a wildcard route covering it, as an existing
 //!   name blocks a wildcard in a zone file.
+//! - ANY never gets everything: a full answer (SOA, NS and glue at the apex; every A and
+//!   AAAA of a routed name) made this server a ×5 amplifier for spoofed queries. RFC 8482
+//!   lets a server answer ANY with one RRset; TCP gets the same minimal answer, so what is
+//!   cached does not depend on the transport, and a client that wants a type asks for it.
 //! - The SOA serial changes when the answer set changes (see
 //!   [`ClusterView::next_serial`]); there are no zone transfers, so it only informs.
 
@@ -115,26 +121,29 @@ pub fn answer(view: &ClusterView, config: &DnsConfig, question: &Question<'_>, r
     let qtype = question.qtype;
     let any = qtype == RecordType::ANY;
 
-    if apex && (qtype == RecordType::SOA || any) {
+    // ANY gets the first RRset there is, in this order (RFC 8482): SOA, A, AAAA.
+    let wants = |rtype: RecordType, out: &Answer| qtype == rtype || (any && out.answers.is_empty());
+
+    if apex && wants(RecordType::SOA, &out) {
         out.answers.push(soa_record(zone, view, config));
     }
-    if apex && (qtype == RecordType::NS || any) {
+    if apex && qtype == RecordType::NS {
         out.answers.extend(ns_records(zone));
         out.additionals.extend(glue_records(zone));
     }
     if let Some(addrs) = &ns_addrs {
-        for addr in addrs.iter() {
-            let wanted = match addr {
-                IpAddr::V4(_) => qtype == RecordType::A,
-                IpAddr::V6(_) => qtype == RecordType::AAAA,
-            };
-            if wanted || any {
-                out.answers
-                    .push(Record::from_rdata(owner.clone(), NS_TTL, RData::from(*addr)));
+        for (rtype, family) in [(RecordType::A, true), (RecordType::AAAA, false)] {
+            if wants(rtype, &out) {
+                out.answers.extend(
+                    addrs
+                        .iter()
+                        .filter(|addr| addr.is_ipv4() == family)
+                        .map(|addr| Record::from_rdata(owner.clone(), NS_TTL, RData::from(*addr))),
+                );
             }
         }
     }
-    if routed && (qtype == RecordType::A || any) {
+    if routed && wants(RecordType::A, &out) {
         let picked = pick_region(view, config, question.client, |nodes| nodes.v4.as_slice());
         if let Some((region, addrs)) = picked {
             out.answers.extend(
@@ -144,7 +153,7 @@ pub fn answer(view: &ClusterView, config: &DnsConfig, question: &Question<'_>, r
             out.region = Some(region.to_owned());
         }
     }
-    if routed && (qtype == RecordType::AAAA || any) {
+    if routed && wants(RecordType::AAAA, &out) {
         let picked = pick_region(view, config, question.client, |nodes| nodes.v6.as_slice());
         if let Some((region, addrs)) = picked {
             out.answers.extend(
@@ -310,6 +319,8 @@ mod tests {
                 .map(|(r, then)| (r.to_string(), then.iter().map(|t| t.to_string()).collect()))
                 .collect::<BTreeMap<_, _>>(),
             ttl: 5,
+            max_udp_payload: crate::config::DEFAULT_MAX_UDP_PAYLOAD,
+            rate_limit: None,
         }
     }
 
@@ -689,15 +700,43 @@ mod tests {
     }
 
     #[test]
-    fn any_returns_everything_for_the_name() {
+    fn any_gets_one_rrset_never_everything() {
         let (view, config) = (view(cluster()), standard_config());
+        // A routed name with IPv4 and IPv6 nodes: the A set only.
         let a = ask(&view, &config, "shop.example.com", RecordType::ANY, "10.1.0.1");
-        assert_eq!(
-            ips(&a),
-            [v4(&["10.0.1.1", "10.0.1.2"]), v6(&["2001:db8:e::1"])].concat()
+        assert_eq!(a.code, ResponseCode::NoError);
+        assert_eq!(ips(&a), v4(&["10.0.1.1", "10.0.1.2"]));
+        assert!(a.authorities.is_empty() && a.additionals.is_empty());
+        // No IPv4 node anywhere: the AAAA set.
+        let mut members = cluster();
+        members.retain(|m| m.announcement.http.is_some_and(|http| http.is_ipv6()));
+        let v6_only = ask(
+            &super::tests::view(members),
+            &config,
+            "shop.example.com",
+            RecordType::ANY,
+            "10.1.0.1",
         );
+        assert_eq!(ips(&v6_only), v6(&["2001:db8:e::1"]));
+        // The apex: the SOA alone, no NS, no glue.
         let apex = ask(&view, &config, "example.com", RecordType::ANY, "10.1.0.1");
-        assert_eq!(apex.answers.len(), 3, "SOA + 2 NS");
+        soa_of(&apex.answers);
+        assert!(apex.additionals.is_empty());
+        // An NS host with both families: its A set.
+        let ns = ask(&view, &config, "ns1.example.com", RecordType::ANY, "10.1.0.1");
+        assert_eq!(ips(&ns), v4(&["192.0.2.53"]));
+        // A name that exists with nothing to give (NODATA), and one that does not.
+        let snapshot = ClusterSnapshot {
+            members: cluster(),
+            domains: vec!["*.w.example.com".into()],
+        };
+        let view = ClusterView::new(&snapshot, 7);
+        let ent = ask(&view, &config, "w.example.com", RecordType::ANY, "10.1.0.1");
+        assert_eq!(ent.code, ResponseCode::NoError);
+        assert!(ent.answers.is_empty());
+        soa_of(&ent.authorities);
+        let missing = ask(&view, &config, "nope.example.com", RecordType::ANY, "10.1.0.1");
+        assert_eq!(missing.code, ResponseCode::NXDomain);
     }
 
     #[test]

@@ -6,14 +6,17 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use atoll_registry::{LazyNatsStore, RegistryClient};
 
 use crate::config::{
-    DnsConfig, DomainName, FallbackRule, NsFlag, RegionMap, RegionRule, name_servers, parse_ttl, parse_zone,
+    DEFAULT_MAX_UDP_PAYLOAD, DnsConfig, DomainName, FallbackRule, MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, NsFlag,
+    RegionMap, RegionRule, name_servers, parse_ttl, parse_zone,
 };
+use crate::rrl::RateLimit;
 use crate::source::ClusterSource;
 
 /// `atoll dns`: the cluster's authoritative DNS.
@@ -65,6 +68,27 @@ pub struct DnsArgs {
     /// address unless that is unspecified (0.0.0.0, ::).
     #[arg(long = "ns", value_name = "NAME=IP")]
     pub ns: Vec<NsFlag>,
+
+    /// Largest UDP response, whatever larger EDNS buffer a client claims; what does not
+    /// fit is sent truncated (TC=1) and the client retries over TCP. 1232 is the DNS flag
+    /// day 2020 value (no IP fragmentation).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_UDP_PAYLOAD,
+          value_parser = clap::value_parser!(u16).range(i64::from(MIN_UDP_PAYLOAD)..=i64::from(MAX_UDP_PAYLOAD)))]
+    pub max_udp_payload: u16,
+
+    /// UDP responses a second per client prefix (/24 IPv4, /56 IPv6), the burst allowed
+    /// at once too; over it, responses are dropped or slipped (--rate-limit-slip). TCP is
+    /// never limited. 0: off.
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub rate_limit: u32,
+
+    /// Over the rate limit, every Nth response is sent empty with TC=1 (so a real client
+    /// behind a spoofed prefix retries over TCP) and the others are dropped; 0 drops all,
+    /// 1 truncates all.
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub rate_limit_slip: u32,
 }
 
 impl std::fmt::Debug for DnsArgs {
@@ -81,6 +105,9 @@ impl std::fmt::Debug for DnsArgs {
             .field("region_fallback", &self.region_fallback)
             .field("ttl", &self.ttl)
             .field("ns", &self.ns)
+            .field("max_udp_payload", &self.max_udp_payload)
+            .field("rate_limit", &self.rate_limit)
+            .field("rate_limit_slip", &self.rate_limit_slip)
             .finish()
     }
 }
@@ -104,6 +131,16 @@ impl DnsArgs {
         if ttl == 0 {
             bail!("--ttl: at least 1s");
         }
+        if !(MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
+            bail!(
+                "--max-udp-payload: {} is not between {MIN_UDP_PAYLOAD} and {MAX_UDP_PAYLOAD}",
+                self.max_udp_payload
+            );
+        }
+        let rate_limit = NonZeroU32::new(self.rate_limit).map(|per_second| RateLimit {
+            per_second,
+            slip: self.rate_limit_slip,
+        });
         let listen_ip = self.listen.ip();
         let default_glue = (!listen_ip.is_unspecified()).then_some(listen_ip.to_canonical());
         Ok(DnsConfig {
@@ -112,6 +149,8 @@ impl DnsArgs {
             default_region: self.default_region.clone(),
             fallback,
             ttl,
+            max_udp_payload: self.max_udp_payload,
+            rate_limit,
         })
     }
 
@@ -181,6 +220,14 @@ mod tests {
         assert_eq!(config.zones[1].name.as_str(), "example.org");
         assert_eq!(config.ttl, 5);
         assert_eq!(config.fallback["eu"], ["us", "ap"]);
+        assert_eq!(config.max_udp_payload, 1232);
+        assert_eq!(
+            config.rate_limit,
+            Some(RateLimit {
+                per_second: NonZeroU32::new(20).unwrap(),
+                slip: 2
+            })
+        );
         assert_eq!(config.client_region(Some("10.2.3.4".parse().unwrap())), "us");
         assert_eq!(
             config.client_region(Some("192.0.2.9".parse().unwrap())),
@@ -191,7 +238,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_flag() {
         let base = ["--zone", "example.com", "--registry", "http://r"];
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 12] = [
             (&["--region-map", "10.0.0.0/33=eu"], "--region-map"),
             (&["--region-map", "eu"], "--region-map"),
             (&["--zone", "bad zone"], "--zone"),
@@ -199,6 +246,11 @@ mod tests {
             (&["--ttl", "0s"], "--ttl"),
             (&["--region-fallback", "eu"], "--region-fallback"),
             (&["--listen", "nowhere"], "--listen"),
+            (&["--max-udp-payload", "511"], "--max-udp-payload"),
+            (&["--max-udp-payload", "65535"], "--max-udp-payload"),
+            (&["--rate-limit", "lots"], "--rate-limit"),
+            (&["--rate-limit", "2000000"], "--rate-limit"),
+            (&["--rate-limit-slip", "x"], "--rate-limit-slip"),
         ];
         for (extra, flag) in cases {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();
@@ -247,6 +299,32 @@ mod tests {
         args.region_fallback = vec!["eu=us".parse().unwrap(), "eu=ap".parse().unwrap()];
         let error = args.config().unwrap_err().to_string();
         assert!(error.contains("--region-fallback"), "{error}");
+    }
+
+    #[test]
+    fn rate_limit_zero_is_off_and_limits_are_checked_by_hand_too() {
+        let base = ["--zone", "example.com", "--registry", "http://r"];
+        let args: Vec<&str> = base
+            .iter()
+            .chain(&[
+                "--rate-limit",
+                "0",
+                "--max-udp-payload",
+                "512",
+                "--rate-limit-slip",
+                "0",
+            ])
+            .copied()
+            .collect();
+        let mut args = parse(&args).unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.rate_limit, None);
+        assert_eq!(config.max_udp_payload, 512);
+        args.rate_limit = 5;
+        assert_eq!(args.config().unwrap().rate_limit.unwrap().slip, 0);
+        args.max_udp_payload = 100;
+        let error = args.config().unwrap_err().to_string();
+        assert!(error.contains("--max-udp-payload"), "{error}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! `--region-fallback eu=us,ap`, `--ns ns1.example.com=192.0.2.1`); each has a parser here
 //! that clap calls, so a bad value is refused before anything binds, with an error that
 //! clap prefixes with the flag's name. [`DnsConfig`] is the result: plain data that the
-//! pure answer function ([`crate::answer`]) reads on every query and never changes.
+//! pure answer function ([`crate::answer`]) and the server's limits read on every query
+//! and never change.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,10 +16,19 @@ use std::time::Duration;
 use atoll_registry::{HostPattern, RoutePattern};
 use ipnet::IpNet;
 
+use crate::rrl::RateLimit;
+
 /// TTL of NS records and their glue: they only change when the operator edits flags.
 pub const NS_TTL: u32 = 3600;
 /// Longest `--ttl`: one day. Answers are meant to be short-lived; this only bounds typos.
 pub const MAX_TTL: Duration = Duration::from_secs(86_400);
+/// Default `--max-udp-payload`: the DNS flag day 2020 value, which fits an IPv6 packet on
+/// any path without fragmentation (fragments are what spoofing attacks on DNS use).
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1232;
+/// Smallest UDP payload every DNS client takes (RFC 1035).
+pub const MIN_UDP_PAYLOAD: u16 = 512;
+/// Largest `--max-udp-payload` accepted (the usual EDNS default of resolvers).
+pub const MAX_UDP_PAYLOAD: u16 = 4096;
 
 /// A DNS name this server is authoritative for (or an NS host name): lowercase, without
 /// the trailing dot.
@@ -267,6 +277,11 @@ pub struct DnsConfig {
     pub fallback: BTreeMap<String, Vec<String>>,
     /// TTL of A/AAAA answers and of the SOA (also its MINIMUM, the negative-caching TTL).
     pub ttl: u32,
+    /// Largest UDP response sent, whatever larger EDNS buffer a client claims; a response
+    /// that does not fit is truncated (TC=1) and the client retries over TCP.
+    pub max_udp_payload: u16,
+    /// Response rate limiting of UDP answers per client prefix (`None`: off).
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl DnsConfig {
@@ -448,6 +463,8 @@ mod tests {
             default_region: "default".into(),
             fallback: BTreeMap::new(),
             ttl: 5,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
+            rate_limit: None,
         };
         assert_eq!(
             config.zone_of("a.eu.example.com").unwrap().name.as_str(),

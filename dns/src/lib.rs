@@ -6,8 +6,9 @@
 //! NATS store (members, function records) ──┴─▶ source::poll ─┘   (lock-free read)     │
 //!                                                                                     ▼
 //! client ─UDP/TCP─▶ hickory-server ─▶ server::DnsHandler ─▶ answer::answer(view, config, question)
-//!                                                            (pure: REFUSED / SOA / NS /
-//!                                                             A+AAAA of the client's region)
+//!                                      │ UDP: rrl (rate     (pure: REFUSED / SOA / NS /
+//!                                      │ per prefix), size   A+AAAA of the client's region)
+//!                                      │ cap (TC=1 → TCP)
 //! ```
 //!
 //! The zone's routed names (every host a function routes, wildcards included) answer with
@@ -17,12 +18,15 @@
 //! resolvers' caches one answer TTL later. SOA and NS make the zone delegable to the
 //! machines running this server. When the source is unreachable the last good view keeps
 //! being served (static stability), as nodes keep serving functions when the registry is
-//! down.
+//! down. Being reachable by anyone over UDP, it is no amplifier: ANY gets one RRset
+//! (RFC 8482), UDP responses are capped at `--max-udp-payload`, and responses per client
+//! prefix are rate limited (`--rate-limit`, see [`rrl`]).
 
 pub mod answer;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod rrl;
 pub mod server;
 pub mod source;
 
@@ -30,5 +34,6 @@ pub use answer::{Answer, Question, answer};
 pub use cli::DnsArgs;
 pub use cluster::{ClusterSnapshot, ClusterView};
 pub use config::DnsConfig;
+pub use rrl::{RateLimit, RateLimiter};
 pub use server::{DnsHandler, bind, run, serve};
 pub use source::{ClusterSource, SourceError};

@@ -10,19 +10,32 @@
 //! ECS: the response echoes the option with SCOPE PREFIX-LENGTH equal to the source prefix
 //! (the answer was computed for exactly that subnet, which is always correct if not the
 //! most cache-friendly); a source prefix of 0 means "do not locate me" and gets the
-//! default region. hickory truncates (TC) UDP answers over the client's buffer size; the
-//! client retries over TCP.
+//! default region.
+//!
+//! UDP, where a spoofed source turns answers into a reflection attack, is bounded twice:
+//! - Size: a response is at most the client's EDNS buffer size, capped at
+//!   `--max-udp-payload` (1232 by default; 512 without EDNS). hickory encodes a UDP
+//!   response to at most the max payload of the response's OPT record and sets TC=1 when
+//!   records do not fit, so the cap is applied there, and the client retries over TCP.
+//! - Rate: [`crate::rrl`] limits responses per client prefix; over the limit a response
+//!   is dropped or "slipped" (sent empty with TC=1), before any answer is computed. TCP is
+//!   never limited: a TCP client cannot spoof its address.
+//!
+//! Malformed queries that hickory answers itself (FORMERR for a message that does not
+//! parse) never reach the handler, so they are not limited, but such a response is a bare
+//! header, never bigger than the query.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::opt::{EdnsCode, EdnsOption};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -32,7 +45,8 @@ use tokio::net::{TcpListener, UdpSocket};
 use crate::answer::{Question, answer};
 use crate::cli::DnsArgs;
 use crate::cluster::ClusterView;
-use crate::config::DnsConfig;
+use crate::config::{DnsConfig, MIN_UDP_PAYLOAD};
+use crate::rrl::{self, Limited, RateLimiter, Verdict};
 use crate::source::{ClusterSource, poll, unix_now};
 
 /// A TCP connection idle this long is closed.
@@ -49,17 +63,63 @@ pub struct DnsHandler {
     config: Arc<DnsConfig>,
     view: Arc<ArcSwap<ClusterView>>,
     rotation: AtomicUsize,
+    limiter: Option<Mutex<RateLimiter>>,
 }
 
 impl DnsHandler {
     /// A handler answering under `config` from whatever `view` holds at query time.
     pub fn new(config: Arc<DnsConfig>, view: Arc<ArcSwap<ClusterView>>) -> DnsHandler {
+        let limiter = config
+            .rate_limit
+            .map(|limit| Mutex::new(RateLimiter::new(limit, rrl::DEFAULT_CAPACITY)));
         DnsHandler {
             config,
             view,
             rotation: AtomicUsize::new(0),
+            limiter,
         }
     }
+
+    /// UDP responses refused by the rate limit since start (zero when it is off).
+    pub fn rate_limited(&self) -> Limited {
+        self.limiter
+            .as_ref()
+            .map(|limiter| lock(limiter).totals())
+            .unwrap_or_default()
+    }
+
+    /// The rate limit's verdict on answering `request` now: TCP always passes.
+    fn verdict(&self, request: &Request) -> Verdict {
+        let Some(limiter) = &self.limiter else {
+            return Verdict::Send;
+        };
+        if request.protocol() != Protocol::Udp {
+            return Verdict::Send;
+        }
+        let now = Instant::now();
+        let mut limiter = lock(limiter);
+        let verdict = limiter.check(request.src().ip(), now);
+        if let Some(limited) = limiter.report(now) {
+            tracing::warn!(
+                dropped = limited.dropped,
+                slipped = limited.slipped,
+                "dns rate limit: UDP responses refused since the last report"
+            );
+        }
+        verdict
+    }
+}
+
+fn lock(limiter: &Mutex<RateLimiter>) -> std::sync::MutexGuard<'_, RateLimiter> {
+    // The limiter's state is consistent after any panic (plain counters and instants).
+    limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unanswered(request: &Request) -> ResponseInfo {
+    ResponseInfo::from(Header {
+        metadata: Metadata::response_from_request(&request.metadata),
+        counts: HeaderCounts::default(),
+    })
 }
 
 #[async_trait::async_trait]
@@ -69,12 +129,36 @@ impl RequestHandler for DnsHandler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        match self.verdict(request) {
+            Verdict::Send => {}
+            Verdict::Drop => return unanswered(request),
+            Verdict::Slip => {
+                // Empty, truncated, no EDNS: never bigger than the query.
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.truncation = true;
+                let builder = MessageResponseBuilder::new(&request.queries, None);
+                return response_handle
+                    .send_response(builder.build_no_records(metadata))
+                    .await
+                    .unwrap_or_else(|error| {
+                        tracing::debug!(%error, "failed to send a DNS response");
+                        unanswered(request)
+                    });
+            }
+        }
         let mut client = Some(request.src().ip());
         let mut response_edns: Option<Edns> = None;
         let mut code = None;
         if let Some(request_edns) = &request.edns {
             let mut edns = Edns::new();
-            edns.set_max_payload(request_edns.max_payload().max(512));
+            // hickory encodes a UDP response to at most the max payload of the response's
+            // EDNS, truncating (TC=1) what does not fit: this is where the cap applies.
+            edns.set_max_payload(
+                request_edns
+                    .max_payload()
+                    .min(self.config.max_udp_payload)
+                    .max(MIN_UDP_PAYLOAD),
+            );
             edns.set_version(EDNS_VERSION);
             if request_edns.version() > EDNS_VERSION {
                 edns.set_rcode_high(ResponseCode::BADVERS.high());

@@ -209,6 +209,10 @@ pub fn config() -> DnsConfig {
         default_region: "default".into(),
         fallback: Default::default(),
         ttl: 5,
+        max_udp_payload: atoll_dns::config::DEFAULT_MAX_UDP_PAYLOAD,
+        // Every test client is in 127.0.0.0/24, one prefix: the polling of the failover
+        // tests would be limited. tests/limits.rs tests the limit.
+        rate_limit: None,
     }
 }
 
