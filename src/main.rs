@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use atoll_isolate::Engine;
-use atoll_registry::{Manifest, Registry, RegistryClient, RegistryOptions, TokenOrigin};
+use atoll_registry::{ConnectionLimits, Manifest, Registry, RegistryClient, RegistryOptions, TokenOrigin};
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -47,6 +47,16 @@ enum Command {
         /// State directory (registry store, node cache).
         #[arg(long, default_value = ".atoll")]
         data: PathBuf,
+        /// Open connections to the registry API; at the cap the longest-idle one is closed.
+        #[arg(long, default_value_t = atoll_registry::connections::DEFAULT_MAX_CONNECTIONS)]
+        registry_max_connections: usize,
+        /// Time a registry client has to send a request head.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        registry_header_timeout: Duration,
+        /// A registry connection with no request in flight (a watch counts) is closed after
+        /// this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        registry_idle_timeout: Duration,
         #[command(flatten)]
         edge: EdgeArgs,
     },
@@ -64,6 +74,17 @@ enum Command {
         /// Largest module a push may carry, in bytes.
         #[arg(long, default_value_t = atoll_registry::api::DEFAULT_MAX_MODULE_BYTES)]
         max_module_bytes: u64,
+        /// Open connections; at the cap the longest-idle one is closed to make room, and a
+        /// new one is refused (503) when every connection has a request in flight.
+        #[arg(long, default_value_t = atoll_registry::connections::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Time a client has to send a request head (slowloris), e.g. 10s.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        header_timeout: Duration,
+        /// A connection with no request in flight (a watch stream counts) is closed after
+        /// this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        idle_timeout: Duration,
     },
     /// An edge node that serves the registry's functions.
     Node {
@@ -370,14 +391,29 @@ async fn run(command: Command) -> Result<()> {
             registry_listen,
             admin,
             data,
+            registry_max_connections,
+            registry_header_timeout,
+            registry_idle_timeout,
             edge,
-        } => up(listen, registry_listen, admin, data, edge).await,
+        } => {
+            let limits = registry_limits(
+                "--registry-max-connections",
+                registry_max_connections,
+                registry_header_timeout,
+                registry_idle_timeout,
+            )?;
+            up(listen, registry_listen, admin, data, limits, edge).await
+        }
         Command::Registry {
             listen,
             data,
             store,
             max_module_bytes,
+            max_connections,
+            header_timeout,
+            idle_timeout,
         } => {
+            let limits = registry_limits("--max-connections", max_connections, header_timeout, idle_timeout)?;
             let engine = Engine::new()?;
             let registry = match store {
                 None => open_registry(&data, engine, max_module_bytes)?.0,
@@ -385,7 +421,7 @@ async fn run(command: Command) -> Result<()> {
             };
             let listener = bind(listen).await?;
             println!("registry listening on http://{}", listener.local_addr()?);
-            atoll_registry::serve(listener, registry, shutdown_signal()).await?;
+            atoll_registry::serve_with(listener, registry, limits, shutdown_signal()).await?;
             Ok(())
         }
         Command::Node {
@@ -493,6 +529,7 @@ async fn up(
     registry_listen: SocketAddr,
     admin: SocketAddr,
     data: PathBuf,
+    registry_limits: ConnectionLimits,
     edge: EdgeArgs,
 ) -> Result<()> {
     let engine = Engine::new()?;
@@ -515,9 +552,10 @@ async fn up(
     let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
         let _ = receiver.wait_for(|stop| *stop).await;
     };
-    let registry_task = tokio::spawn(atoll_registry::serve(
+    let registry_task = tokio::spawn(atoll_registry::serve_with(
         registry_listener,
         registry,
+        registry_limits,
         stopped(stop.clone()),
     ));
     let mut options = atoll_router::NodeOptions::new(data.join("node"), registry_url.clone());
@@ -550,6 +588,24 @@ async fn up(
     node_task.await??;
     registry_task.await??;
     Ok(())
+}
+
+/// The registry's limits on connections, from its flags.
+fn registry_limits(
+    flag: &str,
+    max_connections: usize,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+) -> Result<ConnectionLimits> {
+    if max_connections == 0 {
+        bail!("{flag} must be at least 1");
+    }
+    Ok(ConnectionLimits {
+        max_connections,
+        header_read_timeout,
+        idle_timeout,
+        ..ConnectionLimits::default()
+    })
 }
 
 fn open_registry(data: &Path, engine: Engine, max_module_bytes: u64) -> Result<(Arc<Registry>, String)> {

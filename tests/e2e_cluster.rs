@@ -125,8 +125,18 @@ fn served_by(addr: &str, host: &str, headers: &[(&str, &str)]) -> (u16, String) 
     }
 }
 
+/// `POST` or `DELETE /drain` with the node's token (the token every test process shares).
 fn drain(admin: &str, method: &str) {
-    let response = http_request(admin, method, "admin", "/drain", &[], b"").expect("admin answers");
+    let authorization = format!("Bearer {TOKEN}");
+    let response = http_request(
+        admin,
+        method,
+        "admin",
+        "/drain",
+        &[("Authorization", &authorization)],
+        b"",
+    )
+    .expect("admin answers");
     assert_eq!(response.status, 200, "{method} /drain: {}", response.text());
 }
 

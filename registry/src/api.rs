@@ -14,6 +14,8 @@
 //! POST /v1/functions/{name}/rollback     {"to": N} or {} → RollbackResponse
 //! GET  /v1/blobs/{sha256}                module bytes (application/wasm)
 //! GET  /v1/watch?since=N                 NDJSON WatchEvents, streaming (see crate::watch)
+//! GET  /v1/nodes                         [MemberStatus]
+//! PUT  /v1/nodes/{name}                  NodeAnnouncement → [MemberStatus] (a heartbeat)
 //! ```
 //!
 //! Two details worth knowing:
@@ -24,8 +26,12 @@
 //!   handle on the request body and, after the handler answers, reads and discards what is
 //!   left (bounded in bytes and time) before the response goes out.
 //! * Graceful shutdown. Watch streams never end by themselves, so [`serve`] turns its
-//!   shutdown future into a signal that ends them; only then can axum's graceful shutdown
+//!   shutdown future into a signal that ends them; only then can the graceful shutdown
 //!   finish.
+//! * Connections. [`serve_with`] serves with the edge's header and idle timeouts and a
+//!   connection cap ([`crate::connections`]), so idle or half-sent connections cannot use
+//!   up the process's file descriptors; a watch stream counts as a request in flight for
+//!   as long as it streams, so it is never closed as idle.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -54,6 +60,7 @@ use crate::api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
 use crate::backend::Backend;
+use crate::connections::ConnectionLimits;
 use crate::manifest::{Manifest, ManifestError};
 use crate::model::{FunctionRecord, Version};
 use crate::store::{Store, StoreError, is_sha256_hex};
@@ -287,21 +294,31 @@ impl Registry {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then ends watch streams and
-/// lets in-flight requests finish.
+/// Serves the API on `listener` with the default [`ConnectionLimits`] until `shutdown`
+/// completes, then ends watch streams and lets in-flight requests finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<Registry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_with(listener, state, ConnectionLimits::default(), shutdown).await
+}
+
+/// [`serve`] with `limits` on connections: header and idle timeouts, a connection cap
+/// (see [`crate::connections`]).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<Registry>,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let (stop, stopped) = watch::channel(false);
     let app = router(state, stopped);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stop.send_replace(true);
-        })
-        .await
+    crate::connections::serve_router(listener, app, limits, async move {
+        shutdown.await;
+        stop.send_replace(true);
+    })
+    .await
 }
 
 #[derive(Clone)]

@@ -19,6 +19,7 @@ pub mod api;
 pub mod api_types;
 pub mod backend;
 pub mod client;
+pub mod connections;
 pub mod manifest;
 pub mod membership;
 pub mod model;
@@ -28,12 +29,13 @@ pub mod store;
 pub mod token;
 pub mod watch;
 
-pub use api::{Registry, RegistryError, RegistryOptions, router, serve};
+pub use api::{Registry, RegistryError, RegistryOptions, router, serve, serve_with};
 pub use api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
 pub use backend::Backend;
 pub use client::{ClientError, RegistryClient};
+pub use connections::ConnectionLimits;
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use model::{Deployment, FunctionRecord, Version};
 pub use nats_store::{LazyNatsStore, NatsStore};

@@ -431,9 +431,15 @@ pub async fn run(
             stopped(stop.clone()),
         )));
     }
-    servers.push(tokio::spawn(crate::server::serve(
+    // The admin listener gets the edge's limits on connections (header and idle timeouts,
+    // its own cap), so idle or half-sent connections cannot lock out probes and drains.
+    servers.push(tokio::spawn(crate::server::serve_with(
         listeners.admin,
-        AdminService::new(routing, metrics, Arc::clone(&cluster)),
+        AdminService::new(routing, metrics, Arc::clone(&cluster), options.token.clone()),
+        Ingress {
+            limits: Arc::clone(&limits),
+            ..Ingress::default()
+        },
         stopped(stop.clone()),
     )));
     match &options.nats_url {

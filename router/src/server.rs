@@ -11,8 +11,10 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use atoll_registry::connections::Activity;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -90,7 +92,7 @@ pub trait Handler: Send + Sync + 'static {
 /// How long in-flight requests get to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client must send its request head within this time (slowloris).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_READ_TIMEOUT: Duration = atoll_registry::connections::DEFAULT_HEADER_READ_TIMEOUT;
 
 /// The edge's limits on clients, each with its default. The README lists them.
 #[derive(Debug, Clone)]
@@ -126,7 +128,7 @@ impl Default for ServerLimits {
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: HEADER_READ_TIMEOUT,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: atoll_registry::connections::DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_uri_bytes: 8 * 1024,
@@ -263,52 +265,13 @@ struct Connection<H> {
     remote: SocketAddr,
 }
 
-/// Per-connection bookkeeping shared by its requests: for the idle timeout and the guard.
+/// Per-connection bookkeeping shared by its requests: for the idle timeout (the
+/// registry's [`Activity`], one implementation for both) and the guard.
 struct ConnectionState {
-    started: Instant,
-    in_flight: AtomicUsize,
-    /// Milliseconds since `started` of the last request start or end.
-    last_activity_ms: AtomicU64,
+    activity: Arc<Activity>,
+    /// Requests seen, refused ones too: the index the guard's verdicts refer to.
     requests: AtomicU64,
     guard: Arc<GuardState>,
-}
-
-impl ConnectionState {
-    fn touch(&self) {
-        self.last_activity_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Resolves once the connection has had no request in flight for `idle`.
-    async fn idle(&self, idle: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
-            let deadline = self.started + last + idle;
-            if Instant::now() >= deadline && self.in_flight.load(Ordering::Relaxed) == 0 {
-                return;
-            }
-            tokio::time::sleep_until(deadline.max(Instant::now() + Duration::from_millis(100)).into()).await;
-        }
-    }
-}
-
-/// Counts a request against the connection's idle timer until dropped, also when the
-/// client goes away mid-request and hyper drops the request's future.
-struct RequestInFlight<'a>(&'a ConnectionState);
-
-impl<'a> RequestInFlight<'a> {
-    fn enter(state: &'a ConnectionState) -> Self {
-        state.in_flight.fetch_add(1, Ordering::Relaxed);
-        state.touch();
-        RequestInFlight(state)
-    }
-}
-
-impl Drop for RequestInFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
-    }
 }
 
 impl<H: Handler> Connection<H> {
@@ -364,9 +327,7 @@ impl<H: Handler> Connection<H> {
     {
         let limits = Arc::clone(&self.ingress.limits);
         let state = Arc::new(ConnectionState {
-            started: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last_activity_ms: AtomicU64::new(0),
+            activity: Activity::new(),
             requests: AtomicU64::new(0),
             guard: GuardState::new(),
         });
@@ -402,7 +363,7 @@ impl<H: Handler> Connection<H> {
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::select! {
                 result = watcher.watch(connection.into_owned()) => result,
-                () = state.idle(limits.idle_timeout) => Ok(()),
+                () = state.activity.idle(limits.idle_timeout) => Ok(()),
             }
         } else {
             let io = GuardedIo::new(io, limits.h1(), Arc::clone(&state.guard))
@@ -410,7 +371,7 @@ impl<H: Handler> Connection<H> {
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::select! {
                 result = watcher.watch(connection.into_owned()) => result,
-                () = state.idle(limits.idle_timeout) => Ok(()),
+                () = state.activity.idle(limits.idle_timeout) => Ok(()),
             }
         };
         if let Err(error) = served {
@@ -447,7 +408,7 @@ async fn respond<H: Handler>(
             return response;
         }
     }
-    let in_flight = RequestInFlight::enter(state);
+    let in_flight = state.activity.enter();
     let mut response = handler.handle(request, info).await;
     drop(in_flight);
     if let Some(rejection) = state.guard.rejection_for(index) {
