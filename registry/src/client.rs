@@ -31,8 +31,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Whole-request timeout for uploading or downloading a module.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
-/// Longest watch line accepted (a deployment is a few KiB of JSON).
-const MAX_LINE: usize = 16 << 20;
+/// Longest watch line accepted (a deployment is a few KiB of JSON; the manifest's ceilings
+/// keep the largest one far below this, see `manifest::tests`).
+pub const MAX_LINE: usize = 16 << 20;
 
 /// What went wrong talking to the registry. Display is one line.
 #[derive(Debug, thiserror::Error)]

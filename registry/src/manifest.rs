@@ -92,8 +92,9 @@ pub const MAX_QUEUE: u32 = 10_000;
 /// event to every node.
 pub const MAX_ENV_ENTRIES: usize = 256;
 pub const MAX_ENV_BYTES: usize = 64 << 10;
-/// Most routes one function may have.
+/// Most routes one function may have, and the longest route.
 pub const MAX_ROUTES: usize = 64;
+pub const MAX_ROUTE_LEN: usize = 2048;
 
 /// `[scale]`: how a node runs instances of the function. Read the effective values with
 /// the accessor methods.
@@ -266,6 +267,12 @@ impl Manifest {
         }
         let mut canonical: Vec<String> = Vec::with_capacity(self.routes.len());
         for route in &self.routes {
+            if route.len() > MAX_ROUTE_LEN {
+                return Err(ManifestError::Invalid(format!(
+                    "a route is {} bytes long; at most {MAX_ROUTE_LEN} are allowed",
+                    route.len()
+                )));
+            }
             let pattern: RoutePattern = route.parse()?;
             let text = pattern.to_string();
             if canonical.contains(&text) {
@@ -663,6 +670,29 @@ timeout = "10s"
             "x".repeat(MAX_ENV_BYTES - 5)
         );
         Manifest::parse(&with(&fine)).unwrap();
+    }
+
+    /// Limits at push match what nodes accept: the largest manifest the ceilings allow
+    /// travels in one watch line (a node refuses longer lines, which would stop its sync).
+    #[test]
+    fn the_largest_manifest_fits_a_watch_line() {
+        let path = format!("/{}", "p".repeat(MAX_ROUTE_LEN - 80));
+        let routes: Vec<String> = (0..MAX_ROUTES)
+            .map(|i| format!("\"{}{i}.example.com{path}\"", "a".repeat(60)))
+            .collect();
+        let env: String = (0..MAX_ENV_ENTRIES)
+            .map(|i| format!("K{i:03} = \"{}\"\n", "v".repeat(MAX_ENV_BYTES / MAX_ENV_ENTRIES - 8)))
+            .collect();
+        let text = format!(
+            "name = \"{}\"\nwasm = \"x.wasm\"\nroutes = [{}]\n[env]\n{env}",
+            "n".repeat(MAX_NAME_LEN),
+            routes.join(",")
+        );
+        let manifest = Manifest::parse(&text).unwrap();
+        let line = serde_json::to_vec(&manifest).unwrap();
+        assert!(line.len() < crate::client::MAX_LINE / 16, "{} bytes", line.len());
+        let too_long = format!("name = \"x\"\nwasm = \"x.wasm\"\nroutes = [\"a.com/{}\"]\n", "p".repeat(MAX_ROUTE_LEN));
+        assert!(error(&too_long).contains("at most 2048 are allowed"));
     }
 
     #[test]
