@@ -534,6 +534,39 @@ mod tests {
     }
 
     #[test]
+    fn a_non_home_forwards_to_the_less_loaded_of_two_homes() {
+        // Three nodes, two homes for "f": the third node picks between them by load,
+        // whichever of the two is busier and whichever order the homes rank in.
+        let mut members = vec![
+            member("a1", "a", false),
+            member("a2", "a", false),
+            member("a3", "a", false),
+        ];
+        let homes: Vec<String> = placement::home_nodes("f", "a", &members, 2)
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        let front = members
+            .iter()
+            .find(|m| !homes.contains(&m.name))
+            .unwrap()
+            .name
+            .clone();
+        for (busy, idle) in [(&homes[0], &homes[1]), (&homes[1], &homes[0])] {
+            for member in &mut members {
+                member.in_flight = if &member.name == busy { 7 } else { 1 };
+            }
+            // Every draw: both homes are compared, so the choice is by load alone.
+            for draw in 0..2 {
+                let to = decide("f", &options(&front, "a", &[]), &members, false, false, |n| {
+                    draw.min(n - 1)
+                });
+                assert_eq!(to.as_ref(), Some(idle), "{busy} is busier (draw {draw})");
+            }
+        }
+    }
+
+    #[test]
     fn a_draining_node_forwards_to_its_region_then_to_the_fallbacks() {
         let mut members = six(false);
         members.iter_mut().find(|m| m.name == "a1").unwrap().draining = true;
