@@ -19,6 +19,7 @@ use crate::acme::{AcmeOptions, Http01Challenges};
 use crate::admin::AdminService;
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::executor::GuestExecutor;
+use crate::hop::ClusterKey;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;
 use crate::server::{Ingress, ServerLimits, TlsIngress};
@@ -56,6 +57,9 @@ pub struct NodeOptions {
     /// drains (and forwarding what still reaches it) before it stops accepting: at least
     /// the DNS TTL, so clients have moved on.
     pub drain_delay: Duration,
+    /// Signs forwards to peers and checks theirs (`--cluster-key`); `None`: derived from
+    /// `token`, which the nodes of a cluster share.
+    pub cluster_key: Option<ClusterKey>,
 }
 
 impl NodeOptions {
@@ -77,6 +81,7 @@ impl NodeOptions {
             region_fallback: Vec::new(),
             home_replicas: crate::cluster::DEFAULT_HOME_REPLICAS,
             drain_delay: DEFAULT_DRAIN_DELAY,
+            cluster_key: None,
         }
     }
 }
@@ -293,6 +298,16 @@ pub async fn run(
         let _ = receiver.wait_for(|stop| *stop).await;
     };
     let limits = Arc::new(options.limits.clone());
+    let key = options
+        .cluster_key
+        .clone()
+        .or_else(|| options.token.as_deref().map(ClusterKey::from_token));
+    if key.is_none() {
+        tracing::warn!(
+            "no cluster key (--cluster-key) and no token to derive one from: forwards are unsigned, \
+             so peers will not believe the client addresses they carry"
+        );
+    }
     let cluster = Cluster::new(ClusterOptions {
         name: options.name.clone(),
         region: options.region.clone(),
@@ -304,6 +319,7 @@ pub async fn run(
             .and_then(|listener| listener.local_addr().ok())
             .map(|address| address.ip())
             .filter(|ip| !ip.is_unspecified()),
+        key,
     });
     let http01 = Http01Challenges::new();
     let service = EdgeService::with_options(
