@@ -890,3 +890,27 @@ fn only_a_signed_hop_is_believed_about_the_client() {
         ("192.0.2.1".to_string(), "https".to_string())
     );
 }
+
+#[test]
+fn a_short_or_unreadable_cluster_key_stops_the_node_with_a_clear_error() {
+    let data = tempfile::tempdir().unwrap();
+    let node = |key: &[&str]| {
+        let mut args = vec!["node", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        args.extend(["--data", data.path().to_str().unwrap()]);
+        args.extend(key);
+        let output = atoll(&args);
+        assert!(!output.status.success(), "started with {key:?}");
+        stderr(&output)
+    };
+    let error = node(&["--cluster-key", " short\n"]);
+    assert!(
+        error.contains("--cluster-key: the cluster key is 5 bytes; use at least 16"),
+        "{error}"
+    );
+    let missing = data.path().join("no-such-key");
+    let error = node(&["--cluster-key-file", missing.to_str().unwrap()]);
+    assert!(
+        error.contains("reading the cluster key file") && error.contains("no-such-key"),
+        "{error}"
+    );
+}

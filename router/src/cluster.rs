@@ -365,7 +365,19 @@ impl Cluster {
             headers.remove(name);
         }
         let claims = HopClaims {
-            node: self.options.name.clone(),
+            // For the peer's logs only: kept to what cannot break the header or its fields.
+            node: self
+                .options
+                .name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect(),
             function: expected.name.clone(),
             version: expected.version,
             sha256: expected.sha256.clone(),
@@ -693,6 +705,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_a_known_not_served_marker_means_the_peer_ran_nothing() {
+        let marked = |value: &'static str| {
+            let mut response = Response::new(());
+            response
+                .headers_mut()
+                .insert(NOT_SERVED_HEADER, HeaderValue::from_static(value));
+            not_served(&response)
+        };
+        assert_eq!(marked("version"), Some(NotServed::Version));
+        assert_eq!(marked("capacity"), Some(NotServed::Capacity));
+        assert_eq!(marked("starting"), Some(NotServed::Starting));
+        assert_eq!(marked("other"), None);
+        assert_eq!(not_served(&Response::new(())), None);
+        assert_eq!(NotServed::Version.status(), StatusCode::MISDIRECTED_REQUEST);
     }
 
     #[test]
