@@ -835,6 +835,8 @@ fn only_a_signed_hop_is_believed_about_the_client() {
         let response =
             http_request_from(a1_ip, &a2.http, "GET", "echo.localhost", "/p", headers, b"").unwrap();
         assert_eq!(response.status, 200, "{}", response.text());
+        // Shown when an assertion below fails.
+        println!("{headers:?} →\n{}", response.text());
         let fields = echo_fields(&response.text());
         assert!(
             fields.keys().all(|key| !key.starts_with("HTTP_X_ATOLL")),
