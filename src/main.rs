@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use atoll_isolate::Engine;
 use atoll_registry::{ConnectionLimits, Manifest, Registry, RegistryClient, RegistryOptions, TokenOrigin};
+use atoll_router::hop::ClusterKey;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
@@ -120,6 +121,14 @@ enum Command {
         /// Registry token (default: $ATOLL_TOKEN).
         #[arg(long, env = "ATOLL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Secret every node of the cluster shares (16 bytes or more): signs the hop header
+        /// of forwarded requests, so only peers are believed about the client. Default:
+        /// derived from the token.
+        #[arg(long, env = "ATOLL_CLUSTER_KEY", hide_env_values = true)]
+        cluster_key: Option<String>,
+        /// Read the cluster key from this file instead.
+        #[arg(long, conflicts_with = "cluster_key")]
+        cluster_key_file: Option<PathBuf>,
         #[command(flatten)]
         edge: EdgeArgs,
     },
@@ -436,8 +445,15 @@ async fn run(command: Command) -> Result<()> {
             name,
             region,
             token,
+            cluster_key,
+            cluster_key_file,
             edge,
         } => {
+            let cluster_key = match (cluster_key, cluster_key_file) {
+                (Some(key), _) => Some(ClusterKey::new(key.as_bytes()).context("--cluster-key")?),
+                (None, Some(path)) => Some(ClusterKey::from_file(&path)?),
+                (None, None) => None,
+            };
             let engine = Engine::new()?;
             let listeners = edge.bind(listen, admin).await?;
             let mut options = atoll_router::NodeOptions::new(data, registry);
@@ -448,6 +464,7 @@ async fn run(command: Command) -> Result<()> {
             options.region_fallback = region_fallback;
             options.home_replicas = home_replicas.max(1);
             options.drain_delay = drain_delay;
+            options.cluster_key = cluster_key;
             edge.apply(&mut options);
             atoll_router::run(options, engine, listeners, shutdown_signal()).await?;
             Ok(())

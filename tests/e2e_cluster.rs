@@ -693,3 +693,236 @@ fn knows(admin: &str, peer: &str) -> bool {
             .flatten()
             .any(|p| p["name"] == peer && p["draining"] == false && p["ejected"] == false)
 }
+
+/// NATS, a registry, and a1 and a2 in region a following it, each function homed on one
+/// of them; returns once each knows the other.
+fn two_nodes() -> (NatsServer, Process, String, Vec<Member>, tempfile::TempDir) {
+    let nats = NatsServer::start();
+    let (registry, url) = start_nats_registry("registry", &nats);
+    let data = tempfile::tempdir().unwrap();
+    let members: Vec<Member> = REGIONS[0]
+        .1
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            let name = format!("a{}", i + 1);
+            start_member(
+                &["--registry", &url],
+                &name,
+                "a",
+                ip,
+                &data.path().join(&name),
+                &[],
+            )
+        })
+        .collect();
+    wait_for_health(&url, &["a1", "a2"], "healthy");
+    wait_until("a1 knows a2", || knows(&members[0].admin, "a2"));
+    wait_until("a2 knows a1", || knows(&members[1].admin, "a1"));
+    (nats, registry, url, members, data)
+}
+
+/// Pushes an `echo` named `name` on `NAME.localhost` whose GREETING is `greeting`.
+fn push_echo(registry: &str, scratch: &Path, name: &str, greeting: &str) {
+    let manifest = write_manifest(
+        &scratch.join(format!("{name}-{greeting}")),
+        name,
+        &example_wasm("echo"),
+        &[&format!("{name}.localhost")],
+        &format!("[env]\nGREETING = {greeting:?}\n"),
+    );
+    push_ok(registry, &manifest);
+}
+
+/// `GET /` on `NAME.localhost` through `addr`: status, serving node and echo's GREETING.
+fn greeting(addr: &str, name: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    match http_request(addr, "GET", &format!("{name}.localhost"), "/", headers, b"") {
+        Ok(response) => (
+            response.status,
+            response.header("x-atoll-node").unwrap_or_default().to_string(),
+            echo_fields(&response.text())
+                .get("GREETING")
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        Err(_) => (0, String::new(), String::new()),
+    }
+}
+
+#[test]
+fn a_lagging_peer_runs_nothing_and_the_request_is_served_where_it_arrived() {
+    let (_nats, _registry, url, members, data) = two_nodes();
+    let (a1, a2) = (&members[0], &members[1]);
+    // Two functions homed on a2, so a1 forwards both there.
+    let placement: Vec<atoll_router::placement::Member> = ["a1", "a2"]
+        .iter()
+        .map(|name| atoll_router::placement::Member {
+            name: name.to_string(),
+            region: "a".into(),
+            in_flight: 0,
+            draining: false,
+        })
+        .collect();
+    let homed_on_a2: Vec<String> = (0..)
+        .map(|i| format!("lag{i}"))
+        .filter(|name| atoll_router::placement::home_nodes(name, "a", &placement, 1)[0].name == "a2")
+        .take(2)
+        .collect();
+    let (stale, missing) = (homed_on_a2[0].as_str(), homed_on_a2[1].as_str());
+    let scratch = tempfile::tempdir().unwrap();
+    let hop = [("x-atoll-hop", "test")];
+
+    push_echo(&url, scratch.path(), stale, "v1");
+    for member in &members {
+        wait_until(&format!("{} serves {stale} v1", member.name), || {
+            greeting(&member.http, stale, &hop) == (200, member.name.clone(), "v1".into())
+        });
+    }
+    // a2 stops keeping up: it can no longer store a module, so it serves what it has.
+    let modules = data.path().join("a2").join("modules");
+    std::fs::remove_dir_all(&modules).unwrap();
+    std::fs::write(&modules, "not a directory").unwrap();
+    push_echo(&url, scratch.path(), stale, "v2");
+    push_echo(&url, scratch.path(), missing, "v1");
+    wait_until("a1 serves the new versions", || {
+        greeting(&a1.http, stale, &hop) == (200, "a1".into(), "v2".into())
+            && greeting(&a1.http, missing, &hop) == (200, "a1".into(), "v1".into())
+    });
+    assert_eq!(
+        greeting(&a2.http, stale, &hop),
+        (200, "a2".into(), "v1".into()),
+        "a2 lags"
+    );
+    assert_ne!(greeting(&a2.http, missing, &hop).0, 200, "a2 lacks {missing}");
+    assert!(knows(&a1.admin, "a2"), "a2 is a healthy peer all along");
+
+    // a1 forwards to a2 (the home), which runs neither: a1 serves its own versions.
+    let not_served = || {
+        metric_value(
+            &metrics(&a1.admin),
+            "atoll_forwards_total",
+            &[("outcome", "not_served")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = not_served();
+    for _ in 0..5 {
+        assert_eq!(
+            greeting(&a1.http, missing, &[]),
+            (200, "a1".into(), "v1".into()),
+            "{missing}, which a2 does not have"
+        );
+        assert_eq!(
+            greeting(&a1.http, stale, &[]),
+            (200, "a1".into(), "v2".into()),
+            "{stale}, of which a2 has v1"
+        );
+    }
+    assert!(
+        not_served() - before >= 10.0,
+        "a1 did not forward to a2 (refused {} times)",
+        not_served() - before
+    );
+}
+
+#[test]
+fn only_a_signed_hop_is_believed_about_the_client() {
+    let (_nats, _registry, url, members, _data) = two_nodes();
+    let a2 = &members[1];
+    push_ok(&url, &example("echo"));
+    let sha256 = parse_versions(&versions(&url, "echo"))
+        .into_iter()
+        .find(|row| row.active)
+        .unwrap()
+        .sha256;
+    let hop = [("x-atoll-hop", "test")];
+    wait_until("a2 serves echo", || {
+        http_request(&a2.http, "GET", "echo.localhost", "/", &hop, b"").is_ok_and(|r| r.status == 200)
+    });
+    // Sent from a1's address, as a1 would forward it.
+    let a1_ip: std::net::IpAddr = REGIONS[0].1[0].parse().unwrap();
+    let ask = |headers: &[(&str, &str)]| {
+        let response =
+            http_request_from(a1_ip, &a2.http, "GET", "echo.localhost", "/p", headers, b"").unwrap();
+        assert_eq!(response.status, 200, "{}", response.text());
+        // Shown when an assertion below fails.
+        println!("{headers:?} →\n{}", response.text());
+        let fields = echo_fields(&response.text());
+        assert!(
+            fields.keys().all(|key| !key.starts_with("HTTP_X_ATOLL")),
+            "hop headers reached the function: {fields:?}"
+        );
+        let scheme = fields["X_FULL_URL"].split("://").next().unwrap().to_string();
+        (fields["REMOTE_ADDR"].clone(), scheme)
+    };
+    let hop_value = |key: &atoll_router::hop::ClusterKey, time: u64| {
+        atoll_router::hop::HopClaims {
+            node: "a1".into(),
+            function: "echo".into(),
+            version: 1,
+            sha256: sha256.clone(),
+            client: "192.0.2.1:1".parse().unwrap(),
+            https: true,
+            time,
+        }
+        .encode(
+            Some(key),
+            atoll_router::hop::Bound {
+                method: "GET",
+                host: "echo.localhost",
+                target: "/p",
+            },
+        )
+    };
+    let cluster_key = atoll_router::hop::ClusterKey::from_token(TOKEN);
+    let now = atoll_router::hop::now();
+    let not_believed = ("127.0.0.11".to_string(), "http".to_string());
+
+    // The old plain headers, from a peer's address.
+    assert_eq!(
+        ask(&[
+            ("x-atoll-hop", "a1"),
+            ("x-atoll-client", "192.0.2.1:1"),
+            ("x-atoll-scheme", "https"),
+        ]),
+        not_believed
+    );
+    // Signed with another key, altered after signing, or too old.
+    let other_key = atoll_router::hop::ClusterKey::from_token("not-the-cluster-token");
+    assert_eq!(ask(&[("x-atoll-hop", &hop_value(&other_key, now))]), not_believed);
+    let altered = hop_value(&cluster_key, now).replace("client=192.0.2.1:1", "client=192.0.2.9:1");
+    assert_eq!(ask(&[("x-atoll-hop", &altered)]), not_believed);
+    assert_eq!(
+        ask(&[("x-atoll-hop", &hop_value(&cluster_key, now - 120))]),
+        not_believed
+    );
+    // Signed with the cluster's key (derived from the token the nodes share): believed.
+    assert_eq!(
+        ask(&[("x-atoll-hop", &hop_value(&cluster_key, now))]),
+        ("192.0.2.1".to_string(), "https".to_string())
+    );
+}
+
+#[test]
+fn a_short_or_unreadable_cluster_key_stops_the_node_with_a_clear_error() {
+    let data = tempfile::tempdir().unwrap();
+    let node = |key: &[&str]| {
+        let mut args = vec!["node", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        args.extend(["--data", data.path().to_str().unwrap()]);
+        args.extend(key);
+        let output = atoll(&args);
+        assert!(!output.status.success(), "started with {key:?}");
+        stderr(&output)
+    };
+    let error = node(&["--cluster-key", " short\n"]);
+    assert!(
+        error.contains("--cluster-key: the cluster key is 5 bytes; use at least 16"),
+        "{error}"
+    );
+    let missing = data.path().join("no-such-key");
+    let error = node(&["--cluster-key-file", missing.to_str().unwrap()]);
+    assert!(
+        error.contains("reading the cluster key file") && error.contains("no-such-key"),
+        "{error}"
+    );
+}

@@ -271,6 +271,7 @@ mod tests {
             region_fallback: Vec::new(),
             home_replicas: 1,
             source_ip: None,
+            key: None,
         });
         let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
             .build_recorder()

@@ -3,8 +3,9 @@
 //! ```text
 //! heartbeat answer ─▶ Cluster::learn (peers, their load, draining or not)
 //! request ─▶ Cluster::place(function) ─▶ None: serve here
-//!                                     └▶ Some(peer): forward (pooled HTTP/1.1, hop header)
-//!                                                    └─ fails before the peer answered ─▶ serve here
+//!                                     └▶ Some(peer): forward (pooled HTTP/1.1, signed hop header)
+//!                                                    ├─ fails before the peer answered ─▶ serve here
+//!                                                    └─ peer: "not served here" ────────▶ serve here
 //! ```
 //!
 //! Each function has a few *home* nodes per region ([`placement::home_nodes`]), so its
@@ -12,10 +13,19 @@
 //! homed elsewhere — or whose own pool is full, or that is draining — forwards it to the
 //! less loaded of two home nodes (power of two choices), trying the configured fallback
 //! regions when its own region has none that takes work. A forwarded request carries
-//! [`HOP_HEADER`] and is always served where it lands, so requests never loop. Forwarding is
+//! [`HOP_HEADER`] and is never forwarded again, so requests never loop. Forwarding is
 //! an optimisation, never a dependency: when the view is stale (no heartbeat answer for a
 //! while), when no peer qualifies, or when the forward fails, the node serves the request
 //! itself — it has every function (static stability).
+//!
+//! The hop header names the version the forwarding node serves ([`crate::hop`]). A peer
+//! that does not serve exactly that version — it lags behind the registry, or is ahead of
+//! this node — runs nothing and answers [`NOT_SERVED_HEADER`], and the request is served
+//! here: a client gets the version of the node it reached, never a 404 or an old version
+//! because a peer lags. Exact, not "at least": rollbacks move the active version back, so a
+//! higher number is not a newer deployment, and neither node can tell which one is behind.
+//! The client's address and scheme in the hop header are believed only when its HMAC with
+//! the cluster key verifies.
 //!
 //! Health is the heartbeat's (gone after the TTL, draining by its own word) plus passive
 //! outlier detection: a peer that refuses connections or answers 5xx several times in a row
@@ -37,18 +47,23 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 
+use crate::hop::{Bound, ClusterKey, HopClaims, Reading};
 use crate::placement::{self, Member, Outliers};
 
-/// Marks a request forwarded by a peer (its value: that peer's name); such a request is
-/// served where it lands.
+/// Marks a request forwarded by a peer, which is never forwarded again; its value is the
+/// signed [`crate::hop::HopClaims`] (who forwarded it, the expected version, the client).
 pub const HOP_HEADER: &str = "x-atoll-hop";
-/// On a forwarded request: the client's address (`IP:PORT`) as the first node saw it.
+/// Where nodes before the signed hop header put the client's address and scheme: never
+/// believed now, and removed like the hop header.
 pub const CLIENT_HEADER: &str = "x-atoll-client";
-/// On a forwarded request: `https` when the client came over TLS or QUIC.
 pub const SCHEME_HEADER: &str = "x-atoll-scheme";
 /// What a forward adds; removed before a function sees the request, so a function sees the
 /// same request whether it was forwarded or not (and a client cannot pose as a peer).
 pub const FORWARDING_HEADERS: [&str; 3] = [HOP_HEADER, CLIENT_HEADER, SCHEME_HEADER];
+/// On a node's answer to a forwarded request it did not run (its value says why:
+/// [`NotServed`]); the forwarding node then serves the request itself. Removed from
+/// function responses, so a function cannot make a request run twice.
+pub const NOT_SERVED_HEADER: &str = "x-atoll-not-served";
 /// Names the node that ran the function, on every function response.
 pub const SERVED_BY_HEADER: &str = "x-atoll-node";
 /// Home nodes per function and region.
@@ -75,6 +90,39 @@ pub struct ClusterOptions {
     /// so peers recognise it ([`Cluster::is_peer`]) even where the kernel would pick
     /// another source (loopback, several interfaces).
     pub source_ip: Option<IpAddr>,
+    /// Signs this node's forwards and checks its peers'; `None`: forwards are unsigned and
+    /// no forwarded client address is believed.
+    pub key: Option<ClusterKey>,
+}
+
+/// Why a node did not run a forwarded request (the [`NOT_SERVED_HEADER`] value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotServed {
+    /// It serves another version of the function, or no function, for that host and path.
+    Version,
+    /// The function's queue is full.
+    Capacity,
+    /// It has no route table yet.
+    Starting,
+}
+
+impl NotServed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotServed::Version => "version",
+            NotServed::Capacity => "capacity",
+            NotServed::Starting => "starting",
+        }
+    }
+
+    /// The status a node answers with: 421 (RFC 9110 §15.5.20: this server does not answer
+    /// for that) for another version, 503 when it is busy or starting.
+    pub fn status(self) -> StatusCode {
+        match self {
+            NotServed::Version => StatusCode::MISDIRECTED_REQUEST,
+            NotServed::Capacity | NotServed::Starting => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
 }
 
 /// A peer as last announced.
@@ -238,9 +286,10 @@ impl Cluster {
         })
     }
 
-    /// Whether `ip` is a peer's address: only peers are trusted to say who the client was.
-    pub fn is_peer(&self, ip: IpAddr) -> bool {
-        self.view.load().peers.values().any(|peer| peer.http.ip() == ip)
+    /// Reads a request's hop header: what it claims, and whether it is signed with this
+    /// cluster's key for this request and recent.
+    pub fn read_hop(&self, value: &str, request: Bound<'_>) -> Reading {
+        HopClaims::read(value, self.options.key.as_ref(), request, crate::hop::now())
     }
 
     /// Where a request for `function` should run: `None` here, or the peer to forward to.
@@ -280,7 +329,8 @@ impl Cluster {
     }
 
     /// Sends the request to `peer` and returns its answer. `host` is the request's host, as
-    /// the client gave it; `client` the client's address and `scheme` how it came in.
+    /// the client gave it; `client` the client's address and `https` how it came in;
+    /// `expected` the version this node serves, which the peer must serve too.
     #[allow(clippy::too_many_arguments)]
     pub async fn forward(
         &self,
@@ -291,7 +341,8 @@ impl Cluster {
         body: Bytes,
         host: &str,
         client: SocketAddr,
-        scheme: &str,
+        https: bool,
+        expected: &atoll_registry::Deployment,
         timeout: Duration,
     ) -> Result<Response<Full<Bytes>>, ForwardError> {
         let (name, address) = peer;
@@ -310,17 +361,44 @@ impl Cluster {
                 reason: format!("host {host:?}: {e}"),
             })?,
         );
+        for name in FORWARDING_HEADERS {
+            headers.remove(name);
+        }
+        let claims = HopClaims {
+            // For the peer's logs only: kept to what cannot break the header or its fields.
+            node: self
+                .options
+                .name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect(),
+            function: expected.name.clone(),
+            version: expected.version,
+            sha256: expected.sha256.clone(),
+            client,
+            https,
+            time: crate::hop::now(),
+        };
+        let hop = claims.encode(
+            self.options.key.as_ref(),
+            Bound {
+                method: method.as_str(),
+                host,
+                target: &path,
+            },
+        );
         headers.insert(
             HeaderName::from_static(HOP_HEADER),
-            HeaderValue::from_str(&self.options.name).unwrap_or(HeaderValue::from_static("peer")),
-        );
-        headers.insert(
-            HeaderName::from_static(CLIENT_HEADER),
-            HeaderValue::from_str(&client.to_string()).expect("an address is a valid header"),
-        );
-        headers.insert(
-            HeaderName::from_static(SCHEME_HEADER),
-            HeaderValue::from_str(scheme).unwrap_or(HeaderValue::from_static("http")),
+            HeaderValue::from_str(&hop).map_err(|e| ForwardError {
+                maybe_sent: false,
+                reason: format!("hop header {hop:?}: {e}"),
+            })?,
         );
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
@@ -366,8 +444,11 @@ impl Cluster {
         }
         drop(outliers);
         let label = match &outcome {
-            Ok(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => "unavailable",
-            Ok(_) => "answered",
+            Ok(response) => match not_served(response) {
+                Some(NotServed::Version) => "not_served",
+                Some(NotServed::Capacity | NotServed::Starting) => "unavailable",
+                None => "answered",
+            },
             Err(error) if error.maybe_sent => "broken",
             Err(_) => "refused",
         };
@@ -383,6 +464,14 @@ impl Cluster {
             forwarded.remove(peer);
         }
     }
+}
+
+/// Why a peer's answer says it ran nothing, if it does.
+pub fn not_served<B>(response: &Response<B>) -> Option<NotServed> {
+    let value = response.headers().get(NOT_SERVED_HEADER)?;
+    [NotServed::Version, NotServed::Capacity, NotServed::Starting]
+        .into_iter()
+        .find(|reason| value.as_bytes() == reason.as_str().as_bytes())
 }
 
 fn fresh(view: &View, now: Instant) -> bool {
@@ -469,6 +558,7 @@ mod tests {
             region_fallback: fallback.iter().map(|r| r.to_string()).collect(),
             home_replicas: 2,
             source_ip: None,
+            key: None,
         }
     }
 
@@ -534,6 +624,39 @@ mod tests {
     }
 
     #[test]
+    fn a_non_home_forwards_to_the_less_loaded_of_two_homes() {
+        // Three nodes, two homes for "f": the third node picks between them by load,
+        // whichever of the two is busier and whichever order the homes rank in.
+        let mut members = vec![
+            member("a1", "a", false),
+            member("a2", "a", false),
+            member("a3", "a", false),
+        ];
+        let homes: Vec<String> = placement::home_nodes("f", "a", &members, 2)
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        let front = members
+            .iter()
+            .find(|m| !homes.contains(&m.name))
+            .unwrap()
+            .name
+            .clone();
+        for (busy, idle) in [(&homes[0], &homes[1]), (&homes[1], &homes[0])] {
+            for member in &mut members {
+                member.in_flight = if &member.name == busy { 7 } else { 1 };
+            }
+            // Every draw: both homes are compared, so the choice is by load alone.
+            for draw in 0..2 {
+                let to = decide("f", &options(&front, "a", &[]), &members, false, false, |n| {
+                    draw.min(n - 1)
+                });
+                assert_eq!(to.as_ref(), Some(idle), "{busy} is busier (draw {draw})");
+            }
+        }
+    }
+
+    #[test]
     fn a_draining_node_forwards_to_its_region_then_to_the_fallbacks() {
         let mut members = six(false);
         members.iter_mut().find(|m| m.name == "a1").unwrap().draining = true;
@@ -585,6 +708,23 @@ mod tests {
     }
 
     #[test]
+    fn only_a_known_not_served_marker_means_the_peer_ran_nothing() {
+        let marked = |value: &'static str| {
+            let mut response = Response::new(());
+            response
+                .headers_mut()
+                .insert(NOT_SERVED_HEADER, HeaderValue::from_static(value));
+            not_served(&response)
+        };
+        assert_eq!(marked("version"), Some(NotServed::Version));
+        assert_eq!(marked("capacity"), Some(NotServed::Capacity));
+        assert_eq!(marked("starting"), Some(NotServed::Starting));
+        assert_eq!(marked("other"), None);
+        assert_eq!(not_served(&Response::new(())), None);
+        assert_eq!(NotServed::Version.status(), StatusCode::MISDIRECTED_REQUEST);
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_not_forwarded() {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -626,7 +766,6 @@ mod tests {
             status("a3", Health::Gone),
         ]);
         assert!(!cluster.has_peers_taking_work(), "a2 drains, a3 is gone");
-        assert!(cluster.is_peer("127.0.0.12".parse().unwrap()));
         cluster.learn(&[status("a2", Health::Healthy)]);
         assert!(cluster.has_peers_taking_work());
     }

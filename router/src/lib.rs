@@ -16,7 +16,8 @@
 //!   [`executor`]: the threads guest code runs on.
 //! - [`tls`]: certificates by SNI; [`acme`]: obtaining and renewing them.
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
-//! - [`cluster`] and [`placement`]: peers, home nodes, forwarding, draining.
+//! - [`cluster`] and [`placement`]: peers, home nodes, forwarding, draining; [`hop`]: the
+//!   signed header a forward carries.
 //! - [`admin`] and [`metrics`]: what operators look at.
 
 pub mod acme;
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod cluster;
 pub mod executor;
 pub mod h1_guard;
+pub mod hop;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;

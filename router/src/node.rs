@@ -19,6 +19,7 @@ use crate::acme::{AcmeOptions, Http01Challenges};
 use crate::admin::AdminService;
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::executor::GuestExecutor;
+use crate::hop::ClusterKey;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;
 use crate::server::{Ingress, ServerLimits, TlsIngress};
@@ -61,6 +62,9 @@ pub struct NodeOptions {
     /// Ceilings over what functions' manifests ask for (memory, timeout, response size,
     /// concurrency, queue).
     pub ceilings: crate::sync::FunctionCeilings,
+    /// Signs forwards to peers and checks theirs (`--cluster-key`); `None`: derived from
+    /// `token`, which the nodes of a cluster share.
+    pub cluster_key: Option<ClusterKey>,
 }
 
 impl NodeOptions {
@@ -84,6 +88,7 @@ impl NodeOptions {
             home_replicas: crate::cluster::DEFAULT_HOME_REPLICAS,
             drain_delay: DEFAULT_DRAIN_DELAY,
             ceilings: crate::sync::FunctionCeilings::default(),
+            cluster_key: None,
         }
     }
 }
@@ -305,6 +310,16 @@ pub async fn run(
         let _ = receiver.wait_for(|stop| *stop).await;
     };
     let limits = Arc::new(options.limits.clone());
+    let key = options
+        .cluster_key
+        .clone()
+        .or_else(|| options.token.as_deref().map(ClusterKey::from_token));
+    if key.is_none() {
+        tracing::warn!(
+            "no cluster key (--cluster-key) and no token to derive one from: forwards are unsigned, \
+             so peers will not believe the client addresses they carry"
+        );
+    }
     let cluster = Cluster::new(ClusterOptions {
         name: options.name.clone(),
         region: options.region.clone(),
@@ -316,6 +331,7 @@ pub async fn run(
             .and_then(|listener| listener.local_addr().ok())
             .map(|address| address.ip())
             .filter(|ip| !ip.is_unspecified()),
+        key,
     });
     let http01 = Http01Challenges::new();
     let service = EdgeService::with_options(

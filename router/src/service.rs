@@ -10,8 +10,12 @@
 //! log, not to the client).
 //!
 //! In a cluster, [`Cluster::place`] may send the request to a peer instead (the function's
-//! home node, or any taker while this node drains); when that peer cannot be reached, or
-//! fails before it could have run the request, the request is served here after all.
+//! home node, or any taker while this node drains); when that peer cannot be reached, fails
+//! before it could have run the request, or answers that it did not run it (it serves
+//! another version, is full or starting: [`NOT_SERVED_HEADER`]), the request is served here
+//! after all. A forwarded request is answered here or refused, never forwarded again; its
+//! client address and scheme are taken from the hop header only when the header's signature
+//! verifies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +28,10 @@ use hyper::body::Body;
 
 use crate::acme::Http01Challenges;
 use crate::cluster::{
-    CLIENT_HEADER, Cluster, FORWARDING_HEADERS, HOP_HEADER, SCHEME_HEADER, SERVED_BY_HEADER,
+    Cluster, FORWARDING_HEADERS, HOP_HEADER, NOT_SERVED_HEADER, NotServed, SERVED_BY_HEADER, not_served,
 };
 use crate::executor::GuestExecutor;
+use crate::hop::Bound;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
 use crate::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
@@ -166,7 +171,33 @@ impl EdgeService {
                 Accounting::Unrouted,
             );
         };
+        // A forwarded request: what the forwarding node says (the version it expects is
+        // honoured whether or not the signature verifies; it can only make this node refuse).
+        let hop = request.headers().get(HOP_HEADER).map(|value| {
+            let value = value.to_str().unwrap_or_default();
+            let target = request.uri().path_and_query().map_or("/", |path| path.as_str());
+            match &self.cluster {
+                Some(cluster) => cluster.read_hop(
+                    value,
+                    Bound {
+                        method: request.method().as_str(),
+                        host: &host,
+                        target,
+                    },
+                ),
+                None => crate::hop::Reading {
+                    claims: None,
+                    verified: Err(crate::hop::HopError::NoKey),
+                },
+            }
+        });
         let Some(table) = self.routing.current() else {
+            if hop.is_some() {
+                return (
+                    refusal(NotServed::Starting, "node is starting: no route table yet"),
+                    Accounting::Unrouted,
+                );
+            }
             return (
                 text_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -178,6 +209,16 @@ impl EdgeService {
         let path = request.uri().path().to_string();
         let Some(found) = table.lookup(&host, &path) else {
             let host = crate::route_table::normalize_host(&host).into_owned();
+            if hop.is_some() {
+                // The forwarding node serves a function here; this node does not (yet).
+                return (
+                    refusal(
+                        NotServed::Version,
+                        format!("no function is routed for host `{host}` on this node"),
+                    ),
+                    Accounting::Unrouted,
+                );
+            }
             return (
                 text_response(
                     StatusCode::NOT_FOUND,
@@ -187,6 +228,30 @@ impl EdgeService {
             );
         };
         let served = Arc::clone(found.target);
+        if let Some(claims) = hop.as_ref().and_then(|hop| hop.claims.as_ref()) {
+            let deployment = &served.deployment;
+            if claims.function != deployment.name
+                || claims.version != deployment.version
+                || claims.sha256 != deployment.sha256
+            {
+                tracing::debug!(
+                    peer = %claims.node,
+                    expected = %format!("{}@v{}", claims.function, claims.version),
+                    serving = %format!("{}@v{}", deployment.name, deployment.version),
+                    "forwarded request for another version; not running it"
+                );
+                return (
+                    refusal(
+                        NotServed::Version,
+                        format!(
+                            "this node serves {} v{}, not {} v{}",
+                            deployment.name, deployment.version, claims.function, claims.version
+                        ),
+                    ),
+                    Accounting::Unrouted,
+                );
+            }
+        }
         let matched_route = found.pattern.to_string();
         let route_prefix = found.pattern.path_prefix.clone().unwrap_or_default();
         let function_metrics = Arc::clone(&served.metrics);
@@ -225,22 +290,19 @@ impl EdgeService {
         };
         let mut scheme = if connection.is_secure() { "https" } else { "http" };
         let mut client = connection.remote;
-        let hop = parts.headers.contains_key(HOP_HEADER);
-        if hop {
-            // Only a peer is believed about the client and how it came in.
-            if self
-                .cluster
-                .as_ref()
-                .is_some_and(|cluster| cluster.is_peer(connection.remote.ip()))
-            {
-                if let Some(address) = header_str(&parts.headers, CLIENT_HEADER)
-                    .and_then(|value| value.trim().parse::<std::net::SocketAddr>().ok())
-                {
-                    client = address;
+        if let Some(hop) = &hop {
+            // Only a node holding the cluster key is believed about the client.
+            match (hop.trusted(), &hop.verified) {
+                (Some(claims), _) => {
+                    client = claims.client;
+                    if claims.https {
+                        scheme = "https";
+                    }
                 }
-                if header_str(&parts.headers, SCHEME_HEADER) == Some("https") {
-                    scheme = "https";
+                (None, Err(error)) => {
+                    tracing::debug!(from = %connection.remote, %error, "hop header not believed");
                 }
+                (None, Ok(())) => {}
             }
         } else if let Some(cluster) = &self.cluster
             && let Some(peer) = cluster.place(served.name(), served.pool.saturated())
@@ -255,16 +317,19 @@ impl EdgeService {
                     body.clone(),
                     &host,
                     connection.remote,
-                    scheme,
+                    scheme == "https",
+                    &served.deployment,
                     timeout,
                 )
                 .await;
             match forwarded {
-                // A peer at capacity (or starting) did not run it: serve it here.
-                Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
-                    return (response, Accounting::Forwarded);
-                }
-                Ok(_) => {}
+                Ok(response) => match not_served(&response) {
+                    None => return (response, Accounting::Forwarded),
+                    // The peer ran nothing (another version, full, starting): serve it here.
+                    Some(reason) => {
+                        tracing::debug!(peer = %peer.0, reason = reason.as_str(), "peer did not serve it; serving here");
+                    }
+                },
                 Err(error) if error.maybe_sent && !is_idempotent(&parts.method) => {
                     tracing::warn!(peer = %peer.0, reason = %error.reason, "forwarded request lost");
                     return (
@@ -364,6 +429,10 @@ async fn invoke(
                 http::header::RETRY_AFTER,
                 http::HeaderValue::from(overloaded.retry_after.as_secs().max(1)),
             );
+            response.headers_mut().insert(
+                NOT_SERVED_HEADER,
+                http::HeaderValue::from_static(NotServed::Capacity.as_str()),
+            );
             return response;
         }
     };
@@ -414,6 +483,8 @@ async fn invoke(
             let mut response = Response::new(Full::new(invocation.response.body));
             *response.status_mut() = invocation.response.status;
             *response.headers_mut() = invocation.response.headers;
+            // Only the node says it ran nothing: a function that did run cannot.
+            response.headers_mut().remove(NOT_SERVED_HEADER);
             response
         }
         Ok(Err(error)) => {
@@ -488,8 +559,14 @@ fn is_idempotent(method: &http::Method) -> bool {
     .contains(method)
 }
 
-fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|value| value.to_str().ok())
+/// A node's answer to a forwarded request it did not run, marked so the forwarding node
+/// serves it instead.
+fn refusal(reason: NotServed, text: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut response = text_response(reason.status(), text);
+    response
+        .headers_mut()
+        .insert(NOT_SERVED_HEADER, http::HeaderValue::from_static(reason.as_str()));
+    response
 }
 
 /// How often a timed-out guest is signalled again until it stops.

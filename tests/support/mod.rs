@@ -571,7 +571,52 @@ pub fn http_request(
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    exchange(stream, method, host, target, headers, body)
+}
+
+/// Like [`http_request`], but from the local address `source` (to pose as another host
+/// on loopback, e.g. a cluster peer).
+pub fn http_request_from(
+    source: std::net::IpAddr,
+    addr: &str,
+    method: &str,
+    host: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream = runtime.block_on(async {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {addr}"))
+            })??;
+        stream.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    exchange(stream, method, host, target, headers, body)
+}
+
+fn exchange(
+    mut stream: TcpStream,
+    method: &str,
+    host: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     stream.set_write_timeout(Some(Duration::from_secs(60)))?;
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
