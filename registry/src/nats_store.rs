@@ -24,9 +24,9 @@
 //!   entries up to that sequence: a later write is not lost but comes with the next scan,
 //!   which a KV watch (one per registry, [`NatsStore::subscribe`]) triggers.
 //!
-//! Not covered: two *different* functions claiming one route at the same instant through
-//! two registries can both pass the route check, which reads every function but is not
-//! part of the compare-and-set (one key per function).
+//! Not covered: two *different* functions claiming overlapping routes at the same instant
+//! through two registries can both pass the route check, which reads every function but is
+//! not part of the compare-and-set (one key per function).
 
 use std::io;
 use std::sync::{Arc, Mutex};

@@ -447,6 +447,20 @@ mod tests {
             .push(manifest("b", &["b.com", "X.com/"]), b"b".to_vec())
             .await
             .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "route \"x.com\" is already served by function `a`"
+        );
+        // A path under a host `a` holds is `a`'s too.
+        let err = store
+            .push(manifest("b", &["x.com/b"]), b"b".to_vec())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("belongs to function `a`"), "{err}");
+        let err = store
+            .push(manifest("b", &["b.com", "X.com/"]), b"b".to_vec())
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)));
         assert_eq!(
             err.to_string(),
@@ -454,13 +468,13 @@ mod tests {
         );
         assert_eq!(store.snapshot(), before);
         assert_eq!(blob_count(dir.path()), 1);
-        // Same function may keep its routes; another path on the host is fine.
+        // Same function may keep its routes; a name below an exact host is not under it.
         store
             .push(manifest("a", &["x.com"]), b"a2".to_vec())
             .await
             .unwrap();
         store
-            .push(manifest("b", &["x.com/b", "*.y.com"]), b"b".to_vec())
+            .push(manifest("b", &["b.x.com", "*.y.com"]), b"b".to_vec())
             .await
             .unwrap();
 
