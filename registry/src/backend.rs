@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use crate::auth::Credential;
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
 use crate::nats_store::NatsStore;
@@ -80,6 +81,38 @@ impl Backend {
         match self {
             Backend::Embedded(store) => Ok(store.events_since(since)),
             Backend::Nats(store) => store.events_since(since).await,
+        }
+    }
+
+    /// The minted credential with this id.
+    pub async fn credential(&self, id: &str) -> Result<Option<Credential>, StoreError> {
+        match self {
+            Backend::Embedded(store) => Ok(store.credential(id)),
+            Backend::Nats(store) => store.credential(id).await,
+        }
+    }
+
+    /// Every minted credential, by id.
+    pub async fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        match self {
+            Backend::Embedded(store) => Ok(store.credentials()),
+            Backend::Nats(store) => store.credentials().await,
+        }
+    }
+
+    /// Stores a new credential.
+    pub async fn add_credential(&self, credential: Credential) -> Result<(), StoreError> {
+        match self {
+            Backend::Embedded(store) => store.add_credential(credential).await,
+            Backend::Nats(store) => store.add_credential(&credential).await,
+        }
+    }
+
+    /// Deletes a credential (404 if there is none with this id).
+    pub async fn remove_credential(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Backend::Embedded(store) => store.remove_credential(id).await,
+            Backend::Nats(store) => store.remove_credential(id).await,
         }
     }
 

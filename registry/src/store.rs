@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DATA/
-//!   state.json            { "revision": N, "functions": { name: FunctionRecord } }
+//!   state.json            { "revision": N, "functions": { name: FunctionRecord },
+//!                           "credentials": { id: Credential } }
 //!   blobs/sha256/<hex>    module bytes, content-addressed, never rewritten
 //! ```
 //!
@@ -41,6 +42,7 @@ use tokio::sync::{Mutex, watch};
 
 use atoll_isolate::durable::write_atomically;
 
+use crate::auth::Credential;
 use crate::backend::{plan_push, put_events, rollback_target};
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
@@ -55,6 +57,10 @@ pub struct State {
     pub revision: u64,
     /// Every function, by name.
     pub functions: BTreeMap<String, FunctionRecord>,
+    /// Minted tokens ([`crate::auth`]), by id: hashes only. Changing them does not bump
+    /// `revision`, which is the functions' (the watch's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub credentials: BTreeMap<String, Credential>,
 }
 
 /// What went wrong in the store; each variant maps to one HTTP status.
@@ -280,11 +286,56 @@ impl Store {
         commit(guard, move || inner.persist_and_publish(next)).await?;
         Ok(record)
     }
+
+    /// The credential with this id.
+    pub fn credential(&self, id: &str) -> Option<Credential> {
+        self.snapshot().credentials.get(id).cloned()
+    }
+
+    /// Every credential, by id.
+    pub fn credentials(&self) -> Vec<Credential> {
+        self.snapshot().credentials.values().cloned().collect()
+    }
+
+    /// Stores a new credential (refused if its id is taken).
+    pub async fn add_credential(&self, credential: Credential) -> Result<(), StoreError> {
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        if state.credentials.contains_key(&credential.id) {
+            return Err(StoreError::Conflict(format!(
+                "token id {} exists already",
+                credential.id
+            )));
+        }
+        let mut next = (*state).clone();
+        next.credentials.insert(credential.id.clone(), credential);
+        let inner = self.inner.clone();
+        commit(guard, move || inner.persist(next, false)).await
+    }
+
+    /// Deletes a credential: its token stops working at once.
+    pub async fn remove_credential(&self, id: &str) -> Result<(), StoreError> {
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        if !state.credentials.contains_key(id) {
+            return Err(StoreError::NotFound(format!("no token with id {id}")));
+        }
+        let mut next = (*state).clone();
+        next.credentials.remove(id);
+        let inner = self.inner.clone();
+        commit(guard, move || inner.persist(next, false)).await
+    }
 }
 
 impl Inner {
     /// Writes `next` durably, then makes it the visible state and wakes watchers.
     fn persist_and_publish(&self, next: State) -> Result<(), StoreError> {
+        self.persist(next, true)
+    }
+
+    /// Writes `next` durably, then makes it the visible state; wakes watchers if `notify`
+    /// (not for credentials, which no watcher follows).
+    fn persist(&self, next: State, notify: bool) -> Result<(), StoreError> {
         let json = serde_json::to_vec_pretty(&next).map_err(|e| StoreError::Io {
             context: "encoding state".into(),
             source: io::Error::other(e),
@@ -295,7 +346,9 @@ impl Inner {
         )))?;
         let revision = next.revision;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
-        self.revision.send_replace(revision);
+        if notify {
+            self.revision.send_replace(revision);
+        }
         Ok(())
     }
 }
