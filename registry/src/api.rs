@@ -502,7 +502,13 @@ fn human_bytes(n: u64) -> String {
 /// added without a line here is closed rather than open.
 pub fn required_scopes(method: &Method, path: &str) -> &'static [Scope] {
     use Scope::{Admin, Deploy, Node};
-    match (method.as_str(), path) {
+    // axum answers HEAD with the GET handler: the same rights.
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    match (method, path) {
         ("POST", "/v1/functions") => &[Admin, Deploy],
         ("GET", "/v1/functions") => &[Admin, Deploy, Node],
         ("GET", "/v1/functions/{name}/versions") => &[Admin, Deploy],
