@@ -575,6 +575,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn credentials_survive_a_reopen_and_do_not_move_the_revision() {
+        use crate::auth::{Grant, Scope};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .push(manifest("f", &["f.com"]), b"v1".to_vec())
+            .await
+            .unwrap();
+        let mut changes = store.subscribe();
+        changes.borrow_and_update();
+        let grant = Grant {
+            scope: Scope::Node,
+            functions: vec![],
+            domains: vec![],
+            node: Some("n1".into()),
+            description: String::new(),
+        };
+        let (credential, token) = Credential::mint(grant).unwrap();
+        store.add_credential(credential.clone()).await.unwrap();
+        assert!(matches!(
+            store.add_credential(credential.clone()).await,
+            Err(StoreError::Conflict(_))
+        ));
+        // Watchers follow functions only: a credential wakes none and takes no revision.
+        assert_eq!(store.revision(), 1);
+        assert!(!changes.has_changed().unwrap());
+        let on_disk = fs::read_to_string(dir.path().join("state.json")).unwrap();
+        assert!(on_disk.contains(&credential.token_sha256) && !on_disk.contains(&token));
+
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.credential(&credential.id), Some(credential.clone()));
+        assert_eq!(store.credentials(), std::slice::from_ref(&credential));
+        store.remove_credential(&credential.id).await.unwrap();
+        assert!(matches!(
+            store.remove_credential(&credential.id).await,
+            Err(StoreError::NotFound(_))
+        ));
+        drop(store);
+        assert!(Store::open(dir.path()).unwrap().credentials().is_empty());
+    }
+
+    #[tokio::test]
     async fn corrupt_state_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("state.json"), b"{").unwrap();
