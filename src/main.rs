@@ -1,6 +1,7 @@
 //! The `atoll` binary: command-line parsing and wiring only. Each subcommand hands off to a
 //! crate: `registry` to atoll-registry, `node` to atoll-router, `up` to both in one process,
-//! and the client commands (`push`, `ls`, `versions`, `rollback`) to the registry client.
+//! and the client commands (`push`, `ls`, `versions`, `rollback`, `token`) to the registry
+//! client.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -163,6 +164,47 @@ enum Command {
         /// Version to serve, e.g. `v2` or `2`.
         #[arg(long)]
         to: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Mint, list and revoke scoped tokens (needs an admin token, such as the registry's own).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a token: prints it on stdout, once (the registry keeps only its hash).
+    Create {
+        /// `admin` (everything), `deploy` (its functions on its domains) or `node`
+        /// (heartbeats, watch, modules).
+        #[arg(long)]
+        scope: atoll_registry::Scope,
+        /// deploy: the functions it may push and roll back, as name patterns, e.g. 'shop-*'.
+        #[arg(long, value_delimiter = ',')]
+        functions: Vec<String>,
+        /// deploy: the hosts its routes may use, e.g. 'shop.example.com,*.shop.example.com'.
+        #[arg(long, value_delimiter = ',')]
+        domains: Vec<String>,
+        /// node: the only node name it may announce.
+        #[arg(long)]
+        node: Option<String>,
+        /// A note: who holds it, what for.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List minted tokens (ids and scopes; never the tokens).
+    Ls {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke a token by id: it stops working at once.
+    Revoke {
+        id: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -531,10 +573,69 @@ async fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Token { command } => token_command(command).await,
         Command::Rollback { name, to, client } => {
             let to = to.as_deref().map(parse_version).transpose()?;
             let rolled = client.client()?.rollback(&name, to).await?;
             println!("{} v{} sha256:{}", rolled.name, rolled.active, rolled.sha256);
+            Ok(())
+        }
+    }
+}
+
+/// `atoll token create|ls|revoke`.
+async fn token_command(command: TokenCommand) -> Result<()> {
+    match command {
+        TokenCommand::Create {
+            scope,
+            functions,
+            domains,
+            node,
+            description,
+            client,
+        } => {
+            let domains = domains
+                .iter()
+                .map(|domain| {
+                    domain
+                        .parse::<atoll_registry::HostPattern>()
+                        .with_context(|| format!("--domains {domain:?}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let grant = atoll_registry::Grant {
+                scope,
+                functions,
+                domains,
+                node,
+                description,
+            };
+            grant.validate().map_err(anyhow::Error::msg)?;
+            let created = client.client()?.create_token(&grant).await?;
+            eprintln!(
+                "minted token {} ({}); this is the only time it is shown:",
+                created.info.id,
+                created.info.grant.summary()
+            );
+            println!("{}", created.token);
+            Ok(())
+        }
+        TokenCommand::Ls { client } => {
+            let tokens = client.client()?.tokens().await?;
+            println!("{:<16}  {:<20}  {:<40}  DESCRIPTION", "ID", "CREATED", "GRANT");
+            for token in tokens {
+                println!(
+                    "{:<16}  {:<20}  {:<40}  {}",
+                    token.id,
+                    token.created_at,
+                    token.grant.summary(),
+                    token.grant.description
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id, client } => {
+            client.client()?.revoke_token(&id).await?;
+            println!("revoked {id}");
             Ok(())
         }
     }

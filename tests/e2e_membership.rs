@@ -1,6 +1,7 @@
 //! Cluster membership, end to end: nodes announce themselves to the registry every second,
 //! `atoll nodes` lists them with region, address and health, and a node killed without a
-//! word is reported gone once its announcement is older than the TTL.
+//! word is reported gone once its announcement is older than the TTL. A node on a `node`
+//! token (not the root one) syncs, serves and announces itself, and that token cannot push.
 
 mod support;
 
@@ -100,5 +101,45 @@ fn nodes_announce_themselves_and_a_killed_one_is_reported_gone() {
         killed.elapsed() < Duration::from_secs(20),
         "{:?}",
         killed.elapsed()
+    );
+}
+
+#[test]
+fn a_node_on_a_node_token_serves_and_announces_but_cannot_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    assert_eq!(push_ok(&url, &example("hello")), 1);
+    let created = atoll(&[
+        "token",
+        "create",
+        "--scope",
+        "node",
+        "--node",
+        "e2e",
+        "--registry",
+        &url,
+    ]);
+    let token = expect_success("token create", &created).trim().to_string();
+
+    // `--token` wins over the ATOLL_TOKEN (root) the harness sets; the node is named e2e.
+    let node = start_edge_node(&url, &dir.path().join("node"), &["--token", &token]);
+    let http = node.http.clone().expect("an http address");
+    wait_for_text(&http, "hello.localhost", "/", &hello_body("hello.localhost"));
+    wait_for_nodes(&url, "e2e healthy", |rows| {
+        rows.iter()
+            .any(|(name, _, health, _)| name == "e2e" && health == "healthy")
+    });
+
+    let output = atoll_with(
+        &["push", example("hello").to_str().unwrap(), "--registry", &url],
+        |c| {
+            c.env("ATOLL_TOKEN", &token);
+        },
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("403") && stderr(&output).contains("needs scope admin or deploy"),
+        "{}",
+        stderr(&output)
     );
 }

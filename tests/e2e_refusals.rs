@@ -312,3 +312,86 @@ fn raw_push(url: &str, token: Option<&str>, manifest: &str, module: &[u8]) -> (u
     let response = http_request(addr, "POST", addr, "/v1/functions", &headers, &body).unwrap();
     (response.status, response.text())
 }
+
+#[test]
+fn refuses_what_a_deploy_token_does_not_cover_and_routes_another_function_owns() {
+    let fixture = Fixture::new();
+    let wasm = example_wasm("hello");
+    let created = atoll(&[
+        "token",
+        "create",
+        "--scope",
+        "deploy",
+        "--functions",
+        "shop-*",
+        "--domains",
+        "shop.localhost,*.shop.localhost",
+        "--registry",
+        &fixture.url,
+    ]);
+    let token = expect_success("token create", &created).trim().to_string();
+    assert!(token.starts_with("atoll_"), "{token}");
+    assert!(stderr(&created).contains("deploy functions shop-* domains shop.localhost,*.shop.localhost"));
+    let as_deploy = |path: &Path| {
+        atoll_with(
+            &["push", path.to_str().unwrap(), "--registry", &fixture.url],
+            |c| {
+                c.env("ATOLL_TOKEN", &token);
+            },
+        )
+    };
+
+    // Someone else's function, and a route outside its domains: 403, nothing changes.
+    let output = as_deploy(&example("hello"));
+    fixture.check_refused(&output, &["403", "function `hello` is not one of its functions"]);
+    let outside = write_manifest(
+        &fixture.path("outside"),
+        "shop-web",
+        &wasm,
+        &["shop.localhost", "web.localhost"],
+        "",
+    );
+    let output = as_deploy(&outside);
+    fixture.check_refused(
+        &output,
+        &["403", "route \"web.localhost\" is outside its domains"],
+    );
+
+    // A path under a host another function owns: 409 naming it.
+    let under = write_manifest(
+        &fixture.path("under"),
+        "thief",
+        &wasm,
+        &["hello.localhost/checkout"],
+        "",
+    );
+    fixture.refused(
+        &under,
+        &["409", "hello.localhost/checkout belongs to function `hello`"],
+    );
+
+    // Within its grant: accepted; then revoked, it is refused.
+    let inside = write_manifest(
+        &fixture.path("inside"),
+        "shop-web",
+        &wasm,
+        &["shop.localhost", "www.shop.localhost"],
+        "",
+    );
+    let output = as_deploy(&inside);
+    assert!(expect_success("push", &output).starts_with("shop-web v1 "));
+    let listed = expect_success("token ls", &atoll(&["token", "ls", "--registry", &fixture.url]));
+    let id = listed
+        .lines()
+        .nth(1)
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no token listed: {listed}"))
+        .to_string();
+    assert!(token.contains(&id), "{listed}");
+    expect_success(
+        "token revoke",
+        &atoll(&["token", "revoke", &id, "--registry", &fixture.url]),
+    );
+    let output = as_deploy(&inside);
+    assert!(stderr(&output).contains("401"), "{}", stderr(&output));
+}

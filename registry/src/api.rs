@@ -2,21 +2,30 @@
 //!
 //! [`Registry`] holds what a push needs — the store (embedded or NATS, see
 //! [`crate::backend`]), the engine that proves a module compiles and is a WASI command, the
-//! token, the limits — and is usable without HTTP. The handlers here only translate:
+//! root token, the limits — and is usable without HTTP. The handlers here only translate:
 //! multipart or JSON in, a [`Registry`] or [`Backend`] call, JSON out, and every error as `{"error": "<one line>"}` with the status its kind
-//! calls for (400 bad input, 401 auth, 404, 409 conflict, 413 too big, 422 module refused).
+//! calls for (400 bad input, 401 no or unknown token, 403 not this token's to do, 404,
+//! 409 conflict, 413 too big, 422 module refused).
 //!
 //! ```text
-//! GET  /healthz                          "ok" (no auth)
-//! POST /v1/functions                     multipart: manifest (atoll.toml), module (wasm)
-//! GET  /v1/functions                     [FunctionSummary]
-//! GET  /v1/functions/{name}/versions     VersionsResponse
-//! POST /v1/functions/{name}/rollback     {"to": N} or {} → RollbackResponse
-//! GET  /v1/blobs/{sha256}                module bytes (application/wasm)
-//! GET  /v1/watch?since=N                 NDJSON WatchEvents, streaming (see crate::watch)
-//! GET  /v1/nodes                         [MemberStatus]
-//! PUT  /v1/nodes/{name}                  NodeAnnouncement → [MemberStatus] (a heartbeat)
+//!                                        scopes (see crate::auth)
+//! GET    /healthz                        -                 "ok" (no auth)
+//! POST   /v1/functions                   admin deploy      multipart: manifest, module
+//! GET    /v1/functions                   admin deploy node [FunctionSummary]
+//! GET    /v1/functions/{name}/versions   admin deploy      VersionsResponse
+//! POST   /v1/functions/{name}/rollback   admin deploy      {"to": N} or {} → RollbackResponse
+//! GET    /v1/blobs/{sha256}              admin node        module bytes (application/wasm)
+//! GET    /v1/watch?since=N               admin node        NDJSON WatchEvents (crate::watch)
+//! GET    /v1/nodes                       admin deploy node [MemberStatus]
+//! PUT    /v1/nodes/{name}                admin node        a heartbeat → [MemberStatus]
+//! POST   /v1/tokens                      admin             Grant → CreatedToken
+//! GET    /v1/tokens                      admin             [TokenInfo]
+//! DELETE /v1/tokens/{id}                 admin             204
 //! ```
+//!
+//! [`required_scopes`] is that column: checked for every request before its handler runs,
+//! admin-only for any route it does not list. A deploy token's functions and domains and a
+//! node token's name are checked by the handlers, which know the function and the routes.
 //!
 //! Two details worth knowing:
 //!
@@ -45,11 +54,13 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{
+    DefaultBodyLimit, Extension, MatchedPath, Multipart, Path as UrlPath, Query, Request, State,
+};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 
 use crate::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 use futures_util::StreamExt;
@@ -59,7 +70,8 @@ use tokio::sync::watch;
 use crate::api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
-use crate::backend::Backend;
+use crate::auth::{Caller, CreatedToken, Credential, Forbidden, Grant, Scope, TokenInfo};
+use crate::backend::{Backend, rollback_target};
 use crate::connections::ConnectionLimits;
 use crate::manifest::{Manifest, ManifestError};
 use crate::model::{FunctionRecord, Version};
@@ -140,6 +152,12 @@ pub enum RegistryError {
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The caller's token does not allow it (403).
+    #[error(transparent)]
+    Forbidden(#[from] Forbidden),
+    /// A token to mint is malformed (400).
+    #[error("invalid token request: {0}")]
+    InvalidGrant(String),
 }
 
 impl RegistryError {
@@ -151,6 +169,8 @@ impl RegistryError {
             RegistryError::InvalidModule(_) => StatusCode::UNPROCESSABLE_ENTITY,
             RegistryError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RegistryError::Store(e) => store_status(e),
+            RegistryError::Forbidden(_) => StatusCode::FORBIDDEN,
+            RegistryError::InvalidGrant(_) => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -225,10 +245,72 @@ impl Registry {
         &self.options
     }
 
-    /// Validates everything — manifest, size, module (compiled on a blocking thread),
-    /// routes — and stores a new active version. Nothing is stored on any error.
+    /// Who `presented` is: the root token, a minted token whose hash matches (compared in
+    /// constant time), or `None` for anything else.
+    pub async fn authenticate(&self, presented: &str) -> Result<Option<Caller>, StoreError> {
+        if token_matches(&self.token, presented) {
+            return Ok(Some(Caller::Root));
+        }
+        let Some(id) = crate::auth::token_id(presented) else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .credential(id)
+            .await?
+            .filter(|credential| credential.verifies(presented))
+            .map(Caller::Token))
+    }
+
+    /// Mints a token for `grant` (see [`crate::auth`]); the answer holds the only copy of
+    /// the token, the store only its hash.
+    pub async fn mint(&self, grant: Grant) -> Result<CreatedToken, RegistryError> {
+        grant.validate().map_err(RegistryError::InvalidGrant)?;
+        let (credential, token) =
+            Credential::mint(grant).map_err(|e| RegistryError::Engine(format!("minting a token: {e}")))?;
+        let info = credential.info();
+        self.store.add_credential(credential).await?;
+        tracing::info!("minted token {} ({})", info.id, info.grant.summary());
+        Ok(CreatedToken { token, info })
+    }
+
+    /// Every minted token (without hashes).
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, RegistryError> {
+        Ok(self
+            .store
+            .credentials()
+            .await?
+            .iter()
+            .map(Credential::info)
+            .collect())
+    }
+
+    /// Revokes the token with this id: it stops working at once.
+    pub async fn revoke(&self, id: &str) -> Result<(), RegistryError> {
+        if !crate::auth::is_credential_id(id) {
+            return Err(StoreError::NotFound(format!("no token with id {id:?}")).into());
+        }
+        self.store.remove_credential(id).await?;
+        tracing::info!("revoked token {id}");
+        Ok(())
+    }
+
+    /// [`Registry::push_as`] with the root token's rights.
     pub async fn push(&self, manifest_text: &str, module: Vec<u8>) -> Result<Version, RegistryError> {
+        self.push_as(&Caller::Root, manifest_text, module).await
+    }
+
+    /// Validates everything — manifest, the caller's right to it (its name and routes),
+    /// size, module (compiled on a blocking thread), routes no other function holds — and
+    /// stores a new active version. Nothing is stored on any error.
+    pub async fn push_as(
+        &self,
+        caller: &Caller,
+        manifest_text: &str,
+        module: Vec<u8>,
+    ) -> Result<Version, RegistryError> {
         let manifest = Manifest::parse(manifest_text)?;
+        caller.require_manifest(&manifest, "push")?;
         if module.is_empty() {
             return Err(RegistryError::EmptyModule);
         }
@@ -282,8 +364,33 @@ impl Registry {
         Ok(version)
     }
 
-    /// Moves `name`'s active pointer (see [`Store::rollback`]; the NATS store does the same).
+    /// [`Registry::rollback_as`] with the root token's rights.
     pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, RegistryError> {
+        self.rollback_as(&Caller::Root, name, to).await
+    }
+
+    /// Moves `name`'s active pointer (see [`Store::rollback`]; the NATS store does the
+    /// same). A deploy token may do it only for its functions, and only to a version whose
+    /// routes are all on its domains.
+    pub async fn rollback_as(
+        &self,
+        caller: &Caller,
+        name: &str,
+        to: Option<u64>,
+    ) -> Result<FunctionRecord, RegistryError> {
+        caller.require_function(name, "roll back")?;
+        let mut to = to;
+        if caller.scope() != Scope::Admin {
+            let record = self
+                .store
+                .get(name)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
+            let target = rollback_target(&record, to)?;
+            caller.require_manifest(&target.manifest, &format!("roll back to v{}", target.version))?;
+            // Versions never change: the store activates exactly the version checked here.
+            to = Some(target.version);
+        }
         let record = self.store.rollback(name, to).await?;
         let sha = record
             .active_version()
@@ -341,6 +448,8 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/watch", get(watch_events))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", put(announce_node))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", delete(revoke_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -409,7 +518,33 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-async fn require_token(State(app): State<AppState>, request: Request, next: Next) -> Response {
+/// The scopes that may call `method` on the route `path` (as registered, `{name}` and
+/// all): the table in the module docs. Anything not listed is for admins only, so a route
+/// added without a line here is closed rather than open.
+pub fn required_scopes(method: &Method, path: &str) -> &'static [Scope] {
+    use Scope::{Admin, Deploy, Node};
+    // axum answers HEAD with the GET handler: the same rights.
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    match (method, path) {
+        ("POST", "/v1/functions") => &[Admin, Deploy],
+        ("GET", "/v1/functions") => &[Admin, Deploy, Node],
+        ("GET", "/v1/functions/{name}/versions") => &[Admin, Deploy],
+        ("POST", "/v1/functions/{name}/rollback") => &[Admin, Deploy],
+        ("GET", "/v1/blobs/{sha256}") => &[Admin, Node],
+        ("GET", "/v1/watch") => &[Admin, Node],
+        ("GET", "/v1/nodes") => &[Admin, Deploy, Node],
+        ("PUT", "/v1/nodes/{name}") => &[Admin, Node],
+        _ => &[Admin],
+    }
+}
+
+/// 401 without a known token; 403 when its scope may not call this endpoint; otherwise
+/// the handler runs with the [`Caller`] in its extensions.
+async fn require_token(State(app): State<AppState>, mut request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -419,13 +554,24 @@ async fn require_token(State(app): State<AppState>, request: Request, next: Next
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
         .filter(|t| !t.is_empty());
-    match presented {
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response(),
-        Some(token) if !token_matches(&app.registry.token, token) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response()
-        }
-        Some(_) => next.run(request).await,
+    let Some(presented) = presented else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response();
+    };
+    let caller = match app.registry.authenticate(presented).await {
+        Ok(Some(caller)) => caller,
+        Ok(None) => return ApiError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", MatchedPath::as_str);
+    let action = format!("{} {path}", request.method());
+    if let Err(forbidden) = caller.require(required_scopes(request.method(), path), &action) {
+        return ApiError::from(RegistryError::from(forbidden)).into_response();
     }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
 }
 
 /// Keeps a handle on the request body; once the handler has answered, discards whatever
@@ -490,6 +636,7 @@ fn multipart_error(app: &AppState, e: MultipartError) -> ApiError {
 
 async fn push(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, axum::Json<PushResponse>), ApiError> {
     let mut multipart = multipart.map_err(|e| {
@@ -541,7 +688,7 @@ async fn push(
     let manifest =
         manifest.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "missing part `manifest`"))?;
     let module = module.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "missing part `module`"))?;
-    let version = app.registry.push(&manifest, module).await?;
+    let version = app.registry.push_as(&caller, &manifest, module).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(PushResponse {
@@ -552,13 +699,19 @@ async fn push(
     ))
 }
 
-async fn list(State(app): State<AppState>) -> Result<axum::Json<Vec<FunctionSummary>>, ApiError> {
+async fn list(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<axum::Json<Vec<FunctionSummary>>, ApiError> {
+    // A deploy token sees its own functions; admins and nodes (which serve them all) every one.
+    let everything = caller.scope() != Scope::Deploy;
     let summaries = app
         .registry
         .store
         .list()
         .await?
         .into_iter()
+        .filter(|record| everything || caller.may_manage(&record.name))
         .filter_map(|record| {
             let active = record.active_version()?;
             Some(FunctionSummary {
@@ -581,6 +734,7 @@ async fn list_nodes(State(app): State<AppState>) -> axum::Json<Vec<MemberStatus>
 /// `PUT /v1/nodes/{name}`: a node's heartbeat; answers the members, as `GET /v1/nodes`.
 async fn announce_node(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     payload: Result<axum::Json<NodeAnnouncement>, axum::extract::rejection::JsonRejection>,
 ) -> Result<axum::Json<Vec<MemberStatus>>, ApiError> {
@@ -595,14 +749,19 @@ async fn announce_node(
             ),
         ));
     }
+    caller.require_node(&name).map_err(RegistryError::from)?;
     app.registry.announce(announcement).await?;
     Ok(axum::Json(app.registry.members()))
 }
 
 async fn versions(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<axum::Json<VersionsResponse>, ApiError> {
+    caller
+        .require_function(&name, "see the versions")
+        .map_err(RegistryError::from)?;
     let record = app
         .registry
         .store
@@ -618,6 +777,7 @@ async fn versions(
 
 async fn rollback(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> Result<axum::Json<RollbackResponse>, ApiError> {
@@ -627,7 +787,7 @@ async fn rollback(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid rollback body: {e}")))?
     };
-    let record = app.registry.rollback(&name, request.to).await?;
+    let record = app.registry.rollback_as(&caller, &name, request.to).await?;
     let sha256 = record
         .active_version()
         .map(|v| v.sha256.clone())
@@ -637,6 +797,35 @@ async fn rollback(
         active: record.active,
         sha256,
     }))
+}
+
+/// `POST /v1/tokens`: mints a token (admin only, by [`required_scopes`]).
+async fn create_token(
+    State(app): State<AppState>,
+    payload: Result<axum::Json<Grant>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, axum::Json<CreatedToken>), ApiError> {
+    let axum::Json(grant) = payload.map_err(|rejection| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid token request: {}", rejection.body_text()),
+        )
+    })?;
+    let created = app.registry.mint(grant).await?;
+    Ok((StatusCode::CREATED, axum::Json(created)))
+}
+
+/// `GET /v1/tokens`: every minted token, without secrets or hashes.
+async fn list_tokens(State(app): State<AppState>) -> Result<axum::Json<Vec<TokenInfo>>, ApiError> {
+    Ok(axum::Json(app.registry.tokens().await?))
+}
+
+/// `DELETE /v1/tokens/{id}`: revokes a token.
+async fn revoke_token(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    app.registry.revoke(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn blob(State(app): State<AppState>, UrlPath(sha256): UrlPath<String>) -> Result<Response, ApiError> {

@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use crate::auth::Credential;
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
 use crate::nats_store::NatsStore;
@@ -80,6 +81,38 @@ impl Backend {
         match self {
             Backend::Embedded(store) => Ok(store.events_since(since)),
             Backend::Nats(store) => store.events_since(since).await,
+        }
+    }
+
+    /// The minted credential with this id.
+    pub async fn credential(&self, id: &str) -> Result<Option<Credential>, StoreError> {
+        match self {
+            Backend::Embedded(store) => Ok(store.credential(id)),
+            Backend::Nats(store) => store.credential(id).await,
+        }
+    }
+
+    /// Every minted credential, by id.
+    pub async fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        match self {
+            Backend::Embedded(store) => Ok(store.credentials()),
+            Backend::Nats(store) => store.credentials().await,
+        }
+    }
+
+    /// Stores a new credential.
+    pub async fn add_credential(&self, credential: Credential) -> Result<(), StoreError> {
+        match self {
+            Backend::Embedded(store) => store.add_credential(credential).await,
+            Backend::Nats(store) => store.add_credential(&credential).await,
+        }
+    }
+
+    /// Deletes a credential (404 if there is none with this id).
+    pub async fn remove_credential(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Backend::Embedded(store) => store.remove_credential(id).await,
+            Backend::Nats(store) => store.remove_credential(id).await,
         }
     }
 
@@ -164,7 +197,16 @@ pub fn put_events<'a>(
         .collect()
 }
 
-/// Refuses a manifest whose routes another function's active version already serves.
+/// Refuses a manifest with a route that overlaps a route of another function's active
+/// version: some request would match both.
+///
+/// This is what ownership means. The owner is the function (by name): a route without a
+/// path prefix owns its host (`shop.com`), a wildcard every host below its domain
+/// (`*.shop.com`), a prefix its path and everything under it (`api.com/v1`). Nobody else may
+/// then claim any part of that (`shop.com/checkout`, `login.shop.com`, `api.com/v1/x`), nor
+/// something wider that takes it in (`*.com` while `shop.com` is served). The function
+/// itself may keep or change its routes in new versions; a rollback is checked the same
+/// way, so it cannot take back a route another function holds now.
 pub fn check_routes<'a>(
     functions: impl IntoIterator<Item = &'a FunctionRecord>,
     name: &str,
@@ -175,12 +217,21 @@ pub fn check_routes<'a>(
         let Some(active) = other.active_version() else {
             continue;
         };
-        let theirs = active.manifest.route_patterns();
-        if let Some(route) = wanted.iter().find(|r| theirs.contains(r)) {
-            return Err(StoreError::Conflict(format!(
-                "route \"{route}\" is already served by function `{}`",
-                other.name
-            )));
+        for theirs in active.manifest.route_patterns() {
+            for route in &wanted {
+                let Some(overlap) = route.overlap(&theirs) else {
+                    continue;
+                };
+                let owner = &other.name;
+                return Err(StoreError::Conflict(if *route == theirs {
+                    format!("route \"{route}\" is already served by function `{owner}`")
+                } else {
+                    format!(
+                        "route \"{route}\" is refused: {overlap} belongs to function `{owner}` \
+                         (its route \"{theirs}\")"
+                    )
+                }));
+            }
         }
     }
     Ok(())
@@ -235,6 +286,73 @@ mod tests {
             "route \"x.com\" is already served by function `a`"
         );
         check_routes([&a], "a", &manifest("a", &["x.com"])).unwrap();
-        check_routes([&a], "b", &manifest("b", &["x.com/b"])).unwrap();
+        check_routes([&a], "b", &manifest("b", &["y.x.com", "*.z.x.com"])).unwrap();
+    }
+
+    #[test]
+    fn a_function_owns_its_hosts() {
+        let (owner, _) = plan_push(
+            None,
+            manifest("owner", &["shop.localhost", "*.shop.localhost"]),
+            "a".repeat(64),
+            1,
+        );
+        let (api, _) = plan_push(None, manifest("api", &["api.localhost/v1"]), "b".repeat(64), 1);
+        let refused = [
+            (
+                "shop.localhost/checkout",
+                "route \"shop.localhost/checkout\" is refused: shop.localhost/checkout belongs to \
+                 function `owner` (its route \"shop.localhost\")",
+            ),
+            (
+                "login.shop.localhost",
+                "route \"login.shop.localhost\" is refused: login.shop.localhost belongs to \
+                 function `owner` (its route \"*.shop.localhost\")",
+            ),
+            (
+                "*.x.shop.localhost/a",
+                "route \"*.x.shop.localhost/a\" is refused: *.x.shop.localhost/a belongs to \
+                 function `owner` (its route \"*.shop.localhost\")",
+            ),
+            (
+                "*.localhost",
+                "route \"*.localhost\" is refused: shop.localhost belongs to function `owner` \
+                 (its route \"shop.localhost\")",
+            ),
+            (
+                "api.localhost/v1/users",
+                "route \"api.localhost/v1/users\" is refused: api.localhost/v1/users belongs to \
+                 function `api` (its route \"api.localhost/v1\")",
+            ),
+            (
+                "api.localhost",
+                "route \"api.localhost\" is refused: api.localhost/v1 belongs to function `api` \
+                 (its route \"api.localhost/v1\")",
+            ),
+        ];
+        for (route, message) in refused {
+            let err = check_routes([&owner, &api], "thief", &manifest("thief", &[route])).unwrap_err();
+            assert!(matches!(err, StoreError::Conflict(_)), "{route}");
+            assert_eq!(err.to_string(), message, "{route}");
+        }
+        // Next to them, not under them: fine. And the owners keep their own routes.
+        check_routes(
+            [&owner, &api],
+            "other",
+            &manifest(
+                "other",
+                &["other.localhost", "api.localhost/v2", "xshop.localhost"],
+            ),
+        )
+        .unwrap();
+        check_routes(
+            [&owner, &api],
+            "owner",
+            &manifest(
+                "owner",
+                &["shop.localhost", "*.shop.localhost", "shop.localhost/x"],
+            ),
+        )
+        .unwrap();
     }
 }

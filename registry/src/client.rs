@@ -1,4 +1,4 @@
-//! The HTTP client of the registry API, used by the CLI (`atoll push/ls/versions/rollback`)
+//! The HTTP client of the registry API, used by the CLI (`atoll push/ls/versions/rollback/token`)
 //! and by nodes (blob fetch, watch).
 //!
 //! Errors are shaped for the person reading them: an answer from the registry becomes
@@ -196,6 +196,34 @@ impl RegistryClient {
             .timeout(REQUEST_TIMEOUT)
             .json(&RollbackRequest { to });
         self.json(request).await
+    }
+
+    /// Mints a token (needs an admin token); the answer holds the token, shown this once.
+    pub async fn create_token(
+        &self,
+        grant: &crate::auth::Grant,
+    ) -> Result<crate::auth::CreatedToken, ClientError> {
+        let request = self
+            .request(reqwest::Method::POST, &["v1", "tokens"])
+            .timeout(REQUEST_TIMEOUT)
+            .json(grant);
+        self.json(request).await
+    }
+
+    /// Every minted token (needs an admin token).
+    pub async fn tokens(&self) -> Result<Vec<crate::auth::TokenInfo>, ClientError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "tokens"])
+            .timeout(REQUEST_TIMEOUT);
+        self.json(request).await
+    }
+
+    /// Revokes the token with this id (needs an admin token).
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ClientError> {
+        let request = self
+            .request(reqwest::Method::DELETE, &["v1", "tokens", id])
+            .timeout(REQUEST_TIMEOUT);
+        self.send(request).await.map(drop)
     }
 
     /// The module bytes with this SHA-256 (the caller verifies the digest).

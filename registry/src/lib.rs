@@ -1,7 +1,7 @@
 //! atoll-registry: where functions live before nodes serve them.
 //!
 //! ```text
-//! atoll push ──HTTP──▶ api (auth, multipart) ──▶ Registry::push
+//! atoll push ──HTTP──▶ api (auth: scopes, multipart) ──▶ Registry::push
 //!                        manifest::Manifest::parse   (routes via route::RoutePattern)
 //!                        atoll_isolate::Engine::validate   (compiles, is a WASI command)
 //!                        backend::Backend::push      embedded: blob, then state.json, atomically
@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod api_types;
+pub mod auth;
 pub mod backend;
 pub mod client;
 pub mod connections;
@@ -33,6 +34,7 @@ pub use api::{Registry, RegistryError, RegistryOptions, router, serve, serve_wit
 pub use api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
+pub use auth::{Caller, CreatedToken, Credential, Grant, Scope, TokenInfo};
 pub use backend::Backend;
 pub use client::{ClientError, RegistryClient};
 pub use connections::ConnectionLimits;

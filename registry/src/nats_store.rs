@@ -3,9 +3,10 @@
 //! ```text
 //! KV bucket    atoll_functions   key = function name, value = FunctionRecord (JSON)
 //! object store atoll_modules     name = module sha256 (hex), content = module bytes
+//! KV bucket    atoll_credentials key = token id, value = Credential (JSON, hash only)
 //! ```
 //!
-//! A registry on this store keeps nothing of its own but the token, so any number of them
+//! A registry on this store keeps nothing of its own but the root token, so any number of them
 //! on one NATS cluster are interchangeable, and one restarted serves what it served before.
 //!
 //! * **Versions by compare-and-set.** A push reads the function's entry with its revision,
@@ -24,9 +25,9 @@
 //!   entries up to that sequence: a later write is not lost but comes with the next scan,
 //!   which a KV watch (one per registry, [`NatsStore::subscribe`]) triggers.
 //!
-//! Not covered: two *different* functions claiming one route at the same instant through
-//! two registries can both pass the route check, which reads every function but is not
-//! part of the compare-and-set (one key per function).
+//! Not covered: two *different* functions claiming overlapping routes at the same instant
+//! through two registries can both pass the route check, which reads every function but is
+//! not part of the compare-and-set (one key per function).
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
+use crate::auth::Credential;
 use crate::backend::{check_routes, plan_push, put_events, rollback_target};
 use crate::manifest::Manifest;
 use crate::membership::{FORGET_AFTER_TTLS, MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
@@ -52,6 +54,8 @@ pub const FUNCTIONS_BUCKET: &str = "atoll_functions";
 pub const MODULES_BUCKET: &str = "atoll_modules";
 /// The KV bucket holding each node's last heartbeat; entries expire after the forget time.
 pub const NODES_BUCKET: &str = "atoll_nodes";
+/// The KV bucket holding minted tokens (hashes only), one per id.
+pub const CREDENTIALS_BUCKET: &str = "atoll_credentials";
 /// Compare-and-set attempts before a push or rollback gives up (each lost race costs one).
 const MAX_CAS_ATTEMPTS: u32 = 64;
 /// How long to wait before re-opening the KV watch that wakes watch streams.
@@ -69,6 +73,7 @@ struct Inner {
     functions: kv::Store,
     modules: object_store::ObjectStore,
     nodes: kv::Store,
+    credentials: kv::Store,
     /// The latest revision the KV watch has seen; wakes watch streams.
     revision: watch::Sender<u64>,
     /// Every node's last heartbeat, fed by a watch on [`NODES_BUCKET`].
@@ -229,6 +234,7 @@ impl NatsStore {
         let functions = open_kv(&js).await?;
         let modules = open_object_store(&js).await?;
         let nodes = open_nodes_kv(&js).await?;
+        let credentials = open_credentials_kv(&js).await?;
         let (revision, _) = watch::channel(0);
         let members = Arc::new(Mutex::new(MemberTable::new(MEMBER_TTL)));
         let watchers = [
@@ -242,6 +248,7 @@ impl NatsStore {
                 functions,
                 modules,
                 nodes,
+                credentials,
                 revision,
                 members,
                 watchers,
@@ -271,6 +278,81 @@ impl NatsStore {
             format!("recording node `{name}`"),
             NATS_OP_TIMEOUT,
             self.inner.nodes.put(name, Bytes::from(value)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The credential with this id, read fresh (a token revoked through another registry
+    /// stops working at once).
+    pub async fn credential(&self, id: &str) -> Result<Option<Credential>, StoreError> {
+        if !is_valid_key(id) {
+            return Ok(None);
+        }
+        let entry = bounded(
+            format!("reading token {id}"),
+            NATS_OP_TIMEOUT,
+            self.inner.credentials.entry(id),
+        )
+        .await?;
+        match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => serde_json::from_slice(&entry.value)
+                .map(Some)
+                .map_err(|e| StoreError::Io {
+                    context: format!("reading token {id} from `{CREDENTIALS_BUCKET}`"),
+                    source: io::Error::new(io::ErrorKind::InvalidData, e),
+                }),
+            _ => Ok(None),
+        }
+    }
+
+    /// Every credential, by id.
+    pub async fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        let mut ids = self.keys(CREDENTIALS_BUCKET).await?;
+        ids.sort();
+        let mut credentials = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(credential) = self.credential(&id).await? {
+                credentials.push(credential);
+            }
+        }
+        Ok(credentials)
+    }
+
+    /// Stores a new credential (refused if its id is taken).
+    pub async fn add_credential(&self, credential: &Credential) -> Result<(), StoreError> {
+        let id = &credential.id;
+        if !is_valid_key(id) {
+            return Err(StoreError::Invalid(format!("token id {id:?} is not a valid key")));
+        }
+        let value = serde_json::to_vec(credential).map_err(|e| nats_error("encoding a token")(boxed(e)))?;
+        let created = tokio::time::timeout(
+            NATS_OP_TIMEOUT,
+            self.inner.credentials.create(id, Bytes::from(value)),
+        )
+        .await;
+        match created {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(StoreError::Conflict(format!("token id {id} exists already")))
+            }
+            Ok(Err(e)) => Err(nats_error(format!("recording token {id}"))(boxed(e))),
+            Err(_) => Err(StoreError::Io {
+                context: format!("recording token {id}"),
+                source: io::Error::new(io::ErrorKind::TimedOut, "NATS did not confirm the write"),
+            }),
+        }
+    }
+
+    /// Deletes a credential: its token stops working on every registry at once.
+    pub async fn remove_credential(&self, id: &str) -> Result<(), StoreError> {
+        if self.credential(id).await?.is_none() {
+            return Err(StoreError::NotFound(format!("no token with id {id}")));
+        }
+        bounded(
+            format!("deleting token {id}"),
+            NATS_OP_TIMEOUT,
+            self.inner.credentials.purge(id),
         )
         .await?;
         Ok(())
@@ -342,31 +424,7 @@ impl NatsStore {
 
     /// Every record in the bucket, each stamped with its entry's revision.
     async fn scan(&self) -> Result<Vec<FunctionRecord>, StoreError> {
-        // Not `kv::Store::keys`: its consumer counts the messages pending when it starts and
-        // waits for them all, so a key updated meanwhile (history 1 deletes the old message)
-        // can leave it waiting forever. The stream's per-subject counts are one request.
-        let prefix = format!("$KV.{FUNCTIONS_BUCKET}.");
-        let names = bounded("listing functions", NATS_OP_TIMEOUT, async {
-            let stream = self
-                .inner
-                .js
-                .get_stream(format!("KV_{FUNCTIONS_BUCKET}"))
-                .await
-                .map_err(boxed)?;
-            let mut subjects = stream
-                .info_with_subjects(format!("{prefix}>"))
-                .await
-                .map_err(boxed)?;
-            let mut names = Vec::new();
-            while let Some(entry) = subjects.next().await {
-                let (subject, _) = entry.map_err(boxed)?;
-                if let Some(key) = subject.strip_prefix(&prefix) {
-                    names.push(key.to_string());
-                }
-            }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(names)
-        })
-        .await?;
+        let names = self.keys(FUNCTIONS_BUCKET).await?;
         let mut records = Vec::with_capacity(names.len());
         for name in names {
             if let Some(record) = self.current(&name).await?.record {
@@ -374,6 +432,39 @@ impl NatsStore {
             }
         }
         Ok(records)
+    }
+
+    /// The keys in KV bucket `bucket` (deleted ones included: their reads say so).
+    async fn keys(&self, bucket: &str) -> Result<Vec<String>, StoreError> {
+        // Not `kv::Store::keys`: its consumer counts the messages pending when it starts and
+        // waits for them all, so a key updated meanwhile (history 1 deletes the old message)
+        // can leave it waiting forever. The stream's per-subject counts are one request.
+        let prefix = format!("$KV.{bucket}.");
+        bounded(
+            format!("listing the keys of `{bucket}`"),
+            NATS_OP_TIMEOUT,
+            async {
+                let stream = self
+                    .inner
+                    .js
+                    .get_stream(format!("KV_{bucket}"))
+                    .await
+                    .map_err(boxed)?;
+                let mut subjects = stream
+                    .info_with_subjects(format!("{prefix}>"))
+                    .await
+                    .map_err(boxed)?;
+                let mut names = Vec::new();
+                while let Some(entry) = subjects.next().await {
+                    let (subject, _) = entry.map_err(boxed)?;
+                    if let Some(key) = subject.strip_prefix(&prefix) {
+                        names.push(key.to_string());
+                    }
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(names)
+            },
+        )
+        .await
     }
 
     /// A `Put` for every function whose entry revision is in `(since, R]`, ascending, and
@@ -701,6 +792,27 @@ async fn follow_members(nodes: kv::Store, members: Arc<Mutex<MemberTable>>) {
             Err(e) => tracing::warn!("NATS nodes watch: {e}"),
         }
         tokio::time::sleep(REWATCH_DELAY).await;
+    }
+}
+
+async fn open_credentials_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
+    if let Ok(store) = js.get_key_value(CREDENTIALS_BUCKET).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+            bucket: CREDENTIALS_BUCKET.into(),
+            description: "Atoll tokens: one credential (scope, SHA-256 of the token) per id".into(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(store) => Ok(store),
+        Err(create_error) => js.get_key_value(CREDENTIALS_BUCKET).await.map_err(|_| {
+            nats_error(format!("creating the KV bucket `{CREDENTIALS_BUCKET}`"))(boxed(create_error))
+        }),
     }
 }
 

@@ -15,6 +15,12 @@
 //! segments: `/echo` matches `/echo` and `/echo/x`, not `/echoes`.
 //!
 //! `Display` prints the canonical form, and parsing that form gives back the same value.
+//!
+//! Two routes *overlap* when some request would match both ([`RoutePattern::overlaps`]):
+//! the registry refuses a route that overlaps one of another function's, which is what
+//! makes a function the owner of its hosts (see [`crate::backend::check_routes`]). A host
+//! pattern *covers* another when it matches every host the other does
+//! ([`HostPattern::covers`]): what a deploy token's domains must do for each route it pushes.
 
 use std::fmt;
 use std::str::FromStr;
@@ -75,6 +81,78 @@ impl HostPattern {
     }
 }
 
+impl HostPattern {
+    /// Whether some host name matches both patterns. Overlapping patterns are always
+    /// nested: one of them covers the other.
+    pub fn overlaps(&self, other: &HostPattern) -> bool {
+        self.covers(other) || other.covers(self)
+    }
+
+    /// Whether this pattern matches every host that `other` matches: `*.a.com` covers
+    /// `b.a.com`, `*.b.a.com` and itself, but not `a.com`; an exact name covers only itself.
+    pub fn covers(&self, other: &HostPattern) -> bool {
+        match (self, other) {
+            (HostPattern::Exact(a), HostPattern::Exact(b)) => a == b,
+            (HostPattern::Exact(_), HostPattern::Wildcard { .. }) => false,
+            (HostPattern::Wildcard { suffix }, HostPattern::Exact(name)) => is_below(name, suffix),
+            (HostPattern::Wildcard { suffix }, HostPattern::Wildcard { suffix: theirs }) => {
+                theirs == suffix || is_below(theirs, suffix)
+            }
+        }
+    }
+}
+
+/// Whether `name` is strictly below the domain `suffix` (both canonical, lowercase).
+fn is_below(name: &str, suffix: &str) -> bool {
+    name.len() > suffix.len() + 1
+        && name.ends_with(suffix)
+        && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+}
+
+/// Whether path prefix `a` and `b` (`None`: the whole host) share a path.
+fn paths_overlap(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (None, _) | (_, None) => true,
+        (Some(a), Some(b)) => path_within(a, b) || path_within(b, a),
+    }
+}
+
+/// Whether every path under prefix `inner` is under prefix `outer` (whole segments).
+fn path_within(inner: &str, outer: &str) -> bool {
+    inner
+        .strip_prefix(outer)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+impl FromStr for HostPattern {
+    type Err = RouteError;
+
+    /// A host pattern alone (`example.com`, `*.example.com`), as in a deploy token's domains.
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let route: RoutePattern = input.parse()?;
+        if route.path_prefix.is_some() {
+            return Err(RouteError {
+                input: input.to_owned(),
+                reason: "a domain has no path".into(),
+            });
+        }
+        Ok(route.host)
+    }
+}
+
+impl Serialize for HostPattern {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for HostPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -90,6 +168,31 @@ impl RoutePattern {
     /// `/echoes`.
     pub fn matches(&self, host: &str, path: &str) -> bool {
         self.host.matches(host) && self.matches_path(path)
+    }
+
+    /// Whether some request matches both routes: their hosts overlap and so do their
+    /// paths (a route without a prefix takes every path of its hosts).
+    pub fn overlaps(&self, other: &RoutePattern) -> bool {
+        self.host.overlaps(&other.host)
+            && paths_overlap(self.path_prefix.as_deref(), other.path_prefix.as_deref())
+    }
+
+    /// The requests both routes match, as a route (`None` when they do not overlap): the
+    /// narrower host and the longer path prefix.
+    pub fn overlap(&self, other: &RoutePattern) -> Option<RoutePattern> {
+        if !self.overlaps(other) {
+            return None;
+        }
+        let host = if self.host.covers(&other.host) {
+            other.host.clone()
+        } else {
+            self.host.clone()
+        };
+        let path_prefix = match (&self.path_prefix, &other.path_prefix) {
+            (None, path) | (path, None) => path.clone(),
+            (Some(a), Some(b)) => Some(if a.len() >= b.len() { a } else { b }.clone()),
+        };
+        Some(RoutePattern { host, path_prefix })
     }
 
     /// The path half of [`RoutePattern::matches`].
@@ -356,6 +459,61 @@ mod tests {
         assert!(!exact.matches("api.example.com", "/echoes"));
         assert!(!exact.matches("api.example.com", "/"));
         assert!(!exact.matches("x.api.example.com", "/echo"));
+    }
+
+    #[test]
+    fn overlaps_and_covers() {
+        let overlapping = [
+            (
+                "shop.localhost",
+                "shop.localhost/checkout",
+                "shop.localhost/checkout",
+            ),
+            ("*.shop.localhost", "login.shop.localhost", "login.shop.localhost"),
+            ("*.shop.localhost", "a.b.shop.localhost/x", "a.b.shop.localhost/x"),
+            ("*.shop.localhost", "*.b.shop.localhost", "*.b.shop.localhost"),
+            (
+                "*.shop.localhost/a",
+                "x.shop.localhost/a/b",
+                "x.shop.localhost/a/b",
+            ),
+            ("api.localhost/a", "api.localhost/a", "api.localhost/a"),
+            ("api.localhost/a", "api.localhost/a/b", "api.localhost/a/b"),
+        ];
+        for (a, b, both) in overlapping {
+            let (a, b) = (parse(a), parse(b));
+            assert!(a.overlaps(&b) && b.overlaps(&a), "{a} and {b}");
+            assert_eq!(a.overlap(&b), Some(parse(both)), "{a} and {b}");
+            assert_eq!(b.overlap(&a), Some(parse(both)), "{b} and {a}");
+        }
+        let apart = [
+            ("shop.localhost", "login.shop.localhost"),
+            ("*.shop.localhost", "shop.localhost"),
+            ("*.shop.localhost", "xshop.localhost"),
+            ("*.a.shop.localhost", "b.shop.localhost"),
+            ("api.localhost/a", "api.localhost/ab"),
+            ("api.localhost/a", "api.localhost/b"),
+            ("*.shop.localhost/a", "x.shop.localhost/b"),
+        ];
+        for (a, b) in apart {
+            let (a, b) = (parse(a), parse(b));
+            assert!(!a.overlaps(&b) && !b.overlaps(&a), "{a} and {b}");
+            assert_eq!(a.overlap(&b), None);
+        }
+
+        let host = |s: &str| s.parse::<HostPattern>().unwrap();
+        assert!(host("*.a.com").covers(&host("b.a.com")));
+        assert!(host("*.a.com").covers(&host("*.b.a.com")));
+        assert!(host("*.a.com").covers(&host("*.a.com")));
+        assert!(!host("*.a.com").covers(&host("a.com")));
+        assert!(!host("a.com").covers(&host("b.a.com")));
+        assert!(!host("b.a.com").covers(&host("*.a.com")));
+        assert!(host("a.com").covers(&host("A.com")));
+        let err = "a.com/x".parse::<HostPattern>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "route \"a.com/x\" is invalid: a domain has no path"
+        );
     }
 
     #[test]

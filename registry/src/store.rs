@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DATA/
-//!   state.json            { "revision": N, "functions": { name: FunctionRecord } }
+//!   state.json            { "revision": N, "functions": { name: FunctionRecord },
+//!                           "credentials": { id: Credential } }
 //!   blobs/sha256/<hex>    module bytes, content-addressed, never rewritten
 //! ```
 //!
@@ -41,6 +42,7 @@ use tokio::sync::{Mutex, watch};
 
 use atoll_isolate::durable::write_atomically;
 
+use crate::auth::Credential;
 use crate::backend::{plan_push, put_events, rollback_target};
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
@@ -55,6 +57,10 @@ pub struct State {
     pub revision: u64,
     /// Every function, by name.
     pub functions: BTreeMap<String, FunctionRecord>,
+    /// Minted tokens ([`crate::auth`]), by id: hashes only. Changing them does not bump
+    /// `revision`, which is the functions' (the watch's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub credentials: BTreeMap<String, Credential>,
 }
 
 /// What went wrong in the store; each variant maps to one HTTP status.
@@ -280,11 +286,56 @@ impl Store {
         commit(guard, move || inner.persist_and_publish(next)).await?;
         Ok(record)
     }
+
+    /// The credential with this id.
+    pub fn credential(&self, id: &str) -> Option<Credential> {
+        self.snapshot().credentials.get(id).cloned()
+    }
+
+    /// Every credential, by id.
+    pub fn credentials(&self) -> Vec<Credential> {
+        self.snapshot().credentials.values().cloned().collect()
+    }
+
+    /// Stores a new credential (refused if its id is taken).
+    pub async fn add_credential(&self, credential: Credential) -> Result<(), StoreError> {
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        if state.credentials.contains_key(&credential.id) {
+            return Err(StoreError::Conflict(format!(
+                "token id {} exists already",
+                credential.id
+            )));
+        }
+        let mut next = (*state).clone();
+        next.credentials.insert(credential.id.clone(), credential);
+        let inner = self.inner.clone();
+        commit(guard, move || inner.persist(next, false)).await
+    }
+
+    /// Deletes a credential: its token stops working at once.
+    pub async fn remove_credential(&self, id: &str) -> Result<(), StoreError> {
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        if !state.credentials.contains_key(id) {
+            return Err(StoreError::NotFound(format!("no token with id {id}")));
+        }
+        let mut next = (*state).clone();
+        next.credentials.remove(id);
+        let inner = self.inner.clone();
+        commit(guard, move || inner.persist(next, false)).await
+    }
 }
 
 impl Inner {
     /// Writes `next` durably, then makes it the visible state and wakes watchers.
     fn persist_and_publish(&self, next: State) -> Result<(), StoreError> {
+        self.persist(next, true)
+    }
+
+    /// Writes `next` durably, then makes it the visible state; wakes watchers if `notify`
+    /// (not for credentials, which no watcher follows).
+    fn persist(&self, next: State, notify: bool) -> Result<(), StoreError> {
         let json = serde_json::to_vec_pretty(&next).map_err(|e| StoreError::Io {
             context: "encoding state".into(),
             source: io::Error::other(e),
@@ -295,7 +346,9 @@ impl Inner {
         )))?;
         let revision = next.revision;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
-        self.revision.send_replace(revision);
+        if notify {
+            self.revision.send_replace(revision);
+        }
         Ok(())
     }
 }
@@ -447,6 +500,20 @@ mod tests {
             .push(manifest("b", &["b.com", "X.com/"]), b"b".to_vec())
             .await
             .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "route \"x.com\" is already served by function `a`"
+        );
+        // A path under a host `a` holds is `a`'s too.
+        let err = store
+            .push(manifest("b", &["x.com/b"]), b"b".to_vec())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("belongs to function `a`"), "{err}");
+        let err = store
+            .push(manifest("b", &["b.com", "X.com/"]), b"b".to_vec())
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)));
         assert_eq!(
             err.to_string(),
@@ -454,13 +521,13 @@ mod tests {
         );
         assert_eq!(store.snapshot(), before);
         assert_eq!(blob_count(dir.path()), 1);
-        // Same function may keep its routes; another path on the host is fine.
+        // Same function may keep its routes; a name below an exact host is not under it.
         store
             .push(manifest("a", &["x.com"]), b"a2".to_vec())
             .await
             .unwrap();
         store
-            .push(manifest("b", &["x.com/b", "*.y.com"]), b"b".to_vec())
+            .push(manifest("b", &["b.x.com", "*.y.com"]), b"b".to_vec())
             .await
             .unwrap();
 
@@ -505,6 +572,49 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((v.version, v.sha256), (2, orphan));
+    }
+
+    #[tokio::test]
+    async fn credentials_survive_a_reopen_and_do_not_move_the_revision() {
+        use crate::auth::{Grant, Scope};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .push(manifest("f", &["f.com"]), b"v1".to_vec())
+            .await
+            .unwrap();
+        let mut changes = store.subscribe();
+        changes.borrow_and_update();
+        let grant = Grant {
+            scope: Scope::Node,
+            functions: vec![],
+            domains: vec![],
+            node: Some("n1".into()),
+            description: String::new(),
+        };
+        let (credential, token) = Credential::mint(grant).unwrap();
+        store.add_credential(credential.clone()).await.unwrap();
+        assert!(matches!(
+            store.add_credential(credential.clone()).await,
+            Err(StoreError::Conflict(_))
+        ));
+        // Watchers follow functions only: a credential wakes none and takes no revision.
+        assert_eq!(store.revision(), 1);
+        assert!(!changes.has_changed().unwrap());
+        let on_disk = fs::read_to_string(dir.path().join("state.json")).unwrap();
+        assert!(on_disk.contains(&credential.token_sha256) && !on_disk.contains(&token));
+
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.credential(&credential.id), Some(credential.clone()));
+        assert_eq!(store.credentials(), std::slice::from_ref(&credential));
+        store.remove_credential(&credential.id).await.unwrap();
+        assert!(matches!(
+            store.remove_credential(&credential.id).await,
+            Err(StoreError::NotFound(_))
+        ));
+        drop(store);
+        assert!(Store::open(dir.path()).unwrap().credentials().is_empty());
     }
 
     #[tokio::test]

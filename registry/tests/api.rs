@@ -4,7 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_registry::{ClientError, Registry, RegistryClient, RegistryOptions, WatchEvent, serve};
+use atoll_registry::membership::NodeAnnouncement;
+use atoll_registry::{
+    ClientError, FunctionSummary, Grant, Registry, RegistryClient, RegistryOptions, Scope, WatchEvent, serve,
+};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
 
@@ -91,6 +94,10 @@ impl Server {
 
     fn client(&self) -> RegistryClient {
         RegistryClient::new(&self.url, Some(TOKEN.into())).unwrap()
+    }
+
+    fn client_with(&self, token: &str) -> RegistryClient {
+        RegistryClient::new(&self.url, Some(token.into())).unwrap()
     }
 
     fn blob_files(&self) -> usize {
@@ -429,4 +436,384 @@ async fn watch_catches_up_then_streams() {
     })
     .await;
     assert!(end.is_ok(), "watch stream ended");
+}
+
+fn grant(scope: Scope, functions: &[&str], domains: &[&str]) -> Grant {
+    Grant {
+        scope,
+        functions: functions.iter().map(|f| f.to_string()).collect(),
+        domains: domains.iter().map(|d| d.parse().unwrap()).collect(),
+        node: None,
+        description: String::new(),
+    }
+}
+
+/// What a client may see of the registry's state: the list, and every function's versions.
+async fn state_of(client: &RegistryClient) -> (Vec<FunctionSummary>, Vec<(u64, usize)>) {
+    let list = client.list().await.unwrap();
+    let mut versions = Vec::new();
+    for function in &list {
+        let v = client.versions(&function.name).await.unwrap();
+        versions.push((v.active, v.versions.len()));
+    }
+    (list, versions)
+}
+
+fn announcement(name: &str) -> NodeAnnouncement {
+    NodeAnnouncement {
+        name: name.into(),
+        region: "default".into(),
+        http: Some("127.0.0.1:8080".parse().unwrap()),
+        https: None,
+        in_flight: 0,
+        free_capacity: 1,
+        draining: false,
+    }
+}
+
+/// The assertion that a call was refused with `status` and a message holding `needles`.
+fn refused(e: ClientError, status: u16, needles: &[&str]) {
+    assert_eq!(status_of(&e), status, "{e}");
+    for needle in needles {
+        assert!(e.to_string().contains(needle), "{needle:?} not in: {e}");
+    }
+}
+
+#[tokio::test]
+async fn deploy_token_is_limited_to_its_functions_and_domains() {
+    let server = Server::start(RegistryOptions::default()).await;
+    let admin = server.client();
+    admin
+        .push(&manifest("blog", &["blog.localhost"]), module("blog"))
+        .await
+        .unwrap();
+    admin
+        .push(&manifest("shop-old", &["old.example.org"]), module("old1"))
+        .await
+        .unwrap();
+    let created = admin
+        .create_token(&grant(
+            Scope::Deploy,
+            &["shop-*"],
+            &["shop.localhost", "*.shop.localhost"],
+        ))
+        .await
+        .unwrap();
+    assert!(created.token.starts_with("atoll_"), "{}", created.token);
+    let deploy = server.client_with(&created.token);
+
+    // Its functions, on its domains: fine, a new version too.
+    let pushed = deploy
+        .push(
+            &manifest("shop-web", &["shop.localhost", "www.shop.localhost/app"]),
+            module("w1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((pushed.name.as_str(), pushed.version), ("shop-web", 1));
+    deploy
+        .push(&manifest("shop-web", &["shop.localhost"]), module("w2"))
+        .await
+        .unwrap();
+    deploy
+        .push(&manifest("shop-old", &["old.shop.localhost"]), module("old2"))
+        .await
+        .unwrap();
+
+    let before = state_of(&admin).await;
+    let blobs = server.blob_files();
+    // Another name, even on its domains.
+    refused(
+        deploy
+            .push(&manifest("blog", &["blog.shop.localhost"]), module("b2"))
+            .await
+            .unwrap_err(),
+        403,
+        &["function `blog` is not one of its functions"],
+    );
+    // Its name, another domain.
+    refused(
+        deploy
+            .push(
+                &manifest("shop-evil", &["shop.localhost/x", "evil.localhost"]),
+                module("evil"),
+            )
+            .await
+            .unwrap_err(),
+        403,
+        &["route \"evil.localhost\" is outside its domains (shop.localhost, *.shop.localhost)"],
+    );
+    // A wildcard wider than its domains.
+    refused(
+        deploy
+            .push(&manifest("shop-all", &["*.localhost"]), module("all"))
+            .await
+            .unwrap_err(),
+        403,
+        &["outside its domains"],
+    );
+    // Someone else's function: no rollback, no versions.
+    refused(
+        deploy.rollback("blog", None).await.unwrap_err(),
+        403,
+        &["may not roll back", "`blog`"],
+    );
+    refused(deploy.versions("blog").await.unwrap_err(), 403, &["`blog`"]);
+    // Its function, but back to a version whose routes are not on its domains.
+    refused(
+        deploy.rollback("shop-old", None).await.unwrap_err(),
+        403,
+        &["may not roll back to v1", "old.example.org"],
+    );
+    // Not a node, not an admin.
+    refused(deploy.watch(0).await.err().unwrap(), 403, &["GET /v1/watch"]);
+    refused(
+        deploy.blob(&pushed.sha256).await.unwrap_err(),
+        403,
+        &["needs scope admin or node"],
+    );
+    refused(
+        deploy.announce(&announcement("n1")).await.unwrap_err(),
+        403,
+        &["PUT /v1/nodes/{name}"],
+    );
+    refused(
+        deploy
+            .create_token(&grant(Scope::Admin, &[], &[]))
+            .await
+            .unwrap_err(),
+        403,
+        &["needs scope admin"],
+    );
+    assert_eq!(state_of(&admin).await, before);
+    assert_eq!(server.blob_files(), blobs);
+
+    // It sees its own functions only; rolls them back within its domains.
+    let names: Vec<String> = deploy.list().await.unwrap().into_iter().map(|f| f.name).collect();
+    assert_eq!(names, ["shop-old", "shop-web"]);
+    assert_eq!(deploy.rollback("shop-web", None).await.unwrap().active, 1);
+
+    // Revoked: the token stops working.
+    admin.revoke_token(&created.info.id).await.unwrap();
+    refused(deploy.list().await.unwrap_err(), 401, &["invalid token"]);
+    refused(admin.revoke_token(&created.info.id).await.unwrap_err(), 404, &[]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn node_token_cannot_push_and_announces_only_its_node() {
+    let server = Server::start(RegistryOptions::default()).await;
+    let admin = server.client();
+    let pushed = admin
+        .push(&manifest("echo", &["echo.localhost"]), module("e1"))
+        .await
+        .unwrap();
+    let mut bound = grant(Scope::Node, &[], &[]);
+    bound.node = Some("n1".into());
+    let node = server.client_with(&admin.create_token(&bound).await.unwrap().token);
+
+    // What a node (and `atoll dns`) needs.
+    let mut events = node.watch(0).await.unwrap();
+    assert!(matches!(next_event(&mut events).await, WatchEvent::Put { .. }));
+    assert_eq!(node.blob(&pushed.sha256).await.unwrap(), module("e1"));
+    assert_eq!(node.list().await.unwrap().len(), 1);
+    let members = node.announce(&announcement("n1")).await.unwrap();
+    assert_eq!(members.len(), 1);
+
+    // Not another node's name, and nothing that changes functions.
+    let before = state_of(&admin).await;
+    refused(
+        node.announce(&announcement("n2")).await.unwrap_err(),
+        403,
+        &["may only announce node `n1`, not `n2`"],
+    );
+    refused(
+        node.push(&manifest("echo", &["echo.localhost"]), module("e2"))
+            .await
+            .unwrap_err(),
+        403,
+        &["POST /v1/functions", "needs scope admin or deploy"],
+    );
+    refused(
+        node.push(&manifest("evil", &["evil.localhost"]), module("ev"))
+            .await
+            .unwrap_err(),
+        403,
+        &[],
+    );
+    refused(node.rollback("echo", None).await.unwrap_err(), 403, &[]);
+    refused(node.versions("echo").await.unwrap_err(), 403, &[]);
+    refused(node.tokens().await.unwrap_err(), 403, &[]);
+    assert_eq!(state_of(&admin).await, before);
+    let names: Vec<String> = node
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.announcement.name)
+        .collect();
+    assert_eq!(names, ["n1"]);
+
+    // An unbound node token may announce any node; the root token still may too.
+    let any = server.client_with(
+        &admin
+            .create_token(&grant(Scope::Node, &[], &[]))
+            .await
+            .unwrap()
+            .token,
+    );
+    any.announce(&announcement("n2")).await.unwrap();
+    admin.announce(&announcement("n3")).await.unwrap();
+    assert_eq!(admin.nodes().await.unwrap().len(), 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_tokens_mint_list_and_revoke() {
+    let server = Server::start(RegistryOptions::default()).await;
+    let root = server.client();
+    let mut minted = grant(Scope::Admin, &[], &[]);
+    minted.description = "ci".into();
+    let created = root.create_token(&minted).await.unwrap();
+    let admin = server.client_with(&created.token);
+    // A minted admin does what the root token does: push, mint, list, revoke.
+    admin
+        .push(&manifest("a", &["a.localhost"]), module("a"))
+        .await
+        .unwrap();
+    let node = admin.create_token(&grant(Scope::Node, &[], &[])).await.unwrap();
+    let listed = root.tokens().await.unwrap();
+    let mut ids: Vec<&str> = listed.iter().map(|t| t.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut expected = [created.info.id.as_str(), node.info.id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    assert!(listed.iter().any(|t| t.grant.description == "ci"));
+    // The registry keeps hashes only: neither the tokens nor their hashes are listed or stored.
+    let json = serde_json::to_string(&listed).unwrap();
+    assert!(
+        !json.contains(&created.token) && !json.contains("sha256"),
+        "{json}"
+    );
+    let state = std::fs::read_to_string(server.data.path().join("state.json")).unwrap();
+    assert!(!state.contains(&created.token) && !state.contains(&node.token));
+    admin.revoke_token(&node.info.id).await.unwrap();
+    assert_eq!(root.tokens().await.unwrap().len(), 1);
+
+    // Malformed grants are refused with the reason.
+    refused(
+        root.create_token(&grant(Scope::Deploy, &[], &["a.localhost"]))
+            .await
+            .unwrap_err(),
+        400,
+        &["a deploy token needs `functions`"],
+    );
+    refused(
+        root.create_token(&grant(Scope::Node, &["x"], &[]))
+            .await
+            .unwrap_err(),
+        400,
+        &["`functions` is only for the deploy scope"],
+    );
+    // A token shaped like a minted one but unknown, or with a wrong secret: 401.
+    let forged = format!("{}x", &created.token[..created.token.len() - 1]);
+    refused(server.client_with(&forged).list().await.unwrap_err(), 401, &[]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn routes_under_another_functions_hosts_are_refused() {
+    let server = Server::start(RegistryOptions::default()).await;
+    let client = server.client();
+    client
+        .push(
+            &manifest("owner", &["shop.localhost", "*.shop.localhost"]),
+            module("o1"),
+        )
+        .await
+        .unwrap();
+    client
+        .push(&manifest("api", &["api.localhost/v1"]), module("api"))
+        .await
+        .unwrap();
+    let before = state_of(&client).await;
+    let blobs = server.blob_files();
+
+    let claims = [
+        // A path under its host.
+        (
+            "shop.localhost/checkout",
+            "route \"shop.localhost/checkout\" is refused: shop.localhost/checkout belongs to \
+             function `owner` (its route \"shop.localhost\")",
+        ),
+        // A name under its wildcard.
+        (
+            "login.shop.localhost",
+            "route \"login.shop.localhost\" is refused: login.shop.localhost belongs to function \
+             `owner` (its route \"*.shop.localhost\")",
+        ),
+        // Wider than what it holds.
+        (
+            "*.localhost",
+            "route \"*.localhost\" is refused: api.localhost/v1 belongs to function `api` (its \
+             route \"api.localhost/v1\")",
+        ),
+        // A path under its path prefix.
+        (
+            "api.localhost/v1/users",
+            "route \"api.localhost/v1/users\" is refused: api.localhost/v1/users belongs to \
+             function `api` (its route \"api.localhost/v1\")",
+        ),
+    ];
+    for (route, message) in claims {
+        let e = client
+            .push(&manifest("thief", &["thief.localhost", route]), module(route))
+            .await
+            .unwrap_err();
+        assert_eq!(status_of(&e), 409, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("registry answered 409 Conflict: {message}")
+        );
+    }
+    // Nothing changed: no `thief`, no new version, no new module.
+    assert_eq!(state_of(&client).await, before);
+    assert_eq!(status_of(&client.versions("thief").await.unwrap_err()), 404);
+    assert_eq!(server.blob_files(), blobs);
+
+    // Beside them is fine; the owner keeps its routes in new versions.
+    client
+        .push(
+            &manifest("neighbour", &["localhost", "api.localhost/v2"]),
+            module("n"),
+        )
+        .await
+        .unwrap();
+    let v2 = client
+        .push(
+            &manifest("owner", &["shop.localhost", "*.shop.localhost"]),
+            module("o2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v2.version, 2);
+
+    // The owner gives up its wildcard, another function takes a name under it; rolling the
+    // owner back to v2 would take it back: refused, the active version stays.
+    client
+        .push(&manifest("owner", &["shop.localhost"]), module("o3"))
+        .await
+        .unwrap();
+    client
+        .push(&manifest("login", &["login.shop.localhost"]), module("l"))
+        .await
+        .unwrap();
+    let e = client.rollback("owner", None).await.unwrap_err();
+    refused(
+        e,
+        409,
+        &["route \"*.shop.localhost\" is refused", "function `login`"],
+    );
+    assert_eq!(client.versions("owner").await.unwrap().active, 3);
+    server.shutdown().await;
 }

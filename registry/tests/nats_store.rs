@@ -1,6 +1,7 @@
 //! [`NatsStore`] against a real `nats-server -js`: compare-and-set versions under
 //! concurrent writers on two connections, the watch catch-up, a second connection seeing
-//! the same state, and modules refused when their object is damaged or gone.
+//! the same state, modules refused when their object is damaged or gone, and minted tokens
+//! shared (and revoked) across registries.
 
 use std::time::Duration;
 
@@ -226,4 +227,60 @@ async fn a_heartbeat_through_one_connection_is_a_member_on_every_other() {
         })
         .await;
     assert!(matches!(refused, Err(StoreError::Invalid(_))), "{refused:?}");
+}
+
+#[tokio::test]
+async fn tokens_minted_through_one_registry_work_and_are_revoked_on_another() {
+    use atoll_registry::{Backend, Caller, Grant, Registry, RegistryOptions, Scope};
+    let nats = NatsServer::start();
+    let engine = atoll_isolate::Engine::new().unwrap();
+    let registry = |store: NatsStore| {
+        Registry::with_backend(
+            Backend::Nats(store),
+            engine.clone(),
+            "root".into(),
+            RegistryOptions::default(),
+        )
+    };
+    let (one, two) = tokio::join!(NatsStore::connect(&nats.url), NatsStore::connect(&nats.url));
+    let (one, two) = (registry(one.unwrap()), registry(two.unwrap()));
+
+    let created = one
+        .mint(Grant {
+            scope: Scope::Deploy,
+            functions: vec!["shop-*".into()],
+            domains: vec!["*.shop.localhost".parse().unwrap()],
+            node: None,
+            description: "shop".into(),
+        })
+        .await
+        .unwrap();
+    match two.authenticate(&created.token).await.unwrap() {
+        Some(Caller::Token(credential)) => {
+            assert_eq!(credential.id, created.info.id);
+            assert_eq!(credential.grant, created.info.grant);
+        }
+        other => panic!("expected the minted token, got {other:?}"),
+    }
+    assert!(matches!(
+        two.authenticate("root").await.unwrap(),
+        Some(Caller::Root)
+    ));
+    // The same id with another secret.
+    let last = if created.token.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &created.token[..created.token.len() - 1]);
+    assert!(two.authenticate(&forged).await.unwrap().is_none());
+    let listed = two.tokens().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0], created.info);
+    // The bucket holds the hash, never the token.
+    let stored = two.store().credential(&created.info.id).await.unwrap().unwrap();
+    assert_eq!(stored.token_sha256, sha(created.token.as_bytes()));
+    assert!(!serde_json::to_string(&stored).unwrap().contains(&created.token));
+
+    one.revoke(&created.info.id).await.unwrap();
+    assert!(two.authenticate(&created.token).await.unwrap().is_none());
+    assert!(two.tokens().await.unwrap().is_empty());
+    let e = two.revoke(&created.info.id).await.unwrap_err();
+    assert_eq!(e.status(), 404, "{e}");
 }
