@@ -76,6 +76,10 @@ pub struct SoakArgs {
     /// How long a push or rollback may take to answer, and then to be served.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     push_timeout: Duration,
+    /// Misbehaving guests to leave out (neither pushed nor hit), e.g. `random-fill,start-loop`:
+    /// fault, start-loop, start-loop-init, init-grow, random-fill, log-forge.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
     /// The `atoll` binary (default: the one beside this binary; `cargo build --release`).
     #[arg(long)]
     atoll: Option<PathBuf>,
@@ -124,7 +128,19 @@ pub fn run(args: SoakArgs) -> Result<()> {
     );
     let hello = soak_guests::example_wasm("hello")?;
     let echo = soak_guests::example_wasm("echo")?;
-    let hostile = soak_guests::hostile_guests()?;
+    let mut hostile = soak_guests::hostile_guests()?;
+    for name in &args.skip {
+        anyhow::ensure!(
+            hostile.iter().any(|guest| guest.name == name),
+            "--skip {name}: no such guest (known: {})",
+            hostile
+                .iter()
+                .map(|guest| guest.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    hostile.retain(|guest| !args.skip.iter().any(|name| name == guest.name));
     let temporary = match &args.data {
         Some(_) => None,
         None => Some(tempfile::tempdir()?),
@@ -249,7 +265,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
     // The load is over: in-flight work gets a moment, then the node's threads are watched.
     std::thread::sleep(IDLE_GRACE);
     let registry_idle = idle_cpu(registry.pid, Duration::ZERO);
-    let node_idle = idle_cpu(node.pid, IDLE_WINDOW);
+    let node_idle = idle_cpu(node.pid, IDLE_WINDOW).finish();
     let registry_idle = registry_idle.finish();
     let quiet_after = sample(node.pid);
     let kinds_after = fd_kinds(node.pid);
@@ -259,6 +275,10 @@ pub fn run(args: SoakArgs) -> Result<()> {
     drop(node);
     drop(registry);
     let forged = count_forged_lines(&data.join("node.log"));
+    let node_exit = node_exit.map(|exit| match first_panic(&data.join("node.log")) {
+        Some(panic) => format!("{exit}: {panic}"),
+        None => exit,
+    });
 
     let result = SoakResult {
         duration: args.duration,
@@ -273,7 +293,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
         quiet_after,
         kinds_before,
         kinds_after,
-        node_idle: node_idle.finish(),
+        node_idle,
         registry_idle,
         forged,
         node_exit,
@@ -361,11 +381,9 @@ impl Server {
         }
     }
 
-    /// How the process ended, if it did.
+    /// Whether the process ended (it stays a zombie until the bench reaps it).
     fn exited(&self) -> Option<String> {
-        let status = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
-        let state = status.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
-        (state == "Z" || state == "X").then(|| format!("{} exited", self.name))
+        (!alive(self.pid)).then(|| format!("{} exited", self.name))
     }
 }
 
@@ -1031,6 +1049,17 @@ async fn hit(
 // ---------------------------------------------------------------------------------------
 // /proc sampling.
 
+/// Whether `pid` runs: it exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}
+
 /// One reading of a process.
 #[derive(Clone, Copy, Debug)]
 struct ProcSample {
@@ -1154,6 +1183,8 @@ struct IdleReport {
     window: Duration,
     /// The busiest threads: name, tid, share of one core.
     busiest: Vec<(String, u32, f64)>,
+    /// The process was gone at the end of the window: nothing was measured.
+    gone: bool,
 }
 
 /// Starts measuring `pid`'s threads; blocks for `window` (zero: measure until `finish`).
@@ -1182,14 +1213,26 @@ impl IdleCpu {
             .filter(|(_, _, used)| *used > 0.0)
             .collect();
         busiest.sort_by(|a, b| b.2.total_cmp(&a.2));
-        let total = busiest.iter().map(|(_, _, used)| used).sum();
+        // `+ 0.0`: an empty float sum is -0.0.
+        let total = busiest.iter().map(|(_, _, used)| used).sum::<f64>() + 0.0;
         busiest.truncate(3);
         IdleReport {
             total,
             window,
             busiest,
+            gone: !alive(self.pid),
         }
     }
+}
+
+/// The first panic in a log: its location line and message, on one line.
+fn first_panic(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let mut lines = text.lines();
+    let at = lines.find(|line| line.starts_with("thread '") && line.contains("panicked at"))?;
+    let message = lines.next().unwrap_or_default();
+    Some(clip(&format!("{at} {message}"), 300))
 }
 
 /// Lines of the node's log that a guest forged (they start with [`FORGED_LOG_PREFIX`]).
@@ -1271,6 +1314,10 @@ async fn soak(
     ));
     let hostile_tasks: Vec<_> = soak_guests::hostile_targets()
         .into_iter()
+        .filter(|target| {
+            let guest = target.host.trim_end_matches(".localhost");
+            !args.skip.iter().any(|name| name == guest)
+        })
         .map(|target| {
             tokio::spawn(hit(
                 target,
@@ -1526,6 +1573,13 @@ fn idle_verdict(promise: &'static str, idle: &IdleReport) -> Verdict {
         .map(|(name, tid, used)| format!("{name}[{tid}] {:.1}%", used * 100.0))
         .collect::<Vec<_>>()
         .join(", ");
+    if idle.gone {
+        return Verdict {
+            promise,
+            held: false,
+            detail: "the process was gone after the load".into(),
+        };
+    }
     Verdict {
         promise,
         held: idle.total <= IDLE_CPU_LIMIT,
@@ -1871,6 +1925,8 @@ mod tests {
 
     #[test]
     fn samples_this_process() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX));
         let me = sample(std::process::id()).unwrap();
         assert!(me.rss_kib > 0 && me.fds > 0 && me.threads > 0, "{me:?}");
         assert!(!thread_ticks(std::process::id()).is_empty());
@@ -1891,7 +1947,7 @@ mod tests {
         let busy = idle_cpu(std::process::id(), Duration::from_millis(500)).finish();
         stop.store(true, Ordering::Relaxed);
         spinner.join().unwrap();
-        assert!(busy.total > 0.5, "{busy:?}");
+        assert!(!busy.gone && busy.total > 0.5, "{busy:?}");
         assert!(!idle_verdict("spin", &busy).held);
     }
 
