@@ -92,13 +92,18 @@ pub struct SoakArgs {
     json: bool,
 }
 
-/// RSS is flat when the median sample of the last quarter of the run is at most this much
-/// above the median of the second quarter: the larger of an absolute and a relative margin.
+/// RSS is flat when the lower of the last quarter's median sample and the RSS after the load
+/// is at most this much above the second quarter's median (the first is warm-up): the larger
+/// of an absolute and a relative margin.
 const RSS_TOLERANCE_MIB: f64 = 32.0;
 const RSS_TOLERANCE_RATIO: f64 = 0.20;
 /// Open fds are flat when, once the load is over, the node holds at most this many more
 /// than before it began.
 const FD_TOLERANCE: i64 = 8;
+/// When, after the load stops, the node's fds are counted again: past tokio's 10 s
+/// keep-alive of idle blocking threads, so that threads (and what they hold) that served the
+/// load have gone.
+const FD_SETTLE: Duration = Duration::from_secs(12);
 /// Time given to in-flight work after the load stops, before the idle window.
 const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// The window over which the node's CPU is measured after the load.
@@ -263,10 +268,12 @@ pub fn run(args: SoakArgs) -> Result<()> {
     ))?;
 
     // The load is over: in-flight work gets a moment, then the node's threads are watched.
+    let load_ended = Instant::now();
     std::thread::sleep(IDLE_GRACE);
     let registry_idle = idle_cpu(registry.pid, Duration::ZERO);
     let node_idle = idle_cpu(node.pid, IDLE_WINDOW).finish();
     let registry_idle = registry_idle.finish();
+    std::thread::sleep(FD_SETTLE.saturating_sub(load_ended.elapsed()));
     let quiet_after = sample(node.pid);
     let kinds_after = fd_kinds(node.pid);
     let node_exit = node.exited();
@@ -1107,7 +1114,8 @@ fn fd_kinds(pid: u32) -> BTreeMap<String, u64> {
 }
 
 /// What an fd's `/proc/PID/fd` link names, without what tells two of a kind apart:
-/// `socket`, `pipe`, `anon_inode:[eventfd]`, `memfd:NAME`, or a file's directory.
+/// `socket`, `pipe`, `anon_inode:[eventfd]`, `memfd:NAME`, `/proc/N/…`, or a file's
+/// directory.
 fn fd_kind(target: &str) -> String {
     if target.starts_with("anon_inode:") {
         return target.to_string();
@@ -1117,6 +1125,20 @@ fn fd_kind(target: &str) -> String {
     }
     if let Some((kind, _)) = target.split_once(":[") {
         return kind.to_string();
+    }
+    if target.starts_with("/proc/") {
+        // Which file of which process: `/proc/N/task/N/stat`.
+        return target
+            .split('/')
+            .map(|part| {
+                if !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_digit()) {
+                    "N"
+                } else {
+                    part
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
     }
     match Path::new(target).parent() {
         Some(parent) => format!("{}/", parent.display()),
@@ -1517,17 +1539,25 @@ fn verdicts(result: &SoakResult) -> Vec<Verdict> {
     // the reference.
     let first = median_rss_in(&result.samples, result.elapsed, 0.25, 0.5);
     let last = median_rss_in(&result.samples, result.elapsed, 0.75, 1.0);
-    verdicts.push(match (first, last) {
-        (Some(first), Some(last)) => {
+    let after = result.quiet_after.map(|after| after.rss_kib);
+    // A leak stays after the load; a guest in flight lifts a sample only while it runs. So
+    // the end is the lower of the last quarter's median and the RSS once the load is over.
+    let end = match (last, after) {
+        (Some(last), Some(after)) => Some(last.min(after)),
+        (last, after) => last.or(after),
+    };
+    verdicts.push(match (first, end) {
+        (Some(first), Some(end)) => {
             let margin = (mib(first) * RSS_TOLERANCE_RATIO).max(RSS_TOLERANCE_MIB);
             Verdict {
                 promise: "rss flat",
-                held: mib(last) <= mib(first) + margin,
+                held: mib(end) <= mib(first) + margin && result.node_exit.is_none(),
                 detail: format!(
-                    "median of the second quarter {:.1} MiB, of the last quarter {:.1} MiB; \
-                     tolerance +{margin:.1} MiB (max of {RSS_TOLERANCE_MIB} MiB and {:.0}%)",
+                    "median of the second quarter {:.1} MiB; median of the last quarter {}, after the \
+                     load {}; tolerance +{margin:.1} MiB (max of {RSS_TOLERANCE_MIB} MiB and {:.0}%)",
                     mib(first),
-                    mib(last),
+                    last.map_or("-".into(), |kib| format!("{:.1} MiB", mib(kib))),
+                    after.map_or("-".into(), |kib| format!("{:.1} MiB", mib(kib))),
                     RSS_TOLERANCE_RATIO * 100.0
                 ),
             }
@@ -1546,8 +1576,10 @@ fn verdicts(result: &SoakResult) -> Vec<Verdict> {
                 promise: "fds flat",
                 held: grown <= FD_TOLERANCE,
                 detail: format!(
-                    "{} open before the load, {} after it ({grown:+}); tolerance +{FD_TOLERANCE}",
-                    result.quiet_before.fds, after.fds
+                    "{} open before the load, {} {} s after it ({grown:+}); tolerance +{FD_TOLERANCE}",
+                    result.quiet_before.fds,
+                    after.fds,
+                    FD_SETTLE.as_secs()
                 ),
             }
         }
@@ -1995,6 +2027,7 @@ mod tests {
         assert_eq!(fd_kind("anon_inode:[eventfd]"), "anon_inode:[eventfd]");
         assert_eq!(fd_kind("/memfd:image-hello (deleted)"), "memfd:image-hello");
         assert_eq!(fd_kind("/tmp/x/node/cache/abc.bin"), "/tmp/x/node/cache/");
+        assert_eq!(fd_kind("/proc/4242/task/4250/stat"), "/proc/N/task/N/stat");
     }
 
     #[test]
