@@ -826,7 +826,7 @@ async fn churn_loop(
         if !config.running() {
             break;
         }
-        let function = if step % 2 == 0 { "hello" } else { "echo" };
+        let function = if step.is_multiple_of(2) { "hello" } else { "echo" };
         let rollback = (step / 2) % 2 == 1;
         step += 1;
         let changed = if rollback {
@@ -1353,13 +1353,9 @@ async fn soak(
 
     // Sample until the time is up.
     let mut samples = Vec::new();
-    let totals = |loads: &[(
-        Protocol,
-        Function,
-        Arc<Tally>,
-        Vec<tokio::task::JoinHandle<Vec<u32>>>,
-    )]| {
-        loads.iter().fold((0, 0), |(sent, failed), (_, _, tally, _)| {
+    let tallies: Vec<Arc<Tally>> = loads.iter().map(|(_, _, tally, _)| Arc::clone(tally)).collect();
+    let totals = || {
+        tallies.iter().fold((0, 0), |(sent, failed), tally| {
             (
                 sent + tally.sent.load(Ordering::Relaxed),
                 failed + tally.failed.load(Ordering::Relaxed),
@@ -1371,7 +1367,7 @@ async fn soak(
     let mut previous: Option<(Instant, u64)> = None;
     loop {
         ticks.tick().await;
-        let (sent, failed) = totals(&loads);
+        let (sent, failed) = totals();
         let node = sample(node_pid);
         let now = Instant::now();
         let node_cpu = match (previous, node) {
