@@ -179,7 +179,7 @@ async fn load(
 }
 
 /// TLS 1.3 with ALPN `h3`, trusting `ca_der` alone.
-fn client_config(ca_der: CertificateDer<'static>) -> anyhow::Result<quinn::ClientConfig> {
+pub fn client_config(ca_der: CertificateDer<'static>) -> anyhow::Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_der).context("the CA certificate")?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -193,14 +193,15 @@ fn client_config(ca_der: CertificateDer<'static>) -> anyhow::Result<quinn::Clien
 }
 
 /// One HTTP/3 connection: its endpoint (own socket) and the h3 request handle.
-struct Connection {
+pub struct Connection {
     _endpoint: quinn::Endpoint,
     quic: quinn::Connection,
     send_request: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     driver: tokio::task::JoinHandle<()>,
 }
 
-async fn connect(
+/// Opens an HTTP/3 connection to `addr` for `server_name` from a socket of its own.
+pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
     config: quinn::ClientConfig,
@@ -225,12 +226,24 @@ async fn connect(
 }
 
 impl Connection {
+    /// A handle to send requests on this connection (one per concurrent stream).
+    pub fn sender(&self) -> h3::client::SendRequest<h3_quinn::OpenStreams, Bytes> {
+        self.send_request.clone()
+    }
+
+    /// Closes the connection and stops its driver.
+    pub fn close(self) {
+        drop(self.send_request);
+        self.quic.close(0u32.into(), b"done");
+        self.driver.abort();
+    }
+
     /// Runs `streams` workers on this connection until the budget is spent; returns the
     /// latencies of the successful requests.
     async fn drive(self, uri: http::Uri, streams: usize, budget: Budget, tally: Arc<Tally>) -> Vec<u32> {
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..streams {
-            let mut send_request = self.send_request.clone();
+            let mut send_request = self.sender();
             let uri = uri.clone();
             let tally = Arc::clone(&tally);
             workers.spawn(async move {
@@ -254,9 +267,7 @@ impl Connection {
                 Err(error) => tally.fail(format!("worker: {error}")),
             }
         }
-        drop(self.send_request);
-        self.quic.close(0u32.into(), b"done");
-        self.driver.abort();
+        self.close();
         latencies
     }
 }
@@ -266,13 +277,39 @@ async fn get(
     send_request: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     uri: &http::Uri,
 ) -> anyhow::Result<()> {
-    let request = http::Request::get(uri.clone()).body(())?;
-    let mut stream = send_request.send_request(request).await.context("send request")?;
+    let (status, _) = request(send_request, http::Method::GET, uri, None).await?;
+    anyhow::ensure!(status.is_success(), "status {status}");
+    Ok(())
+}
+
+/// One request with an optional body; returns the status and the whole response body.
+pub async fn request(
+    send_request: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    method: http::Method,
+    uri: &http::Uri,
+    body: Option<Bytes>,
+) -> anyhow::Result<(http::StatusCode, Vec<u8>)> {
+    let mut builder = http::Request::builder().method(method).uri(uri.clone());
+    if let Some(body) = &body {
+        builder = builder.header(http::header::CONTENT_LENGTH, body.len());
+    }
+    let mut stream = send_request
+        .send_request(builder.body(())?)
+        .await
+        .context("send request")?;
+    if let Some(body) = body {
+        stream.send_data(body).await.context("send body")?;
+    }
     stream.finish().await.context("finish request")?;
     let response = stream.recv_response().await.context("receive response")?;
+    let mut received = Vec::new();
     while let Some(mut chunk) = stream.recv_data().await.context("receive body")? {
-        chunk.advance(chunk.remaining());
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            received.extend_from_slice(part);
+            let read = part.len();
+            chunk.advance(read);
+        }
     }
-    anyhow::ensure!(response.status().is_success(), "status {}", response.status());
-    Ok(())
+    Ok((response.status(), received))
 }

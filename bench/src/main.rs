@@ -14,6 +14,9 @@
 //!
 //! `atoll-bench tls`: TLS handshakes/s against bare rustls, HTTPS against cleartext
 //! keep-alive, HTTP/3 against HTTP/2.
+//!
+//! `atoll-bench soak`: no baseline but the promises themselves — mixed load with churn and
+//! hostile guests beside it; failures, the node's RSS and fd curve, and idle CPU after it.
 
 mod cluster_scenario;
 mod h3_load;
@@ -21,6 +24,8 @@ mod http_scenario;
 mod isolate_scenario;
 mod latency;
 mod scaling_scenario;
+mod soak_guests;
+mod soak_scenario;
 mod tls_scenario;
 mod wasm_modules;
 mod wasmtime_pooling;
@@ -50,6 +55,9 @@ enum Scenario {
     Tls(tls_scenario::TlsArgs),
     /// Latency a forward to a peer adds, and time from a home's crash to the first success.
     Cluster(cluster_scenario::ClusterArgs),
+    /// Minutes of mixed load with pushes, rollbacks and hostile guests beside it: zero
+    /// failures, flat RSS and fds, no thread left spinning.
+    Soak(soak_scenario::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +67,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Scaling(args) => scaling_scenario::run(args),
         Scenario::Tls(args) => tls_scenario::run(args),
         Scenario::Cluster(args) => cluster_scenario::run(args),
+        Scenario::Soak(args) => soak_scenario::run(args),
     }
 }
