@@ -130,13 +130,28 @@ fn a_looping_start_function_with_reserved_instances_stops_nothing_else() {
     push_ok(&cluster.url, &manifest);
     // Pushed after it: served although the spinner's reserved instance cannot be made.
     push_ok(&cluster.url, &example("hello"));
-    wait_for_text(&cluster.http, "hello.localhost", "/", &hello_body("hello.localhost"));
+    wait_for_text(
+        &cluster.http,
+        "hello.localhost",
+        "/",
+        &hello_body("hello.localhost"),
+    );
     // The spinner's requests end at its timeout, and the node goes on serving.
-    let spinner_served = wait_for_body(&cluster.http, "spinner.localhost", "/", |r| r.status != 404, STARTUP);
+    let spinner_served = wait_for_body(
+        &cluster.http,
+        "spinner.localhost",
+        "/",
+        |r| r.status != 404,
+        STARTUP,
+    );
     assert_eq!(spinner_served.status, 504, "{}", spinner_served.text());
     let started = Instant::now();
     assert_eq!(get(&cluster.http, "spinner.localhost", "/").status, 504);
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(get(&cluster.http, "hello.localhost", "/").status, 200);
 }
 

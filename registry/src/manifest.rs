@@ -681,7 +681,12 @@ timeout = "10s"
             .map(|i| format!("\"{}{i}.example.com{path}\"", "a".repeat(60)))
             .collect();
         let env: String = (0..MAX_ENV_ENTRIES)
-            .map(|i| format!("K{i:03} = \"{}\"\n", "v".repeat(MAX_ENV_BYTES / MAX_ENV_ENTRIES - 8)))
+            .map(|i| {
+                format!(
+                    "K{i:03} = \"{}\"\n",
+                    "v".repeat(MAX_ENV_BYTES / MAX_ENV_ENTRIES - 8)
+                )
+            })
             .collect();
         let text = format!(
             "name = \"{}\"\nwasm = \"x.wasm\"\nroutes = [{}]\n[env]\n{env}",
@@ -691,7 +696,10 @@ timeout = "10s"
         let manifest = Manifest::parse(&text).unwrap();
         let line = serde_json::to_vec(&manifest).unwrap();
         assert!(line.len() < crate::client::MAX_LINE / 16, "{} bytes", line.len());
-        let too_long = format!("name = \"x\"\nwasm = \"x.wasm\"\nroutes = [\"a.com/{}\"]\n", "p".repeat(MAX_ROUTE_LEN));
+        let too_long = format!(
+            "name = \"x\"\nwasm = \"x.wasm\"\nroutes = [\"a.com/{}\"]\n",
+            "p".repeat(MAX_ROUTE_LEN)
+        );
         assert!(error(&too_long).contains("at most 2048 are allowed"));
     }
 

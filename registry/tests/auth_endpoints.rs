@@ -32,6 +32,9 @@ const ENDPOINTS: &[(&str, &str, &str)] = &[
     ("GET", "/v1/watch", "/v1/watch?since=0"),
     ("GET", "/v1/nodes", "/v1/nodes"),
     ("PUT", "/v1/nodes/{name}", "/v1/nodes/intruder"),
+    ("POST", "/v1/tokens", "/v1/tokens"),
+    ("GET", "/v1/tokens", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/{id}", "/v1/tokens/TOKEN_ID"),
 ];
 
 /// The `(method, path)` pairs `api.rs` routes: each `.route("PATH", get(h).post(h)…)`.
@@ -99,6 +102,7 @@ struct Snapshot {
     members: Vec<String>,
     revision: u64,
     blobs: usize,
+    tokens: Vec<String>,
 }
 
 async fn snapshot(client: &RegistryClient, data: &std::path::Path) -> Snapshot {
@@ -136,12 +140,14 @@ async fn snapshot(client: &RegistryClient, data: &std::path::Path) -> Snapshot {
         }
     };
     let blobs = std::fs::read_dir(data.join("blobs/sha256")).unwrap().count();
+    let tokens = client.tokens().await.unwrap().into_iter().map(|t| t.id).collect();
     Snapshot {
         functions,
         versions,
         members,
         revision,
         blobs,
+        tokens,
     }
 }
 
@@ -186,7 +192,13 @@ async fn every_v1_endpoint_needs_the_token_and_changes_nothing_without_it() {
         .push(&manifest("echo", "echo.example"), module("v2"))
         .await
         .unwrap();
+    // A scoped token a refused DELETE would revoke, and a POST would add to.
+    client
+        .create_token(&serde_json::from_value(serde_json::json!({ "scope": "node" })).unwrap())
+        .await
+        .unwrap();
     let before = snapshot(&client, data.path()).await;
+    assert_eq!(before.tokens.len(), 1);
     assert_eq!(before.functions[0].1, 2);
 
     // A heartbeat the registry would take (see membership::NodeAnnouncement).
@@ -197,7 +209,9 @@ async fn every_v1_endpoint_needs_the_token_and_changes_nothing_without_it() {
         "in_flight": 0,
     });
     for (method, _, target) in ENDPOINTS {
-        let target = target.replace("SHA", &v2.sha256);
+        let target = target
+            .replace("SHA", &v2.sha256)
+            .replace("TOKEN_ID", &before.tokens[0]);
         for (credential, expected_error) in [
             (None, "missing bearer token"),
             (Some("wrong-token"), "invalid token"),
@@ -209,6 +223,7 @@ async fn every_v1_endpoint_needs_the_token_and_changes_nothing_without_it() {
                         .text("manifest", manifest("intruder", "intruder.example"))
                         .part("module", reqwest::multipart::Part::bytes(module("x"))),
                 ),
+                "POST" if target == "/v1/tokens" => request.json(&serde_json::json!({ "scope": "admin" })),
                 "POST" => request.json(&serde_json::json!({ "to": 1 })),
                 "PUT" => request.json(&announcement),
                 _ => request,
