@@ -535,8 +535,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Nodes { client } => {
             let nodes = client.client()?.nodes().await?;
             println!(
-                "{:<20} {:<12} {:<9} {:>8} {:>9}  ADDRESS",
-                "NAME", "REGION", "HEALTH", "AGE", "IN-FLIGHT"
+                "{:<20} {:<12} {:<9} {:>8} {:>9}  {:<16} ADDRESS",
+                "NAME", "REGION", "HEALTH", "AGE", "IN-FLIGHT", "SYNC"
             );
             for node in nodes {
                 let address = node
@@ -544,8 +544,13 @@ async fn run(command: Command) -> Result<()> {
                     .http
                     .or(node.announcement.https)
                     .map_or_else(|| "-".to_string(), |address| address.to_string());
+                // In sync, or how far behind: revisions not applied, versions quarantined.
+                let sync = match (node.announcement.sync_lag, node.announcement.quarantined) {
+                    (0, 0) => "ok".to_string(),
+                    (lag, quarantined) => format!("lag={lag},q={quarantined}"),
+                };
                 println!(
-                    "{:<20} {:<12} {:<9} {:>8} {:>9}  {address}",
+                    "{:<20} {:<12} {:<9} {:>8} {:>9}  {sync:<16} {address}",
                     node.announcement.name,
                     node.announcement.region,
                     node.health.as_str(),

@@ -92,6 +92,11 @@ fn a_version_no_node_can_load_is_quarantined_and_the_rest_is_served() {
         metric_value(&metrics(&node.admin), "atoll_sync_quarantined", &[]),
         Some(1.0)
     );
+    // The operator sees it in `atoll nodes` too (the node's heartbeat carries it).
+    wait_until("atoll nodes shows the quarantined version", || {
+        let output = atoll(&["nodes", "--registry", &url]);
+        stdout(&output).lines().any(|line| line.starts_with("e2e ") && line.contains("q=1"))
+    });
 
     // A version that fits replaces the quarantined one, and the node is in sync again.
     let fixed = write_function(

@@ -168,6 +168,8 @@ pub(crate) mod tests {
                 in_flight: 0,
                 free_capacity: 10,
                 draining: health == Health::Draining,
+                sync_lag: 0,
+                quarantined: 0,
             },
             age_ms: 100,
             health,

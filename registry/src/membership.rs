@@ -42,6 +42,12 @@ pub struct NodeAnnouncement {
     /// Taken out of rotation: finishes what it has, takes nothing new.
     #[serde(default)]
     pub draining: bool,
+    /// Revisions its route table is behind its source (see the node's `GET /sync`).
+    #[serde(default)]
+    pub sync_lag: u64,
+    /// Versions it could not load and retries (quarantined).
+    #[serde(default)]
+    pub quarantined: u32,
 }
 
 /// A member as listed: its last announcement and how old it is.
@@ -151,6 +157,8 @@ mod tests {
             in_flight: 0,
             free_capacity: 10,
             draining,
+            sync_lag: 0,
+            quarantined: 0,
         }
     }
 

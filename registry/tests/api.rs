@@ -468,6 +468,8 @@ fn announcement(name: &str) -> NodeAnnouncement {
         in_flight: 0,
         free_capacity: 1,
         draining: false,
+        sync_lag: 0,
+        quarantined: 0,
     }
 }
 

@@ -175,6 +175,8 @@ async fn a_heartbeat_through_one_connection_is_a_member_on_every_other() {
         in_flight: 2,
         free_capacity: 5,
         draining: false,
+        sync_lag: 0,
+        quarantined: 0,
     };
     one.announce(&announcement).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -756,6 +756,8 @@ mod tests {
                 in_flight: 0,
                 free_capacity: 0,
                 draining: health == Health::Draining,
+                sync_lag: 0,
+                quarantined: 0,
             },
             age_ms: 0,
             health,

@@ -217,10 +217,13 @@ async fn heartbeat(
             .iter()
             .map(|served| served.pool.instances().0 as u64)
             .sum();
+        let sync = routing.sync_status();
         let announcement = NodeAnnouncement {
             in_flight: service.in_flight(),
             free_capacity,
             draining: cluster.is_draining(),
+            sync_lag: sync.lag(),
+            quarantined: sync.quarantined.len() as u32,
             ..template.clone()
         };
         let delivery = tokio::time::timeout(HEARTBEAT_INTERVAL * 2, membership.announce(&announcement)).await;
@@ -364,6 +367,8 @@ pub async fn run(
         in_flight: 0,
         free_capacity: 0,
         draining: false,
+        sync_lag: 0,
+        quarantined: 0,
     };
     let mut tasks = Vec::new();
     let mut servers = Vec::new();

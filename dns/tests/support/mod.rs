@@ -65,6 +65,8 @@ pub fn node(name: &str, region: &str, http: &str, draining: bool) -> NodeAnnounc
         in_flight: 0,
         free_capacity: 8,
         draining,
+        sync_lag: 0,
+        quarantined: 0,
     }
 }
 
