@@ -19,7 +19,7 @@ use crate::h1_guard::{H1Limits, H1Validator, Stage, Violation};
 use crate::quic::{FrameLimit, FrameTooLarge};
 
 /// Proptest's configuration with `cases` unless `PROPTEST_CASES` says otherwise.
-fn config(cases: u32) -> ProptestConfig {
+pub(crate) fn config(cases: u32) -> ProptestConfig {
     let mut config = ProptestConfig::default();
     if std::env::var_os("PROPTEST_CASES").is_none() {
         config.cases = cases;
@@ -418,8 +418,9 @@ impl Request {
     }
 }
 
-/// A connection's bytes: requests from the grammar or a seed, then byte mutations.
-fn h1_stream() -> impl Strategy<Value = Vec<u8>> {
+/// A connection's bytes: requests from the grammar or a seed, then byte mutations. Also
+/// drives the `GuardedIo` target in `h1_guard`'s tests.
+pub(crate) fn h1_stream() -> impl Strategy<Value = Vec<u8>> {
     let seeds = corpus("h1");
     let from_grammar = prop::collection::vec(request(), 1..4).prop_map(|requests| {
         let mut out = Vec::new();

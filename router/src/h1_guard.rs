@@ -2030,6 +2030,48 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::fuzz::config(2000))]
+
+        /// Fuzz target for the I/O half (see `crate::fuzz`): whatever the stream, its cuts and
+        /// the read sizes, the reader gets exactly the bytes the validator released, then the
+        /// synthetic request for a refused head, or a failed read for refused chunk framing.
+        #[test]
+        fn fuzz_guarded_io_hands_on_exactly_what_the_validator_released(
+            stream in crate::fuzz::h1_stream(),
+            cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..4),
+            read_size in proptest::sample::select(&[1usize, 7, 24, 8192][..]),
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let (outcome, validator) = feed_whole(&stream);
+            let released = &stream[..validator.release_to() as usize];
+            let (received, end, state) = read_guarded(&stream, &cuts, read_size);
+            match outcome {
+                Ok(()) => {
+                    assert!(received == released, "{:?}", String::from_utf8_lossy(&stream));
+                    assert_eq!(end, ReadEnd::Eof);
+                }
+                Err(violation) => {
+                    let mut expected = released.to_vec();
+                    let expected_end = match violation.stage {
+                        Stage::Head => {
+                            expected.extend_from_slice(SYNTHETIC_REQUEST);
+                            ReadEnd::Pending
+                        }
+                        Stage::Body => ReadEnd::Error(io::ErrorKind::InvalidData),
+                    };
+                    assert!(received == expected, "{:?}", String::from_utf8_lossy(&stream));
+                    assert_eq!(end, expected_end, "{:?}", String::from_utf8_lossy(&stream));
+                    assert_eq!(
+                        state.rejection_for(violation.request_index),
+                        Some(violation.rejection)
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn guarded_io_hands_a_refused_head_over_as_the_synthetic_request() {
         let good =
