@@ -490,6 +490,9 @@ proptest! {
 // Modules
 // ---------------------------------------------------------------------------------------
 
+/// The engine every case starts from; each case compiles on its own [`Engine::scratch`], as
+/// wasmer keeps an engine's compiled code until the engine is dropped (thousands of cases on
+/// one engine reach `vm.max_map_count`).
 static ENGINE: LazyLock<Engine> = LazyLock::new(|| Engine::new().unwrap());
 
 #[derive(Debug, Clone, Copy)]
@@ -784,8 +787,13 @@ fn bits(value: &Value) -> u128 {
 
 /// Instantiates `module` (no imports), with `plan` armed when given, then calls `call` if
 /// named. `Err` when instantiation or the call fails.
-fn run_module(module: &Module, plan: Option<&MemoryPlan>, call: Option<&str>) -> Result<State, String> {
-    let mut store = Store::new(ENGINE.wasmer().clone());
+fn run_module(
+    engine: &Engine,
+    module: &Module,
+    plan: Option<&MemoryPlan>,
+    call: Option<&str>,
+) -> Result<State, String> {
+    let mut store = Store::new(engine.wasmer().clone());
     let instance = {
         let mut instantiate = || Instance::new(&mut store, module, &imports! {}).map_err(|e| e.to_string());
         match plan {
@@ -853,19 +861,19 @@ fn shape(wasm: &[u8]) -> Option<Shape> {
 /// Compiling and the memory image: never a panic; an accepted module is a WCGI program; the
 /// image gives the memory stock wasmer gives (instantiated only when no guest code runs at
 /// instantiation or the module comes from the grammar, whose code always ends).
-fn check_module(wasm: &[u8], may_run_start: bool) -> Option<Module> {
+fn check_module(engine: &Engine, wasm: &[u8], may_run_start: bool) -> Option<Module> {
     let image = MemoryImage::from_wasm(wasm);
     let _ = cow_memory::declared_minimum_bytes(wasm);
-    let module = match ENGINE.compile(wasm) {
+    let module = match engine.compile(wasm) {
         Err(IsolateError::Invalid(message)) => {
             assert!(!message.is_empty());
-            assert!(ENGINE.validate(wasm).is_err());
+            assert!(engine.validate(wasm).is_err());
             return None;
         }
         Err(other) => panic!("a module is refused as Invalid, not {other:?}"),
         Ok(module) => module,
     };
-    assert!(ENGINE.validate(wasm).is_ok());
+    assert!(engine.validate(wasm).is_ok());
     let Shape {
         imports,
         exports,
@@ -885,12 +893,12 @@ fn check_module(wasm: &[u8], may_run_start: bool) -> Option<Module> {
         assert!(image.len() as u64 <= declared);
     }
     if imports.is_empty() && (may_run_start || !start) {
-        let stock = run_module(&module, None, None);
+        let stock = run_module(engine, &module, None, None);
         let plan = MemoryPlan {
             image: image.clone(),
             max_bytes: None,
         };
-        let with_image = run_module(&module, Some(&plan), None);
+        let with_image = run_module(engine, &module, Some(&plan), None);
         match (&stock, &with_image) {
             (Ok(stock), Ok(with_image)) => {
                 assert!(stock == with_image, "the image differs from stock wasmer")
@@ -903,7 +911,8 @@ fn check_module(wasm: &[u8], may_run_start: bool) -> Option<Module> {
 }
 
 fn check_preinitialize(spec: &ModuleSpec, wasm: &[u8]) {
-    let Some(original) = check_module(wasm, true) else {
+    let engine = &ENGINE.scratch().unwrap();
+    let Some(original) = check_module(engine, wasm, true) else {
         return;
     };
     let init_export = match spec.init_exports {
@@ -911,7 +920,7 @@ fn check_preinitialize(spec: &ModuleSpec, wasm: &[u8]) {
         2 => Some("atoll_init"),
         _ => Some("wizer.initialize"),
     };
-    match snapshot::preinitialize(&ENGINE, wasm, &[]) {
+    match snapshot::preinitialize(engine, wasm, &[]) {
         Err(IsolateError::Invalid(message)) => {
             assert!(!message.contains("this is a bug"), "{message}");
         }
@@ -930,9 +939,10 @@ fn check_preinitialize(spec: &ModuleSpec, wasm: &[u8]) {
                     .any(|e| snapshot::INIT_EXPORTS.contains(&e.as_str()))
             );
             assert!(!exports.iter().any(|e| e.starts_with("__atoll_snapshot_")));
-            let module = check_module(&rewritten, true).expect("the rewritten module compiles");
-            let before = run_module(&original, None, Some(ran.as_str())).expect("init ran at preinitialize");
-            let after = run_module(&module, None, None).expect("the rewritten module instantiates");
+            let module = check_module(engine, &rewritten, true).expect("the rewritten module compiles");
+            let before =
+                run_module(engine, &original, None, Some(ran.as_str())).expect("init ran at preinitialize");
+            let after = run_module(engine, &module, None, None).expect("the rewritten module instantiates");
             assert!(before == after, "the snapshot differs from the state after init");
         }
     }
@@ -941,7 +951,7 @@ fn check_preinitialize(spec: &ModuleSpec, wasm: &[u8]) {
 proptest! {
     #![proptest_config(ProptestConfig {
         max_shrink_iters: 200,
-        ..config(500)
+        ..config(1000)
     })]
 
     #[test]
@@ -954,7 +964,7 @@ proptest! {
     #[test]
     fn fuzz_module_checks(spec in module_spec(), mutations in mutations(4)) {
         let wasm = mutate(spec.wasm(), &mutations);
-        check_module(&wasm, false);
+        check_module(&ENGINE.scratch().unwrap(), &wasm, false);
     }
 }
 
@@ -962,9 +972,10 @@ proptest! {
 fn fuzz_module_seeds() {
     for seed in corpus("modules") {
         let wasm = wasmer::wat2wasm(&seed).unwrap().into_owned();
-        check_module(&wasm, true);
-        if let Ok(Preinit::Rewritten { wasm: rewritten, .. }) = snapshot::preinitialize(&ENGINE, &wasm, &[]) {
-            check_module(&rewritten, true).unwrap();
+        let engine = &ENGINE.scratch().unwrap();
+        check_module(engine, &wasm, true);
+        if let Ok(Preinit::Rewritten { wasm: rewritten, .. }) = snapshot::preinitialize(engine, &wasm, &[]) {
+            check_module(engine, &rewritten, true).unwrap();
         }
     }
 }
