@@ -41,9 +41,9 @@ pub struct CgiRequest {
     pub body: Bytes,
 }
 
-/// The CGI environment for `request`, with the function's own `[env]` underneath: a request
-/// can never override the manifest's variables with CGI ones of the same name, and the
-/// manifest cannot fake request metadata (CGI names win).
+/// The CGI environment for `request`, with the function's own `[env]` underneath: the
+/// manifest cannot fake request metadata, so its variables named like request ones
+/// ([`is_request_variable`]: the CGI names and `HTTP_*`) are left out.
 pub fn environment(request: &CgiRequest, function_env: &[(String, String)]) -> Vec<(String, String)> {
     let path_info = percent_decode(&request.raw_path);
     let relative = request
@@ -115,13 +115,44 @@ pub fn environment(request: &CgiRequest, function_env: &[(String, String)]) -> V
         cgi.push((key, joined));
     }
 
+    // A name the request may set is the request's even when this request does not set it:
+    // otherwise `[env]` could show `HTTPS` on a plain-HTTP request or an `HTTP_COOKIE` the
+    // client never sent (found by fuzzing).
     let mut merged: Vec<(String, String)> = function_env
         .iter()
-        .filter(|(key, _)| !cgi.iter().any(|(cgi_key, _)| cgi_key == key))
+        .filter(|(key, _)| !is_request_variable(key))
         .cloned()
         .collect();
     merged.extend(cgi);
     merged
+}
+
+/// The variables [`environment`] may set from a request besides `HTTP_*`.
+const REQUEST_VARIABLES: [&str; 19] = [
+    "GATEWAY_INTERFACE",
+    "SERVER_SOFTWARE",
+    "SERVER_PROTOCOL",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "REQUEST_METHOD",
+    "SCRIPT_NAME",
+    "PATH_INFO",
+    "QUERY_STRING",
+    "REQUEST_URI",
+    "REMOTE_ADDR",
+    "REMOTE_PORT",
+    "X_MATCHED_ROUTE",
+    "X_FULL_URL",
+    "X_RAW_PATH_INFO",
+    "X_RELATIVE_PATH",
+    "HTTPS",
+    "CONTENT_TYPE",
+    "CONTENT_LENGTH",
+];
+
+/// Whether `name` is a variable a request may set, which a function's own `[env]` cannot.
+pub fn is_request_variable(name: &str) -> bool {
+    name.starts_with("HTTP_") || REQUEST_VARIABLES.contains(&name)
 }
 
 fn lossy(value: &HeaderValue) -> String {
@@ -130,6 +161,8 @@ fn lossy(value: &HeaderValue) -> String {
 
 /// Decodes `%XX` escapes; invalid escapes are kept as written and invalid UTF-8 is replaced,
 /// so a guest always gets a readable `PATH_INFO` (the exact bytes are in `X_RAW_PATH_INFO`).
+/// `%00` is kept as written too: the environment reaches the guest as NUL-terminated
+/// `KEY=VALUE` entries, so a decoded NUL would cut `PATH_INFO` short there (found by fuzzing).
 pub fn percent_decode(raw: &str) -> String {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -138,6 +171,7 @@ pub fn percent_decode(raw: &str) -> String {
         if bytes[index] == b'%'
             && index + 2 < bytes.len()
             && let (Some(high), Some(low)) = (hex_value(bytes[index + 1]), hex_value(bytes[index + 2]))
+            && (high, low) != (0, 0)
         {
             out.push(high << 4 | low);
             index += 3;
@@ -447,11 +481,16 @@ mod tests {
         let function_env = vec![
             ("GREETING".to_string(), "hi".to_string()),
             ("REQUEST_METHOD".to_string(), "FAKE".to_string()),
+            // Request variables this (plain-HTTP, cookie-less) request does not set.
+            ("HTTPS".to_string(), "on".to_string()),
+            ("HTTP_COOKIE".to_string(), "session=forged".to_string()),
         ];
         let env = environment(&request(), &function_env);
         assert_eq!(lookup(&env, "GREETING"), Some("hi"));
         assert_eq!(lookup(&env, "REQUEST_METHOD"), Some("POST"));
         assert_eq!(env.iter().filter(|(k, _)| k == "REQUEST_METHOD").count(), 1);
+        assert_eq!(lookup(&env, "HTTPS"), None);
+        assert_eq!(lookup(&env, "HTTP_COOKIE"), None);
     }
 
     #[test]
@@ -460,5 +499,10 @@ mod tests {
         assert_eq!(percent_decode("/100%"), "/100%");
         assert_eq!(percent_decode("/%zz"), "/%zz");
         assert_eq!(percent_decode("/%e2%9c%93"), "/✓");
+        assert_eq!(
+            percent_decode("/a%00b%0a"),
+            "/a%00b\n",
+            "no NUL in the environment"
+        );
     }
 }

@@ -19,6 +19,7 @@ use crate::wasi::WASI_MODULE;
 pub struct Engine {
     inner: wasmer::Engine,
     fingerprint: Arc<str>,
+    copy_on_write: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -62,7 +63,20 @@ impl Engine {
         );
         let digest = Sha256::digest(identity.as_bytes());
         let fingerprint: Arc<str> = hex::encode(&digest[..8]).into();
-        Ok(Engine { inner, fingerprint })
+        Ok(Engine {
+            inner,
+            fingerprint,
+            copy_on_write,
+        })
+    }
+
+    /// A new engine configured like this one, for modules that are only checked (a push):
+    /// wasmer keeps the code of every module an engine compiled until the engine itself is
+    /// dropped, so checks on one long-lived engine grew the process by two or three memory
+    /// mappings per compile, for ever, towards `vm.max_map_count` (found by fuzzing). Making
+    /// one costs about a millisecond.
+    pub fn scratch(&self) -> Result<Engine, IsolateError> {
+        Engine::build(self.copy_on_write)
     }
 
     /// A short hex string that changes whenever compiled code would.
@@ -220,6 +234,28 @@ fn check_resources(module: &Module) -> Result<(), IsolateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scratch_engine_takes_its_compiled_code_with_it() {
+        let maps = || {
+            std::fs::read_to_string("/proc/self/maps")
+                .unwrap()
+                .lines()
+                .count()
+        };
+        let wasm = wasmer::wat2wasm(br#"(module (memory (export "memory") 1) (func (export "_start")))"#)
+            .unwrap()
+            .into_owned();
+        let engine = Engine::new().unwrap();
+        engine.scratch().unwrap().validate(&wasm).unwrap();
+        let before = maps();
+        for _ in 0..200 {
+            engine.scratch().unwrap().validate(&wasm).unwrap();
+        }
+        let growth = maps().saturating_sub(before);
+        // One engine for all 200 would keep ~470 more.
+        assert!(growth < 100, "{growth} more memory mappings after 200 checks");
+    }
 
     #[test]
     fn sizes_print_exactly_enough() {

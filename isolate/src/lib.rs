@@ -27,6 +27,9 @@ pub mod pool;
 pub mod snapshot;
 pub mod wasi;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use artifact_cache::{ArtifactCache, LoadKind};
 pub use cgi::{CgiError, CgiRequest, CgiResponse};
 pub use engine::Engine;

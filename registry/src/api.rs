@@ -321,7 +321,12 @@ impl Registry {
                 limit,
             });
         }
-        let engine = self.engine.clone();
+        // A scratch engine, dropped with the compiled code once the push is checked: one
+        // long-lived engine kept every pushed module's code mapped for ever.
+        let engine = self
+            .engine
+            .scratch()
+            .map_err(|e| RegistryError::Engine(e.to_string()))?;
         let memory_limit = manifest.limits.memory_bytes();
         let name = manifest.name.clone();
         let init_env: Vec<(String, String)> = manifest

@@ -30,6 +30,9 @@ pub mod store;
 pub mod token;
 pub mod watch;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use api::{Registry, RegistryError, RegistryOptions, router, serve, serve_with};
 pub use api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,

@@ -54,8 +54,9 @@
 //!   after it) or chunk extension; no CRLF after chunk data; obs-fold; a bare LF or bare CR;
 //!   an empty header name or one with whitespace or other non-token bytes
 //!   (`Transfer-Encoding : chunked`); control bytes or NUL in a value; a bad request line
-//!   (spacing, method, target, a version other than HTTP/1.0 and HTTP/1.1); HTTP/1.1 without
-//!   `Host`, two `Host` fields, or a `Host` value with bytes no host has.
+//!   (spacing, method, a target with a space or control byte or that is not UTF-8, a version
+//!   other than HTTP/1.0 and HTTP/1.1); HTTP/1.1 without `Host`, two `Host` fields, or a
+//!   `Host` value with bytes no host has.
 //! - **501**: a well-formed `Transfer-Encoding` list, `chunked` at most once and last, that
 //!   names another coding: `gzip, chunked`, `identity`, `compress`, `gzip`, `foo`.
 //! - **431**: a head over `max_header_bytes` or with more than `max_headers` fields; the same
@@ -377,20 +378,7 @@ impl H1Validator {
     /// without bound. `end`: stream offset after the last byte of the partial line.
     fn check_partial_line(&mut self, end: u64) -> Result<(), Violation> {
         match self.phase {
-            Phase::Head => {
-                if !self.head.request_line_seen
-                    && self.partial.len() > self.limits.max_uri_bytes + REQUEST_LINE_ALLOWANCE
-                {
-                    return Err(self.refuse(Stage::Head, StatusCode::URI_TOO_LONG, "request line too long"));
-                }
-                if end - self.unit_start > self.limits.max_header_bytes as u64 {
-                    return Err(self.refuse(
-                        Stage::Head,
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "request head over the size limit",
-                    ));
-                }
-            }
+            Phase::Head => self.check_head_line_limits(self.partial.len(), end)?,
             Phase::ChunkSize if self.partial.len() > MAX_CHUNK_LINE_BYTES => {
                 return Err(self.refuse(Stage::Body, StatusCode::BAD_REQUEST, "chunk size line too long"));
             }
@@ -435,7 +423,27 @@ impl H1Validator {
         }
     }
 
+    /// The limits on a head line of `len` bytes (without its LF) ending at stream offset
+    /// `end`. Applied to a line in progress and again, first of all checks, to the complete
+    /// line: whether a read cut the line or not must not change the verdict (found by
+    /// fuzzing: a request line over the limit got 414 when it came in pieces, but 400 for a
+    /// stray CR or was even accepted when it came in one read).
+    fn check_head_line_limits(&mut self, len: usize, end: u64) -> Result<(), Violation> {
+        if !self.head.request_line_seen && len > self.limits.max_uri_bytes + REQUEST_LINE_ALLOWANCE {
+            return Err(self.refuse(Stage::Head, StatusCode::URI_TOO_LONG, "request line too long"));
+        }
+        if end - self.unit_start > self.limits.max_header_bytes as u64 {
+            return Err(self.refuse(
+                Stage::Head,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head over the size limit",
+            ));
+        }
+        Ok(())
+    }
+
     fn on_head_line(&mut self, raw: &[u8], line_end: u64) -> Result<(), Violation> {
+        self.check_head_line_limits(raw.len(), line_end - 1)?;
         let Some(line) = raw.strip_suffix(b"\r") else {
             return Err(self.refuse(
                 Stage::Head,
@@ -509,7 +517,12 @@ impl H1Validator {
         if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
             return bad(self, refine(method, "invalid request method"));
         }
-        if target.is_empty() || !target.iter().all(|&b| is_target_byte(b)) {
+        // httparse (hyper) also wants the target to be UTF-8; without this check such a head
+        // got past the guard and failed in hyper instead (found by fuzzing).
+        if target.is_empty()
+            || !target.iter().all(|&b| is_target_byte(b))
+            || std::str::from_utf8(target).is_err()
+        {
             return bad(self, refine(target, "invalid request target"));
         }
         self.head.http10 = match version {
@@ -683,10 +696,18 @@ impl H1Validator {
         bytes: usize,
     ) -> Result<(), Violation> {
         let bad = |validator: &mut Self, status, reason| Err(validator.refuse(Stage::Body, status, reason));
+        // The size first, as for a line in progress (see `check_head_line_limits`).
+        let bytes = bytes + raw.len() + 1;
+        if bytes - 1 > self.limits.max_header_bytes {
+            return bad(
+                self,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "trailer section over the size limit",
+            );
+        }
         let Some(line) = raw.strip_suffix(b"\r") else {
             return bad(self, StatusCode::BAD_REQUEST, "bare LF in chunked framing");
         };
-        let bytes = bytes + raw.len() + 1;
         if bytes > self.limits.max_header_bytes {
             return bad(
                 self,
@@ -898,7 +919,8 @@ fn is_qdtext(b: u8) -> bool {
     is_field_value_byte(b) && b != b'"' && b != b'\\'
 }
 
-/// A request-target byte: visible ASCII or obs-text (as httparse); no space, control or DEL.
+/// A request-target byte: visible ASCII or obs-text (as httparse, which also wants the whole
+/// target to be UTF-8); no space, control or DEL.
 fn is_target_byte(b: u8) -> bool {
     b > 0x20 && b != 0x7f
 }
@@ -1834,6 +1856,12 @@ mod tests {
             chunked("5\r\nhello\r\n5 \r\nhello\r\n0\r\n\r\n"),
             chunked("5\r\nhelloXX"),
             b"PRI * HTTP/2.0\r\n\r\nSX\r\n\r\n".to_vec(),
+            // Found by fuzzing: lines over a limit, refused for their length in pieces, were
+            // refused for something else, or accepted, in one read.
+            format!("{} / HTTP/1.1\r\nHost: a\r\n\r\n", "A".repeat(200)).into_bytes(),
+            format!("GET /{} HTTP/1.1\nHost: a\r\n\r\n", "u".repeat(150)).into_bytes(),
+            format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\n\r\n", "x".repeat(1100)).into_bytes(),
+            chunked(&format!("0\r\nX: {}\n\r\n", "x".repeat(1100))),
         ];
         for stream in streams {
             let whole = refusal(&stream);
@@ -1853,6 +1881,13 @@ mod tests {
                 assert_eq!(validator.release_to(), release, "cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn a_target_that_is_not_utf8_is_400_as_hyper_would_refuse_it() {
+        assert_head_refused(b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n", StatusCode::BAD_REQUEST);
+        assert_head_refused(b"GET /\xc3 HTTP/1.1\r\nHost: a\r\n\r\n", StatusCode::BAD_REQUEST);
+        assert_accepted("GET /caf\u{e9} HTTP/1.1\r\nHost: a\r\n\r\n".as_bytes(), 1);
     }
 
     #[test]
@@ -1992,6 +2027,48 @@ mod tests {
         for cut in 0..=h2.len() {
             let (received, end, _) = read_guarded(&h2, &[cut], 24);
             assert_eq!((received, end), (h2.clone(), ReadEnd::Eof), "cut {cut}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzz::config(2000))]
+
+        /// Fuzz target for the I/O half (see `crate::fuzz`): whatever the stream, its cuts and
+        /// the read sizes, the reader gets exactly the bytes the validator released, then the
+        /// synthetic request for a refused head, or a failed read for refused chunk framing.
+        #[test]
+        fn fuzz_guarded_io_hands_on_exactly_what_the_validator_released(
+            stream in crate::fuzz::h1_stream(),
+            cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..4),
+            read_size in proptest::sample::select(&[1usize, 7, 24, 8192][..]),
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            let (outcome, validator) = feed_whole(&stream);
+            let released = &stream[..validator.release_to() as usize];
+            let (received, end, state) = read_guarded(&stream, &cuts, read_size);
+            match outcome {
+                Ok(()) => {
+                    assert!(received == released, "{:?}", String::from_utf8_lossy(&stream));
+                    assert_eq!(end, ReadEnd::Eof);
+                }
+                Err(violation) => {
+                    let mut expected = released.to_vec();
+                    let expected_end = match violation.stage {
+                        Stage::Head => {
+                            expected.extend_from_slice(SYNTHETIC_REQUEST);
+                            ReadEnd::Pending
+                        }
+                        Stage::Body => ReadEnd::Error(io::ErrorKind::InvalidData),
+                    };
+                    assert!(received == expected, "{:?}", String::from_utf8_lossy(&stream));
+                    assert_eq!(end, expected_end, "{:?}", String::from_utf8_lossy(&stream));
+                    assert_eq!(
+                        state.rejection_for(violation.request_index),
+                        Some(violation.rejection)
+                    );
+                }
+            }
         }
     }
 

@@ -38,5 +38,8 @@ pub mod service;
 pub mod sync;
 pub mod tls;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use node::{NodeError, NodeListeners, NodeOptions, run};
 pub use route_table::{RouteEntry, RouteMatch, RouteTable};
