@@ -95,7 +95,9 @@ fn a_version_no_node_can_load_is_quarantined_and_the_rest_is_served() {
     // The operator sees it in `atoll nodes` too (the node's heartbeat carries it).
     wait_until("atoll nodes shows the quarantined version", || {
         let output = atoll(&["nodes", "--registry", &url]);
-        stdout(&output).lines().any(|line| line.starts_with("e2e ") && line.contains("q=1"))
+        stdout(&output)
+            .lines()
+            .any(|line| line.starts_with("e2e ") && line.contains("q=1"))
     });
 
     // A version that fits replaces the quarantined one, and the node is in sync again.

@@ -10,7 +10,7 @@
 //! One process-wide watchdog thread keeps the armed deadlines in order and sleeps until the
 //! earliest. Arming is a mutex and a map insert, and wakes the thread only when the new
 //! deadline is the earliest; disarming (dropping the guard) removes the entry. When a
-//! deadline passes, the watchdog marks the run as fired and interrupts its store, and
+//! deadline passes, the watchdog stops the run (see `RunSignals::stop`: host calls first, then a signal), and
 //! repeats the interrupt every [`REPEAT`] until the guard is dropped: a signal can miss a
 //! guest that is between the points it checks (see wasmer's `Interrupter`).
 //!
@@ -20,16 +20,17 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::wasi::RunSignals;
 
 /// How often an interrupt is repeated until the run returns.
 const REPEAT: Duration = Duration::from_millis(10);
 
 struct Entry {
     interrupter: wasmer::Interrupter,
-    fired: Arc<AtomicBool>,
+    signals: Arc<RunSignals>,
 }
 
 #[derive(Default)]
@@ -70,8 +71,7 @@ impl Watchdog {
                     break;
                 }
                 let entry = entry.remove();
-                entry.fired.store(true, Ordering::SeqCst);
-                entry.interrupter.interrupt();
+                entry.signals.stop(&entry.interrupter);
                 state.entries.insert((now + REPEAT, id), entry);
             }
             state = match state.entries.first_key_value() {
@@ -89,7 +89,7 @@ impl Watchdog {
 #[must_use = "the deadline is disarmed when the guard is dropped"]
 pub struct DeadlineGuard {
     key: (Instant, u64),
-    fired: Arc<AtomicBool>,
+    signals: Arc<RunSignals>,
 }
 
 impl std::fmt::Debug for DeadlineGuard {
@@ -104,7 +104,7 @@ impl std::fmt::Debug for DeadlineGuard {
 impl DeadlineGuard {
     /// Whether the deadline passed (and the run was interrupted).
     pub fn fired(&self) -> bool {
-        self.fired.load(Ordering::SeqCst)
+        self.signals.fired()
     }
 }
 
@@ -119,10 +119,10 @@ impl Drop for DeadlineGuard {
     }
 }
 
-/// Interrupts the store behind `interrupter` once `limit` has passed, and again every few
-/// milliseconds until the returned guard is dropped. `fired` is set when it fires (pass the
-/// flag the run's host calls watch, so they stop too).
-pub fn arm(interrupter: wasmer::Interrupter, limit: Duration, fired: Arc<AtomicBool>) -> DeadlineGuard {
+/// Stops the run behind `interrupter` and `signals` once `limit` has passed (see
+/// [`RunSignals::stop`]: host calls stop first, a signal follows), repeated every few
+/// milliseconds until the returned guard is dropped.
+pub fn arm(interrupter: wasmer::Interrupter, limit: Duration, signals: Arc<RunSignals>) -> DeadlineGuard {
     let watchdog = watchdog();
     let deadline = Instant::now() + limit;
     let mut state = watchdog.state.lock().expect("deadlines");
@@ -136,7 +136,7 @@ pub fn arm(interrupter: wasmer::Interrupter, limit: Duration, fired: Arc<AtomicB
         (deadline, id),
         Entry {
             interrupter,
-            fired: Arc::clone(&fired),
+            signals: Arc::clone(&signals),
         },
     );
     drop(state);
@@ -145,7 +145,7 @@ pub fn arm(interrupter: wasmer::Interrupter, limit: Duration, fired: Arc<AtomicB
     }
     DeadlineGuard {
         key: (deadline, id),
-        fired,
+        signals,
     }
 }
 

@@ -22,7 +22,7 @@ use crate::artifact_cache::PreparedModule;
 use crate::cgi::{self, CgiError, CgiRequest, CgiResponse};
 use crate::cow_memory::{self, MemoryImage, MemoryPlan};
 use crate::engine::Engine;
-use crate::wasi::{self, ProcExit, WasiContext};
+use crate::wasi::{self, ProcExit, RunSignals, WasiContext};
 
 /// Per-function settings from its manifest.
 #[derive(Debug, Clone)]
@@ -160,14 +160,14 @@ pub fn printable_log(log: &[u8]) -> String {
 #[derive(Clone)]
 pub struct InterruptHandle {
     interrupter: wasmer::Interrupter,
-    fired: Arc<AtomicBool>,
+    signals: Arc<RunSignals>,
 }
 
 impl std::fmt::Debug for InterruptHandle {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("InterruptHandle")
-            .field("fired", &self.fired.load(Ordering::Relaxed))
+            .field("fired", &self.signals.fired())
             .finish()
     }
 }
@@ -177,8 +177,7 @@ impl InterruptHandle {
     /// If the guest is not running yet the request may be missed: call again until the run
     /// has returned.
     pub fn interrupt(&self) {
-        self.fired.store(true, Ordering::SeqCst);
-        self.interrupter.interrupt();
+        self.signals.stop(&self.interrupter);
     }
 }
 
@@ -189,7 +188,7 @@ pub struct ReadyInstance {
     start: Function,
     config: Arc<FunctionConfig>,
     start_time: Duration,
-    fired: Arc<AtomicBool>,
+    signals: Arc<RunSignals>,
 }
 
 // SAFETY: wasmer 7's `Store` is not `Send` only because it holds raw pointers into its own
@@ -264,9 +263,9 @@ impl LoadedFunction {
     /// under the function's timeout (see [`crate::deadline`]), so a looping one costs one
     /// bounded run and ends in [`InvokeError::Timeout`].
     pub fn prepare(&self) -> Result<ReadyInstance, InvokeError> {
-        self.prepare_with(|store, fired| {
+        self.prepare_with(|store, signals| {
             self.has_start_function
-                .then(|| crate::deadline::arm(store.interrupter(), self.config.timeout, Arc::clone(fired)))
+                .then(|| crate::deadline::arm(store.interrupter(), self.config.timeout, Arc::clone(signals)))
         })
     }
 
@@ -277,10 +276,10 @@ impl LoadedFunction {
         &self,
         arm: impl FnOnce(InterruptHandle),
     ) -> Result<ReadyInstance, InvokeError> {
-        self.prepare_with(|store, fired| {
+        self.prepare_with(|store, signals| {
             arm(InterruptHandle {
                 interrupter: store.interrupter(),
-                fired: Arc::clone(fired),
+                signals: Arc::clone(signals),
             });
             None
         })
@@ -288,10 +287,10 @@ impl LoadedFunction {
 
     fn prepare_with(
         &self,
-        arm: impl FnOnce(&Store, &Arc<AtomicBool>) -> Option<crate::deadline::DeadlineGuard>,
+        arm: impl FnOnce(&Store, &Arc<RunSignals>) -> Option<crate::deadline::DeadlineGuard>,
     ) -> Result<ReadyInstance, InvokeError> {
         let started = Instant::now();
-        let fired = Arc::new(AtomicBool::new(false));
+        let signals = Arc::new(RunSignals::default());
         let context = WasiContext::new(
             &[self.config.name.as_str()],
             &[],
@@ -299,21 +298,21 @@ impl LoadedFunction {
             self.config.max_response_bytes,
             self.config.max_log_bytes,
         )
-        .with_interrupt_flag(Arc::clone(&fired));
+        .with_signals(Arc::clone(&signals));
         let mut store = Store::new(self.engine.wasmer().clone());
         let env = FunctionEnv::new(&mut store, context);
         let externs = wasi::externs(&mut store, &env, &self.import_plan);
         let instantiate_error = |error: &dyn std::fmt::Display| InvokeError::Instantiate {
             reason: error.to_string(),
         };
-        let deadline = arm(&store, &fired);
+        let deadline = arm(&store, &signals);
         let instantiated = cow_memory::instantiate_with(&self.memory_plan, || {
             Instance::new_by_index(&mut store, &self.module, &externs).map_err(Box::new)
         });
         drop(deadline);
         let instance = match instantiated {
             Ok(instance) => instance,
-            Err(error) if fired.load(Ordering::SeqCst) => {
+            Err(error) if signals.fired() => {
                 tracing::debug!(function = %self.config.name, %error, "start function interrupted");
                 return Err(InvokeError::Timeout {
                     limit: self.config.timeout,
@@ -339,7 +338,7 @@ impl LoadedFunction {
             start,
             config: Arc::clone(&self.config),
             start_time: started.elapsed(),
-            fired,
+            signals,
         })
     }
 
@@ -362,7 +361,7 @@ impl ReadyInstance {
     pub fn interrupt_handle(&self) -> InterruptHandle {
         InterruptHandle {
             interrupter: self.store.interrupter(),
-            fired: Arc::clone(&self.fired),
+            signals: Arc::clone(&self.signals),
         }
     }
 
@@ -387,7 +386,7 @@ impl ReadyInstance {
             match error.downcast::<ProcExit>() {
                 Ok(ProcExit(0)) => {}
                 Ok(ProcExit(code)) => return Err(InvokeError::Exit { code, log }),
-                Err(_) if self.fired.load(Ordering::SeqCst) => {
+                Err(_) if self.signals.fired() => {
                     return Err(InvokeError::Timeout {
                         limit: self.config.timeout,
                         log,

@@ -446,16 +446,16 @@ fn run_init(
     let mut store = Store::new(engine.wasmer().clone());
     // One deadline covers the `(start)` function (run by `Instance::new`) and init, and the
     // host calls stop on it too.
-    let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let signals = std::sync::Arc::new(wasi::RunSignals::default());
     let deadline = crate::deadline::arm(
         store.interrupter(),
         INIT_TIME_LIMIT,
-        std::sync::Arc::clone(&fired),
+        std::sync::Arc::clone(&signals),
     );
     let timed_out =
         || IsolateError::Invalid(format!("init function did not finish within {INIT_TIME_LIMIT:?}"));
     let context = WasiContext::new(&[argv0], env, Bytes::new(), INIT_OUTPUT_LIMIT, INIT_OUTPUT_LIMIT)
-        .with_interrupt_flag(std::sync::Arc::clone(&fired));
+        .with_signals(std::sync::Arc::clone(&signals));
     let function_env = FunctionEnv::new(&mut store, context);
     let imports = wasi::imports(&mut store, &function_env, &module);
     // Init's memory obeys the function's limit, as every request's does.

@@ -55,8 +55,8 @@ pub struct WasiContext {
     max_stdout: usize,
     max_stderr: usize,
     stdout_overflow: bool,
-    /// Set when the run's deadline fires; long host calls check it between chunks.
-    interrupted: Arc<AtomicBool>,
+    /// What the run's host calls and its interrupter share.
+    signals: Arc<RunSignals>,
     /// When this instance was created: the origin of its CPU-time clocks.
     created: Instant,
 }
@@ -90,16 +90,16 @@ impl WasiContext {
             max_stdout,
             max_stderr,
             stdout_overflow: false,
-            interrupted: Arc::default(),
+            signals: Arc::default(),
             created: Instant::now(),
         };
         context.set_input(env, stdin);
         context
     }
 
-    /// Shares the run's "deadline fired" flag, so long host calls stop when it is set.
-    pub fn with_interrupt_flag(mut self, interrupted: Arc<AtomicBool>) -> Self {
-        self.interrupted = interrupted;
+    /// Shares the run's [`RunSignals`] with whoever interrupts it.
+    pub fn with_signals(mut self, signals: Arc<RunSignals>) -> Self {
+        self.signals = signals;
         self
     }
 
@@ -240,11 +240,12 @@ pub fn externs(store: &mut Store, env: &FunctionEnv<WasiContext>, plan: &[HostIm
                 HostImport::RandomGet => Function::new_typed_with_env(store, env, random_get),
                 HostImport::ClockTimeGet => Function::new_typed_with_env(store, env, clock_time_get),
                 HostImport::ClockResGet => Function::new_typed_with_env(store, env, clock_res_get),
-                HostImport::SchedYield => Function::new_typed(store, || ERRNO_SUCCESS),
+                HostImport::SchedYield => Function::new_typed_with_env(store, env, sched_yield),
                 HostImport::Unsupported { name, signature } => {
                     let name = name.clone();
                     let returns_errno = signature.results() == [Type::I32];
-                    Function::new(store, signature.clone(), move |_| {
+                    Function::new_with_env(store, env, signature.clone(), move |env, _| {
+                        let _host = enter(&env).map_err(|stop| RuntimeError::user(Box::new(stop)))?;
                         if returns_errno {
                             Ok(vec![Value::I32(ERRNO_NOSYS)])
                         } else {
@@ -291,9 +292,83 @@ impl From<i32> for CallError {
 const CHUNK_BYTES: usize = 64 * 1024;
 const CHUNK_ENTRIES: u32 = 4096;
 
+/// What a run's host calls and whoever stops the run share.
+///
+/// Stopping a guest takes wasmer's host interrupt (a signal to its thread), but a signal
+/// that lands while the thread is in wasmer's glue around a host call unwinds out of code
+/// that holds a `RefCell` borrow of wasmer's store context, and the next call on that
+/// thread panics ("RefCell already borrowed"; the soak test found it taking the node down).
+/// So a stop first only raises `fired`: every host call checks it on entry and in its
+/// loops and traps cleanly, which ends any guest that calls the host. Only a guest that
+/// keeps running without host calls is signalled, after [`SIGNAL_GRACE`], and never while
+/// it is inside a host call (`in_host`).
+#[derive(Debug, Default)]
+pub struct RunSignals {
+    fired: AtomicBool,
+    in_host: AtomicBool,
+    /// When `fired` was first raised (nanoseconds since the process's first stop).
+    fired_at: std::sync::atomic::AtomicU64,
+}
+
+/// How long a stopped guest gets to reach a host call (and end without a signal).
+pub const SIGNAL_GRACE: std::time::Duration = std::time::Duration::from_millis(5);
+
+fn stop_clock() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+impl RunSignals {
+    /// Whether the run was asked to stop.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Asks the run to stop: the first call raises `fired`; later calls (callers repeat
+    /// until the run returns) signal the guest through `interrupter` once the grace has
+    /// passed, unless it is inside a host call, which ends the run itself.
+    pub fn stop(&self, interrupter: &wasmer::Interrupter) {
+        if !self.fired.swap(true, Ordering::SeqCst) {
+            self.fired_at.store(stop_clock(), Ordering::SeqCst);
+            return;
+        }
+        let since = stop_clock().saturating_sub(self.fired_at.load(Ordering::SeqCst));
+        if since < SIGNAL_GRACE.as_nanos() as u64 || self.in_host.load(Ordering::SeqCst) {
+            return;
+        }
+        interrupter.interrupt();
+    }
+}
+
+/// Marks the guest as inside a host call for as long as it lives; refuses to enter once
+/// the run was asked to stop.
+struct HostCall(Arc<RunSignals>);
+
+impl HostCall {
+    fn enter(signals: &Arc<RunSignals>) -> Result<HostCall, HostCallInterrupted> {
+        signals.in_host.store(true, Ordering::SeqCst);
+        let call = HostCall(Arc::clone(signals));
+        if signals.fired.load(Ordering::SeqCst) {
+            return Err(HostCallInterrupted);
+        }
+        Ok(call)
+    }
+}
+
+impl Drop for HostCall {
+    fn drop(&mut self) {
+        self.0.in_host.store(false, Ordering::SeqCst);
+    }
+}
+
+/// For host calls that touch no memory: the same entry check.
+fn enter(env: &FunctionEnvMut<WasiContext>) -> Result<HostCall, HostCallInterrupted> {
+    HostCall::enter(&env.data().signals)
+}
+
 impl WasiContext {
     fn check_deadline(&self) -> Result<(), CallError> {
-        if self.interrupted.load(Ordering::Relaxed) {
+        if self.signals.fired.load(Ordering::Relaxed) {
             Err(CallError::Interrupted)
         } else {
             Ok(())
@@ -308,6 +383,7 @@ fn with_memory(
     f: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, CallError>,
 ) -> Result<i32, HostCallInterrupted> {
     let (context, store) = env.data_and_store_mut();
+    let _host = HostCall::enter(&context.signals)?;
     let Some(memory) = context.memory.clone() else {
         return Ok(ERRNO_FAULT);
     };
@@ -518,12 +594,13 @@ fn fd_write(
     })
 }
 
-fn fd_close(_env: FunctionEnvMut<WasiContext>, fd: i32) -> i32 {
-    if (0..=2).contains(&fd) {
+fn fd_close(env: FunctionEnvMut<WasiContext>, fd: i32) -> Result<i32, HostCallInterrupted> {
+    let _host = enter(&env)?;
+    Ok(if (0..=2).contains(&fd) {
         ERRNO_SUCCESS
     } else {
         ERRNO_BADF
-    }
+    })
 }
 
 fn fd_fdstat_get(
@@ -545,20 +622,43 @@ fn fd_fdstat_get(
     })
 }
 
-fn fd_seek(_env: FunctionEnvMut<WasiContext>, fd: i32, _offset: i64, _whence: i32, _new: u32) -> i32 {
-    if (0..=2).contains(&fd) {
+fn fd_seek(
+    env: FunctionEnvMut<WasiContext>,
+    fd: i32,
+    _offset: i64,
+    _whence: i32,
+    _new: u32,
+) -> Result<i32, HostCallInterrupted> {
+    let _host = enter(&env)?;
+    Ok(if (0..=2).contains(&fd) {
         ERRNO_SPIPE
     } else {
         ERRNO_BADF
-    }
+    })
 }
 
-fn fd_prestat_get(_env: FunctionEnvMut<WasiContext>, _fd: i32, _prestat: u32) -> i32 {
-    ERRNO_BADF
+fn fd_prestat_get(
+    env: FunctionEnvMut<WasiContext>,
+    _fd: i32,
+    _prestat: u32,
+) -> Result<i32, HostCallInterrupted> {
+    let _host = enter(&env)?;
+    Ok(ERRNO_BADF)
 }
 
-fn fd_prestat_dir_name(_env: FunctionEnvMut<WasiContext>, _fd: i32, _path: u32, _len: u32) -> i32 {
-    ERRNO_BADF
+fn fd_prestat_dir_name(
+    env: FunctionEnvMut<WasiContext>,
+    _fd: i32,
+    _path: u32,
+    _len: u32,
+) -> Result<i32, HostCallInterrupted> {
+    let _host = enter(&env)?;
+    Ok(ERRNO_BADF)
+}
+
+fn sched_yield(env: FunctionEnvMut<WasiContext>) -> Result<i32, HostCallInterrupted> {
+    let _host = enter(&env)?;
+    Ok(ERRNO_SUCCESS)
 }
 
 fn proc_exit(_env: FunctionEnvMut<WasiContext>, code: u32) -> Result<(), ProcExit> {
