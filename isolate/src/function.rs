@@ -12,7 +12,6 @@
 //! through its [`InterruptHandle`] (wasmer's host interrupt), which is how timeouts work.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
