@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
 use atoll_registry::{Deployment, LazyNatsStore, NatsStore, RegistryClient, StoreError, WatchEvent};
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -603,7 +603,18 @@ impl Syncer {
             },
         );
         self.loads.spawn(async move {
-            let result = loader.fetch_and_load(deployment.clone()).await;
+            // A panic while preparing is that version's failure (quarantined like any
+            // other), never a load that stays "in flight" and holds the revision back.
+            let result = std::panic::AssertUnwindSafe(loader.fetch_and_load(deployment.clone()))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SyncError::Load {
+                        name: deployment.name.clone(),
+                        version: deployment.version,
+                        reason: "preparing the version panicked".into(),
+                    })
+                });
             LoadDone { deployment, result }
         });
         self.report();
