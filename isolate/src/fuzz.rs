@@ -30,49 +30,17 @@ use crate::engine::Engine;
 use crate::error::IsolateError;
 use crate::snapshot::{self, Preinit};
 
-/// Proptest's configuration with `cases` unless `PROPTEST_CASES` says otherwise.
-fn config(cases: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    config
-}
+use atoll_testkit::fuzz::{config, mutate};
 
 /// The seed inputs of one target: every file in `fuzz-corpus/<target>/`.
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz-corpus")
-        .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    files.sort();
-    let seeds: Vec<Vec<u8>> = files.iter().map(|file| std::fs::read(file).unwrap()).collect();
-    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
-    seeds
+    atoll_testkit::fuzz::corpus(env!("CARGO_MANIFEST_DIR"), target)
 }
 
 /// Byte mutations `(position, operation, byte)`: flip, insert or delete, positions modulo
 /// the length.
 fn mutations(max: usize) -> impl Strategy<Value = Vec<(usize, u8, u8)>> {
     prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 0..max)
-}
-
-fn mutate(mut bytes: Vec<u8>, mutations: &[(usize, u8, u8)]) -> Vec<u8> {
-    for &(at, op, byte) in mutations {
-        let len = bytes.len();
-        match op % 3 {
-            0 if len > 0 => bytes[at % len] ^= byte.max(1),
-            1 => bytes.insert(at % (len + 1), byte),
-            2 if len > 0 => {
-                bytes.remove(at % len);
-            }
-            _ => {}
-        }
-    }
-    bytes
 }
 
 // ---------------------------------------------------------------------------------------

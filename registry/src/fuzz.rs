@@ -21,50 +21,20 @@ use crate::manifest::{MAX_MEMORY_BYTES, MAX_MIN_INSTANCES, MAX_NAME_LEN, MAX_TIM
 use crate::route::{HostPattern, RoutePattern};
 use crate::{Manifest, ManifestError};
 
-/// Proptest's configuration with `cases` unless `PROPTEST_CASES` says otherwise.
-fn config(cases: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    config
-}
+use atoll_testkit::fuzz::config;
 
-/// The seed inputs of one target: every file in `fuzz-corpus/<target>/`.
+/// The seed inputs of one target: every file in `fuzz-corpus/<target>/`, as text.
 fn corpus(target: &str) -> Vec<String> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz-corpus")
-        .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    files.sort();
-    let seeds: Vec<String> = files
-        .iter()
-        .map(|file| std::fs::read_to_string(file).unwrap())
-        .collect();
-    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
-    seeds
+    atoll_testkit::fuzz::corpus(env!("CARGO_MANIFEST_DIR"), target)
+        .into_iter()
+        .map(|seed| String::from_utf8(seed).unwrap())
+        .collect()
 }
 
-/// Byte-level mutations of a text: flip, insert or delete at a position (taken modulo the
-/// length); the result is read back lossily, as a body that is not UTF-8 would be refused
-/// before it got this far.
+/// Byte-level mutations of a text (see [`atoll_testkit::fuzz::mutate`]); the result is
+/// read back lossily, as a body that is not UTF-8 would be refused before it got this far.
 fn mutate(text: String, mutations: &[(usize, u8, u8)]) -> String {
-    let mut bytes = text.into_bytes();
-    for &(at, op, byte) in mutations {
-        let len = bytes.len();
-        match op % 3 {
-            0 if len > 0 => bytes[at % len] ^= byte.max(1),
-            1 => bytes.insert(at % (len + 1), byte),
-            2 if len > 0 => {
-                bytes.remove(at % len);
-            }
-            _ => {}
-        }
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
+    String::from_utf8_lossy(&atoll_testkit::fuzz::mutate(text.into_bytes(), mutations)).into_owned()
 }
 
 fn mutations() -> impl Strategy<Value = Vec<(usize, u8, u8)>> {

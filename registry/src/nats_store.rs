@@ -704,53 +704,50 @@ fn is_valid_key(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-async fn open_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
-    if let Ok(store) = js.get_key_value(FUNCTIONS_BUCKET).await {
+/// The KV bucket `config` names, created with `config` when it does not exist yet.
+/// `hint` ends the error message when neither works.
+async fn open_or_create_kv(
+    js: &jetstream::Context,
+    config: kv::Config,
+    hint: &str,
+) -> Result<kv::Store, StoreError> {
+    let bucket = config.bucket.clone();
+    if let Ok(store) = js.get_key_value(&bucket).await {
         return Ok(store);
     }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: FUNCTIONS_BUCKET.into(),
-            description: "Atoll functions: one FunctionRecord (JSON) per function name".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await;
-    match created {
+    match js.create_key_value(config).await {
         Ok(store) => Ok(store),
         // Another registry may have created it in between.
-        Err(create_error) => js.get_key_value(FUNCTIONS_BUCKET).await.map_err(|_| {
-            nats_error(format!(
-                "creating the KV bucket `{FUNCTIONS_BUCKET}` (is JetStream on?)"
-            ))(boxed(create_error))
-        }),
+        Err(create_error) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|_| nats_error(format!("creating the KV bucket `{bucket}`{hint}"))(boxed(create_error))),
     }
 }
 
+async fn open_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
+    let config = kv::Config {
+        bucket: FUNCTIONS_BUCKET.into(),
+        description: "Atoll functions: one FunctionRecord (JSON) per function name".into(),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    open_or_create_kv(js, config, " (is JetStream on?)").await
+}
+
 async fn open_nodes_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
-    if let Ok(store) = js.get_key_value(NODES_BUCKET).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: NODES_BUCKET.into(),
-            description: "Atoll nodes: each node's last heartbeat (JSON)".into(),
-            history: 1,
-            // Heartbeats are rewritten every second; losing them on a NATS restart costs
-            // one heartbeat interval, so memory storage is enough.
-            storage: jetstream::stream::StorageType::Memory,
-            max_age: MEMBER_TTL * FORGET_AFTER_TTLS,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        Err(create_error) => js
-            .get_key_value(NODES_BUCKET)
-            .await
-            .map_err(|_| nats_error(format!("creating the KV bucket `{NODES_BUCKET}`"))(boxed(create_error))),
-    }
+    let config = kv::Config {
+        bucket: NODES_BUCKET.into(),
+        description: "Atoll nodes: each node's last heartbeat (JSON)".into(),
+        history: 1,
+        // Heartbeats are rewritten every second; losing them on a NATS restart costs
+        // one heartbeat interval, so memory storage is enough.
+        storage: jetstream::stream::StorageType::Memory,
+        max_age: MEMBER_TTL * FORGET_AFTER_TTLS,
+        ..Default::default()
+    };
+    open_or_create_kv(js, config, "").await
 }
 
 /// Feeds `members` from the nodes bucket: the watch delivers each node's latest heartbeat,
@@ -796,24 +793,14 @@ async fn follow_members(nodes: kv::Store, members: Arc<Mutex<MemberTable>>) {
 }
 
 async fn open_credentials_kv(js: &jetstream::Context) -> Result<kv::Store, StoreError> {
-    if let Ok(store) = js.get_key_value(CREDENTIALS_BUCKET).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: CREDENTIALS_BUCKET.into(),
-            description: "Atoll tokens: one credential (scope, SHA-256 of the token) per id".into(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        Err(create_error) => js.get_key_value(CREDENTIALS_BUCKET).await.map_err(|_| {
-            nats_error(format!("creating the KV bucket `{CREDENTIALS_BUCKET}`"))(boxed(create_error))
-        }),
-    }
+    let config = kv::Config {
+        bucket: CREDENTIALS_BUCKET.into(),
+        description: "Atoll tokens: one credential (scope, SHA-256 of the token) per id".into(),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    open_or_create_kv(js, config, "").await
 }
 
 async fn open_object_store(js: &jetstream::Context) -> Result<object_store::ObjectStore, StoreError> {

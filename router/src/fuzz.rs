@@ -18,28 +18,11 @@ use proptest::sample::select;
 use crate::h1_guard::{H1Limits, H1Validator, Stage, Violation};
 use crate::quic::{FrameLimit, FrameTooLarge};
 
-/// Proptest's configuration with `cases` unless `PROPTEST_CASES` says otherwise.
-pub(crate) fn config(cases: u32) -> ProptestConfig {
-    let mut config = ProptestConfig::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    config
-}
+pub(crate) use atoll_testkit::fuzz::config;
 
 /// The seed inputs of one target: every file in `fuzz-corpus/<target>/`.
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz-corpus")
-        .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    files.sort();
-    let seeds: Vec<Vec<u8>> = files.iter().map(|file| std::fs::read(file).unwrap()).collect();
-    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
-    seeds
+    atoll_testkit::fuzz::corpus(env!("CARGO_MANIFEST_DIR"), target)
 }
 
 /// Byte-level mutations: (position, what) pairs applied in order, positions taken modulo

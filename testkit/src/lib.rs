@@ -2,6 +2,8 @@
 //! on loopback (the registry's NATS store, node sync from JetStream, the DNS on NATS, and
 //! the cluster end to end all start one).
 
+pub mod fuzz;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
