@@ -182,9 +182,21 @@ pub fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
 
 /// Asks until the answer's addresses are `want`; returns how long that took.
 pub async fn until_answer(server: SocketAddr, from: &str, name: &str, want: &BTreeSet<IpAddr>) -> Duration {
+    until_answer_of(server, from, name, RecordType::A, want).await
+}
+
+/// Polls `name`'s `record_type` records until they are exactly `want`: each node
+/// announces on its own, so one record type being complete says nothing of another.
+pub async fn until_answer_of(
+    server: SocketAddr,
+    from: &str,
+    name: &str,
+    record_type: RecordType,
+    want: &BTreeSet<IpAddr>,
+) -> Duration {
     let start = Instant::now();
     loop {
-        let response = ask_udp(server, from, &question(name, RecordType::A, None)).await;
+        let response = ask_udp(server, from, &question(name, record_type, None)).await;
         if response.metadata.response_code == ResponseCode::NoError && addresses(&response) == *want {
             return start.elapsed();
         }
