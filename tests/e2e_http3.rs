@@ -483,3 +483,64 @@ fn sigterm_lets_in_flight_http3_requests_finish_then_exits() {
     );
     assert_eq!(after.status(), None, "still answering after exit: {after:?}");
 }
+
+#[test]
+fn a_large_response_streams_over_http3_and_a_broken_one_is_reset() {
+    let (setup, certs) = H3Setup::boot(
+        &[("stream.localhost", &["big.localhost", "stall.localhost"])],
+        &[],
+    );
+    let ca = &certs[0].0;
+    let functions = setup.data.path().join("functions");
+    let blocks = 128; // 8 MiB
+    for (name, module, extra) in [
+        ("big", bulk_writer_module(blocks, ""), ""),
+        // 1 MiB, then a spin the 2 s timeout ends.
+        (
+            "stall",
+            bulk_writer_module(16, "(loop $forever (br $forever))"),
+            "[limits]\ntimeout = \"2s\"\n",
+        ),
+    ] {
+        let wasm = functions.join(format!("{name}.wasm"));
+        std::fs::create_dir_all(&functions).unwrap();
+        std::fs::write(&wasm, module).unwrap();
+        let manifest = write_manifest(
+            &functions.join(name),
+            name,
+            &wasm,
+            &[&format!("{name}.localhost")],
+            extra,
+        );
+        push_ok(&setup.registry_url, &manifest);
+    }
+    setup.wait_served("big.localhost", ca);
+    let target = setup.target(ca);
+
+    let big = aioquic(&target, "big.localhost", "/", None, &[]);
+    assert_eq!(
+        (big.status(), big.failures()),
+        (Some(200), 0),
+        "{:?}",
+        big.json["errors"]
+    );
+    assert_eq!(big.body().len(), blocks as usize * 64 * 1024);
+    assert!(big.body().bytes().all(|byte| byte == b'x'));
+    assert_eq!(
+        big.header("content-length"),
+        None,
+        "a streamed body has no length up front"
+    );
+
+    wait_until("stall.localhost is served", || {
+        aioquic(&target, "stall.localhost", "/", None, &[]).status() != Some(404)
+    });
+    let stalled = aioquic(&target, "stall.localhost", "/", None, &[]);
+    assert_eq!(
+        stalled.failures(),
+        1,
+        "a cut-off body looked complete: {stalled:?}"
+    );
+    let errors = stalled.json["errors"].to_string();
+    assert!(errors.contains("stream reset"), "{errors}");
+}

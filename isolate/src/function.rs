@@ -21,7 +21,8 @@ use crate::artifact_cache::PreparedModule;
 use crate::cgi::{self, CgiError, CgiRequest, CgiResponse};
 use crate::cow_memory::{self, MemoryImage, MemoryPlan};
 use crate::engine::Engine;
-use crate::wasi::{self, ProcExit, RunSignals, WasiContext};
+use crate::stream::StreamingOutput;
+use crate::wasi::{self, ProcExit, RunSignals, StreamFailure, WasiContext};
 
 /// Per-function settings from its manifest.
 #[derive(Debug, Clone)]
@@ -78,7 +79,11 @@ impl std::fmt::Debug for LoadedFunction {
 /// A successful invocation: the response and what the guest logged.
 #[derive(Debug)]
 pub struct Invocation {
+    /// The whole response; an empty placeholder for a streamed one (`streamed` is set),
+    /// whose head and body went out through the stream.
     pub response: CgiResponse,
+    /// Body bytes streamed, when the response was streamed.
+    pub streamed: Option<u64>,
     pub log: Vec<u8>,
     /// Time to create the instance (zero when it was prepared ahead of the request).
     pub start_time: Duration,
@@ -102,6 +107,8 @@ pub enum InvokeError {
     ResponseTooLarge { limit: usize, log: Vec<u8> },
     #[error("stopped after the {limit:?} timeout")]
     Timeout { limit: Duration, log: Vec<u8> },
+    #[error("the client went away while the response was streamed")]
+    ClientGone { log: Vec<u8> },
 }
 
 impl InvokeError {
@@ -113,7 +120,8 @@ impl InvokeError {
             | InvokeError::Exit { log, .. }
             | InvokeError::MalformedOutput { log, .. }
             | InvokeError::ResponseTooLarge { log, .. }
-            | InvokeError::Timeout { log, .. } => log,
+            | InvokeError::Timeout { log, .. }
+            | InvokeError::ClientGone { log } => log,
         }
     }
 
@@ -126,6 +134,7 @@ impl InvokeError {
             InvokeError::MalformedOutput { .. } => "malformed_output",
             InvokeError::ResponseTooLarge { .. } => "response_too_large",
             InvokeError::Timeout { .. } => "timeout",
+            InvokeError::ClientGone { .. } => "client_gone",
         }
     }
 }
@@ -365,11 +374,23 @@ impl ReadyInstance {
     }
 
     /// Runs `_start` for `request`. Blocks while the guest runs; consumes the instance.
-    pub fn run(mut self, request: &CgiRequest) -> Result<Invocation, InvokeError> {
+    pub fn run(self, request: &CgiRequest) -> Result<Invocation, InvokeError> {
+        self.run_streaming(request, None)
+    }
+
+    /// Runs `_start` for `request`, streaming the response through `streaming` once the
+    /// guest's output passes its threshold (see [`crate::stream`]). Blocks while the guest
+    /// runs; consumes the instance. A run that fails after its head was streamed aborts
+    /// the body and still returns its error.
+    pub fn run_streaming(
+        mut self,
+        request: &CgiRequest,
+        streaming: Option<StreamingOutput>,
+    ) -> Result<Invocation, InvokeError> {
         let environment = cgi::environment(request, &self.config.env);
-        self.env
-            .as_mut(&mut self.store)
-            .set_input(&environment, request.body.clone());
+        let context = self.env.as_mut(&mut self.store);
+        context.set_input(&environment, request.body.clone());
+        context.set_streaming(streaming);
         let started = Instant::now();
         let outcome = self.start.call(&mut self.store, &[]);
         let run_time = started.elapsed();
@@ -380,6 +401,13 @@ impl ReadyInstance {
                 limit: self.config.max_response_bytes,
                 log,
             });
+        }
+        match output.stream_failure {
+            Some(StreamFailure::Malformed(source)) => {
+                return Err(InvokeError::MalformedOutput { source, log });
+            }
+            Some(StreamFailure::ClientGone) => return Err(InvokeError::ClientGone { log }),
+            None => {}
         }
         if let Err(error) = outcome {
             match error.downcast::<ProcExit>() {
@@ -399,9 +427,25 @@ impl ReadyInstance {
                 }
             }
         }
+        if let Some(writer) = output.body_writer {
+            let streamed = writer.sent();
+            writer.finish();
+            return Ok(Invocation {
+                response: CgiResponse {
+                    status: http::StatusCode::OK,
+                    headers: http::HeaderMap::new(),
+                    body: Bytes::new(),
+                },
+                streamed: Some(streamed),
+                log,
+                start_time: Duration::ZERO,
+                run_time,
+            });
+        }
         match cgi::parse_response(Bytes::from(output.stdout)) {
             Ok(response) => Ok(Invocation {
                 response,
+                streamed: None,
                 log,
                 start_time: Duration::ZERO,
                 run_time,

@@ -12,6 +12,7 @@
 //! - [`engine`] owns the compiler and the fingerprint that keys compiled artifacts.
 //! - [`artifact_cache`] keeps compiled modules on disk across restarts.
 //! - [`durable`] is the crash-safe file write every on-disk structure uses.
+//! - [`stream`] hands a large response to the client while the guest still writes it.
 //! - [`function`] ties them together per request; [`pool`] admits requests, keeps instances
 //!   ready ahead of them and scales to zero.
 
@@ -25,6 +26,7 @@ pub mod error;
 pub mod function;
 pub mod pool;
 pub mod snapshot;
+pub mod stream;
 pub mod wasi;
 
 #[cfg(test)]
@@ -36,3 +38,4 @@ pub use engine::Engine;
 pub use error::IsolateError;
 pub use function::{FunctionConfig, InterruptHandle, Invocation, InvokeError, LoadedFunction, ReadyInstance};
 pub use pool::{Admission, InstancePool, InterruptSlot, Overloaded, ScaleConfig, StartKind};
+pub use stream::{BodyAborted, BodyReader, StreamedResponse, StreamingOutput};

@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cgi::CgiRequest;
 use crate::function::{InterruptHandle, Invocation, InvokeError, LoadedFunction, ReadyInstance};
+use crate::stream::StreamingOutput;
 
 /// Scaling settings (`[scale]` in the manifest).
 #[derive(Debug, Clone)]
@@ -266,15 +267,17 @@ impl InstancePool {
     }
 
     /// Runs one admitted request. Blocks while the guest runs; `interrupt` can stop it.
+    /// With `streaming`, a large response goes out while the guest writes it.
     pub fn execute(
         &self,
         request: &CgiRequest,
         interrupt: &InterruptSlot,
+        streaming: Option<StreamingOutput>,
     ) -> Result<(Invocation, StartKind), InvokeError> {
         let (instance, kind) = self.take(interrupt)?;
         interrupt.arm(instance.interrupt_handle());
         let start_time = instance.start_time();
-        let mut invocation = instance.run(request)?;
+        let mut invocation = instance.run_streaming(request, streaming)?;
         invocation.start_time = match kind {
             StartKind::Ready => Duration::ZERO,
             StartKind::OnDemand => start_time,

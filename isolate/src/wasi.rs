@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::stream::{BodyWriter, SendError, StreamedResponse, StreamingOutput, body_pipe};
 use bytes::Bytes;
 use wasmer::{
     Extern, Function, FunctionEnv, FunctionEnvMut, FunctionType, Imports, Memory, MemoryView, Module,
@@ -55,6 +56,14 @@ pub struct WasiContext {
     max_stdout: usize,
     max_stderr: usize,
     stdout_overflow: bool,
+    /// Stdout bytes the guest wrote in all (buffered and streamed).
+    stdout_total: usize,
+    /// Set when a run may stream its response: taken when stdout passes the threshold.
+    streaming: Option<StreamingOutput>,
+    /// The body being streamed, once the head is sent.
+    body_writer: Option<BodyWriter>,
+    /// Why streaming stopped the guest, if it did.
+    stream_failure: Option<StreamFailure>,
     /// What the run's host calls and its interrupter share.
     signals: Arc<RunSignals>,
     /// When this instance was created: the origin of its CPU-time clocks.
@@ -63,9 +72,22 @@ pub struct WasiContext {
 
 /// What a finished invocation left behind.
 pub struct WasiOutput {
+    /// Buffered stdout: the whole output, or nothing once the response is streamed.
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub stdout_overflow: bool,
+    /// The streamed body's writer, when the response went out as a stream.
+    pub body_writer: Option<BodyWriter>,
+    pub stream_failure: Option<StreamFailure>,
+}
+
+/// Why the guest was stopped while its response was being streamed.
+#[derive(Debug)]
+pub enum StreamFailure {
+    /// Its head was not a valid CGI response.
+    Malformed(crate::cgi::CgiError),
+    /// The client went away.
+    ClientGone,
 }
 
 impl WasiContext {
@@ -90,6 +112,10 @@ impl WasiContext {
             max_stdout,
             max_stderr,
             stdout_overflow: false,
+            stdout_total: 0,
+            streaming: None,
+            body_writer: None,
+            stream_failure: None,
             signals: Arc::default(),
             created: Instant::now(),
         };
@@ -119,6 +145,11 @@ impl WasiContext {
         self.stdin_position = 0;
     }
 
+    /// Lets this run stream stdout past `streaming.threshold` bytes.
+    pub fn set_streaming(&mut self, streaming: Option<StreamingOutput>) {
+        self.streaming = streaming;
+    }
+
     pub fn set_memory(&mut self, memory: Memory) {
         self.memory = Some(memory);
     }
@@ -128,6 +159,8 @@ impl WasiContext {
             stdout: std::mem::take(&mut self.stdout),
             stderr: std::mem::take(&mut self.stderr),
             stdout_overflow: self.stdout_overflow,
+            body_writer: self.body_writer.take(),
+            stream_failure: self.stream_failure.take(),
         }
     }
 }
@@ -559,15 +592,12 @@ fn fd_write(
             }
             let (buffer, length) = iovec?;
             check_range(view, buffer, u64::from(length))?;
-            let (sink, limit) = match fd {
-                1 => (&mut context.stdout, context.max_stdout),
-                _ => (&mut context.stderr, context.max_stderr),
-            };
-            if sink.len().saturating_add(length as usize) > limit {
-                if fd == 1 {
-                    context.stdout_overflow = true;
-                    return Err(ERRNO_IO.into());
-                }
+            if fd == 1 {
+                context.write_stdout(view, buffer, length)?;
+                total = total.saturating_add(length);
+                continue;
+            }
+            if context.stderr.len().saturating_add(length as usize) > context.max_stderr {
                 // The log is best effort: keep its head, pretend the rest was written.
                 total = total.saturating_add(length);
                 continue;
@@ -576,14 +606,9 @@ fn fd_write(
             while copied < length {
                 context.check_deadline()?;
                 let piece = (length - copied).min(CHUNK_BYTES as u32);
-                let sink = if fd == 1 {
-                    &mut context.stdout
-                } else {
-                    &mut context.stderr
-                };
-                let start = sink.len();
-                sink.resize(start + piece as usize, 0);
-                view.read(u64::from(buffer + copied), &mut sink[start..])
+                let start = context.stderr.len();
+                context.stderr.resize(start + piece as usize, 0);
+                view.read(u64::from(buffer + copied), &mut context.stderr[start..])
                     .map_err(|_| ERRNO_FAULT)?;
                 copied += piece;
             }
@@ -592,6 +617,86 @@ fn fd_write(
         write_u32(view, nwritten, total)?;
         Ok(ERRNO_SUCCESS)
     })
+}
+
+impl WasiContext {
+    /// Takes `length` bytes at `buffer` as stdout: buffered, or streamed once the buffer
+    /// passed the streaming threshold. A write that would pass the response limit is
+    /// refused whole (`EIO`) and the run ends as "response too large".
+    fn write_stdout(&mut self, view: &MemoryView, buffer: u32, length: u32) -> Result<(), CallError> {
+        if self.stdout_total.saturating_add(length as usize) > self.max_stdout {
+            self.stdout_overflow = true;
+            return Err(ERRNO_IO.into());
+        }
+        self.stdout_total += length as usize;
+        let mut copied = 0u32;
+        while copied < length {
+            self.check_deadline()?;
+            let piece = (length - copied).min(CHUNK_BYTES as u32);
+            let address = u64::from(buffer + copied);
+            if self.body_writer.is_some() {
+                let mut chunk = vec![0; piece as usize];
+                view.read(address, &mut chunk).map_err(|_| ERRNO_FAULT)?;
+                self.stream(Bytes::from(chunk))?;
+            } else {
+                let start = self.stdout.len();
+                self.stdout.resize(start + piece as usize, 0);
+                view.read(address, &mut self.stdout[start..])
+                    .map_err(|_| ERRNO_FAULT)?;
+                if self
+                    .streaming
+                    .as_ref()
+                    .is_some_and(|streaming| self.stdout.len() > streaming.threshold)
+                {
+                    self.start_streaming()?;
+                }
+            }
+            copied += piece;
+        }
+        Ok(())
+    }
+
+    /// Parses the buffered head, hands it on with the body's reader, and sends what was
+    /// buffered of the body. A head that is not valid CGI stops the guest.
+    fn start_streaming(&mut self) -> Result<(), CallError> {
+        let Some(streaming) = self.streaming.take() else {
+            return Ok(());
+        };
+        let output = Bytes::from(std::mem::take(&mut self.stdout));
+        match crate::cgi::parse_response(output) {
+            Err(error) => {
+                self.stream_failure = Some(StreamFailure::Malformed(error));
+                Err(CallError::Interrupted)
+            }
+            Ok(response) => {
+                let (writer, reader) = body_pipe(streaming.capacity);
+                (streaming.on_start)(StreamedResponse {
+                    status: response.status,
+                    headers: response.headers,
+                    body: reader,
+                });
+                self.body_writer = Some(writer);
+                self.stream(response.body)
+            }
+        }
+    }
+
+    /// Sends a body chunk, waiting while the client is slower than the guest, but never
+    /// past the run's stop; a client that went away stops the guest.
+    fn stream(&mut self, chunk: Bytes) -> Result<(), CallError> {
+        let signals = &self.signals;
+        let Some(writer) = self.body_writer.as_mut() else {
+            return Ok(());
+        };
+        match writer.send(chunk, || signals.fired()) {
+            Ok(()) => Ok(()),
+            Err(SendError::Stopped) => Err(CallError::Interrupted),
+            Err(SendError::ReaderGone) => {
+                self.stream_failure = Some(StreamFailure::ClientGone);
+                Err(CallError::Interrupted)
+            }
+        }
+    }
 }
 
 fn fd_close(env: FunctionEnvMut<WasiContext>, fd: i32) -> Result<i32, HostCallInterrupted> {

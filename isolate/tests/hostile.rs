@@ -85,7 +85,7 @@ fn a_looping_start_function_on_the_request_path_obeys_the_request_timeout() {
         }
     });
     let outcome = bounded("a request instantiating a looping start", move || {
-        let outcome = pool.execute(&request(), &slot).map(drop);
+        let outcome = pool.execute(&request(), &slot, None).map(drop);
         drop(done);
         outcome
     });

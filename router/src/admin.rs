@@ -29,9 +29,9 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::body::ResponseBody;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Body;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -68,7 +68,7 @@ impl AdminService {
         &self,
         request: &Request<B>,
         connection: &ConnectionInfo,
-    ) -> Option<Response<Full<Bytes>>> {
+    ) -> Option<Response<ResponseBody>> {
         let what = format!("{} {}", request.method(), request.uri().path());
         if let Some(authorization) = request.headers().get(http::header::AUTHORIZATION) {
             let presented = authorization
@@ -124,7 +124,7 @@ impl AdminService {
         None
     }
 
-    fn drain_state(&self) -> Response<Full<Bytes>> {
+    fn drain_state(&self) -> Response<ResponseBody> {
         match self.cluster.is_draining() {
             true => text_response(StatusCode::OK, "draining"),
             false => text_response(StatusCode::OK, "serving"),
@@ -137,7 +137,7 @@ impl Handler for AdminService {
         self: Arc<Self>,
         request: Request<B>,
         connection: ConnectionInfo,
-    ) -> Response<Full<Bytes>>
+    ) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -209,18 +209,18 @@ impl Handler for AdminService {
             },
             "/peers" => Response::builder()
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(self.cluster.describe().to_string())))
+                .body(ResponseBody::whole(self.cluster.describe().to_string()))
                 .expect("static response parts are valid"),
             "/metrics" => Response::builder()
                 .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from(self.metrics.render())))
+                .body(ResponseBody::whole(self.metrics.render()))
                 .expect("static response parts are valid"),
             other => text_response(StatusCode::NOT_FOUND, format!("no admin endpoint `{other}`")),
         }
     }
 }
 
-fn unauthorized(message: String) -> Response<Full<Bytes>> {
+fn unauthorized(message: String) -> Response<ResponseBody> {
     let mut response = text_response(StatusCode::UNAUTHORIZED, message);
     response.headers_mut().insert(
         http::header::WWW_AUTHENTICATE,

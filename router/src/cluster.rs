@@ -47,6 +47,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 
+use crate::body::{PeerBody, ResponseBody};
 use crate::hop::{Bound, ClusterKey, HopClaims, Reading};
 use crate::placement::{self, Member, Outliers};
 
@@ -75,8 +76,11 @@ const OUTLIER_EJECTION: Duration = Duration::from_secs(10);
 const VIEW_STALE_AFTER: Duration = Duration::from_secs(10);
 /// Connecting to a peer (same LAN or region): a dead one must cost little.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// Largest response taken from a peer (functions' responses are bounded far below).
-const MAX_FORWARDED_RESPONSE: usize = 64 * 1024 * 1024;
+/// Largest response relayed from a peer: the largest a function may give. Relayed as it
+/// arrives, so this bounds bytes passed on, not memory held.
+const MAX_FORWARDED_RESPONSE: usize = atoll_registry::manifest::MAX_RESPONSE_BYTES as usize;
+/// Largest "not served here" refusal read from a peer (a line of text).
+const MAX_REFUSAL_BYTES: usize = 64 * 1024;
 
 /// Who this node is in the cluster and how it balances.
 #[derive(Debug, Clone)]
@@ -344,7 +348,7 @@ impl Cluster {
         https: bool,
         expected: &atoll_registry::Deployment,
         timeout: Duration,
-    ) -> Result<Response<Full<Bytes>>, ForwardError> {
+    ) -> Result<Response<ResponseBody>, ForwardError> {
         let (name, address) = peer;
         let path = uri.path_and_query().map_or("/", |path| path.as_str()).to_string();
         let uri: http::Uri = format!("http://{address}{path}")
@@ -406,22 +410,30 @@ impl Cluster {
         *request.headers_mut() = headers;
 
         self.adjust_forwarded(name, 1);
+        let started = Instant::now();
         let outcome = tokio::time::timeout(timeout, async {
             let response = self.client.request(request).await.map_err(|error| ForwardError {
                 maybe_sent: !error.is_connect(),
                 reason: error_chain(&error),
             })?;
             let (mut parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_FORWARDED_RESPONSE)
-                .collect()
-                .await
-                .map_err(|error| ForwardError {
-                    maybe_sent: true,
-                    reason: format!("reading the peer's answer: {error}"),
-                })?
-                .to_bytes();
             strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, Full::new(body)))
+            if not_served(&Response::from_parts(parts.clone(), ())).is_some() {
+                // A short refusal, served here instead: read it so the connection is reused.
+                let body = Limited::new(body, MAX_REFUSAL_BYTES)
+                    .collect()
+                    .await
+                    .map_err(|error| ForwardError {
+                        maybe_sent: true,
+                        reason: format!("reading the peer's refusal: {error}"),
+                    })?
+                    .to_bytes();
+                return Ok(Response::from_parts(parts, ResponseBody::whole(body)));
+            }
+            // The answer itself is relayed as it arrives, within what is left of the time.
+            let left = timeout.saturating_sub(started.elapsed());
+            let body = ResponseBody::Peer(PeerBody::new(body, MAX_FORWARDED_RESPONSE, left));
+            Ok(Response::from_parts(parts, body))
         })
         .await
         .unwrap_or_else(|_| {

@@ -2158,7 +2158,7 @@ mod tests {
                 self: Arc<Self>,
                 request: Request<B>,
                 _connection: ConnectionInfo,
-            ) -> Response<Full<Bytes>>
+            ) -> Response<crate::body::ResponseBody>
             where
                 B: Body<Data = Bytes> + Send + 'static,
                 B::Error: Into<BoxError>,

@@ -22,6 +22,7 @@
 
 pub mod acme;
 pub mod admin;
+pub mod body;
 pub mod cluster;
 pub mod executor;
 pub mod h1_guard;

@@ -59,7 +59,9 @@ use std::time::{Duration, SystemTime};
 use bytes::{Buf, Bytes};
 use h3::quic::{self as h3_quic, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
+
+use crate::body::ResponseBody;
 use hyper::body::{Body, Frame};
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
 use tokio::sync::watch;
@@ -373,11 +375,25 @@ impl<H: Handler> Shared<H> {
             Some(response) => response,
             None => Arc::clone(&self.handler).handle(request, info).await,
         };
-        let (head, body) = into_h3_parts(response, head_only).await;
+        let (head, mut body) = into_h3_parts(response, head_only);
         let sent = async {
             sender.send_response(head).await?;
-            if !body.is_empty() {
-                sender.send_data(body).await?;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => {
+                        if let Ok(data) = frame.into_data()
+                            && !data.is_empty()
+                        {
+                            sender.send_data(data).await?;
+                        }
+                    }
+                    Err(error) => {
+                        // A body that broke off must not look complete: reset the stream.
+                        tracing::debug!(%remote, %error, "HTTP/3 response body aborted");
+                        sender.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                        return Ok(());
+                    }
+                }
             }
             sender.finish().await
         }
@@ -388,7 +404,7 @@ impl<H: Handler> Shared<H> {
     }
 
     /// The 421 for a request whose host the connection's certificate does not cover.
-    fn misdirected<B>(&self, request: &Request<B>, info: &ConnectionInfo) -> Option<Response<Full<Bytes>>> {
+    fn misdirected<B>(&self, request: &Request<B>, info: &ConnectionInfo) -> Option<Response<ResponseBody>> {
         let host = request_host(request)?;
         let host = crate::route_table::normalize_host(&host);
         if self.certificates.host_allowed(info.server_name(), &host) {
@@ -414,14 +430,11 @@ const CONNECTION_SPECIFIC_HEADERS: [http::header::HeaderName; 5] = [
     http::HeaderName::from_static("proxy-connection"),
 ];
 
-/// The response head for h3 (no connection-specific fields; `content-length` and `date`, as
-/// hyper adds them over TCP) and its body (empty for HEAD).
-async fn into_h3_parts(response: Response<Full<Bytes>>, head_only: bool) -> (Response<()>, Bytes) {
+/// The response head for h3 (no connection-specific fields; `content-length` when the
+/// body's length is known and `date`, as hyper adds them over TCP) and its body (empty for
+/// HEAD and bodiless statuses).
+fn into_h3_parts(response: Response<ResponseBody>, head_only: bool) -> (Response<()>, ResponseBody) {
     let (mut parts, body) = response.into_parts();
-    let body = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(never) => match never {},
-    };
     for name in &CONNECTION_SPECIFIC_HEADERS {
         parts.headers.remove(name);
     }
@@ -433,12 +446,19 @@ async fn into_h3_parts(response: Response<Full<Bytes>>, head_only: bool) -> (Res
             .headers
             .insert(http::header::DATE, http_date(SystemTime::now()));
     }
-    if !bodiless && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+    if !bodiless
+        && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+        && let Some(length) = body.size_hint().exact()
+    {
         parts
             .headers
-            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    let body = if head_only || bodiless { Bytes::new() } else { body };
+    let body = if head_only || bodiless {
+        ResponseBody::empty()
+    } else {
+        body
+    };
     (Response::from_parts(parts, ()), body)
 }
 
@@ -868,18 +888,24 @@ mod tests {
         response
             .headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        let (head, body) = into_h3_parts(response, false).await;
+        let (head, body) = into_h3_parts(response, false);
         assert!(head.headers().get(http::header::CONNECTION).is_none());
         assert_eq!(head.headers()[http::header::CONTENT_LENGTH], "3");
-        assert_eq!(body, "hi\n");
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hi\n");
 
-        let (head, body) = into_h3_parts(text_response(StatusCode::OK, "hi"), true).await;
+        let (head, body) = into_h3_parts(text_response(StatusCode::OK, "hi"), true);
         assert_eq!(
             head.headers()[http::header::CONTENT_LENGTH],
             "3",
             "HEAD keeps the length"
         );
-        assert!(body.is_empty(), "HEAD has no body");
+        assert!(body.is_end_stream(), "HEAD has no body");
+
+        // A streamed body has no length to announce.
+        let (_writer, reader) = atoll_isolate::stream::body_pipe(16);
+        let streamed = Response::new(ResponseBody::Function(reader));
+        let (head, _) = into_h3_parts(streamed, false);
+        assert!(head.headers().get(http::header::CONTENT_LENGTH).is_none());
     }
 
     #[test]

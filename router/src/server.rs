@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use atoll_registry::connections::Activity;
 
+use crate::body::ResponseBody;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -83,7 +83,7 @@ pub trait Handler: Send + Sync + 'static {
         self: Arc<Self>,
         request: Request<B>,
         connection: ConnectionInfo,
-    ) -> impl Future<Output = Response<Full<Bytes>>> + Send
+    ) -> impl Future<Output = Response<ResponseBody>> + Send
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>;
@@ -387,7 +387,7 @@ async fn respond<H: Handler>(
     state: &ConnectionState,
     request: Request<hyper::body::Incoming>,
     info: ConnectionInfo,
-) -> Response<Full<Bytes>> {
+) -> Response<ResponseBody> {
     let index = state.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(rejection) = state.guard.rejection_for(index) {
         return rejection_response(&rejection);
@@ -418,7 +418,7 @@ async fn respond<H: Handler>(
     response
 }
 
-fn add_alt_svc(response: &mut Response<Full<Bytes>>, ingress: &Ingress) {
+fn add_alt_svc(response: &mut Response<ResponseBody>, ingress: &Ingress) {
     if let Some(alt_svc) = &ingress.alt_svc {
         response
             .headers_mut()
@@ -427,7 +427,7 @@ fn add_alt_svc(response: &mut Response<Full<Bytes>>, ingress: &Ingress) {
 }
 
 /// The response to a refused request; the connection closes after it.
-pub fn rejection_response(rejection: &Rejection) -> Response<Full<Bytes>> {
+pub fn rejection_response(rejection: &Rejection) -> Response<ResponseBody> {
     let mut response = text_response(rejection.status, rejection.reason);
     response
         .headers_mut()
@@ -449,7 +449,7 @@ pub fn request_host<B>(request: &Request<B>) -> Option<String> {
 }
 
 /// A small plain-text response.
-pub fn text_response(status: http::StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+pub fn text_response(status: http::StatusCode, body: impl Into<String>) -> Response<ResponseBody> {
     let mut body: String = body.into();
     if !body.ends_with('\n') {
         body.push('\n');
@@ -457,6 +457,6 @@ pub fn text_response(status: http::StatusCode, body: impl Into<String>) -> Respo
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body)))
+        .body(ResponseBody::whole(body))
         .expect("static response parts are valid")
 }

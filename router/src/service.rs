@@ -20,10 +20,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoll_isolate::{CgiRequest, InterruptSlot, InvokeError, StartKind};
+use atoll_isolate::{
+    CgiRequest, InterruptSlot, Invocation, InvokeError, StartKind, StreamedResponse, StreamingOutput,
+};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
+
+use crate::body::ResponseBody;
 use hyper::body::Body;
 
 use crate::acme::Http01Challenges;
@@ -113,7 +117,7 @@ impl Handler for EdgeService {
         self: Arc<Self>,
         request: Request<B>,
         connection: ConnectionInfo,
-    ) -> Response<Full<Bytes>>
+    ) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -143,7 +147,7 @@ impl EdgeService {
         &self,
         request: Request<B>,
         connection: ConnectionInfo,
-    ) -> (Response<Full<Bytes>>, Accounting)
+    ) -> (Response<ResponseBody>, Accounting)
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -155,7 +159,7 @@ impl EdgeService {
                 Some(key_authorization) => (
                     Response::builder()
                         .header(http::header::CONTENT_TYPE, "application/octet-stream")
-                        .body(Full::new(Bytes::from(key_authorization)))
+                        .body(ResponseBody::whole(key_authorization))
                         .expect("static response parts are valid"),
                     Accounting::Unrouted,
                 ),
@@ -412,9 +416,8 @@ async fn invoke(
     executor: &GuestExecutor,
     served: Arc<ServedFunction>,
     request: CgiRequest,
-) -> Response<Full<Bytes>> {
+) -> Response<ResponseBody> {
     let name = served.name();
-    let version = served.deployment.version;
     let pool = Arc::clone(&served.pool);
     let admission = match pool.admit().await {
         Ok(admission) => admission,
@@ -437,14 +440,19 @@ async fn invoke(
         }
     };
     let timeout = pool.function().config().timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let interrupt = InterruptSlot::new();
     let (sender, mut receiver) = tokio::sync::oneshot::channel();
+    let (head_sender, mut heads) = tokio::sync::oneshot::channel::<StreamedResponse>();
     {
         let pool = Arc::clone(&pool);
         let interrupt = Arc::clone(&interrupt);
         let function_metrics = Arc::clone(&served.metrics);
         executor.spawn(move || {
-            let outcome = pool.execute(&request, &interrupt);
+            let streaming = StreamingOutput::new(move |head| {
+                let _ = head_sender.send(head);
+            });
+            let outcome = pool.execute(&request, &interrupt, Some(streaming));
             drop(admission);
             let _ = sender.send(outcome);
             // Prepare the next instance while this thread is here anyway, off the
@@ -454,20 +462,94 @@ async fn invoke(
             }
         });
     }
-    let outcome = match tokio::time::timeout(timeout, &mut receiver).await {
-        Ok(outcome) => outcome,
-        Err(_) => loop {
-            // The signal can miss a guest that is between instructions it checks; repeat
-            // until the run returns.
-            interrupt.fire();
-            if let Ok(outcome) = tokio::time::timeout(INTERRUPT_RETRY, &mut receiver).await {
-                break outcome;
+    // Until the deadline: the run's outcome, or the head of a response it streams.
+    let mut may_stream = true;
+    let first = tokio::time::timeout_at(deadline, async {
+        loop {
+            tokio::select! {
+                biased;
+                outcome = &mut receiver => return Err(outcome),
+                head = &mut heads, if may_stream => match head {
+                    Ok(head) => return Ok(head),
+                    // The run ended without streaming: its outcome is on its way.
+                    Err(_) => may_stream = false,
+                },
             }
-        },
+        }
+    })
+    .await;
+    let outcome = match first {
+        Ok(Ok(head)) => {
+            // The body flows while the guest runs; the deadline still holds, and the run's
+            // outcome is logged and counted when it comes.
+            tokio::spawn(async move {
+                let outcome = stop_at(deadline, &interrupt, receiver).await;
+                record(&served, &outcome);
+            });
+            let mut response = Response::new(ResponseBody::Function(head.body));
+            *response.status_mut() = head.status;
+            *response.headers_mut() = head.headers;
+            // Only the node says it ran nothing: a function that did run cannot.
+            response.headers_mut().remove(NOT_SERVED_HEADER);
+            return response;
+        }
+        Ok(Err(outcome)) => outcome,
+        Err(_) => stop_at(deadline, &interrupt, receiver).await,
     };
+    record(&served, &outcome);
+    match outcome {
+        Ok(Ok((invocation, _))) => {
+            let mut response = Response::new(ResponseBody::whole(invocation.response.body));
+            *response.status_mut() = invocation.response.status;
+            *response.headers_mut() = invocation.response.headers;
+            response.headers_mut().remove(NOT_SERVED_HEADER);
+            response
+        }
+        Ok(Err(error)) => {
+            let status = match error {
+                InvokeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            text_response(
+                status,
+                format!("function `{name}` failed: {}", public_reason(&error)),
+            )
+        }
+        Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    }
+}
+
+/// What the guest thread sends back: the run's outcome (`Err` if the job panicked).
+type RunOutcome =
+    Result<Result<(Invocation, StartKind), InvokeError>, tokio::sync::oneshot::error::RecvError>;
+
+/// The run's outcome, stopping the guest once `deadline` has passed.
+async fn stop_at(
+    deadline: tokio::time::Instant,
+    interrupt: &InterruptSlot,
+    mut receiver: tokio::sync::oneshot::Receiver<Result<(Invocation, StartKind), InvokeError>>,
+) -> RunOutcome {
+    if let Ok(outcome) = tokio::time::timeout_at(deadline, &mut receiver).await {
+        return outcome;
+    }
+    loop {
+        // The signal can miss a guest that is between instructions it checks; repeat
+        // until the run returns.
+        interrupt.fire();
+        if let Ok(outcome) = tokio::time::timeout(INTERRUPT_RETRY, &mut receiver).await {
+            return outcome;
+        }
+    }
+}
+
+/// Counts a run's outcome in the function's metrics and logs what the guest logged (and
+/// why it failed).
+fn record(served: &ServedFunction, outcome: &RunOutcome) {
+    let name = served.name();
+    let version = served.deployment.version;
     match outcome {
         Ok(Ok((invocation, start_kind))) => {
-            if start_kind == StartKind::OnDemand {
+            if *start_kind == StartKind::OnDemand {
                 served.metrics.instance_started(invocation.start_time, false);
             }
             served.metrics.invocation_ok(invocation.run_time);
@@ -480,12 +562,6 @@ async fn invoke(
                     atoll_isolate::function::printable_log(&invocation.log)
                 );
             }
-            let mut response = Response::new(Full::new(invocation.response.body));
-            *response.status_mut() = invocation.response.status;
-            *response.headers_mut() = invocation.response.headers;
-            // Only the node says it ran nothing: a function that did run cannot.
-            response.headers_mut().remove(NOT_SERVED_HEADER);
-            response
         }
         Ok(Err(error)) => {
             served.metrics.invocation_failed(error.outcome());
@@ -496,19 +572,8 @@ async fn invoke(
                 stderr = %atoll_isolate::function::printable_log(error.log()),
                 "invocation failed"
             );
-            let status = match error {
-                InvokeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            text_response(
-                status,
-                format!("function `{name}` failed: {}", public_reason(&error)),
-            )
         }
-        Err(_) => {
-            tracing::error!(function = %name, "invocation panicked");
-            text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-        }
+        Err(_) => tracing::error!(function = %name, "invocation panicked"),
     }
 }
 
@@ -561,7 +626,7 @@ fn is_idempotent(method: &http::Method) -> bool {
 
 /// A node's answer to a forwarded request it did not run, marked so the forwarding node
 /// serves it instead.
-fn refusal(reason: NotServed, text: impl Into<String>) -> Response<Full<Bytes>> {
+fn refusal(reason: NotServed, text: impl Into<String>) -> Response<ResponseBody> {
     let mut response = text_response(reason.status(), text);
     response
         .headers_mut()
@@ -581,6 +646,7 @@ fn public_reason(error: &InvokeError) -> &'static str {
         InvokeError::MalformedOutput { .. } => "its output is not a valid CGI response",
         InvokeError::ResponseTooLarge { .. } => "its response is too large",
         InvokeError::Timeout { .. } => "it ran past its timeout",
+        InvokeError::ClientGone { .. } => "the client went away",
     }
 }
 

@@ -1047,3 +1047,43 @@ pub fn start_nats_registry(label: &str, nats: &NatsServer) -> (Process, String) 
     assert!(url.starts_with("http://127.0.0.1:"), "unexpected line: {line}");
     (process, url)
 }
+
+/// A WCGI module that writes a CGI head, then `blocks` times 64 KiB of `x` (one `fd_write`
+/// each), then runs the WAT instructions `tail` (e.g. a loop that never ends).
+pub fn bulk_writer_module(blocks: u32, tail: &str) -> Vec<u8> {
+    let head = "Content-Type: application/octet-stream\n\n";
+    let escaped: String = head.bytes().map(|b| format!("\\{b:02x}")).collect();
+    let wat = format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 2)
+          (data (i32.const 256) "{escaped}")
+          (func (export "_start") (local $i i32)
+            (memory.fill (i32.const 65536) (i32.const 120) (i32.const 65536))
+            (i32.store (i32.const 0) (i32.const 256))
+            (i32.store (i32.const 4) (i32.const {head_len}))
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+            (i32.store (i32.const 0) (i32.const 65536))
+            (i32.store (i32.const 4) (i32.const 65536))
+            (block $done
+              (loop $more
+                (br_if $done (i32.ge_u (local.get $i) (i32.const {blocks})))
+                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br $more)))
+            {tail}))"#,
+        head_len = head.len(),
+    );
+    wat::parse_str(wat).expect("valid WAT")
+}
+
+/// The highest resident set size process `pid` has had (`VmHWM`), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/PID/status")
+        * 1024
+}

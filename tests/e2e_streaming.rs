@@ -1,0 +1,136 @@
+//! Large responses are streamed, end to end: a 32 MiB response reaches curl over HTTP/1.1
+//! (chunked, no `Content-Length`) and h2c whole, while the node's peak RSS grows by far
+//! less than the response (it used to buffer it twice over); a function that stops in the
+//! middle of its body (here: it spins past its timeout) gives the client the head and what
+//! was written, then a broken transfer — never a body that looks complete.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::*;
+
+/// What curl saw.
+struct Download {
+    /// curl's exit code (0: complete; 18 or 92 and others: the transfer broke off).
+    exit: i32,
+    status: u16,
+    http_version: String,
+    size: u64,
+    headers: String,
+}
+
+/// curl `http://HTTP/` with `Host: host` into `out`; `extra` flags before the URL.
+fn download(http: &str, host: &str, out: &Path, extra: &[&str]) -> Download {
+    let headers_file = out.with_extension("headers");
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-o"])
+        .arg(out)
+        .arg("-D")
+        .arg(&headers_file)
+        .args(["-w", "%{http_code} %{size_download} %{http_version}"])
+        .args(["-H", &format!("Host: {host}")])
+        .args(extra)
+        .arg(format!("http://{http}/"))
+        .output()
+        .expect("run curl");
+    let written = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut fields = written.split_whitespace();
+    let status = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let size = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let http_version = fields.next().unwrap_or("").to_string();
+    Download {
+        exit: output.status.code().unwrap_or(-1),
+        status,
+        http_version,
+        size,
+        headers: std::fs::read_to_string(&headers_file)
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+    }
+}
+
+#[test]
+fn large_responses_stream_and_a_broken_one_never_looks_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    let node = start_edge_node(&url, &dir.path().join("node"), &[]);
+    let http = node.http.clone().unwrap();
+    wait_ready(&node.admin);
+
+    let blocks = 512; // 32 MiB
+    let size = blocks as u64 * 64 * 1024;
+    let big = dir.path().join("big.wasm");
+    std::fs::write(&big, bulk_writer_module(blocks, "")).unwrap();
+    let manifest = write_manifest(
+        &dir.path().join("big"),
+        "big",
+        &big,
+        &["big.localhost"],
+        "[limits]\nresponse = \"64MiB\"\n",
+    );
+    push_ok(&url, &manifest);
+    // 1 MiB, then a spin the 2 s timeout ends.
+    let stall = dir.path().join("stall.wasm");
+    std::fs::write(&stall, bulk_writer_module(16, "(loop $forever (br $forever))")).unwrap();
+    let manifest = write_manifest(
+        &dir.path().join("stall"),
+        "stall",
+        &stall,
+        &["stall.localhost"],
+        "[limits]\ntimeout = \"2s\"\n",
+    );
+    push_ok(&url, &manifest);
+    wait_for_body(
+        &http,
+        "big.localhost",
+        "/nothing-yet",
+        |r| r.status != 404,
+        STARTUP,
+    );
+    let probe = dir.path().join("probe");
+    wait_until("stall.localhost is served", || {
+        download(&http, "stall.localhost", &probe, &[]).status != 404
+    });
+
+    let peak_before = peak_rss(node.process.pid());
+    let out = dir.path().join("out");
+    let h1 = download(&http, "big.localhost", &out, &[]);
+    assert_eq!((h1.exit, h1.status, h1.size), (0, 200, size), "{}", h1.headers);
+    assert!(
+        h1.headers.contains("transfer-encoding: chunked"),
+        "{}",
+        h1.headers
+    );
+    assert!(!h1.headers.contains("content-length"), "{}", h1.headers);
+    let body = std::fs::read(&out).unwrap();
+    assert!(
+        body.iter().all(|&byte| byte == b'x'),
+        "the body is the guest's output"
+    );
+    let h2 = download(&http, "big.localhost", &out, &["--http2-prior-knowledge"]);
+    assert_eq!(
+        (h2.exit, h2.status, h2.size, h2.http_version.as_str()),
+        (0, 200, size, "2"),
+        "{}",
+        h2.headers
+    );
+    let growth = peak_rss(node.process.pid()).saturating_sub(peak_before);
+    eprintln!("peak RSS grew by {} KiB over two 32 MiB responses", growth / 1024);
+    assert!(
+        growth < 16 << 20,
+        "peak RSS grew by {} MiB: the response was buffered",
+        growth >> 20
+    );
+
+    // The head and the first MiB arrive; then the body breaks off at the timeout.
+    for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
+        let broken = download(&http, "stall.localhost", &out, extra);
+        assert_eq!(broken.status, 200, "{extra:?}: {}", broken.headers);
+        assert!(broken.size >= 1 << 20, "{extra:?}: only {} bytes", broken.size);
+        assert_ne!(broken.exit, 0, "{extra:?}: a cut-off body looked complete");
+    }
+    // The node goes on serving.
+    assert_eq!(download(&http, "big.localhost", &out, &[]).size, size);
+}
