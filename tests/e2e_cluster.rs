@@ -926,3 +926,94 @@ fn a_short_or_unreadable_cluster_key_stops_the_node_with_a_clear_error() {
         "{error}"
     );
 }
+
+/// curl `http://ADDR/` with `Host: host` and `headers` into `out`: curl's exit code, the
+/// status, the bytes received and the node that served it.
+fn curl_download(addr: &str, host: &str, headers: &[&str], out: &Path) -> (i32, u16, u64, String) {
+    let headers_file = out.with_extension("headers");
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "60", "-o"])
+        .arg(out)
+        .arg("-D")
+        .arg(&headers_file)
+        .args(["-w", "%{http_code} %{size_download}"])
+        .args(["-H", &format!("Host: {host}")]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let output = command.arg(format!("http://{addr}/")).output().expect("run curl");
+    let written = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut fields = written.split_whitespace();
+    let status = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let size = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let served_by = std::fs::read_to_string(&headers_file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("x-atoll-node:")
+                .map(|name| name.trim().to_string())
+        })
+        .unwrap_or_default();
+    (output.status.code().unwrap_or(-1), status, size, served_by)
+}
+
+#[test]
+fn a_forwarded_large_response_is_relayed_and_a_broken_one_stays_broken() {
+    let (_nats, _registry, url, members, data) = two_nodes();
+    let placement: Vec<atoll_router::placement::Member> = ["a1", "a2"]
+        .iter()
+        .map(|name| atoll_router::placement::Member {
+            name: name.to_string(),
+            region: "a".into(),
+            in_flight: 0,
+            draining: false,
+        })
+        .collect();
+    // Both functions homed on a2, so a1 forwards them there.
+    let homed_on_a2: Vec<String> = (0..)
+        .map(|i| format!("bulk{i}"))
+        .filter(|name| atoll_router::placement::home_nodes(name, "a", &placement, 1)[0].name == "a2")
+        .take(2)
+        .collect();
+    let (big, stall) = (homed_on_a2[0].as_str(), homed_on_a2[1].as_str());
+    let blocks = 256; // 16 MiB
+    for (name, module, extra) in [
+        (big, bulk_writer_module(blocks, ""), ""),
+        (
+            stall,
+            bulk_writer_module(16, "(loop $forever (br $forever))"),
+            "[limits]\ntimeout = \"2s\"\n",
+        ),
+    ] {
+        let wasm = data.path().join(format!("{name}.wasm"));
+        std::fs::write(&wasm, module).unwrap();
+        let manifest = write_manifest(
+            &data.path().join(name),
+            name,
+            &wasm,
+            &[&format!("{name}.localhost")],
+            extra,
+        );
+        push_ok(&url, &manifest);
+    }
+    let (a1, a2) = (&members[0], &members[1]);
+    let out = data.path().join("out");
+    let big_host = format!("{big}.localhost");
+    let stall_host = format!("{stall}.localhost");
+    // Served by a2 itself before a1 is asked, so a1's forward finds it there.
+    for host in [&big_host, &stall_host] {
+        wait_until(&format!("a2 serves {host}"), || {
+            curl_download(&a2.http, host, &["x-atoll-hop: test"], &out).1 == 200
+        });
+    }
+    let size = blocks as u64 * 64 * 1024;
+    let forwarded = curl_download(&a1.http, &big_host, &[], &out);
+    assert_eq!(forwarded, (0, 200, size, "a2".to_string()));
+    // A body that broke off at the home node is not completed by the forwarding one.
+    let (exit, status, received, served_by) = curl_download(&a1.http, &stall_host, &[], &out);
+    assert_eq!((status, served_by.as_str()), (200, "a2"));
+    assert!(received >= 1 << 20, "only {received} bytes");
+    assert_ne!(exit, 0, "a cut-off body looked complete after the forward");
+}
