@@ -658,10 +658,17 @@ fn a_stored_certificate_in_its_last_third_is_renewed() {
     let mut pebble = Pebble::prepare();
     let (_registry, registry_url) = start_registry(&data.path().join("registry"));
     let node = start_acme_node(&registry_url, &node_data, &pebble, (0, 0), &[]);
-    assert_eq!(
-        fingerprint(&served_leaf(&node.https, "renew.test").expect("the stored certificate is served")),
-        fingerprint(&old)
-    );
+    // Stored certificates are installed by the ACME task, which starts beside the TLS
+    // listener: poll for the first handshake.
+    let deadline = Instant::now() + STARTUP;
+    let leaf = loop {
+        if let Some(leaf) = served_leaf(&node.https, "renew.test") {
+            break leaf;
+        }
+        assert!(Instant::now() < deadline, "the stored certificate is not served");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(fingerprint(&leaf), fingerprint(&old));
     pebble.start(node.http_port(), node.tls_port());
     let root = pebble.root();
     push_hello(&registry_url, &data.path().join("hello"), &["renew.test"]);

@@ -72,7 +72,14 @@ fn a_version_no_node_can_load_is_quarantined_and_the_rest_is_served() {
     wait_for_text(&http, "hello.localhost", "/", &hello_body("hello.localhost"));
     assert_eq!(get(&http, "bomb.localhost", "/").status, 404);
 
-    let sync = wait_for_body(&node.admin, "admin", "/sync", |r| r.status == 503, STARTUP);
+    // 503 also means "still loading": wait for the quarantine itself.
+    let sync = wait_for_body(
+        &node.admin,
+        "admin",
+        "/sync",
+        |r| r.status == 503 && r.text().contains("\"quarantined\":[{"),
+        STARTUP,
+    );
     let report: serde_json::Value = serde_json::from_str(&sync.text()).unwrap();
     assert_eq!(report["quarantined"][0]["function"], "bomb", "{report}");
     assert_eq!(report["quarantined"][0]["version"], 1, "{report}");
@@ -229,7 +236,13 @@ fn a_registry_that_sends_another_module_gets_nothing_loaded() {
     push_ok(&url, &example("echo"));
     push_ok(&url, &example("hello"));
     wait_for_text(&http, "hello.localhost", "/", &hello_body("hello.localhost"));
-    let sync = wait_for_body(&node.admin, "admin", "/sync", |r| r.status == 503, STARTUP);
+    let sync = wait_for_body(
+        &node.admin,
+        "admin",
+        "/sync",
+        |r| r.status == 503 && r.text().contains("does not match its digest"),
+        STARTUP,
+    );
     assert!(
         sync.text().contains("does not match its digest"),
         "{}",

@@ -19,8 +19,9 @@ fn push_fault(cluster: &Cluster, dir: &Path, name: &str, host: &str, extra: &str
 
 /// The issue's target for how long past its timeout a looping guest may run.
 const TARGET_OVERSHOOT: Duration = Duration::from_millis(100);
-/// What this test tolerates on a shared, possibly busy machine.
-const OVERSHOOT_SLACK: Duration = Duration::from_secs(2);
+/// What this test tolerates on a shared, busy 2-core machine: still far below "never
+/// stopped" (the client's 60 s timeout).
+const OVERSHOOT_SLACK: Duration = Duration::from_secs(5);
 
 #[test]
 fn looping_guest_is_stopped_with_504_in_time() {

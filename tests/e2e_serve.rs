@@ -209,7 +209,7 @@ fn push_v2_is_served_promptly() {
     let (app, elapsed) = app_with_two_versions();
     eprintln!("push v2 → served: {:.1} ms", elapsed.as_secs_f64() * 1000.0);
     assert!(
-        elapsed < Duration::from_secs(10),
+        elapsed < Duration::from_secs(20),
         "v2 took {elapsed:?} to be served after its push returned"
     );
     // Every request now goes to v2: no straggler answers from v1.

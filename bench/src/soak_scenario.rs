@@ -1981,11 +1981,11 @@ mod tests {
                 }
             })
         };
-        let busy = idle_cpu(std::process::id(), Duration::from_secs(1)).finish();
+        let busy = idle_cpu(std::process::id(), Duration::from_secs(2)).finish();
         stop.store(true, Ordering::Relaxed);
         spinner.join().unwrap();
-        // Well under one core on a loaded machine, but far above the idle limit.
-        assert!(!busy.gone && busy.total > 4.0 * IDLE_CPU_LIMIT, "{busy:?}");
+        // Its fair share of two busy cores can be small, but is still above the idle limit.
+        assert!(!busy.gone && busy.total > 2.0 * IDLE_CPU_LIMIT, "{busy:?}");
         assert!(!idle_verdict("spin", &busy).held);
     }
 

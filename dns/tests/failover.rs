@@ -174,7 +174,7 @@ async fn region_a_fails_over_to_region_b() {
     a_alive.store(false, Ordering::Relaxed);
     let took = until_answer(server, REGION_A_CLIENT, "shop.example.com.", &region_b).await;
     eprintln!("failover took {took:?}");
-    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    assert!(took < Duration::from_secs(20), "failover took {took:?}");
 
     // The registry goes away: the DNS keeps answering with what it knew.
     heartbeats.abort();

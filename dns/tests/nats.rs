@@ -54,7 +54,7 @@ async fn nats_source_fails_over_and_survives_nats_going_away() {
 
     a_alive.store(false, Ordering::Relaxed);
     let took = until_answer(server, REGION_A_CLIENT, "shop.example.com.", &region_b).await;
-    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    assert!(took < Duration::from_secs(20), "failover took {took:?}");
 
     // NATS goes away: the members the DNS knew age out of its table, but a snapshot is
     // only taken when the store answers, so the last good answer stays.
