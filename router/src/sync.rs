@@ -819,11 +819,17 @@ impl Loader {
             .memory_bytes()
             .min(ceilings.memory_bytes);
         let started = std::time::Instant::now();
+        // Each version compiles onto, and runs on, an engine of its own: wasmer frees a
+        // module's code only with its engine, so once a replaced version's last instance is
+        // gone its code goes too, instead of staying on one engine for the process's life.
         let loaded = tokio::task::spawn_blocking(move || {
-            artifacts.load_or_prepare(&sha256, &bytes, &name, &init_env, memory_limit)
+            let engine = artifacts.engine().scratch()?;
+            artifacts
+                .load_or_prepare(&engine, &sha256, &bytes, &name, &init_env, memory_limit)
+                .map(|prepared| (engine, prepared))
         })
         .await;
-        let prepared = match loaded {
+        let (engine, prepared) = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(error)) => {
                 return Err(SyncError::Load {
@@ -880,7 +886,7 @@ impl Loader {
             idle_timeout: manifest.scale.idle_timeout(),
             ..ScaleConfig::default()
         };
-        let function = LoadedFunction::from_prepared(self.artifacts.engine().clone(), prepared, config);
+        let function = LoadedFunction::from_prepared(engine, prepared, config);
         let pool = InstancePool::new(function, scale);
         let function_metrics = Arc::new(FunctionMetrics::new(&deployment.name));
         // Reserved instances (`min_instances`) are made ready before the version is routed.
@@ -901,7 +907,104 @@ impl Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atoll_isolate::{CgiRequest, Engine};
     use atoll_registry::Manifest;
+
+    /// A WCGI guest answering `200 text/plain` with `body` from a data segment (so it has a
+    /// copy-on-write memory image).
+    fn guest(body: &str) -> Vec<u8> {
+        let output = format!("Content-Type: text/plain\n\n{body}");
+        let escaped: String = output.bytes().map(|b| format!("\\{b:02x}")).collect();
+        let wat = format!(
+            r#"(module
+              (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 1024) "{escaped}")
+              (func (export "_start")
+                (i32.store (i32.const 0) (i32.const 1024))
+                (i32.store (i32.const 4) (i32.const {len}))
+                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))"#,
+            len = output.len(),
+        );
+        wat::parse_str(wat).unwrap()
+    }
+
+    /// A syncer on a node cache in `directory` whose source is never reached (the tests
+    /// hand it modules directly or through the disk cache).
+    fn offline_syncer(directory: &std::path::Path) -> Syncer {
+        let cache = NodeCache::open(directory).unwrap();
+        let artifacts = ArtifactCache::open(cache.artifacts_dir(), Engine::new().unwrap()).unwrap();
+        let source = SyncSource::Registry(RegistryClient::new("http://127.0.0.1:9", None).unwrap());
+        Syncer::new(source, cache, artifacts, Routing::new())
+    }
+
+    fn memory_mappings() -> usize {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .count()
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn a_replaced_version_takes_its_code_and_memory_image_with_it() {
+        // One blocking thread: a new one (its stack, maybe a malloc arena) would add
+        // mappings of its own.
+        tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap()
+            .block_on(replaced_versions_take_their_code_and_memory_images_with_them());
+    }
+
+    async fn replaced_versions_take_their_code_and_memory_images_with_them() {
+        let directory = tempfile::tempdir().unwrap();
+        let loader = offline_syncer(directory.path()).loader;
+        let wasm = guest("hello");
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let request = CgiRequest {
+            method: "GET".into(),
+            raw_path: "/".into(),
+            ..CgiRequest::default()
+        };
+        // Loads a version (compiled once, then from the artifact on disk, as after a
+        // restart or a rollback), serves a request on this thread, and replaces it.
+        let serve_and_replace = |version| {
+            let loader = loader.clone();
+            let deployment = deployment("hello", version, &sha256);
+            let wasm = wasm.clone();
+            let request = request.clone();
+            async move {
+                let served = loader.load(deployment, wasm).await.unwrap();
+                let invocation = served.pool.function().invoke(&request).unwrap();
+                assert_eq!(&invocation.response.body[..], b"hello");
+            }
+        };
+        for version in 1..=3 {
+            serve_and_replace(version).await;
+        }
+        let (mappings, fds) = (memory_mappings(), open_fds());
+        const VERSIONS: u64 = 60;
+        for version in 4..4 + VERSIONS {
+            serve_and_replace(version).await;
+        }
+        let mapping_growth = memory_mappings().saturating_sub(mappings);
+        let fd_growth = open_fds().saturating_sub(fds);
+        // Code kept on one engine for every version grew by two or three mappings each.
+        assert!(
+            mapping_growth < 20,
+            "{mapping_growth} more memory mappings after {VERSIONS} versions came and went"
+        );
+        // The memory images (a memfd each) go with their versions; the pooled slot that
+        // served the last one may hold its image until the next version takes the slot.
+        assert!(
+            fd_growth <= 2,
+            "{fd_growth} more open fds after {VERSIONS} versions came and went"
+        );
+    }
 
     fn deployment(name: &str, version: u64, sha256: &str) -> Deployment {
         Deployment {
