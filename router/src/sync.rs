@@ -342,7 +342,12 @@ pub struct Syncer {
     loading: HashMap<String, Loading>,
     loads: tokio::task::JoinSet<LoadDone>,
     quarantine: HashMap<String, Quarantined>,
-    /// What was last written to the disk cache (heartbeats change nothing, so write nothing).
+    /// Whether what [`Syncer::persisted_state`] returns changed since it was last written.
+    /// Set only where the revision, what is served or what is quarantined changes, so an
+    /// event that changes none of them (a heartbeat) neither builds nor writes the state.
+    state_changed: bool,
+    /// What was last written, to check in debug builds that no change went unflagged.
+    #[cfg(debug_assertions)]
     last_persisted: Option<CachedState>,
 }
 
@@ -370,6 +375,9 @@ impl Syncer {
             loading: HashMap::new(),
             loads: tokio::task::JoinSet::new(),
             quarantine: HashMap::new(),
+            // Nothing written yet: the first advance writes.
+            state_changed: true,
+            #[cfg(debug_assertions)]
             last_persisted: None,
         }
     }
@@ -393,31 +401,26 @@ impl Syncer {
                 continue;
             };
             match self.loader.load(deployment.clone(), bytes).await {
-                Ok(served) => {
-                    self.served.insert(deployment.name.clone(), served);
-                }
+                Ok(served) => self.serve(served),
                 Err(error) => tracing::warn!(%error, "could not restore a cached function"),
             }
         }
         // Versions quarantined before the restart are tried again soon.
         for deployment in state.quarantined {
-            self.quarantine.insert(
-                deployment.name.clone(),
-                Quarantined {
-                    deployment,
-                    reason: "quarantined before the node restarted".into(),
-                    failures: 0,
-                    retry_at: tokio::time::Instant::now(),
-                },
-            );
+            self.quarantine_version(Quarantined {
+                deployment,
+                reason: "quarantined before the node restarted".into(),
+                failures: 0,
+                retry_at: tokio::time::Instant::now(),
+            });
         }
         // Resume from the cached revision only if everything it names was restored;
         // otherwise catch up from scratch (Puts of what is already served are no-ops).
-        self.revision = if self.served.len() == expected {
+        self.set_revision(if self.served.len() == expected {
             state.revision
         } else {
             0
-        };
+        });
         self.seen = self.revision;
         self.publish();
         tracing::info!(
@@ -485,7 +488,8 @@ impl Syncer {
             // A registry rebuilt from scratch, a recreated bucket, another control
             // plane: its revisions are not ours, and resuming from ours would skip its
             // changes. Catch up from the start; unchanged versions cost nothing.
-            let applied = std::mem::take(&mut self.revision);
+            let applied = self.revision;
+            self.set_revision(0);
             self.seen = 0;
             // Loads in flight were asked for in the old numbering: they hold back nothing
             // now (the catch-up asks for them again).
@@ -507,7 +511,7 @@ impl Syncer {
             // Back to exactly what is served (a rollback of a version that is loading or
             // quarantined): that version is no longer wanted.
             self.loading.remove(&deployment.name);
-            self.quarantine.remove(&deployment.name);
+            self.clear_quarantine(&deployment.name);
         }
         let served_versions = self
             .served
@@ -547,7 +551,7 @@ impl Syncer {
             WatchEvent::Delete { ref name, .. } => {
                 // Whatever was loading or quarantined for it is moot now.
                 self.loading.remove(name);
-                self.quarantine.remove(name);
+                self.clear_quarantine(name);
                 plan(event, &served_versions)
             }
             event => plan(event, &served_versions),
@@ -555,7 +559,7 @@ impl Syncer {
         match decided {
             Plan::Load(deployment) => {
                 // A new version supersedes a quarantined or loading one.
-                self.quarantine.remove(&deployment.name);
+                self.clear_quarantine(&deployment.name);
                 if self
                     .served
                     .get(&deployment.name)
@@ -569,7 +573,7 @@ impl Syncer {
                 self.advance()?;
             }
             Plan::Remove(name) => {
-                self.served.remove(&name);
+                self.stop_serving(&name);
                 self.publish();
                 self.advance()?;
             }
@@ -633,8 +637,8 @@ impl Syncer {
         self.loading.remove(&name);
         match done.result {
             Ok(served) => {
-                self.quarantine.remove(&name);
-                self.served.insert(name, served);
+                self.clear_quarantine(&name);
+                self.serve(served);
                 self.publish();
             }
             Err(error) => {
@@ -663,15 +667,12 @@ impl Syncer {
                     retry_in = ?wait,
                     "version quarantined; the node keeps serving the rest"
                 );
-                self.quarantine.insert(
-                    name,
-                    Quarantined {
-                        deployment: done.deployment,
-                        reason: error.to_string(),
-                        failures,
-                        retry_at: tokio::time::Instant::now() + wait,
-                    },
-                );
+                self.quarantine_version(Quarantined {
+                    deployment: done.deployment,
+                    reason: error.to_string(),
+                    failures,
+                    retry_at: tokio::time::Instant::now() + wait,
+                });
             }
         }
         self.advance()
@@ -709,15 +710,62 @@ impl Syncer {
             None => self.seen,
         };
         if resolved > self.revision {
-            self.revision = resolved;
+            self.set_revision(resolved);
         }
-        let persisted = self.persisted_state();
-        if self.last_persisted.as_ref() != Some(&persisted) {
+        #[cfg(debug_assertions)]
+        if !self.state_changed {
+            assert!(
+                self.last_persisted.as_ref() == Some(&self.persisted_state()),
+                "the persisted state changed without being flagged"
+            );
+        }
+        if self.state_changed {
+            let persisted = self.persisted_state();
             self.loader.cache.save_state(&persisted)?;
-            self.last_persisted = Some(persisted);
+            self.state_changed = false;
+            #[cfg(debug_assertions)]
+            {
+                self.last_persisted = Some(persisted);
+            }
         }
         self.report();
         Ok(())
+    }
+
+    /// Serves `served` for its function, in place of what it served before.
+    fn serve(&mut self, served: Arc<ServedFunction>) {
+        let name = &served.deployment.name;
+        self.state_changed |= self
+            .served
+            .get(name)
+            .is_none_or(|current| current.deployment != served.deployment);
+        self.served.insert(name.clone(), served);
+    }
+
+    /// Stops serving function `name`, if it is served.
+    fn stop_serving(&mut self, name: &str) {
+        self.state_changed |= self.served.remove(name).is_some();
+    }
+
+    /// Quarantines a version, in place of whatever was quarantined for its function. A
+    /// retry that failed again changes only what is not persisted (failures, next retry).
+    fn quarantine_version(&mut self, quarantined: Quarantined) {
+        let name = &quarantined.deployment.name;
+        self.state_changed |= self
+            .quarantine
+            .get(name)
+            .is_none_or(|current| current.deployment != quarantined.deployment);
+        self.quarantine.insert(name.clone(), quarantined);
+    }
+
+    /// Drops what is quarantined for function `name`, if anything.
+    fn clear_quarantine(&mut self, name: &str) {
+        self.state_changed |= self.quarantine.remove(name).is_some();
+    }
+
+    fn set_revision(&mut self, revision: u64) {
+        self.state_changed |= self.revision != revision;
+        self.revision = revision;
     }
 
     /// Publishes how far behind the source the node is, for `/readyz`, `/sync` and metrics.
@@ -1016,6 +1064,156 @@ mod tests {
             ))
             .unwrap(),
         }
+    }
+
+    /// Applies `event` and finishes the load it starts, if any.
+    async fn apply_and_load(syncer: &mut Syncer, event: WatchEvent) {
+        apply(syncer, event);
+        finish_loads(syncer).await;
+    }
+
+    /// Applies `event`; a load it starts is left in flight until [`finish_loads`].
+    fn apply(syncer: &mut Syncer, event: WatchEvent) {
+        let mut backoff = BACKOFF_START;
+        syncer.apply_event(event, &mut backoff).unwrap();
+    }
+
+    async fn finish_loads(syncer: &mut Syncer) {
+        while let Some(done) = syncer.loads.join_next().await {
+            syncer.finish_load(done.unwrap()).unwrap();
+        }
+    }
+
+    /// Revision, served `name@version`s, quarantined `name@version`s.
+    type Written = Option<(u64, Vec<String>, Vec<String>)>;
+
+    /// What the state file at `path` holds; `None` when there is none.
+    fn written(path: &std::path::Path) -> Written {
+        let bytes = std::fs::read(path).ok()?;
+        let state: CachedState = serde_json::from_slice(&bytes).unwrap();
+        let versions = |deployments: &[Deployment]| {
+            deployments
+                .iter()
+                .map(|deployment| format!("{}@{}", deployment.name, deployment.version))
+                .collect()
+        };
+        Some((
+            state.revision,
+            versions(&state.deployments),
+            versions(&state.quarantined),
+        ))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_state_is_written_when_and_only_when_it_changes() {
+        let directory = tempfile::tempdir().unwrap();
+        let mut syncer = offline_syncer(directory.path());
+        let state_file = directory.path().join("node-state.json");
+        let wasm = guest("hello");
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        syncer.loader.cache.write_module(&sha256, &wasm).unwrap();
+        let put = |revision, name, version| WatchEvent::Put {
+            revision,
+            deployment: deployment(name, version, &sha256),
+        };
+        // Deletes the state file and returns what it held: a later `written` of `None`
+        // means nothing wrote it since.
+        let take_written = || {
+            let written = written(&state_file);
+            let _ = std::fs::remove_file(&state_file);
+            written
+        };
+        let strings = |items: &[&str]| items.iter().map(ToString::to_string).collect::<Vec<_>>();
+
+        apply_and_load(&mut syncer, put(1, "hello", 1)).await;
+        assert_eq!(
+            take_written(),
+            Some((1, strings(&["hello@1"]), vec![])),
+            "a deploy is written"
+        );
+
+        // Heartbeats at the applied revision change nothing: nothing is marked or written.
+        for _ in 0..3 {
+            apply_and_load(&mut syncer, WatchEvent::Heartbeat { revision: 1 }).await;
+            assert!(!syncer.state_changed, "a heartbeat marked the state changed");
+        }
+        assert_eq!(take_written(), None, "a heartbeat rewrote the state");
+
+        // A heartbeat past the applied revision moves it: written.
+        apply_and_load(&mut syncer, WatchEvent::Heartbeat { revision: 2 }).await;
+        assert_eq!(take_written(), Some((2, strings(&["hello@1"]), vec![])));
+
+        // While an older event's load is in flight the revision stays behind it, so these
+        // are written for what they change, not for a new revision.
+        apply(&mut syncer, put(3, "other", 1));
+        assert_eq!(take_written(), None, "nothing changed yet");
+        apply(
+            &mut syncer,
+            WatchEvent::Delete {
+                revision: 4,
+                name: "hello".into(),
+            },
+        );
+        assert_eq!(take_written(), Some((2, vec![], vec![])), "a delete is written");
+        apply(&mut syncer, put(5, "hello", 2));
+        finish_loads(&mut syncer).await;
+        assert_eq!(
+            take_written(),
+            Some((5, strings(&["hello@2", "other@1"]), vec![]))
+        );
+
+        // A version that fails to load (its module is neither cached nor reachable) is
+        // quarantined, here while an older event's load waits for a load slot: written for
+        // the quarantine alone.
+        let all_slots = Arc::clone(&syncer.loader.slots)
+            .acquire_many_owned(CONCURRENT_LOADS as u32)
+            .await
+            .unwrap();
+        apply(&mut syncer, put(6, "other", 2));
+        let broken = deployment("broken", 1, &"0".repeat(64));
+        apply(
+            &mut syncer,
+            WatchEvent::Put {
+                revision: 7,
+                deployment: broken.clone(),
+            },
+        );
+        let done = syncer.loads.join_next().await.unwrap().unwrap();
+        assert_eq!(done.deployment, broken, "fails before it needs a slot");
+        syncer.finish_load(done).unwrap();
+        assert_eq!(
+            take_written(),
+            Some((5, strings(&["hello@2", "other@1"]), strings(&["broken@1"]))),
+            "a quarantine is written"
+        );
+        drop(all_slots);
+        finish_loads(&mut syncer).await;
+        assert_eq!(
+            take_written(),
+            Some((7, strings(&["hello@2", "other@2"]), strings(&["broken@1"])))
+        );
+
+        // Failing again on a retry changes only what is not persisted.
+        syncer.start_load(broken, None);
+        finish_loads(&mut syncer).await;
+        assert_eq!(syncer.quarantine["broken"].failures, 2);
+        assert_eq!(take_written(), None, "a failed retry rewrote the state");
+
+        // A new version supersedes the quarantined one: written, with the revision held
+        // back by a load in flight.
+        apply(&mut syncer, put(8, "other", 3));
+        assert_eq!(take_written(), None, "nothing changed yet");
+        apply(&mut syncer, put(9, "broken", 2));
+        assert_eq!(
+            take_written(),
+            Some((7, strings(&["hello@2", "other@2"]), vec![])),
+            "leaving quarantine is written"
+        );
+        finish_loads(&mut syncer).await;
+        assert_eq!(
+            take_written(),
+            Some((9, strings(&["broken@2", "hello@2", "other@3"]), vec![]))
+        );
     }
 
     #[test]
