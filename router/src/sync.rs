@@ -51,7 +51,8 @@ pub enum Plan {
     MarkSynced,
 }
 
-/// Decides what `event` requires, given what is served now (name → (version, sha256)).
+/// Decides what `event` requires, given what is served now (name → (version, sha256)); only
+/// the event's own function is looked up.
 pub fn plan(event: WatchEvent, served: &HashMap<String, (u64, String)>) -> Plan {
     match event {
         WatchEvent::Put { deployment, .. } => match served.get(&deployment.name) {
@@ -513,15 +514,22 @@ impl Syncer {
             self.loading.remove(&deployment.name);
             self.clear_quarantine(&deployment.name);
         }
-        let served_versions = self
-            .served
-            .iter()
+        // `plan` looks up only the event's own function: copy that one, not the table (a
+        // heartbeat copies nothing).
+        let function = match &event {
+            WatchEvent::Put { deployment, .. } => Some(&deployment.name),
+            WatchEvent::Delete { name, .. } => Some(name),
+            WatchEvent::Synced { .. } | WatchEvent::Heartbeat { .. } => None,
+        };
+        let served_versions = function
+            .and_then(|name| self.served.get_key_value(name))
             .map(|(name, served)| {
                 (
                     name.clone(),
                     (served.deployment.version, served.deployment.sha256.clone()),
                 )
             })
+            .into_iter()
             .collect();
         let decided = match event {
             // Already loading or quarantined exactly this: nothing new to do.
