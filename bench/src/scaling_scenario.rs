@@ -41,6 +41,7 @@ pub fn run(args: ScalingArgs) -> Result<()> {
     let directory = tempfile::tempdir()?;
     let cache = ArtifactCache::open(directory.path(), engine.clone())?;
     let prepared = cache.load_or_prepare(
+        &engine,
         &atoll_isolate::durable::sha256_hex(&wasm),
         &wasm,
         "scaling",

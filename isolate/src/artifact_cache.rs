@@ -18,6 +18,13 @@
 //! name; on load the checksum is verified before wasmer sees a byte, and a file that fails
 //! it (or fails to deserialize) is deleted and recompiled.
 //!
+//! Wasmer frees a module's code only with the engine that compiled or deserialized it, so
+//! the caller passes the engine the version will run on, one per version
+//! ([`Engine::scratch`], about a millisecond): a replaced version's code goes with it. On one
+//! engine for the process, a node grew by a few memory mappings per version it ever loaded.
+//! The init run's compiles use a scratch engine of their own, dropped right after. Scratch
+//! engines of one configuration share a fingerprint, hence artifacts.
+//!
 //! Loading is the crate's one `unsafe` call outside memory mapping: wasmer's
 //! `Module::deserialize` trusts its input to be an artifact it produced. The checksum and the
 //! fingerprint in the name make that true for every file this module accepts.
@@ -75,7 +82,7 @@ impl std::fmt::Debug for PreparedModule {
     }
 }
 
-/// A directory of compiled artifacts for one engine.
+/// A directory of compiled artifacts, for engines configured like the one it was opened with.
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
     directory: PathBuf,
@@ -90,12 +97,14 @@ impl ArtifactCache {
         Ok(ArtifactCache { directory, engine })
     }
 
+    /// The engine this cache was opened with: what per-version engines are made from
+    /// ([`Engine::scratch`]).
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
     fn prepared_key(
-        &self,
+        engine: &Engine,
         sha256: &str,
         name: &str,
         init_env: &[(String, String)],
@@ -111,15 +120,21 @@ impl ArtifactCache {
             digest.update(value.as_bytes());
         }
         let env_digest = hex::encode(&digest.finalize()[..8]);
-        format!("{sha256}-{env_digest}-{}", self.engine.fingerprint())
+        format!("{sha256}-{env_digest}-{}", engine.fingerprint())
     }
 
     /// The prepared form of `wasm` (hex SHA-256 `sha256`) for function `name` whose init
     /// runs with `init_env` under a memory limit of `max_memory_bytes`: from disk when it was
     /// prepared before, otherwise prepared now and stored. Blocking and CPU-heavy on a miss.
     /// `sha256` names files, so anything but 64 lowercase hex digits is refused.
+    ///
+    /// The module is compiled or deserialized on `engine`, which keeps its code for as long
+    /// as the engine lives: run the module on `engine` (a wasmer module only runs on the
+    /// engine that made it), and give every version that may be dropped an engine of its
+    /// own ([`Engine::scratch`]) so its code goes with it.
     pub fn load_or_prepare(
         &self,
+        engine: &Engine,
         sha256: &str,
         wasm: &[u8],
         name: &str,
@@ -127,10 +142,10 @@ impl ArtifactCache {
         max_memory_bytes: u64,
     ) -> Result<PreparedModule, IsolateError> {
         crate::durable::check_sha256_hex(sha256)?;
-        let key = self.prepared_key(sha256, name, init_env, max_memory_bytes);
+        let key = ArtifactCache::prepared_key(engine, sha256, name, init_env, max_memory_bytes);
         let artifact_path = self.directory.join(format!("{key}.artifact"));
         let snapshot_path = self.directory.join(format!("{key}.snapshot.wasm"));
-        if let Some(module) = self.load(&artifact_path) {
+        if let Some(module) = ArtifactCache::load(engine, &artifact_path) {
             let snapshot = fs::read(&snapshot_path).ok();
             let preinitialized = snapshot.is_some();
             let image = memory_image(snapshot.as_deref().unwrap_or(wasm));
@@ -141,8 +156,11 @@ impl ArtifactCache {
                 preinitialized,
             });
         }
+        // The init run compiles the module two or three times; none of that code is needed
+        // afterwards, so it goes with this engine.
+        let preinit_engine = engine.scratch()?;
         let (final_wasm, preinitialized) =
-            match snapshot::preinitialize_named(&self.engine, wasm, name, init_env, max_memory_bytes)? {
+            match snapshot::preinitialize_named(&preinit_engine, wasm, name, init_env, max_memory_bytes)? {
                 Preinit::Unchanged => {
                     let _ = fs::remove_file(&snapshot_path);
                     (std::borrow::Cow::Borrowed(wasm), false)
@@ -152,7 +170,8 @@ impl ArtifactCache {
                     (std::borrow::Cow::Owned(rewritten), true)
                 }
             };
-        let module = self.engine.compile(&final_wasm)?;
+        drop(preinit_engine);
+        let module = engine.compile(&final_wasm)?;
         let serialized = module
             .serialize()
             .map_err(|error| IsolateError::Engine(format!("serialize: {error}")))?;
@@ -165,7 +184,7 @@ impl ArtifactCache {
         })
     }
 
-    fn load(&self, path: &Path) -> Option<Module> {
+    fn load(engine: &Engine, path: &Path) -> Option<Module> {
         let contents = fs::read(path).ok()?;
         let valid = contents.len() > 32 && Sha256::digest(&contents[32..])[..] == contents[..32];
         if !valid {
@@ -173,7 +192,7 @@ impl ArtifactCache {
             let _ = fs::remove_file(path);
             return None;
         }
-        match deserialize(&self.engine, &contents[32..]) {
+        match deserialize(engine, &contents[32..]) {
             Ok(module) if check_interface(&module).is_ok() => Some(module),
             Ok(_) | Err(_) => {
                 tracing::warn!(path = %path.display(), "discarding unusable artifact");
@@ -219,15 +238,74 @@ mod tests {
         (memory (export "memory") 1)
         (func (export "_start")))"#;
 
+    /// A module whose init export runs on prepare; `seed` makes each one a new module.
+    fn preinitialized_module(seed: u32) -> Vec<u8> {
+        wasmer::wat2wasm(
+            format!(
+                r#"(module
+                  (import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))
+                  (memory (export "memory") 1)
+                  (global $seed (mut i32) (i32.const 0))
+                  (func (export "atoll_init")
+                    (global.set $seed (i32.const {seed}))
+                    (i32.store (i32.const 64) (i32.const {seed})))
+                  (func (export "_start")))"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+        .into_owned()
+    }
+
+    fn memory_mappings() -> usize {
+        fs::read_to_string("/proc/self/maps").unwrap().lines().count()
+    }
+
+    #[test]
+    fn the_init_runs_compiles_do_not_stay_on_the_versions_engine() {
+        let directory = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(directory.path(), Engine::new().unwrap()).unwrap();
+        let engine = cache.engine().scratch().unwrap();
+        let prepare = |seed| {
+            let wasm = preinitialized_module(seed);
+            let sha256 = crate::durable::sha256_hex(&wasm);
+            let prepared = cache
+                .load_or_prepare(&engine, &sha256, &wasm, "seeded", &[], 64 << 20)
+                .unwrap();
+            assert!(prepared.preinitialized && prepared.kind == LoadKind::Compiled);
+        };
+        prepare(0);
+        let before = memory_mappings();
+        const MODULES: u32 = 20;
+        for seed in 1..=MODULES {
+            prepare(seed);
+        }
+        // The version's own compile leaves two or three mappings on its engine; with the
+        // init run's compiles (the module, its instrumented copy, the rewrite) on it too,
+        // eight or so.
+        let growth = memory_mappings().saturating_sub(before) as u32;
+        assert!(
+            growth < 4 * MODULES,
+            "{growth} more memory mappings on one engine after preparing {MODULES} modules"
+        );
+    }
+
     #[test]
     fn second_load_comes_from_disk_and_corruption_recompiles() {
         let directory = tempfile::tempdir().unwrap();
         let engine = Engine::new().unwrap();
-        let cache = ArtifactCache::open(directory.path(), engine).unwrap();
+        let cache = ArtifactCache::open(directory.path(), engine.clone()).unwrap();
         let wasm = wasmer::wat2wasm(HELLO.as_bytes()).unwrap().to_vec();
         let prepare = || {
             cache
-                .load_or_prepare(&crate::durable::sha256_hex(&wasm), &wasm, "hello", &[], 64 << 20)
+                .load_or_prepare(
+                    &engine,
+                    &crate::durable::sha256_hex(&wasm),
+                    &wasm,
+                    "hello",
+                    &[],
+                    64 << 20,
+                )
                 .unwrap()
                 .kind
         };

@@ -45,16 +45,17 @@
 //! ```
 //!
 //! - A released slot is restored in place when it can be. The page map of the initial
-//!   range (`/proc/self/pagemap`, one fd per thread) tells which pages the tenant may have
-//!   written: in the `MAP_PRIVATE` image mapping, a present page that is not a file page is
-//!   a private copy-on-write copy, and gets the image's bytes back (copied from a read-only
-//!   `MAP_SHARED` view of the memfd, mapped once per image); after the image, a present
-//!   page that does not read zero gets zeros. Swapped-out pages count as written. The
-//!   `PAGEMAP_SCAN` ioctl (Linux 6.7) asks the kernel for exactly those pages (present or
-//!   swapped, neither file page nor the shared zero page) as a few runs, 64 per call, so
-//!   the reset costs the same for a 16 MiB memory as for a 64 KiB one. Where the ioctl is
-//!   unknown or invalid it is not tried again in the process, and one `pread` of the page
-//!   map's entries (8 bytes per page) over the initial range does the same. Those pages stay resident and writable, so neither the reset nor the next
+//!   range (`/proc/self/pagemap`, one fd shared by every thread) tells which pages the
+//!   tenant may have written: in the `MAP_PRIVATE` image mapping, a present page that is
+//!   not a file page is a private copy-on-write copy, and gets the image's bytes back
+//!   (copied from a read-only `MAP_SHARED` view of the memfd, mapped once per image);
+//!   after the image, a present page that does not read zero gets zeros. Swapped-out pages
+//!   count as written. The `PAGEMAP_SCAN` ioctl (Linux 6.7) asks the kernel for exactly
+//!   those pages (present or swapped, neither file page nor the shared zero page) as a few
+//!   runs, 64 per call, so the reset costs the same for a 16 MiB memory as for a 64 KiB
+//!   one. Where the ioctl is unknown or invalid it is not tried again in the process, and
+//!   one `pread` of the page map's entries (8 bytes per page) over the initial range does
+//!   the same. Those pages stay resident and writable, so neither the reset nor the next
 //!   tenant's writes to them touch the page tables: no mm write lock, no TLB shootdown, no
 //!   copy-on-write fault. Pages only read (the image's page-cache pages, the shared zero
 //!   page) are left alone.
@@ -467,10 +468,6 @@ struct Armed {
 thread_local! {
     static ARMED: RefCell<Option<Armed>> = const { RefCell::new(None) };
     static FREE_SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
-    /// `/proc/self/pagemap`, opened on the first reset on this thread (`None` inside when it
-    /// cannot be opened: resets then always discard). Per thread so `pread`s on different
-    /// cores share no `struct file`.
-    static PAGEMAP: std::cell::OnceCell<Option<File>> = const { std::cell::OnceCell::new() };
     /// The buffer page-map entries are read into (`PAGEMAP_CHUNK` entries, allocated on first
     /// use).
     static PAGEMAP_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -481,6 +478,12 @@ thread_local! {
     /// many written pages).
     static SCAN_RESETS: Cell<usize> = const { Cell::new(0) };
 }
+
+/// `/proc/self/pagemap`, opened on the first reset in the process (`None` inside when it
+/// cannot be opened: resets then always discard). One for every thread: `pread` and the
+/// `PAGEMAP_SCAN` ioctl never use the file offset, so threads can share it, and an fd per
+/// thread kept one open for every thread that ever ran a guest.
+static PAGEMAP: OnceLock<Option<File>> = OnceLock::new();
 
 /// Set once `PAGEMAP_SCAN` failed as unknown or invalid (a kernel before 6.7): every later
 /// reset in the process reads the page map with `pread` instead.
@@ -960,10 +963,13 @@ impl Slot {
         let pages = bytes / page;
         let first = self.base.as_ptr() as usize / page;
         let image_pages = image_len / page;
-        let scan = |pagemap: &std::cell::OnceCell<Option<File>>, buffer: &RefCell<Vec<u8>>| {
-            let Some(file) = pagemap.get_or_init(|| File::open("/proc/self/pagemap").ok()) else {
-                return false;
-            };
+        let Some(file) = PAGEMAP
+            .get_or_init(|| File::open("/proc/self/pagemap").ok())
+            .as_ref()
+        else {
+            return false;
+        };
+        let scan = |buffer: &RefCell<Vec<u8>>| {
             if !SCAN_UNSUPPORTED.load(Ordering::Relaxed) && SCAN_ENABLED.try_with(Cell::get).unwrap_or(false)
             {
                 let mut restorer = Restorer::new(self, page, image_pages, view);
@@ -1003,13 +1009,7 @@ impl Slot {
             }
             true
         };
-        PAGEMAP
-            .try_with(|pagemap| {
-                PAGEMAP_BUFFER
-                    .try_with(|buffer| scan(pagemap, buffer))
-                    .unwrap_or(false)
-            })
-            .unwrap_or(false)
+        PAGEMAP_BUFFER.try_with(scan).unwrap_or(false)
     }
 
     /// Finds the pages of `[0, bytes)` the tenant may have written with the `PAGEMAP_SCAN`

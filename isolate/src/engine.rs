@@ -1,9 +1,11 @@
 //! The compiler and its identity.
 //!
-//! One [`Engine`] per process compiles every module with cranelift. Its
-//! [`fingerprint`](Engine::fingerprint) names everything a compiled artifact depends on —
-//! wasmer's version, the compiler, the target triple and the host CPU features — so the
-//! on-disk artifact cache never hands a node code compiled for another machine or release.
+//! An [`Engine`] compiles modules with cranelift and keeps their code until it is dropped, so
+//! a node runs each function version on an engine of its own ([`Engine::scratch`]) and a
+//! registry checks each push on a throwaway one. Its [`fingerprint`](Engine::fingerprint)
+//! names everything a compiled artifact depends on — wasmer's version, the compiler, the
+//! target triple and the host CPU features — so the on-disk artifact cache never hands a
+//! node code compiled for another machine or release.
 
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use wasmer::{ExternType, Module};
 use crate::error::IsolateError;
 use crate::wasi::WASI_MODULE;
 
-/// A cheap-to-clone handle on the process's wasmer engine.
+/// A cheap-to-clone handle on a wasmer engine.
 #[derive(Clone)]
 pub struct Engine {
     inner: wasmer::Engine,

@@ -1,5 +1,6 @@
 //! Copy-on-write memories: same contents as stock wasmer, no state across instances or
-//! modules sharing a pooled slot, growth and its limit, and a start-up timing print.
+//! modules sharing a pooled slot, growth and its limit, one page-map fd for the process, and a
+//! start-up timing print.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -788,4 +789,45 @@ fn pagemap_scan_restores_exactly_the_written_pages() {
 #[test]
 fn the_pagemap_read_fallback_restores_exactly_the_written_pages() {
     assert_eq!(written_pages_round_trip(false), 0, "PAGEMAP_SCAN was not used");
+}
+
+/// How many of this process's file descriptors are open on its page map.
+fn open_pagemap_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.file_name().is_some_and(|name| name == "pagemap"))
+        .count()
+}
+
+#[test]
+fn resets_on_many_threads_share_one_pagemap_fd() {
+    const THREADS: usize = 4;
+    let engine = engine();
+    let wasm = module_a();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    // Every thread resets a slot (which reads the page map), then stays alive until the
+    // fds are counted: an fd held per thread would be open once per thread here.
+    let reset_done = std::sync::Barrier::new(THREADS + 1);
+    let counted = std::sync::Barrier::new(THREADS + 1);
+    let open_while_threads_live = std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                let mut running = Running::start(&engine, &module, Some(&plan));
+                running.store8(70000, 0x5A);
+                drop(running);
+                reset_done.wait();
+                counted.wait();
+            });
+        }
+        reset_done.wait();
+        let open = open_pagemap_fds();
+        counted.wait();
+        open
+    });
+    assert_eq!(
+        open_while_threads_live, 1,
+        "resets on {THREADS} threads should share one pagemap fd"
+    );
 }

@@ -51,7 +51,8 @@ pub enum Plan {
     MarkSynced,
 }
 
-/// Decides what `event` requires, given what is served now (name → (version, sha256)).
+/// Decides what `event` requires, given what is served now (name → (version, sha256)); only
+/// the event's own function is looked up.
 pub fn plan(event: WatchEvent, served: &HashMap<String, (u64, String)>) -> Plan {
     match event {
         WatchEvent::Put { deployment, .. } => match served.get(&deployment.name) {
@@ -342,7 +343,12 @@ pub struct Syncer {
     loading: HashMap<String, Loading>,
     loads: tokio::task::JoinSet<LoadDone>,
     quarantine: HashMap<String, Quarantined>,
-    /// What was last written to the disk cache (heartbeats change nothing, so write nothing).
+    /// Whether what [`Syncer::persisted_state`] returns changed since it was last written.
+    /// Set only where the revision, what is served or what is quarantined changes, so an
+    /// event that changes none of them (a heartbeat) neither builds nor writes the state.
+    state_changed: bool,
+    /// What was last written, to check in debug builds that no change went unflagged.
+    #[cfg(debug_assertions)]
     last_persisted: Option<CachedState>,
 }
 
@@ -370,6 +376,9 @@ impl Syncer {
             loading: HashMap::new(),
             loads: tokio::task::JoinSet::new(),
             quarantine: HashMap::new(),
+            // Nothing written yet: the first advance writes.
+            state_changed: true,
+            #[cfg(debug_assertions)]
             last_persisted: None,
         }
     }
@@ -393,31 +402,26 @@ impl Syncer {
                 continue;
             };
             match self.loader.load(deployment.clone(), bytes).await {
-                Ok(served) => {
-                    self.served.insert(deployment.name.clone(), served);
-                }
+                Ok(served) => self.serve(served),
                 Err(error) => tracing::warn!(%error, "could not restore a cached function"),
             }
         }
         // Versions quarantined before the restart are tried again soon.
         for deployment in state.quarantined {
-            self.quarantine.insert(
-                deployment.name.clone(),
-                Quarantined {
-                    deployment,
-                    reason: "quarantined before the node restarted".into(),
-                    failures: 0,
-                    retry_at: tokio::time::Instant::now(),
-                },
-            );
+            self.quarantine_version(Quarantined {
+                deployment,
+                reason: "quarantined before the node restarted".into(),
+                failures: 0,
+                retry_at: tokio::time::Instant::now(),
+            });
         }
         // Resume from the cached revision only if everything it names was restored;
         // otherwise catch up from scratch (Puts of what is already served are no-ops).
-        self.revision = if self.served.len() == expected {
+        self.set_revision(if self.served.len() == expected {
             state.revision
         } else {
             0
-        };
+        });
         self.seen = self.revision;
         self.publish();
         tracing::info!(
@@ -485,7 +489,8 @@ impl Syncer {
             // A registry rebuilt from scratch, a recreated bucket, another control
             // plane: its revisions are not ours, and resuming from ours would skip its
             // changes. Catch up from the start; unchanged versions cost nothing.
-            let applied = std::mem::take(&mut self.revision);
+            let applied = self.revision;
+            self.set_revision(0);
             self.seen = 0;
             // Loads in flight were asked for in the old numbering: they hold back nothing
             // now (the catch-up asks for them again).
@@ -507,17 +512,24 @@ impl Syncer {
             // Back to exactly what is served (a rollback of a version that is loading or
             // quarantined): that version is no longer wanted.
             self.loading.remove(&deployment.name);
-            self.quarantine.remove(&deployment.name);
+            self.clear_quarantine(&deployment.name);
         }
-        let served_versions = self
-            .served
-            .iter()
+        // `plan` looks up only the event's own function: copy that one, not the table (a
+        // heartbeat copies nothing).
+        let function = match &event {
+            WatchEvent::Put { deployment, .. } => Some(&deployment.name),
+            WatchEvent::Delete { name, .. } => Some(name),
+            WatchEvent::Synced { .. } | WatchEvent::Heartbeat { .. } => None,
+        };
+        let served_versions = function
+            .and_then(|name| self.served.get_key_value(name))
             .map(|(name, served)| {
                 (
                     name.clone(),
                     (served.deployment.version, served.deployment.sha256.clone()),
                 )
             })
+            .into_iter()
             .collect();
         let decided = match event {
             // Already loading or quarantined exactly this: nothing new to do.
@@ -547,7 +559,7 @@ impl Syncer {
             WatchEvent::Delete { ref name, .. } => {
                 // Whatever was loading or quarantined for it is moot now.
                 self.loading.remove(name);
-                self.quarantine.remove(name);
+                self.clear_quarantine(name);
                 plan(event, &served_versions)
             }
             event => plan(event, &served_versions),
@@ -555,7 +567,7 @@ impl Syncer {
         match decided {
             Plan::Load(deployment) => {
                 // A new version supersedes a quarantined or loading one.
-                self.quarantine.remove(&deployment.name);
+                self.clear_quarantine(&deployment.name);
                 if self
                     .served
                     .get(&deployment.name)
@@ -569,7 +581,7 @@ impl Syncer {
                 self.advance()?;
             }
             Plan::Remove(name) => {
-                self.served.remove(&name);
+                self.stop_serving(&name);
                 self.publish();
                 self.advance()?;
             }
@@ -633,8 +645,8 @@ impl Syncer {
         self.loading.remove(&name);
         match done.result {
             Ok(served) => {
-                self.quarantine.remove(&name);
-                self.served.insert(name, served);
+                self.clear_quarantine(&name);
+                self.serve(served);
                 self.publish();
             }
             Err(error) => {
@@ -663,15 +675,12 @@ impl Syncer {
                     retry_in = ?wait,
                     "version quarantined; the node keeps serving the rest"
                 );
-                self.quarantine.insert(
-                    name,
-                    Quarantined {
-                        deployment: done.deployment,
-                        reason: error.to_string(),
-                        failures,
-                        retry_at: tokio::time::Instant::now() + wait,
-                    },
-                );
+                self.quarantine_version(Quarantined {
+                    deployment: done.deployment,
+                    reason: error.to_string(),
+                    failures,
+                    retry_at: tokio::time::Instant::now() + wait,
+                });
             }
         }
         self.advance()
@@ -709,15 +718,62 @@ impl Syncer {
             None => self.seen,
         };
         if resolved > self.revision {
-            self.revision = resolved;
+            self.set_revision(resolved);
         }
-        let persisted = self.persisted_state();
-        if self.last_persisted.as_ref() != Some(&persisted) {
+        #[cfg(debug_assertions)]
+        if !self.state_changed {
+            assert!(
+                self.last_persisted.as_ref() == Some(&self.persisted_state()),
+                "the persisted state changed without being flagged"
+            );
+        }
+        if self.state_changed {
+            let persisted = self.persisted_state();
             self.loader.cache.save_state(&persisted)?;
-            self.last_persisted = Some(persisted);
+            self.state_changed = false;
+            #[cfg(debug_assertions)]
+            {
+                self.last_persisted = Some(persisted);
+            }
         }
         self.report();
         Ok(())
+    }
+
+    /// Serves `served` for its function, in place of what it served before.
+    fn serve(&mut self, served: Arc<ServedFunction>) {
+        let name = &served.deployment.name;
+        self.state_changed |= self
+            .served
+            .get(name)
+            .is_none_or(|current| current.deployment != served.deployment);
+        self.served.insert(name.clone(), served);
+    }
+
+    /// Stops serving function `name`, if it is served.
+    fn stop_serving(&mut self, name: &str) {
+        self.state_changed |= self.served.remove(name).is_some();
+    }
+
+    /// Quarantines a version, in place of whatever was quarantined for its function. A
+    /// retry that failed again changes only what is not persisted (failures, next retry).
+    fn quarantine_version(&mut self, quarantined: Quarantined) {
+        let name = &quarantined.deployment.name;
+        self.state_changed |= self
+            .quarantine
+            .get(name)
+            .is_none_or(|current| current.deployment != quarantined.deployment);
+        self.quarantine.insert(name.clone(), quarantined);
+    }
+
+    /// Drops what is quarantined for function `name`, if anything.
+    fn clear_quarantine(&mut self, name: &str) {
+        self.state_changed |= self.quarantine.remove(name).is_some();
+    }
+
+    fn set_revision(&mut self, revision: u64) {
+        self.state_changed |= self.revision != revision;
+        self.revision = revision;
     }
 
     /// Publishes how far behind the source the node is, for `/readyz`, `/sync` and metrics.
@@ -819,11 +875,17 @@ impl Loader {
             .memory_bytes()
             .min(ceilings.memory_bytes);
         let started = std::time::Instant::now();
+        // Each version compiles onto, and runs on, an engine of its own: wasmer frees a
+        // module's code only with its engine, so once a replaced version's last instance is
+        // gone its code goes too, instead of staying on one engine for the process's life.
         let loaded = tokio::task::spawn_blocking(move || {
-            artifacts.load_or_prepare(&sha256, &bytes, &name, &init_env, memory_limit)
+            let engine = artifacts.engine().scratch()?;
+            artifacts
+                .load_or_prepare(&engine, &sha256, &bytes, &name, &init_env, memory_limit)
+                .map(|prepared| (engine, prepared))
         })
         .await;
-        let prepared = match loaded {
+        let (engine, prepared) = match loaded {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(error)) => {
                 return Err(SyncError::Load {
@@ -880,7 +942,7 @@ impl Loader {
             idle_timeout: manifest.scale.idle_timeout(),
             ..ScaleConfig::default()
         };
-        let function = LoadedFunction::from_prepared(self.artifacts.engine().clone(), prepared, config);
+        let function = LoadedFunction::from_prepared(engine, prepared, config);
         let pool = InstancePool::new(function, scale);
         let function_metrics = Arc::new(FunctionMetrics::new(&deployment.name));
         // Reserved instances (`min_instances`) are made ready before the version is routed.
@@ -901,7 +963,104 @@ impl Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atoll_isolate::{CgiRequest, Engine};
     use atoll_registry::Manifest;
+
+    /// A WCGI guest answering `200 text/plain` with `body` from a data segment (so it has a
+    /// copy-on-write memory image).
+    fn guest(body: &str) -> Vec<u8> {
+        let output = format!("Content-Type: text/plain\n\n{body}");
+        let escaped: String = output.bytes().map(|b| format!("\\{b:02x}")).collect();
+        let wat = format!(
+            r#"(module
+              (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 1024) "{escaped}")
+              (func (export "_start")
+                (i32.store (i32.const 0) (i32.const 1024))
+                (i32.store (i32.const 4) (i32.const {len}))
+                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))"#,
+            len = output.len(),
+        );
+        wat::parse_str(wat).unwrap()
+    }
+
+    /// A syncer on a node cache in `directory` whose source is never reached (the tests
+    /// hand it modules directly or through the disk cache).
+    fn offline_syncer(directory: &std::path::Path) -> Syncer {
+        let cache = NodeCache::open(directory).unwrap();
+        let artifacts = ArtifactCache::open(cache.artifacts_dir(), Engine::new().unwrap()).unwrap();
+        let source = SyncSource::Registry(RegistryClient::new("http://127.0.0.1:9", None).unwrap());
+        Syncer::new(source, cache, artifacts, Routing::new())
+    }
+
+    fn memory_mappings() -> usize {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .count()
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn a_replaced_version_takes_its_code_and_memory_image_with_it() {
+        // One blocking thread: a new one (its stack, maybe a malloc arena) would add
+        // mappings of its own.
+        tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap()
+            .block_on(replaced_versions_take_their_code_and_memory_images_with_them());
+    }
+
+    async fn replaced_versions_take_their_code_and_memory_images_with_them() {
+        let directory = tempfile::tempdir().unwrap();
+        let loader = offline_syncer(directory.path()).loader;
+        let wasm = guest("hello");
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let request = CgiRequest {
+            method: "GET".into(),
+            raw_path: "/".into(),
+            ..CgiRequest::default()
+        };
+        // Loads a version (compiled once, then from the artifact on disk, as after a
+        // restart or a rollback), serves a request on this thread, and replaces it.
+        let serve_and_replace = |version| {
+            let loader = loader.clone();
+            let deployment = deployment("hello", version, &sha256);
+            let wasm = wasm.clone();
+            let request = request.clone();
+            async move {
+                let served = loader.load(deployment, wasm).await.unwrap();
+                let invocation = served.pool.function().invoke(&request).unwrap();
+                assert_eq!(&invocation.response.body[..], b"hello");
+            }
+        };
+        for version in 1..=3 {
+            serve_and_replace(version).await;
+        }
+        let (mappings, fds) = (memory_mappings(), open_fds());
+        const VERSIONS: u64 = 60;
+        for version in 4..4 + VERSIONS {
+            serve_and_replace(version).await;
+        }
+        let mapping_growth = memory_mappings().saturating_sub(mappings);
+        let fd_growth = open_fds().saturating_sub(fds);
+        // Code kept on one engine for every version grew by two or three mappings each.
+        assert!(
+            mapping_growth < 20,
+            "{mapping_growth} more memory mappings after {VERSIONS} versions came and went"
+        );
+        // The memory images (a memfd each) go with their versions; the pooled slot that
+        // served the last one may hold its image until the next version takes the slot.
+        assert!(
+            fd_growth <= 2,
+            "{fd_growth} more open fds after {VERSIONS} versions came and went"
+        );
+    }
 
     fn deployment(name: &str, version: u64, sha256: &str) -> Deployment {
         Deployment {
@@ -913,6 +1072,156 @@ mod tests {
             ))
             .unwrap(),
         }
+    }
+
+    /// Applies `event` and finishes the load it starts, if any.
+    async fn apply_and_load(syncer: &mut Syncer, event: WatchEvent) {
+        apply(syncer, event);
+        finish_loads(syncer).await;
+    }
+
+    /// Applies `event`; a load it starts is left in flight until [`finish_loads`].
+    fn apply(syncer: &mut Syncer, event: WatchEvent) {
+        let mut backoff = BACKOFF_START;
+        syncer.apply_event(event, &mut backoff).unwrap();
+    }
+
+    async fn finish_loads(syncer: &mut Syncer) {
+        while let Some(done) = syncer.loads.join_next().await {
+            syncer.finish_load(done.unwrap()).unwrap();
+        }
+    }
+
+    /// Revision, served `name@version`s, quarantined `name@version`s.
+    type Written = Option<(u64, Vec<String>, Vec<String>)>;
+
+    /// What the state file at `path` holds; `None` when there is none.
+    fn written(path: &std::path::Path) -> Written {
+        let bytes = std::fs::read(path).ok()?;
+        let state: CachedState = serde_json::from_slice(&bytes).unwrap();
+        let versions = |deployments: &[Deployment]| {
+            deployments
+                .iter()
+                .map(|deployment| format!("{}@{}", deployment.name, deployment.version))
+                .collect()
+        };
+        Some((
+            state.revision,
+            versions(&state.deployments),
+            versions(&state.quarantined),
+        ))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_state_is_written_when_and_only_when_it_changes() {
+        let directory = tempfile::tempdir().unwrap();
+        let mut syncer = offline_syncer(directory.path());
+        let state_file = directory.path().join("node-state.json");
+        let wasm = guest("hello");
+        let sha256 = hex::encode(Sha256::digest(&wasm));
+        syncer.loader.cache.write_module(&sha256, &wasm).unwrap();
+        let put = |revision, name, version| WatchEvent::Put {
+            revision,
+            deployment: deployment(name, version, &sha256),
+        };
+        // Deletes the state file and returns what it held: a later `written` of `None`
+        // means nothing wrote it since.
+        let take_written = || {
+            let written = written(&state_file);
+            let _ = std::fs::remove_file(&state_file);
+            written
+        };
+        let strings = |items: &[&str]| items.iter().map(ToString::to_string).collect::<Vec<_>>();
+
+        apply_and_load(&mut syncer, put(1, "hello", 1)).await;
+        assert_eq!(
+            take_written(),
+            Some((1, strings(&["hello@1"]), vec![])),
+            "a deploy is written"
+        );
+
+        // Heartbeats at the applied revision change nothing: nothing is marked or written.
+        for _ in 0..3 {
+            apply_and_load(&mut syncer, WatchEvent::Heartbeat { revision: 1 }).await;
+            assert!(!syncer.state_changed, "a heartbeat marked the state changed");
+        }
+        assert_eq!(take_written(), None, "a heartbeat rewrote the state");
+
+        // A heartbeat past the applied revision moves it: written.
+        apply_and_load(&mut syncer, WatchEvent::Heartbeat { revision: 2 }).await;
+        assert_eq!(take_written(), Some((2, strings(&["hello@1"]), vec![])));
+
+        // While an older event's load is in flight the revision stays behind it, so these
+        // are written for what they change, not for a new revision.
+        apply(&mut syncer, put(3, "other", 1));
+        assert_eq!(take_written(), None, "nothing changed yet");
+        apply(
+            &mut syncer,
+            WatchEvent::Delete {
+                revision: 4,
+                name: "hello".into(),
+            },
+        );
+        assert_eq!(take_written(), Some((2, vec![], vec![])), "a delete is written");
+        apply(&mut syncer, put(5, "hello", 2));
+        finish_loads(&mut syncer).await;
+        assert_eq!(
+            take_written(),
+            Some((5, strings(&["hello@2", "other@1"]), vec![]))
+        );
+
+        // A version that fails to load (its module is neither cached nor reachable) is
+        // quarantined, here while an older event's load waits for a load slot: written for
+        // the quarantine alone.
+        let all_slots = Arc::clone(&syncer.loader.slots)
+            .acquire_many_owned(CONCURRENT_LOADS as u32)
+            .await
+            .unwrap();
+        apply(&mut syncer, put(6, "other", 2));
+        let broken = deployment("broken", 1, &"0".repeat(64));
+        apply(
+            &mut syncer,
+            WatchEvent::Put {
+                revision: 7,
+                deployment: broken.clone(),
+            },
+        );
+        let done = syncer.loads.join_next().await.unwrap().unwrap();
+        assert_eq!(done.deployment, broken, "fails before it needs a slot");
+        syncer.finish_load(done).unwrap();
+        assert_eq!(
+            take_written(),
+            Some((5, strings(&["hello@2", "other@1"]), strings(&["broken@1"]))),
+            "a quarantine is written"
+        );
+        drop(all_slots);
+        finish_loads(&mut syncer).await;
+        assert_eq!(
+            take_written(),
+            Some((7, strings(&["hello@2", "other@2"]), strings(&["broken@1"])))
+        );
+
+        // Failing again on a retry changes only what is not persisted.
+        syncer.start_load(broken, None);
+        finish_loads(&mut syncer).await;
+        assert_eq!(syncer.quarantine["broken"].failures, 2);
+        assert_eq!(take_written(), None, "a failed retry rewrote the state");
+
+        // A new version supersedes the quarantined one: written, with the revision held
+        // back by a load in flight.
+        apply(&mut syncer, put(8, "other", 3));
+        assert_eq!(take_written(), None, "nothing changed yet");
+        apply(&mut syncer, put(9, "broken", 2));
+        assert_eq!(
+            take_written(),
+            Some((7, strings(&["hello@2", "other@2"]), vec![])),
+            "leaving quarantine is written"
+        );
+        finish_loads(&mut syncer).await;
+        assert_eq!(
+            take_written(),
+            Some((9, strings(&["broken@2", "hello@2", "other@3"]), vec![]))
+        );
     }
 
     #[test]
