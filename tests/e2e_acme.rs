@@ -12,7 +12,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{TcpListener, UdpSocket};
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -27,22 +27,63 @@ const ISSUANCE: Duration = Duration::from_secs(120);
 // ---------------------------------------------------------------------------------------
 // Pebble and challtestsrv
 
-/// A free loopback TCP port: bound to port 0, then released for a server started later.
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Holds loopback TCP `port` (0: a free one) with a bound socket that does not listen: no
+/// other process's `bind(…:0)` is given it while pebble is not running (tests run in
+/// parallel, and a port merely released could be taken before pebble binds it), and a
+/// client connecting is refused as if nothing were there.
+fn hold_tcp(port: u16) -> Option<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.set_reuseaddr(true).ok()?;
+    socket.bind(([127, 0, 0, 1], port).into()).ok()?;
+    Some(socket)
 }
 
-/// A port free for both UDP and TCP (DNS listens on both).
-fn free_dns_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+fn held_port(socket: &tokio::net::TcpSocket) -> u16 {
+    socket.local_addr().expect("a bound socket").port()
+}
+
+/// Pebble's and challtestsrv's ports, held (see [`hold_tcp`]) while they are not running:
+/// the sockets are only kept open, never used.
+struct HeldPorts {
+    _tcp: Vec<tokio::net::TcpSocket>,
+    _udp: Option<UdpSocket>,
+}
+
+impl HeldPorts {
+    /// Three TCP ports, and one free for both UDP and TCP (DNS listens on both).
+    fn pick() -> (HeldPorts, [u16; 4]) {
+        let tcp: Vec<_> = (0..3)
+            .map(|_| hold_tcp(0).expect("a free loopback port"))
+            .collect();
+        let (dns_tcp, udp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+            if let Some(tcp) = hold_tcp(udp.local_addr().unwrap().port()) {
+                break (tcp, udp);
+            }
+        };
+        let ports = [
+            held_port(&tcp[0]),
+            held_port(&tcp[1]),
+            held_port(&dns_tcp),
+            held_port(&tcp[2]),
+        ];
+        let mut tcp = tcp;
+        tcp.push(dns_tcp);
+        (
+            HeldPorts {
+                _tcp: tcp,
+                _udp: Some(udp),
+            },
+            ports,
+        )
+    }
+
+    /// Holds `tcp_ports` and UDP `udp_port` again (best effort: a port still in use by the
+    /// process just stopped is simply not held).
+    fn hold(tcp_ports: &[u16], udp_port: u16) -> HeldPorts {
+        HeldPorts {
+            _tcp: tcp_ports.iter().filter_map(|&port| hold_tcp(port)).collect(),
+            _udp: UdpSocket::bind(("127.0.0.1", udp_port)).ok(),
         }
     }
 }
@@ -107,6 +148,8 @@ struct Pebble {
     /// PEM of pebble's own HTTPS certificate (`--acme-ca-cert`).
     tls_cert: PathBuf,
     daemons: Vec<Daemon>,
+    /// Its ports while it is not running; released right before it starts.
+    held: Option<HeldPorts>,
 }
 
 impl Pebble {
@@ -121,14 +164,16 @@ impl Pebble {
             certified.signing_key.serialize_pem(),
         )
         .unwrap();
+        let (held, [port, management_port, dns_port, dns_management_port]) = HeldPorts::pick();
         Pebble {
-            port: free_tcp_port(),
-            management_port: free_tcp_port(),
-            dns_port: free_dns_port(),
-            dns_management_port: free_tcp_port(),
+            port,
+            management_port,
+            dns_port,
+            dns_management_port,
             tls_cert,
             dir,
             daemons: Vec::new(),
+            held: Some(held),
         }
     }
 
@@ -140,6 +185,8 @@ impl Pebble {
     /// when pebble answers its directory.
     fn start(&mut self, http_port: u16, tls_port: u16) {
         assert!(self.daemons.is_empty(), "pebble already running");
+        // The ports are pebble's and challtestsrv's from now on.
+        self.held = None;
         let config = serde_json::json!({
             "pebble": {
                 "listenAddress": format!("127.0.0.1:{}", self.port),
@@ -194,6 +241,14 @@ impl Pebble {
 
     fn stop(&mut self) {
         self.daemons.clear();
+        // Held again until the next start, which needs the same ports.
+        let tcp = [
+            self.port,
+            self.management_port,
+            self.dns_port,
+            self.dns_management_port,
+        ];
+        self.held = Some(HeldPorts::hold(&tcp, self.dns_port));
     }
 
     fn logs(&self) -> String {

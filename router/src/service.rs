@@ -563,6 +563,11 @@ fn record(served: &ServedFunction, outcome: &RunOutcome) {
                 );
             }
         }
+        Ok(Err(error @ InvokeError::ClientGone { .. })) => {
+            // Clients leave mid-download all the time: counted, not worth a warning.
+            served.metrics.invocation_failed(error.outcome());
+            tracing::debug!(function = %name, version, "client went away during a streamed response");
+        }
         Ok(Err(error)) => {
             served.metrics.invocation_failed(error.outcome());
             tracing::warn!(

@@ -137,11 +137,13 @@ async fn node_follows_jetstream_and_survives_its_outage() {
     // longer than that limit, so it spans a failed watch and failed retries.
     let port = nats.port;
     nats.kill();
+    let held = hold_port(port);
     drop(pusher);
     assert_serves_throughout(&routing, (2, "v2"), Duration::from_secs(20)).await;
 
     // NATS comes back with its data on the same address: the node's connection reconnects,
     // its syncer resumes from the revision it applied and follows the next push.
+    drop(held);
     let mut nats = NatsServer::start_in(nats_dir.path(), Some(port));
     let pusher = NatsStore::connect(&nats.url).await.unwrap();
     assert_eq!(pusher.push(manifest(), guest("v3")).await.unwrap().version, 3);
@@ -155,6 +157,7 @@ async fn node_follows_jetstream_and_survives_its_outage() {
     // The node restarts while NATS is down: it serves v3 from its disk cache alone (module
     // and compiled artifact) and keeps trying to connect.
     nats.kill();
+    let held = hold_port(port);
     drop(pusher);
     let (mut node, routing) = syncer(SyncSource::nats(nats.url.clone()), node_dir.path());
     assert_eq!(node.restore_from_disk().await.unwrap(), 1);
@@ -165,6 +168,7 @@ async fn node_follows_jetstream_and_survives_its_outage() {
     assert_serves_throughout(&routing, (3, "v3"), Duration::from_secs(1)).await;
 
     // Once NATS is back, the node connects for the first time and follows it.
+    drop(held);
     let nats = NatsServer::start_in(nats_dir.path(), Some(port));
     let pusher = NatsStore::connect(&nats.url).await.unwrap();
     assert_eq!(pusher.push(manifest(), guest("v4")).await.unwrap().version, 4);
@@ -183,4 +187,14 @@ fn the_source_is_debuggable_without_credentials() {
     let shown = format!("{source:?}");
     assert!(shown.contains("127.0.0.1:4222"), "{shown}");
     assert!(!shown.contains("secret"), "{shown}");
+}
+
+/// Keeps loopback `port` from another process's `bind(…:0)` while NATS is down (tests run
+/// in parallel), without listening: the node is still refused, as with no NATS. Best
+/// effort: `None` when the port cannot be bound (then nothing changes).
+fn hold_port(port: u16) -> Option<tokio::net::TcpSocket> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.set_reuseaddr(true).ok()?;
+    socket.bind(([127, 0, 0, 1], port).into()).ok()?;
+    Some(socket)
 }
