@@ -1013,9 +1013,20 @@ fn a_forwarded_large_response_is_relayed_and_a_broken_one_stays_broken() {
             curl_download(&a2.http, host, &["x-atoll-hop: test"], &out).1 == 200
         });
     }
+    wait_until("a1 serves it (forwarding to a2)", || {
+        curl_download(&a1.http, &big_host, &[], &out).1 == 200
+    });
     let size = blocks as u64 * 64 * 1024;
     let forwarded = curl_download(&a1.http, &big_host, &[], &out);
     assert_eq!(forwarded, (0, 200, size, "a2".to_string()));
+    // Relayed as it came, not collected first: no length up front.
+    let headers = std::fs::read_to_string(out.with_extension("headers")).unwrap();
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{headers}"
+    );
     // A body that broke off at the home node is not completed by the forwarding one.
     let (exit, status, received, served_by) = curl_download(&a1.http, &stall_host, &[], &out);
     assert_eq!((status, served_by.as_str()), (200, "a2"));

@@ -133,4 +133,33 @@ fn large_responses_stream_and_a_broken_one_never_looks_complete() {
     }
     // The node goes on serving.
     assert_eq!(download(&http, "big.localhost", &out, &[]).size, size);
+
+    // HEAD: the head of a streamed response, and the run completes.
+    let head = download(&http, "big.localhost", &out, &["-I"]);
+    assert_eq!((head.exit, head.status), (0, 200), "{}", head.headers);
+}
+
+#[test]
+fn a_response_just_past_the_threshold_arrives_whole_every_time() {
+    // 256 KiB of body plus its head: the guest hands the whole output to the pipe in one
+    // go and ends at once, so its head and its outcome reach the node together.
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    let node = start_edge_node(&url, &dir.path().join("node"), &[]);
+    let http = node.http.clone().unwrap();
+    let wasm = dir.path().join("edge.wasm");
+    std::fs::write(&wasm, bulk_writer_module(4, "")).unwrap();
+    let manifest = write_manifest(&dir.path().join("edge"), "edge", &wasm, &["edge.localhost"], "");
+    push_ok(&url, &manifest);
+    wait_for_body(&http, "edge.localhost", "/", |r| r.status == 200, STARTUP);
+    for attempt in 0..40 {
+        let response = get(&http, "edge.localhost", "/");
+        assert_eq!(response.status, 200, "attempt {attempt}");
+        assert_eq!(response.body.len(), 4 * 64 * 1024, "attempt {attempt}");
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/octet-stream"),
+            "attempt {attempt}"
+        );
+    }
 }

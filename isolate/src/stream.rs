@@ -29,12 +29,20 @@ pub const DEFAULT_STREAM_THRESHOLD: usize = 256 * 1024;
 pub const DEFAULT_PIPE_CAPACITY: usize = 256 * 1024;
 /// How often a writer blocked on a full pipe looks at its stop condition.
 const STOP_POLL: Duration = Duration::from_millis(5);
+/// Longest a writer waits on a reader that takes nothing (nginx's `send_timeout`): a client
+/// that stops reading gives up its instance then, not at the function's timeout.
+pub const MAX_READER_STALL: Duration = Duration::from_secs(10);
+/// What a queued chunk costs beyond its bytes: guests writing a byte at a time must not
+/// queue a million chunks in a pipe counted by payload alone.
+const CHUNK_OVERHEAD: usize = 64;
 
 /// What a run does with stdout past `threshold` bytes: parse the head, hand it to
 /// `on_start` with the body's reader, and stream the rest.
 pub struct StreamingOutput {
     pub threshold: usize,
     pub capacity: usize,
+    /// Send the head with an empty body and drop the rest of the output (HEAD requests).
+    pub discard_body: bool,
     pub on_start: Box<dyn FnOnce(StreamedResponse) + Send>,
 }
 
@@ -44,6 +52,7 @@ impl StreamingOutput {
         StreamingOutput {
             threshold: DEFAULT_STREAM_THRESHOLD,
             capacity: DEFAULT_PIPE_CAPACITY,
+            discard_body: false,
             on_start: Box::new(on_start),
         }
     }
@@ -79,11 +88,16 @@ pub enum SendError {
     ReaderGone,
     /// The writer's stop condition held while it waited.
     Stopped,
+    /// The reader took nothing for [`MAX_READER_STALL`].
+    ReaderStalled,
 }
 
 struct PipeState {
     chunks: VecDeque<Bytes>,
+    /// Bytes queued, each chunk counted with [`CHUNK_OVERHEAD`].
     queued: usize,
+    /// Chunks the reader has taken (its progress).
+    taken: u64,
     end: Option<Result<(), BodyAborted>>,
     reader_waker: Option<Waker>,
     reader_gone: bool,
@@ -104,10 +118,16 @@ impl Pipe {
 /// A bounded body queue holding at most `capacity` bytes (one chunk may be larger when the
 /// queue is empty, so any write can make progress).
 pub fn body_pipe(capacity: usize) -> (BodyWriter, BodyReader) {
+    body_pipe_with_stall(capacity, MAX_READER_STALL)
+}
+
+/// A [`body_pipe`] whose writer gives up on a reader that takes nothing for `max_stall`.
+pub fn body_pipe_with_stall(capacity: usize, max_stall: Duration) -> (BodyWriter, BodyReader) {
     let pipe = Arc::new(Pipe {
         state: Mutex::new(PipeState {
             chunks: VecDeque::new(),
             queued: 0,
+            taken: 0,
             end: None,
             reader_waker: None,
             reader_gone: false,
@@ -118,6 +138,7 @@ pub fn body_pipe(capacity: usize) -> (BodyWriter, BodyReader) {
         BodyWriter {
             pipe: Arc::clone(&pipe),
             capacity,
+            max_stall,
             sent: 0,
             ended: false,
         },
@@ -129,6 +150,7 @@ pub fn body_pipe(capacity: usize) -> (BodyWriter, BodyReader) {
 pub struct BodyWriter {
     pipe: Arc<Pipe>,
     capacity: usize,
+    max_stall: Duration,
     sent: u64,
     ended: bool,
 }
@@ -149,16 +171,23 @@ impl BodyWriter {
         if chunk.is_empty() {
             return Ok(());
         }
+        let cost = chunk.len() + CHUNK_OVERHEAD;
         let mut state = self.pipe.lock();
+        let mut progress = (state.taken, std::time::Instant::now());
         loop {
             if state.reader_gone {
                 return Err(SendError::ReaderGone);
             }
-            if state.queued == 0 || state.queued + chunk.len() <= self.capacity {
+            if state.queued == 0 || state.queued + cost <= self.capacity {
                 break;
             }
             if stop() {
                 return Err(SendError::Stopped);
+            }
+            if state.taken != progress.0 {
+                progress = (state.taken, std::time::Instant::now());
+            } else if progress.1.elapsed() > self.max_stall {
+                return Err(SendError::ReaderStalled);
             }
             state = self
                 .pipe
@@ -168,7 +197,7 @@ impl BodyWriter {
                 .0;
         }
         self.sent += chunk.len() as u64;
-        state.queued += chunk.len();
+        state.queued += cost;
         state.chunks.push_back(chunk);
         let waker = state.reader_waker.take();
         drop(state);
@@ -238,7 +267,8 @@ impl BodyReader {
     pub fn poll_chunk(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyAborted>>> {
         let mut state = self.pipe.lock();
         if let Some(chunk) = state.chunks.pop_front() {
-            state.queued -= chunk.len();
+            state.queued -= chunk.len() + CHUNK_OVERHEAD;
+            state.taken += 1;
             drop(state);
             self.pipe.writable.notify_one();
             return Poll::Ready(Some(Ok(chunk)));
@@ -330,6 +360,37 @@ mod tests {
         drop(reader);
         assert!(writer.reader_gone());
         assert_eq!(writer.send(chunk(1), || false), Err(SendError::ReaderGone));
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_takes_nothing_is_given_up_on() {
+        let (mut writer, mut reader) = body_pipe_with_stall(200, Duration::from_millis(500));
+        writer.send(chunk(100), || false).unwrap();
+        let writing = std::thread::spawn(move || {
+            // Fits once the reader takes the first chunk; then the reader takes nothing.
+            let first = writer.send(chunk(100), || false);
+            let started = std::time::Instant::now();
+            let second = writer.send(chunk(100), || false);
+            (first, second, started.elapsed())
+        });
+        poll_fn(|context| reader.poll_chunk(context))
+            .await
+            .unwrap()
+            .unwrap();
+        let (first, second, waited) = writing.join().unwrap();
+        assert_eq!(first, Ok(()));
+        assert_eq!(second, Err(SendError::ReaderStalled));
+        assert!(waited >= Duration::from_millis(500), "gave up after {waited:?}");
+    }
+
+    #[test]
+    fn tiny_chunks_count_with_their_overhead() {
+        let (mut writer, _reader) = body_pipe(10 * (1 + CHUNK_OVERHEAD));
+        for _ in 0..10 {
+            writer.send(chunk(1), || false).unwrap();
+        }
+        // The eleventh byte would pass the capacity its overhead is counted in.
+        assert_eq!(writer.send(chunk(1), || true), Err(SendError::Stopped));
     }
 
     #[tokio::test]

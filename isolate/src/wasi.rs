@@ -64,6 +64,8 @@ pub struct WasiContext {
     body_writer: Option<BodyWriter>,
     /// Why streaming stopped the guest, if it did.
     stream_failure: Option<StreamFailure>,
+    /// The head went out and the body is dropped (HEAD): output is only counted.
+    discarding: bool,
     /// What the run's host calls and its interrupter share.
     signals: Arc<RunSignals>,
     /// When this instance was created: the origin of its CPU-time clocks.
@@ -116,6 +118,7 @@ impl WasiContext {
             streaming: None,
             body_writer: None,
             stream_failure: None,
+            discarding: false,
             signals: Arc::default(),
             created: Instant::now(),
         };
@@ -629,6 +632,9 @@ impl WasiContext {
             return Err(ERRNO_IO.into());
         }
         self.stdout_total += length as usize;
+        if self.discarding {
+            return Ok(());
+        }
         let mut copied = 0u32;
         while copied < length {
             self.check_deadline()?;
@@ -676,6 +682,10 @@ impl WasiContext {
                     body: reader,
                 });
                 self.body_writer = Some(writer);
+                if streaming.discard_body {
+                    self.discarding = true;
+                    return Ok(());
+                }
                 self.stream(response.body)
             }
         }
@@ -691,7 +701,7 @@ impl WasiContext {
         match writer.send(chunk, || signals.fired()) {
             Ok(()) => Ok(()),
             Err(SendError::Stopped) => Err(CallError::Interrupted),
-            Err(SendError::ReaderGone) => {
+            Err(SendError::ReaderGone | SendError::ReaderStalled) => {
                 self.stream_failure = Some(StreamFailure::ClientGone);
                 Err(CallError::Interrupted)
             }

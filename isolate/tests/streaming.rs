@@ -122,7 +122,9 @@ async fn a_large_response_is_streamed_while_the_guest_writes_it() {
     assert_eq!(head.status, 200);
     assert_eq!(head.headers["x-streamed"], "yes");
     assert_eq!(head.headers["content-type"], "application/octet-stream");
-    // The pipe is bounded: the guest is held until the reader takes the body.
+    // The pipe is bounded: the guest is held until the reader takes the body (given time
+    // to finish if it were not).
+    std::thread::sleep(Duration::from_millis(300));
     assert!(
         run.outcome.try_recv().is_err(),
         "the guest finished 16 MiB before any of it was read"

@@ -29,6 +29,9 @@ pub enum ResponseBody {
     Function(BodyReader),
     /// A peer's answer, relayed as it arrives.
     Peer(PeerBody),
+    /// A streamed body with something that must live as long as it does (the connection's
+    /// in-flight mark, so its idle timeout does not cut a long download).
+    Held(Box<ResponseBody>, Box<dyn std::any::Any + Send + Sync>),
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -40,6 +43,7 @@ impl std::fmt::Debug for ResponseBody {
                 .finish(),
             ResponseBody::Function(_) => formatter.write_str("Function"),
             ResponseBody::Peer(_) => formatter.write_str("Peer"),
+            ResponseBody::Held(body, _) => formatter.debug_tuple("Held").field(body).finish(),
         }
     }
 }
@@ -56,6 +60,16 @@ impl ResponseBody {
     /// Whether the body goes out as it arrives (its length is not known up front).
     pub fn is_streamed(&self) -> bool {
         !matches!(self, ResponseBody::Whole(_))
+    }
+
+    /// Keeps `guard` alive until a streamed body ends (a whole one ends at once: the guard
+    /// is dropped now).
+    pub fn holding(self, guard: impl Send + Sync + 'static) -> Self {
+        if self.is_streamed() {
+            ResponseBody::Held(Box::new(self), Box::new(guard))
+        } else {
+            self
+        }
     }
 }
 
@@ -81,6 +95,7 @@ impl Body for ResponseBody {
                 .poll_chunk(context)
                 .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data).map_err(BoxError::from))),
             ResponseBody::Peer(peer) => peer.poll(context),
+            ResponseBody::Held(body, _) => Pin::new(body.as_mut()).poll_frame(context),
         }
     }
 
@@ -89,6 +104,7 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ResponseBody::Function(reader) => reader.is_end_stream(),
             ResponseBody::Peer(peer) => peer.body.is_end_stream(),
+            ResponseBody::Held(body, _) => body.is_end_stream(),
         }
     }
 
@@ -97,6 +113,7 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Function(_) => SizeHint::default(),
             ResponseBody::Peer(peer) => peer.body.size_hint(),
+            ResponseBody::Held(body, _) => body.size_hint(),
         }
     }
 }

@@ -409,8 +409,12 @@ async fn respond<H: Handler>(
         }
     }
     let in_flight = state.activity.enter();
-    let mut response = handler.handle(request, info).await;
-    drop(in_flight);
+    // A streamed body keeps the connection busy until it ends, so the idle timeout does
+    // not cut a long download.
+    let mut response = handler
+        .handle(request, info)
+        .await
+        .map(|body| body.holding(in_flight));
     if let Some(rejection) = state.guard.rejection_for(index) {
         return rejection_response(&rejection);
     }

@@ -442,17 +442,26 @@ async fn invoke(
     let timeout = pool.function().config().timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let interrupt = InterruptSlot::new();
-    let (sender, mut receiver) = tokio::sync::oneshot::channel();
+    let (sender, receiver) = tokio::sync::oneshot::channel();
     let (head_sender, mut heads) = tokio::sync::oneshot::channel::<StreamedResponse>();
+    // An HTTP/1.0 body without a length ends when the connection closes, which a body that
+    // broke off does too: such clients get whole responses, as before streaming.
+    let streamable = request.protocol != "HTTP/1.0";
+    // HEAD: the head goes out, the rest of the output is counted and dropped.
+    let discard_body = request.method == "HEAD";
     {
         let pool = Arc::clone(&pool);
         let interrupt = Arc::clone(&interrupt);
         let function_metrics = Arc::clone(&served.metrics);
         executor.spawn(move || {
-            let streaming = StreamingOutput::new(move |head| {
-                let _ = head_sender.send(head);
+            let streaming = streamable.then(|| {
+                let mut streaming = StreamingOutput::new(move |head| {
+                    let _ = head_sender.send(head);
+                });
+                streaming.discard_body = discard_body;
+                streaming
             });
-            let outcome = pool.execute(&request, &interrupt, Some(streaming));
+            let outcome = pool.execute(&request, &interrupt, streaming);
             drop(admission);
             let _ = sender.send(outcome);
             // Prepare the next instance while this thread is here anyway, off the
@@ -462,42 +471,54 @@ async fn invoke(
             }
         });
     }
+    // Whoever stops waiting for the run (a streamed head, or the client going away and
+    // this future being dropped) leaves the guest to the supervisor: it is stopped at the
+    // deadline and its outcome recorded, whatever happens to this request.
+    let mut supervised = Supervised {
+        deadline,
+        interrupt,
+        receiver: Some(receiver),
+        served: Arc::clone(&served),
+    };
     // Until the deadline: the run's outcome, or the head of a response it streams.
     let mut may_stream = true;
     let first = tokio::time::timeout_at(deadline, async {
+        let receiver = supervised.receiver.as_mut().expect("still waiting");
         loop {
             tokio::select! {
                 biased;
-                outcome = &mut receiver => return Err(outcome),
                 head = &mut heads, if may_stream => match head {
                     Ok(head) => return Ok(head),
                     // The run ended without streaming: its outcome is on its way.
                     Err(_) => may_stream = false,
                 },
+                outcome = &mut *receiver => return Err(outcome),
             }
         }
     })
     .await;
     let outcome = match first {
-        Ok(Ok(head)) => {
-            // The body flows while the guest runs; the deadline still holds, and the run's
-            // outcome is logged and counted when it comes.
-            tokio::spawn(async move {
-                let outcome = stop_at(deadline, &interrupt, receiver).await;
-                record(&served, &outcome);
-            });
-            let mut response = Response::new(ResponseBody::Function(head.body));
-            *response.status_mut() = head.status;
-            *response.headers_mut() = head.headers;
-            // Only the node says it ran nothing: a function that did run cannot.
-            response.headers_mut().remove(NOT_SERVED_HEADER);
-            return response;
+        // The body flows while the guest runs; the supervisor takes over.
+        Ok(Ok(head)) => return streamed_response(head),
+        Ok(Err(outcome)) => {
+            supervised.receiver = None;
+            outcome
         }
-        Ok(Err(outcome)) => outcome,
-        Err(_) => stop_at(deadline, &interrupt, receiver).await,
+        Err(_) => {
+            let receiver = supervised.receiver.take().expect("still waiting");
+            stop_at(deadline, &supervised.interrupt, receiver).await
+        }
     };
     record(&served, &outcome);
     match outcome {
+        Ok(Ok((invocation, _))) if invocation.streamed.is_some() => {
+            // The run streamed and ended before its head was taken: the head was sent
+            // before the outcome, on the same thread, so it is there.
+            match heads.try_recv() {
+                Ok(head) => streamed_response(head),
+                Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+            }
+        }
         Ok(Ok((invocation, _))) => {
             let mut response = Response::new(ResponseBody::whole(invocation.response.body));
             *response.status_mut() = invocation.response.status;
@@ -516,6 +537,45 @@ async fn invoke(
             )
         }
         Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    }
+}
+
+/// The response for a streamed head: its body is read from the guest as it writes.
+fn streamed_response(head: StreamedResponse) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::Function(head.body));
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
+    // Only the node says it ran nothing: a function that did run cannot.
+    response.headers_mut().remove(NOT_SERVED_HEADER);
+    response
+}
+
+/// A run nobody waits for any more, while `receiver` is set: dropping it hands the run to
+/// a task that stops it at the deadline and records its outcome.
+struct Supervised {
+    deadline: tokio::time::Instant,
+    interrupt: Arc<InterruptSlot>,
+    receiver: Option<tokio::sync::oneshot::Receiver<Result<(Invocation, StartKind), InvokeError>>>,
+    served: Arc<ServedFunction>,
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let Some(receiver) = self.receiver.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (deadline, interrupt, served) = (
+            self.deadline,
+            Arc::clone(&self.interrupt),
+            Arc::clone(&self.served),
+        );
+        runtime.spawn(async move {
+            let outcome = stop_at(deadline, &interrupt, receiver).await;
+            record(&served, &outcome);
+        });
     }
 }
 
