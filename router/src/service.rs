@@ -505,8 +505,12 @@ async fn invoke(
             outcome
         }
         Err(_) => {
-            let receiver = supervised.receiver.take().expect("still waiting");
-            stop_at(deadline, &supervised.interrupt, receiver).await
+            // Still supervised while it is stopped here: if this future is dropped now, the
+            // supervisor goes on stopping it.
+            let receiver = supervised.receiver.as_mut().expect("still waiting");
+            let outcome = stop_at(deadline, &supervised.interrupt, receiver).await;
+            supervised.receiver = None;
+            outcome
         }
     };
     record(&served, &outcome);
@@ -561,7 +565,7 @@ struct Supervised {
 
 impl Drop for Supervised {
     fn drop(&mut self) {
-        let Some(receiver) = self.receiver.take() else {
+        let Some(mut receiver) = self.receiver.take() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -573,7 +577,7 @@ impl Drop for Supervised {
             Arc::clone(&self.served),
         );
         runtime.spawn(async move {
-            let outcome = stop_at(deadline, &interrupt, receiver).await;
+            let outcome = stop_at(deadline, &interrupt, &mut receiver).await;
             record(&served, &outcome);
         });
     }
@@ -587,16 +591,16 @@ type RunOutcome =
 async fn stop_at(
     deadline: tokio::time::Instant,
     interrupt: &InterruptSlot,
-    mut receiver: tokio::sync::oneshot::Receiver<Result<(Invocation, StartKind), InvokeError>>,
+    receiver: &mut tokio::sync::oneshot::Receiver<Result<(Invocation, StartKind), InvokeError>>,
 ) -> RunOutcome {
-    if let Ok(outcome) = tokio::time::timeout_at(deadline, &mut receiver).await {
+    if let Ok(outcome) = tokio::time::timeout_at(deadline, &mut *receiver).await {
         return outcome;
     }
     loop {
         // The signal can miss a guest that is between instructions it checks; repeat
         // until the run returns.
         interrupt.fire();
-        if let Ok(outcome) = tokio::time::timeout(INTERRUPT_RETRY, &mut receiver).await {
+        if let Ok(outcome) = tokio::time::timeout(INTERRUPT_RETRY, &mut *receiver).await {
             return outcome;
         }
     }
