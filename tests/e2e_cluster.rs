@@ -754,11 +754,9 @@ fn greeting(addr: &str, name: &str, headers: &[(&str, &str)]) -> (u16, String, S
     }
 }
 
-#[test]
-fn a_lagging_peer_runs_nothing_and_the_request_is_served_where_it_arrived() {
-    let (_nats, _registry, url, members, data) = two_nodes();
-    let (a1, a2) = (&members[0], &members[1]);
-    // Two functions homed on a2, so a1 forwards both there.
+/// Two function names `PREFIX0`, `PREFIX1`, … whose one home in region a, of nodes a1 and
+/// a2 (see [`two_nodes`]), is a2: a1 forwards them there.
+fn homed_on_a2(prefix: &str) -> Vec<String> {
     let placement: Vec<atoll_router::placement::Member> = ["a1", "a2"]
         .iter()
         .map(|name| atoll_router::placement::Member {
@@ -768,11 +766,19 @@ fn a_lagging_peer_runs_nothing_and_the_request_is_served_where_it_arrived() {
             draining: false,
         })
         .collect();
-    let homed_on_a2: Vec<String> = (0..)
-        .map(|i| format!("lag{i}"))
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
         .filter(|name| atoll_router::placement::home_nodes(name, "a", &placement, 1)[0].name == "a2")
         .take(2)
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_lagging_peer_runs_nothing_and_the_request_is_served_where_it_arrived() {
+    let (_nats, _registry, url, members, data) = two_nodes();
+    let (a1, a2) = (&members[0], &members[1]);
+    // Two functions homed on a2, so a1 forwards both there.
+    let homed_on_a2 = homed_on_a2("lag");
     let (stale, missing) = (homed_on_a2[0].as_str(), homed_on_a2[1].as_str());
     let scratch = tempfile::tempdir().unwrap();
     let hop = [("x-atoll-hop", "test")];
@@ -932,56 +938,11 @@ fn a_short_or_unreadable_cluster_key_stops_the_node_with_a_clear_error() {
     );
 }
 
-/// curl `http://ADDR/` with `Host: host` and `headers` into `out`: curl's exit code, the
-/// status, the bytes received and the node that served it.
-fn curl_download(addr: &str, host: &str, headers: &[&str], out: &Path) -> (i32, u16, u64, String) {
-    let headers_file = out.with_extension("headers");
-    let mut command = std::process::Command::new("curl");
-    command
-        .args(["-sS", "--max-time", "60", "-o"])
-        .arg(out)
-        .arg("-D")
-        .arg(&headers_file)
-        .args(["-w", "%{http_code} %{size_download}"])
-        .args(["-H", &format!("Host: {host}")]);
-    for header in headers {
-        command.args(["-H", header]);
-    }
-    let output = command.arg(format!("http://{addr}/")).output().expect("run curl");
-    let written = String::from_utf8_lossy(&output.stdout).into_owned();
-    let mut fields = written.split_whitespace();
-    let status = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
-    let size = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
-    let served_by = std::fs::read_to_string(&headers_file)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| {
-            line.to_ascii_lowercase()
-                .strip_prefix("x-atoll-node:")
-                .map(|name| name.trim().to_string())
-        })
-        .unwrap_or_default();
-    (output.status.code().unwrap_or(-1), status, size, served_by)
-}
-
 #[test]
 fn a_forwarded_large_response_is_relayed_and_a_broken_one_stays_broken() {
     let (_nats, _registry, url, members, data) = two_nodes();
-    let placement: Vec<atoll_router::placement::Member> = ["a1", "a2"]
-        .iter()
-        .map(|name| atoll_router::placement::Member {
-            name: name.to_string(),
-            region: "a".into(),
-            in_flight: 0,
-            draining: false,
-        })
-        .collect();
     // Both functions homed on a2, so a1 forwards them there.
-    let homed_on_a2: Vec<String> = (0..)
-        .map(|i| format!("bulk{i}"))
-        .filter(|name| atoll_router::placement::home_nodes(name, "a", &placement, 1)[0].name == "a2")
-        .take(2)
-        .collect();
+    let homed_on_a2 = homed_on_a2("bulk");
     let (big, stall) = (homed_on_a2[0].as_str(), homed_on_a2[1].as_str());
     let blocks = 256; // 16 MiB
     for (name, module, extra) in [
@@ -1010,26 +971,32 @@ fn a_forwarded_large_response_is_relayed_and_a_broken_one_stays_broken() {
     // Served by a2 itself before a1 is asked, so a1's forward finds it there.
     for host in [&big_host, &stall_host] {
         wait_until(&format!("a2 serves {host}"), || {
-            curl_download(&a2.http, host, &["x-atoll-hop: test"], &out).1 == 200
+            download(&a2.http, host, &out, &["-H", "x-atoll-hop: test"]).status == 200
         });
     }
     wait_until("a1 serves it (forwarding to a2)", || {
-        curl_download(&a1.http, &big_host, &[], &out).1 == 200
+        download(&a1.http, &big_host, &out, &[]).status == 200
     });
     let size = blocks as u64 * 64 * 1024;
-    let forwarded = curl_download(&a1.http, &big_host, &[], &out);
-    assert_eq!(forwarded, (0, 200, size, "a2".to_string()));
+    let forwarded = download(&a1.http, &big_host, &out, &[]);
+    assert_eq!(
+        (
+            forwarded.exit,
+            forwarded.status,
+            forwarded.size,
+            forwarded.served_by()
+        ),
+        (0, 200, size, "a2")
+    );
     // Relayed as it came, not collected first: no length up front.
-    let headers = std::fs::read_to_string(out.with_extension("headers")).unwrap();
     assert!(
-        headers
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "{headers}"
+        forwarded.headers.contains("transfer-encoding: chunked"),
+        "{}",
+        forwarded.headers
     );
     // A body that broke off at the home node is not completed by the forwarding one.
-    let (exit, status, received, served_by) = curl_download(&a1.http, &stall_host, &[], &out);
-    assert_eq!((status, served_by.as_str()), (200, "a2"));
-    assert!(received >= 1 << 20, "only {received} bytes");
-    assert_ne!(exit, 0, "a cut-off body looked complete after the forward");
+    let broken = download(&a1.http, &stall_host, &out, &[]);
+    assert_eq!((broken.status, broken.served_by()), (200, "a2"));
+    assert!(broken.size >= 1 << 20, "only {} bytes", broken.size);
+    assert_ne!(broken.exit, 0, "a cut-off body looked complete after the forward");
 }

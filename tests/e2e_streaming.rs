@@ -6,50 +6,7 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
-
 use support::*;
-
-/// What curl saw.
-struct Download {
-    /// curl's exit code (0: complete; 18 or 92 and others: the transfer broke off).
-    exit: i32,
-    status: u16,
-    http_version: String,
-    size: u64,
-    headers: String,
-}
-
-/// curl `http://HTTP/` with `Host: host` into `out`; `extra` flags before the URL.
-fn download(http: &str, host: &str, out: &Path, extra: &[&str]) -> Download {
-    let headers_file = out.with_extension("headers");
-    let output = Command::new("curl")
-        .args(["-sS", "--max-time", "60", "-o"])
-        .arg(out)
-        .arg("-D")
-        .arg(&headers_file)
-        .args(["-w", "%{http_code} %{size_download} %{http_version}"])
-        .args(["-H", &format!("Host: {host}")])
-        .args(extra)
-        .arg(format!("http://{http}/"))
-        .output()
-        .expect("run curl");
-    let written = String::from_utf8_lossy(&output.stdout).into_owned();
-    let mut fields = written.split_whitespace();
-    let status = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
-    let size = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
-    let http_version = fields.next().unwrap_or("").to_string();
-    Download {
-        exit: output.status.code().unwrap_or(-1),
-        status,
-        http_version,
-        size,
-        headers: std::fs::read_to_string(&headers_file)
-            .unwrap_or_default()
-            .to_ascii_lowercase(),
-    }
-}
 
 #[test]
 fn large_responses_stream_and_a_broken_one_never_looks_complete() {

@@ -3,14 +3,15 @@
 //! they work. Each case would hang, grow or spin before the fix it pins; each waits with a
 //! bound and fails fast instead of hanging the run.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use atoll_isolate::snapshot::{preinitialize, preinitialize_named};
-use atoll_isolate::{
-    CgiRequest, Engine, FunctionConfig, InstancePool, InterruptSlot, InvokeError, LoadedFunction, ScaleConfig,
-};
+use atoll_isolate::{Engine, InstancePool, InterruptSlot, InvokeError, LoadedFunction, ScaleConfig};
+use common::request;
 
 /// The longest any case here may take before it counts as hung.
 const HUNG: Duration = Duration::from_secs(30);
@@ -39,24 +40,10 @@ const LOOPING_START: &str = r#"(module
   (func (export "_start")))"#;
 
 fn function(wasm: &[u8], timeout: Duration, memory: u64) -> LoadedFunction {
-    let engine = Engine::new().unwrap();
-    let module = engine.compile(wasm).unwrap();
-    let mut config = FunctionConfig::new("hostile");
-    config.timeout = timeout;
-    config.max_memory_bytes = memory;
-    LoadedFunction::new(engine, module, config)
-}
-
-fn request() -> CgiRequest {
-    CgiRequest {
-        method: "GET".into(),
-        raw_path: "/".into(),
-        protocol: "HTTP/1.1".into(),
-        scheme: "http".into(),
-        server_name: "example.com".into(),
-        server_port: 80,
-        ..CgiRequest::default()
-    }
+    common::load(wasm, "hostile", |config| {
+        config.timeout = timeout;
+        config.max_memory_bytes = memory;
+    })
 }
 
 #[test]

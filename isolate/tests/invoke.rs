@@ -1,7 +1,10 @@
 //! Invocations of small hand-written WCGI guests: the happy path and each failure the edge
 //! maps to 502.
 
-use atoll_isolate::{CgiRequest, Engine, FunctionConfig, InvokeError, LoadedFunction};
+mod common;
+
+use atoll_isolate::{Engine, FunctionConfig, InvokeError, LoadedFunction};
+use common::request;
 
 /// A guest that writes `output` to stdout (fd 1), `log` to stderr (fd 2), then runs `tail`.
 fn guest(output: &str, log: &str, tail: &str) -> Vec<u8> {
@@ -31,23 +34,9 @@ fn guest(output: &str, log: &str, tail: &str) -> Vec<u8> {
 }
 
 fn load(wasm: &[u8]) -> LoadedFunction {
-    let engine = Engine::new().unwrap();
-    let module = engine.compile(wasm).unwrap();
-    let mut config = FunctionConfig::new("test");
-    config.env.push(("GREETING".into(), "hi".into()));
-    LoadedFunction::new(engine, module, config)
-}
-
-fn request() -> CgiRequest {
-    CgiRequest {
-        method: "GET".into(),
-        raw_path: "/".into(),
-        protocol: "HTTP/1.1".into(),
-        scheme: "http".into(),
-        server_name: "example.com".into(),
-        server_port: 80,
-        ..CgiRequest::default()
-    }
+    common::load(wasm, "test", |config| {
+        config.env.push(("GREETING".into(), "hi".into()));
+    })
 }
 
 #[test]

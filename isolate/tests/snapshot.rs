@@ -1,10 +1,13 @@
 //! Pre-initialisation: an init export runs once, and every request starts from the state it
 //! left — memory, non-exported globals, grown memory — with passive segments still usable.
 
+mod common;
+
 use atoll_isolate::snapshot::{Preinit, preinitialize};
 use atoll_isolate::wasi::{self, WasiContext};
-use atoll_isolate::{CgiRequest, Engine, FunctionConfig, IsolateError, LoadedFunction};
+use atoll_isolate::{Engine, FunctionConfig, IsolateError, LoadedFunction};
 use bytes::Bytes;
+use common::request;
 use wasmer::{ExternType, Value};
 
 /// A WCGI module: `prelude` declares memory, globals and data; `functions` defines the init
@@ -24,18 +27,6 @@ fn module(prelude: &str, functions: &str) -> Vec<u8> {
           {functions})"#
     );
     wasmer::wat2wasm(wat.as_bytes()).unwrap().to_vec()
-}
-
-fn request() -> CgiRequest {
-    CgiRequest {
-        method: "GET".into(),
-        raw_path: "/".into(),
-        protocol: "HTTP/1.1".into(),
-        scheme: "http".into(),
-        server_name: "example.com".into(),
-        server_port: 80,
-        ..CgiRequest::default()
-    }
 }
 
 fn rewritten(engine: &Engine, wasm: &[u8], expected_export: &str) -> Vec<u8> {

@@ -3,14 +3,16 @@
 //! reader), and every way a run can end after its head — finished, trapped, the reader
 //! gone, the deadline — ends the body accordingly and returns in bounded time.
 
+mod common;
+
 use std::future::poll_fn;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use atoll_isolate::{
-    BodyAborted, BodyReader, CgiRequest, Engine, FunctionConfig, Invocation, InvokeError, LoadedFunction,
-    StreamedResponse, StreamingOutput,
+    BodyAborted, BodyReader, Invocation, InvokeError, LoadedFunction, StreamedResponse, StreamingOutput,
 };
+use common::request;
 
 /// The longest any case here may take before it counts as hung.
 const HUNG: Duration = Duration::from_secs(30);
@@ -20,49 +22,13 @@ const BLOCK: usize = 64 * 1024;
 /// each, then runs `tail`.
 fn writer_guest(blocks: u32, tail: &str) -> Vec<u8> {
     let head = "Content-Type: application/octet-stream\nX-Streamed: yes\n\n";
-    let escaped: String = head.bytes().map(|b| format!("\\{b:02x}")).collect();
-    let wat = format!(
-        r#"(module
-          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 2)
-          (data (i32.const 256) "{escaped}")
-          (func (export "_start") (local $i i32)
-            (memory.fill (i32.const 65536) (i32.const 120) (i32.const 65536))
-            (i32.store (i32.const 0) (i32.const 256))
-            (i32.store (i32.const 4) (i32.const {head_len}))
-            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-            (i32.store (i32.const 0) (i32.const 65536))
-            (i32.store (i32.const 4) (i32.const 65536))
-            (block $done
-              (loop $more
-                (br_if $done (i32.ge_u (local.get $i) (i32.const {blocks})))
-                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-                (local.set $i (i32.add (local.get $i) (i32.const 1)))
-                (br $more)))
-            {tail}))"#,
-        head_len = head.len(),
-    );
-    wasmer::wat2wasm(wat.as_bytes()).unwrap().to_vec()
+    atoll_testkit::guests::bulk_writer(head, blocks, tail)
 }
 
 fn function(wasm: &[u8], max_response: usize) -> LoadedFunction {
-    let engine = Engine::new().unwrap();
-    let module = engine.compile(wasm).unwrap();
-    let mut config = FunctionConfig::new("streaming");
-    config.max_response_bytes = max_response;
-    LoadedFunction::new(engine, module, config)
-}
-
-fn request() -> CgiRequest {
-    CgiRequest {
-        method: "GET".into(),
-        raw_path: "/".into(),
-        protocol: "HTTP/1.1".into(),
-        scheme: "http".into(),
-        server_name: "example.com".into(),
-        server_port: 80,
-        ..CgiRequest::default()
-    }
+    common::load(wasm, "streaming", |config| {
+        config.max_response_bytes = max_response
+    })
 }
 
 /// A run on its own thread, with the head (if the response streams) and the outcome.

@@ -21,20 +21,7 @@ const HOST: &str = "hello.example.com";
 
 /// A WCGI guest answering `200 text/plain` with `body`.
 fn guest(body: &str) -> Vec<u8> {
-    let output = format!("Content-Type: text/plain\n\n{body}");
-    let escaped: String = output.bytes().map(|b| format!("\\{b:02x}")).collect();
-    let wat = format!(
-        r#"(module
-          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 1)
-          (data (i32.const 1024) "{escaped}")
-          (func (export "_start")
-            (i32.store (i32.const 0) (i32.const 1024))
-            (i32.store (i32.const 4) (i32.const {len}))
-            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))"#,
-        len = output.len(),
-    );
-    wat::parse_str(wat).unwrap()
+    atoll_testkit::guests::writer(&format!("Content-Type: text/plain\n\n{body}"))
 }
 
 fn manifest() -> Manifest {

@@ -1,8 +1,9 @@
-//! What several crates' tests need alike, kept in one place: today a real `nats-server -js`
-//! on loopback (the registry's NATS store, node sync from JetStream, the DNS on NATS, and
-//! the cluster end to end all start one).
+//! What several crates' tests need alike, kept in one place: a real `nats-server -js` on
+//! loopback (the registry's NATS store, node sync from JetStream, the DNS on NATS, and the
+//! cluster end to end all start one), fuzzing helpers, and hand-written guests.
 
 pub mod fuzz;
+pub mod guests;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

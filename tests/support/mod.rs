@@ -1051,30 +1051,59 @@ pub fn start_nats_registry(label: &str, nats: &NatsServer) -> (Process, String) 
 /// A WCGI module that writes a CGI head, then `blocks` times 64 KiB of `x` (one `fd_write`
 /// each), then runs the WAT instructions `tail` (e.g. a loop that never ends).
 pub fn bulk_writer_module(blocks: u32, tail: &str) -> Vec<u8> {
-    let head = "Content-Type: application/octet-stream\n\n";
-    let escaped: String = head.bytes().map(|b| format!("\\{b:02x}")).collect();
-    let wat = format!(
-        r#"(module
-          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 2)
-          (data (i32.const 256) "{escaped}")
-          (func (export "_start") (local $i i32)
-            (memory.fill (i32.const 65536) (i32.const 120) (i32.const 65536))
-            (i32.store (i32.const 0) (i32.const 256))
-            (i32.store (i32.const 4) (i32.const {head_len}))
-            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-            (i32.store (i32.const 0) (i32.const 65536))
-            (i32.store (i32.const 4) (i32.const 65536))
-            (block $done
-              (loop $more
-                (br_if $done (i32.ge_u (local.get $i) (i32.const {blocks})))
-                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-                (local.set $i (i32.add (local.get $i) (i32.const 1)))
-                (br $more)))
-            {tail}))"#,
-        head_len = head.len(),
-    );
-    wat::parse_str(wat).expect("valid WAT")
+    atoll_testkit::guests::bulk_writer("Content-Type: application/octet-stream\n\n", blocks, tail)
+}
+
+/// What one `curl` download saw.
+pub struct Download {
+    /// curl's exit code (0: complete; 18, 92 and others: the transfer broke off).
+    pub exit: i32,
+    pub status: u16,
+    pub http_version: String,
+    pub size: u64,
+    /// The response head, lower-cased.
+    pub headers: String,
+}
+
+impl Download {
+    /// The node that served it (`x-atoll-node`), or "".
+    pub fn served_by(&self) -> &str {
+        self.headers
+            .lines()
+            .find_map(|line| line.strip_prefix("x-atoll-node:"))
+            .map_or("", str::trim)
+    }
+}
+
+/// curl `http://ADDR/` with `Host: host` into `out` (its head beside it, as `out.headers`);
+/// `extra` arguments (flags, `-H` headers) go before the URL.
+pub fn download(addr: &str, host: &str, out: &Path, extra: &[&str]) -> Download {
+    let headers_file = out.with_extension("headers");
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-o"])
+        .arg(out)
+        .arg("-D")
+        .arg(&headers_file)
+        .args(["-w", "%{http_code} %{size_download} %{http_version}"])
+        .args(["-H", &format!("Host: {host}")])
+        .args(extra)
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("run curl");
+    let written = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut fields = written.split_whitespace();
+    let status = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let size = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let http_version = fields.next().unwrap_or("").to_string();
+    Download {
+        exit: output.status.code().unwrap_or(-1),
+        status,
+        http_version,
+        size,
+        headers: std::fs::read_to_string(&headers_file)
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+    }
 }
 
 /// The highest resident set size process `pid` has had (`VmHWM`), in bytes.
