@@ -62,6 +62,9 @@ pub struct WasiContext {
     streaming: Option<StreamingOutput>,
     /// The body being streamed, once the head is sent.
     body_writer: Option<BodyWriter>,
+    /// Body bytes of the current `fd_write` not yet sent: one call's iovecs go out as
+    /// chunks of up to [`CHUNK_BYTES`], not one chunk each.
+    unsent: Vec<u8>,
     /// Why streaming stopped the guest, if it did.
     stream_failure: Option<StreamFailure>,
     /// The head went out and the body is dropped (HEAD): output is only counted.
@@ -117,6 +120,7 @@ impl WasiContext {
             stdout_total: 0,
             streaming: None,
             body_writer: None,
+            unsent: Vec::new(),
             stream_failure: None,
             discarding: false,
             signals: Arc::default(),
@@ -596,7 +600,10 @@ fn fd_write(
             let (buffer, length) = iovec?;
             check_range(view, buffer, u64::from(length))?;
             if fd == 1 {
-                context.write_stdout(view, buffer, length)?;
+                if let Err(error) = context.write_stdout(view, buffer, length) {
+                    context.unsent.clear();
+                    return Err(error);
+                }
                 total = total.saturating_add(length);
                 continue;
             }
@@ -616,6 +623,9 @@ fn fd_write(
                 copied += piece;
             }
             total = total.saturating_add(length);
+        }
+        if fd == 1 {
+            context.send_unsent()?;
         }
         write_u32(view, nwritten, total)?;
         Ok(ERRNO_SUCCESS)
@@ -641,9 +651,13 @@ impl WasiContext {
             let piece = (length - copied).min(CHUNK_BYTES as u32);
             let address = u64::from(buffer + copied);
             if self.body_writer.is_some() {
-                let mut chunk = vec![0; piece as usize];
-                view.read(address, &mut chunk).map_err(|_| ERRNO_FAULT)?;
-                self.stream(Bytes::from(chunk))?;
+                let start = self.unsent.len();
+                self.unsent.resize(start + piece as usize, 0);
+                view.read(address, &mut self.unsent[start..])
+                    .map_err(|_| ERRNO_FAULT)?;
+                if self.unsent.len() >= CHUNK_BYTES {
+                    self.send_unsent()?;
+                }
             } else {
                 let start = self.stdout.len();
                 self.stdout.resize(start + piece as usize, 0);
@@ -689,6 +703,15 @@ impl WasiContext {
                 self.stream(response.body)
             }
         }
+    }
+
+    /// Sends what this call has gathered of the body, if anything.
+    fn send_unsent(&mut self) -> Result<(), CallError> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.unsent));
+        self.stream(chunk)
     }
 
     /// Sends a body chunk, waiting while the client is slower than the guest, but never

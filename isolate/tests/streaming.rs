@@ -170,3 +170,29 @@ async fn the_response_limit_holds_across_the_stream() {
     assert!(body.len() <= 1 << 20, "{}", body.len());
     assert!(matches!(run.outcome(), Err(InvokeError::ResponseTooLarge { .. })));
 }
+
+#[tokio::test]
+async fn many_small_iovecs_of_one_write_go_out_as_few_chunks() {
+    // Past the threshold, one fd_write of 4096 iovecs of 16 bytes each.
+    let many_iovecs = r#"
+        (local.set $i (i32.const 0))
+        (block $built
+          (loop $build
+            (br_if $built (i32.ge_u (local.get $i) (i32.const 4096)))
+            (i32.store (i32.add (i32.const 8192) (i32.mul (local.get $i) (i32.const 8))) (i32.const 65536))
+            (i32.store (i32.add (i32.const 8196) (i32.mul (local.get $i) (i32.const 8))) (i32.const 16))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $build)))
+        (drop (call $fd_write (i32.const 1) (i32.const 8192) (i32.const 4096) (i32.const 16)))"#;
+    let function = function(&writer_guest(5, many_iovecs), 32 << 20);
+    let run = start(&function);
+    let mut head = run.head();
+    let (mut chunks, mut bytes) = (0, 0);
+    while let Some(chunk) = poll_fn(|context| head.body.poll_chunk(context)).await {
+        chunks += 1;
+        bytes += chunk.unwrap().len();
+    }
+    assert_eq!(bytes, 5 * BLOCK + 4096 * 16);
+    assert!(chunks < 16, "{chunks} chunks for 6 writes");
+    run.outcome().unwrap();
+}
