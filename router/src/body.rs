@@ -19,6 +19,7 @@ use atoll_isolate::BodyReader;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::cluster::ForwardInFlight;
 use crate::server::BoxError;
 
 /// A response body: see the module documentation.
@@ -125,21 +126,38 @@ pub struct PeerBody {
     limit: usize,
     deadline: Pin<Box<tokio::time::Sleep>>,
     time_limit: Duration,
+    /// The forward, in flight at the peer until the body ends.
+    forward: Option<ForwardInFlight>,
 }
 
 impl PeerBody {
-    /// Relays `body` while it stays within `limit` bytes and arrives within `time_limit`.
-    pub fn new(body: Incoming, limit: usize, time_limit: Duration) -> Self {
+    /// Relays `body` while it stays within `limit` bytes and arrives within `time_limit`;
+    /// `forward` is settled when it ends (a body that breaks off counts against the peer).
+    pub fn new(body: Incoming, limit: usize, time_limit: Duration, forward: ForwardInFlight) -> Self {
         PeerBody {
             body,
             remaining: limit,
             limit,
             deadline: Box::pin(tokio::time::sleep(time_limit)),
             time_limit,
+            forward: Some(forward),
         }
     }
 
     fn poll(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = self.poll_peer(context);
+        let ended_well = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Err(_))) => false,
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => return polled,
+        };
+        if let Some(forward) = self.forward.take() {
+            forward.settle(ended_well);
+        }
+        polled
+    }
+
+    fn poll_peer(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.deadline.as_mut().poll(context).is_ready() {
             return Poll::Ready(Some(Err(format!(
                 "the peer's answer did not end within {:?}",

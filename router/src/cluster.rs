@@ -337,7 +337,7 @@ impl Cluster {
     /// `expected` the version this node serves, which the peer must serve too.
     #[allow(clippy::too_many_arguments)]
     pub async fn forward(
-        &self,
+        self: &Arc<Self>,
         peer: (&str, SocketAddr),
         method: http::Method,
         uri: &http::Uri,
@@ -409,7 +409,8 @@ impl Cluster {
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
 
-        self.adjust_forwarded(name, 1);
+        // In flight at the peer until its answer has been relayed whole.
+        let mut in_flight = Some(ForwardInFlight::enter(Arc::clone(self), name));
         let started = Instant::now();
         let outcome = tokio::time::timeout(timeout, async {
             let response = self.client.request(request).await.map_err(|error| ForwardError {
@@ -432,7 +433,8 @@ impl Cluster {
             }
             // The answer itself is relayed as it arrives, within what is left of the time.
             let left = timeout.saturating_sub(started.elapsed());
-            let body = ResponseBody::Peer(PeerBody::new(body, MAX_FORWARDED_RESPONSE, left));
+            let in_flight = in_flight.take().expect("taken once");
+            let body = ResponseBody::Peer(PeerBody::new(body, MAX_FORWARDED_RESPONSE, left, in_flight));
             Ok(Response::from_parts(parts, body))
         })
         .await
@@ -442,19 +444,15 @@ impl Cluster {
                 reason: format!("no answer within {}s", timeout.as_secs_f32()),
             })
         });
-        self.adjust_forwarded(name, -1);
+        drop(in_flight);
 
-        let failed = match &outcome {
-            Ok(response) => response.status().is_server_error(),
-            Err(_) => true,
-        };
-        let mut outliers = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
-        if failed {
-            outliers.failure(name, Instant::now());
-        } else {
-            outliers.success(name);
+        // A relayed answer that began well is judged when it ends (`ForwardInFlight`).
+        match &outcome {
+            Ok(response) if response.status().is_server_error() => self.record_outcome(name, false),
+            Ok(response) if response.body().is_streamed() => {}
+            Ok(_) => self.record_outcome(name, true),
+            Err(_) => self.record_outcome(name, false),
         }
-        drop(outliers);
         let label = match &outcome {
             Ok(response) => match not_served(response) {
                 Some(NotServed::Version) => "not_served",
@@ -468,6 +466,16 @@ impl Cluster {
         outcome
     }
 
+    /// Counts a forward's outcome for outlier ejection.
+    fn record_outcome(&self, peer: &str, ok: bool) {
+        let mut outliers = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            outliers.success(peer);
+        } else {
+            outliers.failure(peer, Instant::now());
+        }
+    }
+
     fn adjust_forwarded(&self, peer: &str, delta: i64) {
         let mut forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
         let count = forwarded.entry(peer.to_string()).or_insert(0);
@@ -475,6 +483,36 @@ impl Cluster {
         if *count == 0 {
             forwarded.remove(peer);
         }
+    }
+}
+
+/// A request forwarded to a peer, counted in this node's load figure for that peer until
+/// dropped: when the forward failed or was refused, or when the peer's relayed answer ended.
+pub struct ForwardInFlight {
+    cluster: Arc<Cluster>,
+    peer: String,
+}
+
+impl ForwardInFlight {
+    fn enter(cluster: Arc<Cluster>, peer: &str) -> Self {
+        cluster.adjust_forwarded(peer, 1);
+        ForwardInFlight {
+            cluster,
+            peer: peer.to_string(),
+        }
+    }
+
+    /// The relayed answer ended: whole (`ok`), or broken off or past its time, which counts
+    /// against the peer as a failed forward does. Settled once; an answer the client
+    /// stopped reading says nothing of the peer and is not settled.
+    pub fn settle(self, ok: bool) {
+        self.cluster.record_outcome(&self.peer, ok);
+    }
+}
+
+impl Drop for ForwardInFlight {
+    fn drop(&mut self) {
+        self.cluster.adjust_forwarded(&self.peer, -1);
     }
 }
 
@@ -782,5 +820,88 @@ mod tests {
         assert!(!cluster.has_peers_taking_work(), "a2 drains, a3 is gone");
         cluster.learn(&[status("a2", Health::Healthy)]);
         assert!(cluster.has_peers_taking_work());
+    }
+
+    /// A peer on 127.0.0.1 whose every answer is a 200 whose body the test writes: each
+    /// request hands its writer over `writers`.
+    async fn streaming_peer() -> (
+        SocketAddr,
+        std::sync::mpsc::Receiver<atoll_isolate::stream::BodyWriter>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (writers, handed) = std::sync::mpsc::channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let writers = writers.clone();
+                let service = hyper::service::service_fn(move |_request| {
+                    let (writer, reader) = atoll_isolate::stream::body_pipe(1 << 20);
+                    let _ = writers.send(writer);
+                    std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(
+                        ResponseBody::Function(reader),
+                    )))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        (address, handed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relayed_answer_is_in_flight_until_it_ends_and_a_broken_one_counts_against_the_peer() {
+        let (peer, writers) = streaming_peer().await;
+        let cluster = Cluster::new(options("a1", "a", &[]));
+        let deployment = atoll_registry::Deployment {
+            name: "f".into(),
+            version: 1,
+            sha256: "0".repeat(64),
+            manifest: atoll_registry::Manifest::parse(
+                "name = \"f\"\nwasm = \"f.wasm\"\nroutes = [\"f.localhost\"]\n",
+            )
+            .unwrap(),
+        };
+        let uri: http::Uri = "/".parse().unwrap();
+        let forward = || {
+            cluster.forward(
+                ("a2", peer),
+                http::Method::GET,
+                &uri,
+                HeaderMap::new(),
+                Bytes::new(),
+                "f.localhost",
+                "127.0.0.1:1".parse().unwrap(),
+                false,
+                &deployment,
+                Duration::from_secs(30),
+            )
+        };
+        let in_flight = || {
+            let forwarded = cluster.forwarded.lock().unwrap();
+            forwarded.get("a2").copied().unwrap_or(0)
+        };
+
+        let response = forward().await.expect("the peer answers");
+        let mut writer = writers.recv().unwrap();
+        assert_eq!(in_flight(), 1, "a relayed answer still being read is in flight");
+        writer.send(Bytes::from_static(b"hello"), || false).unwrap();
+        writer.finish();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "hello");
+        assert_eq!(in_flight(), 0, "a relayed answer that ended is not");
+
+        // Answers that break off after their head count against the peer until it is out.
+        for _ in 0..OUTLIER_THRESHOLD {
+            assert!(cluster.outliers.lock().unwrap().is_healthy("a2", Instant::now()));
+            let response = forward().await.expect("the peer answers");
+            let mut writer = writers.recv().unwrap();
+            writer.send(Bytes::from_static(b"part"), || false).unwrap();
+            writer.abort("the peer's guest trapped");
+            assert!(response.into_body().collect().await.is_err());
+        }
+        assert!(!cluster.outliers.lock().unwrap().is_healthy("a2", Instant::now()));
+        assert_eq!(in_flight(), 0);
     }
 }

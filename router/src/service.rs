@@ -26,11 +26,10 @@ use atoll_isolate::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
-
-use crate::body::ResponseBody;
 use hyper::body::Body;
 
 use crate::acme::Http01Challenges;
+use crate::body::ResponseBody;
 use crate::cluster::{
     Cluster, FORWARDING_HEADERS, HOP_HEADER, NOT_SERVED_HEADER, NotServed, SERVED_BY_HEADER, not_served,
 };
@@ -123,7 +122,7 @@ impl Handler for EdgeService {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let _in_flight = InFlight::enter(&self.in_flight, &self.in_flight_count);
+        let in_flight = InFlight::enter(Arc::clone(&self));
         let (response, function) = self.route(request, connection).await;
         let status = response.status().as_u16();
         match function {
@@ -138,7 +137,8 @@ impl Handler for EdgeService {
                     .increment(1);
             }
         }
-        response
+        // A streamed response is in flight until its body ends.
+        response.map(|body| body.holding(in_flight))
     }
 }
 
@@ -646,22 +646,27 @@ fn record(served: &ServedFunction, outcome: &RunOutcome) {
     }
 }
 
-/// Counts a request in `atoll_requests_in_flight` until dropped (also when the client
-/// goes away and the request's future is dropped).
-struct InFlight<'a>(&'a ::metrics::Gauge, &'a std::sync::atomic::AtomicU64);
+/// Counts a request in `atoll_requests_in_flight` (and the heartbeat's count) until
+/// dropped: when it is answered, when the client goes away and the request's future is
+/// dropped, or when its streamed body ends.
+struct InFlight(Arc<EdgeService>);
 
-impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a ::metrics::Gauge, count: &'a std::sync::atomic::AtomicU64) -> Self {
-        gauge.increment(1.0);
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlight(gauge, count)
+impl InFlight {
+    fn enter(service: Arc<EdgeService>) -> Self {
+        service.in_flight.increment(1.0);
+        service
+            .in_flight_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(service)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
-        self.1.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.in_flight.decrement(1.0);
+        self.0
+            .in_flight_count
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
