@@ -212,11 +212,6 @@ impl BodyWriter {
         self.sent
     }
 
-    /// Whether the reader is gone.
-    pub fn reader_gone(&self) -> bool {
-        self.pipe.lock().reader_gone
-    }
-
     /// Ends the body: the reader sees the end once it has taken every chunk.
     pub fn finish(mut self) {
         self.end(Ok(()));
@@ -358,7 +353,6 @@ mod tests {
         writer.send(chunk(4), || false).unwrap();
         assert_eq!(writer.send(chunk(4), || true), Err(SendError::Stopped));
         drop(reader);
-        assert!(writer.reader_gone());
         assert_eq!(writer.send(chunk(1), || false), Err(SendError::ReaderGone));
     }
 

@@ -30,9 +30,10 @@ pub enum ResponseBody {
     Function(BodyReader),
     /// A peer's answer, relayed as it arrives.
     Peer(PeerBody),
-    /// A streamed body with something that must live as long as it does (the connection's
-    /// in-flight mark, so its idle timeout does not cut a long download).
-    Held(Box<ResponseBody>, Box<dyn std::any::Any + Send + Sync>),
+    /// A streamed body with something that must live as long as it does: the in-flight
+    /// marks of the node and of the connection (so its idle timeout does not cut a long
+    /// download).
+    Held(Box<ResponseBody>, Box<dyn Send + Sync>),
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -71,12 +72,6 @@ impl ResponseBody {
         } else {
             self
         }
-    }
-}
-
-impl From<Bytes> for ResponseBody {
-    fn from(bytes: Bytes) -> Self {
-        ResponseBody::whole(bytes)
     }
 }
 
