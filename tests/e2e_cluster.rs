@@ -366,22 +366,7 @@ fn killing_a_home_under_load_loses_no_more_than_its_requests_in_flight() {
     let nats = NatsServer::start();
     let (_registry, url) = start_nats_registry("registry", &nats);
     let data = tempfile::tempdir().unwrap();
-    let mut members: Vec<Member> = REGIONS[0]
-        .1
-        .iter()
-        .enumerate()
-        .map(|(i, ip)| {
-            let name = format!("a{}", i + 1);
-            start_member(
-                &["--registry", &url],
-                &name,
-                "a",
-                ip,
-                &data.path().join(&name),
-                &[],
-            )
-        })
-        .collect();
+    let mut members = region_a_members(&url, data.path(), &[]);
     wait_for_health(&url, &["a1", "a2"], "healthy");
     push_ok(&url, &example("hello"));
     let mut home = String::new();
@@ -601,23 +586,7 @@ fn a_node_whose_pool_is_full_forwards_to_another_home() {
     let (_registry, url) = start_nats_registry("registry", &nats);
     let data = tempfile::tempdir().unwrap();
     // Two homes per function in region a, and room for one request at a time.
-    let members: Vec<Member> = REGIONS[0]
-        .1
-        .iter()
-        .enumerate()
-        .map(|(i, ip)| {
-            let name = format!("a{}", i + 1);
-            let control = ["--registry", url.as_str()];
-            start_member(
-                &control,
-                &name,
-                "a",
-                ip,
-                &data.path().join(&name),
-                &["--home-replicas", "2"],
-            )
-        })
-        .collect();
+    let members = region_a_members(&url, data.path(), &["--home-replicas", "2"]);
     wait_for_health(&url, &["a1", "a2"], "healthy");
     let scratch = tempfile::tempdir().unwrap();
     let manifest = write_manifest(
@@ -699,28 +668,34 @@ fn knows(admin: &str, peer: &str) -> bool {
             .any(|p| p["name"] == peer && p["draining"] == false && p["ejected"] == false)
 }
 
-/// NATS, a registry, and a1 and a2 in region a following it, each function homed on one
-/// of them; returns once each knows the other.
-fn two_nodes() -> (NatsServer, Process, String, Vec<Member>, tempfile::TempDir) {
-    let nats = NatsServer::start();
-    let (registry, url) = start_nats_registry("registry", &nats);
-    let data = tempfile::tempdir().unwrap();
-    let members: Vec<Member> = REGIONS[0]
+/// Nodes a1 and a2 on region a's addresses, following the registry at `registry`, with
+/// their data under `data` and `extra` flags.
+fn region_a_members(registry: &str, data: &Path, extra: &[&str]) -> Vec<Member> {
+    REGIONS[0]
         .1
         .iter()
         .enumerate()
         .map(|(i, ip)| {
             let name = format!("a{}", i + 1);
             start_member(
-                &["--registry", &url],
+                &["--registry", registry],
                 &name,
                 "a",
                 ip,
-                &data.path().join(&name),
-                &[],
+                &data.join(&name),
+                extra,
             )
         })
-        .collect();
+        .collect()
+}
+
+/// NATS, a registry, and a1 and a2 in region a following it, each function homed on one
+/// of them; returns once each knows the other.
+fn two_nodes() -> (NatsServer, Process, String, Vec<Member>, tempfile::TempDir) {
+    let nats = NatsServer::start();
+    let (registry, url) = start_nats_registry("registry", &nats);
+    let data = tempfile::tempdir().unwrap();
+    let members = region_a_members(&url, data.path(), &[]);
     wait_for_health(&url, &["a1", "a2"], "healthy");
     wait_until("a1 knows a2", || knows(&members[0].admin, "a2"));
     wait_until("a2 knows a1", || knows(&members[1].admin, "a1"));

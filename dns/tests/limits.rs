@@ -15,10 +15,9 @@ use atoll_dns::{ClusterSource, RateLimit, bind, serve};
 use atoll_registry::RegistryClient;
 use hickory_server::proto::op::{Edns, Message, Query};
 use hickory_server::proto::rr::{Name, RData, RecordType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use support::PATIENCE;
+use support::{PATIENCE, tcp_answer_bytes, udp_answer_bytes};
 
 const NAME_SERVERS: usize = 40;
 
@@ -81,40 +80,6 @@ fn query(name: &str, qtype: RecordType, udp_size: Option<u16>) -> Message {
     message
 }
 
-/// The raw bytes of the UDP answer to `query`, sent from `from`.
-async fn udp_bytes(server: SocketAddr, from: &str, query: &Message) -> Vec<u8> {
-    let socket = tokio::net::UdpSocket::bind((from.parse::<std::net::IpAddr>().unwrap(), 0))
-        .await
-        .unwrap();
-    socket.send_to(&query.to_vec().unwrap(), server).await.unwrap();
-    let mut buffer = vec![0u8; 65_535];
-    let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer))
-        .await
-        .expect("a UDP answer within 5 s")
-        .unwrap();
-    buffer.truncate(len);
-    buffer
-}
-
-/// The raw bytes of the TCP answer to `query`.
-async fn tcp_bytes(stream: &mut tokio::net::TcpStream, query: &Message) -> Vec<u8> {
-    let bytes = query.to_vec().unwrap();
-    stream
-        .write_all(&(bytes.len() as u16).to_be_bytes())
-        .await
-        .unwrap();
-    stream.write_all(&bytes).await.unwrap();
-    let read = async {
-        let len = stream.read_u16().await.unwrap();
-        let mut buffer = vec![0u8; usize::from(len)];
-        stream.read_exact(&mut buffer).await.unwrap();
-        buffer
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("a TCP answer within 5 s")
-}
-
 async fn tcp_connect(server: SocketAddr, from: &str) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
@@ -159,7 +124,7 @@ async fn udp_answers_never_exceed_the_cap_whatever_the_client_claims() {
 
     // TCP: the whole NS set with its glue, well over the UDP cap.
     let mut stream = tcp_connect(dns.addr, client).await;
-    let full = tcp_bytes(&mut stream, &query("example.com.", RecordType::NS, Some(4096))).await;
+    let full = tcp_answer_bytes(&mut stream, &query("example.com.", RecordType::NS, Some(4096))).await;
     let message = Message::from_vec(&full).unwrap();
     assert!(!message.metadata.truncation);
     assert_eq!(message.answers.len(), NAME_SERVERS);
@@ -176,7 +141,7 @@ async fn udp_answers_never_exceed_the_cap_whatever_the_client_claims() {
         (Some(100), 512),
         (None, 512),
     ] {
-        let bytes = udp_bytes(dns.addr, client, &query("example.com.", RecordType::NS, claimed)).await;
+        let bytes = udp_answer_bytes(dns.addr, client, &query("example.com.", RecordType::NS, claimed)).await;
         assert!(
             bytes.len() <= bound,
             "EDNS size {claimed:?}: {} bytes over UDP, more than {bound}",
@@ -302,7 +267,7 @@ async fn udp_is_rate_limited_per_prefix_and_tcp_is_not() {
     for id in 0..20 {
         let mut soa = soa.clone();
         soa.metadata.id = id;
-        let message = Message::from_vec(&tcp_bytes(&mut stream, &soa).await).unwrap();
+        let message = Message::from_vec(&tcp_answer_bytes(&mut stream, &soa).await).unwrap();
         assert_eq!(message.metadata.id, id);
         assert_eq!(message.answers.len(), 1, "TCP query {id}");
     }

@@ -122,25 +122,23 @@ pub fn question(name: &str, qtype: RecordType, ecs: Option<ClientSubnet>) -> Mes
     message
 }
 
-pub async fn ask_udp(server: SocketAddr, from: &str, query: &Message) -> Message {
+/// The raw bytes of the UDP answer to `query`, sent from `from`.
+pub async fn udp_answer_bytes(server: SocketAddr, from: &str, query: &Message) -> Vec<u8> {
     let from: IpAddr = from.parse().unwrap();
     let socket = tokio::net::UdpSocket::bind((from, 0)).await.unwrap();
     socket.send_to(&query.to_vec().unwrap(), server).await.unwrap();
-    let mut buffer = vec![0u8; 4096];
+    let mut buffer = vec![0u8; 65_535];
     let (len, peer) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer))
         .await
         .expect("a UDP answer within 5 s")
         .unwrap();
     assert_eq!(peer, server);
-    let response = Message::from_vec(&buffer[..len]).unwrap();
-    assert_eq!(response.metadata.id, query.metadata.id);
-    response
+    buffer.truncate(len);
+    buffer
 }
 
-pub async fn ask_tcp(server: SocketAddr, from: &str, query: &Message) -> Message {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
-    let mut stream = socket.connect(server).await.unwrap();
+/// The raw bytes of the answer to `query` over the TCP connection `stream`.
+pub async fn tcp_answer_bytes(stream: &mut tokio::net::TcpStream, query: &Message) -> Vec<u8> {
     let bytes = query.to_vec().unwrap();
     stream
         .write_all(&(bytes.len() as u16).to_be_bytes())
@@ -153,10 +151,22 @@ pub async fn ask_tcp(server: SocketAddr, from: &str, query: &Message) -> Message
         stream.read_exact(&mut buffer).await.unwrap();
         buffer
     };
-    let buffer = tokio::time::timeout(Duration::from_secs(5), read)
+    tokio::time::timeout(Duration::from_secs(5), read)
         .await
-        .expect("a TCP answer within 5 s");
-    let response = Message::from_vec(&buffer).unwrap();
+        .expect("a TCP answer within 5 s")
+}
+
+pub async fn ask_udp(server: SocketAddr, from: &str, query: &Message) -> Message {
+    let response = Message::from_vec(&udp_answer_bytes(server, from, query).await).unwrap();
+    assert_eq!(response.metadata.id, query.metadata.id);
+    response
+}
+
+pub async fn ask_tcp(server: SocketAddr, from: &str, query: &Message) -> Message {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+    let mut stream = socket.connect(server).await.unwrap();
+    let response = Message::from_vec(&tcp_answer_bytes(&mut stream, query).await).unwrap();
     assert_eq!(response.metadata.id, query.metadata.id);
     response
 }
