@@ -66,8 +66,8 @@
 //!   zero again. `madvise` takes the mm lock only for reading. If the tenant grew the
 //!   memory, the grown tail is always discarded that way and goes back to `PROT_NONE` with
 //!   one `mprotect`: size and accessibility are the initial ones again. The slot remembers
-//!   which image it shows (the `Arc<MemoryImage>`, compared by identity) and how much of it
-//!   is accessible.
+//!   which image it shows (a `Weak<MemoryImage>`, compared by identity: a pooled slot does
+//!   not keep a gone module's memfd open) and how much of it is accessible.
 //! - Acquiring prefers the most recently released slot already showing the same image:
 //!   the instance starts with zero syscalls. Otherwise it takes a slot showing nothing, or
 //!   one whose image no module holds any more, or the least recently released; a slot
@@ -127,7 +127,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use wasmer::sys::vm::{
     LinearMemory, MemoryError, MemoryStyle, TableStyle, Trap, TrapCode, VMMemory, VMMemoryDefinition,
@@ -709,8 +709,13 @@ impl Tunables for CowTunables {
 struct Slot {
     base: NonNull<u8>,
     len: usize,
-    /// The image mapped at offset 0; never an empty image (those map nothing).
-    image: Option<Arc<MemoryImage>>,
+    /// The image mapped at offset 0; never an empty image (those map nothing). Held weakly:
+    /// the mapping needs no file descriptor, so when its module is gone the image's memfd
+    /// is closed at once, not when this (pooled) slot is next reused. A `Weak` keeps its
+    /// allocation, so comparing it with a live image by address stays sound.
+    image: Option<Weak<MemoryImage>>,
+    /// Bytes of `image` mapped at offset 0 (0 without an image).
+    image_len: usize,
     /// Bytes from the base that are readable and writable.
     accessible: usize,
     /// A syscall on the slot failed midway: its layout is unknown, so it is unmapped
@@ -719,13 +724,13 @@ struct Slot {
 }
 
 // SAFETY: a slot is an address range this process owns exclusively; nothing about it is
-// tied to the thread that mapped it (the image is an `Arc` of a `File`, both `Send`).
+// tied to the thread that mapped it (the image is a `Weak` of a `File`, both `Send`).
 unsafe impl Send for Slot {}
 
 /// Whether a slot holding `held` already shows `wanted` (same memfd, or both none).
-fn same_image(held: Option<&Arc<MemoryImage>>, wanted: Option<&Arc<MemoryImage>>) -> bool {
+fn same_image(held: Option<&Weak<MemoryImage>>, wanted: Option<&Arc<MemoryImage>>) -> bool {
     match (held, wanted) {
-        (Some(held), Some(wanted)) => Arc::ptr_eq(held, wanted),
+        (Some(held), Some(wanted)) => std::ptr::eq(held.as_ptr(), Arc::as_ptr(wanted)),
         (None, None) => true,
         _ => false,
     }
@@ -759,10 +764,7 @@ impl Slot {
                     .or_else(|| {
                         slots.iter().position(|slot| {
                             slot.len == len
-                                && slot
-                                    .image
-                                    .as_ref()
-                                    .is_some_and(|held| Arc::strong_count(held) == 1)
+                                && slot.image.as_ref().is_some_and(|held| held.strong_count() == 0)
                         })
                     })
                     .or_else(|| slots.iter().position(|slot| slot.len == len))?;
@@ -801,6 +803,7 @@ impl Slot {
             base: NonNull::new(base.cast()).expect("mmap returned a null mapping"),
             len,
             image: None,
+            image_len: 0,
             accessible: 0,
             poisoned: false,
         })
@@ -834,6 +837,7 @@ impl Slot {
                 return Err(last_os_error("clearing a pooled linear memory"));
             }
             self.image = None;
+            self.image_len = 0;
             self.accessible = 0;
         }
         if let Some(image) = image {
@@ -855,7 +859,8 @@ impl Slot {
                 self.poisoned = true;
                 return Err(last_os_error("mapping the memory image"));
             }
-            self.image = Some(Arc::clone(image));
+            self.image = Some(Arc::downgrade(image));
+            self.image_len = image.len;
             self.accessible = self.accessible.max(image.len);
         }
         Ok(())
@@ -866,7 +871,7 @@ impl Slot {
     /// (`bytes >= image.len`) and is only for ranges that read zero (a reset slot).
     fn set_accessible(&mut self, bytes: usize) -> Result<(), String> {
         debug_assert!(bytes <= MAX_WASM32_BYTES as usize && bytes <= self.len);
-        debug_assert!(self.image.as_ref().is_none_or(|image| image.len <= bytes));
+        debug_assert!(self.image_len <= bytes);
         let (from, to, protection) = match bytes.cmp(&self.accessible) {
             std::cmp::Ordering::Equal => return Ok(()),
             std::cmp::Ordering::Greater => (self.accessible, bytes, libc::PROT_READ | libc::PROT_WRITE),
@@ -951,8 +956,16 @@ impl Slot {
     /// any pages restored before giving up.
     fn restore_written_pages(&self, bytes: usize) -> bool {
         let page = os_page_size();
-        let image_len = self.image.as_ref().map_or(0, |image| image.len);
-        let view = match &self.image {
+        let image_len = self.image_len;
+        // The memory being released holds the image, so it is alive; if not, discard.
+        let image = match &self.image {
+            Some(held) => match held.upgrade() {
+                Some(image) => Some(image),
+                None => return false,
+            },
+            None => None,
+        };
+        let view = match &image {
             Some(image) => match image.view() {
                 Some(view) => Some(view),
                 None => return false,
@@ -1144,7 +1157,7 @@ impl<'a> Restorer<'a> {
             let view = self.view.expect("an image region implies a view");
             // SAFETY: `(index + 1) * page <= image_len == view.len`; the view is a
             // read-only mapping of the sealed image, distinct from the slot, alive while
-            // `slot.image` is.
+            // the image `restore_written_pages` upgraded from `slot.image` is.
             let source = unsafe { std::slice::from_raw_parts(view.base.as_ptr().add(index * page), page) };
             target.copy_from_slice(source);
         } else {

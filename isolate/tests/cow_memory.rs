@@ -1,6 +1,6 @@
 //! Copy-on-write memories: same contents as stock wasmer, no state across instances or
-//! modules sharing a pooled slot, growth and its limit, one page-map fd for the process, and a
-//! start-up timing print.
+//! modules sharing a pooled slot, growth and its limit, one page-map fd for the process, no
+//! image kept open by a pooled slot once its module is gone, and a start-up timing print.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -830,4 +830,39 @@ fn resets_on_many_threads_share_one_pagemap_fd() {
         open_while_threads_live, 1,
         "resets on {THREADS} threads should share one pagemap fd"
     );
+}
+
+/// Open file descriptors of this process that are memory images (memfds).
+fn open_images() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("atoll-memory-image"))
+        .count()
+}
+
+#[test]
+fn a_pooled_slot_does_not_keep_a_gone_modules_image_open() {
+    let engine = engine();
+    let before = open_images();
+    for wasm in [module_a(), module_b()] {
+        let module = Module::new(&engine, &wasm).unwrap();
+        let plan = plan(&wasm, None);
+        let running: Vec<Running> = (0..3)
+            .map(|_| Running::start(&engine, &module, Some(&plan)))
+            .collect();
+        assert_eq!(open_images(), before + 1, "the live module's image is open");
+        drop(running);
+        // Its slots go back to this thread's list, still showing the image.
+        assert!(free_slots_on_this_thread() >= 3);
+    }
+    // Both modules are gone: their memfds are closed although pooled slots showed them.
+    assert_eq!(open_images(), before);
+    // And a slot that showed a gone image is reused cleanly.
+    let wasm = module_a();
+    let module = Module::new(&engine, &wasm).unwrap();
+    let plan = plan(&wasm, None);
+    let stock = Running::start(&engine, &module, None).memory();
+    let mut running = Running::start(&engine, &module, Some(&plan));
+    assert_fresh(&mut running, &stock, "a slot that showed a gone image");
 }

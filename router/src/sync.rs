@@ -1041,8 +1041,8 @@ mod tests {
             mapping_growth < 20,
             "{mapping_growth} more memory mappings after {VERSIONS} versions came and went"
         );
-        // The memory images (a memfd each) go with their versions; the pooled slot that
-        // served the last one may hold its image until the next version takes the slot.
+        // The memory images (a memfd each) go with their versions, also where a pooled
+        // slot still shows one.
         assert!(
             fd_growth <= 2,
             "{fd_growth} more open fds after {VERSIONS} versions came and went"
