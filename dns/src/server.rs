@@ -38,8 +38,9 @@ use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+use hickory_server::proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder, NameEncoding};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::answer::{Question, answer};
@@ -115,6 +116,53 @@ fn lock(limiter: &Mutex<RateLimiter>) -> std::sync::MutexGuard<'_, RateLimiter> 
     limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The question section to echo, when the query's own bytes cannot be echoed.
+///
+/// hickory echoes the question as the bytes the client sent. A name compressed in them is a
+/// pointer to an offset of the *query*, which in the response lands on other bytes (a
+/// pointer into the header reads the response's flags as a label): the response would not
+/// parse. Such a question is re-encoded from its decoded form, uncompressed and in the
+/// client's case (which 0x20-randomizing resolvers check). No real client compresses a
+/// question, so the common path keeps hickory's copy.
+fn rebuilt_question(queries: &Queries) -> Option<Queries> {
+    if !has_compressed_name(queries.as_bytes(), queries.len()) {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_name_encoding(NameEncoding::Uncompressed);
+    let encoded = queries
+        .queries()
+        .iter()
+        .try_for_each(|query| query.original().emit(&mut encoder));
+    let (bytes, count) = match encoded {
+        Ok(()) => (bytes.as_slice(), queries.len()),
+        Err(_) => (&[][..], 0),
+    };
+    Queries::read(&mut BinDecoder::new(bytes), count).ok()
+}
+
+/// Whether any of the `count` questions in `bytes` has a name with a compression pointer.
+fn has_compressed_name(bytes: &[u8], count: usize) -> bool {
+    let mut at = 0;
+    for _ in 0..count {
+        loop {
+            let Some(&length) = bytes.get(at) else {
+                return false;
+            };
+            if length & 0xC0 != 0 {
+                return true;
+            }
+            at += 1 + usize::from(length);
+            if length == 0 {
+                break;
+            }
+        }
+        at += 4; // type and class
+    }
+    false
+}
+
 fn unanswered(request: &Request) -> ResponseInfo {
     ResponseInfo::from(Header {
         metadata: Metadata::response_from_request(&request.metadata),
@@ -136,7 +184,9 @@ impl RequestHandler for DnsHandler {
                 // Empty, truncated, no EDNS: never bigger than the query.
                 let mut metadata = Metadata::response_from_request(&request.metadata);
                 metadata.truncation = true;
-                let builder = MessageResponseBuilder::new(&request.queries, None);
+                let rebuilt = rebuilt_question(&request.queries);
+                let queries = rebuilt.as_ref().unwrap_or(&request.queries);
+                let builder = MessageResponseBuilder::new(queries, None);
                 return response_handle
                     .send_response(builder.build_no_records(metadata))
                     .await
@@ -146,6 +196,8 @@ impl RequestHandler for DnsHandler {
                     });
             }
         }
+        let rebuilt = rebuilt_question(&request.queries);
+        let queries = rebuilt.as_ref().unwrap_or(&request.queries);
         let mut client = Some(request.src().ip());
         let mut response_edns: Option<Edns> = None;
         let mut code = None;
@@ -179,7 +231,7 @@ impl RequestHandler for DnsHandler {
             (None, Err(_)) => Err(ResponseCode::FormErr),
             (None, Ok(info)) => Ok(info),
         };
-        let builder = MessageResponseBuilder::new(&request.queries, response_edns.as_ref());
+        let builder = MessageResponseBuilder::new(queries, response_edns.as_ref());
         let sent = match info {
             Err(code) => {
                 response_handle
