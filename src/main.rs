@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use atoll_core::Manifest;
 use atoll_isolate::Engine;
-use atoll_registry::{ConnectionLimits, Manifest, Registry, RegistryClient, RegistryOptions, TokenOrigin};
+use atoll_registry::{ConnectionLimits, Registry, RegistryClient, RegistryOptions, TokenOrigin};
 use atoll_router::hop::ClusterKey;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -280,16 +281,16 @@ struct EdgeArgs {
     #[arg(long)]
     advertise: Option<std::net::IpAddr>,
     /// Ceiling over every function's `[limits] memory` on this node (e.g. 512MiB).
-    #[arg(long, default_value = "4GiB", value_parser = atoll_registry::manifest::parse_size)]
+    #[arg(long, default_value = "4GiB", value_parser = atoll_core::manifest::parse_size)]
     max_function_memory: u64,
     /// Ceiling over every function's `[limits] timeout` on this node.
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     max_function_timeout: Duration,
     /// Ceiling over every function's `[limits] response` on this node.
-    #[arg(long, default_value = "128MiB", value_parser = atoll_registry::manifest::parse_size)]
+    #[arg(long, default_value = "128MiB", value_parser = atoll_core::manifest::parse_size)]
     max_function_response: u64,
     /// Ceiling over every function's `[scale] max_concurrency` on this node.
-    #[arg(long, default_value_t = atoll_registry::manifest::MAX_CONCURRENCY)]
+    #[arg(long, default_value_t = atoll_core::manifest::MAX_CONCURRENCY)]
     max_function_concurrency: u32,
 }
 
@@ -603,7 +604,7 @@ async fn token_command(command: TokenCommand) -> Result<()> {
                 .iter()
                 .map(|domain| {
                     domain
-                        .parse::<atoll_registry::HostPattern>()
+                        .parse::<atoll_core::HostPattern>()
                         .with_context(|| format!("--domains {domain:?}"))
                 })
                 .collect::<Result<Vec<_>>>()?;

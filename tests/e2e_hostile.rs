@@ -228,7 +228,7 @@ fn a_registry_that_sends_another_module_gets_nothing_loaded() {
     let (_registry, url) = start_registry(&dir.path().join("registry"));
     let echo = std::fs::read(example_wasm("echo")).unwrap();
     let hello = std::fs::read(example_wasm("hello")).unwrap();
-    let echo_sha = atoll_isolate::durable::sha256_hex(&echo);
+    let echo_sha = atoll_core::digest::sha256_hex(&echo);
     let liar = lying_registry(url.clone(), echo_sha.clone(), hello.clone());
     let node = start_edge_node(&liar, &dir.path().join("node"), &[]);
     let http = node.http.clone().unwrap();

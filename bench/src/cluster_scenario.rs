@@ -338,7 +338,7 @@ fn report(
     region: (Duration, Duration),
     json: bool,
 ) {
-    let ttl = atoll_registry::membership::MEMBER_TTL;
+    let ttl = atoll_core::membership::MEMBER_TTL;
     let region_bound = ttl + DNS_POLL;
     if json {
         for (label, connections, local, forwarded) in rows {

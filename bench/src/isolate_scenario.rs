@@ -56,7 +56,7 @@ const SNAPSHOT_PENDING: bool = false;
 fn snapshot_function(engine: &Engine, wasm: &[u8]) -> Result<LoadedFunction> {
     let directory = tempfile::tempdir()?;
     let cache = atoll_isolate::ArtifactCache::open(directory.path(), engine.clone())?;
-    let digest = atoll_isolate::durable::sha256_hex(wasm);
+    let digest = atoll_core::digest::sha256_hex(wasm);
     let prepared = cache.load_or_prepare(engine, &digest, wasm, "bench", &[], 128 << 20)?;
     anyhow::ensure!(prepared.image.is_some(), "the module has no copy-on-write image");
     Ok(LoadedFunction::from_prepared(

@@ -42,7 +42,7 @@ pub fn run(args: ScalingArgs) -> Result<()> {
     let cache = ArtifactCache::open(directory.path(), engine.clone())?;
     let prepared = cache.load_or_prepare(
         &engine,
-        &atoll_isolate::durable::sha256_hex(&wasm),
+        &atoll_core::digest::sha256_hex(&wasm),
         &wasm,
         "scaling",
         &[],

@@ -977,7 +977,7 @@ impl PushOutcome {
 
 fn push_outcome(
     answered: Result<
-        Result<atoll_registry::api_types::PushResponse, atoll_registry::ClientError>,
+        Result<atoll_core::api_types::PushResponse, atoll_registry::ClientError>,
         tokio::time::error::Elapsed,
     >,
     timeout: Duration,

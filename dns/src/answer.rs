@@ -46,8 +46,12 @@ use hickory_server::proto::op::ResponseCode;
 use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
+use atoll_core::host::is_below;
+use atoll_core::membership;
+
 use crate::cluster::ClusterView;
-use crate::config::{DnsConfig, NS_TTL, Zone, is_strictly_below};
+
+use crate::config::{DnsConfig, NS_TTL, Zone};
 
 /// SOA REFRESH: how often secondaries would check (none exist; a conventional value).
 const SOA_REFRESH: i32 = 3600;
@@ -215,8 +219,7 @@ fn ns_host_addrs(config: &DnsConfig, name: &str) -> Option<Vec<IpAddr>> {
 fn name_exists_below(view: &ClusterView, config: &DnsConfig, name: &str) -> bool {
     view.has_names_below(name)
         || config.zones.iter().any(|zone| {
-            is_strictly_below(zone.name.as_str(), name)
-                || zone.ns.iter().any(|ns| is_strictly_below(ns.name.as_str(), name))
+            is_below(zone.name.as_str(), name) || zone.ns.iter().any(|ns| is_below(ns.name.as_str(), name))
         })
 }
 
@@ -275,19 +278,13 @@ pub fn region_order<'v>(
     client: Option<IpAddr>,
 ) -> Vec<&'v str> {
     let home = config.client_region(client);
-    let mut order: Vec<&str> = vec![home];
     let listed = config
         .fallback
         .get(home)
         .into_iter()
         .flatten()
         .map(String::as_str);
-    for region in listed.chain(view.regions().keys().map(String::as_str)) {
-        if !order.contains(&region) {
-            order.push(region);
-        }
-    }
-    order
+    membership::region_order(home, listed, view.regions().keys().map(String::as_str))
 }
 
 fn rotated<T: Copy>(items: &[T], rotation: usize) -> impl Iterator<Item = T> + '_ {
@@ -300,7 +297,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    use atoll_registry::membership::{Health, MemberStatus};
+    use atoll_core::membership::{Health, MemberStatus};
 
     use super::*;
     use crate::cluster::ClusterSnapshot;

@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use atoll_registry::membership::{Health, MemberStatus};
-use atoll_registry::{HostPattern, RoutePattern};
+use atoll_core::membership::{Health, MemberStatus};
+use atoll_core::{HostPattern, RoutePattern};
 
-use crate::config::{is_at_or_below, is_strictly_below};
+use atoll_core::host::{is_at_or_below, is_below};
 
 /// What a source knows about the cluster at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -144,7 +144,7 @@ impl ClusterView {
     /// `*.w.example.com`, so `w.example.com` and `example.com` are above it.
     pub fn has_names_below(&self, name: &str) -> bool {
         self.routes.iter().any(|route| match route {
-            HostPattern::Exact(host) => is_strictly_below(host, name),
+            HostPattern::Exact(host) => is_below(host, name),
             HostPattern::Wildcard { suffix } => is_at_or_below(suffix, name),
         })
     }
@@ -154,7 +154,7 @@ impl ClusterView {
 pub(crate) mod tests {
     use std::net::SocketAddr;
 
-    use atoll_registry::membership::NodeAnnouncement;
+    use atoll_core::membership::NodeAnnouncement;
 
     use super::*;
 

@@ -13,7 +13,8 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use atoll_registry::{HostPattern, RoutePattern};
+use atoll_core::host::is_at_or_below;
+use atoll_core::{HostPattern, RoutePattern};
 use ipnet::IpNet;
 
 use crate::rrl::RateLimit;
@@ -60,27 +61,13 @@ impl FromStr for DomainName {
     /// optional trailing dot); refuses wildcards, ports and paths.
     fn from_str(input: &str) -> Result<Self, String> {
         let trimmed = input.strip_suffix('.').unwrap_or(input);
-        let route: RoutePattern = trimmed
-            .parse()
-            .map_err(|e: atoll_registry::RouteError| e.reason)?;
+        let route: RoutePattern = trimmed.parse().map_err(|e: atoll_core::RouteError| e.reason)?;
         match (route.host, route.path_prefix) {
             (HostPattern::Exact(name), None) => Ok(DomainName(name.to_ascii_lowercase())),
             (HostPattern::Wildcard { .. }, _) => Err("a wildcard is not a domain name".into()),
             (_, Some(_)) => Err("a domain name has no path".into()),
         }
     }
-}
-
-/// `name` equals `ancestor` or ends with `.ancestor` (both lowercase, no trailing dot).
-pub(crate) fn is_at_or_below(name: &str, ancestor: &str) -> bool {
-    name == ancestor || is_strictly_below(name, ancestor)
-}
-
-/// `name` ends with `.ancestor`, with at least one label in front.
-pub(crate) fn is_strictly_below(name: &str, ancestor: &str) -> bool {
-    name.len() > ancestor.len() + 1
-        && name.ends_with(ancestor)
-        && name.as_bytes()[name.len() - ancestor.len() - 1] == b'.'
 }
 
 /// A region name as nodes announce it (`atoll node --region`): non-empty, no whitespace,

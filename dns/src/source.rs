@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use atoll_registry::membership::MEMBER_TTL;
+use atoll_core::membership::MEMBER_TTL;
 use atoll_registry::{LazyNatsStore, NatsStore, RegistryClient};
 
 use crate::cluster::{ClusterSnapshot, ClusterView, route_host};
@@ -41,7 +41,7 @@ pub enum SourceError {
     Registry(#[from] atoll_registry::ClientError),
     /// The NATS store failed.
     #[error(transparent)]
-    Store(#[from] atoll_registry::StoreError),
+    Store(#[from] atoll_core::StoreError),
     /// No answer within [`POLL_TIMEOUT`].
     #[error("no answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -80,7 +80,7 @@ impl ClusterSource {
 
 async fn nats_members_and_routes(
     store: &NatsStore,
-) -> Result<(Vec<atoll_registry::membership::MemberStatus>, Vec<String>), SourceError> {
+) -> Result<(Vec<atoll_core::membership::MemberStatus>, Vec<String>), SourceError> {
     // Read the functions first: it fails when NATS is unreachable, and then the last good
     // view stays rather than members that merely went stale.
     let records = store.list().await?;
@@ -235,7 +235,7 @@ pub async fn poll(
 
 #[cfg(test)]
 mod tests {
-    use atoll_registry::membership::Health;
+    use atoll_core::membership::Health;
 
     use super::*;
     use crate::cluster::tests::member;

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
+use atoll_core::membership::{Health, MemberStatus};
 use atoll_dns::config::{DnsConfig, DomainName, NsFlag, name_servers};
 use atoll_dns::{ClusterSnapshot, ClusterView, DnsHandler, RateLimit};
-use atoll_registry::membership::{Health, MemberStatus};
 use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::BufDnsStreamHandle;
 use hickory_server::net::xfer::Protocol;

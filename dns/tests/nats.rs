@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use atoll_core::Manifest;
 use atoll_dns::{ClusterSource, bind, serve};
-use atoll_registry::{LazyNatsStore, Manifest, NatsStore};
+use atoll_registry::{LazyNatsStore, NatsStore};
 use atoll_testkit::NatsServer;
 use tokio::sync::oneshot;
 

@@ -93,7 +93,7 @@ impl ArtifactCache {
     pub fn open(directory: impl Into<PathBuf>, engine: Engine) -> Result<Self, IsolateError> {
         let directory = directory.into();
         fs::create_dir_all(&directory)?;
-        crate::durable::remove_stale_temporaries(&directory)?;
+        atoll_core::durable::remove_stale_temporaries(&directory)?;
         Ok(ArtifactCache { directory, engine })
     }
 
@@ -141,7 +141,7 @@ impl ArtifactCache {
         init_env: &[(String, String)],
         max_memory_bytes: u64,
     ) -> Result<PreparedModule, IsolateError> {
-        crate::durable::check_sha256_hex(sha256)?;
+        atoll_core::digest::check_sha256_hex(sha256).map_err(IsolateError::Invalid)?;
         let key = ArtifactCache::prepared_key(engine, sha256, name, init_env, max_memory_bytes);
         let artifact_path = self.directory.join(format!("{key}.artifact"));
         let snapshot_path = self.directory.join(format!("{key}.snapshot.wasm"));
@@ -166,7 +166,7 @@ impl ArtifactCache {
                     (std::borrow::Cow::Borrowed(wasm), false)
                 }
                 Preinit::Rewritten { wasm: rewritten, .. } => {
-                    crate::durable::write_atomically(&snapshot_path, &rewritten)?;
+                    atoll_core::durable::write_atomically(&snapshot_path, &rewritten)?;
                     (std::borrow::Cow::Owned(rewritten), true)
                 }
             };
@@ -226,7 +226,7 @@ fn write_artifact(path: &Path, payload: &[u8]) -> std::io::Result<()> {
     let mut contents = Vec::with_capacity(32 + payload.len());
     contents.extend_from_slice(&Sha256::digest(payload));
     contents.extend_from_slice(payload);
-    crate::durable::write_atomically(path, &contents)
+    atoll_core::durable::write_atomically(path, &contents)
 }
 
 #[cfg(test)]
@@ -268,7 +268,7 @@ mod tests {
         let engine = cache.engine().scratch().unwrap();
         let prepare = |seed| {
             let wasm = preinitialized_module(seed);
-            let sha256 = crate::durable::sha256_hex(&wasm);
+            let sha256 = atoll_core::digest::sha256_hex(&wasm);
             let prepared = cache
                 .load_or_prepare(&engine, &sha256, &wasm, "seeded", &[], 64 << 20)
                 .unwrap();
@@ -300,7 +300,7 @@ mod tests {
             cache
                 .load_or_prepare(
                     &engine,
-                    &crate::durable::sha256_hex(&wasm),
+                    &atoll_core::digest::sha256_hex(&wasm),
                     &wasm,
                     "hello",
                     &[],

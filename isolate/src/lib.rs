@@ -20,7 +20,6 @@ pub mod artifact_cache;
 pub mod cgi;
 pub mod cow_memory;
 pub mod deadline;
-pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod function;

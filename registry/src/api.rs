@@ -15,7 +15,7 @@
 //! GET    /v1/functions/{name}/versions   admin deploy      VersionsResponse
 //! POST   /v1/functions/{name}/rollback   admin deploy      {"to": N} or {} → RollbackResponse
 //! GET    /v1/blobs/{sha256}              admin node        module bytes (application/wasm)
-//! GET    /v1/watch?since=N               admin node        NDJSON WatchEvents (crate::watch)
+//! GET    /v1/watch?since=N               admin node        NDJSON WatchEvents (atoll_core::watch)
 //! GET    /v1/nodes                       admin deploy node [MemberStatus]
 //! PUT    /v1/nodes/{name}                admin node        a heartbeat → [MemberStatus]
 //! POST   /v1/tokens                      admin             Grant → CreatedToken
@@ -62,22 +62,24 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 
-use crate::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
+use atoll_core::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::api_types::{
-    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
-};
 use crate::auth::{Caller, CreatedToken, Credential, Forbidden, Grant, Scope, TokenInfo};
 use crate::backend::{Backend, rollback_target};
 use crate::connections::ConnectionLimits;
-use crate::manifest::{Manifest, ManifestError};
-use crate::model::{FunctionRecord, Version};
-use crate::store::{Store, StoreError, is_sha256_hex};
+use crate::store::Store;
 use crate::token::token_matches;
-use crate::watch::WatchEvent;
+use atoll_core::StoreError;
+use atoll_core::api_types::{
+    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
+};
+use atoll_core::digest::is_sha256_hex;
+use atoll_core::manifest::{Manifest, ManifestError};
+use atoll_core::model::{FunctionRecord, Version};
+use atoll_core::watch::WatchEvent;
 use atoll_isolate::{Engine, IsolateError};
 
 /// Default largest module: 64 MiB.

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::manifest::Manifest;
-use crate::route::HostPattern;
+use atoll_core::manifest::Manifest;
+use atoll_core::route::HostPattern;
 
 /// Prefix of every minted token.
 pub const TOKEN_PREFIX: &str = "atoll_";
@@ -228,7 +228,7 @@ impl Credential {
             id,
             grant,
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            token_sha256: hex::encode(Sha256::digest(token.as_bytes())),
+            token_sha256: atoll_core::digest::sha256_hex(token.as_bytes()),
         };
         Ok((credential, token))
     }

@@ -18,12 +18,13 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use crate::auth::Credential;
-use crate::manifest::Manifest;
-use crate::model::{FunctionRecord, Version};
 use crate::nats_store::NatsStore;
-use crate::route::RoutePattern;
-use crate::store::{Store, StoreError};
-use crate::watch::WatchEvent;
+use crate::store::Store;
+use atoll_core::StoreError;
+use atoll_core::manifest::Manifest;
+use atoll_core::model::{FunctionRecord, Version};
+use atoll_core::route::RoutePattern;
+use atoll_core::watch::WatchEvent;
 
 /// The registry's store: embedded (default) or NATS JetStream. Cheap to clone.
 #[derive(Clone, Debug)]

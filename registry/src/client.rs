@@ -18,10 +18,10 @@ use futures_util::{Stream, StreamExt};
 use reqwest::{Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
-use crate::api_types::{
+use atoll_core::api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
-use crate::watch::WatchEvent;
+use atoll_core::watch::WatchEvent;
 
 /// Connect timeout for every request.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,9 +31,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Whole-request timeout for uploading or downloading a module.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
-/// Longest watch line accepted (a deployment is a few KiB of JSON; the manifest's ceilings
-/// keep the largest one far below this, see `manifest::tests`).
-pub const MAX_LINE: usize = 16 << 20;
 
 /// What went wrong talking to the registry. Display is one line.
 #[derive(Debug, thiserror::Error)]
@@ -164,8 +161,8 @@ impl RegistryClient {
     /// a node learns its peers with the same round trip.
     pub async fn announce(
         &self,
-        announcement: &crate::membership::NodeAnnouncement,
-    ) -> Result<Vec<crate::membership::MemberStatus>, ClientError> {
+        announcement: &atoll_core::membership::NodeAnnouncement,
+    ) -> Result<Vec<atoll_core::membership::MemberStatus>, ClientError> {
         let request = self
             .request(reqwest::Method::PUT, &["v1", "nodes", &announcement.name])
             .timeout(HEARTBEAT_TIMEOUT)
@@ -174,7 +171,7 @@ impl RegistryClient {
     }
 
     /// The cluster's members as the registry last heard from them.
-    pub async fn nodes(&self) -> Result<Vec<crate::membership::MemberStatus>, ClientError> {
+    pub async fn nodes(&self) -> Result<Vec<atoll_core::membership::MemberStatus>, ClientError> {
         let request = self
             .request(reqwest::Method::GET, &["v1", "nodes"])
             .timeout(REQUEST_TIMEOUT);
@@ -364,7 +361,7 @@ impl LineReader {
                     message: format!("bad watch event: {e}"),
                 }));
             }
-            if self.buffer.len() > MAX_LINE {
+            if self.buffer.len() > atoll_core::watch::MAX_LINE {
                 return Some(Err(ClientError::Protocol {
                     url: self.base.clone(),
                     message: "watch event line too long".into(),

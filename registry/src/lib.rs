@@ -16,35 +16,19 @@
 //! [`client::RegistryClient`] is the other end, used by the CLI and by nodes.
 
 pub mod api;
-pub mod api_types;
 pub mod auth;
 pub mod backend;
 pub mod client;
 pub mod connections;
-pub mod manifest;
-pub mod membership;
-pub mod model;
 pub mod nats_store;
-pub mod route;
 pub mod store;
 pub mod token;
-pub mod watch;
-
-#[cfg(test)]
-mod fuzz;
 
 pub use api::{Registry, RegistryError, RegistryOptions, router, serve, serve_with};
-pub use api_types::{
-    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
-};
 pub use auth::{Caller, CreatedToken, Credential, Grant, Scope, TokenInfo};
 pub use backend::Backend;
 pub use client::{ClientError, RegistryClient};
 pub use connections::ConnectionLimits;
-pub use manifest::{Limits, Manifest, ManifestError};
-pub use model::{Deployment, FunctionRecord, Version};
 pub use nats_store::{LazyNatsStore, NatsStore};
-pub use route::{HostPattern, RouteError, RoutePattern};
-pub use store::{State, Store, StoreError};
+pub use store::{State, Store};
 pub use token::{TokenOrigin, load_or_create, token_matches};
-pub use watch::WatchEvent;

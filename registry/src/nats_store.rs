@@ -36,17 +36,17 @@ use std::time::{Duration, Instant, SystemTime};
 use async_nats::jetstream::{self, kv, object_store};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::auth::Credential;
 use crate::backend::{check_routes, plan_push, put_events, rollback_target};
-use crate::manifest::Manifest;
-use crate::membership::{FORGET_AFTER_TTLS, MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
-use crate::model::{FunctionRecord, Version};
-use crate::store::{StoreError, is_sha256_hex};
-use crate::watch::WatchEvent;
+use atoll_core::StoreError;
+use atoll_core::digest::is_sha256_hex;
+use atoll_core::manifest::Manifest;
+use atoll_core::membership::{FORGET_AFTER_TTLS, MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
+use atoll_core::model::{FunctionRecord, Version};
+use atoll_core::watch::WatchEvent;
 
 /// The KV bucket holding one record per function.
 pub const FUNCTIONS_BUCKET: &str = "atoll_functions";
@@ -508,7 +508,7 @@ impl NatsStore {
         })
         .await?
         .ok_or_else(missing)?;
-        let actual = hex::encode(Sha256::digest(&bytes));
+        let actual = atoll_core::digest::sha256_hex(&bytes);
         if actual != sha256 {
             return Err(StoreError::Io {
                 context: format!("module sha256:{sha256} in the object store `{MODULES_BUCKET}`"),
@@ -530,7 +530,7 @@ impl NatsStore {
         }
         let name = manifest.name.clone();
         check_routes(&self.scan().await?, &name, &manifest)?;
-        let sha256 = hex::encode(Sha256::digest(&module));
+        let sha256 = atoll_core::digest::sha256_hex(&module);
         self.put_module(&sha256, &module).await?;
         let size = module.len() as u64;
         let mut attempt = 0;

@@ -37,16 +37,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, watch};
 
-use atoll_isolate::durable::write_atomically;
+use atoll_core::StoreError;
+use atoll_core::digest::is_sha256_hex;
+use atoll_core::durable::write_atomically;
 
 use crate::auth::Credential;
 use crate::backend::{plan_push, put_events, rollback_target};
-use crate::manifest::Manifest;
-use crate::model::{FunctionRecord, Version};
-use crate::watch::WatchEvent;
+use atoll_core::manifest::Manifest;
+use atoll_core::model::{FunctionRecord, Version};
+use atoll_core::watch::WatchEvent;
 
 const STATE_FILE: &str = "state.json";
 
@@ -61,32 +62,6 @@ pub struct State {
     /// `revision`, which is the functions' (the watch's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub credentials: BTreeMap<String, Credential>,
-}
-
-/// What went wrong in the store; each variant maps to one HTTP status.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No such function, version or blob (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// The change clashes with the current state, e.g. a route another function serves (409).
-    #[error("{0}")]
-    Conflict(String),
-    /// The request itself is malformed (400).
-    #[error("{0}")]
-    Invalid(String),
-    /// Too big to store (413).
-    #[error("{0}")]
-    TooLarge(String),
-    /// The disk failed us (500).
-    #[error("store: {context}: {source}")]
-    Io {
-        /// What the store was doing.
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
@@ -117,11 +92,6 @@ impl std::fmt::Debug for Store {
             .field("revision", &self.snapshot().revision)
             .finish()
     }
-}
-
-/// Whether `sha` is a SHA-256 in lowercase hex.
-pub fn is_sha256_hex(sha: &str) -> bool {
-    sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl Store {
@@ -241,7 +211,7 @@ impl Store {
         let state = self.snapshot();
         check_routes(&state, &manifest.name, &manifest)?;
 
-        let sha256 = hex::encode(Sha256::digest(&module));
+        let sha256 = atoll_core::digest::sha256_hex(&module);
         let current = state.functions.get(&manifest.name).cloned();
         let (mut record, version) = plan_push(current, manifest, sha256.clone(), module.len() as u64);
         let mut next = (*state).clone();
@@ -386,7 +356,7 @@ fn write_blob(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// Removes `*.tmp` left in `dir` by a crash mid-write.
 fn remove_stale_tmp(dir: &Path) -> Result<(), StoreError> {
-    atoll_isolate::durable::remove_stale_temporaries(dir)
+    atoll_core::durable::remove_stale_temporaries(dir)
         .map(drop)
         .map_err(io_error(format!("cleaning {}", dir.display())))
 }
@@ -417,7 +387,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((v1.version, v2.version), (1, 2));
-        assert_eq!(v1.sha256, hex::encode(Sha256::digest(b"one")));
+        assert_eq!(v1.sha256, atoll_core::digest::sha256_hex(b"one"));
         assert_eq!(v1.size, 3);
         assert!(v1.created_at.ends_with('Z'), "{}", v1.created_at);
         let record = store.get("echo").unwrap();
@@ -549,7 +519,7 @@ mod tests {
         drop(store);
         // A crash during the next push: a half-written state and blob temp, an orphan blob.
         fs::write(dir.path().join("state.json.tmp"), b"{\"revision\": 9, \"func").unwrap();
-        let orphan = hex::encode(Sha256::digest(b"orphan"));
+        let orphan = atoll_core::digest::sha256_hex(b"orphan");
         fs::write(dir.path().join("blobs/sha256").join(&orphan), b"orphan").unwrap();
         fs::write(
             dir.path().join("blobs/sha256").join(format!("{orphan}.tmp")),

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_registry::membership::NodeAnnouncement;
-use atoll_registry::{
-    ClientError, FunctionSummary, Grant, Registry, RegistryClient, RegistryOptions, Scope, WatchEvent, serve,
-};
+use atoll_core::WatchEvent;
+use atoll_core::api_types::FunctionSummary;
+use atoll_core::membership::NodeAnnouncement;
+use atoll_registry::{ClientError, Grant, Registry, RegistryClient, RegistryOptions, Scope, serve};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
 
@@ -818,4 +818,39 @@ async fn routes_under_another_functions_hosts_are_refused() {
     );
     assert_eq!(client.versions("owner").await.unwrap().active, 3);
     server.shutdown().await;
+}
+
+/// Found while fuzzing the snapshot rewriter: every module compiled on one engine stays
+/// mapped until the engine is dropped, so each push (two to four compiles) grew the registry
+/// by a few memory mappings for ever; some ten thousand pushes reached `vm.max_map_count`
+/// and then every mapping in the process failed.
+#[tokio::test]
+async fn fuzz_found_pushes_do_not_grow_the_registrys_memory_mappings() {
+    let maps = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let data = tempfile::tempdir().unwrap();
+    let engine = atoll_isolate::Engine::new().unwrap();
+    let registry =
+        atoll_registry::Registry::open(data.path(), engine, "token".into(), Default::default()).unwrap();
+    let manifest = "name = \"f\"\nwasm = \"f.wasm\"\nroutes = [\"f.localhost\"]\n";
+    let module = |n: usize| {
+        wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1) (global $g (mut i32) (i32.const 0))
+                 (data (i32.const 0) "{n}") (func (export "_start"))
+                 (func (export "wizer.initialize") (global.set $g (i32.const 1))))"#
+        ))
+        .unwrap()
+    };
+    registry.push(manifest, module(0)).await.unwrap();
+    let before = maps();
+    for n in 1..=100 {
+        registry.push(manifest, module(n)).await.unwrap();
+    }
+    let growth = maps().saturating_sub(before);
+    // On one engine: ~4 compiles a push, 2-3 mappings each.
+    assert!(growth < 150, "{growth} more memory mappings after 100 pushes");
 }

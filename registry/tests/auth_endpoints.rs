@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_registry::{Registry, RegistryClient, RegistryOptions, WatchEvent, serve};
+use atoll_core::WatchEvent;
+use atoll_registry::{Registry, RegistryClient, RegistryOptions, serve};
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 

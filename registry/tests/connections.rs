@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoll_registry::{ConnectionLimits, Registry, RegistryClient, RegistryOptions, WatchEvent, serve_with};
+use atoll_core::WatchEvent;
+use atoll_registry::{ConnectionLimits, Registry, RegistryClient, RegistryOptions, serve_with};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
+use atoll_core::{Manifest, StoreError, WatchEvent};
+use atoll_registry::NatsStore;
 use atoll_registry::nats_store::MODULES_BUCKET;
-use atoll_registry::{Manifest, NatsStore, StoreError, WatchEvent};
 use atoll_testkit::NatsServer;
-use sha2::{Digest, Sha256};
 
 fn manifest(name: &str, routes: &[&str]) -> Manifest {
     let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
@@ -20,7 +20,7 @@ fn manifest(name: &str, routes: &[&str]) -> Manifest {
 }
 
 fn sha(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    atoll_core::digest::sha256_hex(bytes)
 }
 
 #[tokio::test]
@@ -163,7 +163,7 @@ async fn a_damaged_or_missing_module_is_refused() {
 
 #[tokio::test]
 async fn a_heartbeat_through_one_connection_is_a_member_on_every_other() {
-    use atoll_registry::membership::{Health, NodeAnnouncement};
+    use atoll_core::membership::{Health, NodeAnnouncement};
     let nats = NatsServer::start();
     let (one, two) = tokio::join!(NatsStore::connect(&nats.url), NatsStore::connect(&nats.url));
     let (one, two) = (one.unwrap(), two.unwrap());

@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use atoll_isolate::durable::{remove_stale_temporaries, temporary_path, write_atomically};
+use atoll_core::durable::{remove_stale_temporaries, temporary_path, write_atomically};
 use dashmap::DashMap;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, Order,

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use atoll_registry::membership::{Health, MemberStatus};
+use atoll_core::membership::{Health, MemberStatus};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -78,7 +78,7 @@ const VIEW_STALE_AFTER: Duration = Duration::from_secs(10);
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest response relayed from a peer: the largest a function may give. Relayed as it
 /// arrives, so this bounds bytes passed on, not memory held.
-const MAX_FORWARDED_RESPONSE: usize = atoll_registry::manifest::MAX_RESPONSE_BYTES as usize;
+const MAX_FORWARDED_RESPONSE: usize = atoll_core::manifest::MAX_RESPONSE_BYTES as usize;
 /// Largest "not served here" refusal read from a peer (a line of text).
 const MAX_REFUSAL_BYTES: usize = 64 * 1024;
 
@@ -346,7 +346,7 @@ impl Cluster {
         host: &str,
         client: SocketAddr,
         https: bool,
-        expected: &atoll_registry::Deployment,
+        expected: &atoll_core::Deployment,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let (name, address) = peer;
@@ -541,7 +541,9 @@ pub fn decide(
     mut random: impl FnMut(usize) -> usize,
 ) -> Option<String> {
     let me = options.name.as_str();
-    for region in placement::region_order(&options.region, &options.region_fallback) {
+    // A region not listed is never a fallback: no `others`.
+    let fallback = options.region_fallback.iter().map(String::as_str);
+    for region in atoll_core::membership::region_order(&options.region, fallback, []) {
         let homes = placement::home_nodes(function, region, members, options.home_replicas);
         let home_here = homes.iter().any(|member| member.name == me);
         if home_here && !saturated {
@@ -794,7 +796,7 @@ mod tests {
 
     #[test]
     fn the_view_excludes_this_node_and_gone_members_and_goes_stale() {
-        use atoll_registry::membership::NodeAnnouncement;
+        use atoll_core::membership::NodeAnnouncement;
         let cluster = Cluster::new(options("a1", "a", &[]));
         assert!(!cluster.has_peers_taking_work(), "no view yet");
         let status = |name: &str, health| MemberStatus {
@@ -854,11 +856,11 @@ mod tests {
     async fn a_relayed_answer_is_in_flight_until_it_ends_and_a_broken_one_counts_against_the_peer() {
         let (peer, writers) = streaming_peer().await;
         let cluster = Cluster::new(options("a1", "a", &[]));
-        let deployment = atoll_registry::Deployment {
+        let deployment = atoll_core::Deployment {
             name: "f".into(),
             version: 1,
             sha256: "0".repeat(64),
-            manifest: atoll_registry::Manifest::parse(
+            manifest: atoll_core::Manifest::parse(
                 "name = \"f\"\nwasm = \"f.wasm\"\nroutes = [\"f.localhost\"]\n",
             )
             .unwrap(),

@@ -32,7 +32,6 @@ pub mod node;
 pub mod node_cache;
 pub mod placement;
 pub mod quic;
-pub mod route_table;
 pub mod served;
 pub mod server;
 pub mod service;
@@ -43,4 +42,3 @@ pub mod tls;
 mod fuzz;
 
 pub use node::{NodeError, NodeListeners, NodeOptions, run};
-pub use route_table::{RouteEntry, RouteMatch, RouteTable};

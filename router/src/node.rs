@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use atoll_core::membership::{HEARTBEAT_INTERVAL, MemberStatus, NodeAnnouncement};
 use atoll_isolate::{ArtifactCache, Engine};
-use atoll_registry::membership::{HEARTBEAT_INTERVAL, MemberStatus, NodeAnnouncement};
 use atoll_registry::{LazyNatsStore, RegistryClient};
 use tokio::net::TcpListener;
 use tokio::sync::watch;

@@ -14,11 +14,10 @@ use std::fs;
 use std::io;
 use std::path::PathBuf;
 
-use atoll_isolate::durable::{remove_stale_temporaries, write_atomically};
+use atoll_core::durable::{remove_stale_temporaries, write_atomically};
 
-use atoll_registry::Deployment;
+use atoll_core::Deployment;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// What the node last applied.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -57,7 +56,7 @@ impl NodeCache {
     /// hex digits). The digest comes from the registry or the store: a `../` in it must
     /// never name, read or delete a file outside the cache.
     fn module_path(&self, sha256: &str) -> Option<PathBuf> {
-        atoll_isolate::durable::is_sha256_hex(sha256)
+        atoll_core::digest::is_sha256_hex(sha256)
             .then(|| self.directory.join("modules").join(format!("{sha256}.wasm")))
     }
 
@@ -80,7 +79,7 @@ impl NodeCache {
     pub fn read_module(&self, sha256: &str) -> Option<Vec<u8>> {
         let path = self.module_path(sha256)?;
         let bytes = fs::read(&path).ok()?;
-        if hex::encode(Sha256::digest(&bytes)) != sha256 {
+        if atoll_core::digest::sha256_hex(&bytes) != sha256 {
             tracing::warn!(path = %path.display(), "cached module does not match its digest; discarding");
             let _ = fs::remove_file(&path);
             return None;
@@ -108,7 +107,7 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let cache = NodeCache::open(directory.path()).unwrap();
         let bytes = b"module bytes";
-        let sha = hex::encode(Sha256::digest(bytes));
+        let sha = atoll_core::digest::sha256_hex(bytes);
         cache.write_module(&sha, bytes).unwrap();
         assert_eq!(cache.read_module(&sha).unwrap(), bytes);
 

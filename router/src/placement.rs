@@ -86,17 +86,6 @@ pub fn power_of_two<'a>(
     }
 }
 
-/// Regions to try, in order: the local one, then the configured fallbacks (without repeats).
-pub fn region_order<'a>(local: &'a str, fallback: &'a [String]) -> Vec<&'a str> {
-    let mut order = vec![local];
-    for region in fallback {
-        if !order.contains(&region.as_str()) {
-            order.push(region);
-        }
-    }
-    order
-}
-
 /// Passive health: consecutive failures eject a peer for a while.
 #[derive(Debug)]
 pub struct Outliers {
@@ -235,12 +224,6 @@ mod tests {
         );
         assert_eq!(power_of_two(&[&c], |_| unreachable!()).unwrap().name, "c");
         assert!(power_of_two(&[], |_| unreachable!()).is_none());
-    }
-
-    #[test]
-    fn regions_are_tried_local_first_then_in_order() {
-        let fallback = vec!["b".to_string(), "a".to_string(), "c".to_string(), "b".to_string()];
-        assert_eq!(region_order("a", &fallback), vec!["a", "b", "c"]);
     }
 
     #[test]

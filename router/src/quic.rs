@@ -406,7 +406,7 @@ impl<H: Handler> Shared<H> {
     /// The 421 for a request whose host the connection's certificate does not cover.
     fn misdirected<B>(&self, request: &Request<B>, info: &ConnectionInfo) -> Option<Response<ResponseBody>> {
         let host = request_host(request)?;
-        let host = crate::route_table::normalize_host(&host);
+        let host = atoll_core::host::normalize_host(&host);
         if self.certificates.host_allowed(info.server_name(), &host) {
             return None;
         }

@@ -8,11 +8,11 @@
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use atoll_core::Deployment;
 use atoll_isolate::InstancePool;
-use atoll_registry::Deployment;
 
 use crate::metrics::FunctionMetrics;
-use crate::route_table::{RouteEntry, RouteTable};
+use atoll_core::route_table::{RouteEntry, RouteTable};
 
 /// One function version, compiled, with its instance pool.
 #[derive(Debug)]

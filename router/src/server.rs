@@ -395,7 +395,7 @@ async fn respond<H: Handler>(
     if let Some(tls) = &ingress.tls
         && let Some(host) = request_host(&request)
     {
-        let host = crate::route_table::normalize_host(&host);
+        let host = atoll_core::host::normalize_host(&host);
         if !tls.certificates.host_allowed(info.server_name(), &host) {
             let mut response = text_response(
                 StatusCode::MISDIRECTED_REQUEST,

@@ -212,7 +212,7 @@ impl EdgeService {
         };
         let path = request.uri().path().to_string();
         let Some(found) = table.lookup(&host, &path) else {
-            let host = crate::route_table::normalize_host(&host).into_owned();
+            let host = atoll_core::host::normalize_host(&host).into_owned();
             if hop.is_some() {
                 // The forwarding node serves a function here; this node does not (yet).
                 return (
@@ -349,7 +349,7 @@ impl EdgeService {
         for name in FORWARDING_HEADERS {
             parts.headers.remove(name);
         }
-        let server_name = crate::route_table::normalize_host(&host).into_owned();
+        let server_name = atoll_core::host::normalize_host(&host).into_owned();
         let cgi_request = CgiRequest {
             method: parts.method.as_str().to_string(),
             raw_path: path,

@@ -27,11 +27,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use atoll_core::{Deployment, StoreError, WatchEvent};
 use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
-use atoll_registry::{Deployment, LazyNatsStore, NatsStore, RegistryClient, StoreError, WatchEvent};
+use atoll_registry::{LazyNatsStore, NatsStore, RegistryClient};
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::metrics::{self, FunctionMetrics};
@@ -278,7 +278,7 @@ pub struct FunctionCeilings {
 impl Default for FunctionCeilings {
     /// What a manifest may ask for at most.
     fn default() -> Self {
-        use atoll_registry::manifest;
+        use atoll_core::manifest;
         FunctionCeilings {
             memory_bytes: manifest::MAX_MEMORY_BYTES,
             timeout: manifest::MAX_TIMEOUT,
@@ -839,7 +839,7 @@ impl Loader {
             Some(bytes) => bytes,
             None => {
                 let bytes = self.source.blob(&deployment.sha256).await?;
-                if hex::encode(Sha256::digest(&bytes)) != deployment.sha256 {
+                if atoll_core::digest::sha256_hex(&bytes) != deployment.sha256 {
                     return Err(SyncError::DigestMismatch {
                         name: deployment.name,
                         version: deployment.version,
@@ -963,8 +963,8 @@ impl Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atoll_core::Manifest;
     use atoll_isolate::{CgiRequest, Engine};
-    use atoll_registry::Manifest;
 
     /// A WCGI guest answering `200 text/plain` with `body` from a data segment (so it has a
     /// copy-on-write memory image).
@@ -1007,7 +1007,7 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let loader = offline_syncer(directory.path()).loader;
         let wasm = guest("hello");
-        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let sha256 = atoll_core::digest::sha256_hex(&wasm);
         let request = CgiRequest {
             method: "GET".into(),
             raw_path: "/".into(),
@@ -1105,7 +1105,7 @@ mod tests {
         let mut syncer = offline_syncer(directory.path());
         let state_file = directory.path().join("node-state.json");
         let wasm = guest("hello");
-        let sha256 = hex::encode(Sha256::digest(&wasm));
+        let sha256 = atoll_core::digest::sha256_hex(&wasm);
         syncer.loader.cache.write_module(&sha256, &wasm).unwrap();
         let put = |revision, name, version| WatchEvent::Put {
             revision,

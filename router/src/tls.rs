@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use atoll_core::host::certificate_name_matches;
 use dashmap::DashMap;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache};
@@ -86,17 +87,7 @@ impl CertificateEntry {
 
     /// Whether this certificate is valid for `host` (a bare, lower-case name).
     pub fn covers(&self, host: &str) -> bool {
-        self.names.iter().any(|name| name_matches(name, host))
-    }
-}
-
-/// Whether certificate name `pattern` (maybe `*.parent`) matches `host`.
-pub fn name_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix("*.") {
-        Some(parent) => host
-            .split_once('.')
-            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
-        None => pattern == host,
+        self.names.iter().any(|name| certificate_name_matches(name, host))
     }
 }
 
@@ -430,11 +421,11 @@ mod tests {
 
     #[test]
     fn wildcards_cover_one_label() {
-        assert!(name_matches("*.example.com", "a.example.com"));
-        assert!(!name_matches("*.example.com", "a.b.example.com"));
-        assert!(!name_matches("*.example.com", "example.com"));
-        assert!(name_matches("example.com", "example.com"));
-        assert!(!name_matches("example.com", "a.example.com"));
+        assert!(certificate_name_matches("*.example.com", "a.example.com"));
+        assert!(!certificate_name_matches("*.example.com", "a.b.example.com"));
+        assert!(!certificate_name_matches("*.example.com", "example.com"));
+        assert!(certificate_name_matches("example.com", "example.com"));
+        assert!(!certificate_name_matches("example.com", "a.example.com"));
     }
 
     #[test]

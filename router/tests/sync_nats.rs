@@ -7,8 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atoll_core::Manifest;
 use atoll_isolate::{ArtifactCache, CgiRequest, Engine};
-use atoll_registry::{Manifest, NatsStore};
+use atoll_registry::NatsStore;
 use atoll_router::node_cache::NodeCache;
 use atoll_router::served::Routing;
 use atoll_router::sync::{SyncSource, Syncer};

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use atoll_core::membership::NodeAnnouncement;
 use atoll_dns::config::{DnsConfig, DomainName, NsFlag, RegionMap, RegionRule, name_servers};
-use atoll_registry::membership::NodeAnnouncement;
 use atoll_registry::{Registry, RegistryClient, RegistryOptions};
 use hickory_server::proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_server::proto::rr::rdata::opt::{ClientSubnet, EdnsOption};

@@ -144,9 +144,42 @@ impl MemberTable {
     }
 }
 
+/// The regions to try, nearest first: `local`, then its `fallback` list in order, then
+/// `others` (every other region a caller could still answer from; empty when only the
+/// configured fallbacks may serve), each region once.
+///
+/// Nodes forward with no `others` (a region not listed is never a fallback); the DNS passes
+/// every region that has healthy nodes, so a client is always answered from somewhere.
+pub fn region_order<'a>(
+    local: &'a str,
+    fallback: impl IntoIterator<Item = &'a str>,
+    others: impl IntoIterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    let mut order = vec![local];
+    for region in fallback.into_iter().chain(others) {
+        if !order.contains(&region) {
+            order.push(region);
+        }
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_order_is_local_then_fallbacks_then_others_each_once() {
+        let order = region_order("eu", ["us", "eu", "ap"], ["ap", "sa", "us"]);
+        assert_eq!(order, ["eu", "us", "ap", "sa"]);
+        assert_eq!(region_order("eu", [], []), ["eu"]);
+    }
+
+    #[test]
+    fn regions_are_tried_local_first_then_in_order() {
+        let fallback = ["b", "a", "c", "b"];
+        assert_eq!(region_order("a", fallback, []), vec!["a", "b", "c"]);
+    }
 
     fn announcement(name: &str, draining: bool) -> NodeAnnouncement {
         NodeAnnouncement {

@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Deployment;
 
+/// Longest watch line accepted (a deployment is a few KiB of JSON; the manifest's ceilings
+/// keep the largest one far below this, see `manifest::tests`).
+pub const MAX_LINE: usize = 16 << 20;
+
 /// One line of the watch stream. Serialised with a `type` tag:
 /// `{"type":"put","revision":3,"deployment":{…}}`, `{"type":"synced","revision":3}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

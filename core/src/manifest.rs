@@ -453,10 +453,11 @@ fn toml_message(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
-#[cfg(test)]
 impl Manifest {
-    /// A valid manifest for `name` serving `routes` (the stores' unit tests).
-    pub(crate) fn for_tests(name: &str, routes: &[&str]) -> Manifest {
+    /// A valid manifest for `name` serving `routes`, for the stores' unit tests in other
+    /// crates (panics on an invalid name or route).
+    #[doc(hidden)]
+    pub fn for_tests(name: &str, routes: &[&str]) -> Manifest {
         let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
         Manifest::parse(&format!(
             "name = {name:?}\nwasm = \"m.wasm\"\nroutes = [{}]",
@@ -695,7 +696,7 @@ timeout = "10s"
         );
         let manifest = Manifest::parse(&text).unwrap();
         let line = serde_json::to_vec(&manifest).unwrap();
-        assert!(line.len() < crate::client::MAX_LINE / 16, "{} bytes", line.len());
+        assert!(line.len() < crate::watch::MAX_LINE / 16, "{} bytes", line.len());
         let too_long = format!(
             "name = \"x\"\nwasm = \"x.wasm\"\nroutes = [\"a.com/{}\"]\n",
             "p".repeat(MAX_ROUTE_LEN)

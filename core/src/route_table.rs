@@ -12,10 +12,10 @@
 //! started with. The table is generic over its target so the matching rules are tested
 //! without functions or sockets.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
-use atoll_registry::{HostPattern, RoutePattern};
+use crate::host::normalize_host;
+use crate::route::{HostPattern, RoutePattern};
 
 /// One route and what it leads to.
 #[derive(Debug, Clone)]
@@ -130,22 +130,6 @@ fn first_matching<'a, T>(bucket: &'a [RouteEntry<T>], path: &str) -> Option<Rout
             pattern: &entry.pattern,
             target: &entry.target,
         })
-}
-
-/// Lowercases and strips a port and a trailing dot, borrowing when nothing changes (the
-/// common case on the request path).
-pub fn normalize_host(host: &str) -> Cow<'_, str> {
-    let without_port = match host.rfind(':') {
-        // IPv6 literals are bracketed; their colons are not a port separator.
-        Some(colon) if !host[colon..].contains(']') => &host[..colon],
-        _ => host,
-    };
-    let trimmed = without_port.strip_suffix('.').unwrap_or(without_port);
-    if trimmed.bytes().any(|byte| byte.is_ascii_uppercase()) {
-        Cow::Owned(trimmed.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(trimmed)
-    }
 }
 
 #[cfg(test)]

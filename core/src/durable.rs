@@ -10,32 +10,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// Hex SHA-256 of `bytes`: how modules are named everywhere (registry blobs, node cache,
-/// artifacts).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
 /// The temporary name used while `path` is being replaced.
-/// Whether `text` is a hex SHA-256 as this crate writes them: 64 lowercase hex digits.
-pub fn is_sha256_hex(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Refuses anything but a hex SHA-256: digests name files, and one from a registry or a
-/// store is untrusted input (`../`, `/`, NUL, a name longer than a path component).
-pub fn check_sha256_hex(text: &str) -> Result<(), crate::IsolateError> {
-    if is_sha256_hex(text) {
-        Ok(())
-    } else {
-        Err(crate::IsolateError::Invalid(format!(
-            "`{}` is not a SHA-256 (64 lowercase hex digits)",
-            text.escape_debug()
-        )))
-    }
-}
-
 pub fn temporary_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".tmp");

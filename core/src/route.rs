@@ -27,6 +27,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::host::is_below;
+
 /// Longest host name, in characters (RFC 1035, without the trailing dot).
 const MAX_HOST_LEN: usize = 253;
 /// Longest label (RFC 1035).
@@ -71,12 +73,7 @@ impl HostPattern {
         let host = host.strip_suffix('.').unwrap_or(host);
         match self {
             HostPattern::Exact(name) => host.eq_ignore_ascii_case(name),
-            HostPattern::Wildcard { suffix } => {
-                // Needs at least one non-empty label before ".suffix".
-                host.len() > suffix.len() + 1
-                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-            }
+            HostPattern::Wildcard { suffix } => is_below(host, suffix),
         }
     }
 }
@@ -100,13 +97,6 @@ impl HostPattern {
             }
         }
     }
-}
-
-/// Whether `name` is strictly below the domain `suffix` (both canonical, lowercase).
-fn is_below(name: &str, suffix: &str) -> bool {
-    name.len() > suffix.len() + 1
-        && name.ends_with(suffix)
-        && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
 }
 
 /// Whether path prefix `a` and `b` (`None`: the whole host) share a path.

@@ -1,0 +1,36 @@
+//! atoll-core: what every other crate agrees on, with no I/O runtime (no tokio, no wasmer).
+//!
+//! ```text
+//! manifest   atoll.toml: names, routes, limits, scale           (pushed by users)
+//! model      versions, function records, deployments            (the registry's state)
+//! watch      the change stream's events and wire lines          (registry → nodes)
+//! api_types  the registry API's JSON bodies                     (server and client)
+//! route      route patterns; host  the one host matcher; route_table  host + path → target
+//! membership node announcements, the member table, region order (heartbeats, DNS, forwarding)
+//! digest     SHA-256 hex names; durable  crash-safe file writes; error  the store's error
+//! ```
+//!
+//! Everything here is a pure function of its inputs or a plain data type, tested without
+//! sockets, so the rules that nodes, the registry and the DNS must share are written once.
+
+pub mod api_types;
+pub mod digest;
+pub mod durable;
+pub mod error;
+pub mod host;
+pub mod manifest;
+pub mod membership;
+pub mod model;
+pub mod route;
+pub mod route_table;
+pub mod watch;
+
+#[cfg(test)]
+mod fuzz;
+
+pub use error::StoreError;
+pub use manifest::{Limits, Manifest, ManifestError};
+pub use model::{Deployment, FunctionRecord, Version};
+pub use route::{HostPattern, RouteError, RoutePattern};
+pub use route_table::{RouteEntry, RouteMatch, RouteTable};
+pub use watch::WatchEvent;
