@@ -747,8 +747,13 @@ fn open_registry(data: &Path, engine: Engine, max_module_bytes: u64) -> Result<(
         max_module_bytes,
         ..RegistryOptions::default()
     };
-    let registry = Registry::open(data, engine, token.clone(), options)
-        .with_context(|| format!("opening the store in {}", data.display()))?;
+    let registry = Registry::open(
+        data,
+        std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
+        token.clone(),
+        options,
+    )
+    .with_context(|| format!("opening the store in {}", data.display()))?;
     Ok((Arc::new(registry), token))
 }
 
@@ -773,7 +778,12 @@ async fn open_nats_registry(url: &str, engine: Engine, max_module_bytes: u64) ->
         ..RegistryOptions::default()
     };
     let backend = atoll_registry::Backend::Nats(store);
-    Ok(Arc::new(Registry::with_backend(backend, engine, token, options)))
+    Ok(Arc::new(Registry::with_backend(
+        backend,
+        std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
+        token,
+        options,
+    )))
 }
 
 /// Reads a function folder or manifest: the manifest text and the module it names.

@@ -218,7 +218,7 @@ pub async fn start_registry(
 ) -> Result<String> {
     let registry = atoll_registry::Registry::open(
         dir,
-        engine,
+        std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
         token.to_string(),
         atoll_registry::RegistryOptions::default(),
     )?;

@@ -7,6 +7,7 @@
 //! api_types  the registry API's JSON bodies                     (server and client)
 //! route      route patterns; host  the one host matcher; route_table  host + path → target
 //! membership node announcements, the member table, region order (heartbeats, DNS, forwarding)
+//! check      what a registry asks of a pushed module (implemented by atoll-isolate)
 //! digest     SHA-256 hex names; durable  crash-safe file writes; error  the store's error
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! sockets, so the rules that nodes, the registry and the DNS must share are written once.
 
 pub mod api_types;
+pub mod check;
 pub mod digest;
 pub mod durable;
 pub mod error;
@@ -28,6 +30,7 @@ pub mod watch;
 #[cfg(test)]
 mod fuzz;
 
+pub use check::{ModuleCheck, ModuleRefusal};
 pub use error::StoreError;
 pub use manifest::{Limits, Manifest, ManifestError};
 pub use model::{Deployment, FunctionRecord, Version};

@@ -11,7 +11,7 @@
 //! - [`wasi`] is the handful of WASI preview1 calls a CGI program needs.
 //! - [`engine`] owns the compiler and the fingerprint that keys compiled artifacts.
 //! - [`artifact_cache`] keeps compiled modules on disk across restarts.
-//! - [`durable`] is the crash-safe file write every on-disk structure uses.
+//! - [`push_check`] is the registry's check of a pushed module (an `atoll_core::ModuleCheck`).
 //! - [`stream`] hands a large response to the client while the guest still writes it.
 //! - [`function`] ties them together per request; [`pool`] admits requests, keeps instances
 //!   ready ahead of them and scales to zero.
@@ -24,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod function;
 pub mod pool;
+pub mod push_check;
 pub mod snapshot;
 pub mod stream;
 pub mod wasi;
@@ -37,4 +38,5 @@ pub use engine::Engine;
 pub use error::IsolateError;
 pub use function::{FunctionConfig, InterruptHandle, Invocation, InvokeError, LoadedFunction, ReadyInstance};
 pub use pool::{Admission, InstancePool, InterruptSlot, Overloaded, ScaleConfig, StartKind};
+pub use push_check::PushCheck;
 pub use stream::{BodyAborted, BodyReader, StreamedResponse, StreamingOutput};

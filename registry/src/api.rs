@@ -80,7 +80,7 @@ use atoll_core::digest::is_sha256_hex;
 use atoll_core::manifest::{Manifest, ManifestError};
 use atoll_core::model::{FunctionRecord, Version};
 use atoll_core::watch::WatchEvent;
-use atoll_isolate::{Engine, IsolateError};
+use atoll_core::{ModuleCheck, ModuleRefusal};
 
 /// Default largest module: 64 MiB.
 pub const DEFAULT_MAX_MODULE_BYTES: u64 = 64 << 20;
@@ -107,10 +107,10 @@ impl Default for RegistryOptions {
     }
 }
 
-/// The registry service: store + engine + token + options.
+/// The registry service: store + module check + token + options.
 pub struct Registry {
     store: Backend,
-    engine: Engine,
+    check: Arc<dyn ModuleCheck>,
     token: String,
     options: RegistryOptions,
     /// Nodes heard from, for the embedded store. In memory: heartbeats rebuild it within
@@ -191,23 +191,28 @@ impl Registry {
     /// Opens the embedded store in `data_dir` and assembles the service.
     pub fn open(
         data_dir: &Path,
-        engine: Engine,
+        check: Arc<dyn ModuleCheck>,
         token: String,
         options: RegistryOptions,
     ) -> Result<Registry, StoreError> {
         Ok(Registry::with_backend(
             Backend::Embedded(Store::open(data_dir)?),
-            engine,
+            check,
             token,
             options,
         ))
     }
 
     /// Assembles the service on an opened store (embedded or NATS).
-    pub fn with_backend(store: Backend, engine: Engine, token: String, options: RegistryOptions) -> Registry {
+    pub fn with_backend(
+        store: Backend,
+        check: Arc<dyn ModuleCheck>,
+        token: String,
+        options: RegistryOptions,
+    ) -> Registry {
         Registry {
             store,
-            engine,
+            check,
             token,
             options,
             members: std::sync::Mutex::new(MemberTable::new(MEMBER_TTL)),
@@ -323,42 +328,19 @@ impl Registry {
                 limit,
             });
         }
-        // A scratch engine, dropped with the compiled code once the push is checked: one
-        // long-lived engine kept every pushed module's code mapped for ever.
-        let engine = self
-            .engine
-            .scratch()
-            .map_err(|e| RegistryError::Engine(e.to_string()))?;
-        let memory_limit = manifest.limits.memory_bytes();
-        let name = manifest.name.clone();
-        let init_env: Vec<(String, String)> = manifest
-            .env
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        let (module, checked) = tokio::task::spawn_blocking(move || {
-            // The module must compile, fit its memory limit, and — if it has an init export —
-            // initialise, exactly as nodes will prepare it: refuse now what no node could serve.
-            let checked = engine
-                .validate_with_memory_limit(&module, memory_limit)
-                .and_then(|()| {
-                    atoll_isolate::snapshot::preinitialize_named(
-                        &engine,
-                        &module,
-                        &name,
-                        &init_env,
-                        memory_limit,
-                    )
-                })
-                .map(drop);
-            (module, checked)
+        // The check compiles the module and runs its init exactly as nodes will prepare it
+        // (on a blocking thread): refuse now what no node could serve.
+        let check = Arc::clone(&self.check);
+        let (manifest, module, checked) = tokio::task::spawn_blocking(move || {
+            let checked = check.check(&module, &manifest);
+            (manifest, module, checked)
         })
         .await
         .map_err(|e| RegistryError::Engine(e.to_string()))?;
         match checked {
             Ok(()) => {}
-            Err(IsolateError::Invalid(reason)) => return Err(RegistryError::InvalidModule(reason)),
-            Err(other) => return Err(RegistryError::Engine(other.to_string())),
+            Err(ModuleRefusal::Invalid(reason)) => return Err(RegistryError::InvalidModule(reason)),
+            Err(ModuleRefusal::Failed(reason)) => return Err(RegistryError::Engine(reason)),
         }
         let name = manifest.name.clone();
         let version = self.store.push(manifest, module).await?;

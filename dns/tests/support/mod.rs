@@ -1,5 +1,5 @@
-//! Helpers shared by the DNS integration tests: a registry in-process, a tiny valid
-//! module, node announcements, and a DNS client over UDP and TCP from a chosen loopback
+//! Helpers shared by the DNS integration tests (also `tests/dns_failover.rs` at the
+//! workspace root, which adds a registry in-process): a tiny valid module, node announcements, and a DNS client over UDP and TCP from a chosen loopback
 //! source address.
 
 #![allow(dead_code)]
@@ -12,14 +12,11 @@ use std::time::{Duration, Instant};
 
 use atoll_core::membership::NodeAnnouncement;
 use atoll_dns::config::{DnsConfig, DomainName, NsFlag, RegionMap, RegionRule, name_servers};
-use atoll_registry::{Registry, RegistryClient, RegistryOptions};
 use hickory_server::proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_server::proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
 
-pub const TOKEN: &str = "test-token-0123456789";
 pub const REGION_A_CLIENT: &str = "127.0.0.21";
 pub const REGION_B_CLIENT: &str = "127.0.0.33";
 /// Generous bound for anything that should happen within a second or a TTL.
@@ -67,46 +64,6 @@ pub fn node(name: &str, region: &str, http: &str, draining: bool) -> NodeAnnounc
         draining,
         sync_lag: 0,
         quarantined: 0,
-    }
-}
-
-pub struct RegistryServer {
-    pub url: String,
-    _data: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl RegistryServer {
-    pub async fn start() -> RegistryServer {
-        let data = tempfile::tempdir().unwrap();
-        let engine = atoll_isolate::Engine::new().unwrap();
-        let registry = Registry::open(data.path(), engine, TOKEN.into(), RegistryOptions::default()).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(atoll_registry::serve(listener, Arc::new(registry), async move {
-            let _ = stopped.await;
-        }));
-        RegistryServer {
-            url,
-            _data: data,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    pub fn client(&self) -> RegistryClient {
-        RegistryClient::new(&self.url, Some(TOKEN.into())).unwrap()
-    }
-
-    pub async fn shutdown(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("registry shuts down")
-            .unwrap()
-            .unwrap();
     }
 }
 

@@ -64,7 +64,13 @@ impl Server {
     async fn start(options: RegistryOptions) -> Server {
         let data = tempfile::tempdir().unwrap();
         let engine = atoll_isolate::Engine::new().unwrap();
-        let registry = Registry::open(data.path(), engine, TOKEN.into(), options).unwrap();
+        let registry = Registry::open(
+            data.path(),
+            std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
+            TOKEN.into(),
+            options,
+        )
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -834,8 +840,13 @@ async fn fuzz_found_pushes_do_not_grow_the_registrys_memory_mappings() {
     };
     let data = tempfile::tempdir().unwrap();
     let engine = atoll_isolate::Engine::new().unwrap();
-    let registry =
-        atoll_registry::Registry::open(data.path(), engine, "token".into(), Default::default()).unwrap();
+    let registry = atoll_registry::Registry::open(
+        data.path(),
+        std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
+        "token".into(),
+        Default::default(),
+    )
+    .unwrap();
     let manifest = "name = \"f\"\nwasm = \"f.wasm\"\nroutes = [\"f.localhost\"]\n";
     let module = |n: usize| {
         wat::parse_str(format!(

@@ -1,10 +1,12 @@
 //! The DNS end to end on loopback: a real registry in-process (embedded store in a temp
 //! dir, the real engine validating a pushed module), nodes announcing themselves through
-//! the real client, and `atoll_dns::serve` on 127.0.0.1:0 queried over UDP and TCP from
+//! the real client (this test lives in the workspace's root package because the registry
+//! checks pushes with atoll-isolate, which the DNS crate does not link), and `atoll_dns::serve` on 127.0.0.1:0 queried over UDP and TCP from
 //! different loopback source addresses (127.0.0.21 is region `a`, 127.0.0.33 region `b`).
 //! When region a's nodes stop announcing, a region-a client is answered with region b's
 //! node; when the registry goes away, the last answers stay.
 
+#[path = "../dns/tests/support/mod.rs"]
 mod support;
 
 use std::net::IpAddr;
@@ -13,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_dns::{ClusterSource, bind, serve};
+use atoll_registry::{Registry, RegistryClient, RegistryOptions};
 use hickory_server::proto::op::{OpCode, ResponseCode};
 use hickory_server::proto::rr::RData;
 use hickory_server::proto::rr::RecordType;
@@ -197,4 +200,52 @@ async fn region_a_fails_over_to_region_b() {
         .expect("the DNS shuts down")
         .unwrap()
         .unwrap();
+}
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct RegistryServer {
+    url: String,
+    _data: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RegistryServer {
+    async fn start() -> RegistryServer {
+        let data = tempfile::tempdir().unwrap();
+        let engine = atoll_isolate::Engine::new().unwrap();
+        let registry = Registry::open(
+            data.path(),
+            std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
+            TOKEN.into(),
+            RegistryOptions::default(),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(atoll_registry::serve(listener, Arc::new(registry), async move {
+            let _ = stopped.await;
+        }));
+        RegistryServer {
+            url,
+            _data: data,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn client(&self) -> RegistryClient {
+        RegistryClient::new(&self.url, Some(TOKEN.into())).unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("registry shuts down")
+            .unwrap()
+            .unwrap();
+    }
 }

@@ -235,11 +235,13 @@ async fn a_heartbeat_through_one_connection_is_a_member_on_every_other() {
 async fn tokens_minted_through_one_registry_work_and_are_revoked_on_another() {
     use atoll_registry::{Backend, Caller, Grant, Registry, RegistryOptions, Scope};
     let nats = NatsServer::start();
-    let engine = atoll_isolate::Engine::new().unwrap();
+    let check: std::sync::Arc<dyn atoll_core::ModuleCheck> = std::sync::Arc::new(
+        atoll_isolate::PushCheck::new(atoll_isolate::Engine::new().unwrap()),
+    );
     let registry = |store: NatsStore| {
         Registry::with_backend(
             Backend::Nats(store),
-            engine.clone(),
+            std::sync::Arc::clone(&check),
             "root".into(),
             RegistryOptions::default(),
         )

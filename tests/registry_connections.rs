@@ -25,7 +25,13 @@ struct Server {
 async fn start(limits: ConnectionLimits, options: RegistryOptions) -> Server {
     let data = tempfile::tempdir().unwrap();
     let engine = atoll_isolate::Engine::new().unwrap();
-    let registry = Registry::open(data.path(), engine, TOKEN.into(), options).unwrap();
+    let registry = Registry::open(
+        data.path(),
+        std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
+        TOKEN.into(),
+        options,
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();

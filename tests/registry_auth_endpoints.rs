@@ -40,7 +40,7 @@ const ENDPOINTS: &[(&str, &str, &str)] = &[
 
 /// The `(method, path)` pairs `api.rs` routes: each `.route("PATH", get(h).post(h)…)`.
 fn declared_routes() -> Vec<(String, String)> {
-    let source = include_str!("../src/api.rs");
+    let source = include_str!("../registry/src/api.rs");
     let mut routes = Vec::new();
     for call in source.split(".route(\"").skip(1) {
         let (path, rest) = call.split_once('"').expect("a quoted path");
@@ -156,7 +156,13 @@ async fn snapshot(client: &RegistryClient, data: &std::path::Path) -> Snapshot {
 async fn every_v1_endpoint_needs_the_token_and_changes_nothing_without_it() {
     let data = tempfile::tempdir().unwrap();
     let engine = atoll_isolate::Engine::new().unwrap();
-    let registry = Registry::open(data.path(), engine, TOKEN.into(), RegistryOptions::default()).unwrap();
+    let registry = Registry::open(
+        data.path(),
+        std::sync::Arc::new(atoll_isolate::PushCheck::new(engine)),
+        TOKEN.into(),
+        RegistryOptions::default(),
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (_stop, stopped) = oneshot::channel::<()>();
