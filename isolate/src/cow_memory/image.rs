@@ -41,13 +41,16 @@ pub(super) struct ImageView {
     pub(super) len: usize,
 }
 
+#[allow(unsafe_code)]
 // SAFETY: a read-only mapping of a sealed memfd: its bytes never change, so reading it from
 // any thread is sound, and unmapping it (on drop) needs no particular thread.
 unsafe impl Send for ImageView {}
+#[allow(unsafe_code)]
 // SAFETY: as above; only ever read.
 unsafe impl Sync for ImageView {}
 
 impl Drop for ImageView {
+    #[allow(unsafe_code)]
     fn drop(&mut self) {
         // SAFETY: the view owns its mapping; slots only borrow it while restoring, through
         // an `Arc<MemoryImage>` that outlives the borrow.
@@ -94,6 +97,7 @@ impl MemoryImage {
 
     /// The image's bytes, read-only (mapped on first use); `None` for an empty image or
     /// when the mapping fails.
+    #[allow(unsafe_code)]
     pub(super) fn view(&self) -> Option<&ImageView> {
         self.view
             .get_or_init(|| {
@@ -238,6 +242,7 @@ fn parse_layout(wasm: &[u8]) -> Result<Option<Layout<'_>>, String> {
 }
 
 /// Writes the segments, in order, into a new memfd of `len` bytes and seals it.
+#[allow(unsafe_code)]
 fn create_memfd(segments: &[(u32, &[u8])], len: usize) -> Result<File, String> {
     // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
     let fd = unsafe {

@@ -122,8 +122,6 @@
 //! [`BaseTunables`]: wasmer::sys::BaseTunables
 //! [`Tunables`]: wasmer::sys::Tunables
 
-#![allow(unsafe_code)]
-
 use std::sync::OnceLock;
 
 mod image;
@@ -142,6 +140,7 @@ pub use tunables::{CowMemory, CowTunables, MemoryPlan, install, instantiate_with
 /// The largest 32-bit linear memory, in bytes (4 GiB).
 const MAX_WASM32_BYTES: u64 = 1 << 32;
 
+#[allow(unsafe_code)]
 fn os_page_size() -> usize {
     static PAGE_SIZE: OnceLock<usize> = OnceLock::new();
     *PAGE_SIZE.get_or_init(|| {

@@ -184,6 +184,7 @@ impl Slot {
     /// many (the caller discards), `None` when the ioctl failed or misbehaved (the caller
     /// reads the page map instead; an unknown or invalid ioctl, on kernels before 6.7, is
     /// not tried again in this process).
+    #[allow(unsafe_code)]
     fn scan_written_regions(
         &self,
         pagemap: &File,
@@ -283,6 +284,7 @@ impl<'a> Restorer<'a> {
     /// once more than [`MAX_RESTORED_PAGES`] pages were restored (or [`MAX_CHECKED_PAGES`]
     /// checked): the caller discards the whole range, which also covers the pages restored
     /// so far.
+    #[allow(unsafe_code)]
     fn restore(&mut self, index: usize) -> bool {
         let page = self.page;
         debug_assert!((index + 1) * page <= self.slot.accessible);

@@ -50,6 +50,7 @@ pub(super) struct Slot {
     poisoned: bool,
 }
 
+#[allow(unsafe_code)]
 // SAFETY: a slot is an address range this process owns exclusively; nothing about it is
 // tied to the thread that mapped it (the image is a `Weak` of a `File`, both `Send`).
 unsafe impl Send for Slot {}
@@ -114,6 +115,7 @@ impl Slot {
     }
 
     /// Reserves a new slot: all anonymous `PROT_NONE`.
+    #[allow(unsafe_code)]
     fn reserve(len: usize) -> Result<Slot, String> {
         // SAFETY: a fresh anonymous reservation at an address of the kernel's choosing
         // touches no existing mapping.
@@ -142,6 +144,7 @@ impl Slot {
 
     /// Makes the slot (a free one, in the layout of [`Slot`]) show `image` at offset 0 and
     /// zeros after it. Nothing to do when it already does.
+    #[allow(unsafe_code)]
     fn show(&mut self, image: Option<&Arc<MemoryImage>>) -> Result<(), String> {
         if same_image(self.image.as_ref(), image) {
             return Ok(());
@@ -200,6 +203,7 @@ impl Slot {
     /// Makes exactly `[0, bytes)` readable and writable: `mprotect` of the difference, or
     /// nothing when the slot is already that size. Shrinking must not cut into the image
     /// (`bytes >= image.len`) and is only for ranges that read zero (a reset slot).
+    #[allow(unsafe_code)]
     pub(super) fn set_accessible(&mut self, bytes: usize) -> Result<(), String> {
         debug_assert!(bytes <= MAX_WASM32_BYTES as usize && bytes <= self.len);
         debug_assert!(self.image_len <= bytes);
@@ -230,6 +234,7 @@ impl Slot {
     /// over the accessible range drops the private copies of image pages (the image shows
     /// again) and the anonymous pages (zeros again). A grown tail is always discarded with
     /// `madvise` and goes back to `PROT_NONE` with one `mprotect`.
+    #[allow(unsafe_code)]
     pub(super) fn release(mut self, initial_bytes: usize) {
         if self.poisoned {
             return drop(self);
@@ -273,6 +278,7 @@ impl Slot {
 }
 
 impl Drop for Slot {
+    #[allow(unsafe_code)]
     fn drop(&mut self) {
         // SAFETY: the slot owns its whole range and nothing references it any more.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };

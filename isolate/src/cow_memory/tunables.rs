@@ -105,6 +105,7 @@ pub fn install(engine: &mut wasmer::Engine) {
 }
 
 impl CowTunables {
+    #[allow(unsafe_code)]
     fn create(
         &self,
         ty: &MemoryType,
@@ -150,6 +151,7 @@ impl Tunables for CowTunables {
     /// # Safety
     /// `vm_definition_location` must point to a valid, owned `VMMemoryDefinition` (in the
     /// instance's `VMContext`) that outlives the memory.
+    #[allow(unsafe_code)]
     unsafe fn create_vm_memory(
         &self,
         ty: &MemoryType,
@@ -169,6 +171,7 @@ impl Tunables for CowTunables {
 
     /// # Safety
     /// `vm_definition_location` must point to a valid, owned `VMTableDefinition`.
+    #[allow(unsafe_code)]
     unsafe fn create_vm_table(
         &self,
         ty: &TableType,
@@ -228,9 +231,11 @@ pub struct CowMemory {
     skipped_segments: AtomicUsize,
 }
 
+#[allow(unsafe_code)]
 // SAFETY: the memory exclusively owns its slot; wasmer moves memories between threads with
 // their store and serialises access to them as it does for `VMOwnedMemory`.
 unsafe impl Send for CowMemory {}
+#[allow(unsafe_code)]
 // SAFETY: as above; `&self` methods only read, except the atomic segment counter.
 unsafe impl Sync for CowMemory {}
 
@@ -240,6 +245,7 @@ impl CowMemory {
     /// # Safety
     /// When `location` is `Some`, it must point to a valid, writable `VMMemoryDefinition`
     /// that outlives this memory (the one in the instance's `VMContext`).
+    #[allow(unsafe_code)]
     unsafe fn new(
         ty: &MemoryType,
         style: &MemoryStyle,
@@ -326,6 +332,7 @@ impl CowMemory {
     }
 
     /// Writes base and length where compiled code reads them.
+    #[allow(unsafe_code)]
     fn publish(&mut self) {
         let base = self.slot.as_ref().expect("live memory has a slot").base;
         let mut definition = self.definition.as_ptr();
@@ -352,6 +359,7 @@ impl CowMemory {
     }
 
     /// The skipped call must be the next segment of the image, with the image's bytes.
+    #[allow(unsafe_code)]
     fn matches_next_segment(&self, image: &MemoryImage, start: usize, data: &[u8]) -> Option<bool> {
         let index = self.skipped_segments.load(Ordering::Relaxed);
         let &(offset, len) = image.segments.get(index)?;
@@ -439,6 +447,7 @@ impl LinearMemory for CowMemory {
     /// # Safety
     /// As for [`LinearMemory::initialize_with_data`]: `start + data.len()` must lie within
     /// the current memory (wasmer checks it before calling).
+    #[allow(unsafe_code)]
     unsafe fn initialize_with_data(&self, start: usize, data: &[u8]) -> Result<(), Trap> {
         if let Some(image) = &self.image {
             match self.matches_next_segment(image, start, data) {
@@ -471,6 +480,7 @@ impl LinearMemory for CowMemory {
     }
 
     /// A new memory (in its own slot, without an image) holding a copy of this one.
+    #[allow(unsafe_code)]
     fn copy(&self) -> Result<Box<dyn LinearMemory + Send + Sync + 'static>, MemoryError> {
         // SAFETY: a host memory: no `VMContext` location.
         let mut copy = unsafe { CowMemory::new(&self.ty, &self.style, None, Some(self.limit_bytes), None)? };
