@@ -124,6 +124,7 @@
 
 use std::sync::OnceLock;
 
+mod free_list;
 mod image;
 mod pagemap;
 mod slot;

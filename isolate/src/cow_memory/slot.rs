@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::{Arc, Weak};
 
+use super::free_list::{Fit, FreeList};
 use super::image::MemoryImage;
 use super::{MAX_WASM32_BYTES, last_os_error};
 
@@ -13,7 +14,8 @@ use super::{MAX_WASM32_BYTES, last_os_error};
 pub const MAX_FREE_SLOTS_PER_THREAD: usize = 16;
 
 thread_local! {
-    static FREE_SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+    static FREE_SLOTS: RefCell<FreeList<Slot>> =
+        const { RefCell::new(FreeList::new(MAX_FREE_SLOTS_PER_THREAD)) };
 }
 
 /// A reserved region of `len` bytes at `base`.
@@ -65,6 +67,20 @@ fn same_image(held: Option<&Weak<MemoryImage>>, wanted: Option<&Arc<MemoryImage>
 }
 
 impl Slot {
+    /// How this free slot stands towards a memory of `len` bytes wanting `image` (never an
+    /// empty one); `None` when it is another size.
+    fn fit(&self, len: usize, image: Option<&Arc<MemoryImage>>) -> Option<Fit> {
+        if self.len != len {
+            return None;
+        }
+        Some(match &self.image {
+            _ if same_image(self.image.as_ref(), image) => Fit::Same,
+            None => Fit::Blank,
+            Some(held) if held.strong_count() == 0 => Fit::Orphaned,
+            Some(_) => Fit::Other,
+        })
+    }
+
     /// A slot of `len` bytes showing `image` (if any, and not empty) followed by zeros, with
     /// `[0, initial_bytes)` accessible: from this thread's list if it has one (best a slot
     /// already holding `image`, which then costs no syscall at all), else a new
@@ -80,28 +96,7 @@ impl Slot {
         debug_assert!(image.is_none_or(|image| image.len <= initial_bytes));
         debug_assert!(initial_bytes <= len);
         let pooled = FREE_SLOTS
-            .try_with(|slots| {
-                let mut slots = slots.borrow_mut();
-                // Most recently released first among slots already holding the image; else
-                // one holding nothing, else one whose image nobody else holds any more (its
-                // module is gone), else the least recently released.
-                let index = slots
-                    .iter()
-                    .rposition(|slot| slot.len == len && same_image(slot.image.as_ref(), image))
-                    .or_else(|| {
-                        slots
-                            .iter()
-                            .position(|slot| slot.len == len && slot.image.is_none())
-                    })
-                    .or_else(|| {
-                        slots.iter().position(|slot| {
-                            slot.len == len
-                                && slot.image.as_ref().is_some_and(|held| held.strong_count() == 0)
-                        })
-                    })
-                    .or_else(|| slots.iter().position(|slot| slot.len == len))?;
-                Some(slots.remove(index))
-            })
+            .try_with(|slots| slots.borrow_mut().take(|slot| slot.fit(len, image)))
             .ok()
             .flatten();
         let mut slot = match pooled {
@@ -268,10 +263,10 @@ impl Slot {
         }
         let mut slot = Some(self);
         let _ = FREE_SLOTS.try_with(|slots| {
-            let mut slots = slots.borrow_mut();
-            if slots.len() < MAX_FREE_SLOTS_PER_THREAD {
-                slots.push(slot.take().expect("slot pushed once"));
-            }
+            slot = slots
+                .borrow_mut()
+                .push(slot.take().expect("slot pushed once"))
+                .err();
         });
         // Otherwise `slot` is dropped here, unmapping it (and letting go of its image).
     }
