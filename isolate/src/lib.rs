@@ -24,6 +24,7 @@ pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod function;
+mod layout;
 pub mod pool;
 pub mod snapshot;
 pub mod stream;

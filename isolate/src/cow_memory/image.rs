@@ -7,10 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
 
-use wasmer::sys::wasmparser::{self, DataKind, Operator, Parser, Payload, TypeRef};
 use wasmer::{Pages, WASM_PAGE_SIZE};
 
 use super::{last_os_error, os_page_size};
+use crate::layout::{MemoryLayout, Offset, SegmentKind};
 
 fn round_up(value: usize, to: usize) -> usize {
     value.div_ceil(to) * to
@@ -67,7 +67,8 @@ impl MemoryImage {
     /// instantiation): the caller then instantiates with stock wasmer. `Err` when the module
     /// does not parse or the memfd cannot be made.
     pub fn from_wasm(wasm: &[u8]) -> Result<Option<Arc<MemoryImage>>, String> {
-        let Some(layout) = parse_layout(wasm)? else {
+        let layout = MemoryLayout::parse(wasm).map_err(|error| error.to_string())?;
+        let Some(layout) = ImageLayout::of(&layout) else {
             return Ok(None);
         };
         let initial_bytes = u64::from(layout.initial_pages) * WASM_PAGE_SIZE as u64;
@@ -154,91 +155,46 @@ impl MemoryImage {
     }
 }
 
-struct Layout<'a> {
+/// What the image is built from: memory 0's limits and its active segments, in order.
+struct ImageLayout<'a> {
     initial_pages: u32,
     maximum_pages: Option<u32>,
     segments: Vec<(u32, &'a [u8])>,
 }
 
-/// Memory 0's type and its active segments, or `None` when the image cannot express them.
-fn parse_layout(wasm: &[u8]) -> Result<Option<Layout<'_>>, String> {
-    let mut memory: Option<wasmparser::MemoryType> = None;
-    let mut memories = 0usize;
-    let mut segments = Vec::new();
-    let mut expressible = true;
-    for payload in Parser::new(0).parse_all(wasm) {
-        match payload.map_err(|error| error.to_string())? {
-            Payload::ImportSection(reader) => {
-                for import in reader.into_imports() {
-                    if let TypeRef::Memory(_) = import.map_err(|error| error.to_string())?.ty {
-                        return Ok(None);
-                    }
-                }
-            }
-            Payload::MemorySection(reader) => {
-                for ty in reader {
-                    let ty = ty.map_err(|error| error.to_string())?;
-                    memories += 1;
-                    memory.get_or_insert(ty);
-                }
-            }
-            Payload::DataSection(reader) => {
-                for data in reader {
-                    let data = data.map_err(|error| error.to_string())?;
-                    let DataKind::Active {
-                        memory_index,
-                        offset_expr,
-                    } = data.kind
-                    else {
-                        continue;
-                    };
-                    if memory_index != 0 {
-                        expressible = false;
-                        continue;
-                    }
-                    let mut operators = offset_expr.get_operators_reader();
-                    let first = operators.read().map_err(|error| error.to_string())?;
-                    let second = operators.read().map_err(|error| error.to_string())?;
-                    match (first, second) {
-                        // wasmer traps on negative offsets: leave those to it.
-                        (Operator::I32Const { value }, Operator::End) if value >= 0 => {
-                            segments.push((value as u32, data.data));
-                        }
-                        _ => expressible = false,
-                    }
-                }
-            }
-            _ => {}
+impl<'a> ImageLayout<'a> {
+    /// Memory 0's type and its active segments, or `None` when the image cannot express
+    /// them.
+    fn of(layout: &MemoryLayout<'a>) -> Option<ImageLayout<'a>> {
+        let ([], [memory]) = (layout.imported.as_slice(), layout.defined.as_slice()) else {
+            return None;
+        };
+        if memory.memory64 || memory.shared || memory.page_size_log2.is_some_and(|log2| log2 != 16) {
+            return None;
         }
+        let mut segments = Vec::new();
+        for segment in &layout.segments {
+            match segment.kind {
+                SegmentKind::Passive => {}
+                // wasmer traps on negative offsets: leave those to it.
+                SegmentKind::Active {
+                    memory: 0,
+                    offset: Offset::I32Const(value),
+                } if value >= 0 => segments.push((value as u32, segment.data)),
+                SegmentKind::Active { .. } => return None,
+            }
+        }
+        let initial_pages = u32::try_from(memory.initial).ok()?;
+        let maximum_pages = memory.maximum.map(u32::try_from).transpose().ok()?;
+        if initial_pages > Pages::max_value().0 {
+            return None;
+        }
+        Some(ImageLayout {
+            initial_pages,
+            maximum_pages,
+            segments,
+        })
     }
-    let Some(memory) = memory else {
-        return Ok(None);
-    };
-    if !expressible
-        || memories != 1
-        || memory.memory64
-        || memory.shared
-        || memory.page_size_log2.is_some_and(|log2| log2 != 16)
-    {
-        return Ok(None);
-    }
-    let (Ok(initial_pages), maximum_pages) = (
-        u32::try_from(memory.initial),
-        memory.maximum.map(u32::try_from).transpose(),
-    ) else {
-        return Ok(None);
-    };
-    let Ok(maximum_pages) = maximum_pages else {
-        return Ok(None);
-    };
-    if initial_pages > Pages::max_value().0 {
-        return Ok(None);
-    }
-    Ok(Some(Layout {
-        initial_pages,
-        maximum_pages,
-        segments,
-    }))
 }
 
 /// Writes the segments, in order, into a new memfd of `len` bytes and seals it.
@@ -274,23 +230,7 @@ fn create_memfd(segments: &[(u32, &[u8])], len: usize) -> Result<File, String> {
 /// Memory 0's declared minimum in bytes (minimum pages × 64 KiB), imported or defined;
 /// `None` when the module declares no memory or does not parse.
 pub fn declared_minimum_bytes(wasm: &[u8]) -> Option<u64> {
-    for payload in Parser::new(0).parse_all(wasm) {
-        match payload.ok()? {
-            Payload::ImportSection(reader) => {
-                for import in reader.into_imports() {
-                    if let TypeRef::Memory(ty) = import.ok()?.ty {
-                        return Some(ty.initial.saturating_mul(u64::from(ty.page_size())));
-                    }
-                }
-            }
-            Payload::MemorySection(reader) => {
-                let ty = reader.into_iter().next()?.ok()?;
-                return Some(ty.initial.saturating_mul(u64::from(ty.page_size())));
-            }
-            // Memories are declared before any code or data.
-            Payload::CodeSectionStart { .. } | Payload::DataSection(_) => return None,
-            _ => {}
-        }
-    }
-    None
+    let layout = MemoryLayout::parse(wasm).ok()?;
+    let memory = layout.memory(0)?;
+    Some(memory.initial.saturating_mul(u64::from(memory.page_size())))
 }
