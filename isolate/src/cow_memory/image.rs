@@ -9,7 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use wasmer::{Pages, WASM_PAGE_SIZE};
 
-use super::{last_os_error, os_page_size};
+use super::error::CowError;
+use super::os_page_size;
 use crate::layout::{MemoryLayout, Offset, SegmentKind};
 
 fn round_up(value: usize, to: usize) -> usize {
@@ -66,8 +67,8 @@ impl MemoryImage {
     /// are not a single `i32.const`; segments outside the initial memory, which trap at
     /// instantiation): the caller then instantiates with stock wasmer. `Err` when the module
     /// does not parse or the memfd cannot be made.
-    pub fn from_wasm(wasm: &[u8]) -> Result<Option<Arc<MemoryImage>>, String> {
-        let layout = MemoryLayout::parse(wasm).map_err(|error| error.to_string())?;
+    pub fn from_wasm(wasm: &[u8]) -> Result<Option<Arc<MemoryImage>>, CowError> {
+        let layout = MemoryLayout::parse(wasm)?;
         let Some(layout) = ImageLayout::of(&layout) else {
             return Ok(None);
         };
@@ -199,7 +200,7 @@ impl<'a> ImageLayout<'a> {
 
 /// Writes the segments, in order, into a new memfd of `len` bytes and seals it.
 #[allow(unsafe_code)]
-fn create_memfd(segments: &[(u32, &[u8])], len: usize) -> Result<File, String> {
+fn create_memfd(segments: &[(u32, &[u8])], len: usize) -> Result<File, CowError> {
     // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
     let fd = unsafe {
         libc::memfd_create(
@@ -208,21 +209,20 @@ fn create_memfd(segments: &[(u32, &[u8])], len: usize) -> Result<File, String> {
         )
     };
     if fd < 0 {
-        return Err(last_os_error("memfd_create"));
+        return Err(CowError::MemfdCreate(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just created and is owned by nothing else.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len as u64)
-        .map_err(|error| format!("sizing the memory image: {error}"))?;
+    file.set_len(len as u64).map_err(CowError::SizeImage)?;
     // Later segments overwrite earlier ones, as at instantiation; untouched bytes read zero.
     for (offset, data) in segments {
         file.write_all_at(data, u64::from(*offset))
-            .map_err(|error| format!("writing the memory image: {error}"))?;
+            .map_err(CowError::WriteImage)?;
     }
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
     // SAFETY: `file` owns a valid memfd; F_ADD_SEALS takes an int argument.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-        return Err(last_os_error("sealing the memory image"));
+        return Err(CowError::SealImage(std::io::Error::last_os_error()));
     }
     Ok(file)
 }

@@ -124,12 +124,14 @@
 
 use std::sync::OnceLock;
 
+mod error;
 mod free_list;
 mod image;
 mod pagemap;
 mod slot;
 mod tunables;
 
+pub use error::CowError;
 pub use image::{MemoryImage, declared_minimum_bytes};
 pub use pagemap::{
     MAX_RESTORED_PAGES, pagemap_scan_resets_on_this_thread, pagemap_scan_supported,
@@ -152,8 +154,4 @@ fn os_page_size() -> usize {
             .filter(|size| *size > 0)
             .unwrap_or(4096)
     })
-}
-
-fn last_os_error(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
 }

@@ -6,9 +6,10 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::{Arc, Weak};
 
+use super::MAX_WASM32_BYTES;
+use super::error::CowError;
 use super::free_list::{Fit, FreeList};
 use super::image::MemoryImage;
-use super::{MAX_WASM32_BYTES, last_os_error};
 
 /// How many reset slots each thread keeps for reuse.
 pub const MAX_FREE_SLOTS_PER_THREAD: usize = 16;
@@ -91,7 +92,7 @@ impl Slot {
         len: usize,
         image: Option<&Arc<MemoryImage>>,
         initial_bytes: usize,
-    ) -> Result<Slot, String> {
+    ) -> Result<Slot, CowError> {
         let image = image.filter(|image| image.len > 0);
         debug_assert!(image.is_none_or(|image| image.len <= initial_bytes));
         debug_assert!(initial_bytes <= len);
@@ -111,7 +112,7 @@ impl Slot {
 
     /// Reserves a new slot: all anonymous `PROT_NONE`.
     #[allow(unsafe_code)]
-    fn reserve(len: usize) -> Result<Slot, String> {
+    fn reserve(len: usize) -> Result<Slot, CowError> {
         // SAFETY: a fresh anonymous reservation at an address of the kernel's choosing
         // touches no existing mapping.
         let base = unsafe {
@@ -125,7 +126,7 @@ impl Slot {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(last_os_error("reserving a linear memory"));
+            return Err(CowError::Reserve(std::io::Error::last_os_error()));
         }
         Ok(Slot {
             base: NonNull::new(base.cast()).expect("mmap returned a null mapping"),
@@ -140,7 +141,7 @@ impl Slot {
     /// Makes the slot (a free one, in the layout of [`Slot`]) show `image` at offset 0 and
     /// zeros after it. Nothing to do when it already does.
     #[allow(unsafe_code)]
-    fn show(&mut self, image: Option<&Arc<MemoryImage>>) -> Result<(), String> {
+    fn show(&mut self, image: Option<&Arc<MemoryImage>>) -> Result<(), CowError> {
         if same_image(self.image.as_ref(), image) {
             return Ok(());
         }
@@ -163,7 +164,7 @@ impl Slot {
             };
             if reset == libc::MAP_FAILED {
                 self.poisoned = true;
-                return Err(last_os_error("clearing a pooled linear memory"));
+                return Err(CowError::Blank(std::io::Error::last_os_error()));
             }
             self.image = None;
             self.image_len = 0;
@@ -186,7 +187,7 @@ impl Slot {
             };
             if mapped == libc::MAP_FAILED {
                 self.poisoned = true;
-                return Err(last_os_error("mapping the memory image"));
+                return Err(CowError::MapImage(std::io::Error::last_os_error()));
             }
             self.image = Some(Arc::downgrade(image));
             self.image_len = image.len;
@@ -199,7 +200,7 @@ impl Slot {
     /// nothing when the slot is already that size. Shrinking must not cut into the image
     /// (`bytes >= image.len`) and is only for ranges that read zero (a reset slot).
     #[allow(unsafe_code)]
-    pub(super) fn set_accessible(&mut self, bytes: usize) -> Result<(), String> {
+    pub(super) fn set_accessible(&mut self, bytes: usize) -> Result<(), CowError> {
         debug_assert!(bytes <= MAX_WASM32_BYTES as usize && bytes <= self.len);
         debug_assert!(self.image_len <= bytes);
         let (from, to, protection) = match bytes.cmp(&self.accessible) {
@@ -213,7 +214,7 @@ impl Slot {
         let result = unsafe { libc::mprotect(self.base.as_ptr().add(from).cast(), to - from, protection) };
         if result != 0 {
             self.poisoned = true;
-            return Err(last_os_error("resizing a linear memory"));
+            return Err(CowError::Resize(std::io::Error::last_os_error()));
         }
         self.accessible = bytes;
         Ok(())

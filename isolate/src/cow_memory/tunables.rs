@@ -299,7 +299,7 @@ impl CowMemory {
             .checked_add(guard)
             .ok_or_else(|| MemoryError::Generic("slot size overflows".into()))?;
         // The slot comes with the image mapped and the initial pages accessible.
-        let slot = Slot::acquire(slot_len, image.as_ref(), initial_bytes).map_err(MemoryError::Region)?;
+        let slot = Slot::acquire(slot_len, image.as_ref(), initial_bytes)?;
         let base = slot.base.as_ptr();
         let mut memory = CowMemory {
             slot: Some(slot),
@@ -328,7 +328,7 @@ impl CowMemory {
         if to <= slot.accessible {
             return Ok(());
         }
-        slot.set_accessible(to).map_err(MemoryError::Region)
+        Ok(slot.set_accessible(to)?)
     }
 
     /// Writes base and length where compiled code reads them.
