@@ -11,6 +11,7 @@ use std::io;
 
 use wasmer::sys::vm::MemoryError;
 
+/// Why a memory image could not be built or a slot set up.
 #[derive(Debug, thiserror::Error)]
 pub enum CowError {
     /// The module does not parse.

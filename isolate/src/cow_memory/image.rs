@@ -1,5 +1,7 @@
 //! A module's initial memory image: built once per module from its active data segments
-//! into a sealed memfd, which every instance's slot maps copy-on-write.
+//! into a sealed memfd, which every instance's slot maps copy-on-write. Apart from the
+//! slots because its life is the module's (shared by every instance on every thread, and
+//! closed when the module goes), where a slot's is a thread's.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};

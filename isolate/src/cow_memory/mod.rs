@@ -119,6 +119,24 @@
 //!   turn remaps on most starts, as before.
 //! - Linux only (memfd, sealing).
 //!
+//! # Where things are
+//!
+//! - `image`: [`MemoryImage`], its sealed memfd and the read-only view resets copy from;
+//!   which module layouts it can express. The module is parsed by `crate::layout`, which
+//!   the snapshot rewriter reads too.
+//! - `slot`: a slot and the syscalls on it (`mmap`, `mprotect`, `madvise`, `munmap`),
+//!   acquire and release, and this thread's free list.
+//! - `free_list`: which free slot an acquire takes, and the capped list itself, as plain
+//!   data without any mapping (unit-tested on their own).
+//! - `pagemap`: restoring a released slot in place from the page map (`PAGEMAP_SCAN` or
+//!   `pread`).
+//! - `tunables`: arming ([`MemoryPlan`], [`instantiate_with`]), [`CowTunables`] and
+//!   [`CowMemory`], the `LinearMemory` wasmer drives.
+//! - `error`: [`CowError`], which step or syscall failed.
+//!
+//! `unsafe` is allowed item by item (the crate denies it), each use with its `SAFETY`
+//! comment.
+//!
 //! [`BaseTunables`]: wasmer::sys::BaseTunables
 //! [`Tunables`]: wasmer::sys::Tunables
 
@@ -143,6 +161,7 @@ pub use tunables::{CowMemory, CowTunables, MemoryPlan, install, instantiate_with
 /// The largest 32-bit linear memory, in bytes (4 GiB).
 const MAX_WASM32_BYTES: u64 = 1 << 32;
 
+/// The OS page size (4096 if `sysconf` does not say).
 #[allow(unsafe_code)]
 fn os_page_size() -> usize {
     static PAGE_SIZE: OnceLock<usize> = OnceLock::new();

@@ -1,6 +1,8 @@
 //! Resetting a released slot in place: the page map (`PAGEMAP_SCAN`, or a `pread` of
 //! `/proc/self/pagemap`) says which pages a tenant wrote, and only those get their initial
-//! bytes back.
+//! bytes back. Kept apart from the slot's own syscalls because it is the part with kernel
+//! ABI (`struct pm_scan_arg`, page-map entry bits) and its own fallbacks; it adds
+//! [`Slot::restore_written_pages`], which [`Slot::release`] calls.
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;

@@ -1,5 +1,7 @@
 //! A slot: one reserved 8 GiB region a linear memory lives in, the syscalls that show an
-//! image in it and size it, and this thread's list of reset slots kept for reuse.
+//! image in it and size it, and this thread's list of reset slots kept for reuse. Every
+//! `mmap`, `mprotect` and `madvise` on a slot is here, beside the layout invariant they
+//! keep (see [`Slot`]); which free slot to take is decided in `free_list`.
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
@@ -230,6 +232,8 @@ impl Slot {
     /// over the accessible range drops the private copies of image pages (the image shows
     /// again) and the anonymous pages (zeros again). A grown tail is always discarded with
     /// `madvise` and goes back to `PROT_NONE` with one `mprotect`.
+    ///
+    /// [`MAX_RESTORED_PAGES`]: super::MAX_RESTORED_PAGES
     #[allow(unsafe_code)]
     pub(super) fn release(mut self, initial_bytes: usize) {
         if self.poisoned {

@@ -1,6 +1,7 @@
 //! The wasmer side: tunables that create [`CowMemory`]s (a pooled slot, optionally showing
 //! an image) for instantiations armed with a [`MemoryPlan`], and the `LinearMemory` those
-//! memories implement.
+//! memories implement. Everything that speaks wasmer's VM interfaces is here, so the
+//! image, slot and page-map code below it never sees wasmer's VM types.
 
 use std::cell::RefCell;
 use std::ptr::NonNull;
