@@ -23,6 +23,7 @@ pub mod deadline;
 pub mod engine;
 pub mod error;
 pub mod function;
+mod layout;
 pub mod pool;
 pub mod push_check;
 pub mod snapshot;

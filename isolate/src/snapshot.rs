@@ -39,6 +39,7 @@ use wasmparser::{DataKind, ElementItems, ExternalKind, Operator, Parser, Payload
 use crate::cow_memory::{self, MemoryPlan};
 use crate::engine::Engine;
 use crate::error::IsolateError;
+use crate::layout::MemoryLayout;
 use crate::wasi::{self, ProcExit, WasiContext};
 
 /// The exports that mark an init function, in order of preference.
@@ -194,14 +195,17 @@ impl Layout {
             data_segments: 0,
             passive_segments: 0,
         };
+        // Memories and data segments come from the layout they share with the memory image.
+        let mut memory = MemoryLayout::default();
         for payload in Parser::new(0).parse_all(wasm) {
-            match payload.map_err(parse_error)? {
+            let payload = payload.map_err(parse_error)?;
+            memory.visit(&payload).map_err(parse_error)?;
+            match payload {
                 Payload::ImportSection(reader) => {
                     for import in reader.into_imports() {
                         match import.map_err(parse_error)?.ty {
                             TypeRef::Func(_) | TypeRef::FuncExact(_) => layout.imported_functions += 1,
                             TypeRef::Global(_) => layout.imported_globals += 1,
-                            TypeRef::Memory(_) => layout.imported_memories += 1,
                             _ => {}
                         }
                     }
@@ -209,11 +213,6 @@ impl Layout {
                 Payload::GlobalSection(reader) => {
                     for global in reader {
                         layout.globals.push(global.map_err(parse_error)?.ty);
-                    }
-                }
-                Payload::MemorySection(reader) => {
-                    for memory in reader {
-                        layout.memories.push(memory.map_err(parse_error)?);
                     }
                 }
                 Payload::ExportSection(reader) => {
@@ -227,18 +226,13 @@ impl Layout {
                 }
                 Payload::StartSection { func, .. } => layout.start = Some(func),
                 Payload::DataCountSection { .. } => layout.has_data_count = true,
-                Payload::DataSection(reader) => {
-                    for data in reader {
-                        let data = data.map_err(parse_error)?;
-                        layout.data_segments += 1;
-                        if matches!(data.kind, DataKind::Passive) {
-                            layout.passive_segments += 1;
-                        }
-                    }
-                }
                 _ => {}
             }
         }
+        layout.imported_memories = memory.imported.len() as u32;
+        layout.data_segments = memory.segments.len();
+        layout.passive_segments = memory.passive_segments();
+        layout.memories = memory.defined;
         // Keep the preference order of INIT_EXPORTS.
         layout
             .init_exports
