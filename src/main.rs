@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use atoll_control::RegistryClient;
 use atoll_core::Manifest;
 use atoll_isolate::Engine;
-use atoll_registry::{ConnectionLimits, Registry, RegistryClient, RegistryOptions, TokenOrigin};
+use atoll_registry::{ConnectionLimits, Registry, RegistryOptions, TokenOrigin};
 use atoll_router::hop::ClusterKey;
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -182,7 +183,7 @@ enum TokenCommand {
         /// `admin` (everything), `deploy` (its functions on its domains) or `node`
         /// (heartbeats, watch, modules).
         #[arg(long)]
-        scope: atoll_registry::Scope,
+        scope: atoll_core::auth::Scope,
         /// deploy: the functions it may push and roll back, as name patterns, e.g. 'shop-*'.
         #[arg(long, value_delimiter = ',')]
         functions: Vec<String>,
@@ -608,7 +609,7 @@ async fn token_command(command: TokenCommand) -> Result<()> {
                         .with_context(|| format!("--domains {domain:?}"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let grant = atoll_registry::Grant {
+            let grant = atoll_core::auth::Grant {
                 scope,
                 functions,
                 domains,
@@ -769,7 +770,7 @@ async fn open_nats_registry(url: &str, engine: Engine, max_module_bytes: u64) ->
         .filter(|token| !token.is_empty())
         .context("--store nats://… needs ATOLL_TOKEN (every registry on the cluster shares it)")?;
     println!("token: from ATOLL_TOKEN");
-    let store = atoll_registry::NatsStore::connect(url)
+    let store = atoll_control::NatsStore::connect(url)
         .await
         .with_context(|| format!("opening the NATS store at {url}"))?;
     println!("store: NATS JetStream at {url}");

@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use atoll_dns::{ClusterSource, bind, serve};
-use atoll_registry::{Registry, RegistryClient, RegistryOptions};
+use atoll_control::ControlPlane;
+use atoll_control::RegistryClient;
+use atoll_dns::{bind, serve};
+use atoll_registry::{Registry, RegistryOptions};
 use hickory_server::proto::op::{OpCode, ResponseCode};
 use hickory_server::proto::rr::RData;
 use hickory_server::proto::rr::RecordType;
@@ -57,7 +59,7 @@ async fn region_a_fails_over_to_region_b() {
     let (stop_dns, dns_stopped) = oneshot::channel::<()>();
     let dns = tokio::spawn(serve(
         config(),
-        ClusterSource::Registry(client.clone()),
+        ControlPlane::Registry(client.clone()),
         udp,
         tcp,
         async move {

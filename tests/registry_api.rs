@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use atoll_control::{ClientError, RegistryClient};
 use atoll_core::WatchEvent;
 use atoll_core::api_types::FunctionSummary;
+use atoll_core::auth::{Grant, Scope};
 use atoll_core::membership::NodeAnnouncement;
-use atoll_registry::{ClientError, Grant, Registry, RegistryClient, RegistryOptions, Scope, serve};
+use atoll_registry::{Registry, RegistryOptions, serve};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
 

@@ -8,8 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use atoll_control::RegistryClient;
 use atoll_core::WatchEvent;
-use atoll_registry::{Registry, RegistryClient, RegistryOptions, serve};
+use atoll_registry::{Registry, RegistryOptions, serve};
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atoll_control::RegistryClient;
 use atoll_core::WatchEvent;
-use atoll_registry::{ConnectionLimits, Registry, RegistryClient, RegistryOptions, serve_with};
+use atoll_registry::{ConnectionLimits, Registry, RegistryOptions, serve_with};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

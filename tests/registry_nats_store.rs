@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
+use atoll_control::NatsStore;
+use atoll_control::nats::MODULES_BUCKET;
 use atoll_core::{Manifest, StoreError, WatchEvent};
-use atoll_registry::NatsStore;
-use atoll_registry::nats_store::MODULES_BUCKET;
 use atoll_testkit::NatsServer;
 
 fn manifest(name: &str, routes: &[&str]) -> Manifest {
@@ -233,7 +233,8 @@ async fn a_heartbeat_through_one_connection_is_a_member_on_every_other() {
 
 #[tokio::test]
 async fn tokens_minted_through_one_registry_work_and_are_revoked_on_another() {
-    use atoll_registry::{Backend, Caller, Grant, Registry, RegistryOptions, Scope};
+    use atoll_core::auth::{Caller, Grant, Scope};
+    use atoll_registry::{Backend, Registry, RegistryOptions};
     let nats = NatsServer::start();
     let check: std::sync::Arc<dyn atoll_core::ModuleCheck> = std::sync::Arc::new(
         atoll_isolate::PushCheck::new(atoll_isolate::Engine::new().unwrap()),

@@ -80,7 +80,7 @@ pub fn run(args: ClusterArgs) -> Result<()> {
     }
     let region_b = nodes.pop().context("b1")?;
     let dns_server = control.block_on(start_dns(&registry_url, &token))?;
-    let client = atoll_registry::RegistryClient::new(&registry_url, Some(token))?;
+    let client = atoll_control::RegistryClient::new(&registry_url, Some(token))?;
     control.block_on(async {
         // Both nodes in the member list, then hello pushed and served by both.
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -270,7 +270,7 @@ pub async fn start_node(module: Vec<u8>, setup: NodeSetup) -> Result<AtollNode> 
         std::future::pending(),
     ));
 
-    let client = atoll_registry::RegistryClient::new(&registry_url, Some(token))?;
+    let client = atoll_control::RegistryClient::new(&registry_url, Some(token))?;
     client.push(HELLO_MANIFEST, module).await?;
     wait_until_served(node_address, "hello.localhost").await?;
     if setup.with_image {

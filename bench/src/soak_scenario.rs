@@ -210,7 +210,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let client = atoll_registry::RegistryClient::new(&registry_url, Some(TOKEN.to_string()))?;
+    let client = atoll_control::RegistryClient::new(&registry_url, Some(TOKEN.to_string()))?;
     let mut churn = Churn::new(hello, echo);
     let (hostile_pushes, quiet_before) = runtime.block_on(async {
         for function in ["hello", "echo"] {
@@ -761,7 +761,7 @@ impl Churn {
     /// Pushes a new version of `function` with a new greeting; returns the greeting.
     async fn push(
         &mut self,
-        client: &atoll_registry::RegistryClient,
+        client: &atoll_control::RegistryClient,
         function: &'static str,
         timeout: Duration,
     ) -> Result<String> {
@@ -783,7 +783,7 @@ impl Churn {
     /// Rolls `function` back to the version before the active one; returns its greeting.
     async fn rollback(
         &mut self,
-        client: &atoll_registry::RegistryClient,
+        client: &atoll_control::RegistryClient,
         function: &'static str,
         timeout: Duration,
     ) -> Result<String> {
@@ -810,7 +810,7 @@ struct ChurnReport {
 
 async fn churn_loop(
     mut churn: Churn,
-    client: atoll_registry::RegistryClient,
+    client: atoll_control::RegistryClient,
     config: Arc<LoadConfig>,
     every: Duration,
     push_timeout: Duration,
@@ -977,7 +977,7 @@ impl PushOutcome {
 
 fn push_outcome(
     answered: Result<
-        Result<atoll_core::api_types::PushResponse, atoll_registry::ClientError>,
+        Result<atoll_core::api_types::PushResponse, atoll_control::ClientError>,
         tokio::time::error::Elapsed,
     >,
     timeout: Duration,
@@ -1297,7 +1297,7 @@ struct SoakOutcome {
 async fn soak(
     args: &SoakArgs,
     config: Arc<LoadConfig>,
-    client: atoll_registry::RegistryClient,
+    client: atoll_control::RegistryClient,
     churn: Churn,
     node_pid: u32,
     registry_pid: u32,

@@ -8,6 +8,7 @@
 //! route      route patterns; host  the one host matcher; route_table  host + path → target
 //! membership node announcements, the member table, region order (heartbeats, DNS, forwarding)
 //! check      what a registry asks of a pushed module (implemented by atoll-isolate)
+//! auth       credentials, scopes and who may do what; rules  the pure push/rollback rules
 //! digest     SHA-256 hex names; durable  crash-safe file writes; error  the store's error
 //! ```
 //!
@@ -15,6 +16,7 @@
 //! sockets, so the rules that nodes, the registry and the DNS must share are written once.
 
 pub mod api_types;
+pub mod auth;
 pub mod check;
 pub mod digest;
 pub mod durable;
@@ -25,6 +27,7 @@ pub mod membership;
 pub mod model;
 pub mod route;
 pub mod route_table;
+pub mod rules;
 pub mod watch;
 
 #[cfg(test)]

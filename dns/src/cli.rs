@@ -1,4 +1,4 @@
-//! `atoll dns` flags, and their translation into a [`DnsConfig`] and a [`ClusterSource`].
+//! `atoll dns` flags, and their translation into a [`DnsConfig`] and a [`ControlPlane`].
 //!
 //! Every flag value is parsed by clap through the parsers of [`crate::config`], so a bad
 //! CIDR or zone is refused with the flag's name before anything binds; [`DnsArgs::config`]
@@ -10,14 +10,13 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use atoll_registry::{LazyNatsStore, RegistryClient};
+use atoll_control::{ControlPlane, RegistryClient};
 
 use crate::config::{
     DEFAULT_MAX_UDP_PAYLOAD, DnsConfig, DomainName, FallbackRule, MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, NsFlag,
     RegionMap, RegionRule, name_servers, parse_ttl, parse_zone,
 };
 use crate::rrl::RateLimit;
-use crate::source::ClusterSource;
 
 /// `atoll dns`: the cluster's authoritative DNS.
 #[derive(clap::Args, Clone)]
@@ -155,7 +154,7 @@ impl DnsArgs {
     }
 
     /// Connects to the source the flags name (exactly one of --store, --registry).
-    pub async fn source(&self) -> anyhow::Result<ClusterSource> {
+    pub async fn source(&self) -> anyhow::Result<ControlPlane> {
         match (&self.store, &self.registry) {
             (Some(_), Some(_)) => bail!("--store and --registry: give one of them, not both"),
             (None, None) => bail!("--store or --registry: give one of them"),
@@ -165,11 +164,11 @@ impl DnsArgs {
                 }
                 // Connected by the poller, so the DNS starts (and answers SOA/NS) while
                 // NATS is down.
-                Ok(ClusterSource::NatsUrl(LazyNatsStore::new(url.clone())))
+                Ok(ControlPlane::nats(url.clone()))
             }
             (None, Some(url)) => {
                 let client = RegistryClient::new(url, self.token.clone()).context("--registry")?;
-                Ok(ClusterSource::Registry(client))
+                Ok(ControlPlane::Registry(client))
             }
         }
     }

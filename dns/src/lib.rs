@@ -36,4 +36,4 @@ pub use cluster::{ClusterSnapshot, ClusterView};
 pub use config::DnsConfig;
 pub use rrl::{RateLimit, RateLimiter};
 pub use server::{DnsHandler, bind, run, serve};
-pub use source::{ClusterSource, SourceError};
+pub use source::snapshot;

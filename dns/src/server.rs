@@ -48,7 +48,9 @@ use crate::cli::DnsArgs;
 use crate::cluster::ClusterView;
 use crate::config::{DnsConfig, MIN_UDP_PAYLOAD};
 use crate::rrl::{self, Limited, RateLimiter, Verdict};
-use crate::source::{ClusterSource, poll, unix_now};
+use atoll_control::ControlPlane;
+
+use crate::source::{poll, unix_now};
 
 /// A TCP connection idle this long is closed.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -318,7 +320,7 @@ pub async fn run(args: DnsArgs, shutdown: impl Future<Output = ()>) -> anyhow::R
 /// routed names answer SERVFAIL (see [`crate::answer`]).
 pub async fn serve(
     config: DnsConfig,
-    source: ClusterSource,
+    source: ControlPlane,
     udp: UdpSocket,
     tcp: TcpListener,
     shutdown: impl Future<Output = ()>,

@@ -1,8 +1,9 @@
 //! Where the DNS learns the cluster, and the poller that keeps its view fresh.
 //!
-//! A [`ClusterSource`] is either a registry (`GET /v1/nodes` + `GET /v1/functions`) or the
-//! NATS store the registries share (its member bucket + function records), read directly so
-//! the DNS keeps working without any registry process up. [`poll`] asks it every
+//! The DNS reads the cluster from a [`ControlPlane`]: a registry (`GET /v1/nodes` +
+//! `GET /v1/functions`) or the NATS store the registries share (its member bucket +
+//! function records), read directly so the DNS keeps working without any registry process
+//! up. [`poll`] asks it every
 //! [`POLL_INTERVAL`] and swaps a fresh [`ClusterView`] into an [`ArcSwap`] that queries read
 //! without locking.
 //!
@@ -23,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use atoll_control::{ControlError, ControlPlane};
 use atoll_core::membership::MEMBER_TTL;
-use atoll_registry::{LazyNatsStore, NatsStore, RegistryClient};
 
 use crate::cluster::{ClusterSnapshot, ClusterView, route_host};
 
@@ -33,64 +34,13 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest one poll may take before it counts as a failure.
 pub const POLL_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Why a snapshot could not be taken. Display is one line.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The registry did not answer, or answered an error.
-    #[error(transparent)]
-    Registry(#[from] atoll_registry::ClientError),
-    /// The NATS store failed.
-    #[error(transparent)]
-    Store(#[from] atoll_core::StoreError),
-    /// No answer within [`POLL_TIMEOUT`].
-    #[error("no answer within {}", humantime::format_duration(*.0))]
-    Timeout(Duration),
-}
-
-/// Where members and routes come from.
-#[derive(Debug)]
-pub enum ClusterSource {
-    /// A registry's HTTP API.
-    Registry(RegistryClient),
-    /// The NATS JetStream store directly.
-    Nats(NatsStore),
-    /// The NATS JetStream store connected on first use (and retried every poll until
-    /// then), so the DNS starts while NATS is down.
-    NatsUrl(LazyNatsStore),
-}
-
-impl ClusterSource {
-    /// Members and routed domains, now.
-    pub async fn snapshot(&self) -> Result<ClusterSnapshot, SourceError> {
-        let (members, routes) = match self {
-            ClusterSource::Registry(client) => {
-                let (members, functions) = tokio::try_join!(client.nodes(), client.list())?;
-                let routes: Vec<String> = functions.into_iter().flat_map(|f| f.routes).collect();
-                (members, routes)
-            }
-            ClusterSource::Nats(store) => nats_members_and_routes(store).await?,
-            ClusterSource::NatsUrl(lazy) => nats_members_and_routes(lazy.get().await?).await?,
-        };
-        let mut domains: Vec<String> = routes.iter().map(|r| route_host(r).to_owned()).collect();
-        domains.sort_unstable();
-        domains.dedup();
-        Ok(ClusterSnapshot { members, domains })
-    }
-}
-
-async fn nats_members_and_routes(
-    store: &NatsStore,
-) -> Result<(Vec<atoll_core::membership::MemberStatus>, Vec<String>), SourceError> {
-    // Read the functions first: it fails when NATS is unreachable, and then the last good
-    // view stays rather than members that merely went stale.
-    let records = store.list().await?;
-    let members = store.members();
-    let routes: Vec<String> = records
-        .iter()
-        .filter_map(|record| record.active_version())
-        .flat_map(|version| version.manifest.routes.iter().cloned())
-        .collect();
-    Ok((members, routes))
+/// Members and routed domains from `control`, now.
+pub async fn snapshot(control: &ControlPlane) -> Result<ClusterSnapshot, ControlError> {
+    let (members, routes) = control.members_and_routes().await?;
+    let mut domains: Vec<String> = routes.iter().map(|r| route_host(r).to_owned()).collect();
+    domains.sort_unstable();
+    domains.dedup();
+    Ok(ClusterSnapshot { members, domains })
 }
 
 /// Tracks whether the source is in an outage, so each outage is logged once.
@@ -178,7 +128,7 @@ pub fn install(state: &ArcSwap<ClusterView>, snapshot: &ClusterSnapshot, now_uni
 /// Polls `source` every [`POLL_INTERVAL`] into `state` until `shutdown` completes. The
 /// first poll happens at once.
 pub async fn poll(
-    source: ClusterSource,
+    source: ControlPlane,
     state: Arc<ArcSwap<ClusterView>>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -194,9 +144,9 @@ pub async fn poll(
         }
         let result = tokio::select! {
             _ = &mut shutdown => return,
-            result = tokio::time::timeout(POLL_TIMEOUT, source.snapshot()) => match result {
+            result = tokio::time::timeout(POLL_TIMEOUT, snapshot(&source)) => match result {
                 Ok(result) => result,
-                Err(_) => Err(SourceError::Timeout(POLL_TIMEOUT)),
+                Err(_) => Err(ControlError::Timeout(POLL_TIMEOUT)),
             },
         };
         let now = unix_now();

@@ -10,9 +10,10 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
+use atoll_control::ControlPlane;
+use atoll_control::RegistryClient;
 use atoll_dns::config::{DnsConfig, DomainName, NsFlag, name_servers};
-use atoll_dns::{ClusterSource, RateLimit, bind, serve};
-use atoll_registry::RegistryClient;
+use atoll_dns::{RateLimit, bind, serve};
 use hickory_server::proto::op::{Edns, Message, Query};
 use hickory_server::proto::rr::{Name, RData, RecordType};
 use tokio::sync::oneshot;
@@ -45,7 +46,7 @@ impl Dns {
             ..support::config()
         };
         // Nothing listens on port 1: the view stays unknown, static data is answered.
-        let source = ClusterSource::Registry(RegistryClient::new("http://127.0.0.1:1", None).unwrap());
+        let source = ControlPlane::Registry(RegistryClient::new("http://127.0.0.1:1", None).unwrap());
         let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = udp.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

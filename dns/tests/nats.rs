@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use atoll_control::ControlPlane;
+use atoll_control::NatsStore;
 use atoll_core::Manifest;
-use atoll_dns::{ClusterSource, bind, serve};
-use atoll_registry::{LazyNatsStore, NatsStore};
+use atoll_dns::{bind, serve};
 use atoll_testkit::NatsServer;
 use tokio::sync::oneshot;
 
@@ -40,7 +41,7 @@ async fn nats_source_fails_over_and_survives_nats_going_away() {
     let (stop_dns, dns_stopped) = oneshot::channel::<()>();
     let dns = tokio::spawn(serve(
         config(),
-        ClusterSource::NatsUrl(LazyNatsStore::new(nats.url.clone())),
+        ControlPlane::nats(nats.url.clone()),
         udp,
         tcp,
         async move {
@@ -99,7 +100,7 @@ async fn the_dns_starts_and_answers_for_its_zone_while_nats_is_down() {
     let (stop_dns, dns_stopped) = oneshot::channel::<()>();
     let dns = tokio::spawn(serve(
         config(),
-        ClusterSource::NatsUrl(LazyNatsStore::new(format!("nats://127.0.0.1:{port}"))),
+        ControlPlane::nats(format!("nats://127.0.0.1:{port}")),
         udp,
         tcp,
         async move {

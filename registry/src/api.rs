@@ -8,7 +8,7 @@
 //! 409 conflict, 413 too big, 422 module refused).
 //!
 //! ```text
-//!                                        scopes (see crate::auth)
+//!                                        scopes (see atoll_core::auth)
 //! GET    /healthz                        -                 "ok" (no auth)
 //! POST   /v1/functions                   admin deploy      multipart: manifest, module
 //! GET    /v1/functions                   admin deploy node [FunctionSummary]
@@ -42,7 +42,6 @@
 //!   up the process's file descriptors; a watch stream counts as a request in flight for
 //!   as long as it streams, so it is never closed as idle.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -67,19 +66,20 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::auth::{Caller, CreatedToken, Credential, Forbidden, Grant, Scope, TokenInfo};
-use crate::backend::{Backend, rollback_target};
+use crate::backend::Backend;
 use crate::connections::ConnectionLimits;
 use crate::store::Store;
-use crate::token::token_matches;
+use atoll_control::watch::{ChangeWatch, WhenIdle};
 use atoll_core::StoreError;
 use atoll_core::api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
 };
+use atoll_core::auth::token_matches;
+use atoll_core::auth::{Caller, CreatedToken, Credential, Forbidden, Grant, Scope, TokenInfo};
 use atoll_core::digest::is_sha256_hex;
 use atoll_core::manifest::{Manifest, ManifestError};
 use atoll_core::model::{FunctionRecord, Version};
-use atoll_core::watch::WatchEvent;
+use atoll_core::rules::rollback_target;
 use atoll_core::{ModuleCheck, ModuleRefusal};
 
 /// Default largest module: 64 MiB.
@@ -258,7 +258,7 @@ impl Registry {
         if token_matches(&self.token, presented) {
             return Ok(Some(Caller::Root));
         }
-        let Some(id) = crate::auth::token_id(presented) else {
+        let Some(id) = atoll_core::auth::token_id(presented) else {
             return Ok(None);
         };
         Ok(self
@@ -269,7 +269,7 @@ impl Registry {
             .map(Caller::Token))
     }
 
-    /// Mints a token for `grant` (see [`crate::auth`]); the answer holds the only copy of
+    /// Mints a token for `grant` (see [`atoll_core::auth`]); the answer holds the only copy of
     /// the token, the store only its hash.
     pub async fn mint(&self, grant: Grant) -> Result<CreatedToken, RegistryError> {
         grant.validate().map_err(RegistryError::InvalidGrant)?;
@@ -294,7 +294,7 @@ impl Registry {
 
     /// Revokes the token with this id: it stops working at once.
     pub async fn revoke(&self, id: &str) -> Result<(), RegistryError> {
-        if !crate::auth::is_credential_id(id) {
+        if !atoll_core::auth::is_credential_id(id) {
             return Err(StoreError::NotFound(format!("no token with id {id:?}")).into());
         }
         self.store.remove_credential(id).await?;
@@ -848,23 +848,24 @@ async fn watch_events(
             format!("invalid query: {}", e.body_text()),
         )
     })?;
-    let store = app.registry.store.clone();
-    // Subscribe before the catch-up scan so that a commit in between is not missed.
-    let changes = store.subscribe();
-    let (events, revision) = store.events_since(since).await?;
-    let mut queue: VecDeque<WatchEvent> = events.into();
-    queue.push_back(WatchEvent::Synced { revision });
-    let stream = WatchStream {
-        store,
-        changes,
-        stopped: app.stopped.clone(),
-        queue,
-        last: revision,
-        heartbeat: app.registry.options.heartbeat,
-    };
-    let body = futures_util::stream::unfold(stream, |mut stream| async move {
-        let event = stream.next_event().await?;
-        Some((Ok::<_, Infallible>(Bytes::from(event.to_line())), stream))
+    let watch = ChangeWatch::start(
+        app.registry.store.clone(),
+        since,
+        app.registry.options.heartbeat,
+        WhenIdle::Heartbeat,
+    )
+    .await?
+    .until(app.stopped.clone());
+    let body = watch.into_stream().scan((), |(), event| {
+        std::future::ready(match event {
+            Ok(event) => Some(Ok::<_, Infallible>(Bytes::from(event.to_line()))),
+            Err(error) => {
+                // End the stream: the node resumes from the last revision it applied, so
+                // ending loses nothing, whereas skipping would.
+                tracing::warn!("watch stream ends: {error}");
+                None
+            }
+        })
     });
     Ok((
         [
@@ -877,64 +878,6 @@ async fn watch_events(
         Body::from_stream(body),
     )
         .into_response())
-}
-
-/// The state of one watch response.
-struct WatchStream {
-    store: Backend,
-    changes: watch::Receiver<u64>,
-    stopped: watch::Receiver<bool>,
-    queue: VecDeque<WatchEvent>,
-    /// The revision the stream has covered so far.
-    last: u64,
-    heartbeat: Duration,
-}
-
-enum Wake {
-    Stop,
-    Changed,
-    Idle,
-}
-
-impl WatchStream {
-    /// The next event to send; `None` ends the stream (server shutting down).
-    async fn next_event(&mut self) -> Option<WatchEvent> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Some(event);
-            }
-            let wake = tokio::select! {
-                _ = self.stopped.wait_for(|stopped| *stopped) => Wake::Stop,
-                changed = self.changes.changed() => match changed {
-                    Ok(()) => Wake::Changed,
-                    Err(_) => Wake::Stop,
-                },
-                _ = tokio::time::sleep(self.heartbeat) => Wake::Idle,
-            };
-            match wake {
-                Wake::Stop => return None,
-                Wake::Idle => {
-                    return Some(WatchEvent::Heartbeat { revision: self.last });
-                }
-                Wake::Changed => {
-                    // Re-scan by mod_revision: changes that came in while we were busy
-                    // coalesce, none is lost.
-                    match self.store.events_since(self.last).await {
-                        Ok((events, revision)) => {
-                            self.last = self.last.max(revision);
-                            self.queue.extend(events);
-                        }
-                        Err(e) => {
-                            // End the stream: the node resumes from the last revision it
-                            // applied, so ending loses nothing, whereas skipping would.
-                            tracing::warn!("watch stream ends: {e}");
-                            return None;
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -16,19 +16,13 @@
 //! [`client::RegistryClient`] is the other end, used by the CLI and by nodes.
 
 pub mod api;
-pub mod auth;
 pub mod backend;
-pub mod client;
 pub mod connections;
-pub mod nats_store;
 pub mod store;
 pub mod token;
 
 pub use api::{Registry, RegistryError, RegistryOptions, router, serve, serve_with};
-pub use auth::{Caller, CreatedToken, Credential, Grant, Scope, TokenInfo};
 pub use backend::Backend;
-pub use client::{ClientError, RegistryClient};
 pub use connections::ConnectionLimits;
-pub use nats_store::{LazyNatsStore, NatsStore};
 pub use store::{State, Store};
-pub use token::{TokenOrigin, load_or_create, token_matches};
+pub use token::{TokenOrigin, load_or_create};

@@ -43,10 +43,10 @@ use atoll_core::StoreError;
 use atoll_core::digest::is_sha256_hex;
 use atoll_core::durable::write_atomically;
 
-use crate::auth::Credential;
-use crate::backend::{plan_push, put_events, rollback_target};
+use atoll_core::auth::Credential;
 use atoll_core::manifest::Manifest;
 use atoll_core::model::{FunctionRecord, Version};
+use atoll_core::rules::{plan_push, put_events, rollback_target};
 use atoll_core::watch::WatchEvent;
 
 const STATE_FILE: &str = "state.json";
@@ -58,7 +58,7 @@ pub struct State {
     pub revision: u64,
     /// Every function, by name.
     pub functions: BTreeMap<String, FunctionRecord>,
-    /// Minted tokens ([`crate::auth`]), by id: hashes only. Changing them does not bump
+    /// Minted tokens ([`atoll_core::auth`]), by id: hashes only. Changing them does not bump
     /// `revision`, which is the functions' (the watch's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub credentials: BTreeMap<String, Credential>,
@@ -343,7 +343,7 @@ where
 
 /// Refuses a manifest whose routes another function's active version already serves.
 fn check_routes(state: &State, name: &str, manifest: &Manifest) -> Result<(), StoreError> {
-    crate::backend::check_routes(state.functions.values(), name, manifest)
+    atoll_core::rules::check_routes(state.functions.values(), name, manifest)
 }
 
 /// Content-addressed write: skip if present, else temp + fsync + rename + fsync dir.
@@ -546,7 +546,7 @@ mod tests {
 
     #[tokio::test]
     async fn credentials_survive_a_reopen_and_do_not_move_the_revision() {
-        use crate::auth::{Grant, Scope};
+        use atoll_core::auth::{Grant, Scope};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store

@@ -15,8 +15,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use atoll_core::auth::generate_secret;
 
 /// Environment variable that overrides the token file.
 pub const TOKEN_ENV: &str = "ATOLL_TOKEN";
@@ -67,24 +66,9 @@ pub fn load_or_create_with(data_dir: &Path, from_env: Option<String>) -> io::Res
         Err(e) => return Err(e),
     }
     fs::create_dir_all(data_dir)?;
-    let token = generate()?;
+    let token = generate_secret()?;
     write_private(&path, token.as_bytes())?;
     Ok((token, TokenOrigin::Generated(path)))
-}
-
-/// 32 random bytes from the OS, hex-encoded (64 chars).
-pub fn generate() -> io::Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| io::Error::other(e.to_string()))?;
-    Ok(hex::encode(bytes))
-}
-
-/// Whether `presented` equals `expected`, in time independent of both (digests are
-/// compared, so the length does not leak either).
-pub fn token_matches(expected: &str, presented: &str) -> bool {
-    let a = Sha256::digest(expected.as_bytes());
-    let b = Sha256::digest(presented.as_bytes());
-    a.ct_eq(&b).into()
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically.
@@ -147,16 +131,6 @@ mod tests {
 
     #[test]
     fn generated_tokens_differ() {
-        assert_ne!(generate().unwrap(), generate().unwrap());
-    }
-
-    #[test]
-    fn compare() {
-        assert!(token_matches("abc", "abc"));
-        assert!(!token_matches("abc", "abd"));
-        assert!(!token_matches("abc", "ab"));
-        assert!(!token_matches("abc", "abcd"));
-        assert!(!token_matches("abc", ""));
-        assert!(token_matches("", ""));
+        assert_ne!(generate_secret().unwrap(), generate_secret().unwrap());
     }
 }

@@ -78,7 +78,7 @@ impl AdminService {
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, token)| token.trim());
             return match (presented, &self.token) {
-                (Some(presented), Some(token)) if atoll_registry::token_matches(token, presented) => None,
+                (Some(presented), Some(token)) if atoll_core::auth::token_matches(token, presented) => None,
                 (_, None) => Some(unauthorized(format!(
                     "{what}: this node has no token (--token, ATOLL_TOKEN) to check a bearer token \
                      against; call it from this machine without one"

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_core::membership::{HEARTBEAT_INTERVAL, MemberStatus, NodeAnnouncement};
+use atoll_control::{ControlPlane, RegistryClient};
+use atoll_core::membership::{HEARTBEAT_INTERVAL, NodeAnnouncement};
 use atoll_isolate::{ArtifactCache, Engine};
-use atoll_registry::{LazyNatsStore, RegistryClient};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -24,7 +24,7 @@ use crate::node_cache::NodeCache;
 use crate::served::Routing;
 use crate::server::{Ingress, ServerLimits, TlsIngress};
 use crate::service::EdgeService;
-use crate::sync::{SyncSource, Syncer};
+use crate::sync::Syncer;
 use crate::tls::Certificates;
 
 /// Everything a node needs besides its sockets.
@@ -118,7 +118,7 @@ pub enum NodeError {
     #[error(transparent)]
     Isolate(#[from] atoll_isolate::IsolateError),
     #[error(transparent)]
-    Registry(#[from] atoll_registry::ClientError),
+    Registry(#[from] atoll_control::ClientError),
     #[error(transparent)]
     Sync(#[from] crate::sync::SyncError),
     #[error("listener: {0}")]
@@ -168,35 +168,13 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
     }
 }
 
-/// Where heartbeats go: a registry (which answers with the members) or NATS directly.
-enum Membership {
-    Registry(RegistryClient),
-    /// The connection the node syncs through, made on first use (a node starts while NATS
-    /// is down).
-    Nats(Arc<LazyNatsStore>),
-}
-
-impl Membership {
-    /// Sends `announcement`; returns the cluster's members.
-    async fn announce(&self, announcement: &NodeAnnouncement) -> Result<Vec<MemberStatus>, String> {
-        match self {
-            Membership::Registry(client) => client.announce(announcement).await.map_err(|e| e.to_string()),
-            Membership::Nats(lazy) => {
-                let store = lazy.get().await.map_err(|e| e.to_string())?;
-                store.announce(announcement).await.map_err(|e| e.to_string())?;
-                Ok(store.members())
-            }
-        }
-    }
-}
-
 /// Announces this node every heartbeat interval (and at once when it starts or stops
 /// draining) until `shutdown`, and learns its peers from the answer. A control plane that
 /// cannot be reached costs nothing but a debug line: serving never depends on it (static
 /// stability), and the cluster view goes stale, which makes the node serve everything
 /// itself.
 async fn heartbeat(
-    membership: Membership,
+    control: Arc<ControlPlane>,
     template: NodeAnnouncement,
     service: Arc<EdgeService>,
     routing: Arc<Routing>,
@@ -226,7 +204,7 @@ async fn heartbeat(
             quarantined: sync.quarantined.len() as u32,
             ..template.clone()
         };
-        let delivery = tokio::time::timeout(HEARTBEAT_INTERVAL * 2, membership.announce(&announcement)).await;
+        let delivery = tokio::time::timeout(HEARTBEAT_INTERVAL * 2, control.announce(&announcement)).await;
         match delivery {
             Ok(Ok(members)) => cluster.learn(&members),
             Ok(Err(error)) => tracing::debug!(%error, "heartbeat not delivered"),
@@ -295,17 +273,13 @@ pub async fn run(
     let artifacts = ArtifactCache::open(cache.artifacts_dir(), engine)?;
     let routing = Routing::new();
     // Following NATS, the node connects lazily: it starts (from its disk cache) while NATS
-    // is down. Sync and heartbeats share the one connection.
-    let nats = options
-        .nats_url
-        .as_ref()
-        .map(|url| Arc::new(LazyNatsStore::new(url.clone())));
-    let source = match &nats {
-        Some(lazy) => SyncSource::NatsUrl(Arc::clone(lazy)),
-        None => SyncSource::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
-    };
-    let mut syncer =
-        Syncer::new(source, cache, artifacts, Arc::clone(&routing)).with_ceilings(options.ceilings.clone());
+    // is down. Sync and heartbeats share the one control plane (and NATS connection).
+    let control = Arc::new(match &options.nats_url {
+        Some(url) => ControlPlane::nats(url.clone()),
+        None => ControlPlane::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
+    });
+    let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
+        .with_ceilings(options.ceilings.clone());
     syncer.restore_from_disk().await?;
 
     let (stop_sender, stop) = watch::channel(false);
@@ -372,12 +346,8 @@ pub async fn run(
     };
     let mut tasks = Vec::new();
     let mut servers = Vec::new();
-    let membership = match nats {
-        Some(lazy) => Membership::Nats(lazy),
-        None => Membership::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
-    };
     tasks.push(tokio::spawn(heartbeat(
-        membership,
+        control,
         announcement,
         Arc::clone(&service),
         Arc::clone(&routing),
@@ -465,7 +435,7 @@ pub async fn run(
     )));
     match &options.nats_url {
         Some(nats) => {
-            let nats = atoll_registry::nats_store::redact_credentials(nats);
+            let nats = atoll_control::nats::redact_credentials(nats);
             tracing::info!(node = %options.name, region = %options.region, %nats, "node started")
         }
         None => {

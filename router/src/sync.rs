@@ -1,8 +1,8 @@
 //! Keeping the node's route table in step with the functions' source of truth.
 //!
 //! ```text
-//! SyncSource::Registry  GET /v1/watch?since=REV ─┐
-//! SyncSource::Nats      JetStream KV scan + watch ┴─Put──▶ fetch blob ─▶ verify sha256 ─▶ cache on disk
+//! ControlPlane::Registry  GET /v1/watch?since=REV ─┐
+//! ControlPlane::Nats      JetStream KV scan + watch ┴─Put──▶ fetch blob ─▶ verify sha256 ─▶ cache on disk
 //!                                                      ─▶ compile (or load artifact) ─▶ publish new table
 //!                                              ──Synced──▶ ready
 //! ```
@@ -14,7 +14,7 @@
 //! digest mismatch, compile error — leaves the current table serving, and the watch is
 //! resumed from the last revision that was fully applied, with backoff.
 //!
-//! Where the events come from is a [`SyncSource`]: a registry's watch stream, or NATS
+//! Where the events come from is a [`ControlPlane`]: a registry's watch stream, or NATS
 //! JetStream read directly. Both produce the same sequence of [`WatchEvent`]s (catch-up
 //! `Put`s, `Synced`, then live `Put`s and idle `Heartbeat`s), so everything after the
 //! stream — [`plan`], fetching, loading, persisting, backoff — is one code path.
@@ -22,15 +22,13 @@
 //! The decision of what an event requires ([`plan`]) is pure and unit-tested; the I/O lives
 //! in [`Syncer`].
 
-use std::collections::{HashMap, VecDeque};
-use std::fmt;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_core::{Deployment, StoreError, WatchEvent};
+use atoll_control::{ControlError, ControlPlane};
+use atoll_core::{Deployment, WatchEvent};
 use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
-use atoll_registry::{LazyNatsStore, NatsStore, RegistryClient};
-use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
@@ -67,12 +65,12 @@ pub fn plan(event: WatchEvent, served: &HashMap<String, (u64, String)>) -> Plan 
     }
 }
 
+/// Why applying the control plane's changes failed; the node keeps serving what it has.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("registry: {0}")]
-    Registry(#[from] atoll_registry::ClientError),
-    #[error("NATS: {0}")]
-    Nats(#[from] StoreError),
+    /// The control plane could not be reached, refused, or its watch was lost.
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error("module {sha256} of {name} v{version} does not match its digest")]
     DigestMismatch {
         name: String,
@@ -87,10 +85,6 @@ pub enum SyncError {
     },
     #[error("disk cache: {0}")]
     Cache(#[from] std::io::Error),
-    #[error("the watch stream went silent")]
-    Silent,
-    #[error("the watch stream ended")]
-    Ended,
     #[error(
         "the source is at revision {source_revision}, behind the {applied} applied here: it was reset or replaced; catching up from the start"
     )]
@@ -98,164 +92,10 @@ pub enum SyncError {
 }
 
 /// Longest silence tolerated on the watch stream (the registry sends heartbeats every 5 s,
-/// and so does [`SyncSource::Nats`] after checking that NATS answers).
+/// and so does a NATS watch after checking that NATS answers).
 const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(15);
-/// Idle time after which a NATS watch asks JetStream for the bucket's revision — one
-/// request, which also catches a change the KV watch missed — and reports a heartbeat.
-const NATS_HEARTBEAT: Duration = Duration::from_secs(5);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// The events a [`SyncSource`] watch yields: see [`WatchEvent`] for their order. The
-/// stream ends (or yields an error) when the source is lost; the [`Syncer`] then resumes
-/// from the last revision it applied.
-pub type WatchEvents = BoxStream<'static, Result<WatchEvent, SyncError>>;
-
-/// Where a node learns which functions to serve.
-///
-/// A node following JetStream directly needs no registry at all: registries then only take
-/// pushes (and rollbacks) and write them to NATS, and every node reads the same KV bucket
-/// and object store they write. Losing every registry then costs nothing but the ability
-/// to push; the NATS cluster is the only thing nodes depend on for updates, and not even
-/// for serving — a node keeps its table and disk cache when its source is gone.
-///
-/// Revisions are the source's own: a registry on the NATS store and NATS itself number
-/// changes alike (the KV stream's sequence), so a node may switch between the two; a
-/// registry on the embedded store numbers them differently.
-pub enum SyncSource {
-    /// A registry's `GET /v1/watch` and `GET /v1/blobs/{sha256}`.
-    Registry(RegistryClient),
-    /// NATS JetStream, through a connected [`NatsStore`]: the watch is a catch-up scan of
-    /// the functions bucket ([`NatsStore::events_since`]), `Synced`, then a re-scan
-    /// whenever the bucket changes ([`NatsStore::subscribe`]), with a heartbeat when idle;
-    /// modules come from the object store, checked against their digest.
-    Nats(NatsStore),
-    /// NATS JetStream connected on first use: the first watch connects (retried with the
-    /// [`Syncer`]'s backoff while NATS is unreachable). What a node starting without NATS
-    /// uses, so it serves from its disk cache meanwhile instead of failing to start; the
-    /// node shares it with its heartbeats, so both use one connection.
-    NatsUrl(Arc<LazyNatsStore>),
-}
-
-impl SyncSource {
-    /// NATS JetStream at `url`, connected on the first watch (see [`SyncSource::NatsUrl`]).
-    pub fn nats(url: impl Into<String>) -> SyncSource {
-        SyncSource::NatsUrl(Arc::new(LazyNatsStore::new(url)))
-    }
-
-    /// The events after revision `since` (0: everything): a `Put` for every function changed
-    /// since, `Synced`, then live `Put`s and `Heartbeat`s. Fails if the source cannot be
-    /// reached; the stream yields an error and ends if it is lost later.
-    pub async fn watch(&self, since: u64) -> Result<WatchEvents, SyncError> {
-        match self {
-            SyncSource::Registry(client) => {
-                let events = client.watch(since).await?;
-                Ok(events.map(|event| event.map_err(SyncError::from)).boxed())
-            }
-            SyncSource::Nats(store) => nats_watch(store.clone(), since, NATS_HEARTBEAT).await,
-            SyncSource::NatsUrl(lazy) => nats_watch(lazy.get().await?.clone(), since, NATS_HEARTBEAT).await,
-        }
-    }
-
-    /// The module with this SHA-256. A registry's answer is not checked here: the caller
-    /// checks every module against its digest, whatever its source.
-    pub async fn blob(&self, sha256: &str) -> Result<Vec<u8>, SyncError> {
-        match self {
-            SyncSource::Registry(client) => Ok(client.blob(sha256).await?.to_vec()),
-            SyncSource::Nats(store) => Ok(store.read_blob(sha256).await?),
-            SyncSource::NatsUrl(lazy) => Ok(lazy.get().await?.read_blob(sha256).await?),
-        }
-    }
-}
-
-impl fmt::Debug for SyncSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SyncSource::Registry(client) => f.debug_tuple("Registry").field(client).finish(),
-            // Both show their URL without credentials.
-            SyncSource::Nats(store) => f.debug_tuple("Nats").field(store).finish(),
-            SyncSource::NatsUrl(lazy) => f.debug_tuple("NatsUrl").field(lazy).finish(),
-        }
-    }
-}
-
-/// A watch on NATS: what a registry's `GET /v1/watch` on the NATS store sends, produced on
-/// the node. Subscribes before the catch-up scan so a change in between is not missed.
-async fn nats_watch(store: NatsStore, since: u64, heartbeat: Duration) -> Result<WatchEvents, SyncError> {
-    let changes = store.subscribe();
-    let (events, revision) = store.events_since(since).await?;
-    let mut queue: VecDeque<WatchEvent> = events.into();
-    queue.push_back(WatchEvent::Synced { revision });
-    let watch = NatsWatch {
-        store,
-        changes,
-        queue,
-        last: revision,
-        heartbeat,
-        ended: false,
-    };
-    Ok(futures_util::stream::unfold(watch, |mut watch| async move {
-        let event = watch.next_event().await?;
-        Some((event, watch))
-    })
-    .boxed())
-}
-
-/// The state of one NATS watch.
-struct NatsWatch {
-    store: NatsStore,
-    /// Changes whenever the functions bucket changes (fed by the store's KV watch).
-    changes: watch::Receiver<u64>,
-    queue: VecDeque<WatchEvent>,
-    /// The revision the stream has covered so far.
-    last: u64,
-    heartbeat: Duration,
-    /// An error was yielded: the stream is over.
-    ended: bool,
-}
-
-impl NatsWatch {
-    /// The next event; an error once if NATS fails, then `None`.
-    async fn next_event(&mut self) -> Option<Result<WatchEvent, SyncError>> {
-        if self.ended {
-            return None;
-        }
-        let quiet_until = tokio::time::Instant::now() + self.heartbeat;
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Some(Ok(event));
-            }
-            let idle = tokio::select! {
-                changed = self.changes.changed() => {
-                    if changed.is_err() {
-                        self.ended = true;
-                        return Some(Err(SyncError::Ended));
-                    }
-                    false
-                }
-                () = tokio::time::sleep_until(quiet_until) => true,
-            };
-            // Re-scan by revision on a change (changes coalesce, none is lost) and when idle:
-            // the idle scan is how a dead NATS is noticed, and it picks up anything a
-            // disconnected KV watch did not report.
-            match self.store.events_since(self.last).await {
-                Ok((events, revision)) => {
-                    self.last = self.last.max(revision);
-                    self.queue.extend(events);
-                    if idle && self.queue.is_empty() {
-                        return Some(Ok(WatchEvent::Heartbeat { revision: self.last }));
-                    }
-                }
-                Err(error) => {
-                    // End the stream: the Syncer resumes from the last revision it applied,
-                    // so ending loses nothing, whereas skipping would.
-                    self.ended = true;
-                    return Some(Err(error.into()));
-                }
-            }
-        }
-    }
-}
 
 /// Versions prepared at once: a slow compile or init holds up at most this many slots, and
 /// every other version keeps loading beside it.
@@ -292,7 +132,7 @@ impl Default for FunctionCeilings {
 /// Fetches, checks and prepares versions; cheap to clone into a load task.
 #[derive(Clone)]
 struct Loader {
-    source: Arc<SyncSource>,
+    source: Arc<ControlPlane>,
     cache: NodeCache,
     artifacts: ArtifactCache,
     slots: Arc<tokio::sync::Semaphore>,
@@ -323,7 +163,7 @@ struct Loading {
     revision: Option<u64>,
 }
 
-/// Follows a [`SyncSource`] and keeps the node's table in step with it.
+/// Follows a [`ControlPlane`] and keeps the node's table in step with it.
 ///
 /// One deployment's failure never holds up the others: each version loads in its own task
 /// (at most [`CONCURRENT_LOADS`] at once), the watch goes on meanwhile, and a version that
@@ -333,7 +173,7 @@ struct Loading {
 /// quarantined, so a restart neither skips a load still in flight nor replays a poison
 /// event forever; quarantined versions are persisted too and retried after a restart.
 pub struct Syncer {
-    source: Arc<SyncSource>,
+    source: Arc<ControlPlane>,
     loader: Loader,
     routing: Arc<Routing>,
     served: HashMap<String, Arc<ServedFunction>>,
@@ -354,12 +194,11 @@ pub struct Syncer {
 
 impl Syncer {
     pub fn new(
-        source: SyncSource,
+        source: Arc<ControlPlane>,
         cache: NodeCache,
         artifacts: ArtifactCache,
         routing: Arc<Routing>,
     ) -> Self {
-        let source = Arc::new(source);
         Syncer {
             loader: Loader {
                 source: Arc::clone(&source),
@@ -461,8 +300,8 @@ impl Syncer {
             tokio::select! {
                 event = tokio::time::timeout_at(silent_after, events.next()) => {
                     let event = match event {
-                        Err(_) => return Err(SyncError::Silent),
-                        Ok(None) => return Err(SyncError::Ended),
+                        Err(_) => return Err(ControlError::Silent.into()),
+                        Ok(None) => return Err(ControlError::Ended.into()),
                         Ok(Some(event)) => event?,
                     };
                     silent_after = tokio::time::Instant::now() + WATCH_SILENCE_LIMIT;
@@ -657,9 +496,11 @@ impl Syncer {
                     .map_or(0, |quarantined| quarantined.failures)
                     .saturating_add(1);
                 // The source being unreachable is retried as often as the watch is; a
-                // version that does not load here backs off further.
-                let longest = match error {
-                    SyncError::Registry(_) | SyncError::Nats(_) | SyncError::Cache(_) => BACKOFF_MAX,
+                // version that does not load here, or that the source refuses, backs off
+                // further.
+                let longest = match &error {
+                    SyncError::Control(error) if error.is_retryable() => BACKOFF_MAX,
+                    SyncError::Cache(_) => BACKOFF_MAX,
                     _ => QUARANTINE_BACKOFF_MAX,
                 };
                 let wait = QUARANTINE_BACKOFF_START
@@ -977,8 +818,9 @@ mod tests {
     fn offline_syncer(directory: &std::path::Path) -> Syncer {
         let cache = NodeCache::open(directory).unwrap();
         let artifacts = ArtifactCache::open(cache.artifacts_dir(), Engine::new().unwrap()).unwrap();
-        let source = SyncSource::Registry(RegistryClient::new("http://127.0.0.1:9", None).unwrap());
-        Syncer::new(source, cache, artifacts, Routing::new())
+        let source =
+            ControlPlane::Registry(atoll_control::RegistryClient::new("http://127.0.0.1:9", None).unwrap());
+        Syncer::new(Arc::new(source), cache, artifacts, Routing::new())
     }
 
     fn memory_mappings() -> usize {

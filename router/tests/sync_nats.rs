@@ -1,4 +1,4 @@
-//! A node following NATS JetStream directly ([`SyncSource::Nats`]), against a real
+//! A node following NATS JetStream directly ([`ControlPlane::Nats`]), against a real
 //! `nats-server -js`: a function pushed to NATS is served, a new version replaces it, the
 //! table keeps serving while NATS is down, the node follows again once NATS is back; a node
 //! restarted while NATS is down serves from its disk cache alone and connects once it can.
@@ -7,12 +7,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atoll_control::ControlPlane;
+use atoll_control::NatsStore;
 use atoll_core::Manifest;
 use atoll_isolate::{ArtifactCache, CgiRequest, Engine};
-use atoll_registry::NatsStore;
 use atoll_router::node_cache::NodeCache;
 use atoll_router::served::Routing;
-use atoll_router::sync::{SyncSource, Syncer};
+use atoll_router::sync::Syncer;
 use atoll_testkit::NatsServer;
 use tokio::sync::watch;
 
@@ -89,12 +90,12 @@ async fn assert_serves_throughout(routing: &Routing, expected: (u64, &str), wind
 }
 
 /// A syncer on the node cache in `dir`, publishing to a fresh [`Routing`].
-fn syncer(source: SyncSource, dir: &Path) -> (Syncer, Arc<Routing>) {
+fn syncer(source: ControlPlane, dir: &Path) -> (Syncer, Arc<Routing>) {
     let cache = NodeCache::open(dir).unwrap();
     let artifacts = ArtifactCache::open(cache.artifacts_dir(), Engine::new().unwrap()).unwrap();
     let routing = Routing::new();
     (
-        Syncer::new(source, cache, artifacts, Arc::clone(&routing)),
+        Syncer::new(Arc::new(source), cache, artifacts, Arc::clone(&routing)),
         routing,
     )
 }
@@ -109,7 +110,7 @@ async fn node_follows_jetstream_and_survives_its_outage() {
 
     // A node following NATS, no registry anywhere.
     let store = NatsStore::connect(&nats.url).await.unwrap();
-    let (mut node, routing) = syncer(SyncSource::Nats(store), node_dir.path());
+    let (mut node, routing) = syncer(ControlPlane::nats_connected(store), node_dir.path());
     assert_eq!(node.restore_from_disk().await.unwrap(), 0);
     let (stop, stopped) = watch::channel(false);
     let running = tokio::spawn(node.run(stopped));
@@ -147,7 +148,7 @@ async fn node_follows_jetstream_and_survives_its_outage() {
     nats.kill();
     let held = hold_port(port);
     drop(pusher);
-    let (mut node, routing) = syncer(SyncSource::nats(nats.url.clone()), node_dir.path());
+    let (mut node, routing) = syncer(ControlPlane::nats(nats.url.clone()), node_dir.path());
     assert_eq!(node.restore_from_disk().await.unwrap(), 1);
     assert!(routing.is_ready());
     assert_eq!(served(&routing).await, Some((3, "v3".to_string())));
@@ -171,7 +172,7 @@ async fn node_follows_jetstream_and_survives_its_outage() {
 
 #[test]
 fn the_source_is_debuggable_without_credentials() {
-    let source = SyncSource::nats("nats://user:secret@127.0.0.1:4222");
+    let source = ControlPlane::nats("nats://user:secret@127.0.0.1:4222");
     let shown = format!("{source:?}");
     assert!(shown.contains("127.0.0.1:4222"), "{shown}");
     assert!(!shown.contains("secret"), "{shown}");

@@ -1,7 +1,7 @@
 //! Who may do what at the registry: scoped credentials.
 //!
 //! One person on one machine needs nothing but the registry's own token (`ATOLL_TOKEN` or
-//! `DATA/token`, see [`crate::token`]): it is the *root* credential and may do everything,
+//! `DATA/token`, see `atoll_registry::token`): it is the *root* credential and may do everything,
 //! as it always could. Everyone else gets a token minted by an admin
 //! (`POST /v1/tokens`, `atoll token create`), with one scope:
 //!
@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use atoll_core::manifest::Manifest;
-use atoll_core::route::HostPattern;
+use crate::manifest::Manifest;
+use crate::route::HostPattern;
 
 /// Prefix of every minted token.
 pub const TOKEN_PREFIX: &str = "atoll_";
@@ -223,12 +223,12 @@ impl Credential {
         let mut id = [0u8; ID_LEN / 2];
         getrandom::fill(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
         let id = hex::encode(id);
-        let token = format!("{TOKEN_PREFIX}{id}_{}", crate::token::generate()?);
+        let token = format!("{TOKEN_PREFIX}{id}_{}", generate_secret()?);
         let credential = Credential {
             id,
             grant,
             created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            token_sha256: atoll_core::digest::sha256_hex(token.as_bytes()),
+            token_sha256: crate::digest::sha256_hex(token.as_bytes()),
         };
         Ok((credential, token))
     }
@@ -402,9 +402,34 @@ impl Caller {
     }
 }
 
+/// Whether `presented` equals `expected`, in time independent of both (digests are
+/// compared, so the length does not leak either).
+pub fn token_matches(expected: &str, presented: &str) -> bool {
+    let a = Sha256::digest(expected.as_bytes());
+    let b = Sha256::digest(presented.as_bytes());
+    a.ct_eq(&b).into()
+}
+
+/// 32 random bytes from the OS, hex-encoded (64 chars).
+pub fn generate_secret() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(hex::encode(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compare() {
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abc", "abd"));
+        assert!(!token_matches("abc", "ab"));
+        assert!(!token_matches("abc", "abcd"));
+        assert!(!token_matches("abc", ""));
+        assert!(token_matches("", ""));
+    }
 
     fn grant(scope: Scope, functions: &[&str], domains: &[&str]) -> Grant {
         Grant {

@@ -198,8 +198,8 @@ impl RegistryClient {
     /// Mints a token (needs an admin token); the answer holds the token, shown this once.
     pub async fn create_token(
         &self,
-        grant: &crate::auth::Grant,
-    ) -> Result<crate::auth::CreatedToken, ClientError> {
+        grant: &atoll_core::auth::Grant,
+    ) -> Result<atoll_core::auth::CreatedToken, ClientError> {
         let request = self
             .request(reqwest::Method::POST, &["v1", "tokens"])
             .timeout(REQUEST_TIMEOUT)
@@ -208,7 +208,7 @@ impl RegistryClient {
     }
 
     /// Every minted token (needs an admin token).
-    pub async fn tokens(&self) -> Result<Vec<crate::auth::TokenInfo>, ClientError> {
+    pub async fn tokens(&self) -> Result<Vec<atoll_core::auth::TokenInfo>, ClientError> {
         let request = self
             .request(reqwest::Method::GET, &["v1", "tokens"])
             .timeout(REQUEST_TIMEOUT);

@@ -39,13 +39,13 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::auth::Credential;
-use crate::backend::{check_routes, plan_push, put_events, rollback_target};
 use atoll_core::StoreError;
+use atoll_core::auth::Credential;
 use atoll_core::digest::is_sha256_hex;
 use atoll_core::manifest::Manifest;
 use atoll_core::membership::{FORGET_AFTER_TTLS, MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 use atoll_core::model::{FunctionRecord, Version};
+use atoll_core::rules::{check_routes, plan_push, put_events, rollback_target};
 use atoll_core::watch::WatchEvent;
 
 /// The KV bucket holding one record per function.
@@ -124,6 +124,15 @@ impl LazyNatsStore {
         LazyNatsStore {
             url: url.into(),
             store: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// A store already connected.
+    pub fn connected(store: NatsStore) -> LazyNatsStore {
+        let url = store.inner.url.clone();
+        LazyNatsStore {
+            url,
+            store: tokio::sync::OnceCell::new_with(Some(store)),
         }
     }
 
@@ -677,6 +686,16 @@ impl NatsStore {
 
 /// How long moving `size` bytes to or from NATS may take: the per-request bound plus a
 /// second per MiB (far below any link a cluster runs on).
+impl crate::watch::ChangeSource for NatsStore {
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        NatsStore::subscribe(self)
+    }
+
+    async fn events_since(&self, since: u64) -> Result<(Vec<WatchEvent>, u64), StoreError> {
+        NatsStore::events_since(self, since).await
+    }
+}
+
 fn transfer_timeout(size: usize) -> Duration {
     NATS_OP_TIMEOUT + Duration::from_secs((size >> 20) as u64)
 }
