@@ -1,7 +1,10 @@
 //! The `atoll` binary: command-line parsing and wiring only. Each subcommand hands off to a
 //! crate: `registry` to atoll-registry, `node` to atoll-router, `up` to both in one process,
+//! `dns` to atoll-dns (its flags are in [`dns_cli`]),
 //! and the client commands (`push`, `ls`, `versions`, `rollback`, `token`) to the registry
 //! client.
+
+mod dns_cli;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -137,7 +140,7 @@ enum Command {
     },
     /// Authoritative DNS for the cluster: routed domains answer with the healthy nodes of
     /// the client's region, falling back to the next region.
-    Dns(atoll_dns::DnsArgs),
+    Dns(dns_cli::DnsArgs),
     /// Push a function: PATH is an atoll.toml or a folder holding one.
     Push {
         path: PathBuf,
@@ -513,7 +516,7 @@ async fn run(command: Command) -> Result<()> {
             atoll_router::run(options, engine, listeners, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Dns(args) => atoll_dns::run(args, shutdown_signal()).await,
+        Command::Dns(args) => dns_cli::run(args, shutdown_signal()).await,
         Command::Push { path, client } => {
             let (manifest_text, module) = read_function(&path)?;
             let pushed = client.client()?.push(&manifest_text, module).await?;

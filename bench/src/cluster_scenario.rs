@@ -201,36 +201,29 @@ pub fn run(args: ClusterArgs) -> Result<()> {
 /// `atoll dns` in process on `registry_url`, zone `localhost`, 127.0.0.8/29 in region a
 /// and 127.0.0.16/28 in b; its UDP address.
 async fn start_dns(registry_url: &str, token: &str) -> Result<SocketAddr> {
-    use clap::Parser;
-    #[derive(clap::Parser)]
-    struct Flags {
-        #[command(flatten)]
-        dns: atoll_dns::DnsArgs,
-    }
-    let flags = Flags::try_parse_from([
-        "dns",
-        "--listen",
-        "127.0.0.1:0",
-        "--zone",
-        "localhost",
-        "--registry",
-        registry_url,
-        "--token",
-        token,
-        "--region-map",
-        "127.0.0.8/29=a",
-        "--region-map",
-        "127.0.0.16/28=b",
-        "--region-fallback",
-        "a=b",
+    use atoll_dns::config::{DEFAULT_MAX_UDP_PAYLOAD, DnsConfig, RegionMap, name_servers};
+    let zone = "localhost".parse().map_err(anyhow::Error::msg)?;
+    let region_map = ["127.0.0.8/29=a", "127.0.0.16/28=b"]
+        .iter()
+        .map(|rule| rule.parse().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let listen: SocketAddr = "127.0.0.1:0".parse()?;
+    let config = DnsConfig {
+        zones: name_servers(&[zone], &[], Some(listen.ip())),
+        region_map: RegionMap::new(region_map),
+        default_region: "default".into(),
+        fallback: [("a".to_string(), vec!["b".to_string()])].into(),
+        ttl: 5,
+        max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
         // Every client here is in 127.0.0.0/24, one rate-limited prefix: dig polling for
         // the failover would be slowed by dropped answers and the measurement skewed.
-        "--rate-limit",
-        "0",
-    ])?;
-    let config = flags.dns.config()?;
-    let source = flags.dns.source().await?;
-    let (udp, tcp) = atoll_dns::bind(flags.dns.listen).await?;
+        rate_limit: None,
+    };
+    let source = atoll_control::ControlPlane::Registry(atoll_control::RegistryClient::new(
+        registry_url,
+        Some(token.to_string()),
+    )?);
+    let (udp, tcp) = atoll_dns::bind(listen).await?;
     let address = udp.local_addr()?;
     tokio::spawn(atoll_dns::serve(config, source, udp, tcp, std::future::pending()));
     Ok(address)

@@ -36,7 +36,9 @@ pub struct NodeAnnouncement {
     pub https: Option<SocketAddr>,
     /// Requests in flight now.
     pub in_flight: u64,
-    /// Instances the node could still start without queueing (a rough capacity signal).
+    /// Instances made and idle now, summed over every function: requests the node can start
+    /// without a cold start. Operators see it per peer in a node's `GET /peers`; placement
+    /// weighs `in_flight`, not this.
     #[serde(default)]
     pub free_capacity: u64,
     /// Taken out of rotation: finishes what it has, takes nothing new.

@@ -23,7 +23,6 @@
 //! prefix are rate limited (`--rate-limit`, see [`rrl`]).
 
 pub mod answer;
-pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod rrl;
@@ -31,9 +30,8 @@ pub mod server;
 pub mod source;
 
 pub use answer::{Answer, Question, answer};
-pub use cli::DnsArgs;
 pub use cluster::{ClusterSnapshot, ClusterView};
 pub use config::DnsConfig;
 pub use rrl::{RateLimit, RateLimiter};
-pub use server::{DnsHandler, bind, run, serve};
+pub use server::{DnsHandler, bind, serve};
 pub use source::snapshot;

@@ -25,7 +25,6 @@
 //! parse) never reach the handler, so they are not limited, but such a response is a bare
 //! header, never bigger than the query.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +43,6 @@ use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::answer::{Question, answer};
-use crate::cli::DnsArgs;
 use crate::cluster::ClusterView;
 use crate::config::{DnsConfig, MIN_UDP_PAYLOAD};
 use crate::rrl::{self, Limited, RateLimiter, Verdict};
@@ -295,24 +293,6 @@ pub async fn bind(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener
             Err(error) => return Err(error),
         }
     }
-}
-
-/// Runs `atoll dns` until `shutdown` completes: validates the flags, connects to the
-/// source, binds, prints `dns listening on udp://ADDR tcp://ADDR` (the real port when
-/// asked for port 0), then [`serve`]s.
-pub async fn run(args: DnsArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let config = args.config()?;
-    let source = args.source().await?;
-    let (udp, tcp) = bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
-    let addr = udp.local_addr()?;
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "dns listening on udp://{addr} tcp://{addr}")?;
-        stdout.flush()?;
-    }
-    serve(config, source, udp, tcp, shutdown).await
 }
 
 /// Answers on the bound `udp` and `tcp` under `config` until `shutdown` completes, while a

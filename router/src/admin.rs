@@ -14,7 +14,7 @@
 //!   to peers. `DELETE /drain` puts it back; `GET /drain` tells which. For rolling
 //!   restarts: drain, wait out the DNS TTL, restart.
 //! - `GET /peers` — the node's own view of its cluster (JSON): the peers it would forward
-//!   to, their load, and which it has ejected.
+//!   to, their load and idle instances, and which it has ejected.
 //!
 //! Reading is open (keep the listener private: it tells a lot about the node). Changing
 //! the node (`POST`/`DELETE /drain`; any method but GET and HEAD is checked) must not be possible for a web page the node's

@@ -134,6 +134,8 @@ impl NotServed {
 struct Peer {
     member: Member,
     http: SocketAddr,
+    /// Idle instances it announced (shown, not weighed).
+    free_capacity: u64,
 }
 
 #[derive(Debug, Default)]
@@ -241,6 +243,7 @@ impl Cluster {
                             draining: status.health == Health::Draining,
                         },
                         http,
+                        free_capacity: announcement.free_capacity,
                     },
                 ))
             })
@@ -259,7 +262,8 @@ impl Cluster {
 
     /// The node's view, for `GET /peers` on the admin listener: this node's name, region
     /// and whether it drains; how old the view is; and each peer with its region, address,
-    /// announced load, whether it drains and whether outlier detection has ejected it.
+    /// announced load and idle instances, whether it drains and whether outlier detection
+    /// has ejected it.
     pub fn describe(&self) -> serde_json::Value {
         let now = Instant::now();
         let view = self.view.load();
@@ -274,6 +278,7 @@ impl Cluster {
                     "region": peer.member.region,
                     "http": peer.http.to_string(),
                     "in_flight": peer.member.in_flight,
+                    "free_capacity": peer.free_capacity,
                     "draining": peer.member.draining,
                     "ejected": !outliers.is_healthy(&peer.member.name, now),
                 })
@@ -822,6 +827,31 @@ mod tests {
         assert!(!cluster.has_peers_taking_work(), "a2 drains, a3 is gone");
         cluster.learn(&[status("a2", Health::Healthy)]);
         assert!(cluster.has_peers_taking_work());
+    }
+
+    #[test]
+    fn the_peer_listing_shows_what_each_peer_announced() {
+        use atoll_core::membership::NodeAnnouncement;
+        let cluster = Cluster::new(options("a1", "a", &[]));
+        cluster.learn(&[MemberStatus {
+            announcement: NodeAnnouncement {
+                name: "a2".into(),
+                region: "a".into(),
+                http: Some("127.0.0.12:80".parse().unwrap()),
+                https: None,
+                in_flight: 3,
+                free_capacity: 7,
+                draining: false,
+                sync_lag: 0,
+                quarantined: 0,
+            },
+            age_ms: 0,
+            health: Health::Healthy,
+        }]);
+        let peer = &cluster.describe()["peers"][0];
+        assert_eq!(peer["name"], "a2");
+        assert_eq!(peer["in_flight"], 3);
+        assert_eq!(peer["free_capacity"], 7);
     }
 
     /// A peer on 127.0.0.1 whose every answer is a 200 whose body the test writes: each

@@ -190,6 +190,7 @@ async fn heartbeat(
             () = cluster.changed() => {}
             () = &mut shutdown => return,
         }
+        // Idle instances, ready to take a request without a cold start.
         let free_capacity = routing
             .functions()
             .iter()

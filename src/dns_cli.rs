@@ -1,10 +1,14 @@
-//! `atoll dns` flags, and their translation into a [`DnsConfig`] and a [`ControlPlane`].
+//! `atoll dns` flags, and their translation into a [`DnsConfig`] and a [`ControlPlane`]:
+//! the DNS library (`atoll-dns`) is run from a config and a control plane, and this is the
+//! command line that makes them.
 //!
-//! Every flag value is parsed by clap through the parsers of [`crate::config`], so a bad
+//! Every flag value is parsed by clap through the parsers of [`atoll_dns::config`], so a bad
 //! CIDR or zone is refused with the flag's name before anything binds; [`DnsArgs::config`]
 //! repeats the cross-flag checks for callers that build `DnsArgs` by hand.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -12,11 +16,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use atoll_control::{ControlPlane, RegistryClient};
 
-use crate::config::{
+use atoll_dns::config::{
     DEFAULT_MAX_UDP_PAYLOAD, DnsConfig, DomainName, FallbackRule, MAX_UDP_PAYLOAD, MIN_UDP_PAYLOAD, NsFlag,
     RegionMap, RegionRule, name_servers, parse_ttl, parse_zone,
 };
-use crate::rrl::RateLimit;
+use atoll_dns::rrl::RateLimit;
+use atoll_dns::{bind, serve};
 
 /// `atoll dns`: the cluster's authoritative DNS.
 #[derive(clap::Args, Clone)]
@@ -172,6 +177,24 @@ impl DnsArgs {
             }
         }
     }
+}
+
+/// Runs `atoll dns` until `shutdown` completes: validates the flags, connects to the
+/// source, binds, prints `dns listening on udp://ADDR tcp://ADDR` (the real port when
+/// asked for port 0), then serves (`atoll_dns::serve`).
+pub async fn run(args: DnsArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let source = args.source().await?;
+    let (udp, tcp) = bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
+    let addr = udp.local_addr()?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "dns listening on udp://{addr} tcp://{addr}")?;
+        stdout.flush()?;
+    }
+    serve(config, source, udp, tcp, shutdown).await
 }
 
 #[cfg(test)]
