@@ -61,7 +61,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 
-use atoll_core::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
+use atoll_core::membership::{MemberStatus, NodeAnnouncement};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -113,9 +113,6 @@ pub struct Registry {
     check: Arc<dyn ModuleCheck>,
     token: String,
     options: RegistryOptions,
-    /// Nodes heard from, for the embedded store. In memory: heartbeats rebuild it within
-    /// one TTL after a restart. The NATS store keeps its own, shared by every registry.
-    members: std::sync::Mutex<MemberTable>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -215,31 +212,17 @@ impl Registry {
             check,
             token,
             options,
-            members: std::sync::Mutex::new(MemberTable::new(MEMBER_TTL)),
         }
     }
 
     /// Records a node's heartbeat.
     pub async fn announce(&self, announcement: NodeAnnouncement) -> Result<(), StoreError> {
-        if let Backend::Nats(store) = &self.store {
-            return store.announce(&announcement).await;
-        }
-        self.members
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .announce(announcement, std::time::Instant::now());
-        Ok(())
+        self.store.announce(announcement).await
     }
 
     /// Every node heard from recently, with its health.
     pub fn members(&self) -> Vec<MemberStatus> {
-        if let Backend::Nats(store) = &self.store {
-            return store.members();
-        }
-        self.members
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .list(std::time::Instant::now())
+        self.store.members()
     }
 
     /// The store (for reads, rollback, watch).

@@ -20,6 +20,7 @@ use atoll_control::nats::NatsStore;
 use atoll_core::StoreError;
 use atoll_core::auth::Credential;
 use atoll_core::manifest::Manifest;
+use atoll_core::membership::{MemberStatus, NodeAnnouncement};
 use atoll_core::model::{FunctionRecord, Version};
 use atoll_core::watch::WatchEvent;
 
@@ -33,6 +34,26 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Records a node's heartbeat: in memory for the embedded store (heartbeats rebuild it
+    /// within one TTL after a restart), in a KV bucket shared by every registry for NATS.
+    pub async fn announce(&self, announcement: NodeAnnouncement) -> Result<(), StoreError> {
+        match self {
+            Backend::Embedded(store) => {
+                store.announce(announcement);
+                Ok(())
+            }
+            Backend::Nats(store) => store.announce(&announcement).await,
+        }
+    }
+
+    /// Every node heard from recently, with its health.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        match self {
+            Backend::Embedded(store) => store.members_now(),
+            Backend::Nats(store) => store.members(),
+        }
+    }
+
     /// Every function, sorted by name.
     pub async fn list(&self) -> Result<Vec<FunctionRecord>, StoreError> {
         match self {

@@ -42,6 +42,7 @@ use tokio::sync::{Mutex, watch};
 use atoll_core::StoreError;
 use atoll_core::digest::is_sha256_hex;
 use atoll_core::durable::write_atomically;
+use atoll_core::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 
 use atoll_core::auth::Credential;
 use atoll_core::manifest::Manifest;
@@ -83,6 +84,8 @@ struct Inner {
     current: RwLock<Arc<State>>,
     /// The committed revision, for watch streams.
     revision: watch::Sender<u64>,
+    /// Nodes heard from. In memory: heartbeats rebuild it within one TTL after a restart.
+    members: std::sync::Mutex<MemberTable>,
 }
 
 impl std::fmt::Debug for Store {
@@ -132,6 +135,7 @@ impl Store {
                 write: Arc::new(Mutex::new(())),
                 current: RwLock::new(Arc::new(state)),
                 revision,
+                members: std::sync::Mutex::new(MemberTable::new(MEMBER_TTL)),
             }),
         })
     }
@@ -158,6 +162,24 @@ impl Store {
     /// A receiver that changes whenever a mutation commits (value: the new revision).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.revision.subscribe()
+    }
+
+    /// Records a node's heartbeat (in memory only).
+    pub fn announce(&self, announcement: NodeAnnouncement) {
+        self.members().announce(announcement, std::time::Instant::now());
+    }
+
+    /// Every node heard from recently, with its health.
+    pub fn members_now(&self) -> Vec<MemberStatus> {
+        self.members().list(std::time::Instant::now())
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, MemberTable> {
+        // The table is consistent after any panic (plain maps and instants).
+        self.inner
+            .members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every function, sorted by name.
