@@ -13,6 +13,8 @@
 //! - [`artifact_cache`] keeps compiled modules on disk across restarts.
 //! - [`push_check`] is the registry's check of a pushed module (an `atoll_core::ModuleCheck`).
 //! - [`stream`] hands a large response to the client while the guest still writes it.
+//! - [`executor`] is where guest code runs (hot threads, overflow when they stall);
+//!   [`invoke`] runs one request under its deadline (interrupt, supervision, replenish).
 //! - [`function`] ties them together per request; [`pool`] admits requests, keeps instances
 //!   ready ahead of them and scales to zero.
 
@@ -22,7 +24,9 @@ pub mod cow_memory;
 pub mod deadline;
 pub mod engine;
 pub mod error;
+pub mod executor;
 pub mod function;
+pub mod invoke;
 mod layout;
 pub mod pool;
 pub mod push_check;
@@ -37,7 +41,9 @@ pub use artifact_cache::{ArtifactCache, LoadKind};
 pub use cgi::{CgiError, CgiRequest, CgiResponse};
 pub use engine::Engine;
 pub use error::IsolateError;
+pub use executor::GuestExecutor;
 pub use function::{FunctionConfig, InterruptHandle, Invocation, InvokeError, LoadedFunction, ReadyInstance};
+pub use invoke::{GuestPanicked, Run, RunObserver, RunOptions, RunOutcome, invoke};
 pub use pool::{Admission, InstancePool, InterruptSlot, Overloaded, ScaleConfig, StartKind};
 pub use push_check::PushCheck;
 pub use stream::{BodyAborted, BodyReader, StreamedResponse, StreamingOutput};

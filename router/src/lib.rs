@@ -24,7 +24,6 @@ pub mod acme;
 pub mod admin;
 pub mod body;
 pub mod cluster;
-pub mod executor;
 pub mod h1_guard;
 pub mod hop;
 pub mod metrics;

@@ -11,14 +11,13 @@ use std::time::Duration;
 
 use atoll_control::{ControlPlane, RegistryClient};
 use atoll_core::membership::{HEARTBEAT_INTERVAL, NodeAnnouncement};
-use atoll_isolate::{ArtifactCache, Engine};
+use atoll_isolate::{ArtifactCache, Engine, GuestExecutor};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::acme::{AcmeOptions, Http01Challenges};
 use crate::admin::AdminService;
 use crate::cluster::{Cluster, ClusterOptions};
-use crate::executor::GuestExecutor;
 use crate::hop::ClusterKey;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;

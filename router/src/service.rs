@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atoll_isolate::{
-    CgiRequest, InterruptSlot, Invocation, InvokeError, StartKind, StreamedResponse, StreamingOutput,
+    CgiRequest, GuestExecutor, GuestPanicked, InvokeError, Run, RunObserver, RunOptions, RunOutcome,
+    StartKind, StreamedResponse,
 };
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
@@ -33,7 +34,6 @@ use crate::body::ResponseBody;
 use crate::cluster::{
     Cluster, FORWARDING_HEADERS, HOP_HEADER, NOT_SERVED_HEADER, NotServed, SERVED_BY_HEADER, not_served,
 };
-use crate::executor::GuestExecutor;
 use crate::hop::Bound;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
@@ -418,9 +418,18 @@ async fn invoke(
     request: CgiRequest,
 ) -> Response<ResponseBody> {
     let name = served.name();
+    let options = RunOptions {
+        // An HTTP/1.0 body without a length ends when the connection closes, which a body
+        // that broke off does too: such clients get whole responses, as before streaming.
+        streamable: request.protocol != "HTTP/1.0",
+        // HEAD: the head goes out, the rest of the output is counted and dropped.
+        discard_body: request.method == "HEAD",
+    };
     let pool = Arc::clone(&served.pool);
-    let admission = match pool.admit().await {
-        Ok(admission) => admission,
+    let observer: Arc<dyn RunObserver> = Arc::clone(&served) as Arc<dyn RunObserver>;
+    let outcome = match atoll_isolate::invoke(executor, pool, request, options, observer).await {
+        Ok(Run::Streaming(head)) => return streamed_response(head),
+        Ok(Run::Finished(outcome)) => outcome,
         Err(overloaded) => {
             served.metrics.overloaded();
             tracing::debug!(function = %name, %overloaded, "queue full");
@@ -439,90 +448,7 @@ async fn invoke(
             return response;
         }
     };
-    let timeout = pool.function().config().timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let interrupt = InterruptSlot::new();
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    let (head_sender, mut heads) = tokio::sync::oneshot::channel::<StreamedResponse>();
-    // An HTTP/1.0 body without a length ends when the connection closes, which a body that
-    // broke off does too: such clients get whole responses, as before streaming.
-    let streamable = request.protocol != "HTTP/1.0";
-    // HEAD: the head goes out, the rest of the output is counted and dropped.
-    let discard_body = request.method == "HEAD";
-    {
-        let pool = Arc::clone(&pool);
-        let interrupt = Arc::clone(&interrupt);
-        let function_metrics = Arc::clone(&served.metrics);
-        executor.spawn(move || {
-            let streaming = streamable.then(|| {
-                let mut streaming = StreamingOutput::new(move |head| {
-                    let _ = head_sender.send(head);
-                });
-                streaming.discard_body = discard_body;
-                streaming
-            });
-            let outcome = pool.execute(&request, &interrupt, streaming);
-            drop(admission);
-            let _ = sender.send(outcome);
-            // Prepare the next instance while this thread is here anyway, off the
-            // request path: the response has been handed back already.
-            for start_time in pool.replenish() {
-                function_metrics.instance_started(start_time, true);
-            }
-        });
-    }
-    // Whoever stops waiting for the run (a streamed head, or the client going away and
-    // this future being dropped) leaves the guest to the supervisor: it is stopped at the
-    // deadline and its outcome recorded, whatever happens to this request.
-    let mut supervised = Supervised {
-        deadline,
-        interrupt,
-        receiver: Some(receiver),
-        served: Arc::clone(&served),
-    };
-    // Until the deadline: the run's outcome, or the head of a response it streams.
-    let mut may_stream = true;
-    let first = tokio::time::timeout_at(deadline, async {
-        let receiver = supervised.receiver.as_mut().expect("still waiting");
-        loop {
-            tokio::select! {
-                biased;
-                head = &mut heads, if may_stream => match head {
-                    Ok(head) => return Ok(head),
-                    // The run ended without streaming: its outcome is on its way.
-                    Err(_) => may_stream = false,
-                },
-                outcome = &mut *receiver => return Err(outcome),
-            }
-        }
-    })
-    .await;
-    let outcome = match first {
-        // The body flows while the guest runs; the supervisor takes over.
-        Ok(Ok(head)) => return streamed_response(head),
-        Ok(Err(outcome)) => {
-            supervised.receiver = None;
-            outcome
-        }
-        Err(_) => {
-            // Still supervised while it is stopped here: if this future is dropped now, the
-            // supervisor goes on stopping it.
-            let receiver = supervised.receiver.as_mut().expect("still waiting");
-            let outcome = stop_at(deadline, &supervised.interrupt, receiver).await;
-            supervised.receiver = None;
-            outcome
-        }
-    };
-    record(&served, &outcome);
     match outcome {
-        Ok(Ok((invocation, _))) if invocation.streamed.is_some() => {
-            // The run streamed and ended before its head was taken: the head was sent
-            // before the outcome, on the same thread, so it is there.
-            match heads.try_recv() {
-                Ok(head) => streamed_response(head),
-                Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
-            }
-        }
         Ok(Ok((invocation, _))) => {
             let mut response = Response::new(ResponseBody::whole(invocation.response.body));
             *response.status_mut() = invocation.response.status;
@@ -540,7 +466,7 @@ async fn invoke(
                 format!("function `{name}` failed: {}", public_reason(&error)),
             )
         }
-        Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        Err(GuestPanicked) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     }
 }
 
@@ -554,55 +480,13 @@ fn streamed_response(head: StreamedResponse) -> Response<ResponseBody> {
     response
 }
 
-/// A run nobody waits for any more, while `receiver` is set: dropping it hands the run to
-/// a task that stops it at the deadline and records its outcome.
-struct Supervised {
-    deadline: tokio::time::Instant,
-    interrupt: Arc<InterruptSlot>,
-    receiver: Option<tokio::sync::oneshot::Receiver<Result<(Invocation, StartKind), InvokeError>>>,
-    served: Arc<ServedFunction>,
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        let Some(mut receiver) = self.receiver.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (deadline, interrupt, served) = (
-            self.deadline,
-            Arc::clone(&self.interrupt),
-            Arc::clone(&self.served),
-        );
-        runtime.spawn(async move {
-            let outcome = stop_at(deadline, &interrupt, &mut receiver).await;
-            record(&served, &outcome);
-        });
+impl RunObserver for ServedFunction {
+    fn instance_started(&self, start_time: Duration, ahead: bool) {
+        self.metrics.instance_started(start_time, ahead);
     }
-}
 
-/// What the guest thread sends back: the run's outcome (`Err` if the job panicked).
-type RunOutcome =
-    Result<Result<(Invocation, StartKind), InvokeError>, tokio::sync::oneshot::error::RecvError>;
-
-/// The run's outcome, stopping the guest once `deadline` has passed.
-async fn stop_at(
-    deadline: tokio::time::Instant,
-    interrupt: &InterruptSlot,
-    receiver: &mut tokio::sync::oneshot::Receiver<Result<(Invocation, StartKind), InvokeError>>,
-) -> RunOutcome {
-    if let Ok(outcome) = tokio::time::timeout_at(deadline, &mut *receiver).await {
-        return outcome;
-    }
-    loop {
-        // The signal can miss a guest that is between instructions it checks; repeat
-        // until the run returns.
-        interrupt.fire();
-        if let Ok(outcome) = tokio::time::timeout(INTERRUPT_RETRY, &mut *receiver).await {
-            return outcome;
-        }
+    fn finished(&self, outcome: &RunOutcome) {
+        record(self, outcome);
     }
 }
 
@@ -642,7 +526,7 @@ fn record(served: &ServedFunction, outcome: &RunOutcome) {
                 "invocation failed"
             );
         }
-        Err(_) => tracing::error!(function = %name, "invocation panicked"),
+        Err(GuestPanicked) => tracing::error!(function = %name, "invocation panicked"),
     }
 }
 
@@ -707,9 +591,6 @@ fn refusal(reason: NotServed, text: impl Into<String>) -> Response<ResponseBody>
         .insert(NOT_SERVED_HEADER, http::HeaderValue::from_static(reason.as_str()));
     response
 }
-
-/// How often a timed-out guest is signalled again until it stops.
-const INTERRUPT_RETRY: Duration = Duration::from_millis(20);
 
 /// What the client is told: the kind of failure, not the guest's internals.
 fn public_reason(error: &InvokeError) -> &'static str {
