@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use atoll_registry::connections::Activity;
+use atoll_ingress::activity::Activity;
 
 use crate::body::ResponseBody;
 use bytes::Bytes;
@@ -92,7 +92,7 @@ pub trait Handler: Send + Sync + 'static {
 /// How long in-flight requests get to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client must send its request head within this time (slowloris).
-pub const HEADER_READ_TIMEOUT: Duration = atoll_registry::connections::DEFAULT_HEADER_READ_TIMEOUT;
+pub const HEADER_READ_TIMEOUT: Duration = atoll_ingress::activity::DEFAULT_HEADER_READ_TIMEOUT;
 
 /// The edge's limits on clients, each with its default. The README lists them.
 #[derive(Debug, Clone)]
@@ -128,7 +128,7 @@ impl Default for ServerLimits {
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: HEADER_READ_TIMEOUT,
-            idle_timeout: atoll_registry::connections::DEFAULT_IDLE_TIMEOUT,
+            idle_timeout: atoll_ingress::activity::DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_uri_bytes: 8 * 1024,
@@ -265,8 +265,8 @@ struct Connection<H> {
     remote: SocketAddr,
 }
 
-/// Per-connection bookkeeping shared by its requests: for the idle timeout (the
-/// registry's [`Activity`], one implementation for both) and the guard.
+/// Per-connection bookkeeping shared by its requests: for the idle timeout ([`Activity`],
+/// one implementation for the edge and the registry) and the guard.
 struct ConnectionState {
     activity: Arc<Activity>,
     /// Requests seen, refused ones too: the index the guard's verdicts refer to.
