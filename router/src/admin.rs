@@ -133,6 +133,8 @@ impl AdminService {
 }
 
 impl Handler for AdminService {
+    type Body = ResponseBody;
+
     async fn handle<B>(
         self: Arc<Self>,
         request: Request<B>,

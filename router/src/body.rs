@@ -20,7 +20,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cluster::ForwardInFlight;
-use crate::server::BoxError;
+use crate::server::{BoxError, HandlerBody};
 
 /// A response body: see the module documentation.
 pub enum ResponseBody {
@@ -72,6 +72,22 @@ impl ResponseBody {
         } else {
             self
         }
+    }
+}
+
+/// What the listeners need of it: their own small answers, an empty body, and the
+/// connection's in-flight mark held while a body streams.
+impl HandlerBody for ResponseBody {
+    fn whole(bytes: Bytes) -> Self {
+        ResponseBody::whole(bytes)
+    }
+
+    fn empty() -> Self {
+        ResponseBody::empty()
+    }
+
+    fn holding(self, guard: impl Send + Sync + 'static) -> Self {
+        ResponseBody::holding(self, guard)
     }
 }
 

@@ -2140,6 +2140,7 @@ mod tests {
 
         use super::*;
         use crate::server::{self, BoxError, ConnectionInfo, Handler, Ingress, ServerLimits};
+        use crate::test_body::TestBody;
 
         /// Stands in for a function: answers `PATH N bytes` and records each whole body it got.
         #[derive(Default)]
@@ -2154,11 +2155,13 @@ mod tests {
         }
 
         impl Handler for Recorder {
+            type Body = TestBody;
+
             async fn handle<B>(
                 self: Arc<Self>,
                 request: Request<B>,
                 _connection: ConnectionInfo,
-            ) -> Response<crate::body::ResponseBody>
+            ) -> Response<TestBody>
             where
                 B: Body<Data = Bytes> + Send + 'static,
                 B::Error: Into<BoxError>,

@@ -40,5 +40,7 @@ pub mod tls;
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod test_body;
 
 pub use node::{NodeError, NodeListeners, NodeOptions, run};

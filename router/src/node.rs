@@ -395,11 +395,12 @@ pub async fn run(
         ));
     }
     if let Some(acme) = options.acme.clone() {
+        let routing = Arc::clone(&routing);
         tasks.push(tokio::spawn(crate::acme::run(
             acme,
             Arc::clone(&certificates),
             Arc::clone(&http01),
-            Arc::clone(&routing),
+            move || routing.exact_hosts(),
             stopped(stop.clone()),
         )));
     }

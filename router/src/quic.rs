@@ -3,8 +3,9 @@
 //! Browsers learn of HTTP/3 from the `Alt-Svc` header the TLS listener adds, then open a QUIC
 //! connection to the same port over UDP. This module serves those connections with the very
 //! handler the TCP listeners use: the request body is streamed to it (the service enforces
-//! its body limit and answers 413) and the same 421 check applies (the `:authority` must be
-//! covered by the certificate the connection's SNI selected).
+//! its body limit and answers 413) and the same 421 check applies, the one function the TLS
+//! listeners call ([`crate::server::misdirected`]: the `:authority` must be covered by the
+//! certificate the connection's SNI selected).
 //!
 //! ```text
 //! UdpSocket ─ quinn Endpoint ─ Incoming ─┬─ retry (address not validated, too many handshakes)
@@ -58,16 +59,14 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes};
 use h3::quic::{self as h3_quic, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
-
-use crate::body::ResponseBody;
 use hyper::body::{Body, Frame};
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::server::{ConnectionInfo, Handler, ServerLimits, Transport, request_host, text_response};
+use crate::server::{ConnectionInfo, Handler, HandlerBody, ServerLimits, Transport, misdirected};
 use crate::tls::{Certificates, QUIC_ALPN};
 
 /// Counter: client addresses asked to validate themselves with a Retry packet.
@@ -371,11 +370,13 @@ impl<H: Handler> Shared<H> {
         let (mut sender, receiver) = stream.split();
         let head_only = request.method() == Method::HEAD;
         let request = request.map(|()| RequestBody { stream: receiver });
-        let response = match self.misdirected(&request, &info) {
+        let response = match misdirected(&self.certificates, &request, &info) {
             Some(response) => response,
             None => Arc::clone(&self.handler).handle(request, info).await,
         };
-        let (head, mut body) = into_h3_parts(response, head_only);
+        let (head, body) = into_h3_parts(response, head_only);
+        // Pinned where it is: the handler's body is streamed without being boxed.
+        let mut body = std::pin::pin!(body);
         let sent = async {
             sender.send_response(head).await?;
             while let Some(frame) = body.frame().await {
@@ -402,22 +403,6 @@ impl<H: Handler> Shared<H> {
             tracing::debug!(%remote, %error, "HTTP/3 response not sent");
         }
     }
-
-    /// The 421 for a request whose host the connection's certificate does not cover.
-    fn misdirected<B>(&self, request: &Request<B>, info: &ConnectionInfo) -> Option<Response<ResponseBody>> {
-        let host = request_host(request)?;
-        let host = atoll_core::host::normalize_host(&host);
-        if self.certificates.host_allowed(info.server_name(), &host) {
-            return None;
-        }
-        Some(text_response(
-            StatusCode::MISDIRECTED_REQUEST,
-            format!(
-                "host `{host}` is not served by the certificate for `{}` on this connection",
-                info.server_name().unwrap_or("-")
-            ),
-        ))
-    }
 }
 
 /// Header fields that are specific to an HTTP/1.1 connection and malformed in HTTP/3
@@ -433,7 +418,7 @@ const CONNECTION_SPECIFIC_HEADERS: [http::header::HeaderName; 5] = [
 /// The response head for h3 (no connection-specific fields; `content-length` when the
 /// body's length is known and `date`, as hyper adds them over TCP) and its body (empty for
 /// HEAD and bodiless statuses).
-fn into_h3_parts(response: Response<ResponseBody>, head_only: bool) -> (Response<()>, ResponseBody) {
+fn into_h3_parts<T: HandlerBody>(response: Response<T>, head_only: bool) -> (Response<()>, T) {
     let (mut parts, body) = response.into_parts();
     for name in &CONNECTION_SPECIFIC_HEADERS {
         parts.headers.remove(name);
@@ -454,11 +439,7 @@ fn into_h3_parts(response: Response<ResponseBody>, head_only: bool) -> (Response
             .headers
             .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    let body = if head_only || bodiless {
-        ResponseBody::empty()
-    } else {
-        body
-    };
+    let body = if head_only || bodiless { T::empty() } else { body };
     (Response::from_parts(parts, ()), body)
 }
 
@@ -881,10 +862,12 @@ impl Body for RequestBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::text_response;
+    use crate::test_body::TestBody;
 
     #[tokio::test]
     async fn h3_responses_drop_connection_specific_fields_and_carry_a_length() {
-        let mut response = text_response(StatusCode::OK, "hi");
+        let mut response: Response<TestBody> = text_response(StatusCode::OK, "hi");
         response
             .headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -893,7 +876,7 @@ mod tests {
         assert_eq!(head.headers()[http::header::CONTENT_LENGTH], "3");
         assert_eq!(body.collect().await.unwrap().to_bytes(), "hi\n");
 
-        let (head, body) = into_h3_parts(text_response(StatusCode::OK, "hi"), true);
+        let (head, body) = into_h3_parts(text_response::<TestBody>(StatusCode::OK, "hi"), true);
         assert_eq!(
             head.headers()[http::header::CONTENT_LENGTH],
             "3",
@@ -902,8 +885,8 @@ mod tests {
         assert!(body.is_end_stream(), "HEAD has no body");
 
         // A streamed body has no length to announce.
-        let (_writer, reader) = atoll_isolate::stream::body_pipe(16);
-        let streamed = Response::new(ResponseBody::Function(reader));
+        let (_writer, streamed) = TestBody::streamed();
+        let streamed = Response::new(streamed);
         let (head, _) = into_h3_parts(streamed, false);
         assert!(head.headers().get(http::header::CONTENT_LENGTH).is_none());
     }

@@ -112,6 +112,8 @@ impl EdgeService {
 }
 
 impl Handler for EdgeService {
+    type Body = ResponseBody;
+
     async fn handle<B>(
         self: Arc<Self>,
         request: Request<B>,
