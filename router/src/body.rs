@@ -15,12 +15,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atoll_ingress::server::{BoxError, HandlerBody};
 use atoll_isolate::BodyReader;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cluster::ForwardInFlight;
-use crate::server::{BoxError, HandlerBody};
 
 /// A response body: see the module documentation.
 pub enum ResponseBody {

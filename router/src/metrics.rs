@@ -51,7 +51,7 @@ pub const REQUESTS_IN_FLIGHT: &str = "atoll_requests_in_flight";
 pub const FORWARDS_TOTAL: &str = "atoll_forwards_total";
 /// Counter: TCP connections accepted, by `listener` (its local address); recorded by the
 /// accept loop, which owns the name.
-pub use crate::server::CONNECTIONS_ACCEPTED_TOTAL;
+pub use atoll_ingress::server::CONNECTIONS_ACCEPTED_TOTAL;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

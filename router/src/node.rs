@@ -10,22 +10,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atoll_core::membership::{HEARTBEAT_INTERVAL, MemberStatus, NodeAnnouncement};
+use atoll_ingress::acme::{AcmeOptions, Http01Challenges};
+use atoll_ingress::server::{Ingress, ServerLimits, TlsIngress};
+use atoll_ingress::tls::Certificates;
 use atoll_isolate::{ArtifactCache, Engine};
 use atoll_registry::{LazyNatsStore, RegistryClient};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::acme::{AcmeOptions, Http01Challenges};
 use crate::admin::AdminService;
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::executor::GuestExecutor;
 use crate::hop::ClusterKey;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;
-use crate::server::{Ingress, ServerLimits, TlsIngress};
 use crate::service::EdgeService;
 use crate::sync::{SyncSource, Syncer};
-use crate::tls::Certificates;
 
 /// Everything a node needs besides its sockets.
 #[derive(Debug, Clone)]
@@ -396,7 +396,7 @@ pub async fn run(
     }
     if let Some(acme) = options.acme.clone() {
         let routing = Arc::clone(&routing);
-        tasks.push(tokio::spawn(crate::acme::run(
+        tasks.push(tokio::spawn(atoll_ingress::acme::run(
             acme,
             Arc::clone(&certificates),
             Arc::clone(&http01),
@@ -414,7 +414,7 @@ pub async fn run(
     let tls = match listeners.tls {
         Some(listener) => {
             let tls = TlsIngress {
-                config: crate::tls::tcp_server_config(Arc::clone(&certificates))?,
+                config: atoll_ingress::tls::tcp_server_config(Arc::clone(&certificates))?,
                 certificates: Arc::clone(&certificates),
             };
             Some((listener, tls))
@@ -433,7 +433,7 @@ pub async fn run(
             alt_svc,
             limits: Arc::clone(&limits),
         };
-        servers.push(tokio::spawn(crate::server::serve_with(
+        servers.push(tokio::spawn(atoll_ingress::server::serve_with(
             listener,
             Arc::clone(&service),
             ingress,
@@ -441,11 +441,11 @@ pub async fn run(
         )));
     }
     if let Some(socket) = listeners.quic {
-        let settings = crate::quic::QuicSettings {
+        let settings = atoll_ingress::quic::QuicSettings {
             retry_threshold: options.quic_retry_threshold,
             limits: Arc::clone(&limits),
         };
-        servers.push(tokio::spawn(crate::quic::serve_quic(
+        servers.push(tokio::spawn(atoll_ingress::quic::serve_quic(
             socket,
             Arc::clone(&certificates),
             Arc::clone(&service),
@@ -455,7 +455,7 @@ pub async fn run(
     }
     // The admin listener gets the edge's limits on connections (header and idle timeouts,
     // its own cap), so idle or half-sent connections cannot lock out probes and drains.
-    servers.push(tokio::spawn(crate::server::serve_with(
+    servers.push(tokio::spawn(atoll_ingress::server::serve_with(
         listeners.admin,
         AdminService::new(routing, metrics, Arc::clone(&cluster), options.token.clone()),
         Ingress {

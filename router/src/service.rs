@@ -20,6 +20,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atoll_ingress::acme::Http01Challenges;
+use atoll_ingress::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
 use atoll_isolate::{
     CgiRequest, InterruptSlot, Invocation, InvokeError, StartKind, StreamedResponse, StreamingOutput,
 };
@@ -28,7 +30,6 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
 
-use crate::acme::Http01Challenges;
 use crate::body::ResponseBody;
 use crate::cluster::{
     Cluster, FORWARDING_HEADERS, HOP_HEADER, NOT_SERVED_HEADER, NotServed, SERVED_BY_HEADER, not_served,
@@ -37,7 +38,6 @@ use crate::executor::GuestExecutor;
 use crate::hop::Bound;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
-use crate::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
 
 /// Largest request body a function accepts.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;

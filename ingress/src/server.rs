@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use atoll_ingress::activity::Activity;
+use crate::activity::Activity;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -114,7 +114,7 @@ pub trait HandlerBody: Body<Data = Bytes, Error = BoxError> + Send + Sized + 'st
 /// How long in-flight requests get to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client must send its request head within this time (slowloris).
-pub const HEADER_READ_TIMEOUT: Duration = atoll_ingress::activity::DEFAULT_HEADER_READ_TIMEOUT;
+pub const HEADER_READ_TIMEOUT: Duration = crate::activity::DEFAULT_HEADER_READ_TIMEOUT;
 
 /// The edge's limits on clients, each with its default. The README lists them.
 #[derive(Debug, Clone)]
@@ -150,7 +150,7 @@ impl Default for ServerLimits {
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: HEADER_READ_TIMEOUT,
-            idle_timeout: atoll_ingress::activity::DEFAULT_IDLE_TIMEOUT,
+            idle_timeout: crate::activity::DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_uri_bytes: 8 * 1024,
