@@ -6,7 +6,7 @@
 //! whose first request head has not come within the header timeout. A request counts as in
 //! flight until its response body is finished, so a long streamed response is never cut as
 //! idle. [`Activity`] is that bookkeeping, one implementation for the edge's listeners and
-//! the registry's API (`atoll_registry::connections`), which is why it lives here, with the
+//! the registry's API server (its `connections` module), which is why it lives here, with the
 //! two defaults they share.
 
 use std::sync::Arc;

@@ -28,5 +28,3 @@ pub mod tls;
 mod fuzz;
 #[cfg(test)]
 mod test_body;
-
-pub use server::BoxError;

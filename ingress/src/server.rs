@@ -7,6 +7,11 @@
 //! timeout, a header read timeout and an idle timeout (slowloris), strict HTTP/1.1 framing
 //! ([`crate::h1_guard`]), HTTP/2 stream and reset limits. On shutdown the loop stops
 //! accepting, in-flight requests finish within the grace period, then the function returns.
+//!
+//! What answers is a [`Handler`], which this crate knows only by that trait: its responses
+//! carry its own body type ([`HandlerBody`]), served as it is, without boxing. A request on
+//! a TLS connection for a host the connection's certificate does not cover gets a 421
+//! ([`misdirected`], HTTP/3's check too) before the handler sees it.
 
 use std::future::Future;
 use std::net::SocketAddr;
