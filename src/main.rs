@@ -305,18 +305,18 @@ impl EdgeArgs {
         options.acme = self
             .acme_directory
             .as_ref()
-            .map(|directory| atoll_router::acme::AcmeOptions {
+            .map(|directory| atoll_ingress::acme::AcmeOptions {
                 directory: directory.clone(),
                 email: self.acme_email.clone(),
                 ca_cert: self.acme_ca_cert.clone(),
                 challenge: if self.acme_challenge == "http-01" {
-                    atoll_router::acme::ChallengeKind::Http01
+                    atoll_ingress::acme::ChallengeKind::Http01
                 } else {
-                    atoll_router::acme::ChallengeKind::TlsAlpn01
+                    atoll_ingress::acme::ChallengeKind::TlsAlpn01
                 },
                 state_dir: options.data_dir.join("acme"),
             });
-        options.limits = atoll_router::server::ServerLimits {
+        options.limits = atoll_ingress::server::ServerLimits {
             max_connections: self.max_connections,
             tls_handshake_timeout: self.tls_handshake_timeout,
             header_read_timeout: self.header_timeout,

@@ -8,8 +8,8 @@
 //! timeout; a request counts as in flight until its response body is finished, so a
 //! streaming response (the registry's `GET /v1/watch`) is never cut as idle.
 //!
-//! [`Activity`] is that per-connection bookkeeping; the edge's accept loop
-//! (`atoll_router::server`) uses it too. [`serve_router`] is the registry's accept loop:
+//! [`Activity`] is that per-connection bookkeeping, shared with the edge's accept loops
+//! (it lives in `atoll_ingress::activity`, with the two defaults). [`serve_router`] is the registry's accept loop:
 //! an axum router served by hyper-util (HTTP/1.1 and h2c) with these limits and a
 //! connection cap. At the cap it closes the connection that has been idle longest (no
 //! request in flight, e.g. a partial head or an idle keep-alive) to make room, so
@@ -21,10 +21,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -38,12 +38,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 
+use atoll_ingress::activity::{Activity, InFlight};
+pub use atoll_ingress::activity::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
+
 /// Default [`ConnectionLimits::max_connections`] for the registry.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-/// Default [`ConnectionLimits::header_read_timeout`] (the edge's too).
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default [`ConnectionLimits::idle_timeout`] (the edge's too).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default [`ConnectionLimits::shutdown_grace`].
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Refusals (503 at the cap) being written at once; beyond, a refused connection is just
@@ -76,95 +75,6 @@ impl Default for ConnectionLimits {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
-    }
-}
-
-/// What one connection is doing: requests in flight and when it last did something.
-#[derive(Debug)]
-pub struct Activity {
-    started: Instant,
-    in_flight: AtomicUsize,
-    /// Milliseconds since `started` of the last request start or end.
-    last_activity_ms: AtomicU64,
-    requests: AtomicU64,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity {
-            started: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            last_activity_ms: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Activity {
-    /// A connection that starts now.
-    pub fn new() -> Arc<Activity> {
-        Arc::new(Activity::default())
-    }
-
-    fn touch(&self) {
-        self.last_activity_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Counts a request as in flight until the returned guard is dropped.
-    pub fn enter(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.touch();
-        InFlight(Arc::clone(self))
-    }
-
-    /// Requests in flight now.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Requests started on this connection so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    /// When the connection last started or finished a request (or started).
-    fn last_activity(&self) -> Instant {
-        self.started + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
-    }
-
-    /// Resolves once the connection has had no request in flight for `idle`.
-    pub async fn idle(&self, idle: Duration) {
-        loop {
-            let deadline = self.last_activity() + idle;
-            if Instant::now() >= deadline && self.in_flight() == 0 {
-                return;
-            }
-            tokio::time::sleep_until(deadline.max(Instant::now() + Duration::from_millis(100)).into()).await;
-        }
-    }
-
-    /// Resolves when no request has started within `timeout` of the connection's start
-    /// (a silent socket, a partial first head); never otherwise.
-    pub async fn no_request_within(&self, timeout: Duration) {
-        tokio::time::sleep_until((self.started + timeout).into()).await;
-        if self.requests() == 0 {
-            return;
-        }
-        std::future::pending().await
-    }
-}
-
-/// A request in flight on a connection (see [`Activity::enter`]); also when the client
-/// goes away mid-request and the request's future or body is dropped.
-#[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
     }
 }
 

@@ -30,6 +30,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::body::ResponseBody;
+use atoll_ingress::server::{BoxError, ConnectionInfo, Handler, text_response};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Body;
@@ -37,7 +38,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::cluster::Cluster;
 use crate::served::Routing;
-use crate::server::{BoxError, ConnectionInfo, Handler, text_response};
 
 pub struct AdminService {
     routing: Arc<Routing>,
@@ -104,7 +104,7 @@ impl AdminService {
         if !is_loopback(connection.remote.ip()) {
             return refused("without a token it is only taken from loopback");
         }
-        match crate::server::request_host(request) {
+        match atoll_ingress::server::request_host(request) {
             Some(host) if is_loopback_host(&host) => {}
             Some(host) => {
                 return refused(&format!(
@@ -133,6 +133,8 @@ impl AdminService {
 }
 
 impl Handler for AdminService {
+    type Body = ResponseBody;
+
     async fn handle<B>(
         self: Arc<Self>,
         request: Request<B>,

@@ -15,12 +15,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use atoll_ingress::server::{BoxError, HandlerBody};
 use atoll_isolate::BodyReader;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cluster::ForwardInFlight;
-use crate::server::BoxError;
 
 /// A response body: see the module documentation.
 pub enum ResponseBody {
@@ -72,6 +72,22 @@ impl ResponseBody {
         } else {
             self
         }
+    }
+}
+
+/// What the listeners need of it: their own small answers, an empty body, and the
+/// connection's in-flight mark held while a body streams.
+impl HandlerBody for ResponseBody {
+    fn whole(bytes: Bytes) -> Self {
+        ResponseBody::whole(bytes)
+    }
+
+    fn empty() -> Self {
+        ResponseBody::empty()
+    }
+
+    fn holding(self, guard: impl Send + Sync + 'static) -> Self {
+        ResponseBody::holding(self, guard)
     }
 }
 

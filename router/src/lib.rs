@@ -2,42 +2,36 @@
 //!
 //! ```text
 //! TCP (h1 / h2c) ─┐
-//! TLS (h2 / h1) ──┼▶ server / quic ─▶ EdgeService ─▶ Routing (ArcSwap<RouteTable>) ─▶ LoadedFunction
-//! QUIC (h3) ──────┘    ▲ tls::Certificates (SNI: --certs DIR, ACME)
+//! TLS (h2 / h1) ──┼▶ atoll-ingress (server / quic) ─▶ EdgeService ─▶ Routing (ArcSwap<RouteTable>) ─▶ LoadedFunction
+//! QUIC (h3) ──────┘    ▲ tls::Certificates (SNI: --certs DIR, ACME fed Routing::exact_hosts)
 //!                                                          ▲
 //! registry watch ─▶ Syncer ─▶ fetch + verify + cache + compile ─┘   (node_cache on disk)
 //! admin listener ─▶ /healthz /readyz /metrics
 //! ```
 //!
-//! - [`route_table`]: host/path matching, pure and generic over its target.
+//! The listeners, TLS, ACME, HTTP/3 and the HTTP/1.1 guard are atoll-ingress; this crate
+//! is what answers: its services implement `atoll_ingress::server::Handler`.
+//!
+//! - [`atoll_core::route_table`]: host/path matching, pure and generic over its target.
 //! - [`served`]: the published table of loaded functions.
-//! - [`service`]: the request path; [`server`]: TCP and TLS accept loops with the edge's
-//!   limits and graceful shutdown; [`h1_guard`]: strict HTTP/1.1 framing; [`quic`]: HTTP/3;
-//!   [`executor`]: the threads guest code runs on.
-//! - [`tls`]: certificates by SNI; [`acme`]: obtaining and renewing them.
+//! - [`service`]: the request path; [`body`]: what it answers with (whole, or streamed from
+//!   a guest or a peer); [`executor`]: the threads guest code runs on.
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
 //! - [`cluster`] and [`placement`]: peers, home nodes, forwarding, draining; [`hop`]: the
 //!   signed header a forward carries.
 //! - [`admin`] and [`metrics`]: what operators look at.
+//! - [`node`]: all of it wired together, with the ingress listeners.
 
-pub mod acme;
 pub mod admin;
 pub mod body;
 pub mod cluster;
-pub mod h1_guard;
 pub mod hop;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;
 pub mod placement;
-pub mod quic;
 pub mod served;
-pub mod server;
 pub mod service;
 pub mod sync;
-pub mod tls;
-
-#[cfg(test)]
-mod fuzz;
 
 pub use node::{NodeError, NodeListeners, NodeOptions, run};

@@ -49,8 +49,9 @@ pub const REQUESTS_IN_FLIGHT: &str = "atoll_requests_in_flight";
 /// Counter: requests forwarded to a peer, by `outcome` (answered, unavailable, refused:
 /// never reached the peer, broken: lost after it may have).
 pub const FORWARDS_TOTAL: &str = "atoll_forwards_total";
-/// Counter: TCP connections accepted, by `listener` (its local address).
-pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "atoll_connections_accepted_total";
+/// Counter: TCP connections accepted, by `listener` (its local address); recorded by the
+/// accept loop, which owns the name.
+pub use atoll_ingress::server::CONNECTIONS_ACCEPTED_TOTAL;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -11,20 +11,20 @@ use std::time::Duration;
 
 use atoll_control::{ControlPlane, RegistryClient};
 use atoll_core::membership::{HEARTBEAT_INTERVAL, NodeAnnouncement};
+use atoll_ingress::acme::{AcmeOptions, Http01Challenges};
+use atoll_ingress::server::{Ingress, ServerLimits, TlsIngress};
+use atoll_ingress::tls::Certificates;
 use atoll_isolate::{ArtifactCache, Engine, GuestExecutor};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::acme::{AcmeOptions, Http01Challenges};
 use crate::admin::AdminService;
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::hop::ClusterKey;
 use crate::node_cache::NodeCache;
 use crate::served::Routing;
-use crate::server::{Ingress, ServerLimits, TlsIngress};
 use crate::service::EdgeService;
 use crate::sync::Syncer;
-use crate::tls::Certificates;
 
 /// Everything a node needs besides its sockets.
 #[derive(Debug, Clone)]
@@ -365,11 +365,12 @@ pub async fn run(
         ));
     }
     if let Some(acme) = options.acme.clone() {
-        tasks.push(tokio::spawn(crate::acme::run(
+        let routing = Arc::clone(&routing);
+        tasks.push(tokio::spawn(atoll_ingress::acme::run(
             acme,
             Arc::clone(&certificates),
             Arc::clone(&http01),
-            Arc::clone(&routing),
+            move || routing.exact_hosts(),
             stopped(stop.clone()),
         )));
     }
@@ -383,7 +384,7 @@ pub async fn run(
     let tls = match listeners.tls {
         Some(listener) => {
             let tls = TlsIngress {
-                config: crate::tls::tcp_server_config(Arc::clone(&certificates))?,
+                config: atoll_ingress::tls::tcp_server_config(Arc::clone(&certificates))?,
                 certificates: Arc::clone(&certificates),
             };
             Some((listener, tls))
@@ -402,7 +403,7 @@ pub async fn run(
             alt_svc,
             limits: Arc::clone(&limits),
         };
-        servers.push(tokio::spawn(crate::server::serve_with(
+        servers.push(tokio::spawn(atoll_ingress::server::serve_with(
             listener,
             Arc::clone(&service),
             ingress,
@@ -410,11 +411,11 @@ pub async fn run(
         )));
     }
     if let Some(socket) = listeners.quic {
-        let settings = crate::quic::QuicSettings {
+        let settings = atoll_ingress::quic::QuicSettings {
             retry_threshold: options.quic_retry_threshold,
             limits: Arc::clone(&limits),
         };
-        servers.push(tokio::spawn(crate::quic::serve_quic(
+        servers.push(tokio::spawn(atoll_ingress::quic::serve_quic(
             socket,
             Arc::clone(&certificates),
             Arc::clone(&service),
@@ -424,7 +425,7 @@ pub async fn run(
     }
     // The admin listener gets the edge's limits on connections (header and idle timeouts,
     // its own cap), so idle or half-sent connections cannot lock out probes and drains.
-    servers.push(tokio::spawn(crate::server::serve_with(
+    servers.push(tokio::spawn(atoll_ingress::server::serve_with(
         listeners.admin,
         AdminService::new(routing, metrics, Arc::clone(&cluster), options.token.clone()),
         Ingress {

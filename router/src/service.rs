@@ -20,6 +20,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atoll_ingress::acme::Http01Challenges;
+use atoll_ingress::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
 use atoll_isolate::{
     CgiRequest, GuestExecutor, GuestPanicked, InvokeError, Run, RunObserver, RunOptions, RunOutcome,
     StartKind, StreamedResponse,
@@ -29,7 +31,6 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
 
-use crate::acme::Http01Challenges;
 use crate::body::ResponseBody;
 use crate::cluster::{
     Cluster, FORWARDING_HEADERS, HOP_HEADER, NOT_SERVED_HEADER, NotServed, SERVED_BY_HEADER, not_served,
@@ -37,7 +38,6 @@ use crate::cluster::{
 use crate::hop::Bound;
 use crate::metrics::{self, FunctionMetrics};
 use crate::served::{Routing, ServedFunction};
-use crate::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
 
 /// Largest request body a function accepts.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -112,6 +112,8 @@ impl EdgeService {
 }
 
 impl Handler for EdgeService {
+    type Body = ResponseBody;
+
     async fn handle<B>(
         self: Arc<Self>,
         request: Request<B>,

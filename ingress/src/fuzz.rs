@@ -3,7 +3,7 @@
 //!
 //! libFuzzer needs nightly, so these are property tests (proptest) that run with the other
 //! tests, a bounded number of cases each; `PROPTEST_CASES=100000 cargo nextest run -p
-//! atoll-router fuzz` runs them longer. Inputs come from a grammar of the pieces request
+//! atoll-ingress fuzz` runs them longer. Inputs come from a grammar of the pieces request
 //! smuggling is made of (conflicting lengths, codings spelled oddly, stray CR and LF, folded
 //! lines, chunk sizes and extensions), then mutated byte by byte, and from the seeds in
 //! `fuzz-corpus/`. Each input is checked against an independent reading of the same bytes:

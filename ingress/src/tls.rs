@@ -8,9 +8,9 @@
 //! ACME manager obtains. A pair that fails to load is logged and the previous version of that
 //! pair keeps serving: bad input loses nothing.
 //!
-//! The same [`Certificates`] answers the 421 check: a request's `Host` must be covered by the
-//! certificate its connection was served, or the client reused a connection for a name we
-//! never proved (RFC 9110 §15.5.20).
+//! The same [`Certificates`] answers the 421 check ([`crate::server::misdirected`]): a
+//! request's `Host` must be covered by the certificate its connection was served, or the
+//! client reused a connection for a name we never proved (RFC 9110 §15.5.20).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

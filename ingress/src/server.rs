@@ -7,6 +7,11 @@
 //! timeout, a header read timeout and an idle timeout (slowloris), strict HTTP/1.1 framing
 //! ([`crate::h1_guard`]), HTTP/2 stream and reset limits. On shutdown the loop stops
 //! accepting, in-flight requests finish within the grace period, then the function returns.
+//!
+//! What answers is a [`Handler`], which this crate knows only by that trait: its responses
+//! carry its own body type ([`HandlerBody`]), served as it is, without boxing. A request on
+//! a TLS connection for a host the connection's certificate does not cover gets a 421
+//! ([`misdirected`], HTTP/3's check too) before the handler sees it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,9 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use atoll_registry::connections::Activity;
+use crate::activity::Activity;
 
-use crate::body::ResponseBody;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Body;
@@ -32,6 +36,9 @@ use crate::tls::Certificates;
 
 /// A boxed error, as bodies report them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counter: TCP connections accepted, by `listener` (its local address).
+pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "atoll_connections_accepted_total";
 
 /// How a connection reached us.
 #[derive(Debug, Clone)]
@@ -79,20 +86,40 @@ impl ConnectionInfo {
 
 /// Something that answers requests, whatever the body type of the protocol they came in.
 pub trait Handler: Send + Sync + 'static {
+    /// The body of its responses, whole or streamed: the listeners send it as it comes
+    /// (hyper over TCP, frame by frame over HTTP/3) without boxing it.
+    type Body: HandlerBody;
+
     fn handle<B>(
         self: Arc<Self>,
         request: Request<B>,
         connection: ConnectionInfo,
-    ) -> impl Future<Output = Response<ResponseBody>> + Send
+    ) -> impl Future<Output = Response<Self::Body>> + Send
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>;
 }
 
+/// What a [`Handler`]'s response body must offer besides its frames. The listeners make a
+/// few answers of their own in the handler's body type (a refused request, the 421), empty
+/// it (HTTP/3 HEAD), and keep the connection's in-flight mark alive while a streamed body is
+/// sent, so its idle timeout does not cut a long download.
+pub trait HandlerBody: Body<Data = Bytes, Error = BoxError> + Send + Sized + 'static {
+    /// All of `bytes`, with its exact length.
+    fn whole(bytes: Bytes) -> Self;
+
+    /// No body at all.
+    fn empty() -> Self;
+
+    /// Keeps `guard` alive until a streamed body ends (a whole one ends at once: the guard
+    /// is dropped now).
+    fn holding(self, guard: impl Send + Sync + 'static) -> Self;
+}
+
 /// How long in-flight requests get to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A client must send its request head within this time (slowloris).
-pub const HEADER_READ_TIMEOUT: Duration = atoll_registry::connections::DEFAULT_HEADER_READ_TIMEOUT;
+pub const HEADER_READ_TIMEOUT: Duration = crate::activity::DEFAULT_HEADER_READ_TIMEOUT;
 
 /// The edge's limits on clients, each with its default. The README lists them.
 #[derive(Debug, Clone)]
@@ -128,7 +155,7 @@ impl Default for ServerLimits {
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: HEADER_READ_TIMEOUT,
-            idle_timeout: atoll_registry::connections::DEFAULT_IDLE_TIMEOUT,
+            idle_timeout: crate::activity::DEFAULT_IDLE_TIMEOUT,
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_uri_bytes: 8 * 1024,
@@ -192,8 +219,7 @@ pub async fn serve_with<H: Handler>(
     let ingress = Arc::new(ingress);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let accepted_total =
-        ::metrics::counter!(crate::metrics::CONNECTIONS_ACCEPTED_TOTAL, "listener" => local.to_string());
+    let accepted_total = ::metrics::counter!(CONNECTIONS_ACCEPTED_TOTAL, "listener" => local.to_string());
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -265,8 +291,8 @@ struct Connection<H> {
     remote: SocketAddr,
 }
 
-/// Per-connection bookkeeping shared by its requests: for the idle timeout (the
-/// registry's [`Activity`], one implementation for both) and the guard.
+/// Per-connection bookkeeping shared by its requests: for the idle timeout ([`Activity`],
+/// one implementation for the edge and the registry) and the guard.
 struct ConnectionState {
     activity: Arc<Activity>,
     /// Requests seen, refused ones too: the index the guard's verdicts refer to.
@@ -387,26 +413,16 @@ async fn respond<H: Handler>(
     state: &ConnectionState,
     request: Request<hyper::body::Incoming>,
     info: ConnectionInfo,
-) -> Response<ResponseBody> {
+) -> Response<H::Body> {
     let index = state.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(rejection) = state.guard.rejection_for(index) {
         return rejection_response(&rejection);
     }
     if let Some(tls) = &ingress.tls
-        && let Some(host) = request_host(&request)
+        && let Some(mut response) = misdirected(&tls.certificates, &request, &info)
     {
-        let host = atoll_core::host::normalize_host(&host);
-        if !tls.certificates.host_allowed(info.server_name(), &host) {
-            let mut response = text_response(
-                StatusCode::MISDIRECTED_REQUEST,
-                format!(
-                    "host `{host}` is not served by the certificate for `{}` on this connection",
-                    info.server_name().unwrap_or("-")
-                ),
-            );
-            add_alt_svc(&mut response, ingress);
-            return response;
-        }
+        add_alt_svc(&mut response, ingress);
+        return response;
     }
     let in_flight = state.activity.enter();
     // A streamed body keeps the connection busy until it ends, so the idle timeout does
@@ -422,7 +438,7 @@ async fn respond<H: Handler>(
     response
 }
 
-fn add_alt_svc(response: &mut Response<ResponseBody>, ingress: &Ingress) {
+fn add_alt_svc<T>(response: &mut Response<T>, ingress: &Ingress) {
     if let Some(alt_svc) = &ingress.alt_svc {
         response
             .headers_mut()
@@ -430,8 +446,31 @@ fn add_alt_svc(response: &mut Response<ResponseBody>, ingress: &Ingress) {
     }
 }
 
+/// The 421 Misdirected Request for a request whose host the certificate its connection was
+/// served does not cover: the client reused a connection for a name this one never proved
+/// (RFC 9110 §15.5.20). `None` when the host is covered, or the request names none. The one
+/// check of the TLS listeners and of HTTP/3.
+pub fn misdirected<B, T: HandlerBody>(
+    certificates: &Certificates,
+    request: &Request<B>,
+    connection: &ConnectionInfo,
+) -> Option<Response<T>> {
+    let host = request_host(request)?;
+    let host = atoll_core::host::normalize_host(&host);
+    if certificates.host_allowed(connection.server_name(), &host) {
+        return None;
+    }
+    Some(text_response(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "host `{host}` is not served by the certificate for `{}` on this connection",
+            connection.server_name().unwrap_or("-")
+        ),
+    ))
+}
+
 /// The response to a refused request; the connection closes after it.
-pub fn rejection_response(rejection: &Rejection) -> Response<ResponseBody> {
+pub fn rejection_response<T: HandlerBody>(rejection: &Rejection) -> Response<T> {
     let mut response = text_response(rejection.status, rejection.reason);
     response
         .headers_mut()
@@ -453,7 +492,7 @@ pub fn request_host<B>(request: &Request<B>) -> Option<String> {
 }
 
 /// A small plain-text response.
-pub fn text_response(status: http::StatusCode, body: impl Into<String>) -> Response<ResponseBody> {
+pub fn text_response<T: HandlerBody>(status: http::StatusCode, body: impl Into<String>) -> Response<T> {
     let mut body: String = body.into();
     if !body.ends_with('\n') {
         body.push('\n');
@@ -461,6 +500,6 @@ pub fn text_response(status: http::StatusCode, body: impl Into<String>) -> Respo
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(ResponseBody::whole(body))
+        .body(T::whole(Bytes::from(body)))
         .expect("static response parts are valid")
 }

@@ -3,10 +3,12 @@
 //! Users point a domain at a node and push a function routed at it; they expect HTTPS to
 //! just work, as Caddy made normal. So the node watches its route table and, for every exact
 //! host that could have a public certificate, obtains one from the configured ACME server,
-//! keeps it on disk and renews it when a third of its lifetime remains.
+//! keeps it on disk and renews it when a third of its lifetime remains. The manager knows
+//! nothing of routes: [`run`] is fed the hosts by a closure it calls every second (the
+//! router's `Routing::exact_hosts`).
 //!
 //! ```text
-//! Routing::exact_hosts, every second
+//! hosts() (the route table's exact hosts), every second
 //!   │ keep public DNS names that no --certs certificate covers
 //!   ▼
 //! one task per domain: renewal(validity, now) ── fresh ──▶ sleep until due (≤ 1 h), decide again
@@ -54,7 +56,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::served::Routing;
 use crate::tls::{CertificateEntry, Certificates};
 
 /// Certificates by `outcome`: `issued` (obtained from the CA), `failed` (an attempt that did
@@ -872,13 +873,13 @@ impl std::fmt::Display for LogTime {
 // ---------------------------------------------------------------------------------------
 // The manager's main loop
 
-/// Obtains, stores, reloads and renews certificates for `routing`'s exact hosts until
-/// `shutdown`.
+/// Obtains, stores, reloads and renews certificates for the hosts `hosts` returns (asked
+/// every second: the route table's exact hosts) until `shutdown`.
 pub async fn run(
     options: AcmeOptions,
     certificates: Arc<Certificates>,
     http01: Arc<Http01Challenges>,
-    routing: Arc<Routing>,
+    hosts: impl Fn() -> Vec<String> + Send,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -927,7 +928,7 @@ pub async fn run(
             () = &mut shutdown => break,
         }
         let mut wanted = HashSet::new();
-        for host in routing.exact_hosts() {
+        for host in hosts() {
             let domain = host.trim_end_matches('.').to_ascii_lowercase();
             if !is_public_dns_name(&domain) {
                 if skipped.insert(domain.clone()) {
