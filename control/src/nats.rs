@@ -10,7 +10,7 @@
 //! on one NATS cluster are interchangeable, and one restarted serves what it served before.
 //!
 //! * **Versions by compare-and-set.** A push reads the function's entry with its revision,
-//!   decides the next record ([`crate::backend::plan_push`]) and writes it with
+//!   decides the next record ([`atoll_core::rules::plan_push`]) and writes it with
 //!   `update(key, value, revision)`: JetStream refuses the write if anyone wrote the key
 //!   since the read, and the push starts again from a fresh read. Two registries pushing
 //!   at once therefore never lose a version nor give one number twice. Only a refused

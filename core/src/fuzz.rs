@@ -2,7 +2,7 @@
 //! ([`Manifest::parse`]) and its route patterns ([`RoutePattern`]).
 //!
 //! Property tests (proptest, stable Rust) with a bounded number of cases, run with the other
-//! tests; `PROPTEST_CASES=100000 cargo nextest run -p atoll-registry fuzz` runs them longer.
+//! tests; `PROPTEST_CASES=100000 cargo nextest run -p atoll-core fuzz` runs them longer.
 //! Manifests are built from a grammar of plausible and hostile values (serialised by the
 //! `toml` crate, so quoting is right), then mutated byte by byte; seeds are in
 //! `fuzz-corpus/`. A failing case is written to `proptest-regressions/` and replayed first.

@@ -81,7 +81,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_MIN_INSTANCES: u32 = 256;
 /// Default `[limits] response`: 32 MiB.
 pub const DEFAULT_RESPONSE_BYTES: u64 = 32 << 20;
-/// Largest `[limits] response`: a node holds a response whole in memory before sending it.
+/// Largest `[limits] response` (a response up to 256 KiB is buffered whole; a larger one is
+/// streamed, and counted against this as it goes).
 pub const MAX_RESPONSE_BYTES: u64 = 128 << 20;
 /// Largest `[scale] max_concurrency`.
 pub const MAX_CONCURRENCY: u32 = 1024;

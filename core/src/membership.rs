@@ -9,7 +9,8 @@
 //! [`MemberTable`] is the sans-IO core: it is given announcements and the current time and
 //! answers who is alive; the registry keeps one in memory for the embedded store (heartbeats
 //! rebuild it within one TTL after a restart, so it needs no persistence), and the NATS
-//! store keeps the same records in a key-value bucket whose `max_age` is the TTL.
+//! store keeps the same records in a key-value bucket whose `max_age` is [`FORGET_AFTER_TTLS`]
+//! TTLs (a member is listed as gone before it is forgotten).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

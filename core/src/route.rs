@@ -18,7 +18,7 @@
 //!
 //! Two routes *overlap* when some request would match both ([`RoutePattern::overlaps`]):
 //! the registry refuses a route that overlaps one of another function's, which is what
-//! makes a function the owner of its hosts (see [`crate::backend::check_routes`]). A host
+//! makes a function the owner of its hosts (see [`crate::rules::check_routes`]). A host
 //! pattern *covers* another when it matches every host the other does
 //! ([`HostPattern::covers`]): what a deploy token's domains must do for each route it pushes.
 

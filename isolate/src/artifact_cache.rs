@@ -3,7 +3,8 @@
 //! Preparing a module means: pre-initialise it (run `wizer.initialize` / `atoll_init` once
 //! and capture the state as a rewritten module, see [`crate::snapshot`]), compile the result,
 //! and build its copy-on-write memory image ([`crate::cow_memory`]). Per version, under a key
-//! of `<module sha256>-<init env digest>-<engine fingerprint>`:
+//! of `<module sha256>-<init digest>-<engine fingerprint>` (the init digest covers what init
+//! sees: the function's name, its memory limit and its environment):
 //!
 //! ```text
 //! KEY.snapshot.wasm   the pre-initialised module (only when the module has an init export)

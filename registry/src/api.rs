@@ -1,7 +1,8 @@
 //! The registry's HTTP/JSON API (axum), and [`Registry`], the service behind it.
 //!
 //! [`Registry`] holds what a push needs — the store (embedded or NATS, see
-//! [`crate::backend`]), the engine that proves a module compiles and is a WASI command, the
+//! [`crate::backend`]), the check that proves every node could serve a module (an injected
+//! `atoll_core::ModuleCheck`), the
 //! root token, the limits — and is usable without HTTP. The handlers here only translate:
 //! multipart or JSON in, a [`Registry`] or [`Backend`] call, JSON out, and every error as `{"error": "<one line>"}` with the status its kind
 //! calls for (400 bad input, 401 no or unknown token, 403 not this token's to do, 404,

@@ -32,7 +32,7 @@ pub struct NodeOptions {
     pub data_dir: PathBuf,
     pub registry_url: String,
     pub token: Option<String>,
-    /// The node's name in logs and (later) cluster membership.
+    /// The node's name in logs, heartbeats and the cluster's member list.
     pub name: String,
     pub region: String,
     /// `--certs DIR`: PEM pairs served by SNI, reloaded when they change.
