@@ -181,3 +181,31 @@ impl std::fmt::Debug for ControlPlane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> ControlError {
+        ControlError::Registry(ClientError::Status {
+            status: reqwest::StatusCode::from_u16(code).unwrap(),
+            message: String::new(),
+        })
+    }
+
+    #[test]
+    fn only_what_may_pass_by_itself_is_retryable() {
+        assert!(status(503).is_retryable());
+        assert!(status(429).is_retryable());
+        assert!(!status(404).is_retryable());
+        assert!(!status(403).is_retryable());
+        assert!(ControlError::Timeout(Duration::from_secs(3)).is_retryable());
+        assert!(ControlError::Silent.is_retryable());
+        let io = StoreError::Io {
+            context: "reading".into(),
+            source: std::io::Error::other("down"),
+        };
+        assert!(ControlError::Nats(io).is_retryable());
+        assert!(!ControlError::Nats(StoreError::NotFound("no blob".into())).is_retryable());
+    }
+}

@@ -454,10 +454,11 @@ fn toml_message(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl Manifest {
-    /// A valid manifest for `name` serving `routes`, for the stores' unit tests in other
-    /// crates (panics on an invalid name or route).
-    #[doc(hidden)]
+    /// A valid manifest for `name` serving `routes`, for the stores' unit tests (other
+    /// crates enable the `test-support` feature in their dev-dependencies). Panics on an
+    /// invalid name or route.
     pub fn for_tests(name: &str, routes: &[&str]) -> Manifest {
         let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
         Manifest::parse(&format!(

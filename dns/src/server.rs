@@ -37,7 +37,7 @@ use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::opt::{EdnsCode, EdnsOption};
-use hickory_server::proto::serialize::binary::{BinDecoder, BinEncodable, BinEncoder, NameEncoding};
+use hickory_server::proto::serialize::binary::BinDecoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use tokio::net::{TcpListener, UdpSocket};
@@ -121,25 +121,15 @@ fn lock(limiter: &Mutex<RateLimiter>) -> std::sync::MutexGuard<'_, RateLimiter> 
 /// hickory echoes the question as the bytes the client sent. A name compressed in them is a
 /// pointer to an offset of the *query*, which in the response lands on other bytes (a
 /// pointer into the header reads the response's flags as a label): the response would not
-/// parse. Such a question is re-encoded from its decoded form, uncompressed and in the
-/// client's case (which 0x20-randomizing resolvers check). No real client compresses a
-/// question, so the common path keeps hickory's copy.
-fn rebuilt_question(queries: &Queries) -> Option<Queries> {
+/// parse. No real client compresses a question (the first name of a message has nothing to
+/// point to but the header), so such a query gets an empty question section: re-encoding
+/// the names in full would let a few 2-byte pointers come back as many full names, an
+/// amplification this server promises not to be.
+fn echoed_question(queries: &Queries) -> Option<Queries> {
     if !has_compressed_name(queries.as_bytes(), queries.len()) {
         return None;
     }
-    let mut bytes = Vec::new();
-    let mut encoder = BinEncoder::new(&mut bytes);
-    encoder.set_name_encoding(NameEncoding::Uncompressed);
-    let encoded = queries
-        .queries()
-        .iter()
-        .try_for_each(|query| query.original().emit(&mut encoder));
-    let (bytes, count) = match encoded {
-        Ok(()) => (bytes.as_slice(), queries.len()),
-        Err(_) => (&[][..], 0),
-    };
-    Queries::read(&mut BinDecoder::new(bytes), count).ok()
+    Queries::read(&mut BinDecoder::new(&[]), 0).ok()
 }
 
 /// Whether any of the `count` questions in `bytes` has a name with a compression pointer.
@@ -184,8 +174,8 @@ impl RequestHandler for DnsHandler {
                 // Empty, truncated, no EDNS: never bigger than the query.
                 let mut metadata = Metadata::response_from_request(&request.metadata);
                 metadata.truncation = true;
-                let rebuilt = rebuilt_question(&request.queries);
-                let queries = rebuilt.as_ref().unwrap_or(&request.queries);
+                let echoed = echoed_question(&request.queries);
+                let queries = echoed.as_ref().unwrap_or(&request.queries);
                 let builder = MessageResponseBuilder::new(queries, None);
                 return response_handle
                     .send_response(builder.build_no_records(metadata))
@@ -196,8 +186,8 @@ impl RequestHandler for DnsHandler {
                     });
             }
         }
-        let rebuilt = rebuilt_question(&request.queries);
-        let queries = rebuilt.as_ref().unwrap_or(&request.queries);
+        let echoed = echoed_question(&request.queries);
+        let queries = echoed.as_ref().unwrap_or(&request.queries);
         let mut client = Some(request.src().ip());
         let mut response_edns: Option<Edns> = None;
         let mut code = None;
@@ -336,4 +326,44 @@ pub async fn serve(
             .context("DNS server shutdown")?;
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use hickory_server::net::xfer::Protocol;
+    use hickory_server::server::Request;
+
+    use super::echoed_question;
+
+    fn request(bytes: &[u8]) -> Request {
+        let source: SocketAddr = "10.1.2.3:53".parse().unwrap();
+        Request::from_bytes(bytes.to_vec(), source, Protocol::Udp).unwrap()
+    }
+
+    #[test]
+    fn compressed_questions_are_not_echoed_and_plain_ones_are() {
+        let name = b"\x03www\x07example\x03com\x00";
+        let mut plain = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        plain.extend_from_slice(name);
+        plain.extend_from_slice(&[0, 1, 0, 1]);
+        assert!(
+            echoed_question(&request(&plain).queries).is_none(),
+            "echoed as sent"
+        );
+
+        // One name, then 30 questions that are each a 2-byte pointer to it: echoing them in
+        // full would answer 49 bytes of questions with 30 names.
+        let mut pointers = vec![0x12, 0x34, 1, 0, 0, 31, 0, 0, 0, 0, 0, 0];
+        pointers.extend_from_slice(name);
+        pointers.extend_from_slice(&[0, 1, 0, 1]);
+        for _ in 0..30 {
+            pointers.extend_from_slice(&[0xC0, 12, 0, 28, 0, 1]);
+        }
+        let request = request(&pointers);
+        assert_eq!(request.queries.len(), 31);
+        let echoed = echoed_question(&request.queries).expect("not echoed as sent");
+        assert!(echoed.is_empty());
+    }
 }

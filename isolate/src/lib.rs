@@ -14,7 +14,7 @@
 //! - [`push_check`] is the registry's check of a pushed module (an `atoll_core::ModuleCheck`).
 //! - [`stream`] hands a large response to the client while the guest still writes it.
 //! - [`executor`] is where guest code runs (hot threads, overflow when they stall);
-//!   [`invoke`] runs one request under its deadline (interrupt, supervision, replenish).
+//!   [`mod@invoke`] runs one request under its deadline (interrupt, supervision, replenish).
 //! - [`function`] ties them together per request; [`pool`] admits requests, keeps instances
 //!   ready ahead of them and scales to zero.
 

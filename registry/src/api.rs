@@ -70,7 +70,7 @@ use tokio::sync::watch;
 use crate::backend::Backend;
 use crate::connections::ConnectionLimits;
 use crate::store::Store;
-use atoll_control::watch::{ChangeWatch, WhenIdle};
+use atoll_control::watch::{ChangeWatch, WatchEnd, WhenIdle};
 use atoll_core::StoreError;
 use atoll_core::api_types::{
     ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
@@ -843,12 +843,14 @@ async fn watch_events(
     let body = watch.into_stream().scan((), |(), event| {
         std::future::ready(match event {
             Ok(event) => Some(Ok::<_, Infallible>(Bytes::from(event.to_line()))),
-            Err(error) => {
+            Err(WatchEnd::Store(error)) => {
                 // End the stream: the node resumes from the last revision it applied, so
                 // ending loses nothing, whereas skipping would.
                 tracing::warn!("watch stream ends: {error}");
                 None
             }
+            // The store is going away with the server.
+            Err(WatchEnd::Closed) => None,
         })
     });
     Ok((

@@ -15,7 +15,7 @@
 //! - [`atoll_core::route_table`]: host/path matching, pure and generic over its target.
 //! - [`served`]: the published table of loaded functions.
 //! - [`service`]: the request path; [`body`]: what it answers with (whole, or streamed from
-//!   a guest or a peer); [`executor`]: the threads guest code runs on.
+//!   a guest or a peer). Guest code runs on atoll-isolate's executor, under its `invoke`.
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
 //! - [`cluster`] and [`placement`]: peers, home nodes, forwarding, draining; [`hop`]: the
 //!   signed header a forward carries.

@@ -273,11 +273,17 @@ pub async fn run(
     let artifacts = ArtifactCache::open(cache.artifacts_dir(), engine)?;
     let routing = Routing::new();
     // Following NATS, the node connects lazily: it starts (from its disk cache) while NATS
-    // is down. Sync and heartbeats share the one control plane (and NATS connection).
+    // is down. Sync and heartbeats share the one NATS connection; with a registry, each
+    // has its own client (and connections), so a stalled watch never holds up heartbeats.
+    let registry = || RegistryClient::new(&options.registry_url, options.token.clone());
     let control = Arc::new(match &options.nats_url {
         Some(url) => ControlPlane::nats(url.clone()),
-        None => ControlPlane::Registry(RegistryClient::new(&options.registry_url, options.token.clone())?),
+        None => ControlPlane::Registry(registry()?),
     });
+    let heartbeats = match options.nats_url {
+        Some(_) => Arc::clone(&control),
+        None => Arc::new(ControlPlane::Registry(registry()?)),
+    };
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone());
     syncer.restore_from_disk().await?;
@@ -347,7 +353,7 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut servers = Vec::new();
     tasks.push(tokio::spawn(heartbeat(
-        control,
+        heartbeats,
         announcement,
         Arc::clone(&service),
         Arc::clone(&routing),

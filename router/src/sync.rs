@@ -495,12 +495,10 @@ impl Syncer {
                     .filter(|quarantined| quarantined.deployment == done.deployment)
                     .map_or(0, |quarantined| quarantined.failures)
                     .saturating_add(1);
-                // The source being unreachable is retried as often as the watch is; a
-                // version that does not load here, or that the source refuses, backs off
-                // further.
-                let longest = match &error {
-                    SyncError::Control(error) if error.is_retryable() => BACKOFF_MAX,
-                    SyncError::Cache(_) => BACKOFF_MAX,
+                // The source failing is retried as often as the watch is; a version that
+                // does not load here backs off further.
+                let longest = match error {
+                    SyncError::Control(_) | SyncError::Cache(_) => BACKOFF_MAX,
                     _ => QUARANTINE_BACKOFF_MAX,
                 };
                 let wait = QUARANTINE_BACKOFF_START
