@@ -49,7 +49,9 @@ use tokio::sync::Notify;
 
 use crate::body::{PeerBody, ResponseBody};
 use crate::hop::{Bound, ClusterKey, HopClaims, Reading};
-use crate::placement::{self, Member, Outliers};
+use placement::{Member, Outliers};
+
+pub mod placement;
 
 /// Marks a request forwarded by a peer, which is never forwarded again; its value is the
 /// signed [`crate::hop::HopClaims`] (who forwarded it, the expected version, the client).
