@@ -65,6 +65,24 @@ pub fn plan(event: WatchEvent, served: &HashMap<String, (u64, String)>) -> Plan 
     }
 }
 
+/// How long a version that failed to load `failures` times in a row (at least once), the
+/// last time with `error`, waits before it is tried again: doubling from
+/// [`QUARANTINE_BACKOFF_START`], up to [`QUARANTINE_BACKOFF_MAX`] or, for a cause that
+/// passes by itself, [`BACKOFF_MAX`].
+fn quarantine_backoff(error: &SyncError, failures: u32) -> Duration {
+    // The source being unreachable is retried as often as the watch is; a
+    // version that does not load here, or that the source refuses, backs off
+    // further.
+    let longest = match error {
+        SyncError::Control(error) if error.is_retryable() => BACKOFF_MAX,
+        SyncError::Cache(_) => BACKOFF_MAX,
+        _ => QUARANTINE_BACKOFF_MAX,
+    };
+    QUARANTINE_BACKOFF_START
+        .saturating_mul(1 << (failures - 1).min(16))
+        .min(longest)
+}
+
 /// Why applying the control plane's changes failed; the node keeps serving what it has.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -495,17 +513,7 @@ impl Syncer {
                     .filter(|quarantined| quarantined.deployment == done.deployment)
                     .map_or(0, |quarantined| quarantined.failures)
                     .saturating_add(1);
-                // The source being unreachable is retried as often as the watch is; a
-                // version that does not load here, or that the source refuses, backs off
-                // further.
-                let longest = match &error {
-                    SyncError::Control(error) if error.is_retryable() => BACKOFF_MAX,
-                    SyncError::Cache(_) => BACKOFF_MAX,
-                    _ => QUARANTINE_BACKOFF_MAX,
-                };
-                let wait = QUARANTINE_BACKOFF_START
-                    .saturating_mul(1 << (failures - 1).min(16))
-                    .min(longest);
+                let wait = quarantine_backoff(&error, failures);
                 ::metrics::counter!(metrics::SYNC_LOAD_FAILURES_TOTAL, "function" => name.clone())
                     .increment(1);
                 tracing::warn!(
@@ -1110,5 +1118,25 @@ mod tests {
             plan(WatchEvent::Synced { revision: 9 }, &served),
             Plan::MarkSynced
         );
+    }
+
+    #[test]
+    fn a_quarantined_version_waits_longer_after_each_failure() {
+        let load = SyncError::Load {
+            name: "f".into(),
+            version: 1,
+            reason: "init trapped".into(),
+        };
+        let waits: Vec<u64> = (1..=10)
+            .map(|failures| quarantine_backoff(&load, failures).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(quarantine_backoff(&load, u32::MAX), QUARANTINE_BACKOFF_MAX);
+        // What passes by itself is retried as often as the watch is.
+        let disk = SyncError::Cache(std::io::Error::other("disk full"));
+        assert_eq!(quarantine_backoff(&disk, 1), QUARANTINE_BACKOFF_START);
+        assert_eq!(quarantine_backoff(&disk, 4), BACKOFF_MAX);
+        let unreachable = SyncError::Control(atoll_control::ControlError::Silent);
+        assert_eq!(quarantine_backoff(&unreachable, 9), BACKOFF_MAX);
     }
 }
