@@ -732,9 +732,9 @@ fn greeting(addr: &str, name: &str, headers: &[(&str, &str)]) -> (u16, String, S
 /// Two function names `PREFIX0`, `PREFIX1`, … whose one home in region a, of nodes a1 and
 /// a2 (see [`two_nodes`]), is a2: a1 forwards them there.
 fn homed_on_a2(prefix: &str) -> Vec<String> {
-    let placement: Vec<atoll_router::placement::Member> = ["a1", "a2"]
+    let placement: Vec<atoll_router::cluster::placement::Member> = ["a1", "a2"]
         .iter()
-        .map(|name| atoll_router::placement::Member {
+        .map(|name| atoll_router::cluster::placement::Member {
             name: name.to_string(),
             region: "a".into(),
             in_flight: 0,
@@ -743,7 +743,7 @@ fn homed_on_a2(prefix: &str) -> Vec<String> {
         .collect();
     (0..)
         .map(|i| format!("{prefix}{i}"))
-        .filter(|name| atoll_router::placement::home_nodes(name, "a", &placement, 1)[0].name == "a2")
+        .filter(|name| atoll_router::cluster::placement::home_nodes(name, "a", &placement, 1)[0].name == "a2")
         .take(2)
         .collect()
 }

@@ -17,8 +17,8 @@
 //! - [`service`]: the request path; [`body`]: what it answers with (whole, or streamed from
 //!   a guest or a peer). Guest code runs on atoll-isolate's executor, under its `invoke`.
 //! - [`sync`] and [`node_cache`]: following the registry and surviving without it.
-//! - [`cluster`] and [`placement`]: peers, home nodes, forwarding, draining; [`hop`]: the
-//!   signed header a forward carries.
+//! - [`cluster`] (and [`cluster::placement`]): peers, home nodes, forwarding, draining;
+//!   [`hop`]: the signed header a forward carries.
 //! - [`admin`] and [`metrics`]: what operators look at.
 //! - [`node`]: all of it wired together, with the ingress listeners.
 
@@ -29,7 +29,6 @@ pub mod hop;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;
-pub mod placement;
 pub mod served;
 pub mod service;
 pub mod sync;

@@ -1,26 +1,6 @@
-//! Keeping the node's route table in step with the functions' source of truth.
-//!
-//! ```text
-//! ControlPlane::Registry  GET /v1/watch?since=REV ─┐
-//! ControlPlane::Nats      JetStream KV scan + watch ┴─Put──▶ fetch blob ─▶ verify sha256 ─▶ cache on disk
-//!                                                      ─▶ compile (or load artifact) ─▶ publish new table
-//!                                              ──Synced──▶ ready
-//! ```
-//!
-//! A version is compiled *before* the table that routes to it is published, so no request
-//! ever waits for a compiler. The applied revision and deployments are persisted after every
-//! change; on restart the node first rebuilds its table from disk (static stability), then
-//! resumes the watch from that revision. Any failure — source unreachable, blob missing,
-//! digest mismatch, compile error — leaves the current table serving, and the watch is
-//! resumed from the last revision that was fully applied, with backoff.
-//!
-//! Where the events come from is a [`ControlPlane`]: a registry's watch stream, or NATS
-//! JetStream read directly. Both produce the same sequence of [`WatchEvent`]s (catch-up
-//! `Put`s, `Synced`, then live `Put`s and idle `Heartbeat`s), so everything after the
-//! stream — [`plan`], fetching, loading, persisting, backoff — is one code path.
-//!
-//! The decision of what an event requires ([`plan`]) is pure and unit-tested; the I/O lives
-//! in [`Syncer`].
+//! The [`Syncer`]: the I/O around [`plan`] — following the watch, starting loads and
+//! applying their results, quarantining what fails, persisting the node's state and
+//! publishing the route table.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,116 +8,20 @@ use std::time::Duration;
 
 use atoll_control::{ControlError, ControlPlane};
 use atoll_core::{Deployment, WatchEvent};
-use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
+use atoll_isolate::ArtifactCache;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use crate::metrics::{self, FunctionMetrics};
+use super::loader::{CONCURRENT_LOADS, Loader};
+use super::plan::{BACKOFF_MAX, BACKOFF_START, Plan, plan, quarantine_backoff};
+use super::{FunctionCeilings, SyncError};
+use crate::metrics;
 use crate::node_cache::{CachedState, NodeCache};
 use crate::served::{QuarantineReport, Routing, ServedFunction, SyncStatus, build_table};
-
-/// What applying an event takes.
-#[derive(Debug, PartialEq)]
-pub enum Plan {
-    /// Load this deployment, then publish.
-    Load(Box<Deployment>),
-    /// Remove the function, then publish.
-    Remove(String),
-    /// Nothing changes in the table; just record the revision.
-    Advance,
-    /// The initial catch-up is complete.
-    MarkSynced,
-}
-
-/// Decides what `event` requires, given what is served now (name → (version, sha256)); only
-/// the event's own function is looked up.
-pub fn plan(event: WatchEvent, served: &HashMap<String, (u64, String)>) -> Plan {
-    match event {
-        WatchEvent::Put { deployment, .. } => match served.get(&deployment.name) {
-            Some((version, sha256)) if *version == deployment.version && *sha256 == deployment.sha256 => {
-                Plan::Advance
-            }
-            _ => Plan::Load(Box::new(deployment)),
-        },
-        WatchEvent::Delete { name, .. } if served.contains_key(&name) => Plan::Remove(name),
-        WatchEvent::Delete { .. } | WatchEvent::Heartbeat { .. } => Plan::Advance,
-        WatchEvent::Synced { .. } => Plan::MarkSynced,
-    }
-}
-
-/// Why applying the control plane's changes failed; the node keeps serving what it has.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    /// The control plane could not be reached, refused, or its watch was lost.
-    #[error(transparent)]
-    Control(#[from] ControlError),
-    #[error("module {sha256} of {name} v{version} does not match its digest")]
-    DigestMismatch {
-        name: String,
-        version: u64,
-        sha256: String,
-    },
-    #[error("loading {name} v{version}: {reason}")]
-    Load {
-        name: String,
-        version: u64,
-        reason: String,
-    },
-    #[error("disk cache: {0}")]
-    Cache(#[from] std::io::Error),
-    #[error(
-        "the source is at revision {source_revision}, behind the {applied} applied here: it was reset or replaced; catching up from the start"
-    )]
-    SourceReset { source_revision: u64, applied: u64 },
-}
 
 /// Longest silence tolerated on the watch stream (the registry sends heartbeats every 5 s,
 /// and so does a NATS watch after checking that NATS answers).
 const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(15);
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Versions prepared at once: a slow compile or init holds up at most this many slots, and
-/// every other version keeps loading beside it.
-const CONCURRENT_LOADS: usize = 2;
-/// First and longest wait before a quarantined version is tried again.
-const QUARANTINE_BACKOFF_START: Duration = Duration::from_secs(1);
-const QUARANTINE_BACKOFF_MAX: Duration = Duration::from_secs(300);
-
-/// Node-wide ceilings an operator sets over what manifests ask for: a function gets the
-/// smaller of its manifest's value and the node's (also for its init run).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FunctionCeilings {
-    pub memory_bytes: u64,
-    pub timeout: Duration,
-    pub response_bytes: u64,
-    pub max_concurrency: u32,
-    pub max_queue: u32,
-}
-
-impl Default for FunctionCeilings {
-    /// What a manifest may ask for at most.
-    fn default() -> Self {
-        use atoll_core::manifest;
-        FunctionCeilings {
-            memory_bytes: manifest::MAX_MEMORY_BYTES,
-            timeout: manifest::MAX_TIMEOUT,
-            response_bytes: manifest::MAX_RESPONSE_BYTES,
-            max_concurrency: manifest::MAX_CONCURRENCY,
-            max_queue: manifest::MAX_QUEUE,
-        }
-    }
-}
-
-/// Fetches, checks and prepares versions; cheap to clone into a load task.
-#[derive(Clone)]
-struct Loader {
-    source: Arc<ControlPlane>,
-    cache: NodeCache,
-    artifacts: ArtifactCache,
-    slots: Arc<tokio::sync::Semaphore>,
-    ceilings: Arc<FunctionCeilings>,
-}
 
 /// A version that failed to load. The function keeps serving what it served before (or
 /// nothing, if it is new); the version is tried again after a backoff, and dropped when the
@@ -174,7 +58,7 @@ struct Loading {
 /// event forever; quarantined versions are persisted too and retried after a restart.
 pub struct Syncer {
     source: Arc<ControlPlane>,
-    loader: Loader,
+    pub(super) loader: Loader,
     routing: Arc<Routing>,
     served: HashMap<String, Arc<ServedFunction>>,
     revision: u64,
@@ -495,15 +379,7 @@ impl Syncer {
                     .filter(|quarantined| quarantined.deployment == done.deployment)
                     .map_or(0, |quarantined| quarantined.failures)
                     .saturating_add(1);
-                // The source failing is retried as often as the watch is; a version that
-                // does not load here backs off further.
-                let longest = match error {
-                    SyncError::Control(_) | SyncError::Cache(_) => BACKOFF_MAX,
-                    _ => QUARANTINE_BACKOFF_MAX,
-                };
-                let wait = QUARANTINE_BACKOFF_START
-                    .saturating_mul(1 << (failures - 1).min(16))
-                    .min(longest);
+                let wait = quarantine_backoff(&error, failures);
                 ::metrics::counter!(metrics::SYNC_LOAD_FAILURES_TOTAL, "function" => name.clone())
                     .increment(1);
                 tracing::warn!(
@@ -672,234 +548,10 @@ impl Syncer {
     }
 }
 
-impl Loader {
-    async fn fetch_and_load(&self, deployment: Deployment) -> Result<Arc<ServedFunction>, SyncError> {
-        let bytes = match self.cache.read_module(&deployment.sha256) {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.source.blob(&deployment.sha256).await?;
-                if atoll_core::digest::sha256_hex(&bytes) != deployment.sha256 {
-                    return Err(SyncError::DigestMismatch {
-                        name: deployment.name,
-                        version: deployment.version,
-                        sha256: deployment.sha256,
-                    });
-                }
-                self.cache.write_module(&deployment.sha256, &bytes)?;
-                bytes
-            }
-        };
-        self.load(deployment, bytes).await
-    }
-
-    /// Compiles (or loads the cached artifact of) a deployment's module off the runtime.
-    async fn load(&self, deployment: Deployment, bytes: Vec<u8>) -> Result<Arc<ServedFunction>, SyncError> {
-        let _slot = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .expect("the load semaphore is never closed");
-        let artifacts = self.artifacts.clone();
-        let sha256 = deployment.sha256.clone();
-        let name = deployment.name.clone();
-        let init_env: Vec<(String, String)> = deployment
-            .manifest
-            .env
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        let ceilings = Arc::clone(&self.ceilings);
-        let memory_limit = deployment
-            .manifest
-            .limits
-            .memory_bytes()
-            .min(ceilings.memory_bytes);
-        let started = std::time::Instant::now();
-        // Each version compiles onto, and runs on, an engine of its own: wasmer frees a
-        // module's code only with its engine, so once a replaced version's last instance is
-        // gone its code goes too, instead of staying on one engine for the process's life.
-        let loaded = tokio::task::spawn_blocking(move || {
-            let engine = artifacts.engine().scratch()?;
-            artifacts
-                .load_or_prepare(&engine, &sha256, &bytes, &name, &init_env, memory_limit)
-                .map(|prepared| (engine, prepared))
-        })
-        .await;
-        let (engine, prepared) = match loaded {
-            Ok(Ok(loaded)) => loaded,
-            Ok(Err(error)) => {
-                return Err(SyncError::Load {
-                    name: deployment.name,
-                    version: deployment.version,
-                    reason: error.to_string(),
-                });
-            }
-            Err(join_error) => {
-                return Err(SyncError::Load {
-                    name: deployment.name,
-                    version: deployment.version,
-                    reason: join_error.to_string(),
-                });
-            }
-        };
-        let kind = prepared.kind;
-        ::metrics::counter!(metrics::MODULE_LOADS_TOTAL, "kind" => kind.as_str()).increment(1);
-        tracing::info!(
-            function = %deployment.name,
-            version = deployment.version,
-            sha256 = %deployment.sha256,
-            how = if kind == LoadKind::Cached { "artifact from disk" } else { "compiled" },
-            preinitialized = prepared.preinitialized,
-            image_bytes = prepared.image.as_ref().map_or(0, |image| image.len()),
-            took = ?started.elapsed(),
-            "function ready"
-        );
-        if kind == LoadKind::Compiled {
-            ::metrics::histogram!(
-                metrics::ISOLATE_START_DURATION,
-                "function" => deployment.name.clone(),
-                "kind" => "compile"
-            )
-            .record(started.elapsed().as_secs_f64());
-        }
-        let manifest = &deployment.manifest;
-        let mut config = FunctionConfig::new(deployment.name.clone());
-        config.env = manifest
-            .env
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        config.max_memory_bytes = memory_limit;
-        config.max_response_bytes =
-            usize::try_from(manifest.limits.response_bytes().min(ceilings.response_bytes))
-                .unwrap_or(usize::MAX);
-        config.timeout = manifest.limits.timeout().min(ceilings.timeout);
-        let max_concurrency = manifest.scale.max_concurrency().min(ceilings.max_concurrency);
-        let scale = ScaleConfig {
-            min_instances: manifest.scale.min_instances().min(max_concurrency) as usize,
-            max_concurrency: max_concurrency as usize,
-            max_queue: manifest.scale.max_queue().min(ceilings.max_queue) as usize,
-            idle_timeout: manifest.scale.idle_timeout(),
-            ..ScaleConfig::default()
-        };
-        let function = LoadedFunction::from_prepared(engine, prepared, config);
-        let pool = InstancePool::new(function, scale);
-        let function_metrics = Arc::new(FunctionMetrics::new(&deployment.name));
-        // Reserved instances (`min_instances`) are made ready before the version is routed.
-        let reserved = Arc::clone(&pool);
-        if let Ok(start_times) = tokio::task::spawn_blocking(move || reserved.replenish()).await {
-            for start_time in start_times {
-                function_metrics.instance_started(start_time, true);
-            }
-        }
-        Ok(Arc::new(ServedFunction {
-            deployment,
-            pool,
-            metrics: function_metrics,
-        }))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atoll_core::Manifest;
-    use atoll_isolate::{CgiRequest, Engine};
-
-    /// A WCGI guest answering `200 text/plain` with `body` from a data segment (so it has a
-    /// copy-on-write memory image).
-    fn guest(body: &str) -> Vec<u8> {
-        atoll_testkit::guests::writer(&format!("Content-Type: text/plain\n\n{body}"))
-    }
-
-    /// A syncer on a node cache in `directory` whose source is never reached (the tests
-    /// hand it modules directly or through the disk cache).
-    fn offline_syncer(directory: &std::path::Path) -> Syncer {
-        let cache = NodeCache::open(directory).unwrap();
-        let artifacts = ArtifactCache::open(cache.artifacts_dir(), Engine::new().unwrap()).unwrap();
-        let source =
-            ControlPlane::Registry(atoll_control::RegistryClient::new("http://127.0.0.1:9", None).unwrap());
-        Syncer::new(Arc::new(source), cache, artifacts, Routing::new())
-    }
-
-    fn memory_mappings() -> usize {
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .count()
-    }
-
-    fn open_fds() -> usize {
-        std::fs::read_dir("/proc/self/fd").unwrap().count()
-    }
-
-    #[test]
-    fn a_replaced_version_takes_its_code_and_memory_image_with_it() {
-        // One blocking thread: a new one (its stack, maybe a malloc arena) would add
-        // mappings of its own.
-        tokio::runtime::Builder::new_current_thread()
-            .max_blocking_threads(1)
-            .build()
-            .unwrap()
-            .block_on(replaced_versions_take_their_code_and_memory_images_with_them());
-    }
-
-    async fn replaced_versions_take_their_code_and_memory_images_with_them() {
-        let directory = tempfile::tempdir().unwrap();
-        let loader = offline_syncer(directory.path()).loader;
-        let wasm = guest("hello");
-        let sha256 = atoll_core::digest::sha256_hex(&wasm);
-        let request = CgiRequest {
-            method: "GET".into(),
-            raw_path: "/".into(),
-            ..CgiRequest::default()
-        };
-        // Loads a version (compiled once, then from the artifact on disk, as after a
-        // restart or a rollback), serves a request on this thread, and replaces it.
-        let serve_and_replace = |version| {
-            let loader = loader.clone();
-            let deployment = deployment("hello", version, &sha256);
-            let wasm = wasm.clone();
-            let request = request.clone();
-            async move {
-                let served = loader.load(deployment, wasm).await.unwrap();
-                let invocation = served.pool.function().invoke(&request).unwrap();
-                assert_eq!(&invocation.response.body[..], b"hello");
-            }
-        };
-        for version in 1..=3 {
-            serve_and_replace(version).await;
-        }
-        let (mappings, fds) = (memory_mappings(), open_fds());
-        const VERSIONS: u64 = 60;
-        for version in 4..4 + VERSIONS {
-            serve_and_replace(version).await;
-        }
-        let mapping_growth = memory_mappings().saturating_sub(mappings);
-        let fd_growth = open_fds().saturating_sub(fds);
-        // Code kept on one engine for every version grew by two or three mappings each.
-        assert!(
-            mapping_growth < 20,
-            "{mapping_growth} more memory mappings after {VERSIONS} versions came and went"
-        );
-        // The memory images (a memfd each) go with their versions, also where a pooled
-        // slot still shows one.
-        assert!(
-            fd_growth <= 2,
-            "{fd_growth} more open fds after {VERSIONS} versions came and went"
-        );
-    }
-
-    fn deployment(name: &str, version: u64, sha256: &str) -> Deployment {
-        Deployment {
-            name: name.into(),
-            version,
-            sha256: sha256.into(),
-            manifest: Manifest::parse(&format!(
-                "name = \"{name}\"\nwasm = \"x.wasm\"\nroutes = [\"{name}.example.com\"]\n"
-            ))
-            .unwrap(),
-        }
-    }
+    use crate::sync::tests::{deployment, guest, offline_syncer};
 
     /// Applies `event` and finishes the load it starts, if any.
     async fn apply_and_load(syncer: &mut Syncer, event: WatchEvent) {
@@ -1048,65 +700,6 @@ mod tests {
         assert_eq!(
             take_written(),
             Some((9, strings(&["broken@2", "hello@2", "other@3"]), vec![]))
-        );
-    }
-
-    #[test]
-    fn new_function_or_new_version_is_loaded() {
-        let mut served = HashMap::new();
-        let put = |d: Deployment| WatchEvent::Put {
-            revision: 1,
-            deployment: d,
-        };
-        assert_eq!(
-            plan(put(deployment("a", 1, "aa")), &served),
-            Plan::Load(Box::new(deployment("a", 1, "aa")))
-        );
-        served.insert("a".to_string(), (1, "aa".to_string()));
-        assert_eq!(plan(put(deployment("a", 1, "aa")), &served), Plan::Advance);
-        assert_eq!(
-            plan(put(deployment("a", 2, "bb")), &served),
-            Plan::Load(Box::new(deployment("a", 2, "bb")))
-        );
-        // A rollback to v1 is a Put of v1: loaded again.
-        served.insert("a".to_string(), (2, "bb".to_string()));
-        assert_eq!(
-            plan(put(deployment("a", 1, "aa")), &served),
-            Plan::Load(Box::new(deployment("a", 1, "aa")))
-        );
-    }
-
-    #[test]
-    fn deletes_heartbeats_and_synced() {
-        let mut served = HashMap::new();
-        served.insert("a".to_string(), (1, "aa".to_string()));
-        assert_eq!(
-            plan(
-                WatchEvent::Delete {
-                    revision: 2,
-                    name: "a".into()
-                },
-                &served
-            ),
-            Plan::Remove("a".into())
-        );
-        assert_eq!(
-            plan(
-                WatchEvent::Delete {
-                    revision: 2,
-                    name: "b".into()
-                },
-                &served
-            ),
-            Plan::Advance
-        );
-        assert_eq!(
-            plan(WatchEvent::Heartbeat { revision: 9 }, &served),
-            Plan::Advance
-        );
-        assert_eq!(
-            plan(WatchEvent::Synced { revision: 9 }, &served),
-            Plan::MarkSynced
         );
     }
 }

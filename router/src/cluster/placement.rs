@@ -1,4 +1,5 @@
-//! Where a function's requests should run in a cluster: pure decisions, no I/O.
+//! Where a function's requests should run in a cluster: pure decisions, no I/O, and
+//! [`Cluster::place`], their one caller, which feeds them the node's view.
 //!
 //! Keeping a function's instances warm means sending its requests to the same few nodes, so
 //! each function has a small set of *home* nodes per region, chosen by rendezvous (highest
@@ -13,9 +14,17 @@
 //! tried. Health comes from heartbeats (a member that stopped announcing itself is gone) plus
 //! passive outlier detection ([`Outliers`]): a peer that fails connections or answers 5xx
 //! several times in a row is ejected for a while, then given another chance.
+//!
+//! [`decide`] puts these together for one request, given the members that may be picked;
+//! [`Cluster::place`] builds that list from the node's view, the outliers and its own
+//! forwards in flight, and is the only part here that reads shared state.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use super::view::fresh;
+use super::{Cluster, ClusterOptions};
 
 /// What placement needs to know about one cluster member.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,6 +132,77 @@ impl Outliers {
     /// Whether `peer` may be picked at `now`.
     pub fn is_healthy(&self, peer: &str, now: Instant) -> bool {
         self.ejected_until.get(peer).is_none_or(|until| now >= *until)
+    }
+}
+
+/// The placement decision, pure: the name of the peer to forward to, or `None` to serve
+/// here. `members` includes this node (named `options.name`, `draining` as given) and only
+/// peers that may be picked; `random(n)` draws in `0..n`.
+pub fn decide(
+    function: &str,
+    options: &ClusterOptions,
+    members: &[Member],
+    draining: bool,
+    saturated: bool,
+    mut random: impl FnMut(usize) -> usize,
+) -> Option<String> {
+    let me = options.name.as_str();
+    // A region not listed is never a fallback: no `others`.
+    let fallback = options.region_fallback.iter().map(String::as_str);
+    for region in atoll_core::membership::region_order(&options.region, fallback, []) {
+        let homes = home_nodes(function, region, members, options.home_replicas);
+        let home_here = homes.iter().any(|member| member.name == me);
+        if home_here && !saturated {
+            return None;
+        }
+        let peers: Vec<&Member> = homes.into_iter().filter(|member| member.name != me).collect();
+        if peers.is_empty() {
+            if region == options.region && !draining {
+                // Nobody else to ask in the region: this node serves (it is taking work).
+                return None;
+            }
+            continue;
+        }
+        return power_of_two(&peers, &mut random).map(|member| member.name.clone());
+    }
+    None
+}
+
+impl Cluster {
+    /// Where a request for `function` should run: `None` here, or the peer to forward to.
+    /// `saturated`: this node's pool for the function has no free slot.
+    pub fn place(&self, function: &str, saturated: bool) -> Option<(String, SocketAddr)> {
+        let now = Instant::now();
+        let view = self.view.load();
+        // Alone (or with a stale view): nothing to decide, and nothing to allocate.
+        if view.peers.is_empty() || !fresh(&view, now) {
+            return None;
+        }
+        let draining = self.is_draining();
+        let forwarded = self.forwarded.lock().unwrap_or_else(|p| p.into_inner());
+        let outliers = self.outliers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members: Vec<Member> = view
+            .peers
+            .values()
+            .filter(|peer| outliers.is_healthy(&peer.member.name, now))
+            .map(|peer| Member {
+                in_flight: peer.member.in_flight + forwarded.get(&peer.member.name).copied().unwrap_or(0),
+                ..peer.member.clone()
+            })
+            .collect();
+        drop(outliers);
+        drop(forwarded);
+        members.push(Member {
+            name: self.options.name.clone(),
+            region: self.options.region.clone(),
+            in_flight: 0,
+            draining,
+        });
+        let decision = decide(function, &self.options, &members, draining, saturated, |n| {
+            fastrand::usize(..n)
+        })?;
+        let peer = view.peers.get(&decision)?;
+        Some((decision, peer.http))
     }
 }
 
@@ -241,5 +321,157 @@ mod tests {
         assert!(!outliers.is_healthy("p", start + Duration::from_secs(9)));
         assert!(outliers.is_healthy("p", start + Duration::from_secs(10)));
         assert!(outliers.is_healthy("other", start));
+    }
+}
+
+/// [`decide`], on member lists built by hand.
+#[cfg(test)]
+mod decide_tests {
+    use super::*;
+    use crate::cluster::tests::options;
+
+    fn member(name: &str, region: &str, draining: bool) -> Member {
+        Member {
+            name: name.into(),
+            region: region.into(),
+            in_flight: 0,
+            draining,
+        }
+    }
+
+    /// Six nodes, two per region a, b, c.
+    fn six(draining_in_a: bool) -> Vec<Member> {
+        ["a", "b", "c"]
+            .iter()
+            .flat_map(|region| {
+                (1..=2).map(move |i| member(&format!("{region}{i}"), region, draining_in_a && *region == "a"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_home_node_serves_locally_and_others_forward_to_a_home() {
+        // Three nodes in a with two homes: exactly one of them is not a home for "f".
+        let members = vec![
+            member("a1", "a", false),
+            member("a2", "a", false),
+            member("a3", "a", false),
+        ];
+        let homes: Vec<String> = home_nodes("f", "a", &members, 2)
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        for name in ["a1", "a2", "a3"] {
+            let decision = decide("f", &options(name, "a", &[]), &members, false, false, |_| 0);
+            if homes.contains(&name.to_string()) {
+                assert_eq!(decision, None, "{name} is home");
+            } else {
+                let to = decision.expect("a non-home forwards");
+                assert!(homes.contains(&to), "{name} forwarded to {to}, not a home");
+            }
+        }
+    }
+
+    #[test]
+    fn a_saturated_home_forwards_to_the_other_home() {
+        let members = vec![member("a1", "a", false), member("a2", "a", false)];
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &members, false, false, |_| 0),
+            None
+        );
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &members, false, true, |_| 0).as_deref(),
+            Some("a2")
+        );
+        // Alone and saturated: nobody to ask, so it queues here.
+        let alone = vec![member("a1", "a", false)];
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &alone, false, true, |_| 0),
+            None
+        );
+    }
+
+    #[test]
+    fn a_non_home_forwards_to_the_less_loaded_of_two_homes() {
+        // Three nodes, two homes for "f": the third node picks between them by load,
+        // whichever of the two is busier and whichever order the homes rank in.
+        let mut members = vec![
+            member("a1", "a", false),
+            member("a2", "a", false),
+            member("a3", "a", false),
+        ];
+        let homes: Vec<String> = home_nodes("f", "a", &members, 2)
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        let front = members
+            .iter()
+            .find(|m| !homes.contains(&m.name))
+            .unwrap()
+            .name
+            .clone();
+        for (busy, idle) in [(&homes[0], &homes[1]), (&homes[1], &homes[0])] {
+            for member in &mut members {
+                member.in_flight = if &member.name == busy { 7 } else { 1 };
+            }
+            // Every draw: both homes are compared, so the choice is by load alone.
+            for draw in 0..2 {
+                let to = decide("f", &options(&front, "a", &[]), &members, false, false, |n| {
+                    draw.min(n - 1)
+                });
+                assert_eq!(to.as_ref(), Some(idle), "{busy} is busier (draw {draw})");
+            }
+        }
+    }
+
+    #[test]
+    fn a_draining_node_forwards_to_its_region_then_to_the_fallbacks() {
+        let mut members = six(false);
+        members.iter_mut().find(|m| m.name == "a1").unwrap().draining = true;
+        let to = decide(
+            "f",
+            &options("a1", "a", &["b", "c"]),
+            &members,
+            true,
+            false,
+            |_| 0,
+        );
+        assert_eq!(to.as_deref(), Some("a2"), "the region's other node");
+
+        let members = six(true);
+        let to = decide(
+            "f",
+            &options("a1", "a", &["c", "b"]),
+            &members,
+            true,
+            false,
+            |_| 0,
+        )
+        .unwrap();
+        assert!(to.starts_with('c'), "first fallback region, got {to}");
+        let to = decide("f", &options("a1", "a", &["b"]), &members, true, false, |_| 0).unwrap();
+        assert!(to.starts_with('b'), "got {to}");
+        // Draining with no fallback configured and no peer in the region: serve here.
+        assert_eq!(
+            decide("f", &options("a1", "a", &[]), &members, true, false, |_| 0),
+            None
+        );
+    }
+
+    #[test]
+    fn a_forwarded_request_never_comes_back() {
+        // Whatever a node decides, the peer it names would serve the request itself (it is
+        // a home and not saturated), so one hop is the most a request takes.
+        let members = six(false);
+        for function in ["f", "g", "h", "shop", "api"] {
+            for from in &members {
+                let opts = options(&from.name, &from.region, &["b", "c"]);
+                if let Some(to) = decide(function, &opts, &members, false, false, |_| 0) {
+                    let peer = members.iter().find(|m| m.name == to).unwrap();
+                    let peer_opts = options(&peer.name, &peer.region, &["b", "c"]);
+                    assert_eq!(decide(function, &peer_opts, &members, false, false, |_| 0), None);
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,238 @@
+//! Preparing one version to serve: its module from the disk cache or the control plane
+//! (checked against its digest), compiled or loaded from its artifact, capped by the node's
+//! ceilings, with its reserved instances ready. The syncer runs it in a task per version,
+//! and in turn when it restores the node from disk.
+
+use std::sync::Arc;
+
+use atoll_control::ControlPlane;
+use atoll_core::Deployment;
+use atoll_isolate::{ArtifactCache, FunctionConfig, InstancePool, LoadKind, LoadedFunction, ScaleConfig};
+
+use super::{FunctionCeilings, SyncError};
+use crate::metrics::{self, FunctionMetrics};
+use crate::node_cache::NodeCache;
+use crate::served::ServedFunction;
+
+/// Versions prepared at once: a slow compile or init holds up at most this many slots, and
+/// every other version keeps loading beside it.
+pub(super) const CONCURRENT_LOADS: usize = 2;
+
+/// Fetches, checks and prepares versions; cheap to clone into a load task.
+#[derive(Clone)]
+pub(super) struct Loader {
+    pub(super) source: Arc<ControlPlane>,
+    pub(super) cache: NodeCache,
+    pub(super) artifacts: ArtifactCache,
+    pub(super) slots: Arc<tokio::sync::Semaphore>,
+    pub(super) ceilings: Arc<FunctionCeilings>,
+}
+
+impl Loader {
+    pub(super) async fn fetch_and_load(
+        &self,
+        deployment: Deployment,
+    ) -> Result<Arc<ServedFunction>, SyncError> {
+        let bytes = match self.cache.read_module(&deployment.sha256) {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = self.source.blob(&deployment.sha256).await?;
+                if atoll_core::digest::sha256_hex(&bytes) != deployment.sha256 {
+                    return Err(SyncError::DigestMismatch {
+                        name: deployment.name,
+                        version: deployment.version,
+                        sha256: deployment.sha256,
+                    });
+                }
+                self.cache.write_module(&deployment.sha256, &bytes)?;
+                bytes
+            }
+        };
+        self.load(deployment, bytes).await
+    }
+
+    /// Compiles (or loads the cached artifact of) a deployment's module off the runtime.
+    pub(super) async fn load(
+        &self,
+        deployment: Deployment,
+        bytes: Vec<u8>,
+    ) -> Result<Arc<ServedFunction>, SyncError> {
+        let _slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .expect("the load semaphore is never closed");
+        let artifacts = self.artifacts.clone();
+        let sha256 = deployment.sha256.clone();
+        let name = deployment.name.clone();
+        let init_env: Vec<(String, String)> = deployment
+            .manifest
+            .env
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        let ceilings = Arc::clone(&self.ceilings);
+        let memory_limit = deployment
+            .manifest
+            .limits
+            .memory_bytes()
+            .min(ceilings.memory_bytes);
+        let started = std::time::Instant::now();
+        // Each version compiles onto, and runs on, an engine of its own: wasmer frees a
+        // module's code only with its engine, so once a replaced version's last instance is
+        // gone its code goes too, instead of staying on one engine for the process's life.
+        let loaded = tokio::task::spawn_blocking(move || {
+            let engine = artifacts.engine().scratch()?;
+            artifacts
+                .load_or_prepare(&engine, &sha256, &bytes, &name, &init_env, memory_limit)
+                .map(|prepared| (engine, prepared))
+        })
+        .await;
+        let (engine, prepared) = match loaded {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(error)) => {
+                return Err(SyncError::Load {
+                    name: deployment.name,
+                    version: deployment.version,
+                    reason: error.to_string(),
+                });
+            }
+            Err(join_error) => {
+                return Err(SyncError::Load {
+                    name: deployment.name,
+                    version: deployment.version,
+                    reason: join_error.to_string(),
+                });
+            }
+        };
+        let kind = prepared.kind;
+        ::metrics::counter!(metrics::MODULE_LOADS_TOTAL, "kind" => kind.as_str()).increment(1);
+        tracing::info!(
+            function = %deployment.name,
+            version = deployment.version,
+            sha256 = %deployment.sha256,
+            how = if kind == LoadKind::Cached { "artifact from disk" } else { "compiled" },
+            preinitialized = prepared.preinitialized,
+            image_bytes = prepared.image.as_ref().map_or(0, |image| image.len()),
+            took = ?started.elapsed(),
+            "function ready"
+        );
+        if kind == LoadKind::Compiled {
+            ::metrics::histogram!(
+                metrics::ISOLATE_START_DURATION,
+                "function" => deployment.name.clone(),
+                "kind" => "compile"
+            )
+            .record(started.elapsed().as_secs_f64());
+        }
+        let manifest = &deployment.manifest;
+        let mut config = FunctionConfig::new(deployment.name.clone());
+        config.env = manifest
+            .env
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        config.max_memory_bytes = memory_limit;
+        config.max_response_bytes =
+            usize::try_from(manifest.limits.response_bytes().min(ceilings.response_bytes))
+                .unwrap_or(usize::MAX);
+        config.timeout = manifest.limits.timeout().min(ceilings.timeout);
+        let max_concurrency = manifest.scale.max_concurrency().min(ceilings.max_concurrency);
+        let scale = ScaleConfig {
+            min_instances: manifest.scale.min_instances().min(max_concurrency) as usize,
+            max_concurrency: max_concurrency as usize,
+            max_queue: manifest.scale.max_queue().min(ceilings.max_queue) as usize,
+            idle_timeout: manifest.scale.idle_timeout(),
+            ..ScaleConfig::default()
+        };
+        let function = LoadedFunction::from_prepared(engine, prepared, config);
+        let pool = InstancePool::new(function, scale);
+        let function_metrics = Arc::new(FunctionMetrics::new(&deployment.name));
+        // Reserved instances (`min_instances`) are made ready before the version is routed.
+        let reserved = Arc::clone(&pool);
+        if let Ok(start_times) = tokio::task::spawn_blocking(move || reserved.replenish()).await {
+            for start_time in start_times {
+                function_metrics.instance_started(start_time, true);
+            }
+        }
+        Ok(Arc::new(ServedFunction {
+            deployment,
+            pool,
+            metrics: function_metrics,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use atoll_isolate::CgiRequest;
+
+    use crate::sync::tests::{deployment, guest, offline_syncer};
+
+    fn memory_mappings() -> usize {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .count()
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn a_replaced_version_takes_its_code_and_memory_image_with_it() {
+        // One blocking thread: a new one (its stack, maybe a malloc arena) would add
+        // mappings of its own.
+        tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap()
+            .block_on(replaced_versions_take_their_code_and_memory_images_with_them());
+    }
+
+    async fn replaced_versions_take_their_code_and_memory_images_with_them() {
+        let directory = tempfile::tempdir().unwrap();
+        let loader = offline_syncer(directory.path()).loader;
+        let wasm = guest("hello");
+        let sha256 = atoll_core::digest::sha256_hex(&wasm);
+        let request = CgiRequest {
+            method: "GET".into(),
+            raw_path: "/".into(),
+            ..CgiRequest::default()
+        };
+        // Loads a version (compiled once, then from the artifact on disk, as after a
+        // restart or a rollback), serves a request on this thread, and replaces it.
+        let serve_and_replace = |version| {
+            let loader = loader.clone();
+            let deployment = deployment("hello", version, &sha256);
+            let wasm = wasm.clone();
+            let request = request.clone();
+            async move {
+                let served = loader.load(deployment, wasm).await.unwrap();
+                let invocation = served.pool.function().invoke(&request).unwrap();
+                assert_eq!(&invocation.response.body[..], b"hello");
+            }
+        };
+        for version in 1..=3 {
+            serve_and_replace(version).await;
+        }
+        let (mappings, fds) = (memory_mappings(), open_fds());
+        const VERSIONS: u64 = 60;
+        for version in 4..4 + VERSIONS {
+            serve_and_replace(version).await;
+        }
+        let mapping_growth = memory_mappings().saturating_sub(mappings);
+        let fd_growth = open_fds().saturating_sub(fds);
+        // Code kept on one engine for every version grew by two or three mappings each.
+        assert!(
+            mapping_growth < 20,
+            "{mapping_growth} more memory mappings after {VERSIONS} versions came and went"
+        );
+        // The memory images (a memfd each) go with their versions, also where a pooled
+        // slot still shows one.
+        assert!(
+            fd_growth <= 2,
+            "{fd_growth} more open fds after {VERSIONS} versions came and went"
+        );
+    }
+}
