@@ -99,8 +99,8 @@ pub struct ClusterOptions {
     pub region_fallback: Vec<String>,
     pub home_replicas: usize,
     /// The address forwards leave from: the node's own listening IP when it listens on one,
-    /// so peers recognise it ([`Cluster::is_peer`]) even where the kernel would pick
-    /// another source (loopback, several interfaces).
+    /// so a peer sees a forward come from the address it knows this node by, even where the
+    /// kernel would pick another source (loopback, several interfaces).
     pub source_ip: Option<IpAddr>,
     /// Signs this node's forwards and checks its peers'; `None`: forwards are unsigned and
     /// no forwarded client address is believed.

@@ -50,7 +50,7 @@ struct Loading {
 /// Follows a [`ControlPlane`] and keeps the node's table in step with it.
 ///
 /// One deployment's failure never holds up the others: each version loads in its own task
-/// (at most [`CONCURRENT_LOADS`] at once), the watch goes on meanwhile, and a version that
+/// (at most `CONCURRENT_LOADS` at once), the watch goes on meanwhile, and a version that
 /// fails — a module that does not compile here, an init that traps, a blob that does not
 /// match its digest — is quarantined and retried with backoff while the rest carries on.
 /// The persisted revision is the highest one up to which every change is applied or
