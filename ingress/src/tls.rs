@@ -420,15 +420,6 @@ mod tests {
     }
 
     #[test]
-    fn wildcards_cover_one_label() {
-        assert!(certificate_name_matches("*.example.com", "a.example.com"));
-        assert!(!certificate_name_matches("*.example.com", "a.b.example.com"));
-        assert!(!certificate_name_matches("*.example.com", "example.com"));
-        assert!(certificate_name_matches("example.com", "example.com"));
-        assert!(!certificate_name_matches("example.com", "a.example.com"));
-    }
-
-    #[test]
     fn selects_by_sni_exact_before_wildcard() {
         let dir = tempfile::tempdir().unwrap();
         write_pair(dir.path(), "a", &["a.test"]);
