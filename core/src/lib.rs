@@ -9,6 +9,7 @@
 //! membership node announcements, the member table, region order (heartbeats, DNS, forwarding)
 //! check      what a registry asks of a pushed module (implemented by atoll-isolate)
 //! auth       credentials, scopes and who may do what; rules  the pure push/rollback rules
+//! outbound   the outbound allow-list (Spin's syntax) and the SSRF guard's address rules
 //! digest     SHA-256 hex names; durable  crash-safe file writes; error  the store's error
 //! ```
 //!
@@ -25,6 +26,7 @@ pub mod host;
 pub mod manifest;
 pub mod membership;
 pub mod model;
+pub mod outbound;
 pub mod route;
 pub mod route_table;
 pub mod rules;
