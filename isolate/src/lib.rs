@@ -11,6 +11,7 @@
 //! - [`wasi`] is the handful of WASI preview1 calls a CGI program needs.
 //! - [`engine`] owns the compiler and the fingerprint that keys compiled artifacts.
 //! - [`artifact_cache`] keeps compiled modules on disk across restarts.
+//! - [`outbound`] decides where an outbound call may connect (allow-list, DNS, SSRF guard).
 //! - [`push_check`] is the registry's check of a pushed module (an `atoll_core::ModuleCheck`).
 //! - [`stream`] hands a large response to the client while the guest still writes it.
 //! - [`executor`] is where guest code runs (hot threads, overflow when they stall);
@@ -28,6 +29,7 @@ pub mod executor;
 pub mod function;
 pub mod invoke;
 mod layout;
+pub mod outbound;
 pub mod pool;
 pub mod push_check;
 pub mod snapshot;
