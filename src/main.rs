@@ -218,6 +218,10 @@ enum TokenCommand {
 /// The node's ingress: TLS, HTTP/3, ACME and the limits on clients.
 #[derive(Args)]
 struct EdgeArgs {
+    /// CA certificates (PEM) that functions' outbound HTTPS trusts beside the system's,
+    /// e.g. an internal CA.
+    #[arg(long)]
+    outbound_ca: Option<PathBuf>,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) here; needs --certs or --acme-directory.
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
@@ -302,6 +306,7 @@ impl EdgeArgs {
     /// Fills the ingress part of `options`.
     fn apply(&self, options: &mut atoll_router::NodeOptions) {
         options.certs_dir = self.certs.clone();
+        options.outbound_ca = self.outbound_ca.clone();
         options.acme = self
             .acme_directory
             .as_ref()

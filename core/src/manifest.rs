@@ -22,6 +22,11 @@
 //! max_concurrency = 64   # default 64: requests running at once; more wait in the queue
 //! max_queue = 1024       # default 1024: requests waiting; beyond it 503 + Retry-After
 //! idle_timeout = "60s"   # default 60s: without requests, ready instances go back to min
+//! [outbound]             # optional; what the `wasi_experimental_http` import may reach
+//! allowed_hosts = ["https://api.example.com", "https://*.example.com:8443"]  # default: none
+//! max_requests = 50      # default 50 calls per request; at most 1000
+//! max_concurrent = 6     # default 6 responses open at once; at most 64
+//! max_response = "8MiB"  # default 8MiB: the response bodies open at once, together
 //! ```
 //!
 //! The same struct travels as JSON from the registry to nodes, so it is `Serialize` too.
@@ -69,6 +74,100 @@ pub struct Manifest {
     /// Scaling per node. Default: all defaults.
     #[serde(default, skip_serializing_if = "Scale::is_default")]
     pub scale: Scale,
+    /// Outbound HTTP. Default: nothing may be reached.
+    #[serde(default, skip_serializing_if = "Outbound::is_default")]
+    pub outbound: Outbound,
+}
+
+/// Default `[outbound] max_requests`: outbound calls one request may make.
+pub const DEFAULT_OUTBOUND_REQUESTS: u32 = 50;
+/// Largest `[outbound] max_requests`.
+pub const MAX_OUTBOUND_REQUESTS: u32 = 1000;
+/// Default `[outbound] max_concurrent`: responses one request may hold open at once.
+pub const DEFAULT_OUTBOUND_CONCURRENT: u32 = 6;
+/// Largest `[outbound] max_concurrent`.
+pub const MAX_OUTBOUND_CONCURRENT: u32 = 64;
+/// Default `[outbound] max_response`: 8 MiB of response bodies held at once.
+pub const DEFAULT_OUTBOUND_RESPONSE_BYTES: u64 = 8 << 20;
+/// Largest `[outbound] max_response`: the host holds these bytes outside the guest's memory.
+pub const MAX_OUTBOUND_RESPONSE_BYTES: u64 = 64 << 20;
+
+/// `[outbound]`: where the function may call out to, and how much. Read the effective
+/// limits with the accessor methods.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// Spin's syntax (see [`crate::outbound`]). Default: empty, nothing allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    /// Outbound calls per request. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Responses held open (not yet closed) at once. Default 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Response bodies held open at once, together, e.g. `"8MiB"`. Default 8MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response: Option<String>,
+}
+
+impl Outbound {
+    fn is_default(&self) -> bool {
+        *self == Outbound::default()
+    }
+
+    /// The allow-list, parsed. Infallible for a manifest that went through
+    /// [`Manifest::parse`]; a hand-built manifest with a bad entry allows nothing.
+    pub fn allowed_hosts(&self) -> crate::outbound::AllowedHosts {
+        crate::outbound::AllowedHosts::parse(&self.allowed_hosts).unwrap_or_default()
+    }
+
+    pub fn max_requests(&self) -> u32 {
+        self.max_requests.unwrap_or(DEFAULT_OUTBOUND_REQUESTS)
+    }
+
+    pub fn max_concurrent(&self) -> u32 {
+        self.max_concurrent.unwrap_or(DEFAULT_OUTBOUND_CONCURRENT)
+    }
+
+    pub fn max_response_bytes(&self) -> u64 {
+        self.max_response
+            .as_deref()
+            .and_then(|m| parse_memory(m).ok())
+            .unwrap_or(DEFAULT_OUTBOUND_RESPONSE_BYTES)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        crate::outbound::AllowedHosts::parse(&self.allowed_hosts)
+            .map_err(|error| format!("outbound.allowed_hosts: {error}"))?;
+        match self.max_requests {
+            Some(0) => return Err("outbound.max_requests must be at least 1".into()),
+            Some(n) if n > MAX_OUTBOUND_REQUESTS => {
+                return Err(format!("outbound.max_requests must be at most {MAX_OUTBOUND_REQUESTS}"));
+            }
+            _ => {}
+        }
+        match self.max_concurrent {
+            Some(0) => return Err("outbound.max_concurrent must be at least 1".into()),
+            Some(n) if n > MAX_OUTBOUND_CONCURRENT => {
+                return Err(format!(
+                    "outbound.max_concurrent must be at most {MAX_OUTBOUND_CONCURRENT}"
+                ));
+            }
+            _ => {}
+        }
+        if let Some(text) = &self.max_response {
+            let bytes = parse_memory(text)
+                .map_err(|reason| format!("outbound.max_response {text:?} is invalid: {reason}"))?;
+            if bytes > MAX_OUTBOUND_RESPONSE_BYTES {
+                return Err(format!(
+                    "outbound.max_response {text:?} is invalid: it is over the {}MiB maximum",
+                    MAX_OUTBOUND_RESPONSE_BYTES >> 20
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Default `[scale] max_concurrency`.
@@ -328,6 +427,7 @@ impl Manifest {
             }
         }
         self.scale.validate().map_err(ManifestError::Invalid)?;
+        self.outbound.validate().map_err(ManifestError::Invalid)?;
         if let Some(timeout) = &self.limits.timeout {
             parse_timeout(timeout).map_err(|reason| {
                 ManifestError::Invalid(format!("limits.timeout {timeout:?} is invalid: {reason}"))
@@ -723,5 +823,35 @@ timeout = "10s"
         assert_eq!(wasm, dir.path().join("echo.wasm"));
         let e = Manifest::load(&dir.path().join("nope")).unwrap_err();
         assert!(e.to_string().starts_with("manifest: cannot read "), "{e}");
+    }
+
+    #[test]
+    fn outbound_is_denied_by_default_and_checked_when_given() {
+        let base = "name = \"x\"\nwasm = \"x.wasm\"\nroutes = [\"a.com\"]\n";
+        let manifest = Manifest::parse(base).unwrap();
+        assert!(manifest.outbound.allowed_hosts().is_empty());
+        assert_eq!(manifest.outbound.max_requests(), DEFAULT_OUTBOUND_REQUESTS);
+        assert_eq!(manifest.outbound.max_concurrent(), DEFAULT_OUTBOUND_CONCURRENT);
+        assert_eq!(manifest.outbound.max_response_bytes(), DEFAULT_OUTBOUND_RESPONSE_BYTES);
+        assert!(!serde_json::to_string(&manifest).unwrap().contains("outbound"));
+
+        let given = format!(
+            "{base}[outbound]\nallowed_hosts = [\"https://api.example.com\", \"*://*:*\"]\nmax_requests = 3\nmax_concurrent = 2\nmax_response = \"1MiB\"\n"
+        );
+        let manifest = Manifest::parse(&given).unwrap();
+        let allowed = manifest.outbound.allowed_hosts();
+        assert!(allowed.allows_internal(crate::outbound::Scheme::Https, "api.example.com", 443));
+        assert_eq!(manifest.outbound.max_requests(), 3);
+        assert_eq!(manifest.outbound.max_concurrent(), 2);
+        assert_eq!(manifest.outbound.max_response_bytes(), 1 << 20);
+        let json = serde_json::to_string(&manifest).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), manifest);
+
+        let bad_entry = error(&format!("{base}[outbound]\nallowed_hosts = [\"api.example.com\"]\n"));
+        assert!(bad_entry.contains("outbound.allowed_hosts") && bad_entry.contains("give a scheme"), "{bad_entry}");
+        assert!(error(&format!("{base}[outbound]\nmax_requests = 0\n")).contains("at least 1"));
+        assert!(error(&format!("{base}[outbound]\nmax_concurrent = 65\n")).contains("at most 64"));
+        assert!(error(&format!("{base}[outbound]\nmax_response = \"1GiB\"\n")).contains("64MiB maximum"));
+        assert!(error(&format!("{base}[outbound]\nallowed = []\n")).contains("unknown field"));
     }
 }

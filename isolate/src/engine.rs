@@ -15,6 +15,7 @@ use wasmer::{ExternType, Module};
 
 use crate::error::IsolateError;
 use crate::wasi::WASI_MODULE;
+use crate::wasi_http::{HTTP_IMPORTS, HTTP_MODULE};
 
 /// A cheap-to-clone handle on a wasmer engine.
 #[derive(Clone)]
@@ -159,7 +160,8 @@ pub fn declared_memory_bytes(module: &Module) -> u64 {
 }
 
 /// A WCGI program is a WASI command: it exports `_start` and a memory, and imports nothing
-/// but WASI preview1 functions.
+/// but WASI preview1 functions and `wasi_experimental_http`'s, the latter with exactly
+/// their signatures (a wrong one would only trap at the first call).
 pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
     let start = module.exports().find(|export| export.name() == "_start");
     match start.map(|export| export.ty().clone()) {
@@ -184,9 +186,13 @@ pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
     }
     check_resources(module)?;
     for import in module.imports() {
+        if import.module() == HTTP_MODULE {
+            check_http_import(import.name(), import.ty())?;
+            continue;
+        }
         if import.module() != WASI_MODULE {
             return Err(IsolateError::Invalid(format!(
-                "imports `{}::{}`; only {WASI_MODULE} is available",
+                "imports `{}::{}`; only {WASI_MODULE} and {HTTP_MODULE} are available",
                 import.module(),
                 import.name()
             )));
@@ -200,6 +206,27 @@ pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
         }
     }
     Ok(())
+}
+
+/// Checks an import from `wasi_experimental_http` against the ABI.
+fn check_http_import(name: &str, ty: &ExternType) -> Result<(), IsolateError> {
+    let Some(&(_, parameters)) = HTTP_IMPORTS.iter().find(|(known, _)| *known == name) else {
+        let known: Vec<&str> = HTTP_IMPORTS.iter().map(|(known, _)| *known).collect();
+        return Err(IsolateError::Invalid(format!(
+            "imports `{HTTP_MODULE}::{name}`, which does not exist; the module has {}",
+            known.join(", ")
+        )));
+    };
+    let expected = wasmer::FunctionType::new(vec![wasmer::Type::I32; parameters], vec![wasmer::Type::I32]);
+    match ty {
+        ExternType::Function(signature) if *signature == expected => Ok(()),
+        ExternType::Function(signature) => Err(IsolateError::Invalid(format!(
+            "imports `{HTTP_MODULE}::{name}` as {signature}; its signature is {expected}"
+        ))),
+        _ => Err(IsolateError::Invalid(format!(
+            "imports `{HTTP_MODULE}::{name}` which is not a function"
+        ))),
+    }
 }
 
 /// Most elements a table may have: a function's tables are not covered by its memory

@@ -9,11 +9,16 @@
 //! blocking pool, which grows as needed, and a watchdog moves any invocation still queued
 //! there too. Other functions keep their latency; fast functions keep the hot path.
 //!
+//! A guest that waits on the network (an outbound call) counts as stalled from the moment
+//! it starts waiting ([`waiting`]), not after the threshold: its worker is idle but held,
+//! so the next request must not queue behind it.
+//!
 //! ```text
 //! submit ──all workers stalled?──no──▶ queue ──▶ worker 0..N (hot, one per core)
 //!              └─yes──▶ spawn_blocking (overflow)      ▲ watchdog: queue → overflow when all stall
 //! ```
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -30,8 +35,43 @@ const WATCHDOG_IDLE_INTERVAL: Duration = Duration::from_millis(25);
 struct Shared {
     epoch: Instant,
     /// Per worker: when its current job started (nanoseconds since `epoch`, plus one), or 0
-    /// when idle.
+    /// when idle; [`WAITING`] while its guest waits on I/O.
     busy_since: Vec<AtomicU64>,
+    receiver: crossbeam_channel::Receiver<Job>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// `busy_since` of a worker whose guest waits on I/O: older than any threshold.
+const WAITING: u64 = 1;
+
+thread_local! {
+    /// On a hot worker thread: its executor and index, for [`waiting`].
+    static CURRENT_WORKER: RefCell<Option<(Arc<Shared>, usize)>> = const { RefCell::new(None) };
+}
+
+/// Runs `wait` — a guest blocked on I/O, such as an outbound HTTP call — with the current
+/// hot worker counted as stalled, so new invocations go around it at once. When every
+/// worker is then stalled, what is queued moves to the overflow pool right away instead of
+/// at the watchdog's next look. Elsewhere (an overflow thread, a test) it just runs `wait`.
+pub fn waiting<R>(wait: impl FnOnce() -> R) -> R {
+    let worker = CURRENT_WORKER.with(|current| current.borrow().clone());
+    let Some((shared, index)) = worker else {
+        return wait();
+    };
+    let started = shared.busy_since[index].swap(WAITING, Ordering::AcqRel);
+    if shared.all_stalled() {
+        while let Ok(job) = shared.receiver.try_recv() {
+            shared.runtime.spawn_blocking(job);
+        }
+    }
+    struct Restore(Arc<Shared>, usize, u64);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.busy_since[self.1].store(self.2, Ordering::Release);
+        }
+    }
+    let _restore = Restore(shared, index, started);
+    wait()
 }
 
 impl Shared {
@@ -44,7 +84,7 @@ impl Shared {
         let threshold = STALL_THRESHOLD.as_nanos() as u64;
         self.busy_since.iter().all(|since| {
             let since = since.load(Ordering::Acquire);
-            since != 0 && now.saturating_sub(since) > threshold
+            since == WAITING || (since != 0 && now.saturating_sub(since) > threshold)
         })
     }
 }
@@ -69,9 +109,12 @@ impl GuestExecutor {
     pub fn new(workers: usize) -> Arc<Self> {
         let workers = workers.max(1);
         let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
+        let runtime = tokio::runtime::Handle::current();
         let shared = Arc::new(Shared {
             epoch: Instant::now(),
             busy_since: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            receiver: receiver.clone(),
+            runtime: runtime.clone(),
         });
         for index in 0..workers {
             let receiver = receiver.clone();
@@ -79,6 +122,7 @@ impl GuestExecutor {
             std::thread::Builder::new()
                 .name(format!("atoll-guest-{index}"))
                 .spawn(move || {
+                    CURRENT_WORKER.with(|current| *current.borrow_mut() = Some((Arc::clone(&shared), index)));
                     while let Ok(job) = receiver.recv() {
                         shared.busy_since[index].store(shared.now(), Ordering::Release);
                         // A panicking job must not take the worker down.
@@ -88,7 +132,6 @@ impl GuestExecutor {
                 })
                 .expect("spawn a guest worker thread");
         }
-        let runtime = tokio::runtime::Handle::current();
         let watched = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("atoll-guest-watchdog".into())
@@ -160,6 +203,32 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(submitted.elapsed() < Duration::from_secs(5));
+        assert_ne!(thread_name.as_deref(), Some("atoll-guest-0"));
+        release.send(()).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_waiting_on_io_is_gone_around_at_once() {
+        let executor = GuestExecutor::new(1);
+        let (waiting_started, started) = tokio::sync::oneshot::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        executor.spawn(move || {
+            waiting(|| {
+                let _ = waiting_started.send(());
+                let _ = released.recv();
+            })
+        });
+        started.await.unwrap();
+        // Well under STALL_THRESHOLD of work, but waiting: stalled already.
+        assert!(executor.shared.all_stalled());
+        let (done, finished) = tokio::sync::oneshot::channel();
+        executor.spawn(move || {
+            let _ = done.send(std::thread::current().name().map(str::to_string));
+        });
+        let thread_name = tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .unwrap()
+            .unwrap();
         assert_ne!(thread_name.as_deref(), Some("atoll-guest-0"));
         release.send(()).unwrap();
     }

@@ -40,6 +40,9 @@ pub struct FunctionConfig {
     /// Wall-clock limit per request (`[limits] timeout`), enforced by the caller through
     /// [`InterruptHandle`].
     pub timeout: Duration,
+    /// What the function may call outbound (`[outbound]`) and the node's client; `None`
+    /// refuses every call.
+    pub outbound: Option<Arc<crate::wasi_http::OutboundAccess>>,
 }
 
 impl FunctionConfig {
@@ -51,6 +54,7 @@ impl FunctionConfig {
             max_log_bytes: 64 * 1024,
             max_memory_bytes: 128 * 1024 * 1024,
             timeout: Duration::from_secs(30),
+            outbound: None,
         }
     }
 }
@@ -307,6 +311,8 @@ impl LoadedFunction {
             self.config.max_log_bytes,
         )
         .with_signals(Arc::clone(&signals));
+        let mut context = context;
+        context.set_outbound(self.config.outbound.clone());
         let mut store = Store::new(self.engine.wasmer().clone());
         let env = FunctionEnv::new(&mut store, context);
         let externs = wasi::externs(&mut store, &env, &self.import_plan);
@@ -392,6 +398,7 @@ impl ReadyInstance {
         context.set_input(&environment, request.body.clone());
         context.set_streaming(streaming);
         let started = Instant::now();
+        context.http.set_deadline(started + self.config.timeout);
         let outcome = self.start.call(&mut self.store, &[]);
         let run_time = started.elapsed();
         let output = self.env.as_mut(&mut self.store).take_output();

@@ -35,6 +35,7 @@ pub mod push_check;
 pub mod snapshot;
 pub mod stream;
 pub mod wasi;
+pub mod wasi_http;
 
 #[cfg(test)]
 mod fuzz;

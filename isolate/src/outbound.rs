@@ -1,23 +1,29 @@
-//! Where an outbound call may connect: the allow-list, then DNS, then the SSRF guard, in
-//! that order, before any byte leaves the node.
+//! Where an outbound call may connect, and the node's one client that makes it.
+//!
+//! A call passes the allow-list, then DNS, then the SSRF guard, in that order, before any
+//! byte leaves the node:
 //!
 //! ```text
 //! scheme://host:port ─▶ AllowedHosts::allowing ─ no ─▶ Refusal::NotAllowed
 //!                         │ yes
 //!                         ▼
-//!                   resolve host (an address literal resolves to itself)
+//!   an address literal: internal and not listed by name ─▶ Refusal::Internal
+//!   a name: resolved by the client's GuardedResolver, which drops internal addresses
+//!           unless the host is listed by name ─ none left ─▶ Refusal::Internal
 //!                         ▼
-//!   every address internal-checked (atoll_core::outbound::is_internal); internal ones are
-//!   dropped unless the host is listed by name ─ none left ─▶ Refusal::Internal
-//!                         ▼
-//!   the checked addresses: the caller connects to exactly these
+//!   the client connects to exactly the addresses the guard let through
 //! ```
 //!
-//! The caller must connect to the addresses returned here and to nothing it resolves again
-//! (DNS rebinding: a second lookup may answer an internal address); the host name still goes
-//! in `Host` and the TLS server name.
+//! The guard sits *in* the client's resolver, so the addresses checked are the addresses
+//! connected to: there is no second lookup a rebinding DNS server could answer differently.
+//! The node has one [`OutboundClient`] with two pools — one whose resolver refuses internal
+//! addresses, one that allows them for hosts some manifest lists by name — so a connection
+//! one function may open to an internal host is never handed to a function that may not.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use atoll_core::outbound::{AllowedHosts, Scheme, is_internal};
 
@@ -51,21 +57,45 @@ pub enum Refusal {
     },
 }
 
-/// The addresses a call to `scheme://host:port` may connect to, under `allowed`.
-pub async fn checked_addresses(
-    allowed: &AllowedHosts,
-    scheme: Scheme,
-    host: &str,
-    port: u16,
-) -> Result<Vec<SocketAddr>, Refusal> {
-    let url = format!(
-        "{}://{host}:{port}",
-        if scheme == Scheme::Https { "https" } else { "http" }
-    );
+/// Which addresses a call may connect to once it is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Public addresses only: the host is allowed through a wildcard.
+    Public,
+    /// Internal addresses too: the host is listed by its exact name or address.
+    Internal,
+}
+
+/// Whether `scheme://host:port` may be called under `allowed`, before any lookup: the
+/// allow-list, and for an address literal the SSRF guard too. `host` is bare (an IPv6
+/// address without brackets). A name's addresses are checked when the client resolves it.
+pub fn check_destination(allowed: &AllowedHosts, scheme: Scheme, host: &str, port: u16) -> Result<Reach, Refusal> {
     if allowed.allowing(scheme, host, port).is_none() {
-        return Err(Refusal::NotAllowed { url });
+        let shown = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        return Err(Refusal::NotAllowed {
+            url: format!("{}://{shown}:{port}", if scheme == Scheme::Https { "https" } else { "http" }),
+        });
     }
-    let resolved: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+    let reach = if allowed.allows_internal(scheme, host, port) {
+        Reach::Internal
+    } else {
+        Reach::Public
+    };
+    if let Ok(address) = host.parse::<IpAddr>()
+        && reach == Reach::Public
+        && is_internal(address)
+    {
+        return Err(Refusal::Internal {
+            host: host.to_string(),
+            addresses: address.to_string(),
+        });
+    }
+    Ok(reach)
+}
+
+/// The addresses `host` resolves to that `reach` may connect to.
+pub async fn guarded_lookup(host: &str, port: u16, reach: Reach) -> Result<Vec<SocketAddr>, Refusal> {
+    let resolved: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(address) => vec![SocketAddr::new(address, port)],
         Err(_) => tokio::net::lookup_host((host, port))
             .await
@@ -75,10 +105,9 @@ pub async fn checked_addresses(
             })?
             .collect(),
     };
-    let internal_allowed = allowed.allows_internal(scheme, host, port);
     let (usable, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
         .into_iter()
-        .partition(|address| internal_allowed || !is_internal(address.ip()));
+        .partition(|address| reach == Reach::Internal || !is_internal(address.ip()));
     if usable.is_empty() {
         let addresses = refused
             .iter()
@@ -100,12 +129,171 @@ pub async fn checked_addresses(
     Ok(usable)
 }
 
+/// The client's resolver: every name is looked up and guarded here.
+struct GuardedResolver(Reach);
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let (host, reach) = (name.as_str().to_string(), self.0);
+        Box::pin(async move {
+            // The port is set by the client from the URL.
+            let addresses = guarded_lookup(&host, 0, reach).await?;
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The refusal inside a client error, if the guard refused the call.
+pub fn refusal_in(error: &reqwest::Error) -> Option<&Refusal> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if let Some(refusal) = error.downcast_ref::<Refusal>() {
+            return Some(refusal);
+        }
+        source = error.source();
+    }
+    None
+}
+
+/// Why the node's outbound client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundSetupError {
+    #[error("cannot read the outbound CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("the outbound CA file {path} holds no PEM certificate")]
+    NoCertificate { path: String },
+    #[error("cannot build the outbound HTTP client: {0}")]
+    Client(String),
+}
+
+/// How long connecting may take at most (a call's own deadline may be shorter).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node's outbound HTTP client: pooled keep-alive connections shared by every
+/// function, TLS checked against the system's roots plus the operator's extra CA. It runs
+/// on the node's tokio runtime; guest threads block on it (see `wasi_http`).
+pub struct OutboundClient {
+    public: reqwest::Client,
+    internal: reqwest::Client,
+    runtime: tokio::runtime::Handle,
+    roots: usize,
+}
+
+impl std::fmt::Debug for OutboundClient {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("OutboundClient")
+            .field("roots", &self.roots)
+            .finish()
+    }
+}
+
+impl OutboundClient {
+    /// Builds the client on the current tokio runtime. `extra_ca` is a PEM file of CA
+    /// certificates trusted beside the system's.
+    pub fn new(extra_ca: Option<&Path>) -> Result<Arc<OutboundClient>, OutboundSetupError> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for error in &native.errors {
+            tracing::warn!(%error, "a system CA certificate could not be loaded");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        if ignored > 0 {
+            tracing::debug!(ignored, "system CA certificates rustls cannot use");
+        }
+        let mut count = added;
+        if let Some(path) = extra_ca {
+            let shown = path.display().to_string();
+            let pem = std::fs::read(path).map_err(|error| OutboundSetupError::CaFile {
+                path: shown.clone(),
+                reason: error.to_string(),
+            })?;
+            let certificates = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| OutboundSetupError::CaFile {
+                    path: shown.clone(),
+                    reason: error.to_string(),
+                })?;
+            if certificates.is_empty() {
+                return Err(OutboundSetupError::NoCertificate { path: shown });
+            }
+            for certificate in certificates {
+                roots.add(certificate).map_err(|error| OutboundSetupError::CaFile {
+                    path: shown.clone(),
+                    reason: error.to_string(),
+                })?;
+                count += 1;
+            }
+        }
+        let roots = Arc::new(roots);
+        let build = |reach: Reach| {
+            let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|error| OutboundSetupError::Client(error.to_string()))?
+            .with_root_certificates(Arc::clone(&roots))
+            .with_no_client_auth();
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            reqwest::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .dns_resolver(GuardedResolver(reach))
+                .no_proxy()
+                // A redirect is the guest's to follow: each hop passes the allow-list again.
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(CONNECT_TIMEOUT)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(32)
+                .build()
+                .map_err(|error| OutboundSetupError::Client(error.to_string()))
+        };
+        Ok(Arc::new(OutboundClient {
+            public: build(Reach::Public)?,
+            internal: build(Reach::Internal)?,
+            runtime: tokio::runtime::Handle::current(),
+            roots: count,
+        }))
+    }
+
+    /// The pool for calls of this reach.
+    pub fn client(&self, reach: Reach) -> &reqwest::Client {
+        match reach {
+            Reach::Public => &self.public,
+            Reach::Internal => &self.internal,
+        }
+    }
+
+    /// The runtime the client's connections live on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// How many CA certificates are trusted.
+    pub fn trusted_roots(&self) -> usize {
+        self.roots
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn allowed(entries: &[&str]) -> AllowedHosts {
         AllowedHosts::parse(entries).unwrap()
+    }
+
+    /// The whole check a call goes through: destination, then the guarded lookup.
+    async fn checked_addresses(
+        allowed: &AllowedHosts,
+        scheme: Scheme,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, Refusal> {
+        let reach = check_destination(allowed, scheme, host, port)?;
+        guarded_lookup(host, port, reach).await
     }
 
     #[tokio::test]

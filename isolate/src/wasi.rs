@@ -5,7 +5,9 @@
 //! 0.4 ms per request — more than the rest of an invocation — so Atoll implements the
 //! handful of calls itself. Every other `wasi_snapshot_preview1` import a module declares
 //! is satisfied by a stub answering `ENOSYS`, so programs that merely *link* file or socket
-//! calls still run; imports from any other module are refused when the module is loaded.
+//! calls still run. The one other import module is `wasi_experimental_http`, outbound HTTP
+//! ([`crate::wasi_http`]); imports from any other module are refused when the module is
+//! loaded.
 //!
 //! There is no filesystem and no preopened directory: functions are stateless by design.
 //!
@@ -73,6 +75,8 @@ pub struct WasiContext {
     signals: Arc<RunSignals>,
     /// When this instance was created: the origin of its CPU-time clocks.
     created: Instant,
+    /// Outbound HTTP (`wasi_experimental_http`): the function's access and this run's calls.
+    pub(crate) http: crate::wasi_http::HttpState,
 }
 
 /// What a finished invocation left behind.
@@ -125,6 +129,7 @@ impl WasiContext {
             discarding: false,
             signals: Arc::default(),
             created: Instant::now(),
+            http: crate::wasi_http::HttpState::default(),
         };
         context.set_input(env, stdin);
         context
@@ -159,6 +164,32 @@ impl WasiContext {
 
     pub fn set_memory(&mut self, memory: Memory) {
         self.memory = Some(memory);
+    }
+
+    /// Lets this instance's run call out (`None`: every call is refused).
+    pub fn set_outbound(&mut self, access: Option<Arc<crate::wasi_http::OutboundAccess>>) {
+        self.http = crate::wasi_http::HttpState::new(access);
+    }
+
+    /// Outbound calls this run made.
+    pub fn outbound_requests(&self) -> u32 {
+        self.http.requests()
+    }
+
+    pub(crate) fn signals(&self) -> &Arc<RunSignals> {
+        &self.signals
+    }
+
+    pub(crate) fn memory(&self) -> Option<&Memory> {
+        self.memory.as_ref()
+    }
+
+    /// Adds a line from the host to the function's log (its stderr), within the log's cap.
+    pub(crate) fn log_host_line(&mut self, line: &str) {
+        let line = format!("atoll: {line}\n");
+        if self.stderr.len() + line.len() <= self.max_stderr {
+            self.stderr.extend_from_slice(line.as_bytes());
+        }
     }
 
     pub fn take_output(&mut self) -> WasiOutput {
@@ -205,6 +236,11 @@ pub enum HostImport {
     ClockTimeGet,
     ClockResGet,
     SchedYield,
+    HttpReq,
+    HttpClose,
+    HttpHeaderGet,
+    HttpHeadersGetAll,
+    HttpBodyRead,
     /// Any other function: answers `ENOSYS` when it returns an errno, traps otherwise.
     Unsupported {
         name: String,
@@ -219,6 +255,16 @@ pub fn import_plan(module: &Module) -> Vec<HostImport> {
         .imports()
         .map(|import| {
             let name = import.name();
+            if import.module() == crate::wasi_http::HTTP_MODULE {
+                match name {
+                    "req" => return HostImport::HttpReq,
+                    "close" => return HostImport::HttpClose,
+                    "header_get" => return HostImport::HttpHeaderGet,
+                    "headers_get_all" => return HostImport::HttpHeadersGetAll,
+                    "body_read" => return HostImport::HttpBodyRead,
+                    _ => {}
+                }
+            }
             if import.module() != WASI_MODULE {
                 let signature = import
                     .ty()
@@ -281,6 +327,13 @@ pub fn externs(store: &mut Store, env: &FunctionEnv<WasiContext>, plan: &[HostIm
                 HostImport::ClockTimeGet => Function::new_typed_with_env(store, env, clock_time_get),
                 HostImport::ClockResGet => Function::new_typed_with_env(store, env, clock_res_get),
                 HostImport::SchedYield => Function::new_typed_with_env(store, env, sched_yield),
+                HostImport::HttpReq => Function::new_typed_with_env(store, env, crate::wasi_http::req),
+                HostImport::HttpClose => Function::new_typed_with_env(store, env, crate::wasi_http::close),
+                HostImport::HttpHeaderGet => Function::new_typed_with_env(store, env, crate::wasi_http::header_get),
+                HostImport::HttpHeadersGetAll => {
+                    Function::new_typed_with_env(store, env, crate::wasi_http::headers_get_all)
+                }
+                HostImport::HttpBodyRead => Function::new_typed_with_env(store, env, crate::wasi_http::body_read),
                 HostImport::Unsupported { name, signature } => {
                     let name = name.clone();
                     let returns_errno = signature.results() == [Type::I32];
@@ -317,7 +370,7 @@ pub fn imports(store: &mut Store, env: &FunctionEnv<WasiContext>, module: &Modul
 pub struct HostCallInterrupted;
 
 /// A host call's failure: an errno for the guest, or a trap.
-enum CallError {
+pub(crate) enum CallError {
     Errno(i32),
     Interrupted,
 }
@@ -348,6 +401,8 @@ pub struct RunSignals {
     in_host: AtomicBool,
     /// When `fired` was first raised (nanoseconds since the process's first stop).
     fired_at: std::sync::atomic::AtomicU64,
+    /// Wakes host calls that wait (an outbound request) when `fired` is raised.
+    stopping: tokio::sync::Notify,
 }
 
 /// How long a stopped guest gets to reach a host call (and end without a signal).
@@ -370,6 +425,7 @@ impl RunSignals {
     pub fn stop(&self, interrupter: &wasmer::Interrupter) {
         if !self.fired.swap(true, Ordering::SeqCst) {
             self.fired_at.store(stop_clock(), Ordering::SeqCst);
+            self.stopping.notify_waiters();
             return;
         }
         let since = stop_clock().saturating_sub(self.fired_at.load(Ordering::SeqCst));
@@ -380,12 +436,35 @@ impl RunSignals {
     }
 }
 
+impl RunSignals {
+    /// Marks the run as stopped from inside: a host call that waited until the run's
+    /// deadline ends the run as a timeout, as the deadline's own stop would.
+    pub(crate) fn raise(&self) {
+        if !self.fired.swap(true, Ordering::SeqCst) {
+            self.fired_at.store(stop_clock(), Ordering::SeqCst);
+            self.stopping.notify_waiters();
+        }
+    }
+
+    /// Completes once the run is asked to stop: a host call that waits selects on it.
+    pub async fn stopped(&self) {
+        let notified = self.stopping.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read, so a stop between the two is not missed.
+        notified.as_mut().enable();
+        if self.fired() {
+            return;
+        }
+        notified.await;
+    }
+}
+
 /// Marks the guest as inside a host call for as long as it lives; refuses to enter once
 /// the run was asked to stop.
-struct HostCall(Arc<RunSignals>);
+pub(crate) struct HostCall(Arc<RunSignals>);
 
 impl HostCall {
-    fn enter(signals: &Arc<RunSignals>) -> Result<HostCall, HostCallInterrupted> {
+    pub(crate) fn enter(signals: &Arc<RunSignals>) -> Result<HostCall, HostCallInterrupted> {
         signals.in_host.store(true, Ordering::SeqCst);
         let call = HostCall(Arc::clone(signals));
         if signals.fired.load(Ordering::SeqCst) {

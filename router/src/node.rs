@@ -64,6 +64,9 @@ pub struct NodeOptions {
     /// Signs forwards to peers and checks theirs (`--cluster-key`); `None`: derived from
     /// `token`, which the nodes of a cluster share.
     pub cluster_key: Option<ClusterKey>,
+    /// `--outbound-ca FILE`: CA certificates (PEM) functions' outbound HTTPS trusts beside
+    /// the system's.
+    pub outbound_ca: Option<PathBuf>,
 }
 
 impl NodeOptions {
@@ -88,6 +91,7 @@ impl NodeOptions {
             drain_delay: DEFAULT_DRAIN_DELAY,
             ceilings: crate::sync::FunctionCeilings::default(),
             cluster_key: None,
+            outbound_ca: None,
         }
     }
 }
@@ -128,6 +132,8 @@ pub enum NodeError {
     Certificates(String),
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("--outbound-ca: {0}")]
+    Outbound(#[from] atoll_isolate::outbound::OutboundSetupError),
 }
 
 /// How often pools are trimmed (scale down, to zero when idle) and topped up, and the
@@ -284,8 +290,11 @@ pub async fn run(
         Some(_) => Arc::clone(&control),
         None => Arc::new(ControlPlane::Registry(registry()?)),
     };
+    let outbound = atoll_isolate::outbound::OutboundClient::new(options.outbound_ca.as_deref())?;
+    tracing::debug!(trusted_roots = outbound.trusted_roots(), "outbound HTTP client ready");
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
-        .with_ceilings(options.ceilings.clone());
+        .with_ceilings(options.ceilings.clone())
+        .with_outbound(outbound);
     syncer.restore_from_disk().await?;
 
     let (stop_sender, stop) = watch::channel(false);

@@ -26,6 +26,8 @@ pub(super) struct Loader {
     pub(super) artifacts: ArtifactCache,
     pub(super) slots: Arc<tokio::sync::Semaphore>,
     pub(super) ceilings: Arc<FunctionCeilings>,
+    /// The node's outbound HTTP client; `None` refuses every outbound call.
+    pub(super) outbound: Option<Arc<atoll_isolate::outbound::OutboundClient>>,
 }
 
 impl Loader {
@@ -136,6 +138,15 @@ impl Loader {
             usize::try_from(manifest.limits.response_bytes().min(ceilings.response_bytes))
                 .unwrap_or(usize::MAX);
         config.timeout = manifest.limits.timeout().min(ceilings.timeout);
+        config.outbound = self.outbound.as_ref().map(|client| {
+            Arc::new(atoll_isolate::wasi_http::OutboundAccess {
+                client: Arc::clone(client),
+                allowed: manifest.outbound.allowed_hosts(),
+                max_requests: manifest.outbound.max_requests(),
+                max_concurrent: manifest.outbound.max_concurrent(),
+                max_response_bytes: manifest.outbound.max_response_bytes(),
+            })
+        });
         let max_concurrency = manifest.scale.max_concurrency().min(ceilings.max_concurrency);
         let scale = ScaleConfig {
             min_instances: manifest.scale.min_instances().min(max_concurrency) as usize,

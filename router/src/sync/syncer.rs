@@ -90,6 +90,7 @@ impl Syncer {
                 artifacts,
                 slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOADS)),
                 ceilings: Arc::new(FunctionCeilings::default()),
+                outbound: None,
             },
             source,
             routing,
@@ -109,6 +110,13 @@ impl Syncer {
     /// Caps what every function gets at `ceilings`, whatever its manifest asks for.
     pub fn with_ceilings(mut self, ceilings: FunctionCeilings) -> Self {
         self.loader.ceilings = Arc::new(ceilings);
+        self
+    }
+
+    /// Lets functions call out through `client` (as their `[outbound]` allows); without
+    /// it every outbound call is refused.
+    pub fn with_outbound(mut self, client: Arc<atoll_isolate::outbound::OutboundClient>) -> Self {
+        self.loader.outbound = Some(client);
         self
     }
 
