@@ -12,7 +12,14 @@ use std::process::Command;
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let examples = root.join("examples");
-    for path in ["Cargo.toml", "Cargo.lock", "hello/src", "echo/src", "fault/src"] {
+    for path in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "hello/src",
+        "echo/src",
+        "fault/src",
+        "outbound/src",
+    ] {
         println!("cargo:rerun-if-changed={}", examples.join(path).display());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -143,7 +143,9 @@ impl Outbound {
         match self.max_requests {
             Some(0) => return Err("outbound.max_requests must be at least 1".into()),
             Some(n) if n > MAX_OUTBOUND_REQUESTS => {
-                return Err(format!("outbound.max_requests must be at most {MAX_OUTBOUND_REQUESTS}"));
+                return Err(format!(
+                    "outbound.max_requests must be at most {MAX_OUTBOUND_REQUESTS}"
+                ));
             }
             _ => {}
         }
@@ -832,7 +834,10 @@ timeout = "10s"
         assert!(manifest.outbound.allowed_hosts().is_empty());
         assert_eq!(manifest.outbound.max_requests(), DEFAULT_OUTBOUND_REQUESTS);
         assert_eq!(manifest.outbound.max_concurrent(), DEFAULT_OUTBOUND_CONCURRENT);
-        assert_eq!(manifest.outbound.max_response_bytes(), DEFAULT_OUTBOUND_RESPONSE_BYTES);
+        assert_eq!(
+            manifest.outbound.max_response_bytes(),
+            DEFAULT_OUTBOUND_RESPONSE_BYTES
+        );
         assert!(!serde_json::to_string(&manifest).unwrap().contains("outbound"));
 
         let given = format!(
@@ -847,8 +852,13 @@ timeout = "10s"
         let json = serde_json::to_string(&manifest).unwrap();
         assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), manifest);
 
-        let bad_entry = error(&format!("{base}[outbound]\nallowed_hosts = [\"api.example.com\"]\n"));
-        assert!(bad_entry.contains("outbound.allowed_hosts") && bad_entry.contains("give a scheme"), "{bad_entry}");
+        let bad_entry = error(&format!(
+            "{base}[outbound]\nallowed_hosts = [\"api.example.com\"]\n"
+        ));
+        assert!(
+            bad_entry.contains("outbound.allowed_hosts") && bad_entry.contains("give a scheme"),
+            "{bad_entry}"
+        );
         assert!(error(&format!("{base}[outbound]\nmax_requests = 0\n")).contains("at least 1"));
         assert!(error(&format!("{base}[outbound]\nmax_concurrent = 65\n")).contains("at most 64"));
         assert!(error(&format!("{base}[outbound]\nmax_response = \"1GiB\"\n")).contains("64MiB maximum"));

@@ -69,11 +69,23 @@ pub enum Reach {
 /// Whether `scheme://host:port` may be called under `allowed`, before any lookup: the
 /// allow-list, and for an address literal the SSRF guard too. `host` is bare (an IPv6
 /// address without brackets). A name's addresses are checked when the client resolves it.
-pub fn check_destination(allowed: &AllowedHosts, scheme: Scheme, host: &str, port: u16) -> Result<Reach, Refusal> {
+pub fn check_destination(
+    allowed: &AllowedHosts,
+    scheme: Scheme,
+    host: &str,
+    port: u16,
+) -> Result<Reach, Refusal> {
     if allowed.allowing(scheme, host, port).is_none() {
-        let shown = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        let shown = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
         return Err(Refusal::NotAllowed {
-            url: format!("{}://{shown}:{port}", if scheme == Scheme::Https { "https" } else { "http" }),
+            url: format!(
+                "{}://{shown}:{port}",
+                if scheme == Scheme::Https { "https" } else { "http" }
+            ),
         });
     }
     let reach = if allowed.allows_internal(scheme, host, port) {
@@ -221,10 +233,12 @@ impl OutboundClient {
                 return Err(OutboundSetupError::NoCertificate { path: shown });
             }
             for certificate in certificates {
-                roots.add(certificate).map_err(|error| OutboundSetupError::CaFile {
-                    path: shown.clone(),
-                    reason: error.to_string(),
-                })?;
+                roots
+                    .add(certificate)
+                    .map_err(|error| OutboundSetupError::CaFile {
+                        path: shown.clone(),
+                        reason: error.to_string(),
+                    })?;
                 count += 1;
             }
         }

@@ -329,11 +329,15 @@ pub fn externs(store: &mut Store, env: &FunctionEnv<WasiContext>, plan: &[HostIm
                 HostImport::SchedYield => Function::new_typed_with_env(store, env, sched_yield),
                 HostImport::HttpReq => Function::new_typed_with_env(store, env, crate::wasi_http::req),
                 HostImport::HttpClose => Function::new_typed_with_env(store, env, crate::wasi_http::close),
-                HostImport::HttpHeaderGet => Function::new_typed_with_env(store, env, crate::wasi_http::header_get),
+                HostImport::HttpHeaderGet => {
+                    Function::new_typed_with_env(store, env, crate::wasi_http::header_get)
+                }
                 HostImport::HttpHeadersGetAll => {
                     Function::new_typed_with_env(store, env, crate::wasi_http::headers_get_all)
                 }
-                HostImport::HttpBodyRead => Function::new_typed_with_env(store, env, crate::wasi_http::body_read),
+                HostImport::HttpBodyRead => {
+                    Function::new_typed_with_env(store, env, crate::wasi_http::body_read)
+                }
                 HostImport::Unsupported { name, signature } => {
                     let name = name.clone();
                     let returns_errno = signature.results() == [Type::I32];

@@ -202,7 +202,8 @@ fn read_bytes(view: &MemoryView, address: u32, length: u32) -> Result<Vec<u8>, i
         _ => return Err(BUFFER_TOO_SMALL),
     }
     let mut bytes = vec![0u8; length as usize];
-    view.read(u64::from(address), &mut bytes).map_err(|_| BUFFER_TOO_SMALL)?;
+    view.read(u64::from(address), &mut bytes)
+        .map_err(|_| BUFFER_TOO_SMALL)?;
     Ok(bytes)
 }
 
@@ -211,7 +212,8 @@ fn read_text(view: &MemoryView, address: u32, length: u32) -> Result<String, i32
 }
 
 fn write_out(view: &MemoryView, address: u32, bytes: &[u8]) -> Result<(), i32> {
-    view.write(u64::from(address), bytes).map_err(|_| MEMORY_ACCESS_ERROR)
+    view.write(u64::from(address), bytes)
+        .map_err(|_| MEMORY_ACCESS_ERROR)
 }
 
 /// A call's target, checked for shape: an absolute http(s) URL with a host.
@@ -250,8 +252,16 @@ fn parse_target(text: &str) -> Result<Target, String> {
 /// node's pooled connection.
 fn is_connection_header(name: &http::HeaderName) -> bool {
     use http::header::*;
-    [CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, TE, TRAILER, UPGRADE, PROXY_AUTHORIZATION]
-        .contains(name)
+    [
+        CONNECTION,
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        TE,
+        TRAILER,
+        UPGRADE,
+        PROXY_AUTHORIZATION,
+    ]
+    .contains(name)
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
@@ -351,7 +361,9 @@ pub(crate) fn req(
             return Ok(TOO_MANY_SESSIONS);
         }
         if url_length > MAX_URL_BYTES {
-            context.log_host_line(&format!("outbound call refused: the URL is over {MAX_URL_BYTES} bytes"));
+            context.log_host_line(&format!(
+                "outbound call refused: the URL is over {MAX_URL_BYTES} bytes"
+            ));
             return Ok(INVALID_URL);
         }
         let url = read_text(view, url_address, url_length)?;
@@ -393,8 +405,13 @@ pub(crate) fn req(
         let headers = read_text(view, headers_address, headers_length)?;
         let headers = parse_headers(&headers).map_err(|()| INVALID_ENCODING)?;
 
-        let deadline = context.http.deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
-        let Some(time_left) = deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+        let deadline = context
+            .http
+            .deadline
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
+        let Some(time_left) = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
         else {
             return Err(CallError::Interrupted);
         };
@@ -551,17 +568,25 @@ mod tests {
         // The original host panicked on a line without ':'.
         assert!(parse_headers("a:b\n\nc:d").is_err());
         assert!(parse_headers("bad name:x").is_err());
-        let framing = parse_headers("content-length:5\ntransfer-encoding:chunked\nconnection:close\nx:y\n").unwrap();
+        let framing =
+            parse_headers("content-length:5\ntransfer-encoding:chunked\nconnection:close\nx:y\n").unwrap();
         assert_eq!(framing.len(), 1, "{framing:?}");
     }
 
     #[test]
     fn targets_must_be_http_urls_with_a_host() {
         let target = parse_target("https://API.example.com/x?y=1").unwrap();
-        assert_eq!((target.host.as_str(), target.port, target.scheme), ("api.example.com", 443, Scheme::Https));
+        assert_eq!(
+            (target.host.as_str(), target.port, target.scheme),
+            ("api.example.com", 443, Scheme::Https)
+        );
         let target = parse_target("http://[::1]:8080/").unwrap();
         assert_eq!((target.host.as_str(), target.port), ("::1", 8080));
-        assert!(parse_target("ftp://example.com/").unwrap_err().contains("not http or https"));
+        assert!(
+            parse_target("ftp://example.com/")
+                .unwrap_err()
+                .contains("not http or https")
+        );
         assert!(parse_target("/relative").is_err());
         assert!(parse_target("http://").is_err());
     }

@@ -291,7 +291,10 @@ pub async fn run(
         None => Arc::new(ControlPlane::Registry(registry()?)),
     };
     let outbound = atoll_isolate::outbound::OutboundClient::new(options.outbound_ca.as_deref())?;
-    tracing::debug!(trusted_roots = outbound.trusted_roots(), "outbound HTTP client ready");
+    tracing::debug!(
+        trusted_roots = outbound.trusted_roots(),
+        "outbound HTTP client ready"
+    );
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone())
         .with_outbound(outbound);

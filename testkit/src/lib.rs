@@ -4,6 +4,7 @@
 
 pub mod fuzz;
 pub mod guests;
+pub mod origin;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

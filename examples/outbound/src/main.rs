@@ -48,7 +48,7 @@ fn main() {
             match wasi_experimental_http::request(request) {
                 Ok(response) => held.push(response),
                 Err(error) => {
-                    out.push_str(&format!("calls={call}\nerror={error:?}\n"));
+                    out = format!("calls={call}\nerror={error:?}\n");
                     respond(502, out.as_bytes());
                     return;
                 }
