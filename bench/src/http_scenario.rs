@@ -205,6 +205,8 @@ pub struct NodeSetup {
 /// An in-process node and its addresses; `data` must outlive the node.
 pub struct AtollNode {
     pub http: SocketAddr,
+    /// The registry's URL; its token is [`BENCH_TOKEN`].
+    pub registry_url: String,
     pub https: Option<SocketAddr>,
     pub h3: Option<SocketAddr>,
     pub data: tempfile::TempDir,
@@ -232,11 +234,14 @@ pub async fn start_registry(
     Ok(url)
 }
 
+/// The token of [`start_node`]'s registry.
+pub const BENCH_TOKEN: &str = "bench-token";
+
 /// Registry + node in process with `hello` pushed and served.
 pub async fn start_node(module: Vec<u8>, setup: NodeSetup) -> Result<AtollNode> {
     let data = tempfile::tempdir()?;
     let engine = atoll_isolate::Engine::new()?;
-    let token = "bench-token".to_string();
+    let token = BENCH_TOKEN.to_string();
     let registry_url = start_registry(&data.path().join("registry"), engine.clone(), &token).await?;
 
     let node_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -284,13 +289,14 @@ pub async fn start_node(module: Vec<u8>, setup: NodeSetup) -> Result<AtollNode> 
     }
     Ok(AtollNode {
         http: node_address,
+        registry_url,
         https,
         h3,
         data,
     })
 }
 
-async fn wait_until_served(address: SocketAddr, host: &str) -> Result<()> {
+pub async fn wait_until_served(address: SocketAddr, host: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(status) = get_status(address, host).await

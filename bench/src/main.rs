@@ -15,6 +15,9 @@
 //! `atoll-bench tls`: TLS handshakes/s against bare rustls, HTTPS against cleartext
 //! keep-alive, HTTP/3 against HTTP/2.
 //!
+//! `atoll-bench outbound`: hello beside guests waiting on outbound calls against hello
+//! alone, and an origin through a function against the origin directly.
+//!
 //! `atoll-bench soak`: no baseline but the promises themselves — mixed load with churn and
 //! hostile guests beside it; failures, the node's RSS and fd curve, and idle CPU after it.
 
@@ -23,6 +26,7 @@ mod h3_load;
 mod http_scenario;
 mod isolate_scenario;
 mod latency;
+mod outbound_scenario;
 mod scaling_scenario;
 mod soak_guests;
 mod soak_scenario;
@@ -55,6 +59,9 @@ enum Scenario {
     Tls(tls_scenario::TlsArgs),
     /// Latency a forward to a peer adds, and time from a home's crash to the first success.
     Cluster(cluster_scenario::ClusterArgs),
+    /// Hello beside guests waiting on outbound calls vs alone; an origin via a function vs
+    /// directly.
+    Outbound(outbound_scenario::OutboundArgs),
     /// Minutes of mixed load with pushes, rollbacks and hostile guests beside it: zero
     /// failures, flat RSS and fds, no thread left spinning.
     Soak(soak_scenario::SoakArgs),
@@ -67,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Scaling(args) => scaling_scenario::run(args),
         Scenario::Tls(args) => tls_scenario::run(args),
         Scenario::Cluster(args) => cluster_scenario::run(args),
+        Scenario::Outbound(args) => outbound_scenario::run(args),
         Scenario::Soak(args) => soak_scenario::run(args),
     }
 }

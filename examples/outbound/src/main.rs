@@ -56,7 +56,11 @@ fn main() {
         }
         for mut response in held {
             out.clear();
-            out.push_str(&format!("calls={}\nstatus={}\n", call + 1, response.status_code.as_u16()));
+            out.push_str(&format!(
+                "calls={}\nstatus={}\n",
+                call + 1,
+                response.status_code.as_u16()
+            ));
             let content_type = response.header_get("content-type".to_string());
             out.push_str(&format!("content-type={}\n", content_type.unwrap_or_default()));
             if let Ok(headers) = response.headers_get_all() {
