@@ -258,3 +258,104 @@ fn a_guest_waiting_on_the_network_holds_up_no_other_function() {
     }
     assert!(started.elapsed() >= Duration::from_secs(4));
 }
+
+#[test]
+fn service_bindings_call_functions_in_process_with_a_depth_limit_and_the_callers_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path());
+    push_ok(&setup.registry_url, &example("echo"));
+    wait_until("echo is served", || {
+        http_get(setup.http(), "echo.localhost", "/").is_ok_and(|response| response.status == 200)
+    });
+    let fault = write_manifest(
+        &dir.path().join("fault"),
+        "fault",
+        &example_wasm("fault"),
+        &["fault.localhost"],
+        "[limits]\ntimeout = \"60s\"\n",
+    );
+    push_ok(&setup.registry_url, &fault);
+    wait_for_text(setup.http(), "fault.localhost", "/", "ok\n");
+    push_outbound(
+        &setup,
+        dir.path(),
+        "caller",
+        "caller.localhost",
+        "[services]\nECHO = \"echo\"\nSLOW = \"fault\"\n[limits]\ntimeout = \"2s\"",
+    );
+
+    // Through the binding's environment variable, with a method, a body and a query.
+    let response = http_request(
+        setup.http(),
+        "POST",
+        "caller.localhost",
+        "/?service=ECHO&path=%2Fitems%3Fdone%3D1&method=PUT&header=x-from%3Acaller",
+        &[],
+        b"an item",
+    )
+    .unwrap();
+    let body = response.text();
+    assert_eq!(response.status, 200, "{body}");
+    for line in [
+        "status=200\n",
+        "REQUEST_METHOD=PUT\n",
+        "PATH_INFO=/items\n",
+        "QUERY_STRING=done=1\n",
+        "SERVER_NAME=echo.atoll.internal\n",
+        "HTTP_X_FROM=caller\n",
+        "BODY=an item",
+    ] {
+        assert!(body.contains(line), "{line:?} missing from {body}");
+    }
+
+    // A function it does not bind is refused, and never looked up in DNS.
+    let response = get(
+        setup.http(),
+        "caller.localhost",
+        &call("http://hello.atoll.internal/", ""),
+    );
+    assert_eq!(response.status, 502);
+    assert!(
+        response.text().contains("error=Wasi error 7"),
+        "{}",
+        response.text()
+    );
+    wait_until("the refusal is in the node's log", || {
+        setup
+            .node
+            .process
+            .logs()
+            .contains("no [services] binding names function \"hello\"")
+    });
+
+    // The callee loops; it is stopped by the caller's 2 s deadline, not its own 60 s.
+    let started = Instant::now();
+    let response = get(setup.http(), "caller.localhost", "/?service=SLOW&path=%2Floop");
+    let took = started.elapsed();
+    assert_eq!(response.status, 504, "{}", response.text());
+    assert!(
+        took < Duration::from_secs(30),
+        "the callee ran past the caller's deadline: {took:?}"
+    );
+
+    // A function bound to itself calls itself until the depth limit refuses the next call.
+    push_outbound(
+        &setup,
+        dir.path(),
+        "looper",
+        "looper.localhost",
+        "[services]\nSELF = \"looper\"",
+    );
+    let response = get(setup.http(), "looper.localhost", "/?service=SELF");
+    let body = response.text();
+    assert_eq!(response.status, 200, "{body}");
+    assert!(body.contains("error=Wasi error 11"), "{body}");
+    assert_eq!(body.matches("status=200").count(), 7, "{body}");
+    wait_until("the depth limit is in the node's log", || {
+        setup
+            .node
+            .process
+            .logs()
+            .contains("the chain of service calls is 8 deep, the limit")
+    });
+}

@@ -296,6 +296,7 @@ fn bench_request() -> CgiRequest {
         route_prefix: String::new(),
         headers,
         body: bytes::Bytes::new(),
+        service_depth: 0,
     }
 }
 

@@ -27,6 +27,8 @@
 //! max_requests = 50      # default 50 calls per request; at most 1000
 //! max_concurrent = 6     # default 6 responses open at once; at most 64
 //! max_response = "8MiB"  # default 8MiB: the response bodies open at once, together
+//! [services]             # optional; functions this one calls in-process (service bindings)
+//! AUTH = "auth"          # the guest sees ATOLL_SERVICE_AUTH=http://auth.atoll.internal
 //! ```
 //!
 //! The same struct travels as JSON from the registry to nodes, so it is `Serialize` too.
@@ -77,6 +79,20 @@ pub struct Manifest {
     /// Outbound HTTP. Default: nothing may be reached.
     #[serde(default, skip_serializing_if = "Outbound::is_default")]
     pub outbound: Outbound,
+    /// Service bindings: a binding name (an environment key) to the function it calls.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, String>,
+}
+
+/// Most `[services]` bindings one manifest may have.
+pub const MAX_SERVICES: usize = 64;
+/// The host suffix of service bindings: `http://NAME.atoll.internal/…` calls function NAME.
+pub const SERVICE_DOMAIN: &str = "atoll.internal";
+
+/// The URL a binding gives the guest (`ATOLL_SERVICE_<KEY>`) for `function`.
+pub fn service_url(function: &str) -> String {
+    format!("http://{function}.{SERVICE_DOMAIN}")
 }
 
 /// Default `[outbound] max_requests`: outbound calls one request may make.
@@ -430,6 +446,21 @@ impl Manifest {
         }
         self.scale.validate().map_err(ManifestError::Invalid)?;
         self.outbound.validate().map_err(ManifestError::Invalid)?;
+        if self.services.len() > MAX_SERVICES {
+            return Err(ManifestError::Invalid(format!(
+                "services has {} bindings; at most {MAX_SERVICES} are allowed",
+                self.services.len()
+            )));
+        }
+        for (binding, function) in &self.services {
+            if !is_env_key(binding) {
+                return Err(ManifestError::Invalid(format!(
+                    "services binding {binding:?} is invalid: bindings are [A-Za-z_][A-Za-z0-9_]* (the guest sees ATOLL_SERVICE_<BINDING>)"
+                )));
+            }
+            check_name(function)
+                .map_err(|reason| ManifestError::Invalid(format!("services.{binding}: function {reason}")))?;
+        }
         if let Some(timeout) = &self.limits.timeout {
             parse_timeout(timeout).map_err(|reason| {
                 ManifestError::Invalid(format!("limits.timeout {timeout:?} is invalid: {reason}"))
@@ -863,5 +894,23 @@ timeout = "10s"
         assert!(error(&format!("{base}[outbound]\nmax_concurrent = 65\n")).contains("at most 64"));
         assert!(error(&format!("{base}[outbound]\nmax_response = \"1GiB\"\n")).contains("64MiB maximum"));
         assert!(error(&format!("{base}[outbound]\nallowed = []\n")).contains("unknown field"));
+    }
+
+    #[test]
+    fn services_bind_names_to_functions() {
+        let base = "name = \"bff\"\nwasm = \"x.wasm\"\nroutes = [\"a.com\"]\n";
+        let manifest = Manifest::parse(&format!(
+            "{base}[services]\nAUTH = \"auth\"\ntodo_api = \"todo\"\n"
+        ))
+        .unwrap();
+        assert_eq!(manifest.services["AUTH"], "auth");
+        assert_eq!(manifest.services["todo_api"], "todo");
+        assert_eq!(service_url("auth"), "http://auth.atoll.internal");
+        let json = serde_json::to_string(&manifest).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), manifest);
+        assert!(error(&format!("{base}[services]\n\"A-B\" = \"auth\"\n")).contains("bindings are"));
+        assert!(
+            error(&format!("{base}[services]\nAUTH = \"Auth!\"\n")).contains("services.AUTH: function name")
+        );
     }
 }

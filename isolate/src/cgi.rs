@@ -39,6 +39,8 @@ pub struct CgiRequest {
     pub route_prefix: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The run's place in a chain of service calls: 0 for a request from outside.
+    pub service_depth: u32,
 }
 
 /// The CGI environment for `request`, with the function's own `[env]` underneath: the
@@ -448,6 +450,7 @@ mod tests {
             route_prefix: "/echo".into(),
             headers,
             body: Bytes::from_static(b"{}"),
+            service_depth: 0,
         }
     }
 

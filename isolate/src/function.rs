@@ -399,6 +399,7 @@ impl ReadyInstance {
         context.set_streaming(streaming);
         let started = Instant::now();
         context.http.set_deadline(started + self.config.timeout);
+        context.http.set_depth(request.service_depth);
         let outcome = self.start.call(&mut self.store, &[]);
         let run_time = started.elapsed();
         let output = self.env.as_mut(&mut self.store).take_output();

@@ -325,6 +325,7 @@ fn cgi_request() -> impl Strategy<Value = CgiRequest> {
                     route_prefix: prefix.into(),
                     headers,
                     body: Bytes::from(body),
+                    service_depth: 0,
                 }
             },
         )

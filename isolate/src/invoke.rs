@@ -52,6 +52,9 @@ pub struct RunOptions {
     pub streamable: bool,
     /// Only the head is wanted (HEAD): the body is counted and dropped.
     pub discard_body: bool,
+    /// An earlier deadline than the function's own timeout: a service call ends by its
+    /// caller's.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// What [`invoke`] hands back.
@@ -74,7 +77,10 @@ pub async fn invoke(
 ) -> Result<Run, Overloaded> {
     let admission = pool.admit().await?;
     let timeout = pool.function().config().timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let own_deadline = tokio::time::Instant::now() + timeout;
+    let deadline = options
+        .deadline
+        .map_or(own_deadline, |earlier| earlier.min(own_deadline));
     let interrupt = InterruptSlot::new();
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let (head_sender, mut heads) = tokio::sync::oneshot::channel::<StreamedResponse>();

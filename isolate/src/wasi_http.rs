@@ -31,9 +31,15 @@
 //!   allow-list again.
 //! - Framing and hop-by-hop headers from the guest are dropped: the connection is pooled
 //!   and may carry another function's next request, so no guest may choose its framing.
+//! - Service bindings: `http://NAME.atoll.internal/…` never leaves the node. It runs
+//!   function NAME in-process, if the manifest binds it (`[services]`), through a
+//!   [`ServiceCaller`] the node provides; the chain of calls is at most
+//!   [`MAX_SERVICE_DEPTH`] deep, and the callee's run ends by the caller's deadline.
 //! - While a guest waits, its worker thread counts as stalled ([`crate::executor::waiting`]),
 //!   so other requests go around it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,9 +88,74 @@ pub const MAX_REQUEST_HEADER_BYTES: u32 = 64 << 10;
 /// Largest request body a guest may send.
 pub const MAX_REQUEST_BODY_BYTES: u32 = 16 << 20;
 
+/// How deep a chain of service calls may go (A calls B calls C … counts each call).
+pub const MAX_SERVICE_DEPTH: u32 = 8;
+
+/// A call from one function to another on this node (a service binding).
+#[derive(Debug)]
+pub struct ServiceCall {
+    /// The calling function.
+    pub caller: String,
+    /// The function called.
+    pub function: String,
+    pub method: http::Method,
+    /// The path and query the guest asked for, e.g. `/items?done=1`.
+    pub path_and_query: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    /// The callee's place in the chain: 1 for a call from a request's own function.
+    pub depth: u32,
+    /// The caller's deadline: the callee's run ends by then.
+    pub deadline: Instant,
+    /// Largest response body the caller can hold.
+    pub max_response_bytes: u64,
+}
+
+/// What a service call answered: the callee's response, whatever its status.
+#[derive(Debug)]
+pub struct ServiceResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// Why a service call produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceFailure {
+    #[error("function {0} is not served on this node")]
+    NotServed(String),
+    #[error("the response is over the {0} bytes left of [outbound] max_response")]
+    TooLarge(u64),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type ServiceFuture = Pin<Box<dyn Future<Output = Result<ServiceResponse, ServiceFailure>> + Send>>;
+
+/// Runs functions by name on this node: the node's side of service bindings.
+pub trait ServiceCaller: Send + Sync {
+    fn call(&self, call: ServiceCall) -> ServiceFuture;
+}
+
+/// The function a service-binding host names: `NAME.atoll.internal` → `NAME`. Any host
+/// under the domain is a service call, never a network one (an invalid name is refused).
+pub fn service_target(host: &str) -> Option<&str> {
+    let domain = atoll_core::manifest::SERVICE_DOMAIN;
+    if host == domain {
+        return Some("");
+    }
+    host.strip_suffix(domain)?.strip_suffix('.')
+}
+
 /// What one function may do outbound, with the node's client. Shared by all its runs.
 pub struct OutboundAccess {
     pub client: Arc<OutboundClient>,
+    /// The function's name (the caller in service calls).
+    pub function: String,
+    /// Functions it may call through service bindings.
+    pub services: Vec<String>,
+    /// The node's side of service calls; `None` refuses them.
+    pub service_caller: Option<Arc<dyn ServiceCaller>>,
     pub allowed: AllowedHosts,
     /// Calls per request.
     pub max_requests: u32,
@@ -98,6 +169,8 @@ impl std::fmt::Debug for OutboundAccess {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("OutboundAccess")
+            .field("function", &self.function)
+            .field("services", &self.services)
             .field("allowed", &self.allowed)
             .field("max_requests", &self.max_requests)
             .field("max_concurrent", &self.max_concurrent)
@@ -125,6 +198,8 @@ pub struct HttpState {
     held_bytes: u64,
     /// When the run must end; calls never wait past it.
     deadline: Option<Instant>,
+    /// This run's place in a chain of service calls (0: a request from outside).
+    depth: u32,
 }
 
 impl HttpState {
@@ -143,6 +218,11 @@ impl HttpState {
     /// Sets when the run must end (its start plus the function's timeout).
     pub fn set_deadline(&mut self, deadline: Instant) {
         self.deadline = Some(deadline);
+    }
+
+    /// Sets the run's place in a chain of service calls.
+    pub fn set_depth(&mut self, depth: u32) {
+        self.depth = depth;
     }
 
     fn open(&self) -> usize {
@@ -280,6 +360,12 @@ fn parse_headers(text: &str) -> Result<http::HeaderMap, ()> {
     Ok(headers)
 }
 
+/// Where an allowed call goes.
+enum Destination {
+    Network(crate::outbound::Reach),
+    Service(Arc<dyn ServiceCaller>, String),
+}
+
 /// Why a call that was sent produced no response.
 enum Failure {
     Refused(Refusal),
@@ -381,12 +467,34 @@ pub(crate) fn req(
             ));
             return Ok(TOO_MANY_SESSIONS);
         }
-        let reach = match check_destination(&access.allowed, target.scheme, &target.host, target.port) {
-            Ok(reach) => reach,
-            Err(refusal) => {
-                context.log_host_line(&format!("outbound call refused: {refusal}"));
-                return Ok(DESTINATION_NOT_ALLOWED);
+        let destination = match service_target(&target.host) {
+            Some(function) => {
+                if !access.services.iter().any(|bound| bound == function) {
+                    context.log_host_line(&format!(
+                        "outbound call to {} refused: no [services] binding names function {function:?}",
+                        target.url
+                    ));
+                    return Ok(DESTINATION_NOT_ALLOWED);
+                }
+                if context.http.depth >= MAX_SERVICE_DEPTH {
+                    context.log_host_line(&format!(
+                        "service call to {function} refused: the chain of service calls is {MAX_SERVICE_DEPTH} deep, the limit (a loop?)"
+                    ));
+                    return Ok(REQUEST_ERROR);
+                }
+                let Some(caller) = access.service_caller.clone() else {
+                    context.log_host_line("service calls are not available here");
+                    return Ok(DESTINATION_NOT_ALLOWED);
+                };
+                Destination::Service(caller, function.to_string())
             }
+            None => match check_destination(&access.allowed, target.scheme, &target.host, target.port) {
+                Ok(reach) => Destination::Network(reach),
+                Err(refusal) => {
+                    context.log_host_line(&format!("outbound call refused: {refusal}"));
+                    return Ok(DESTINATION_NOT_ALLOWED);
+                }
+            },
         };
         let method = read_bytes(view, method_address, method_length)?;
         let method = http::Method::from_bytes(&method).map_err(|_| INVALID_METHOD)?;
@@ -417,12 +525,48 @@ pub(crate) fn req(
         };
         context.http.requests += 1;
         let budget = access.max_response_bytes.saturating_sub(context.http.held_bytes);
-        let request = access
-            .client
-            .client(reach)
-            .request(method.clone(), target.url.clone())
-            .headers(headers)
-            .body(body);
+        let exchange: Pin<Box<dyn Future<Output = Result<(u16, HeldResponse), Failure>> + Send>> =
+            match destination {
+                Destination::Network(reach) => {
+                    let request = access
+                        .client
+                        .client(reach)
+                        .request(method.clone(), target.url.clone())
+                        .headers(headers)
+                        .body(body);
+                    Box::pin(send(request, budget))
+                }
+                Destination::Service(caller, function) => {
+                    let call = ServiceCall {
+                        caller: access.function.clone(),
+                        function,
+                        method: method.clone(),
+                        path_and_query: match target.url.query() {
+                            Some(query) => format!("{}?{query}", target.url.path()),
+                            None => target.url.path().to_string(),
+                        },
+                        headers,
+                        body: Bytes::from(body),
+                        depth: context.http.depth + 1,
+                        deadline,
+                        max_response_bytes: budget,
+                    };
+                    Box::pin(async move {
+                        match caller.call(call).await {
+                            Ok(response) => Ok((
+                                response.status,
+                                HeldResponse {
+                                    headers: response.headers,
+                                    body: response.body,
+                                    position: 0,
+                                },
+                            )),
+                            Err(ServiceFailure::TooLarge(budget)) => Err(Failure::TooLarge(budget)),
+                            Err(failure) => Err(Failure::Request(failure.to_string())),
+                        }
+                    })
+                }
+            };
         let signals = Arc::clone(context.signals());
         let started = Instant::now();
         let outcome = crate::executor::waiting(|| {
@@ -430,7 +574,7 @@ pub(crate) fn req(
                 tokio::select! {
                     biased;
                     () = signals.stopped() => Err(Failure::Stopped),
-                    sent = tokio::time::timeout(time_left, send(request, budget)) => {
+                    sent = tokio::time::timeout(time_left, exchange) => {
                         sent.unwrap_or(Err(Failure::TimedOut(time_left)))
                     }
                 }
@@ -571,6 +715,15 @@ mod tests {
         let framing =
             parse_headers("content-length:5\ntransfer-encoding:chunked\nconnection:close\nx:y\n").unwrap();
         assert_eq!(framing.len(), 1, "{framing:?}");
+    }
+
+    #[test]
+    fn service_hosts_never_reach_the_network() {
+        assert_eq!(service_target("auth.atoll.internal"), Some("auth"));
+        assert_eq!(service_target("atoll.internal"), Some(""));
+        assert_eq!(service_target("a.b.atoll.internal"), Some("a.b"));
+        assert_eq!(service_target("evilatoll.internal"), None);
+        assert_eq!(service_target("auth.example.com"), None);
     }
 
     #[test]

@@ -143,6 +143,9 @@ impl Results {
 fn access(client: &Arc<OutboundClient>, allowed: &[&str]) -> OutboundAccess {
     OutboundAccess {
         client: Arc::clone(client),
+        function: "caller".into(),
+        services: Vec::new(),
+        service_caller: None,
         allowed: AllowedHosts::parse(allowed).unwrap(),
         max_requests: 50,
         max_concurrent: 6,

@@ -31,6 +31,7 @@ pub mod node;
 pub mod node_cache;
 pub mod served;
 pub mod service;
+pub mod services;
 pub mod sync;
 
 pub use node::{NodeError, NodeListeners, NodeOptions, run};

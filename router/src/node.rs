@@ -295,9 +295,11 @@ pub async fn run(
         trusted_roots = outbound.trusted_roots(),
         "outbound HTTP client ready"
     );
+    let executor = GuestExecutor::per_core();
+    let services = crate::services::LocalServices::new(Arc::clone(&routing), Arc::clone(&executor));
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone())
-        .with_outbound(outbound);
+        .with_outbound(outbound, services);
     syncer.restore_from_disk().await?;
 
     let (stop_sender, stop) = watch::channel(false);
@@ -331,7 +333,7 @@ pub async fn run(
     let http01 = Http01Challenges::new();
     let service = EdgeService::with_options(
         Arc::clone(&routing),
-        GuestExecutor::per_core(),
+        executor,
         options.max_body_bytes,
         options.body_timeout,
         Some(Arc::clone(&http01)),

@@ -93,6 +93,9 @@ impl SyncStatus {
 #[derive(Default)]
 pub struct Routing {
     table: ArcSwapOption<FunctionTable>,
+    /// The same functions by name, published with the table (service calls find them
+    /// here).
+    by_name: ArcSwap<std::collections::HashMap<String, Arc<ServedFunction>>>,
     sync: ArcSwap<SyncStatus>,
 }
 
@@ -107,7 +110,17 @@ impl Routing {
 
     pub fn publish(&self, table: FunctionTable) {
         metrics::gauge!(crate::metrics::ROUTES).set(table.len() as f64);
+        let by_name = table
+            .entries()
+            .map(|entry| (entry.target.name().to_string(), Arc::clone(&entry.target)))
+            .collect();
+        self.by_name.store(Arc::new(by_name));
         self.table.store(Some(Arc::new(table)));
+    }
+
+    /// The served function called `name`.
+    pub fn function(&self, name: &str) -> Option<Arc<ServedFunction>> {
+        self.by_name.load().get(name).cloned()
     }
 
     /// Every served function once (a function with several routes appears once).

@@ -366,8 +366,9 @@ impl EdgeService {
             route_prefix,
             headers: parts.headers,
             body,
+            service_depth: 0,
         };
-        let mut response = invoke(&self.executor, served, cgi_request).await;
+        let mut response = invoke(&self.executor, served, cgi_request, None).await;
         if self.cluster.is_some() {
             response
                 .headers_mut()
@@ -414,10 +415,13 @@ where
     })
 }
 
-async fn invoke(
+/// Runs `request` on `served` and makes its response: the function's own, or the node's
+/// for a failure. `deadline`, when earlier than the function's timeout, ends the run.
+pub(crate) async fn invoke(
     executor: &GuestExecutor,
     served: Arc<ServedFunction>,
     request: CgiRequest,
+    deadline: Option<tokio::time::Instant>,
 ) -> Response<ResponseBody> {
     let name = served.name();
     let options = RunOptions {
@@ -426,6 +430,7 @@ async fn invoke(
         streamable: request.protocol != "HTTP/1.0",
         // HEAD: the head goes out, the rest of the output is counted and dropped.
         discard_body: request.method == "HEAD",
+        deadline,
     };
     let pool = Arc::clone(&served.pool);
     let observer: Arc<dyn RunObserver> = Arc::clone(&served) as Arc<dyn RunObserver>;

@@ -1,8 +1,11 @@
 //! Calls out over HTTP the way WAGI modules do, through the `wasi-experimental-http`
 //! crate (the `wasi_experimental_http` host import), and reports what came back.
 //!
-//! Query parameters (all optional but `url`):
+//! Query parameters (all optional but `url` or `service`):
 //! - `url`: the URL to call (percent-encoded).
+//! - `service`: instead of `url`, a service binding: calls `$ATOLL_SERVICE_<service>` plus
+//!   `path`, or plus this same query when `path` is absent (a function bound to itself
+//!   then calls itself, until the chain's depth limit stops it).
 //! - `method`: GET by default; the request's own body is sent along.
 //! - `count`: how many calls to make one after another (each response closed), default 1.
 //! - `hold`: how many responses to keep open at once before reading them, default 1.
@@ -24,9 +27,24 @@ fn main() {
             (key == name).then(|| percent_decode(value))
         })
     };
-    let Some(url) = param("url") else {
-        respond(400, "error=no url parameter\n".as_bytes());
-        return;
+    let url = match (param("url"), param("service")) {
+        (Some(url), _) => url,
+        // A service binding: the URL is in the environment.
+        (None, Some(binding)) => {
+            let Ok(base) = std::env::var(format!("ATOLL_SERVICE_{binding}")) else {
+                respond(400, format!("error=no service binding {binding}\n").as_bytes());
+                return;
+            };
+            match param("path") {
+                Some(path) => format!("{base}{path}"),
+                // No path: the same query again, so a function bound to itself calls itself.
+                None => format!("{base}/?{query}"),
+            }
+        }
+        (None, None) => {
+            respond(400, "error=no url or service parameter\n".as_bytes());
+            return;
+        }
     };
     let method = param("method").unwrap_or_else(|| "GET".into());
     let count: usize = param("count").and_then(|n| n.parse().ok()).unwrap_or(1);

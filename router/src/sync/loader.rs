@@ -28,6 +28,8 @@ pub(super) struct Loader {
     pub(super) ceilings: Arc<FunctionCeilings>,
     /// The node's outbound HTTP client; `None` refuses every outbound call.
     pub(super) outbound: Option<Arc<atoll_isolate::outbound::OutboundClient>>,
+    /// Runs service calls on this node's functions.
+    pub(super) services: Option<Arc<dyn atoll_isolate::wasi_http::ServiceCaller>>,
 }
 
 impl Loader {
@@ -128,10 +130,23 @@ impl Loader {
         }
         let manifest = &deployment.manifest;
         let mut config = FunctionConfig::new(deployment.name.clone());
+        // Each service binding is an environment variable with the URL that reaches it.
+        let bindings: Vec<(String, String)> = manifest
+            .services
+            .iter()
+            .map(|(binding, function)| {
+                (
+                    format!("ATOLL_SERVICE_{binding}"),
+                    atoll_core::manifest::service_url(function),
+                )
+            })
+            .collect();
         config.env = manifest
             .env
             .iter()
+            .filter(|(key, _)| !bindings.iter().any(|(bound, _)| bound == *key))
             .map(|(key, value)| (key.clone(), value.clone()))
+            .chain(bindings.iter().cloned())
             .collect();
         config.max_memory_bytes = memory_limit;
         config.max_response_bytes =
@@ -141,6 +156,9 @@ impl Loader {
         config.outbound = self.outbound.as_ref().map(|client| {
             Arc::new(atoll_isolate::wasi_http::OutboundAccess {
                 client: Arc::clone(client),
+                function: deployment.name.clone(),
+                services: manifest.services.values().cloned().collect(),
+                service_caller: self.services.clone(),
                 allowed: manifest.outbound.allowed_hosts(),
                 max_requests: manifest.outbound.max_requests(),
                 max_concurrent: manifest.outbound.max_concurrent(),

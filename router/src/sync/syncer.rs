@@ -91,6 +91,7 @@ impl Syncer {
                 slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_LOADS)),
                 ceilings: Arc::new(FunctionCeilings::default()),
                 outbound: None,
+                services: None,
             },
             source,
             routing,
@@ -113,10 +114,16 @@ impl Syncer {
         self
     }
 
-    /// Lets functions call out through `client` (as their `[outbound]` allows); without
-    /// it every outbound call is refused.
-    pub fn with_outbound(mut self, client: Arc<atoll_isolate::outbound::OutboundClient>) -> Self {
+    /// Lets functions call out through `client` (as their `[outbound]` allows) and call
+    /// each other through `services` (as their `[services]` bind); without it every
+    /// outbound call is refused.
+    pub fn with_outbound(
+        mut self,
+        client: Arc<atoll_isolate::outbound::OutboundClient>,
+        services: Arc<dyn atoll_isolate::wasi_http::ServiceCaller>,
+    ) -> Self {
         self.loader.outbound = Some(client);
+        self.loader.services = Some(services);
         self
     }
 

@@ -1,0 +1,84 @@
+//! Service bindings, the node's side: a function's call to `http://NAME.atoll.internal/…`
+//! runs function NAME in this process, through the same pool, limits and observer as a
+//! request from outside, without touching a socket.
+//!
+//! Every node serves every function, so the callee is always here: the call never leaves
+//! the machine (a home node elsewhere would only add a hop). The callee runs by the
+//! caller's deadline, knows its place in the chain (the isolate refuses calls past
+//! `MAX_SERVICE_DEPTH`), and its answer — whatever its status — is the caller's response;
+//! only the node's own failures (no such function, a body over the caller's budget) are
+//! errors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use atoll_isolate::wasi_http::{ServiceCall, ServiceCaller, ServiceFailure, ServiceFuture, ServiceResponse};
+use atoll_isolate::{CgiRequest, GuestExecutor};
+use http_body_util::{BodyExt, Limited};
+
+use crate::served::Routing;
+use crate::service::invoke;
+
+/// Runs service calls on this node's functions.
+pub struct LocalServices {
+    routing: Arc<Routing>,
+    executor: Arc<GuestExecutor>,
+}
+
+impl LocalServices {
+    pub fn new(routing: Arc<Routing>, executor: Arc<GuestExecutor>) -> Arc<Self> {
+        Arc::new(LocalServices { routing, executor })
+    }
+}
+
+impl ServiceCaller for LocalServices {
+    fn call(&self, call: ServiceCall) -> ServiceFuture {
+        let (routing, executor) = (Arc::clone(&self.routing), Arc::clone(&self.executor));
+        Box::pin(async move {
+            let Some(served) = routing.function(&call.function) else {
+                return Err(ServiceFailure::NotServed(call.function));
+            };
+            let started = Instant::now();
+            let (raw_path, query) = match call.path_and_query.split_once('?') {
+                Some((path, query)) => (path.to_string(), query.to_string()),
+                None => (call.path_and_query.clone(), String::new()),
+            };
+            let request = CgiRequest {
+                method: call.method.as_str().to_string(),
+                raw_path,
+                query,
+                protocol: "HTTP/1.1".into(),
+                scheme: "http".into(),
+                server_name: format!("{}.{}", call.function, atoll_core::manifest::SERVICE_DOMAIN),
+                server_port: 80,
+                remote_addr: "127.0.0.1".into(),
+                remote_port: 0,
+                matched_route: String::new(),
+                route_prefix: String::new(),
+                headers: call.headers,
+                body: call.body,
+                service_depth: call.depth,
+            };
+            let metrics = Arc::clone(&served.metrics);
+            let deadline = tokio::time::Instant::from_std(call.deadline);
+            let response = invoke(&executor, served, request, Some(deadline)).await;
+            let status = response.status();
+            metrics.request(status.as_u16(), started.elapsed());
+            tracing::debug!(caller = %call.caller, function = %call.function, depth = call.depth, status = status.as_u16(), "service call");
+            let (parts, body) = response.into_parts();
+            let limit = usize::try_from(call.max_response_bytes).unwrap_or(usize::MAX);
+            let body = match Limited::new(body, limit).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                    return Err(ServiceFailure::TooLarge(call.max_response_bytes));
+                }
+                Err(error) => return Err(ServiceFailure::Failed(format!("reading the response: {error}"))),
+            };
+            Ok(ServiceResponse {
+                status: status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
+        })
+    }
+}
