@@ -360,6 +360,9 @@ fn parse_headers(text: &str) -> Result<http::HeaderMap, ()> {
     Ok(headers)
 }
 
+/// A call under way: its status and response, read whole.
+type Exchange = Pin<Box<dyn Future<Output = Result<(u16, HeldResponse), Failure>> + Send>>;
+
 /// Where an allowed call goes.
 enum Destination {
     Network(crate::outbound::Reach),
@@ -525,48 +528,47 @@ pub(crate) fn req(
         };
         context.http.requests += 1;
         let budget = access.max_response_bytes.saturating_sub(context.http.held_bytes);
-        let exchange: Pin<Box<dyn Future<Output = Result<(u16, HeldResponse), Failure>> + Send>> =
-            match destination {
-                Destination::Network(reach) => {
-                    let request = access
-                        .client
-                        .client(reach)
-                        .request(method.clone(), target.url.clone())
-                        .headers(headers)
-                        .body(body);
-                    Box::pin(send(request, budget))
-                }
-                Destination::Service(caller, function) => {
-                    let call = ServiceCall {
-                        caller: access.function.clone(),
-                        function,
-                        method: method.clone(),
-                        path_and_query: match target.url.query() {
-                            Some(query) => format!("{}?{query}", target.url.path()),
-                            None => target.url.path().to_string(),
-                        },
-                        headers,
-                        body: Bytes::from(body),
-                        depth: context.http.depth + 1,
-                        deadline,
-                        max_response_bytes: budget,
-                    };
-                    Box::pin(async move {
-                        match caller.call(call).await {
-                            Ok(response) => Ok((
-                                response.status,
-                                HeldResponse {
-                                    headers: response.headers,
-                                    body: response.body,
-                                    position: 0,
-                                },
-                            )),
-                            Err(ServiceFailure::TooLarge(budget)) => Err(Failure::TooLarge(budget)),
-                            Err(failure) => Err(Failure::Request(failure.to_string())),
-                        }
-                    })
-                }
-            };
+        let exchange: Exchange = match destination {
+            Destination::Network(reach) => {
+                let request = access
+                    .client
+                    .client(reach)
+                    .request(method.clone(), target.url.clone())
+                    .headers(headers)
+                    .body(body);
+                Box::pin(send(request, budget))
+            }
+            Destination::Service(caller, function) => {
+                let call = ServiceCall {
+                    caller: access.function.clone(),
+                    function,
+                    method: method.clone(),
+                    path_and_query: match target.url.query() {
+                        Some(query) => format!("{}?{query}", target.url.path()),
+                        None => target.url.path().to_string(),
+                    },
+                    headers,
+                    body: Bytes::from(body),
+                    depth: context.http.depth + 1,
+                    deadline,
+                    max_response_bytes: budget,
+                };
+                Box::pin(async move {
+                    match caller.call(call).await {
+                        Ok(response) => Ok((
+                            response.status,
+                            HeldResponse {
+                                headers: response.headers,
+                                body: response.body,
+                                position: 0,
+                            },
+                        )),
+                        Err(ServiceFailure::TooLarge(budget)) => Err(Failure::TooLarge(budget)),
+                        Err(failure) => Err(Failure::Request(failure.to_string())),
+                    }
+                })
+            }
+        };
         let signals = Arc::clone(context.signals());
         let started = Instant::now();
         let outcome = crate::executor::waiting(|| {
