@@ -222,6 +222,12 @@ struct EdgeArgs {
     /// e.g. an internal CA.
     #[arg(long)]
     outbound_ca: Option<PathBuf>,
+    /// Whether a host a manifest lists by exact name or address in [outbound] may be an
+    /// internal address (loopback, private): `listed` (default) or `deny` (never, for
+    /// nodes whose tenants must not reach this network). Link-local and cloud metadata
+    /// addresses are never reached.
+    #[arg(long, default_value = "listed", value_parser = ["listed", "deny"])]
+    outbound_internal: String,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) here; needs --certs or --acme-directory.
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
@@ -307,6 +313,11 @@ impl EdgeArgs {
     fn apply(&self, options: &mut atoll_router::NodeOptions) {
         options.certs_dir = self.certs.clone();
         options.outbound_ca = self.outbound_ca.clone();
+        options.outbound_internal = if self.outbound_internal == "deny" {
+            atoll_isolate::outbound::InternalPolicy::Deny
+        } else {
+            atoll_isolate::outbound::InternalPolicy::Listed
+        };
         options.acme = self
             .acme_directory
             .as_ref()

@@ -272,7 +272,7 @@ fn service_bindings_call_functions_in_process_with_a_depth_limit_and_the_callers
         "fault",
         &example_wasm("fault"),
         &["fault.localhost"],
-        "[limits]\ntimeout = \"60s\"\n",
+        "[limits]\ntimeout = \"60s\"\n[scale]\nmax_concurrency = 1\n",
     );
     push_ok(&setup.registry_url, &fault);
     wait_for_text(setup.http(), "fault.localhost", "/", "ok\n");
@@ -333,9 +333,15 @@ fn service_bindings_call_functions_in_process_with_a_depth_limit_and_the_callers
     let response = get(setup.http(), "caller.localhost", "/?service=SLOW&path=%2Floop");
     let took = started.elapsed();
     assert_eq!(response.status, 504, "{}", response.text());
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    // Its one slot is free again: the callee was stopped, not left to run its 60 s.
+    let started = Instant::now();
+    let response = get(setup.http(), "fault.localhost", "/");
+    assert_eq!((response.status, response.text().as_str()), (200, "ok\n"));
     assert!(
-        took < Duration::from_secs(30),
-        "the callee ran past the caller's deadline: {took:?}"
+        started.elapsed() < Duration::from_secs(20),
+        "the callee ran past the caller's deadline: {:?}",
+        started.elapsed()
     );
 
     // A function bound to itself calls itself until the depth limit refuses the next call.

@@ -297,6 +297,7 @@ fn bench_request() -> CgiRequest {
         headers,
         body: bytes::Bytes::new(),
         service_depth: 0,
+        deadline: None,
     }
 }
 

@@ -372,6 +372,16 @@ impl Caller {
         let Some(grant) = self.deploy_grant() else {
             return Ok(());
         };
+        // A binding calls the function on any path, around its routes: binding one is
+        // managing it, so a deploy token binds only functions it may manage.
+        for (binding, function) in &manifest.services {
+            if !self.may_manage(function) {
+                return Err(Forbidden(format!(
+                    "{} may not {action}: [services] {binding} binds function \"{function}\", which it may not manage",
+                    self.describe()
+                )));
+            }
+        }
         for route in manifest.route_patterns() {
             if !grant.domains.iter().any(|domain| domain.covers(&route.host)) {
                 let domains: Vec<String> = grant.domains.iter().map(ToString::to_string).collect();
@@ -504,6 +514,16 @@ mod tests {
         let caller = Caller::Token(credential);
         let ok = Manifest::for_tests("shop-cart", &["shop.com/cart", "a.b.shop.com", "*.x.shop.com"]);
         caller.require_manifest(&ok, "push").unwrap();
+        // Binding a function is calling it around its routes: only one it may manage.
+        let mut binds = ok.clone();
+        binds.services.insert("CART".into(), "shop-stock".into());
+        caller.require_manifest(&binds, "push").unwrap();
+        binds.services.insert("BANK".into(), "bank-api".into());
+        let err = caller.require_manifest(&binds, "push").unwrap_err();
+        assert!(
+            err.0.contains("[services] BANK binds function \"bank-api\""),
+            "{err}"
+        );
         let err = caller
             .require_manifest(&Manifest::for_tests("blog", &["shop.com"]), "push")
             .unwrap_err();

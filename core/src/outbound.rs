@@ -291,6 +291,30 @@ fn is_internal_v4(address: Ipv4Addr) -> bool {
         || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
         || (a == 198 && (b == 18 || b == 19)) // benchmarking, RFC 2544
         || a >= 240 // reserved
+        || address == Ipv4Addr::new(168, 63, 129, 16) // Azure's host services
+}
+
+/// Addresses no function reaches, even one that lists them by name: link-local addresses,
+/// where clouds serve instance metadata and credentials (169.254.169.254, fd00:ec2::254),
+/// and the other metadata services (Alibaba's 100.100.100.200, Azure's 168.63.129.16).
+pub fn is_never_reachable(address: IpAddr) -> bool {
+    let address = match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    };
+    match address {
+        IpAddr::V4(v4) => {
+            v4.is_link_local()
+                || v4 == Ipv4Addr::new(100, 100, 100, 200)
+                || v4 == Ipv4Addr::new(168, 63, 129, 16)
+        }
+        IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
+    }
 }
 
 fn is_internal_v6(address: Ipv6Addr) -> bool {
@@ -311,6 +335,18 @@ fn is_internal_v6(address: Ipv6Addr) -> bool {
     if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return is_internal_v4(embedded);
     }
+    // 6to4 (2002:a.b.c.d::/48): the IPv4 in segments 1 and 2.
+    if segments[0] == 0x2002 {
+        let v4 = Ipv4Addr::new(
+            (segments[1] >> 8) as u8,
+            segments[1] as u8,
+            (segments[2] >> 8) as u8,
+            segments[2] as u8,
+        );
+        if is_internal_v4(v4) {
+            return true;
+        }
+    }
     address.is_unspecified()
         || address.is_loopback()
         || address.is_multicast()
@@ -319,6 +355,7 @@ fn is_internal_v6(address: Ipv6Addr) -> bool {
         || (segments[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
         || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
         || (segments[0] == 0x0100 && segments[1..4] == [0, 0, 0]) // discard-only, RFC 6666
+        || (segments[0] == 0x64 && segments[1] == 0xff9b && segments[2] == 1) // local-use NAT64, RFC 8215
 }
 
 #[cfg(test)]
@@ -500,5 +537,28 @@ mod tests {
             proptest::prop_assert!(list.allows_internal(Scheme::Https, &name, port));
             proptest::prop_assert!(list.allowing(Scheme::Http, &name, port).is_none());
         }
+    }
+
+    #[test]
+    fn metadata_and_link_local_are_never_reachable() {
+        for never in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "fe80::1",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "168.63.129.16",
+        ] {
+            let address: IpAddr = never.parse().unwrap();
+            assert!(is_never_reachable(address), "{never}");
+            assert!(is_internal(address), "{never}");
+        }
+        for reachable in ["127.0.0.1", "10.0.0.5", "93.184.216.34", "::1"] {
+            assert!(!is_never_reachable(reachable.parse().unwrap()), "{reachable}");
+        }
+        for internal in ["2002:7f00:1::1", "2002:a00:5::", "64:ff9b:1::a00:5"] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        assert!(!is_internal("2002:5db8:d822::1".parse().unwrap()));
     }
 }

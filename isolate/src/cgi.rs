@@ -41,6 +41,9 @@ pub struct CgiRequest {
     pub body: Bytes,
     /// The run's place in a chain of service calls: 0 for a request from outside.
     pub service_depth: u32,
+    /// An earlier end than the function's own timeout (a service call's caller's): the
+    /// run's outbound calls never wait past it, and calls it makes carry it on.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// The CGI environment for `request`, with the function's own `[env]` underneath: the
@@ -451,6 +454,7 @@ mod tests {
             headers,
             body: Bytes::from_static(b"{}"),
             service_depth: 0,
+            deadline: None,
         }
     }
 

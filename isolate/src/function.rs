@@ -398,7 +398,12 @@ impl ReadyInstance {
         context.set_input(&environment, request.body.clone());
         context.set_streaming(streaming);
         let started = Instant::now();
-        context.http.set_deadline(started + self.config.timeout);
+        let own_deadline = started + self.config.timeout;
+        context.http.set_deadline(
+            request
+                .deadline
+                .map_or(own_deadline, |earlier| earlier.min(own_deadline)),
+        );
         context.http.set_depth(request.service_depth);
         let outcome = self.start.call(&mut self.store, &[]);
         let run_time = started.elapsed();

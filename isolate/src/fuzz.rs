@@ -326,6 +326,7 @@ fn cgi_request() -> impl Strategy<Value = CgiRequest> {
                     headers,
                     body: Bytes::from(body),
                     service_depth: 0,
+                    deadline: None,
                 }
             },
         )

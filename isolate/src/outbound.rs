@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_core::outbound::{AllowedHosts, Scheme, is_internal};
+use atoll_core::outbound::{AllowedHosts, Scheme, is_internal, is_never_reachable};
 
 /// Why an outbound call was refused before it connected. Display is one line for the
 /// function's log.
@@ -45,9 +45,12 @@ pub enum Refusal {
         /// The resolver's error.
         reason: String,
     },
-    /// Every address is internal and the host was not listed by name.
+    /// Every address is internal and the host was not listed by name (or the node lets no
+    /// function reach internal addresses, or they are never reachable: link-local and cloud
+    /// metadata). The addresses are for the operator's log, not the function's: they map
+    /// the node's internal network.
     #[error(
-        "{host} resolves only to internal addresses ({addresses}); list it by name in [outbound] allowed_hosts to reach it"
+        "{host} resolves only to internal addresses; list it by name in [outbound] allowed_hosts to reach it (link-local and cloud metadata addresses are never reached; the node may refuse all internal ones)"
     )]
     Internal {
         /// The host name.
@@ -69,11 +72,14 @@ pub enum Reach {
 /// Whether `scheme://host:port` may be called under `allowed`, before any lookup: the
 /// allow-list, and for an address literal the SSRF guard too. `host` is bare (an IPv6
 /// address without brackets). A name's addresses are checked when the client resolves it.
+/// `listed_internal` is the node's policy: whether a host listed by name may be internal at
+/// all (`--outbound-internal listed`, the default) or not (`deny`).
 pub fn check_destination(
     allowed: &AllowedHosts,
     scheme: Scheme,
     host: &str,
     port: u16,
+    listed_internal: bool,
 ) -> Result<Reach, Refusal> {
     if allowed.allowing(scheme, host, port).is_none() {
         let shown = if host.contains(':') {
@@ -88,14 +94,13 @@ pub fn check_destination(
             ),
         });
     }
-    let reach = if allowed.allows_internal(scheme, host, port) {
+    let reach = if listed_internal && allowed.allows_internal(scheme, host, port) {
         Reach::Internal
     } else {
         Reach::Public
     };
     if let Ok(address) = host.parse::<IpAddr>()
-        && reach == Reach::Public
-        && is_internal(address)
+        && ((reach == Reach::Public && is_internal(address)) || is_never_reachable(address))
     {
         return Err(Refusal::Internal {
             host: host.to_string(),
@@ -117,9 +122,9 @@ pub async fn guarded_lookup(host: &str, port: u16, reach: Reach) -> Result<Vec<S
             })?
             .collect(),
     };
-    let (usable, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
-        .into_iter()
-        .partition(|address| reach == Reach::Internal || !is_internal(address.ip()));
+    let (usable, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved.into_iter().partition(|address| {
+        !is_never_reachable(address.ip()) && (reach == Reach::Internal || !is_internal(address.ip()))
+    });
     if usable.is_empty() {
         let addresses = refused
             .iter()
@@ -189,6 +194,26 @@ pub struct OutboundClient {
     internal: reqwest::Client,
     runtime: tokio::runtime::Handle,
     roots: usize,
+    /// Whether a host listed by name may be internal (see [`check_destination`]).
+    listed_internal: bool,
+    /// Calls waiting at once on the whole node: each holds a guest thread.
+    waits: Arc<tokio::sync::Semaphore>,
+    max_waits: usize,
+}
+
+/// Default for how many outbound calls may wait at once on a node: each blocks a thread,
+/// and threads are a node-wide resource (tokio's blocking pool has 512).
+pub const DEFAULT_MAX_WAITS: usize = 256;
+
+/// How the node treats internal addresses for hosts a manifest lists by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InternalPolicy {
+    /// A host listed by its exact name or address may be internal (loopback, private);
+    /// the default, for operators whose tenants reach their own internal services.
+    #[default]
+    Listed,
+    /// No function reaches an internal address, listed or not.
+    Deny,
 }
 
 impl std::fmt::Debug for OutboundClient {
@@ -204,6 +229,16 @@ impl OutboundClient {
     /// Builds the client on the current tokio runtime. `extra_ca` is a PEM file of CA
     /// certificates trusted beside the system's.
     pub fn new(extra_ca: Option<&Path>) -> Result<Arc<OutboundClient>, OutboundSetupError> {
+        OutboundClient::with_policy(extra_ca, InternalPolicy::Listed, DEFAULT_MAX_WAITS)
+    }
+
+    /// [`OutboundClient::new`] with the node's internal-address policy and its cap on calls
+    /// waiting at once.
+    pub fn with_policy(
+        extra_ca: Option<&Path>,
+        internal: InternalPolicy,
+        max_waits: usize,
+    ) -> Result<Arc<OutboundClient>, OutboundSetupError> {
         use rustls_pki_types::CertificateDer;
         use rustls_pki_types::pem::PemObject;
 
@@ -269,6 +304,9 @@ impl OutboundClient {
             internal: build(Reach::Internal)?,
             runtime: tokio::runtime::Handle::current(),
             roots: count,
+            listed_internal: internal == InternalPolicy::Listed,
+            waits: Arc::new(tokio::sync::Semaphore::new(max_waits.max(1))),
+            max_waits: max_waits.max(1),
         }))
     }
 
@@ -283,6 +321,21 @@ impl OutboundClient {
     /// The runtime the client's connections live on.
     pub fn runtime(&self) -> &tokio::runtime::Handle {
         &self.runtime
+    }
+
+    /// Whether a host listed by name may be internal.
+    pub fn listed_internal(&self) -> bool {
+        self.listed_internal
+    }
+
+    /// A slot for one waiting call, or `None` when the node's cap is reached.
+    pub fn try_wait(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.waits).try_acquire_owned().ok()
+    }
+
+    /// The node's cap on calls waiting at once.
+    pub fn max_waits(&self) -> usize {
+        self.max_waits
     }
 
     /// How many CA certificates are trusted.
@@ -306,7 +359,7 @@ mod tests {
         host: &str,
         port: u16,
     ) -> Result<Vec<SocketAddr>, Refusal> {
-        let reach = check_destination(allowed, scheme, host, port)?;
+        let reach = check_destination(allowed, scheme, host, port, true)?;
         guarded_lookup(host, port, reach).await
     }
 
@@ -348,5 +401,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(addresses, ["127.0.0.1:9".parse::<SocketAddr>().unwrap()]);
+
+        // Listed or not, metadata is never reached; and a node may deny all internal ones.
+        let metadata = allowed(&["http://169.254.169.254"]);
+        let refusal = checked_addresses(&metadata, Scheme::Http, "169.254.169.254", 80)
+            .await
+            .unwrap_err();
+        assert!(matches!(refusal, Refusal::Internal { .. }), "{refusal}");
+        let refusal = checked_addresses(&wildcard, Scheme::Http, "localhost", 8080)
+            .await
+            .unwrap_err();
+        assert!(
+            !refusal.to_string().contains("127.0.0.1"),
+            "addresses stay out of the function's log: {refusal}"
+        );
+        let refusal = check_destination(&listed, Scheme::Http, "127.0.0.1", 9, false).unwrap_err();
+        assert!(matches!(refusal, Refusal::Internal { .. }), "{refusal}");
+        assert_eq!(
+            check_destination(&listed, Scheme::Http, "localhost", 8080, false),
+            Ok(Reach::Public)
+        );
     }
 }

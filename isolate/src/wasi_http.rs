@@ -85,6 +85,9 @@ use code::*;
 pub const MAX_URL_BYTES: u32 = 8 << 10;
 /// Largest request head (the `name:value\n` header text) a guest may send.
 pub const MAX_REQUEST_HEADER_BYTES: u32 = 64 << 10;
+/// Longest method name, and longest header name `header_get` looks up.
+pub const MAX_METHOD_BYTES: u32 = 64;
+pub const MAX_HEADER_NAME_BYTES: u32 = 1024;
 /// Largest request body a guest may send.
 pub const MAX_REQUEST_BODY_BYTES: u32 = 16 << 20;
 
@@ -306,18 +309,28 @@ struct Target {
     port: u16,
 }
 
-fn parse_target(text: &str) -> Result<Target, String> {
-    let url = reqwest::Url::parse(text).map_err(|error| format!("{text:?} is not a URL: {error}"))?;
+/// Checks a call's URL; a refusal carries the original host's code: `INVALID_URL`, or
+/// `REQUEST_ERROR` for a scheme other than http(s) (where the original's client failed).
+fn parse_target(text: &str) -> Result<Target, (i32, String)> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|error| (INVALID_URL, format!("{text:?} is not a URL: {error}")))?;
     let scheme = match url.scheme() {
         "http" => Scheme::Http,
         "https" => Scheme::Https,
-        other => return Err(format!("the scheme {other:?} is not http or https")),
+        other => {
+            return Err((
+                REQUEST_ERROR,
+                format!("the scheme {other:?} is not http or https"),
+            ));
+        }
     };
     let host = match url.host() {
-        Some(url::Host::Domain(name)) => name.to_ascii_lowercase(),
+        // A fully qualified name (trailing dot) is the same host: it must meet the same
+        // allow-list entries and service bindings.
+        Some(url::Host::Domain(name)) => name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase(),
         Some(url::Host::Ipv4(address)) => address.to_string(),
         Some(url::Host::Ipv6(address)) => address.to_string(),
-        None => return Err(format!("{text:?} names no host")),
+        None => return Err((INVALID_URL, format!("{text:?} names no host"))),
     };
     let port = url.port_or_known_default().unwrap_or(scheme.default_port());
     Ok(Target {
@@ -339,6 +352,7 @@ fn is_connection_header(name: &http::HeaderName) -> bool {
         TE,
         TRAILER,
         UPGRADE,
+        HOST,
         PROXY_AUTHORIZATION,
     ]
     .contains(name)
@@ -406,7 +420,9 @@ async fn send(request: reqwest::RequestBuilder, budget: u64) -> Result<(u16, Hel
     }
     let status = response.status().as_u16();
     let headers = std::mem::take(response.headers_mut());
-    let mut body = Vec::new();
+    // Sized by what the origin announced, within the budget; the rest grows as it comes.
+    let announced = response.content_length().unwrap_or(0).min(budget).min(1 << 20);
+    let mut body = Vec::with_capacity(announced as usize);
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
         if (body.len() + chunk.len()) as u64 > budget {
             return Err(Failure::TooLarge(budget));
@@ -458,9 +474,9 @@ pub(crate) fn req(
         let url = read_text(view, url_address, url_length)?;
         let target = match parse_target(&url) {
             Ok(target) => target,
-            Err(reason) => {
+            Err((code, reason)) => {
                 context.log_host_line(&format!("outbound call refused: {reason}"));
-                return Ok(INVALID_URL);
+                return Ok(code);
             }
         };
         if context.http.requests >= access.max_requests {
@@ -491,7 +507,13 @@ pub(crate) fn req(
                 };
                 Destination::Service(caller, function.to_string())
             }
-            None => match check_destination(&access.allowed, target.scheme, &target.host, target.port) {
+            None => match check_destination(
+                &access.allowed,
+                target.scheme,
+                &target.host,
+                target.port,
+                access.client.listed_internal(),
+            ) {
                 Ok(reach) => Destination::Network(reach),
                 Err(refusal) => {
                     context.log_host_line(&format!("outbound call refused: {refusal}"));
@@ -499,8 +521,11 @@ pub(crate) fn req(
                 }
             },
         };
-        let method = read_bytes(view, method_address, method_length)?;
-        let method = http::Method::from_bytes(&method).map_err(|_| INVALID_METHOD)?;
+        if method_length > MAX_METHOD_BYTES {
+            return Ok(INVALID_METHOD);
+        }
+        let method = read_text(view, method_address, method_length)?;
+        let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| INVALID_METHOD)?;
         if body_length > MAX_REQUEST_BODY_BYTES {
             context.log_host_line(&format!(
                 "outbound call to {} refused: the body is over {} MiB",
@@ -569,6 +594,14 @@ pub(crate) fn req(
                 })
             }
         };
+        let Some(_waiting) = access.client.try_wait() else {
+            context.log_host_line(&format!(
+                "outbound call to {} refused: {} calls are waiting on this node, its limit",
+                target.url,
+                access.client.max_waits()
+            ));
+            return Ok(TOO_MANY_SESSIONS);
+        };
         let signals = Arc::clone(context.signals());
         let started = Instant::now();
         let outcome = crate::executor::waiting(|| {
@@ -596,7 +629,15 @@ pub(crate) fn req(
             }
             Err(failure) => {
                 let (code, reason) = match failure {
-                    Failure::Refused(refusal) => (DESTINATION_NOT_ALLOWED, format!("refused: {refusal}")),
+                    Failure::Refused(refusal @ Refusal::Unresolved { .. }) => {
+                        (REQUEST_ERROR, format!("failed: {refusal}"))
+                    }
+                    Failure::Refused(refusal) => {
+                        if let Refusal::Internal { addresses, .. } = &refusal {
+                            tracing::info!(function = %access.function, url = %target.url, %addresses, "outbound call to internal addresses refused");
+                        }
+                        (DESTINATION_NOT_ALLOWED, format!("refused: {refusal}"))
+                    }
                     Failure::TooLarge(budget) => (
                         REQUEST_ERROR,
                         format!(
@@ -639,9 +680,16 @@ pub(crate) fn header_get(
     written_out: u32,
 ) -> Result<i32, HostCallInterrupted> {
     with_http(&mut env, |context, view| {
+        if context.http.response(handle).is_none() {
+            return Ok(INVALID_HANDLE);
+        }
+        if name_length > MAX_HEADER_NAME_BYTES {
+            return Ok(HEADER_NOT_FOUND);
+        }
         let name = read_text(view, name_address, name_length)?;
         let response = context.http.response(handle).ok_or(INVALID_HANDLE)?;
-        let Ok(name) = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+        // `HeaderName` lowercases as it parses.
+        let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
             return Ok(HEADER_NOT_FOUND);
         };
         let value = response.headers.get(&name).ok_or(HEADER_NOT_FOUND)?.as_bytes();
@@ -737,12 +785,12 @@ mod tests {
         );
         let target = parse_target("http://[::1]:8080/").unwrap();
         assert_eq!((target.host.as_str(), target.port), ("::1", 8080));
-        assert!(
-            parse_target("ftp://example.com/")
-                .unwrap_err()
-                .contains("not http or https")
+        assert_eq!(parse_target("ftp://example.com/").unwrap_err().0, REQUEST_ERROR);
+        assert_eq!(
+            parse_target("http://Auth.Atoll.Internal./x").unwrap().host,
+            "auth.atoll.internal"
         );
-        assert!(parse_target("/relative").is_err());
+        assert_eq!(parse_target("/relative").unwrap_err().0, INVALID_URL);
         assert!(parse_target("http://").is_err());
     }
 

@@ -336,8 +336,9 @@ async fn refusals_are_the_abi_codes_with_a_line_in_the_log() {
         refused(&hello, Some(&allowed), "GET", "a:b\n\nc:d").await.0,
         code::INVALID_ENCODING
     );
+    // As the original host: its client failed on another scheme (REQUEST_ERROR).
     let (code, log) = refused("ftp://127.0.0.1/x", Some(&allowed), "GET", "").await;
-    assert_eq!(code, code::INVALID_URL);
+    assert_eq!(code, code::REQUEST_ERROR);
     assert!(log.contains("not http or https"), "{log}");
     // Redirects are the guest's to follow: it sees the 302.
     let client = OutboundClient::new(None).unwrap();
@@ -471,4 +472,54 @@ async fn https_is_trusted_through_the_operators_ca_only() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("cannot read the outbound CA file"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_forms_and_shared_connections_do_not_get_around_the_guard() {
+    let origin = TestOrigin::http().await;
+    let port = origin.address.port();
+    let client = OutboundClient::new(None).unwrap();
+    let one_call = |url: String, allowed: &[&str]| {
+        let access = access(&client, allowed);
+        async move {
+            let (results, log) = call_out(Guest::new(&url).req(), Some(access)).await;
+            (results.code(0), log)
+        }
+    };
+    // Loopback spelled every way a URL allows, under a wildcard.
+    for url in [
+        format!("http://2130706433:{port}/hello"),
+        format!("http://0x7f.1:{port}/hello"),
+        format!("http://127.1:{port}/hello"),
+        format!("http://[::ffff:127.0.0.1]:{port}/hello"),
+        format!("http://[::127.0.0.1]:{port}/hello"),
+        format!("http://LOCALHOST:{port}/hello"),
+    ] {
+        let (code, log) = one_call(url.clone(), &["*://*:*"]).await;
+        assert_eq!(code, code::DESTINATION_NOT_ALLOWED, "{url}: {log}");
+    }
+    // A trailing dot: refused by the guard, or not even resolved here.
+    let (code, log) = one_call(format!("http://localhost.:{port}/hello"), &["*://*:*"]).await;
+    assert_ne!(code, code::SUCCESS, "{log}");
+    // A service host with a trailing dot is still a service call, never DNS.
+    let (code, log) = one_call("http://auth.atoll.internal./".into(), &["*://*:*"]).await;
+    assert_eq!(code, code::DESTINATION_NOT_ALLOWED, "{log}");
+    assert!(log.contains("no [services] binding"), "{log}");
+    // Cloud metadata, even listed by address.
+    let (code, log) = one_call(
+        "http://169.254.169.254/latest/meta-data/".into(),
+        &["http://169.254.169.254"],
+    )
+    .await;
+    assert_eq!(code, code::DESTINATION_NOT_ALLOWED, "{log}");
+
+    // One function listing localhost by name leaves a pooled connection to it; another,
+    // allowed only by a wildcard, on the same client, is still refused.
+    let listed = format!("http://localhost:{port}");
+    let url = format!("http://localhost:{port}/hello");
+    let (code, log) = one_call(url.clone(), &[listed.as_str()]).await;
+    assert_eq!(code, code::SUCCESS, "{log}");
+    let (code, log) = one_call(url, &["*://*:*"]).await;
+    assert_eq!(code, code::DESTINATION_NOT_ALLOWED, "{log}");
+    assert_eq!(origin.requests(), 1, "only the listed call reached the origin");
 }

@@ -67,6 +67,8 @@ pub struct NodeOptions {
     /// `--outbound-ca FILE`: CA certificates (PEM) functions' outbound HTTPS trusts beside
     /// the system's.
     pub outbound_ca: Option<PathBuf>,
+    /// `--outbound-internal`: whether hosts a manifest lists by name may be internal.
+    pub outbound_internal: atoll_isolate::outbound::InternalPolicy,
 }
 
 impl NodeOptions {
@@ -92,6 +94,7 @@ impl NodeOptions {
             ceilings: crate::sync::FunctionCeilings::default(),
             cluster_key: None,
             outbound_ca: None,
+            outbound_internal: atoll_isolate::outbound::InternalPolicy::default(),
         }
     }
 }
@@ -290,7 +293,11 @@ pub async fn run(
         Some(_) => Arc::clone(&control),
         None => Arc::new(ControlPlane::Registry(registry()?)),
     };
-    let outbound = atoll_isolate::outbound::OutboundClient::new(options.outbound_ca.as_deref())?;
+    let outbound = atoll_isolate::outbound::OutboundClient::with_policy(
+        options.outbound_ca.as_deref(),
+        options.outbound_internal,
+        atoll_isolate::outbound::DEFAULT_MAX_WAITS,
+    )?;
     tracing::debug!(
         trusted_roots = outbound.trusted_roots(),
         "outbound HTTP client ready"

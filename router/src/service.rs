@@ -367,6 +367,7 @@ impl EdgeService {
             headers: parts.headers,
             body,
             service_depth: 0,
+            deadline: None,
         };
         let mut response = invoke(&self.executor, served, cgi_request, None).await;
         if self.cluster.is_some() {

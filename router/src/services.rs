@@ -7,7 +7,7 @@
 //! caller's deadline, knows its place in the chain (the isolate refuses calls past
 //! `MAX_SERVICE_DEPTH`), and its answer — whatever its status — is the caller's response;
 //! only the node's own failures (no such function, a body over the caller's budget) are
-//! errors.
+//! errors. The callee sees `REMOTE_ADDR=0.0.0.0` and none of the node's forwarding headers.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,6 +43,11 @@ impl ServiceCaller for LocalServices {
                 Some((path, query)) => (path.to_string(), query.to_string()),
                 None => (call.path_and_query.clone(), String::new()),
             };
+            // What ingress strips from a client's request, a caller cannot set either.
+            let mut headers = call.headers;
+            for name in crate::cluster::FORWARDING_HEADERS {
+                headers.remove(name);
+            }
             let request = CgiRequest {
                 method: call.method.as_str().to_string(),
                 raw_path,
@@ -51,13 +56,15 @@ impl ServiceCaller for LocalServices {
                 scheme: "http".into(),
                 server_name: format!("{}.{}", call.function, atoll_core::manifest::SERVICE_DOMAIN),
                 server_port: 80,
-                remote_addr: "127.0.0.1".into(),
+                // Not loopback: a callee that trusts local peers must not trust its callers.
+                remote_addr: "0.0.0.0".into(),
                 remote_port: 0,
                 matched_route: String::new(),
                 route_prefix: String::new(),
-                headers: call.headers,
+                headers,
                 body: call.body,
                 service_depth: call.depth,
+                deadline: Some(call.deadline),
             };
             let metrics = Arc::clone(&served.metrics);
             let deadline = tokio::time::Instant::from_std(call.deadline);
