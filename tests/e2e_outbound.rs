@@ -122,8 +122,9 @@ fn a_wagi_module_calls_an_allowed_https_origin_unchanged() {
     let body = response.text();
     assert_eq!(response.status, 200, "{body}");
     assert!(body.starts_with("calls=3\n"), "{body}");
+    // The chain's length goes along (a request from outside is 0; this call is the 1st).
     assert!(
-        body.contains("method=POST\nheader x-from=atoll\nbody=sent along"),
+        body.contains("method=POST\nheader atoll-hops=1\nheader x-from=atoll\nbody=sent along"),
         "{body}"
     );
 }
@@ -357,6 +358,28 @@ fn service_bindings_call_functions_in_process_with_a_depth_limit_and_the_callers
     assert_eq!(response.status, 200, "{body}");
     assert!(body.contains("error=Wasi error 11"), "{body}");
     assert_eq!(body.matches("status=200").count(), 7, "{body}");
+    // A request that says it is already 5 calls deep (from a function elsewhere) has 3
+    // left; one past the limit is refused outright.
+    let deep = http_request(
+        setup.http(),
+        "GET",
+        "looper.localhost",
+        "/?service=SELF",
+        &[("atoll-hops", "5")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(deep.text().matches("status=200").count(), 2, "{}", deep.text());
+    let looped = http_request(
+        setup.http(),
+        "GET",
+        "looper.localhost",
+        "/?service=SELF",
+        &[("atoll-hops", "9")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(looped.status, 508, "{}", looped.text());
     wait_until("the depth limit is in the node's log", || {
         setup
             .node

@@ -93,6 +93,9 @@ pub const MAX_REQUEST_BODY_BYTES: u32 = 16 << 20;
 
 /// How deep a chain of service calls may go (A calls B calls C … counts each call).
 pub const MAX_SERVICE_DEPTH: u32 = 8;
+/// On every outbound network call: its place in the chain of calls. A node reads it on
+/// requests it receives, so a chain that leaves the node and comes back keeps counting.
+pub const HOPS_HEADER: &str = "atoll-hops";
 
 /// A call from one function to another on this node (a service binding).
 #[derive(Debug)]
@@ -555,6 +558,10 @@ pub(crate) fn req(
         let budget = access.max_response_bytes.saturating_sub(context.http.held_bytes);
         let exchange: Exchange = match destination {
             Destination::Network(reach) => {
+                // The chain's length travels with the call, so a loop through a public
+                // route (a function calling its own URL) meets the same depth limit.
+                let mut headers = headers;
+                headers.insert(HOPS_HEADER, http::HeaderValue::from(context.http.depth + 1));
                 let request = access
                     .client
                     .client(reach)
@@ -605,15 +612,20 @@ pub(crate) fn req(
         let signals = Arc::clone(context.signals());
         let started = Instant::now();
         let outcome = crate::executor::waiting(|| {
-            access.client.runtime().block_on(async {
-                tokio::select! {
-                    biased;
-                    () = signals.stopped() => Err(Failure::Stopped),
-                    sent = tokio::time::timeout(time_left, exchange) => {
-                        sent.unwrap_or(Err(Failure::TimedOut(time_left)))
+            // A runtime shutting down under a waiting guest panics in tokio; that must not
+            // unwind through the guest's frames.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                access.client.runtime().block_on(async {
+                    tokio::select! {
+                        biased;
+                        () = signals.stopped() => Err(Failure::Stopped),
+                        sent = tokio::time::timeout(time_left, exchange) => {
+                            sent.unwrap_or(Err(Failure::TimedOut(time_left)))
+                        }
                     }
-                }
-            })
+                })
+            }))
+            .unwrap_or_else(|_| Err(Failure::Request("the node is shutting down".into())))
         });
         let (status, response) = match outcome {
             Ok(done) => done,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use atoll_ingress::acme::Http01Challenges;
 use atoll_ingress::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
+use atoll_isolate::wasi_http::{HOPS_HEADER, MAX_SERVICE_DEPTH};
 use atoll_isolate::{
     CgiRequest, GuestExecutor, GuestPanicked, InvokeError, Run, RunObserver, RunOptions, RunOutcome,
     StartKind, StreamedResponse,
@@ -348,6 +349,22 @@ impl EdgeService {
                 }
             }
         }
+        // A request made by a function's outbound call says how long its chain is.
+        let service_depth = match parts.headers.get(HOPS_HEADER) {
+            None => 0,
+            Some(value) => match value.to_str().ok().and_then(|text| text.parse::<u32>().ok()) {
+                Some(hops) if hops <= MAX_SERVICE_DEPTH => hops,
+                _ => {
+                    return (
+                        text_response(
+                            StatusCode::LOOP_DETECTED,
+                            format!("the chain of calls between functions is over {MAX_SERVICE_DEPTH}"),
+                        ),
+                        Accounting::Function(function_metrics),
+                    );
+                }
+            },
+        };
         for name in FORWARDING_HEADERS {
             parts.headers.remove(name);
         }
@@ -366,7 +383,7 @@ impl EdgeService {
             route_prefix,
             headers: parts.headers,
             body,
-            service_depth: 0,
+            service_depth,
             deadline: None,
         };
         let mut response = invoke(&self.executor, served, cgi_request, None).await;

@@ -4,7 +4,7 @@
 //! Paths:
 //! - `/hello`: 200, `text/plain`, `x-multi: a` and `x-multi: b`, body `hello from origin`
 //! - `/bytes?n=N`: N bytes of `x`
-//! - `/echo`: the method, every `x-` header and the body, as text
+//! - `/echo`: the method, every `x-` and `atoll-` header and the body, as text
 //! - `/delay?ms=N`: answers `delayed` after N ms
 //! - `/slow`: never answers
 //! - `/redirect`: 302 to `/hello`
@@ -194,7 +194,7 @@ async fn answer(request: Request<hyper::body::Incoming>) -> Result<Response<Full
             let mut headers: Vec<String> = request
                 .headers()
                 .iter()
-                .filter(|(name, _)| name.as_str().starts_with("x-"))
+                .filter(|(name, _)| name.as_str().starts_with("x-") || name.as_str().starts_with("atoll-"))
                 .map(|(name, value)| format!("header {name}={}\n", value.to_str().unwrap_or("?")))
                 .collect();
             headers.sort();
