@@ -36,7 +36,7 @@ const WATCHDOG_INTERVAL: Duration = Duration::from_millis(5);
 const WATCHDOG_IDLE_INTERVAL: Duration = Duration::from_millis(25);
 /// Stand-in workers at most, per hot worker.
 pub const STAND_INS_PER_WORKER: usize = 4;
-/// How long an idle stand-in waits for work before it checks whether it is still needed.
+/// How long a stand-in stays without work before it checks whether it is still needed.
 const STAND_IN_IDLE: Duration = Duration::from_millis(50);
 
 struct Shared {
@@ -175,9 +175,8 @@ fn run_worker(shared: &Arc<Shared>, index: usize, stand_in: bool) {
         // A panicking job must not take the worker down.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
         shared.busy_since[index].store(0, Ordering::Release);
-        if stand_in && shared.retire_stand_in() {
-            break;
-        }
+        // A stand-in retires only once idle: short waits come and go in bursts, and a
+        // thread per wait would cost more than the wait.
     }
     if stand_in {
         shared.busy_since[index].store(ABSENT, Ordering::Release);
