@@ -382,6 +382,14 @@ impl Caller {
                 )));
             }
         }
+        for store in &manifest.kv.stores {
+            if !self.may_manage(store) {
+                return Err(Forbidden(format!(
+                    "{} may not {action}: [kv] grants store \"{store}\", which it may not manage",
+                    self.describe()
+                )));
+            }
+        }
         for route in manifest.route_patterns() {
             if !grant.domains.iter().any(|domain| domain.covers(&route.host)) {
                 let domains: Vec<String> = grant.domains.iter().map(ToString::to_string).collect();
@@ -524,6 +532,12 @@ mod tests {
             err.0.contains("[services] BANK binds function \"bank-api\""),
             "{err}"
         );
+        let mut stores = ok.clone();
+        stores.kv.stores = vec!["shop-cart".into()];
+        caller.require_manifest(&stores, "push").unwrap();
+        stores.kv.stores.push("bank".into());
+        let err = caller.require_manifest(&stores, "push").unwrap_err();
+        assert!(err.0.contains("[kv] grants store \"bank\""), "{err}");
         let err = caller
             .require_manifest(&Manifest::for_tests("blog", &["shop.com"]), "push")
             .unwrap_err();

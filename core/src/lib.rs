@@ -23,6 +23,7 @@ pub mod digest;
 pub mod durable;
 pub mod error;
 pub mod host;
+pub mod kv;
 pub mod manifest;
 pub mod membership;
 pub mod model;

@@ -27,6 +27,8 @@
 //! max_requests = 50      # default 50 calls per request; at most 1000
 //! max_concurrent = 6     # default 6 responses open at once; at most 64
 //! max_response = "8MiB"  # default 8MiB: the response bodies open at once, together
+//! [kv]                   # optional; key-value stores the function may use (atoll_kv)
+//! stores = ["todo"]      # store names, like function names; at most 16
 //! [services]             # optional; functions this one calls in-process (service bindings)
 //! AUTH = "auth"          # the guest sees ATOLL_SERVICE_AUTH=http://auth.atoll.internal
 //! ```
@@ -83,6 +85,41 @@ pub struct Manifest {
     /// Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, String>,
+    /// Key-value stores granted. Default: none.
+    #[serde(default, skip_serializing_if = "Kv::is_default")]
+    pub kv: Kv,
+}
+
+/// `[kv]`: the key-value stores a function may use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kv {
+    /// Store names (see [`crate::kv`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stores: Vec<String>,
+}
+
+impl Kv {
+    fn is_default(&self) -> bool {
+        self.stores.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.stores.len() > crate::kv::MAX_STORES {
+            return Err(format!(
+                "kv.stores lists {} stores; at most {} are allowed",
+                self.stores.len(),
+                crate::kv::MAX_STORES
+            ));
+        }
+        for (index, store) in self.stores.iter().enumerate() {
+            crate::kv::check_store_name(store).map_err(|error| format!("kv.stores: {error}"))?;
+            if self.stores[..index].contains(store) {
+                return Err(format!("kv.stores lists {store:?} twice"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Most `[services]` bindings one manifest may have.
@@ -446,6 +483,7 @@ impl Manifest {
         }
         self.scale.validate().map_err(ManifestError::Invalid)?;
         self.outbound.validate().map_err(ManifestError::Invalid)?;
+        self.kv.validate().map_err(ManifestError::Invalid)?;
         if self.services.len() > MAX_SERVICES {
             return Err(ManifestError::Invalid(format!(
                 "services has {} bindings; at most {MAX_SERVICES} are allowed",
@@ -912,5 +950,14 @@ timeout = "10s"
         assert!(
             error(&format!("{base}[services]\nAUTH = \"Auth!\"\n")).contains("services.AUTH: function name")
         );
+    }
+
+    #[test]
+    fn kv_grants_named_stores() {
+        let base = "name = \"todo\"\nwasm = \"x.wasm\"\nroutes = [\"a.com\"]\n";
+        let manifest = Manifest::parse(&format!("{base}[kv]\nstores = [\"todo\", \"shared\"]\n")).unwrap();
+        assert_eq!(manifest.kv.stores, ["todo", "shared"]);
+        assert!(error(&format!("{base}[kv]\nstores = [\"a\", \"a\"]\n")).contains("twice"));
+        assert!(error(&format!("{base}[kv]\nstores = [\"Bad\"]\n")).contains("kv.stores: store name"));
     }
 }

@@ -277,7 +277,7 @@ async fn method_headers_and_body_reach_the_origin_and_framing_headers_do_not() {
     let echoed = results.text(READ, results.u32_at(COUNT_C));
     assert_eq!(
         echoed,
-        "method=PUT\nheader x-other=two\nheader x-test=one\nbody=the body"
+        "method=PUT\nheader atoll-hops=1\nheader x-other=two\nheader x-test=one\nbody=the body"
     );
 }
 
