@@ -177,6 +177,60 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Read and change functions' key-value stores (a registry on the embedded store).
+    Kv {
+        #[command(subcommand)]
+        command: KvCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// Print a key's value (raw bytes on stdout; its revision on stderr).
+    Get {
+        store: String,
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set a key: VALUE, or stdin when VALUE is absent.
+    Set {
+        store: String,
+        key: String,
+        value: Option<String>,
+        /// Expire after this long, e.g. 10m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Only if the key is at this revision (0: only if it does not exist).
+        #[arg(long)]
+        if_revision: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add N (default 1) to a key's integer value.
+    Incr {
+        store: String,
+        key: String,
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List keys, optionally by prefix.
+    Ls {
+        store: String,
+        #[arg(default_value = "")]
+        prefix: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a key.
+    Rm {
+        store: String,
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -600,6 +654,7 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Token { command } => token_command(command).await,
+        Command::Kv { command } => kv_command(command).await,
         Command::Rollback { name, to, client } => {
             let to = to.as_deref().map(parse_version).transpose()?;
             let rolled = client.client()?.rollback(&name, to).await?;
@@ -860,5 +915,81 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+async fn kv_command(command: KvCommand) -> Result<()> {
+    use std::io::{Read, Write};
+    match command {
+        KvCommand::Get { store, key, client } => {
+            let entry = client
+                .client()?
+                .kv_get(&store, &key)
+                .await?
+                .with_context(|| format!("no key {key:?} in store {store}"))?;
+            std::io::stdout().write_all(&entry.value)?;
+            eprintln!("revision {}", entry.revision);
+            Ok(())
+        }
+        KvCommand::Set {
+            store,
+            key,
+            value,
+            ttl,
+            if_revision,
+            client,
+        } => {
+            let value = match value {
+                Some(value) => value.into_bytes(),
+                None => {
+                    let mut bytes = Vec::new();
+                    std::io::stdin().read_to_end(&mut bytes)?;
+                    bytes
+                }
+            };
+            let ttl = ttl.map(|ttl| ttl.as_secs().max(1));
+            let written = client
+                .client()?
+                .kv_set(&store, &key, value, ttl, if_revision)
+                .await?;
+            println!("revision {}", written.revision);
+            Ok(())
+        }
+        KvCommand::Incr {
+            store,
+            key,
+            by,
+            client,
+        } => {
+            let written = client.client()?.kv_increment(&store, &key, by).await?;
+            println!("{}", written.value.unwrap_or_default());
+            Ok(())
+        }
+        KvCommand::Ls {
+            store,
+            prefix,
+            client,
+        } => {
+            let client = client.client()?;
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = client
+                    .kv_list(&store, &prefix, cursor.as_deref(), atoll_core::kv::MAX_LIST_KEYS)
+                    .await?;
+                for key in &page.keys {
+                    println!("{key}");
+                }
+                match page.cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(()),
+                }
+            }
+        }
+        KvCommand::Rm { store, key, client } => {
+            if !client.client()?.kv_delete(&store, &key).await? {
+                bail!("no key {key:?} in store {store}");
+            }
+            Ok(())
+        }
     }
 }

@@ -13,6 +13,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use atoll_core::kv::{KeyPage, KvEntry, KvError, KvWritten};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::{Response, StatusCode, Url};
@@ -268,6 +269,129 @@ impl RegistryClient {
         url
     }
 
+    /// One key's value and revision; `None` when absent.
+    pub async fn kv_get(&self, store: &str, key: &str) -> Result<Option<KvEntry>, KvError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "kv", store, key])
+            .timeout(REQUEST_TIMEOUT);
+        let response = match self.kv_send(request).await {
+            Ok(response) => response,
+            Err(KvError::NotFound) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let revision = kv_revision(&response).unwrap_or(0);
+        let value = response
+            .bytes()
+            .await
+            .map_err(|error| KvError::Unavailable(error.to_string()))?;
+        Ok(Some(KvEntry {
+            value: value.to_vec(),
+            revision,
+        }))
+    }
+
+    /// Writes a value, expiring after `ttl` seconds if given, only if the key is at
+    /// `if_revision` if given (0: only if absent).
+    pub async fn kv_set(
+        &self,
+        store: &str,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<u64>,
+        if_revision: Option<u64>,
+    ) -> Result<KvWritten, KvError> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(ttl) = ttl {
+            query.push(("ttl", ttl.to_string()));
+        }
+        if let Some(revision) = if_revision {
+            query.push(("if_revision", revision.to_string()));
+        }
+        let request = self
+            .request(reqwest::Method::PUT, &["v1", "kv", store, key])
+            .query(&query)
+            .timeout(REQUEST_TIMEOUT)
+            .body(value);
+        self.kv_json(request).await
+    }
+
+    /// Adds `delta` to the key's integer value.
+    pub async fn kv_increment(&self, store: &str, key: &str, delta: i64) -> Result<KvWritten, KvError> {
+        let request = self
+            .request(reqwest::Method::POST, &["v1", "kv", store, key])
+            .query(&[("increment", delta.to_string())])
+            .timeout(REQUEST_TIMEOUT);
+        self.kv_json(request).await
+    }
+
+    /// Deletes a key; whether it existed.
+    pub async fn kv_delete(&self, store: &str, key: &str) -> Result<bool, KvError> {
+        let request = self
+            .request(reqwest::Method::DELETE, &["v1", "kv", store, key])
+            .timeout(REQUEST_TIMEOUT);
+        match self.kv_send(request).await {
+            Ok(_) => Ok(true),
+            Err(KvError::NotFound) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A page of keys starting with `prefix`, after `cursor`.
+    pub async fn kv_list(
+        &self,
+        store: &str,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, KvError> {
+        let mut query = vec![("prefix", prefix.to_string()), ("limit", limit.to_string())];
+        if let Some(cursor) = cursor {
+            query.push(("cursor", cursor.to_string()));
+        }
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "kv", store])
+            .query(&query)
+            .timeout(REQUEST_TIMEOUT);
+        self.kv_json(request).await
+    }
+
+    /// Sends a KV request; an error status becomes the [`KvError`] it stands for.
+    async fn kv_send(&self, request: reqwest::RequestBuilder) -> Result<Response, KvError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|error| KvError::Unavailable(self.unreachable(error).to_string()))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let revision = kv_revision(&response);
+        let body = response.bytes().await.unwrap_or_default();
+        let message = serde_json::from_slice::<ErrorResponse>(&body)
+            .map(|error| error.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(match status {
+            StatusCode::NOT_FOUND => KvError::NotFound,
+            StatusCode::CONFLICT => match revision {
+                Some(current) => KvError::Conflict { current },
+                None => KvError::NotANumber,
+            },
+            StatusCode::BAD_REQUEST => KvError::Invalid(message),
+            StatusCode::FORBIDDEN => KvError::NotGranted(message),
+            _ => KvError::Unavailable(format!("registry answered {status}: {message}")),
+        })
+    }
+
+    async fn kv_json<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T, KvError> {
+        let response = self.kv_send(request).await?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|error| KvError::Unavailable(error.to_string()))?;
+        serde_json::from_slice(&body)
+            .map_err(|error| KvError::Unavailable(format!("unexpected answer: {error}")))
+    }
+
     fn request(&self, method: reqwest::Method, segments: &[&str]) -> reqwest::RequestBuilder {
         self.authorize(self.http.request(method, self.url(segments)))
     }
@@ -385,6 +509,19 @@ impl LineReader {
             }
         }
     }
+}
+
+/// The header a KV answer carries its key's revision in (as the registry's API sets it).
+pub const KV_REVISION_HEADER: &str = "atoll-kv-revision";
+
+fn kv_revision(response: &Response) -> Option<u64> {
+    response
+        .headers()
+        .get(KV_REVISION_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -132,13 +132,28 @@ mod tests {
     fn keys_values_and_names_are_bounded() {
         assert!(check_key("todo/1").is_ok());
         assert!(check_key(&"k".repeat(MAX_KEY_BYTES)).is_ok());
-        assert!(check_key(&"k".repeat(MAX_KEY_BYTES + 1)).unwrap_err().to_string().contains("at most 512"));
+        assert!(
+            check_key(&"k".repeat(MAX_KEY_BYTES + 1))
+                .unwrap_err()
+                .to_string()
+                .contains("at most 512")
+        );
         assert!(check_key("").is_err());
         assert!(check_key("a\nb").is_err());
         assert!(check_value(&vec![0; MAX_VALUE_BYTES]).is_ok());
-        assert!(check_value(&vec![0; MAX_VALUE_BYTES + 1]).unwrap_err().to_string().contains("1 MiB"));
+        assert!(
+            check_value(&vec![0; MAX_VALUE_BYTES + 1])
+                .unwrap_err()
+                .to_string()
+                .contains("1 MiB")
+        );
         assert!(check_store_name("default").is_ok());
-        assert!(check_store_name("Bad!").unwrap_err().to_string().contains("store name"));
+        assert!(
+            check_store_name("Bad!")
+                .unwrap_err()
+                .to_string()
+                .contains("store name")
+        );
         assert!(check_ttl(0).is_err());
         assert!(check_ttl(60).is_ok());
     }

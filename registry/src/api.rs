@@ -22,7 +22,16 @@
 //! POST   /v1/tokens                      admin             Grant → CreatedToken
 //! GET    /v1/tokens                      admin             [TokenInfo]
 //! DELETE /v1/tokens/{id}                 admin             204
+//! GET    /v1/kv/{store}?prefix&cursor&limit admin deploy node KeyPage (atoll_core::kv)
+//! GET    /v1/kv/{store}/{key}            admin deploy node value bytes, `atoll-kv-revision`
+//! PUT    /v1/kv/{store}/{key}?ttl&if_revision  …          value bytes → KvWritten (409 lost CAS)
+//! POST   /v1/kv/{store}/{key}?increment=N      …          KvWritten with the new value
+//! DELETE /v1/kv/{store}/{key}            admin deploy node 204, or 404
 //! ```
+//!
+//! KV is served on the embedded store only (`kv.rs`, beside the functions' state); a
+//! registry on NATS answers 503 there for now. A deploy token reaches the stores its
+//! function patterns cover; a node token every store (nodes act for their functions).
 //!
 //! [`required_scopes`] is that column: checked for every request before its handler runs,
 //! admin-only for any route it does not list. A deploy token's functions and domains and a
@@ -114,6 +123,8 @@ pub struct Registry {
     check: Arc<dyn ModuleCheck>,
     token: String,
     options: RegistryOptions,
+    /// Functions' key-value stores (embedded store only).
+    kv: Option<Arc<crate::kv::KvStore>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -193,12 +204,19 @@ impl Registry {
         token: String,
         options: RegistryOptions,
     ) -> Result<Registry, StoreError> {
-        Ok(Registry::with_backend(
-            Backend::Embedded(Store::open(data_dir)?),
-            check,
-            token,
-            options,
-        ))
+        let kv = crate::kv::KvStore::open(data_dir).map_err(|error| StoreError::Io {
+            context: format!("opening {}", data_dir.join(crate::kv::KV_FILE).display()),
+            source: io::Error::other(error.to_string()),
+        })?;
+        let mut registry =
+            Registry::with_backend(Backend::Embedded(Store::open(data_dir)?), check, token, options);
+        registry.kv = Some(Arc::new(kv));
+        Ok(registry)
+    }
+
+    /// The key-value stores, where this registry has them.
+    pub fn kv(&self) -> Option<&Arc<crate::kv::KvStore>> {
+        self.kv.as_ref()
     }
 
     /// Assembles the service on an opened store (embedded or NATS).
@@ -213,6 +231,7 @@ impl Registry {
             check,
             token,
             options,
+            kv: None,
         }
     }
 
@@ -393,6 +412,9 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (stop, stopped) = watch::channel(false);
+    if let Some(kv) = state.kv().cloned() {
+        tokio::spawn(sweep_expired(kv, stopped.clone()));
+    }
     let app = router(state, stopped);
     crate::connections::serve_router(listener, app, limits, async move {
         shutdown.await;
@@ -423,6 +445,11 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/nodes/{name}", put(announce_node))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/kv/{store}", get(kv_list))
+        .route(
+            "/v1/kv/{store}/{key}",
+            get(kv_get).put(kv_put).post(kv_increment).delete(kv_delete),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -443,6 +470,8 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
 struct ApiError {
     status: StatusCode,
     message: String,
+    /// A KV key's current revision, on a lost compare-and-set (`atoll-kv-revision`).
+    kv_revision: Option<u64>,
 }
 
 impl ApiError {
@@ -450,6 +479,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            kv_revision: None,
         }
     }
 }
@@ -460,6 +490,11 @@ impl IntoResponse for ApiError {
             tracing::error!(status = %self.status, "{}", self.message);
         }
         let mut response = (self.status, axum::Json(ErrorResponse { error: self.message })).into_response();
+        if let Some(revision) = self.kv_revision {
+            response
+                .headers_mut()
+                .insert(KV_REVISION_HEADER, HeaderValue::from(revision));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -511,6 +546,7 @@ pub fn required_scopes(method: &Method, path: &str) -> &'static [Scope] {
         ("GET", "/v1/watch") => &[Admin, Node],
         ("GET", "/v1/nodes") => &[Admin, Deploy, Node],
         ("PUT", "/v1/nodes/{name}") => &[Admin, Node],
+        (_, "/v1/kv/{store}" | "/v1/kv/{store}/{key}") => &[Admin, Deploy, Node],
         _ => &[Admin],
     }
 }
@@ -877,5 +913,173 @@ mod tests {
         assert_eq!(human_bytes(1000), "1000 bytes");
         assert_eq!(human_bytes(4 << 30), "4 GiB");
         assert_eq!(human_bytes((64 << 20) + (1 << 20)), "65 MiB");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Key-value stores
+
+/// How often expired KV entries are removed, and how many per pass at most.
+const KV_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+const KV_SWEEP_BATCH: usize = 10_000;
+
+async fn sweep_expired(kv: Arc<crate::kv::KvStore>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            () = tokio::time::sleep(KV_SWEEP_INTERVAL) => {}
+        }
+        let kv = Arc::clone(&kv);
+        match tokio::task::spawn_blocking(move || kv.sweep(KV_SWEEP_BATCH)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(removed)) => tracing::debug!(removed, "expired KV entries removed"),
+            Ok(Err(error)) => tracing::warn!(%error, "sweeping expired KV entries failed"),
+            Err(_) => {}
+        }
+    }
+}
+
+impl From<atoll_core::kv::KvError> for ApiError {
+    fn from(error: atoll_core::kv::KvError) -> ApiError {
+        use atoll_core::kv::KvError;
+        let status = match &error {
+            KvError::NotFound => StatusCode::NOT_FOUND,
+            KvError::Conflict { .. } | KvError::NotANumber => StatusCode::CONFLICT,
+            KvError::Invalid(_) => StatusCode::BAD_REQUEST,
+            KvError::NotGranted(_) => StatusCode::FORBIDDEN,
+            KvError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut api_error = ApiError::new(status, error.to_string());
+        if let KvError::Conflict { current } = error {
+            api_error.kv_revision = Some(current);
+        }
+        api_error
+    }
+}
+
+/// The registry's KV stores, if the caller may use `store`.
+fn kv_for(app: &AppState, caller: &Caller, store: &str) -> Result<Arc<crate::kv::KvStore>, ApiError> {
+    atoll_core::kv::check_store_name(store)?;
+    if caller.scope() == Scope::Deploy && !caller.may_manage(store) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{} may not use store `{store}`", caller.describe()),
+        ));
+    }
+    app.registry.kv.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "key-value stores are served by a registry on the embedded store; this one is on NATS",
+        )
+    })
+}
+
+/// Runs a KV call on a blocking thread (redb fsyncs on commit).
+async fn kv_blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, atoll_core::kv::KvError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the KV call panicked"))?
+        .map_err(ApiError::from)
+}
+
+#[derive(serde::Deserialize)]
+struct KvListQuery {
+    #[serde(default)]
+    prefix: String,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn kv_list(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(store): UrlPath<String>,
+    query: Result<Query<KvListQuery>, QueryRejection>,
+) -> Result<axum::Json<atoll_core::kv::KeyPage>, ApiError> {
+    let Query(query) =
+        query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
+    let kv = kv_for(&app, &caller, &store)?;
+    let limit = query.limit.unwrap_or(atoll_core::kv::MAX_LIST_KEYS);
+    let page = kv_blocking(move || kv.list(&store, &query.prefix, query.cursor.as_deref(), limit)).await?;
+    Ok(axum::Json(page))
+}
+
+/// The header carrying a value's revision.
+pub const KV_REVISION_HEADER: &str = "atoll-kv-revision";
+
+async fn kv_get(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((store, key)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let kv = kv_for(&app, &caller, &store)?;
+    let entry = kv_blocking(move || kv.get(&store, &key))
+        .await?
+        .ok_or_else(|| ApiError::from(atoll_core::kv::KvError::NotFound))?;
+    let mut response = Response::new(Body::from(entry.value));
+    response
+        .headers_mut()
+        .insert(KV_REVISION_HEADER, HeaderValue::from(entry.revision));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(response)
+}
+
+#[derive(serde::Deserialize)]
+struct KvPutQuery {
+    ttl: Option<u64>,
+    if_revision: Option<u64>,
+}
+
+async fn kv_put(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((store, key)): UrlPath<(String, String)>,
+    query: Result<Query<KvPutQuery>, QueryRejection>,
+    value: Bytes,
+) -> Result<axum::Json<atoll_core::kv::KvWritten>, ApiError> {
+    let Query(query) =
+        query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
+    let kv = kv_for(&app, &caller, &store)?;
+    let condition = match query.if_revision {
+        Some(revision) => crate::kv::Condition::Revision(revision),
+        None => crate::kv::Condition::Always,
+    };
+    let written = kv_blocking(move || kv.set(&store, &key, &value, query.ttl, condition)).await?;
+    Ok(axum::Json(written))
+}
+
+#[derive(serde::Deserialize)]
+struct KvIncrementQuery {
+    increment: i64,
+}
+
+async fn kv_increment(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((store, key)): UrlPath<(String, String)>,
+    query: Result<Query<KvIncrementQuery>, QueryRejection>,
+) -> Result<axum::Json<atoll_core::kv::KvWritten>, ApiError> {
+    let Query(query) =
+        query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
+    let kv = kv_for(&app, &caller, &store)?;
+    let written = kv_blocking(move || kv.increment(&store, &key, query.increment)).await?;
+    Ok(axum::Json(written))
+}
+
+async fn kv_delete(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((store, key)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let kv = kv_for(&app, &caller, &store)?;
+    if kv_blocking(move || kv.delete(&store, &key)).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(atoll_core::kv::KvError::NotFound.into())
     }
 }
