@@ -16,6 +16,7 @@ use wasmer::{ExternType, Module};
 use crate::error::IsolateError;
 use crate::wasi::WASI_MODULE;
 use crate::wasi_http::{HTTP_IMPORTS, HTTP_MODULE};
+use crate::wasi_kv::{KV_IMPORTS, KV_MODULE};
 
 /// A cheap-to-clone handle on a wasmer engine.
 #[derive(Clone)]
@@ -190,9 +191,13 @@ pub(crate) fn check_interface(module: &Module) -> Result<(), IsolateError> {
             check_http_import(import.name(), import.ty())?;
             continue;
         }
+        if import.module() == KV_MODULE {
+            check_kv_import(import.name(), import.ty())?;
+            continue;
+        }
         if import.module() != WASI_MODULE {
             return Err(IsolateError::Invalid(format!(
-                "imports `{}::{}`; only {WASI_MODULE} and {HTTP_MODULE} are available",
+                "imports `{}::{}`; only {WASI_MODULE}, {HTTP_MODULE} and {KV_MODULE} are available",
                 import.module(),
                 import.name()
             )));
@@ -225,6 +230,37 @@ fn check_http_import(name: &str, ty: &ExternType) -> Result<(), IsolateError> {
         ))),
         _ => Err(IsolateError::Invalid(format!(
             "imports `{HTTP_MODULE}::{name}` which is not a function"
+        ))),
+    }
+}
+
+/// Checks an import from `atoll_kv` against its ABI.
+fn check_kv_import(name: &str, ty: &ExternType) -> Result<(), IsolateError> {
+    let Some(&(_, parameters)) = KV_IMPORTS.iter().find(|(known, _)| *known == name) else {
+        let known: Vec<&str> = KV_IMPORTS.iter().map(|(known, _)| *known).collect();
+        return Err(IsolateError::Invalid(format!(
+            "imports `{KV_MODULE}::{name}`, which does not exist; the module has {}",
+            known.join(", ")
+        )));
+    };
+    let parameters: Vec<wasmer::Type> = parameters
+        .iter()
+        .map(|&wide| {
+            if wide {
+                wasmer::Type::I64
+            } else {
+                wasmer::Type::I32
+            }
+        })
+        .collect();
+    let expected = wasmer::FunctionType::new(parameters, vec![wasmer::Type::I32]);
+    match ty {
+        ExternType::Function(signature) if *signature == expected => Ok(()),
+        ExternType::Function(signature) => Err(IsolateError::Invalid(format!(
+            "imports `{KV_MODULE}::{name}` as {signature}; its signature is {expected}"
+        ))),
+        _ => Err(IsolateError::Invalid(format!(
+            "imports `{KV_MODULE}::{name}` which is not a function"
         ))),
     }
 }

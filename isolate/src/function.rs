@@ -43,6 +43,9 @@ pub struct FunctionConfig {
     /// What the function may call outbound (`[outbound]`) and the node's client; `None`
     /// refuses every call.
     pub outbound: Option<Arc<crate::wasi_http::OutboundAccess>>,
+    /// The key-value stores the function may use (`[kv]`) and the node's backend; `None`
+    /// refuses every call.
+    pub kv: Option<Arc<crate::wasi_kv::KvAccess>>,
 }
 
 impl FunctionConfig {
@@ -55,6 +58,7 @@ impl FunctionConfig {
             max_memory_bytes: 128 * 1024 * 1024,
             timeout: Duration::from_secs(30),
             outbound: None,
+            kv: None,
         }
     }
 }
@@ -313,6 +317,7 @@ impl LoadedFunction {
         .with_signals(Arc::clone(&signals));
         let mut context = context;
         context.set_outbound(self.config.outbound.clone());
+        context.set_kv(self.config.kv.clone());
         let mut store = Store::new(self.engine.wasmer().clone());
         let env = FunctionEnv::new(&mut store, context);
         let externs = wasi::externs(&mut store, &env, &self.import_plan);

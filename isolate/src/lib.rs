@@ -36,6 +36,7 @@ pub mod snapshot;
 pub mod stream;
 pub mod wasi;
 pub mod wasi_http;
+pub mod wasi_kv;
 
 #[cfg(test)]
 mod fuzz;

@@ -77,6 +77,8 @@ pub struct WasiContext {
     created: Instant,
     /// Outbound HTTP (`wasi_experimental_http`): the function's access and this run's calls.
     pub(crate) http: crate::wasi_http::HttpState,
+    /// Key-value stores (`atoll_kv`): the function's access and this run's calls.
+    pub(crate) kv: crate::wasi_kv::KvState,
 }
 
 /// What a finished invocation left behind.
@@ -130,6 +132,7 @@ impl WasiContext {
             signals: Arc::default(),
             created: Instant::now(),
             http: crate::wasi_http::HttpState::default(),
+            kv: crate::wasi_kv::KvState::default(),
         };
         context.set_input(env, stdin);
         context
@@ -169,6 +172,11 @@ impl WasiContext {
     /// Lets this instance's run call out (`None`: every call is refused).
     pub fn set_outbound(&mut self, access: Option<Arc<crate::wasi_http::OutboundAccess>>) {
         self.http = crate::wasi_http::HttpState::new(access);
+    }
+
+    /// Lets this instance's run use key-value stores (`None`: every call is refused).
+    pub fn set_kv(&mut self, access: Option<Arc<crate::wasi_kv::KvAccess>>) {
+        self.kv = crate::wasi_kv::KvState::new(access);
     }
 
     /// Outbound calls this run made.
@@ -241,6 +249,13 @@ pub enum HostImport {
     HttpHeaderGet,
     HttpHeadersGetAll,
     HttpBodyRead,
+    KvOpen,
+    KvGet,
+    KvSet,
+    KvCas,
+    KvIncrement,
+    KvDelete,
+    KvList,
     /// Any other function: answers `ENOSYS` when it returns an errno, traps otherwise.
     Unsupported {
         name: String,
@@ -262,6 +277,18 @@ pub fn import_plan(module: &Module) -> Vec<HostImport> {
                     "header_get" => return HostImport::HttpHeaderGet,
                     "headers_get_all" => return HostImport::HttpHeadersGetAll,
                     "body_read" => return HostImport::HttpBodyRead,
+                    _ => {}
+                }
+            }
+            if import.module() == crate::wasi_kv::KV_MODULE {
+                match name {
+                    "open" => return HostImport::KvOpen,
+                    "get" => return HostImport::KvGet,
+                    "set" => return HostImport::KvSet,
+                    "cas" => return HostImport::KvCas,
+                    "increment" => return HostImport::KvIncrement,
+                    "delete" => return HostImport::KvDelete,
+                    "list" => return HostImport::KvList,
                     _ => {}
                 }
             }
@@ -338,6 +365,15 @@ pub fn externs(store: &mut Store, env: &FunctionEnv<WasiContext>, plan: &[HostIm
                 HostImport::HttpBodyRead => {
                     Function::new_typed_with_env(store, env, crate::wasi_http::body_read)
                 }
+                HostImport::KvOpen => Function::new_typed_with_env(store, env, crate::wasi_kv::open),
+                HostImport::KvGet => Function::new_typed_with_env(store, env, crate::wasi_kv::get),
+                HostImport::KvSet => Function::new_typed_with_env(store, env, crate::wasi_kv::set),
+                HostImport::KvCas => Function::new_typed_with_env(store, env, crate::wasi_kv::cas),
+                HostImport::KvIncrement => {
+                    Function::new_typed_with_env(store, env, crate::wasi_kv::increment)
+                }
+                HostImport::KvDelete => Function::new_typed_with_env(store, env, crate::wasi_kv::delete),
+                HostImport::KvList => Function::new_typed_with_env(store, env, crate::wasi_kv::list),
                 HostImport::Unsupported { name, signature } => {
                     let name = name.clone();
                     let returns_errno = signature.results() == [Type::I32];

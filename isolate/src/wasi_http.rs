@@ -226,6 +226,11 @@ impl HttpState {
         self.deadline = Some(deadline);
     }
 
+    /// When the run must end, once it runs.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
     /// Sets the run's place in a chain of service calls.
     pub fn set_depth(&mut self, depth: u32) {
         self.depth = depth;
@@ -260,6 +265,45 @@ impl HttpState {
             self.held_bytes -= response.body.len() as u64;
         }
     }
+}
+
+/// How a host call's wait on the node's runtime ended.
+pub(crate) enum Waited<T> {
+    Done(T),
+    /// The run was asked to stop.
+    Stopped,
+    /// The time left ran out.
+    TimedOut,
+    /// The runtime is shutting down.
+    ShuttingDown,
+}
+
+/// Blocks the guest's thread on `future` (run on the node's `runtime`) for at most
+/// `time_left`, waking when the run is stopped; the worker counts as stalled meanwhile
+/// ([`crate::executor::waiting`]). Every host call that waits on I/O goes through here.
+pub(crate) fn wait_on<T>(
+    runtime: &tokio::runtime::Handle,
+    signals: &crate::wasi::RunSignals,
+    time_left: Duration,
+    future: impl Future<Output = T>,
+) -> Waited<T> {
+    crate::executor::waiting(|| {
+        // A runtime shutting down under a waiting guest panics in tokio; that must not
+        // unwind through the guest's frames.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(async {
+                tokio::select! {
+                    biased;
+                    () = signals.stopped() => Waited::Stopped,
+                    done = tokio::time::timeout(time_left, future) => match done {
+                        Ok(value) => Waited::Done(value),
+                        Err(_) => Waited::TimedOut,
+                    },
+                }
+            })
+        }))
+        .unwrap_or(Waited::ShuttingDown)
+    })
 }
 
 /// Runs an outbound host call with the guest's memory: `MEMORY_NOT_FOUND` without one, and
@@ -611,22 +655,12 @@ pub(crate) fn req(
         };
         let signals = Arc::clone(context.signals());
         let started = Instant::now();
-        let outcome = crate::executor::waiting(|| {
-            // A runtime shutting down under a waiting guest panics in tokio; that must not
-            // unwind through the guest's frames.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                access.client.runtime().block_on(async {
-                    tokio::select! {
-                        biased;
-                        () = signals.stopped() => Err(Failure::Stopped),
-                        sent = tokio::time::timeout(time_left, exchange) => {
-                            sent.unwrap_or(Err(Failure::TimedOut(time_left)))
-                        }
-                    }
-                })
-            }))
-            .unwrap_or_else(|_| Err(Failure::Request("the node is shutting down".into())))
-        });
+        let outcome = match wait_on(access.client.runtime(), &signals, time_left, exchange) {
+            Waited::Done(outcome) => outcome,
+            Waited::Stopped => Err(Failure::Stopped),
+            Waited::TimedOut => Err(Failure::TimedOut(time_left)),
+            Waited::ShuttingDown => Err(Failure::Request("the node is shutting down".into())),
+        };
         let (status, response) = match outcome {
             Ok(done) => done,
             Err(Failure::Stopped) => return Err(CallError::Interrupted),

@@ -26,6 +26,7 @@ pub mod admin;
 pub mod body;
 pub mod cluster;
 pub mod hop;
+pub mod kv;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;

@@ -306,7 +306,11 @@ pub async fn run(
     let services = crate::services::LocalServices::new(Arc::clone(&routing), Arc::clone(&executor));
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone())
-        .with_outbound(outbound, services);
+        .with_outbound(outbound, services)
+        .with_kv(match options.nats_url {
+            Some(_) => Arc::new(crate::kv::NoKv),
+            None => Arc::new(crate::kv::RegistryKv::new(registry()?)),
+        });
     syncer.restore_from_disk().await?;
 
     let (stop_sender, stop) = watch::channel(false);

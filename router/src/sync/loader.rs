@@ -30,6 +30,8 @@ pub(super) struct Loader {
     pub(super) outbound: Option<Arc<atoll_isolate::outbound::OutboundClient>>,
     /// Runs service calls on this node's functions.
     pub(super) services: Option<Arc<dyn atoll_isolate::wasi_http::ServiceCaller>>,
+    /// Where functions' key-value calls go.
+    pub(super) kv: Option<Arc<dyn atoll_isolate::wasi_kv::KvBackend>>,
 }
 
 impl Loader {
@@ -165,6 +167,14 @@ impl Loader {
                 max_response_bytes: manifest.outbound.max_response_bytes(),
             })
         });
+        config.kv = match (&self.kv, manifest.kv.stores.is_empty()) {
+            (Some(backend), false) => Some(Arc::new(atoll_isolate::wasi_kv::KvAccess {
+                backend: Arc::clone(backend),
+                runtime: tokio::runtime::Handle::current(),
+                stores: manifest.kv.stores.clone(),
+            })),
+            _ => None,
+        };
         let max_concurrency = manifest.scale.max_concurrency().min(ceilings.max_concurrency);
         let scale = ScaleConfig {
             min_instances: manifest.scale.min_instances().min(max_concurrency) as usize,

@@ -92,6 +92,7 @@ impl Syncer {
                 ceilings: Arc::new(FunctionCeilings::default()),
                 outbound: None,
                 services: None,
+                kv: None,
             },
             source,
             routing,
@@ -124,6 +125,12 @@ impl Syncer {
     ) -> Self {
         self.loader.outbound = Some(client);
         self.loader.services = Some(services);
+        self
+    }
+
+    /// Sends functions' key-value calls to `backend`; without it every call is refused.
+    pub fn with_kv(mut self, backend: Arc<dyn atoll_isolate::wasi_kv::KvBackend>) -> Self {
+        self.loader.kv = Some(backend);
         self
     }
 

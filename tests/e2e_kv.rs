@@ -1,0 +1,158 @@
+//! Key-value stores from functions, through real nodes and a registry on the embedded
+//! store: the `todo` example (the SDK over `atoll_kv`) keeps its items in a store, two nodes
+//! see each other's writes at once, concurrent increments lose nothing, the operator's
+//! `atoll kv` sees the same data, and a store the manifest does not grant is refused.
+
+mod support;
+
+use std::path::Path;
+
+use support::*;
+
+/// `atoll node NAME` following `registry_url`; the process and its HTTP address.
+fn node(registry_url: &str, name: &str, data: &Path) -> (Process, String) {
+    let data = data.to_str().unwrap();
+    let mut process = Process::spawn(
+        name,
+        &[
+            "node",
+            "--registry",
+            registry_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data",
+            data,
+            "--name",
+            name,
+            "--region",
+            "test",
+        ],
+    );
+    process.wait_for_line("admin listening on http://", STARTUP);
+    let http = process
+        .stdout_lines()
+        .into_iter()
+        .find_map(|line| {
+            line.strip_prefix("node listening on http://")
+                .map(|s| s.trim().to_string())
+        })
+        .expect("an HTTP listener");
+    (process, http)
+}
+
+fn post(addr: &str, path: &str, body: &str) -> Response {
+    http_request(addr, "POST", "todo.localhost", path, &[], body.as_bytes()).unwrap()
+}
+
+fn served(addr: &str) {
+    wait_until("todo is served", || {
+        http_get(addr, "todo.localhost", "/todos").is_ok_and(|response| response.status == 200)
+    });
+}
+
+#[test]
+fn two_nodes_share_the_todo_store_and_see_each_others_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    let (_a, a) = node(&url, "a", &dir.path().join("a"));
+    let (_b, b) = node(&url, "b", &dir.path().join("b"));
+    push_ok(&url, &example("todo"));
+    served(&a);
+    served(&b);
+
+    let created = post(&a, "/todos", "buy milk");
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(created.text(), "{\"id\":1}");
+    // Written through a, read through b at once: no cache between them.
+    let listed = get(&b, "todo.localhost", "/todos");
+    assert_eq!(listed.text(), "[{\"id\":1,\"title\":\"buy milk\"}]");
+
+    // A value larger than the SDK's first buffer: the host says the size, the SDK retries.
+    let long_title = "x".repeat(10_000);
+    assert_eq!(post(&b, "/todos", &long_title).status, 201);
+    let item = get(&a, "todo.localhost", "/todos/2");
+    assert_eq!(item.text(), format!("{{\"id\":2,\"title\":\"{long_title}\"}}"));
+
+    let deleted = http_request(&b, "DELETE", "todo.localhost", "/todos/1", &[], b"").unwrap();
+    assert_eq!(deleted.status, 204);
+    assert_eq!(get(&a, "todo.localhost", "/todos/1").status, 404);
+
+    // The operator sees and changes the same store.
+    let next = atoll(&["kv", "get", "todo", "next-id", "--registry", &url]);
+    assert_eq!(expect_success("kv get", &next), "2");
+    expect_success(
+        "kv set",
+        &atoll(&[
+            "kv",
+            "set",
+            "todo",
+            "items/000000000099",
+            "from the operator",
+            "--registry",
+            &url,
+        ]),
+    );
+    assert_eq!(
+        get(&a, "todo.localhost", "/todos/99").text(),
+        "{\"id\":99,\"title\":\"from the operator\"}"
+    );
+}
+
+#[test]
+fn twenty_concurrent_writers_through_two_nodes_lose_no_increment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    let (_a, a) = node(&url, "a", &dir.path().join("a"));
+    let (_b, b) = node(&url, "b", &dir.path().join("b"));
+    push_ok(&url, &example("todo"));
+    served(&a);
+    served(&b);
+    let writers: Vec<_> = (0..20)
+        .map(|writer| {
+            let addr = if writer % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    let response = post(&addr, "/hits", "");
+                    assert_eq!(response.status, 200, "{}", response.text());
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let count = atoll(&["kv", "get", "todo", "hits", "--registry", &url]);
+    assert_eq!(expect_success("kv get", &count), "100");
+    assert_eq!(post(&a, "/hits", "").text(), "101\n");
+}
+
+#[test]
+fn a_store_the_manifest_does_not_grant_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    let (node_process, addr) = node(&url, "a", &dir.path().join("a"));
+    let manifest = write_manifest(
+        &dir.path().join("todo"),
+        "todo",
+        &example_wasm("todo"),
+        &["todo.localhost"],
+        "[kv]\nstores = [\"other\"]\n",
+    );
+    push_ok(&url, &manifest);
+    wait_until("todo is served", || {
+        http_get(&addr, "todo.localhost", "/todos").is_ok_and(|response| response.status == 500)
+    });
+    let response = get(&addr, "todo.localhost", "/todos");
+    assert!(response.text().contains("not granted"), "{}", response.text());
+    wait_until("the refusal is in the node's log", || {
+        node_process.logs().contains("kv store \"todo\" is not granted")
+    });
+    // Nothing was written anywhere.
+    assert!(
+        !atoll(&["kv", "get", "todo", "next-id", "--registry", &url])
+            .status
+            .success()
+    );
+}
