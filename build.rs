@@ -19,6 +19,10 @@ fn main() {
         "echo/src",
         "fault/src",
         "outbound/src",
+        "todo/src",
+        "bff/src",
+        "../sdk/src",
+        "../sdk/Cargo.toml",
     ] {
         println!("cargo:rerun-if-changed={}", examples.join(path).display());
     }

@@ -156,3 +156,82 @@ fn a_store_the_manifest_does_not_grant_is_refused() {
             .success()
     );
 }
+
+#[test]
+fn the_todo_app_a_bff_over_a_service_binding_and_an_outbound_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = atoll_testkit::origin::TestCa::new();
+    let origin = runtime.block_on(atoll_testkit::origin::TestOrigin::https(&ca));
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    let node = start_edge_node(
+        &url,
+        &dir.path().join("node"),
+        &["--outbound-ca", ca_file.to_str().unwrap()],
+    );
+    let addr = node.http.clone().unwrap();
+    push_ok(&url, &example("todo"));
+    let bff = |allowed: &str| {
+        write_manifest(
+            &dir.path().join("bff"),
+            "bff",
+            &example_wasm("bff"),
+            &["todos.localhost"],
+            &format!(
+                "[services]\nTODO = \"todo\"\n[env]\nQUOTE_URL = \"{}\"\n[outbound]\nallowed_hosts = [{allowed}]\n",
+                origin.url("/hello")
+            ),
+        )
+    };
+    push_ok(
+        &url,
+        &bff(&format!("\"https://localhost:{}\"", origin.address.port())),
+    );
+    wait_until("the page is served", || {
+        http_get(&addr, "todos.localhost", "/").is_ok_and(|response| response.status == 200)
+    });
+    served(&addr);
+
+    let page = get(&addr, "todos.localhost", "/");
+    assert!(
+        page.text().contains("<title>Atoll to-dos</title>"),
+        "{}",
+        page.text()
+    );
+    assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
+    let created = http_request(
+        &addr,
+        "POST",
+        "todos.localhost",
+        "/api/todos",
+        &[],
+        b"walk the dog",
+    )
+    .unwrap();
+    assert_eq!((created.status, created.text().as_str()), (201, "{\"id\":1}"));
+    assert_eq!(
+        get(&addr, "todos.localhost", "/api/todos").text(),
+        "[{\"id\":1,\"title\":\"walk the dog\"}]"
+    );
+    let deleted = http_request(&addr, "DELETE", "todos.localhost", "/api/todos/1", &[], b"").unwrap();
+    assert_eq!(deleted.status, 204);
+    assert_eq!(get(&addr, "todos.localhost", "/api/todos").text(), "[]");
+    assert_eq!(
+        get(&addr, "todos.localhost", "/api/quote").text(),
+        "hello from origin"
+    );
+
+    // Without the allowed host the quote is refused, and the page falls back.
+    push_ok(&url, &bff(""));
+    wait_until("the new version answers with the fallback", || {
+        http_get(&addr, "todos.localhost", "/api/quote")
+            .is_ok_and(|response| response.text().contains("Atoll"))
+    });
+    assert_eq!(origin.requests(), 1, "only the allowed call reached the origin");
+}
