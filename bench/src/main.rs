@@ -18,6 +18,9 @@
 //! `atoll-bench outbound`: hello beside guests waiting on outbound calls against hello
 //! alone, and an origin through a function against the origin directly.
 //!
+//! `atoll-bench kv`: KV latency on the bare store, through the registry's API and through a
+//! function, and a service call beside the direct request.
+//!
 //! `atoll-bench soak`: no baseline but the promises themselves — mixed load with churn and
 //! hostile guests beside it; failures, the node's RSS and fd curve, and idle CPU after it.
 
@@ -25,6 +28,7 @@ mod cluster_scenario;
 mod h3_load;
 mod http_scenario;
 mod isolate_scenario;
+mod kv_scenario;
 mod latency;
 mod outbound_scenario;
 mod scaling_scenario;
@@ -62,6 +66,8 @@ enum Scenario {
     /// Hello beside guests waiting on outbound calls vs alone; an origin via a function vs
     /// directly.
     Outbound(outbound_scenario::OutboundArgs),
+    /// KV latency: bare redb, the registry's API, a function; a service call vs direct.
+    Kv(kv_scenario::KvArgs),
     /// Minutes of mixed load with pushes, rollbacks and hostile guests beside it: zero
     /// failures, flat RSS and fds, no thread left spinning.
     Soak(soak_scenario::SoakArgs),
@@ -75,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Tls(args) => tls_scenario::run(args),
         Scenario::Cluster(args) => cluster_scenario::run(args),
         Scenario::Outbound(args) => outbound_scenario::run(args),
+        Scenario::Kv(args) => kv_scenario::run(args),
         Scenario::Soak(args) => soak_scenario::run(args),
     }
 }
