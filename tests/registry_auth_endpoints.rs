@@ -37,13 +37,23 @@ const ENDPOINTS: &[(&str, &str, &str)] = &[
     ("POST", "/v1/tokens", "/v1/tokens"),
     ("GET", "/v1/tokens", "/v1/tokens"),
     ("DELETE", "/v1/tokens/{id}", "/v1/tokens/TOKEN_ID"),
+    ("GET", "/v1/kv/{store}", "/v1/kv/todo"),
+    ("GET", "/v1/kv/{store}/{key}", "/v1/kv/todo/k"),
+    ("PUT", "/v1/kv/{store}/{key}", "/v1/kv/todo/k"),
+    ("POST", "/v1/kv/{store}/{key}", "/v1/kv/todo/k?increment=1"),
+    ("DELETE", "/v1/kv/{store}/{key}", "/v1/kv/todo/k"),
 ];
 
-/// The `(method, path)` pairs `api.rs` routes: each `.route("PATH", get(h).post(h)…)`.
+/// The `(method, path)` pairs `api.rs` routes: each `.route("PATH", get(h).post(h)…)`,
+/// on one line or several.
 fn declared_routes() -> Vec<(String, String)> {
     let source = include_str!("../registry/src/api.rs");
     let mut routes = Vec::new();
-    for call in source.split(".route(\"").skip(1) {
+    for call in source.split(".route(").skip(1) {
+        // rustfmt may break the call after its opening parenthesis.
+        let Some(call) = call.trim_start().strip_prefix('"') else {
+            continue;
+        };
         let (path, rest) = call.split_once('"').expect("a quoted path");
         let handlers = &rest[..rest.find(")\n").expect("the end of the route call")];
         for method in ["get", "post", "put", "delete", "patch"] {
