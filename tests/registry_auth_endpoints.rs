@@ -55,7 +55,21 @@ fn declared_routes() -> Vec<(String, String)> {
             continue;
         };
         let (path, rest) = call.split_once('"').expect("a quoted path");
-        let handlers = &rest[..rest.find(")\n").expect("the end of the route call")];
+        // The route call ends at its closing parenthesis (the handlers may span lines).
+        let mut depth = 1;
+        let end = rest
+            .char_indices()
+            .find(|(_, character)| {
+                match character {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                depth == 0
+            })
+            .map(|(index, _)| index)
+            .expect("the end of the route call");
+        let handlers = &rest[..end];
         for method in ["get", "post", "put", "delete", "patch"] {
             let calls = handlers.matches(&format!("{method}(")).count()
                 - handlers.matches(&format!("_{method}(")).count();

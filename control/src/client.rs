@@ -279,7 +279,11 @@ impl RegistryClient {
             Err(KvError::NotFound) => return Ok(None),
             Err(error) => return Err(error),
         };
-        let revision = kv_revision(&response).unwrap_or(0);
+        let Some(revision) = kv_revision(&response) else {
+            return Err(KvError::Unavailable(
+                "the registry's answer carries no revision: not a KV value".into(),
+            ));
+        };
         let value = response
             .bytes()
             .await

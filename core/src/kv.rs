@@ -86,6 +86,10 @@ pub fn check_key(key: &str) -> Result<(), KvError> {
     if key.chars().any(char::is_control) {
         return Err(KvError::Invalid("the key contains a control character".into()));
     }
+    // They would be path segments a URL resolves away.
+    if key == "." || key == ".." {
+        return Err(KvError::Invalid(format!("the key {key:?} is reserved")));
+    }
     Ok(())
 }
 
@@ -140,6 +144,7 @@ mod tests {
         );
         assert!(check_key("").is_err());
         assert!(check_key("a\nb").is_err());
+        assert!(check_key("..").is_err() && check_key(".").is_err() && check_key("../x").is_ok());
         assert!(check_value(&vec![0; MAX_VALUE_BYTES]).is_ok());
         assert!(
             check_value(&vec![0; MAX_VALUE_BYTES + 1])

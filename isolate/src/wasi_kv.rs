@@ -92,7 +92,16 @@ pub struct KvAccess {
     pub runtime: tokio::runtime::Handle,
     /// The granted stores; a store's handle is its index here.
     pub stores: Vec<String>,
+    /// Calls waiting at once on the whole node (shared by every function): each holds a
+    /// guest thread, so a slow store must not take them all.
+    pub waits: Arc<tokio::sync::Semaphore>,
 }
+
+/// Default for how many KV calls may wait at once on a node.
+pub const DEFAULT_MAX_WAITS: usize = 256;
+/// Longest one call waits for the store: a slow store fails the call (`UNAVAILABLE`), not
+/// the run.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for KvAccess {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -187,21 +196,31 @@ fn run<T>(
     else {
         return Err(CallError::Interrupted);
     };
+    let Ok(_waiting) = Arc::clone(&access.waits).try_acquire_owned() else {
+        context.log_host_line("kv call refused: too many KV calls are waiting on this node");
+        return Ok(Err(KvError::Unavailable(
+            "too many KV calls are waiting on this node".into(),
+        )));
+    };
     let signals = Arc::clone(context.signals());
-    match wait_on(&access.runtime, &signals, time_left, call) {
-        Waited::Done(result) => {
-            if let Err(KvError::Unavailable(reason)) = &result {
-                context.log_host_line(&format!("kv call failed: the store is unavailable: {reason}"));
-            }
-            Ok(result)
-        }
-        Waited::Stopped => Err(CallError::Interrupted),
-        Waited::TimedOut => {
+    let wait = time_left.min(CALL_TIMEOUT);
+    let result = match wait_on(&access.runtime, &signals, wait, call) {
+        Waited::Done(result) => result,
+        Waited::Stopped => return Err(CallError::Interrupted),
+        Waited::TimedOut if wait == time_left => {
+            // The run's own deadline: the run is over, as a timeout.
             signals.raise();
-            Err(CallError::Interrupted)
+            return Err(CallError::Interrupted);
         }
-        Waited::ShuttingDown => Ok(Err(KvError::Unavailable("the node is shutting down".into()))),
+        Waited::TimedOut => Err(KvError::Unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        Waited::ShuttingDown => Err(KvError::Unavailable("the node is shutting down".into())),
+    };
+    if let Err(KvError::Unavailable(reason)) = &result {
+        // The detail names the node's network (the registry's address): operators only.
+        tracing::warn!(%reason, "a kv call failed: the store is unavailable");
+        context.log_host_line("kv call failed: the store is unavailable; try again");
     }
+    Ok(result)
 }
 
 /// A KV host call with the guest's memory; a trap once the run was asked to stop.

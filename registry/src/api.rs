@@ -448,7 +448,12 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/kv/{store}", get(kv_list))
         .route(
             "/v1/kv/{store}/{key}",
-            get(kv_get).put(kv_put).post(kv_increment).delete(kv_delete),
+            get(kv_get)
+                .put(kv_put)
+                .post(kv_increment)
+                .delete(kv_delete)
+                // A value is at most 1 MiB: no module-sized bodies here.
+                .layer(DefaultBodyLimit::max(atoll_core::kv::MAX_VALUE_BYTES + 4096)),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -929,12 +934,24 @@ async fn sweep_expired(kv: Arc<crate::kv::KvStore>, mut stopped: watch::Receiver
             _ = stopped.changed() => return,
             () = tokio::time::sleep(KV_SWEEP_INTERVAL) => {}
         }
-        let kv = Arc::clone(&kv);
-        match tokio::task::spawn_blocking(move || kv.sweep(KV_SWEEP_BATCH)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(removed)) => tracing::debug!(removed, "expired KV entries removed"),
-            Ok(Err(error)) => tracing::warn!(%error, "sweeping expired KV entries failed"),
-            Err(_) => {}
+        // Batch after batch while there is a backlog, each its own transaction.
+        loop {
+            let kv = Arc::clone(&kv);
+            match tokio::task::spawn_blocking(move || kv.sweep(KV_SWEEP_BATCH)).await {
+                Ok(Ok(removed)) if removed == KV_SWEEP_BATCH => {
+                    tracing::debug!(removed, "expired KV entries removed; more to go");
+                }
+                Ok(Ok(0)) => break,
+                Ok(Ok(removed)) => {
+                    tracing::debug!(removed, "expired KV entries removed");
+                    break;
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "sweeping expired KV entries failed");
+                    break;
+                }
+                Err(_) => break,
+            }
         }
     }
 }

@@ -8,11 +8,14 @@
 //! ```text
 //! entries:  "store\0key"               → revision (u64 LE) | expires_at ms (u64 LE, 0 never) | value
 //! expiry:   expires_at ms (BE) "store\0key" → ()      (the sweep walks this in time order)
-//! meta:     "revision"                 → the last revision given (u64 LE)
+//! meta:     "rev\0store"               → the store's last revision (u64 LE)
 //! ```
 //!
 //! Every write is one write transaction, so compare-and-set and increment are atomic, and
-//! revisions come from one counter: strictly increasing across the file. An expired entry
+//! revisions come from one counter per store, strictly increasing (per store, so a tenant
+//! cannot time other tenants' writes by the gaps). Time ("now", for expiry) is read inside
+//! the write transaction, after the writer lock, so a queued write judges expiry by when
+//! it runs. An expired entry
 //! is invisible at once and removed by [`KvStore::sweep`] (the registry runs it every
 //! minute) or by the next write to its key. Calls block: the API runs them on blocking
 //! threads.
@@ -26,7 +29,6 @@ use redb::{Database, ReadableTable, TableDefinition};
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const REVISION: &str = "revision";
 /// Bytes before the value in an entry: revision and expiry.
 const HEADER: usize = 16;
 
@@ -93,6 +95,15 @@ fn live(stored: &Stored<'_>, now: u64) -> bool {
     stored.expires_at == 0 || stored.expires_at > now
 }
 
+/// When a written value expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    Never,
+    After(u64),
+    /// Whenever the current value does (never, if there is none).
+    Keep,
+}
+
 /// How a write treats the key's current revision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Condition {
@@ -145,22 +156,24 @@ impl KvStore {
         if let Some(ttl) = ttl_seconds {
             kv::check_ttl(ttl)?;
         }
+        let expiry = ttl_seconds.map_or(Expiry::Never, Expiry::After);
         self.write(
             store,
             key,
-            |_current| Ok((value.to_vec(), ttl_seconds, None)),
+            |_current| Ok((value.to_vec(), expiry, None)),
             condition,
         )
     }
 
-    /// Adds `delta` to the key's decimal integer value (absent: 0).
+    /// Adds `delta` to the key's decimal integer value (absent: 0). A key that expires
+    /// keeps its expiry (a counter per time window stays one).
     pub fn increment(&self, store: &str, key: &str, delta: i64) -> Result<KvWritten, KvError> {
         self.write(
             store,
             key,
             |current| {
                 let value = kv::increment(current, delta)?;
-                Ok((value.to_string().into_bytes(), None, Some(value)))
+                Ok((value.to_string().into_bytes(), Expiry::Keep, Some(value)))
             },
             Condition::Always,
         )
@@ -171,8 +184,8 @@ impl KvStore {
         kv::check_store_name(store)?;
         kv::check_key(key)?;
         let composite = composite(store, key);
-        let now = now_ms();
         let transaction = self.db.begin_write().map_err(unavailable)?;
+        let now = now_ms();
         let existed = {
             let mut entries = transaction.open_table(ENTRIES).map_err(unavailable)?;
             let mut expiry = transaction.open_table(EXPIRY).map_err(unavailable)?;
@@ -240,10 +253,11 @@ impl KvStore {
         Ok(KeyPage { keys, cursor })
     }
 
-    /// Removes expired entries, at most `batch` per call; how many it removed.
+    /// Removes expired entries, at most `batch` per call; how many it removed. An index
+    /// entry whose key was rewritten since (another expiry, or none) removes only itself.
     pub fn sweep(&self, batch: usize) -> Result<usize, KvError> {
-        let now = now_ms();
         let transaction = self.db.begin_write().map_err(unavailable)?;
+        let now = now_ms();
         let removed = {
             let mut entries = transaction.open_table(ENTRIES).map_err(unavailable)?;
             let mut expiry = transaction.open_table(EXPIRY).map_err(unavailable)?;
@@ -256,8 +270,15 @@ impl KvStore {
                 .map_err(unavailable)?;
             for key in &due {
                 expiry.remove(key.as_slice()).map_err(unavailable)?;
+                let expires_at = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
                 let composite = String::from_utf8_lossy(&key[8..]).into_owned();
-                entries.remove(composite.as_str()).map_err(unavailable)?;
+                let current = entries
+                    .get(composite.as_str())
+                    .map_err(unavailable)?
+                    .map(|bytes| decode(bytes.value()).expires_at);
+                if current == Some(expires_at) {
+                    entries.remove(composite.as_str()).map_err(unavailable)?;
+                }
             }
             due.len()
         };
@@ -271,14 +292,14 @@ impl KvStore {
         &self,
         store: &str,
         key: &str,
-        make: impl FnOnce(Option<&[u8]>) -> Result<(Vec<u8>, Option<u64>, Option<i64>), KvError>,
+        make: impl FnOnce(Option<&[u8]>) -> Result<(Vec<u8>, Expiry, Option<i64>), KvError>,
         condition: Condition,
     ) -> Result<KvWritten, KvError> {
         kv::check_store_name(store)?;
         kv::check_key(key)?;
         let composite = composite(store, key);
-        let now = now_ms();
         let transaction = self.db.begin_write().map_err(unavailable)?;
+        let now = now_ms();
         let written = {
             let mut entries = transaction.open_table(ENTRIES).map_err(unavailable)?;
             let mut expiry = transaction.open_table(EXPIRY).map_err(unavailable)?;
@@ -299,9 +320,15 @@ impl KvStore {
                     return Err(KvError::Conflict { current: at });
                 }
             }
-            let (value, ttl, reported) = make(live_current.map(|(_, _, value)| value.as_slice()))?;
-            let revision = meta.get(REVISION).map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
-            meta.insert(REVISION, revision).map_err(unavailable)?;
+            let kept_expiry = live_current.map_or(0, |(_, expires_at, _)| *expires_at);
+            let (value, expires, reported) = make(live_current.map(|(_, _, value)| value.as_slice()))?;
+            let counter = format!("rev\0{store}");
+            let revision = meta
+                .get(counter.as_str())
+                .map_err(unavailable)?
+                .map_or(0, |v| v.value())
+                + 1;
+            meta.insert(counter.as_str(), revision).map_err(unavailable)?;
             if let Some((_, old_expiry, _)) = &current
                 && *old_expiry != 0
             {
@@ -309,7 +336,11 @@ impl KvStore {
                     .remove(expiry_key(*old_expiry, &composite).as_slice())
                     .map_err(unavailable)?;
             }
-            let expires_at = ttl.map_or(0, |seconds| now + seconds * 1000);
+            let expires_at = match expires {
+                Expiry::Never => 0,
+                Expiry::After(seconds) => now + seconds * 1000,
+                Expiry::Keep => kept_expiry,
+            };
             if expires_at != 0 {
                 expiry
                     .insert(expiry_key(expires_at, &composite).as_slice(), ())
@@ -457,9 +488,29 @@ mod tests {
         }
         assert_eq!(store.get("s", "short").unwrap(), None);
         assert_eq!(store.list("s", "", None, 10).unwrap().keys, ["long"]);
+        // Two index entries for "short" now (the real one, and the backdated one): the
+        // sweep removes the entry once, and a stale index entry never removes a live key.
         assert_eq!(store.sweep(100).unwrap(), 1);
         assert_eq!(store.sweep(100).unwrap(), 0);
         assert!(store.get("s", "long").unwrap().is_some());
+        // An increment keeps the key's expiry; a plain set replaces it.
+        store
+            .set("s", "window", b"0", Some(3600), Condition::Always)
+            .unwrap();
+        store.increment("s", "window", 1).unwrap();
+        let expiry_entries = |store: &KvStore| {
+            let transaction = store.db.begin_read().unwrap();
+            let table = transaction.open_table(EXPIRY).unwrap();
+            table
+                .iter()
+                .unwrap()
+                .map(|item| String::from_utf8_lossy(&item.unwrap().0.value()[8..]).into_owned())
+                .filter(|key| key.ends_with("window"))
+                .count()
+        };
+        assert_eq!(expiry_entries(&store), 1);
+        store.set("s", "window", b"5", None, Condition::Always).unwrap();
+        assert_eq!(expiry_entries(&store), 0);
     }
 
     #[test]

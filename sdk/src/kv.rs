@@ -40,6 +40,10 @@ impl std::error::Error for KvError {}
 
 const NOT_FOUND: i32 = 1;
 const BUFFER_TOO_SMALL: i32 = 2;
+/// The largest value a store holds: a host asking for more is not believed.
+const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Tries after the first when the buffer is too small (the value may grow in between).
+const RETRIES: usize = 3;
 
 fn error(code: i32, revision: u64) -> KvError {
     match code {
@@ -165,7 +169,7 @@ impl Store {
     /// The key's value and revision; `None` when absent.
     pub fn get(&self, key: &str) -> Result<Option<Entry>, KvError> {
         let mut buffer = vec![0u8; 4096];
-        loop {
+        for _ in 0..=RETRIES {
             let (mut length, mut revision) = (0u32, 0u64);
             // SAFETY: the pointers are valid for the lengths given, for the call.
             let code = unsafe {
@@ -180,7 +184,7 @@ impl Store {
                 )
             };
             match code {
-                0 => {
+                0 if (length as usize) <= buffer.len() => {
                     buffer.truncate(length as usize);
                     return Ok(Some(Entry {
                         value: buffer,
@@ -188,11 +192,17 @@ impl Store {
                     }));
                 }
                 NOT_FOUND => return Ok(None),
-                // The host said how much is needed: one more try with exactly that.
-                BUFFER_TOO_SMALL => buffer = vec![0u8; length as usize],
+                // The host said how much is needed: try again with exactly that.
+                BUFFER_TOO_SMALL
+                    if (length as usize) > buffer.len() && (length as usize) <= MAX_VALUE_BYTES =>
+                {
+                    buffer = vec![0u8; length as usize];
+                }
+                0 | BUFFER_TOO_SMALL => return Err(KvError::Other(code)),
                 code => return Err(error(code, 0)),
             }
         }
+        Err(KvError::Other(BUFFER_TOO_SMALL))
     }
 
     /// The value as text, if present.
@@ -294,16 +304,25 @@ impl Store {
             };
             match code {
                 0 => {}
-                BUFFER_TOO_SMALL => {
+                // A key longer than the buffer: grow to what the host asks (a key is at
+                // most 512 bytes, so this happens at most once).
+                BUFFER_TOO_SMALL if (written as usize) > buffer.len() && written <= 1024 => {
                     buffer = vec![0u8; written as usize];
                     continue;
                 }
+                BUFFER_TOO_SMALL => return Err(KvError::Other(code)),
                 code => return Err(error(code, 0)),
             }
+            if written as usize > buffer.len() {
+                return Err(KvError::Other(0));
+            }
             let text = String::from_utf8_lossy(&buffer[..written as usize]).into_owned();
+            let before = keys.len();
             keys.extend(text.lines().map(str::to_string));
             match (more, keys.last()) {
-                (1, Some(last)) => after = last.clone(),
+                // More keys, and this page moved past `after`: the next page starts there.
+                (1, Some(last)) if keys.len() > before && *last > after => after = last.clone(),
+                (1, _) => return Err(KvError::Other(0)),
                 _ => return Ok(keys),
             }
         }

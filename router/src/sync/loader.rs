@@ -32,6 +32,8 @@ pub(super) struct Loader {
     pub(super) services: Option<Arc<dyn atoll_isolate::wasi_http::ServiceCaller>>,
     /// Where functions' key-value calls go.
     pub(super) kv: Option<Arc<dyn atoll_isolate::wasi_kv::KvBackend>>,
+    /// The node's cap on KV calls waiting at once, shared by every function.
+    pub(super) kv_waits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Loader {
@@ -172,6 +174,7 @@ impl Loader {
                 backend: Arc::clone(backend),
                 runtime: tokio::runtime::Handle::current(),
                 stores: manifest.kv.stores.clone(),
+                waits: Arc::clone(&self.kv_waits),
             })),
             _ => None,
         };

@@ -93,6 +93,9 @@ impl Syncer {
                 outbound: None,
                 services: None,
                 kv: None,
+                kv_waits: Arc::new(tokio::sync::Semaphore::new(
+                    atoll_isolate::wasi_kv::DEFAULT_MAX_WAITS,
+                )),
             },
             source,
             routing,
