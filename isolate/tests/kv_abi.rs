@@ -12,10 +12,12 @@ use std::time::Duration;
 use atoll_core::kv::{KeyPage, KvEntry, KvError, KvWritten};
 use atoll_isolate::wasi_kv::{KvAccess, KvBackend, KvFuture, code};
 
-/// Keys to (value, revision), one counter.
+/// Keys to (value, revision), and the last revision given.
+type Entries = (BTreeMap<String, (Vec<u8>, u64)>, u64);
+
 #[derive(Default)]
 struct MemoryKv {
-    entries: Mutex<(BTreeMap<String, (Vec<u8>, u64)>, u64)>,
+    entries: Mutex<Entries>,
 }
 
 impl KvBackend for MemoryKv {
