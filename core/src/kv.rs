@@ -5,9 +5,9 @@
 //! A store is named like a function (`[a-z0-9-]`, 1–63) and is the unit of access: a
 //! manifest's `[kv] stores` grants stores to the function, and a deploy token may grant
 //! only stores whose names it may manage (the same patterns as its functions). Keys are
-//! UTF-8, 1–512 bytes; values are bytes, at most 1 MiB. Every write gets a revision from
-//! one counter per store, strictly increasing, so compare-and-set is by revision (0: the
-//! key must not exist).
+//! UTF-8, 1–512 bytes (not `.` or `..`); values are bytes, at most 1 MiB. Every write gets
+//! a revision from one counter per store, strictly increasing, so compare-and-set is by
+//! revision (0: the key must not exist).
 
 use serde::{Deserialize, Serialize};
 
