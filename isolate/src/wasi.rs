@@ -188,10 +188,6 @@ impl WasiContext {
         &self.signals
     }
 
-    pub(crate) fn memory(&self) -> Option<&Memory> {
-        self.memory.as_ref()
-    }
-
     /// Adds a line from the host to the function's log (its stderr), within the log's cap.
     pub(crate) fn log_host_line(&mut self, line: &str) {
         let line = format!("atoll: {line}\n");
@@ -541,10 +537,21 @@ fn with_memory(
     env: &mut FunctionEnvMut<WasiContext>,
     f: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, CallError>,
 ) -> Result<i32, HostCallInterrupted> {
+    with_guest_memory(env, ERRNO_FAULT, f)
+}
+
+/// What every host call that touches memory shares: it enters as a host call (a stopped
+/// run traps), answers `no_memory` when the module has none, and runs `f` with the view.
+/// Each import module passes its own code for a missing memory.
+pub(crate) fn with_guest_memory(
+    env: &mut FunctionEnvMut<WasiContext>,
+    no_memory: i32,
+    f: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, CallError>,
+) -> Result<i32, HostCallInterrupted> {
     let (context, store) = env.data_and_store_mut();
     let _host = HostCall::enter(&context.signals)?;
     let Some(memory) = context.memory.clone() else {
-        return Ok(ERRNO_FAULT);
+        return Ok(no_memory);
     };
     let view = memory.view(&store);
     match f(context, &view) {

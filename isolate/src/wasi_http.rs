@@ -312,16 +312,7 @@ fn with_http(
     env: &mut FunctionEnvMut<WasiContext>,
     call: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, CallError>,
 ) -> Result<i32, HostCallInterrupted> {
-    let (context, store) = env.data_and_store_mut();
-    let _host = HostCall::enter(context.signals())?;
-    let Some(memory) = context.memory().cloned() else {
-        return Ok(MEMORY_NOT_FOUND);
-    };
-    let view = memory.view(&store);
-    match call(context, &view) {
-        Ok(code) | Err(CallError::Errno(code)) => Ok(code),
-        Err(CallError::Interrupted) => Err(HostCallInterrupted),
-    }
+    crate::wasi::with_guest_memory(env, MEMORY_NOT_FOUND, call)
 }
 
 /// Copies a guest input range; one outside memory is `BUFFER_TOO_SMALL`, as in the

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use atoll_core::kv::{self, KeyPage, KvEntry, KvError, KvWritten};
 use wasmer::{FunctionEnvMut, MemoryView};
 
-use crate::wasi::{CallError, HostCall, HostCallInterrupted, WasiContext};
+use crate::wasi::{CallError, HostCallInterrupted, WasiContext};
 use crate::wasi_http::{Waited, wait_on};
 
 /// The import module name.
@@ -228,16 +228,7 @@ fn with_kv(
     env: &mut FunctionEnvMut<WasiContext>,
     call: impl FnOnce(&mut WasiContext, &MemoryView) -> Result<i32, CallError>,
 ) -> Result<i32, HostCallInterrupted> {
-    let (context, store) = env.data_and_store_mut();
-    let _host = HostCall::enter(context.signals())?;
-    let Some(memory) = context.memory().cloned() else {
-        return Ok(MEMORY);
-    };
-    let view = memory.view(&store);
-    match call(context, &view) {
-        Ok(code) | Err(CallError::Errno(code)) => Ok(code),
-        Err(CallError::Interrupted) => Err(HostCallInterrupted),
-    }
+    crate::wasi::with_guest_memory(env, MEMORY, call)
 }
 
 pub(crate) fn open(
