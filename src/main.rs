@@ -5,6 +5,7 @@
 //! client.
 
 mod dns_cli;
+mod local_kv;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -737,6 +738,10 @@ async fn up(
         engine.clone(),
         atoll_registry::api::DEFAULT_MAX_MODULE_BYTES,
     )?;
+    // The node in this process calls the registry's KV store directly.
+    let local_kv = registry.kv().map(|store| {
+        Arc::new(local_kv::LocalKv(Arc::clone(store))) as Arc<dyn atoll_isolate::wasi_kv::KvBackend>
+    });
     let registry_listener = bind(registry_listen).await?;
     let registry_url = format!("http://{}", registry_listener.local_addr()?);
     println!("registry listening on {registry_url}");
@@ -760,6 +765,7 @@ async fn up(
     let mut options = atoll_router::NodeOptions::new(data.join("node"), registry_url.clone());
     options.token = Some(token.clone());
     options.name = default_node_name();
+    options.kv = local_kv;
     edge.apply(&mut options);
     let node_task = tokio::spawn(atoll_router::run(
         options,

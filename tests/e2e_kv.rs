@@ -235,3 +235,58 @@ fn the_todo_app_a_bff_over_a_service_binding_and_an_outbound_call() {
     });
     assert_eq!(origin.requests(), 1, "only the allowed call reached the origin");
 }
+
+#[test]
+fn atoll_up_serves_kv_from_its_own_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("up");
+    let mut up = Process::spawn(
+        "up",
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
+    up.wait_for_line("hello: http://", STARTUP);
+    let find = |prefix: &str| {
+        up.stdout_lines()
+            .into_iter()
+            .find_map(|line| line.strip_prefix(prefix).map(|rest| rest.trim().to_string()))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?}"))
+    };
+    let url = find("registry listening on ");
+    let addr = find("node listening on http://");
+    // Started with the tests' ATOLL_TOKEN, `up`'s registry takes that token.
+    let as_up = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--registry", &url]);
+        atoll(&all)
+    };
+    expect_success("push todo", &as_up(&["push", example("todo").to_str().unwrap()]));
+    served(&addr);
+    assert_eq!(post(&addr, "/todos", "water the plants").text(), "{\"id\":1}");
+    assert_eq!(
+        get(&addr, "todo.localhost", "/todos").text(),
+        "[{\"id\":1,\"title\":\"water the plants\"}]"
+    );
+    // The function wrote to the registry's store itself: the operator's CLI reads it.
+    assert_eq!(
+        expect_success("kv get", &as_up(&["kv", "get", "todo", "next-id"])),
+        "1"
+    );
+    expect_success(
+        "kv set",
+        &as_up(&["kv", "set", "todo", "items/000000000007", "from the cli"]),
+    );
+    assert_eq!(
+        get(&addr, "todo.localhost", "/todos/7").text(),
+        "{\"id\":7,\"title\":\"from the cli\"}"
+    );
+}

@@ -71,7 +71,7 @@ pub const MAX_OPERATIONS: u32 = 1000;
 pub type KvFuture<T> = Pin<Box<dyn Future<Output = Result<T, KvError>> + Send>>;
 
 /// Where a node's stores live: the node's side of `atoll_kv`.
-pub trait KvBackend: Send + Sync {
+pub trait KvBackend: Send + Sync + std::fmt::Debug {
     fn get(&self, store: &str, key: &str) -> KvFuture<Option<KvEntry>>;
     fn set(
         &self,

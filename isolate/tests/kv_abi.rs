@@ -15,7 +15,7 @@ use atoll_isolate::wasi_kv::{KvAccess, KvBackend, KvFuture, code};
 /// Keys to (value, revision), and the last revision given.
 type Entries = (BTreeMap<String, (Vec<u8>, u64)>, u64);
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct MemoryKv {
     entries: Mutex<Entries>,
 }

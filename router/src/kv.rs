@@ -11,6 +11,7 @@ use atoll_core::kv::{KeyPage, KvEntry, KvError, KvWritten};
 use atoll_isolate::wasi_kv::{KvBackend, KvFuture};
 
 /// KV through the registry's API.
+#[derive(Debug)]
 pub struct RegistryKv {
     client: RegistryClient,
 }
@@ -57,6 +58,7 @@ impl KvBackend for RegistryKv {
 }
 
 /// KV where the control plane has none yet (NATS).
+#[derive(Debug)]
 pub struct NoKv;
 
 impl NoKv {

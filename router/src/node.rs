@@ -69,6 +69,9 @@ pub struct NodeOptions {
     pub outbound_ca: Option<PathBuf>,
     /// `--outbound-internal`: whether hosts a manifest lists by name may be internal.
     pub outbound_internal: atoll_isolate::outbound::InternalPolicy,
+    /// Where functions' KV calls go when not through the registry's API: `atoll up` hands
+    /// the registry's own store to its node.
+    pub kv: Option<Arc<dyn atoll_isolate::wasi_kv::KvBackend>>,
 }
 
 impl NodeOptions {
@@ -95,6 +98,7 @@ impl NodeOptions {
             cluster_key: None,
             outbound_ca: None,
             outbound_internal: atoll_isolate::outbound::InternalPolicy::default(),
+            kv: None,
         }
     }
 }
@@ -307,9 +311,10 @@ pub async fn run(
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone())
         .with_outbound(outbound, services)
-        .with_kv(match options.nats_url {
-            Some(_) => Arc::new(crate::kv::NoKv),
-            None => Arc::new(crate::kv::RegistryKv::new(registry()?)),
+        .with_kv(match (&options.kv, &options.nats_url) {
+            (Some(kv), _) => Arc::clone(kv),
+            (None, Some(_)) => Arc::new(crate::kv::NoKv),
+            (None, None) => Arc::new(crate::kv::RegistryKv::new(registry()?)),
         });
     syncer.restore_from_disk().await?;
 
