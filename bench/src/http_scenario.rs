@@ -108,20 +108,7 @@ fn report(baseline: &WrkReport, atoll: &WrkReport, image: &WrkReport, load: &Loa
         ("atoll-16mib", image),
     ];
     if json {
-        for (scenario, result) in rows {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "http",
-                    "scenario": scenario,
-                    "connections": load.connections,
-                    "rps": result.requests_per_second.round(),
-                    "p50_us": result.p50.as_micros(),
-                    "p99_us": result.p99.as_micros(),
-                    "errors": result.errors,
-                })
-            );
-        }
+        wrk::print_json("http", load.connections, &rows);
         println!(
             "{}",
             serde_json::json!({"bench": "http", "ratio_rps": (ratio * 1000.0).round() / 1000.0})
@@ -134,20 +121,7 @@ fn report(baseline: &WrkReport, atoll: &WrkReport, image: &WrkReport, load: &Loa
         load.connections,
         load.duration.as_secs()
     );
-    println!(
-        "{:<14} {:>12} {:>10} {:>10} {:>7}",
-        "scenario", "req/s", "p50", "p99", "errors"
-    );
-    for (scenario, result) in rows {
-        println!(
-            "{:<14} {:>12.0} {:>10} {:>10} {:>7}",
-            scenario,
-            result.requests_per_second,
-            format!("{:?}", result.p50),
-            format!("{:?}", result.p99),
-            result.errors
-        );
-    }
+    wrk::print_table("scenario", &rows);
     println!("ratio atoll/hyper req/s: {ratio:.3}");
     println!("ratio atoll-16mib/atoll-hello p50: {image_ratio:.3}");
 }
@@ -299,7 +273,7 @@ pub async fn start_node(module: Vec<u8>, setup: NodeSetup) -> Result<AtollNode> 
 pub async fn wait_until_served(address: SocketAddr, host: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(status) = get_status(address, host).await
+        if let Ok(status) = get_status(address, host, "/").await
             && status == 200
         {
             return Ok(());
@@ -311,11 +285,12 @@ pub async fn wait_until_served(address: SocketAddr, host: &str) -> Result<()> {
     }
 }
 
-async fn get_status(address: SocketAddr, host: &str) -> Result<u16> {
+/// The status of one `GET path` on a fresh connection.
+pub async fn get_status(address: SocketAddr, host: &str, path: &str) -> Result<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await?;
     stream
-        .write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::http_scenario::{BENCH_TOKEN, NodeSetup, read_hello, start_node};
+use crate::http_scenario::{BENCH_TOKEN, NodeSetup, get_status, read_hello, start_node};
 use crate::latency::Summary;
 use crate::wrk::{self, Load, WrkReport};
 
@@ -118,9 +118,12 @@ pub fn run(args: KvArgs) -> Result<()> {
     })?;
     let http = node.http;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(status(http, "todo.localhost", "/todos/1") == 200
-        && status(http, "caller.localhost", "/?service=HELLO&path=/") == 200)
-    {
+    let served = |host: &str, path: &str| {
+        runtime
+            .block_on(get_status(http, host, path))
+            .is_ok_and(|status| status == 200)
+    };
+    while !(served("todo.localhost", "/todos/1") && served("caller.localhost", "/?service=HELLO&path=/")) {
         if Instant::now() > deadline {
             bail!("todo and caller were not served within 30 s");
         }
@@ -147,24 +150,6 @@ pub fn run(args: KvArgs) -> Result<()> {
     Ok(())
 }
 
-fn status(address: std::net::SocketAddr, host: &str, path: &str) -> u16 {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
-        return 0;
-    };
-    let _ = write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    );
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|status| status.parse().ok())
-        .unwrap_or(0)
-}
-
 fn report(args: &KvArgs, direct: [Summary; 4], hello: &WrkReport, kv_read: &WrkReport, service: &WrkReport) {
     let names = ["redb-set", "redb-get", "registry-api-set", "registry-api-get"];
     let rows = [
@@ -179,15 +164,7 @@ fn report(args: &KvArgs, direct: [Summary; 4], hello: &WrkReport, kv_read: &WrkR
                 serde_json::json!({"bench": "kv", "scenario": name, "p50_us": summary.p50_us, "p99_us": summary.p99_us})
             );
         }
-        for (name, result) in rows {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "kv", "scenario": name, "rps": result.requests_per_second.round(),
-                    "p50_us": result.p50.as_micros(), "p99_us": result.p99.as_micros(), "errors": result.errors,
-                })
-            );
-        }
+        wrk::print_json("kv", args.connections, &rows);
         return;
     }
     println!(
@@ -198,20 +175,7 @@ fn report(args: &KvArgs, direct: [Summary; 4], hello: &WrkReport, kv_read: &WrkR
     for (name, summary) in names.iter().zip(direct.iter()) {
         println!("{:<20} {:>8.1}µs {:>8.1}µs", name, summary.p50_us, summary.p99_us);
     }
-    println!(
-        "{:<20} {:>10} {:>10} {:>10} {:>7}",
-        "through the node", "req/s", "p50", "p99", "errors"
-    );
-    for (name, result) in rows {
-        println!(
-            "{:<20} {:>10.0} {:>10} {:>10} {:>7}",
-            name,
-            result.requests_per_second,
-            format!("{:?}", result.p50),
-            format!("{:?}", result.p99),
-            result.errors
-        );
-    }
+    wrk::print_table("through the node", &rows);
     println!(
         "ratio registry-api/redb p50: set {:.2}, get {:.2}",
         direct[2].p50_us / direct[0].p50_us,

@@ -205,20 +205,7 @@ fn report(
         ("origin-via-function", through),
     ];
     if json {
-        for (scenario, result) in rows {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "outbound",
-                    "scenario": scenario,
-                    "connections": load.connections,
-                    "rps": result.requests_per_second.round(),
-                    "p50_us": result.p50.as_micros(),
-                    "p99_us": result.p99.as_micros(),
-                    "errors": result.errors,
-                })
-            );
-        }
+        wrk::print_json("outbound", load.connections, &rows);
         println!(
             "{}",
             serde_json::json!({
@@ -239,20 +226,7 @@ fn report(
         load.connections,
         load.duration.as_secs()
     );
-    println!(
-        "{:<22} {:>12} {:>10} {:>10} {:>7}",
-        "scenario", "req/s", "p50", "p99", "errors"
-    );
-    for (scenario, result) in rows {
-        println!(
-            "{:<22} {:>12.0} {:>10} {:>10} {:>7}",
-            scenario,
-            result.requests_per_second,
-            format!("{:?}", result.p50),
-            format!("{:?}", result.p99),
-            result.errors
-        );
-    }
+    wrk::print_table("scenario", &rows);
     println!("ratio hello beside waiters / alone: p50 {p50_ratio:.3}, p99 {p99_ratio:.3} (aim: p50 <= 1.2)");
     println!("ratio origin via a function / direct req/s: {call_ratio:.3}");
 }

@@ -87,6 +87,48 @@ fn parse_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(seconds))
 }
 
+/// One JSON object per named result, for `--json`.
+pub fn print_json(bench: &str, connections: u32, rows: &[(&str, &WrkReport)]) {
+    for (scenario, result) in rows {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": bench,
+                "scenario": scenario,
+                "connections": connections,
+                "rps": result.requests_per_second.round(),
+                "p50_us": result.p50.as_micros(),
+                "p99_us": result.p99.as_micros(),
+                "errors": result.errors,
+            })
+        );
+    }
+}
+
+/// A table of named results under a header whose first column is `first`.
+pub fn print_table(first: &str, rows: &[(&str, &WrkReport)]) {
+    let width = rows
+        .iter()
+        .map(|(name, _)| name.len())
+        .chain([first.len()])
+        .max()
+        .unwrap_or(0)
+        + 2;
+    println!(
+        "{first:<width$} {:>12} {:>10} {:>10} {:>7}",
+        "req/s", "p50", "p99", "errors"
+    );
+    for (name, result) in rows {
+        println!(
+            "{name:<width$} {:>12.0} {:>10} {:>10} {:>7}",
+            result.requests_per_second,
+            format!("{:?}", result.p50),
+            format!("{:?}", result.p99),
+            result.errors
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
