@@ -5,7 +5,6 @@
 //! client.
 
 mod dns_cli;
-mod local_kv;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -739,9 +738,7 @@ async fn up(
         atoll_registry::api::DEFAULT_MAX_MODULE_BYTES,
     )?;
     // The node in this process calls the registry's KV store directly.
-    let local_kv = registry.kv().map(|store| {
-        Arc::new(local_kv::LocalKv(Arc::clone(store))) as Arc<dyn atoll_isolate::wasi_kv::KvBackend>
-    });
+    let local_kv = registry.kv();
     let registry_listener = bind(registry_listen).await?;
     let registry_url = format!("http://{}", registry_listener.local_addr()?);
     println!("registry listening on {registry_url}");

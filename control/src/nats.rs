@@ -69,6 +69,7 @@ pub struct NatsStore {
 
 struct Inner {
     url: String,
+    client: async_nats::Client,
     js: jetstream::Context,
     functions: kv::Store,
     modules: object_store::ObjectStore,
@@ -239,7 +240,7 @@ impl NatsStore {
             .map_err(|e| {
                 nats_error(format!("connecting to NATS at {}", redact_credentials(url)))(boxed(e))
             })?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let functions = open_kv(&js).await?;
         let modules = open_object_store(&js).await?;
         let nodes = open_nodes_kv(&js).await?;
@@ -253,6 +254,7 @@ impl NatsStore {
         let store = NatsStore {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
+                client,
                 js,
                 functions,
                 modules,
@@ -270,6 +272,16 @@ impl NatsStore {
             changed
         });
         Ok(store)
+    }
+
+    /// The JetStream context, for the functions' key-value stores ([`crate::nats_kv`]).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// The connection under it (its state, the server's limits).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
     }
 
     /// Records a node's heartbeat in [`NODES_BUCKET`], where every registry (and `atoll

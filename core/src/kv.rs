@@ -9,6 +9,9 @@
 //! a revision from one counter per store, strictly increasing, so compare-and-set is by
 //! revision (0: the key must not exist).
 
+use std::future::Future;
+use std::pin::Pin;
+
 use serde::{Deserialize, Serialize};
 
 /// Longest key, in bytes.
@@ -64,6 +67,33 @@ pub struct KvWritten {
     pub revision: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<i64>,
+}
+
+/// What a key-value call returns: boxed, so every backend fits one trait object.
+pub type KvFuture<T> = Pin<Box<dyn Future<Output = Result<T, KvError>> + Send>>;
+
+/// Where stores live: the embedded store, NATS JetStream, or a registry's API. The guest
+/// import on a node and the registry's `/v1/kv` API both call through it, so every
+/// backend keeps the same rules (checked names, keys and values; revisions per store;
+/// compare-and-set with 0 meaning "absent"; expired keys invisible).
+pub trait KvBackend: Send + Sync + std::fmt::Debug {
+    fn get(&self, store: &str, key: &str) -> KvFuture<Option<KvEntry>>;
+    /// Writes `value`; `ttl` in seconds (none: never expires); `if_revision` makes it a
+    /// compare-and-set (0: the key must not exist).
+    fn set(
+        &self,
+        store: &str,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<u64>,
+        if_revision: Option<u64>,
+    ) -> KvFuture<KvWritten>;
+    /// Adds `delta` to a decimal integer (absent: 0), keeping the key's expiry.
+    fn increment(&self, store: &str, key: &str, delta: i64) -> KvFuture<KvWritten>;
+    /// Deletes the key; whether it existed.
+    fn delete(&self, store: &str, key: &str) -> KvFuture<bool>;
+    /// Keys starting with `prefix`, in byte order, after `after`, at most `limit`.
+    fn list(&self, store: &str, prefix: &str, after: Option<&str>, limit: usize) -> KvFuture<KeyPage>;
 }
 
 /// Checks a store name: the rules of function names.

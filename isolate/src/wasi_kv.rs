@@ -22,12 +22,10 @@
 //! request. The backend is the node's (through the registry, see `router::kv`); a call
 //! blocks the guest's thread like an outbound call, under the run's deadline.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoll_core::kv::{self, KeyPage, KvEntry, KvError, KvWritten};
+use atoll_core::kv::{self, KvError};
 use wasmer::{FunctionEnvMut, MemoryView};
 
 use crate::wasi::{CallError, HostCallInterrupted, WasiContext};
@@ -68,23 +66,7 @@ use code::*;
 /// Calls per request at most.
 pub const MAX_OPERATIONS: u32 = 1000;
 
-pub type KvFuture<T> = Pin<Box<dyn Future<Output = Result<T, KvError>> + Send>>;
-
-/// Where a node's stores live: the node's side of `atoll_kv`.
-pub trait KvBackend: Send + Sync + std::fmt::Debug {
-    fn get(&self, store: &str, key: &str) -> KvFuture<Option<KvEntry>>;
-    fn set(
-        &self,
-        store: &str,
-        key: &str,
-        value: Vec<u8>,
-        ttl: Option<u64>,
-        if_revision: Option<u64>,
-    ) -> KvFuture<KvWritten>;
-    fn increment(&self, store: &str, key: &str, delta: i64) -> KvFuture<KvWritten>;
-    fn delete(&self, store: &str, key: &str) -> KvFuture<bool>;
-    fn list(&self, store: &str, prefix: &str, after: Option<&str>, limit: usize) -> KvFuture<KeyPage>;
-}
+pub use atoll_core::kv::{KvBackend, KvFuture};
 
 /// What one function may do with key-value stores. Shared by all its runs.
 pub struct KvAccess {

@@ -29,8 +29,8 @@
 //! DELETE /v1/kv/{store}/{key}            admin deploy node 204, or 404
 //! ```
 //!
-//! KV is served on the embedded store only (`kv.rs`, beside the functions' state); a
-//! registry on NATS answers 503 there for now. A deploy token reaches the stores its
+//! KV is served from the registry's store: the embedded one (`kv.rs`, beside the functions'
+//! state), or one NATS bucket per store (`atoll_control::nats_kv`). A deploy token reaches the stores its
 //! function patterns cover; a node token every store (nodes act for their functions).
 //!
 //! [`required_scopes`] is that column: checked for every request before its handler runs,
@@ -123,8 +123,17 @@ pub struct Registry {
     check: Arc<dyn ModuleCheck>,
     token: String,
     options: RegistryOptions,
-    /// Functions' key-value stores (embedded store only).
-    kv: Option<Arc<crate::kv::KvStore>>,
+    /// Functions' key-value stores: the embedded store's, or NATS buckets.
+    kv: Option<Arc<dyn atoll_core::kv::KvBackend>>,
+    /// What removes expired keys in the background.
+    kv_sweep: Option<KvSweep>,
+}
+
+/// The store whose expired keys the registry sweeps.
+#[derive(Clone)]
+enum KvSweep {
+    Embedded(Arc<crate::kv::KvStore>),
+    Nats(atoll_control::nats_kv::NatsKv),
 }
 
 impl std::fmt::Debug for Registry {
@@ -210,13 +219,16 @@ impl Registry {
         })?;
         let mut registry =
             Registry::with_backend(Backend::Embedded(Store::open(data_dir)?), check, token, options);
-        registry.kv = Some(Arc::new(kv));
+        let kv = Arc::new(kv);
+        registry.kv = Some(Arc::new(crate::kv::EmbeddedKv(Arc::clone(&kv))));
+        registry.kv_sweep = Some(KvSweep::Embedded(kv));
         Ok(registry)
     }
 
-    /// The key-value stores, where this registry has them.
-    pub fn kv(&self) -> Option<&Arc<crate::kv::KvStore>> {
-        self.kv.as_ref()
+    /// The key-value stores, where this registry has them (a node in the same process
+    /// calls them directly).
+    pub fn kv(&self) -> Option<Arc<dyn atoll_core::kv::KvBackend>> {
+        self.kv.clone()
     }
 
     /// Assembles the service on an opened store (embedded or NATS).
@@ -226,12 +238,24 @@ impl Registry {
         token: String,
         options: RegistryOptions,
     ) -> Registry {
+        // On NATS the stores are buckets beside the functions' (no cache: the registry
+        // answers operators, who expect to read what was just written anywhere).
+        let nats_kv = match &store {
+            Backend::Nats(nats) => Some(atoll_control::nats_kv::NatsKv::new(
+                Arc::new(atoll_control::LazyNatsStore::connected(nats.clone())),
+                None,
+            )),
+            Backend::Embedded(_) => None,
+        };
         Registry {
             store,
             check,
             token,
             options,
-            kv: None,
+            kv: nats_kv
+                .clone()
+                .map(|kv| Arc::new(kv) as Arc<dyn atoll_core::kv::KvBackend>),
+            kv_sweep: nats_kv.map(KvSweep::Nats),
         }
     }
 
@@ -412,7 +436,7 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (stop, stopped) = watch::channel(false);
-    if let Some(kv) = state.kv().cloned() {
+    if let Some(kv) = state.kv_sweep.clone() {
         tokio::spawn(sweep_expired(kv, stopped.clone()));
     }
     let app = router(state, stopped);
@@ -928,30 +952,41 @@ mod tests {
 const KV_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 const KV_SWEEP_BATCH: usize = 10_000;
 
-async fn sweep_expired(kv: Arc<crate::kv::KvStore>, mut stopped: watch::Receiver<bool>) {
+async fn sweep_expired(kv: KvSweep, mut stopped: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = stopped.changed() => return,
             () = tokio::time::sleep(KV_SWEEP_INTERVAL) => {}
         }
-        // Batch after batch while there is a backlog, each its own transaction.
-        loop {
-            let kv = Arc::clone(&kv);
-            match tokio::task::spawn_blocking(move || kv.sweep(KV_SWEEP_BATCH)).await {
-                Ok(Ok(removed)) if removed == KV_SWEEP_BATCH => {
-                    tracing::debug!(removed, "expired KV entries removed; more to go");
-                }
-                Ok(Ok(0)) => break,
-                Ok(Ok(removed)) => {
-                    tracing::debug!(removed, "expired KV entries removed");
-                    break;
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "sweeping expired KV entries failed");
-                    break;
-                }
-                Err(_) => break,
+        match &kv {
+            KvSweep::Embedded(kv) => sweep_embedded(kv).await,
+            KvSweep::Nats(kv) => match kv.sweep_expired().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::debug!(removed, "expired KV entries removed"),
+                Err(error) => tracing::warn!(%error, "sweeping expired KV entries failed"),
+            },
+        }
+    }
+}
+
+async fn sweep_embedded(kv: &Arc<crate::kv::KvStore>) {
+    // Batch after batch while there is a backlog, each its own transaction.
+    loop {
+        let kv = Arc::clone(kv);
+        match tokio::task::spawn_blocking(move || kv.sweep(KV_SWEEP_BATCH)).await {
+            Ok(Ok(removed)) if removed == KV_SWEEP_BATCH => {
+                tracing::debug!(removed, "expired KV entries removed; more to go");
             }
+            Ok(Ok(0)) => break,
+            Ok(Ok(removed)) => {
+                tracing::debug!(removed, "expired KV entries removed");
+                break;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "sweeping expired KV entries failed");
+                break;
+            }
+            Err(_) => break,
         }
     }
 }
@@ -975,7 +1010,11 @@ impl From<atoll_core::kv::KvError> for ApiError {
 }
 
 /// The registry's KV stores, if the caller may use `store`.
-fn kv_for(app: &AppState, caller: &Caller, store: &str) -> Result<Arc<crate::kv::KvStore>, ApiError> {
+fn kv_for(
+    app: &AppState,
+    caller: &Caller,
+    store: &str,
+) -> Result<Arc<dyn atoll_core::kv::KvBackend>, ApiError> {
     atoll_core::kv::check_store_name(store)?;
     if caller.scope() == Scope::Deploy && !caller.may_manage(store) {
         return Err(ApiError::new(
@@ -986,19 +1025,9 @@ fn kv_for(app: &AppState, caller: &Caller, store: &str) -> Result<Arc<crate::kv:
     app.registry.kv.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "key-value stores are served by a registry on the embedded store; this one is on NATS",
+            "this registry has no key-value stores",
         )
     })
-}
-
-/// Runs a KV call on a blocking thread (redb fsyncs on commit).
-async fn kv_blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, atoll_core::kv::KvError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the KV call panicked"))?
-        .map_err(ApiError::from)
 }
 
 #[derive(serde::Deserialize)]
@@ -1019,7 +1048,7 @@ async fn kv_list(
         query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
     let kv = kv_for(&app, &caller, &store)?;
     let limit = query.limit.unwrap_or(atoll_core::kv::MAX_LIST_KEYS);
-    let page = kv_blocking(move || kv.list(&store, &query.prefix, query.cursor.as_deref(), limit)).await?;
+    let page = kv.list(&store, &query.prefix, query.cursor.as_deref(), limit).await?;
     Ok(axum::Json(page))
 }
 
@@ -1032,7 +1061,8 @@ async fn kv_get(
     UrlPath((store, key)): UrlPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let kv = kv_for(&app, &caller, &store)?;
-    let entry = kv_blocking(move || kv.get(&store, &key))
+    let entry = kv
+        .get(&store, &key)
         .await?
         .ok_or_else(|| ApiError::from(atoll_core::kv::KvError::NotFound))?;
     let mut response = Response::new(Body::from(entry.value));
@@ -1062,11 +1092,9 @@ async fn kv_put(
     let Query(query) =
         query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
     let kv = kv_for(&app, &caller, &store)?;
-    let condition = match query.if_revision {
-        Some(revision) => crate::kv::Condition::Revision(revision),
-        None => crate::kv::Condition::Always,
-    };
-    let written = kv_blocking(move || kv.set(&store, &key, &value, query.ttl, condition)).await?;
+    let written = kv
+        .set(&store, &key, value.to_vec(), query.ttl, query.if_revision)
+        .await?;
     Ok(axum::Json(written))
 }
 
@@ -1084,7 +1112,7 @@ async fn kv_increment(
     let Query(query) =
         query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
     let kv = kv_for(&app, &caller, &store)?;
-    let written = kv_blocking(move || kv.increment(&store, &key, query.increment)).await?;
+    let written = kv.increment(&store, &key, query.increment).await?;
     Ok(axum::Json(written))
 }
 
@@ -1094,7 +1122,7 @@ async fn kv_delete(
     UrlPath((store, key)): UrlPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let kv = kv_for(&app, &caller, &store)?;
-    if kv_blocking(move || kv.delete(&store, &key)).await? {
+    if kv.delete(&store, &key).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(atoll_core::kv::KvError::NotFound.into())

@@ -3,12 +3,12 @@
 //! Following a registry, every call goes to the registry's embedded store over its API
 //! (`/v1/kv`), with no cache on the node: reads see every write the registry has
 //! acknowledged, from any node — read-your-writes and monotonic reads everywhere, at the
-//! price of a round trip per call. Following NATS, KV is not built yet: calls answer
-//! `UNAVAILABLE` with a line in the function's log.
+//! price of a round trip per call. Following NATS, the stores are NATS buckets
+//! (`atoll_control::nats_kv`) with a node-local cache.
 
 use atoll_control::RegistryClient;
-use atoll_core::kv::{KeyPage, KvEntry, KvError, KvWritten};
-use atoll_isolate::wasi_kv::{KvBackend, KvFuture};
+use atoll_core::kv::{KeyPage, KvEntry, KvWritten};
+use atoll_core::kv::{KvBackend, KvFuture};
 
 /// KV through the registry's API.
 #[derive(Debug)]
@@ -54,41 +54,5 @@ impl KvBackend for RegistryKv {
         let (client, store, prefix) = (self.client.clone(), store.to_string(), prefix.to_string());
         let after = after.map(str::to_string);
         Box::pin(async move { client.kv_list(&store, &prefix, after.as_deref(), limit).await })
-    }
-}
-
-/// KV where the control plane has none yet (NATS).
-#[derive(Debug)]
-pub struct NoKv;
-
-impl NoKv {
-    fn refuse<T: Send + 'static>() -> KvFuture<T> {
-        Box::pin(async {
-            Err(KvError::Unavailable(
-                "key-value stores on a NATS control plane are not built yet".into(),
-            ))
-        })
-    }
-}
-
-impl KvBackend for NoKv {
-    fn get(&self, _: &str, _: &str) -> KvFuture<Option<KvEntry>> {
-        NoKv::refuse()
-    }
-
-    fn set(&self, _: &str, _: &str, _: Vec<u8>, _: Option<u64>, _: Option<u64>) -> KvFuture<KvWritten> {
-        NoKv::refuse()
-    }
-
-    fn increment(&self, _: &str, _: &str, _: i64) -> KvFuture<KvWritten> {
-        NoKv::refuse()
-    }
-
-    fn delete(&self, _: &str, _: &str) -> KvFuture<bool> {
-        NoKv::refuse()
-    }
-
-    fn list(&self, _: &str, _: &str, _: Option<&str>, _: usize) -> KvFuture<KeyPage> {
-        NoKv::refuse()
     }
 }

@@ -311,10 +311,14 @@ pub async fn run(
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone())
         .with_outbound(outbound, services)
-        .with_kv(match (&options.kv, &options.nats_url) {
+        .with_kv(match (&options.kv, control.as_ref()) {
             (Some(kv), _) => Arc::clone(kv),
-            (None, Some(_)) => Arc::new(crate::kv::NoKv),
-            (None, None) => Arc::new(crate::kv::RegistryKv::new(registry()?)),
+            // The stores are NATS buckets, read through a cache the buckets' watches keep.
+            (None, ControlPlane::Nats(nats)) => Arc::new(atoll_control::nats_kv::NatsKv::new(
+                Arc::clone(nats),
+                Some(atoll_control::nats_kv::DEFAULT_CACHE_BYTES),
+            )),
+            (None, ControlPlane::Registry(_)) => Arc::new(crate::kv::RegistryKv::new(registry()?)),
         });
     syncer.restore_from_disk().await?;
 
