@@ -3,10 +3,15 @@
 //! 1. KV latency, one call at a time: the bare redb store (`KvStore` in this process), the
 //!    registry's `/v1/kv` API (what a node's call costs), and a request whose function
 //!    reads one key (`todo`'s `GET /todos/1`) beside hello through the same node.
-//! 2. A service call: the `outbound` example calling `hello` through `[services]`
+//! 2. KV on NATS JetStream, one call at a time: a bare async-nats KV client beside Atoll's
+//!    NATS store without a cache (what the registry uses) and with one (what a node uses;
+//!    reads of a key it has seen come from memory). Needs `nats-server` on the PATH; the row
+//!    is skipped, saying so, without it.
+//! 3. A service call: the `outbound` example calling `hello` through `[services]`
 //!    (in-process) beside hello requested directly.
 //!
-//! Everything runs in this process on loopback: a registry on the embedded store and a node.
+//! Everything runs on loopback: a registry on the embedded store and a node in this
+//! process, and a `nats-server -js` child.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -81,6 +86,9 @@ pub fn run(args: KvArgs) -> Result<()> {
         Ok(())
     })?;
 
+    // 2. NATS: bare client, Atoll's store uncached and cached.
+    let nats = runtime.block_on(nats_rows(args.calls, &value))?;
+
     // 1b. The registry's API, as a node calls it.
     let node = runtime.block_on(start_node(
         read_hello(None)?,
@@ -137,21 +145,143 @@ pub fn run(args: KvArgs) -> Result<()> {
     wrk::run(&url("/"), "hello.localhost", &warmup)?;
     let hello = wrk::run(&url("/"), "hello.localhost", &load)?;
     let kv_read = wrk::run(&url("/todos/1"), "todo.localhost", &load)?;
-    // 2. A service call beside the direct request.
+    // 3. A service call beside the direct request.
     let service = wrk::run(&url("/?service=HELLO&path=/"), "caller.localhost", &load)?;
     report(
         &args,
         [bare_set, bare_get, api_set, api_get],
+        nats.as_ref(),
         &hello,
         &kv_read,
         &service,
     );
+    // Requests wrk abandoned at its end may still be in service calls: let them finish
+    // before their runtime goes away.
+    std::thread::sleep(Duration::from_millis(500));
     drop(runtime);
     Ok(())
 }
 
-fn report(args: &KvArgs, direct: [Summary; 4], hello: &WrkReport, kv_read: &WrkReport, service: &WrkReport) {
-    let names = ["redb-set", "redb-get", "registry-api-set", "registry-api-get"];
+/// Names of the NATS rows, in [`nats_rows`]' order.
+const NATS_ROWS: [&str; 5] = [
+    "nats-bare-put",
+    "nats-bare-get",
+    "nats-atoll-set",
+    "nats-atoll-get",
+    "nats-atoll-get-cached",
+];
+
+/// The NATS rows, or `None` when nats-server is not installed.
+async fn nats_rows(calls: usize, value: &[u8]) -> Result<Option<[Summary; 5]>> {
+    use atoll_control::nats_kv::{DEFAULT_CACHE_BYTES, NatsKv};
+    use atoll_core::kv::KvBackend;
+    use std::sync::Arc;
+
+    if std::process::Command::new("nats-server").arg("--version").output().is_err() {
+        eprintln!("kv: nats-server is not installed; the NATS rows are skipped");
+        return Ok(None);
+    }
+    let server = atoll_testkit::NatsServer::start();
+    let client = async_nats::connect(&server.url).await?;
+    let js = async_nats::jetstream::new(client);
+    let bare = js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "bare".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await?;
+    let bytes = bytes::Bytes::from(value.to_vec());
+    async fn timed_async<F: std::future::Future<Output = Result<()>>>(
+        calls: usize,
+        mut call: impl FnMut(usize) -> F,
+    ) -> Result<Summary> {
+        let mut samples = Vec::with_capacity(calls);
+        for index in 0..calls {
+            let started = Instant::now();
+            call(index).await?;
+            samples.push(started.elapsed());
+        }
+        Ok(Summary::of(samples))
+    }
+    let key = |index: usize| format!("k{}", index % 100);
+    let bare_put = timed_async(calls, |index| {
+        let (bare, bytes) = (bare.clone(), bytes.clone());
+        async move {
+            bare.put(key(index), bytes).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let bare_get = timed_async(calls, |index| {
+        let bare = bare.clone();
+        async move {
+            bare.get(key(index)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let connect = || Arc::new(atoll_control::LazyNatsStore::new(server.url.clone()));
+    let uncached = NatsKv::new(connect(), None);
+    let cached = NatsKv::new(connect(), Some(DEFAULT_CACHE_BYTES));
+    let atoll_set = timed_async(calls, |index| {
+        let (kv, value) = (uncached.clone(), value.to_vec());
+        async move {
+            kv.set("bench", &key(index), value, None, None).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let atoll_get = timed_async(calls, |index| {
+        let kv = uncached.clone();
+        async move {
+            kv.get("bench", &key(index)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    // Warm the cache: until its watch runs, reads skip it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cached.cache_hits() < 100 {
+        if Instant::now() > deadline {
+            bail!("the NATS KV cache never answered");
+        }
+        for index in 0..100 {
+            cached.get("bench", &key(index)).await?;
+        }
+    }
+    let hits = cached.cache_hits();
+    let cached_get = timed_async(calls, |index| {
+        let kv = cached.clone();
+        async move {
+            kv.get("bench", &key(index)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    if cached.cache_hits() - hits < calls as u64 {
+        eprintln!(
+            "kv: only {} of {calls} cached reads came from the cache",
+            cached.cache_hits() - hits
+        );
+    }
+    Ok(Some([bare_put, bare_get, atoll_set, atoll_get, cached_get]))
+}
+
+fn report(
+    args: &KvArgs,
+    direct: [Summary; 4],
+    nats: Option<&[Summary; 5]>,
+    hello: &WrkReport,
+    kv_read: &WrkReport,
+    service: &WrkReport,
+) {
+    let mut names = vec!["redb-set", "redb-get", "registry-api-set", "registry-api-get"];
+    let mut direct = direct.to_vec();
+    if let Some(nats) = nats {
+        names.extend(NATS_ROWS);
+        direct.extend(nats.iter().cloned());
+    }
     let rows = [
         ("hello", hello),
         ("function-kv-read", kv_read),
@@ -181,6 +311,14 @@ fn report(args: &KvArgs, direct: [Summary; 4], hello: &WrkReport, kv_read: &WrkR
         direct[2].p50_us / direct[0].p50_us,
         direct[3].p50_us / direct[1].p50_us
     );
+    if let Some(nats) = nats {
+        println!(
+            "ratio atoll/bare NATS p50: set {:.2}, get {:.2}, cached get {:.3}",
+            nats[2].p50_us / nats[0].p50_us,
+            nats[3].p50_us / nats[1].p50_us,
+            nats[4].p50_us / nats[1].p50_us
+        );
+    }
     println!(
         "ratio function-kv-read/hello req/s: {:.3}; service-call/hello req/s: {:.3}",
         kv_read.requests_per_second / hello.requests_per_second,

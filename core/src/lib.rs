@@ -23,6 +23,7 @@ pub mod digest;
 pub mod durable;
 pub mod error;
 pub mod host;
+pub mod cron;
 pub mod kv;
 pub mod manifest;
 pub mod membership;

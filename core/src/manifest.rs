@@ -31,6 +31,9 @@
 //! stores = ["todo"]      # store names, like function names; at most 16
 //! [services]             # optional; functions this one calls in-process (service bindings)
 //! AUTH = "auth"          # the guest sees ATOLL_SERVICE_AUTH=http://auth.atoll.internal
+//! [[cron]]               # optional, at most 8; scheduled runs (see crate::cron)
+//! schedule = "*/5 * * * *"  # cron pattern in UTC; 5 fields, or 6 with seconds first
+//! path = "/tasks/cleanup"   # requested as a GET with X_ATOLL_TRIGGER=cron
 //! ```
 //!
 //! The same struct travels as JSON from the registry to nodes, so it is `Serialize` too.
@@ -88,6 +91,18 @@ pub struct Manifest {
     /// Key-value stores granted. Default: none.
     #[serde(default, skip_serializing_if = "Kv::is_default")]
     pub kv: Kv,
+    /// Scheduled runs. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cron: Vec<CronEntry>,
+}
+
+/// One `[[cron]]` entry: a GET of `path` at every tick of `schedule`, on one node of the
+/// cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CronEntry {
+    pub schedule: String,
+    pub path: String,
 }
 
 /// `[kv]`: the key-value stores a function may use.
@@ -484,6 +499,21 @@ impl Manifest {
         self.scale.validate().map_err(ManifestError::Invalid)?;
         self.outbound.validate().map_err(ManifestError::Invalid)?;
         self.kv.validate().map_err(ManifestError::Invalid)?;
+        if self.cron.len() > crate::cron::MAX_ENTRIES {
+            return Err(ManifestError::Invalid(format!(
+                "cron has {} entries; at most {} are allowed",
+                self.cron.len(),
+                crate::cron::MAX_ENTRIES
+            )));
+        }
+        for (index, entry) in self.cron.iter().enumerate() {
+            entry
+                .schedule
+                .parse::<crate::cron::Schedule>()
+                .map(drop)
+                .and_then(|()| crate::cron::check_path(&entry.path))
+                .map_err(|reason| ManifestError::Invalid(format!("cron[{index}]: {reason}")))?;
+        }
         if self.services.len() > MAX_SERVICES {
             return Err(ManifestError::Invalid(format!(
                 "services has {} bindings; at most {MAX_SERVICES} are allowed",
@@ -950,6 +980,26 @@ timeout = "10s"
         assert!(
             error(&format!("{base}[services]\nAUTH = \"Auth!\"\n")).contains("services.AUTH: function name")
         );
+    }
+
+    #[test]
+    fn cron_entries_are_checked() {
+        let base = "name = \"t\"\nwasm = \"t.wasm\"\nroutes = [\"t.localhost\"]\n";
+        let manifest = Manifest::parse(&format!(
+            "{base}[[cron]]\nschedule = \"*/5 * * * *\"\npath = \"/tasks/x\"\n"
+        ))
+        .unwrap();
+        assert_eq!(manifest.cron[0].path, "/tasks/x");
+        assert!(
+            error(&format!("{base}[[cron]]\nschedule = \"61 * * * *\"\npath = \"/x\"\n"))
+                .contains("cron[0]: schedule \"61 * * * *\" is not a cron pattern")
+        );
+        assert!(
+            error(&format!("{base}[[cron]]\nschedule = \"* * * * *\"\npath = \"x\"\n"))
+                .contains("cron[0]: path \"x\" must start with /")
+        );
+        let nine = "[[cron]]\nschedule = \"* * * * *\"\npath = \"/x\"\n".repeat(9);
+        assert!(error(&format!("{base}{nine}")).contains("at most 8"));
     }
 
     #[test]
