@@ -182,6 +182,12 @@ enum Command {
         #[command(subcommand)]
         command: KvCommand,
     },
+    /// A function's last scheduled runs (`[[cron]]`): tick, node, outcome, newest first.
+    Cron {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -655,6 +661,36 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Token { command } => token_command(command).await,
         Command::Kv { command } => kv_command(command).await,
+        Command::Cron { name, client } => {
+            let runs = client.client()?.cron_runs(&name).await?;
+            if runs.is_empty() {
+                println!("no runs of {name} yet");
+                return Ok(());
+            }
+            println!(
+                "{:<22} {:>5} {:<24} {:<16} {:<9} {:>9}",
+                "TICK (UTC)", "ENTRY", "PATH", "NODE", "OUTCOME", "DURATION"
+            );
+            for run in runs {
+                let tick =
+                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(run.tick));
+                let outcome = match run.outcome {
+                    atoll_core::cron::Outcome::Running => "running".to_string(),
+                    atoll_core::cron::Outcome::Status(status) => status.to_string(),
+                };
+                let duration = run.duration_ms.map_or_else(String::new, |ms| format!("{ms}ms"));
+                println!(
+                    "{:<22} {:>5} {:<24} {:<16} {:<9} {:>9}",
+                    tick.to_string(),
+                    run.entry,
+                    run.path,
+                    run.node,
+                    outcome,
+                    duration
+                );
+            }
+            Ok(())
+        }
         Command::Rollback { name, to, client } => {
             let to = to.as_deref().map(parse_version).transpose()?;
             let rolled = client.client()?.rollback(&name, to).await?;

@@ -12,40 +12,7 @@ use support::*;
 
 /// `atoll node NAME` following `registry_url`; the process and its HTTP address.
 fn node(registry_url: &str, name: &str, data: &Path) -> (Process, String) {
-    node_following(&["--registry", registry_url], name, data)
-}
-
-/// `atoll node NAME` following `control` (`--registry URL` or `--store nats://…`).
-fn node_following(control: &[&str; 2], name: &str, data: &Path) -> (Process, String) {
-    let data = data.to_str().unwrap();
-    let mut process = Process::spawn(
-        name,
-        &[
-            "node",
-            control[0],
-            control[1],
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data",
-            data,
-            "--name",
-            name,
-            "--region",
-            "test",
-        ],
-    );
-    process.wait_for_line("admin listening on http://", STARTUP);
-    let http = process
-        .stdout_lines()
-        .into_iter()
-        .find_map(|line| {
-            line.strip_prefix("node listening on http://")
-                .map(|s| s.trim().to_string())
-        })
-        .expect("an HTTP listener");
-    (process, http)
+    start_named_node(&["--registry", registry_url], name, data)
 }
 
 fn post(addr: &str, path: &str, body: &str) -> Response {
@@ -150,8 +117,8 @@ fn on_nats_two_nodes_share_a_store_through_their_caches_and_lose_no_increment() 
     let (_registry, url) = start_nats_registry("registry", &nats);
     let dir = tempfile::tempdir().unwrap();
     let control = ["--store", nats.url.as_str()];
-    let (_a, a) = node_following(&control, "a", &dir.path().join("a"));
-    let (_b, b) = node_following(&control, "b", &dir.path().join("b"));
+    let (_a, a) = start_named_node(&control, "a", &dir.path().join("a"));
+    let (_b, b) = start_named_node(&control, "b", &dir.path().join("b"));
     push_ok(&url, &example("todo"));
     served(&a);
     served(&b);
@@ -163,21 +130,37 @@ fn on_nats_two_nodes_share_a_store_through_their_caches_and_lose_no_increment() 
     }
     let created = post(&a, "/todos", "buy milk");
     assert_eq!(created.status, 201, "{}", created.text());
-    assert_eq!(get(&a, "todo.localhost", "/todos/1").status, 200, "read-your-writes on a");
+    assert_eq!(
+        get(&a, "todo.localhost", "/todos/1").status,
+        200,
+        "read-your-writes on a"
+    );
     let seen = until_answer(&b, "/todos/1", 200, Some("{\"id\":1,\"title\":\"buy milk\"}"));
     println!("b saw a's write after {seen:?}");
 
     // The operator writes through the registry (on NATS too); both nodes follow.
     expect_success(
         "kv set",
-        &atoll(&["kv", "set", "todo", "items/000000000001", "oat milk", "--registry", &url]),
+        &atoll(&[
+            "kv",
+            "set",
+            "todo",
+            "items/000000000001",
+            "oat milk",
+            "--registry",
+            &url,
+        ]),
     );
     for node in [&a, &b] {
         until_answer(node, "/todos/1", 200, Some("{\"id\":1,\"title\":\"oat milk\"}"));
     }
     let deleted = http_request(&b, "DELETE", "todo.localhost", "/todos/1", &[], b"").unwrap();
     assert_eq!(deleted.status, 204);
-    assert_eq!(get(&b, "todo.localhost", "/todos/1").status, 404, "read-your-writes on b");
+    assert_eq!(
+        get(&b, "todo.localhost", "/todos/1").status,
+        404,
+        "read-your-writes on b"
+    );
     until_answer(&a, "/todos/1", 404, None);
 
     let writers: Vec<_> = (0..20)
@@ -312,7 +295,11 @@ fn the_todo_app_a_bff_over_a_service_binding_and_an_outbound_call() {
         let fallback = get(&addr, "todos.localhost", "/api/quote");
         assert!(fallback.text().contains("Atoll"), "{}", fallback.text());
     }
-    assert_eq!(origin.requests(), reached, "a call not allowed never reaches the origin");
+    assert_eq!(
+        origin.requests(),
+        reached,
+        "a call not allowed never reaches the origin"
+    );
 }
 
 #[test]

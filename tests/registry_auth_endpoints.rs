@@ -37,6 +37,9 @@ const ENDPOINTS: &[(&str, &str, &str)] = &[
     ("POST", "/v1/tokens", "/v1/tokens"),
     ("GET", "/v1/tokens", "/v1/tokens"),
     ("DELETE", "/v1/tokens/{id}", "/v1/tokens/TOKEN_ID"),
+    ("GET", "/v1/cron/{name}", "/v1/cron/echo"),
+    ("POST", "/v1/cron/{name}", "/v1/cron/echo"),
+    ("PUT", "/v1/cron/{name}", "/v1/cron/echo"),
     ("GET", "/v1/kv/{store}", "/v1/kv/todo"),
     ("GET", "/v1/kv/{store}/{key}", "/v1/kv/todo/k"),
     ("PUT", "/v1/kv/{store}/{key}", "/v1/kv/todo/k"),
@@ -129,6 +132,7 @@ struct Snapshot {
     revision: u64,
     blobs: usize,
     tokens: Vec<String>,
+    cron_runs: usize,
 }
 
 async fn snapshot(client: &RegistryClient, data: &std::path::Path) -> Snapshot {
@@ -167,6 +171,7 @@ async fn snapshot(client: &RegistryClient, data: &std::path::Path) -> Snapshot {
     };
     let blobs = std::fs::read_dir(data.join("blobs/sha256")).unwrap().count();
     let tokens = client.tokens().await.unwrap().into_iter().map(|t| t.id).collect();
+    let cron_runs = client.cron_runs("echo").await.unwrap().len();
     Snapshot {
         functions,
         versions,
@@ -174,6 +179,7 @@ async fn snapshot(client: &RegistryClient, data: &std::path::Path) -> Snapshot {
         revision,
         blobs,
         tokens,
+        cron_runs,
     }
 }
 
@@ -256,6 +262,17 @@ async fn every_v1_endpoint_needs_the_token_and_changes_nothing_without_it() {
                         .part("module", reqwest::multipart::Part::bytes(module("x"))),
                 ),
                 "POST" if target == "/v1/tokens" => request.json(&serde_json::json!({ "scope": "admin" })),
+                "POST" | "PUT" if target.starts_with("/v1/cron/") => {
+                    request.json(&atoll_core::cron::CronRun {
+                        function: "echo".into(),
+                        entry: 0,
+                        path: "/".into(),
+                        tick: 1,
+                        node: "intruder".into(),
+                        outcome: atoll_core::cron::Outcome::Running,
+                        duration_ms: None,
+                    })
+                }
                 "POST" => request.json(&serde_json::json!({ "to": 1 })),
                 "PUT" => request.json(&announcement),
                 _ => request,

@@ -298,6 +298,7 @@ fn bench_request() -> CgiRequest {
         body: bytes::Bytes::new(),
         service_depth: 0,
         deadline: None,
+        cron_tick: None,
     }
 }
 

@@ -177,7 +177,11 @@ async fn nats_rows(calls: usize, value: &[u8]) -> Result<Option<[Summary; 5]>> {
     use atoll_core::kv::KvBackend;
     use std::sync::Arc;
 
-    if std::process::Command::new("nats-server").arg("--version").output().is_err() {
+    if std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("kv: nats-server is not installed; the NATS rows are skipped");
         return Ok(None);
     }

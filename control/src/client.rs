@@ -179,6 +179,36 @@ impl RegistryClient {
         self.json(request).await
     }
 
+    /// Claims one cron tick for this node: `true` if this call was first (run it).
+    pub async fn cron_claim(&self, run: &atoll_core::cron::CronRun) -> Result<bool, ClientError> {
+        let request = self
+            .request(reqwest::Method::POST, &["v1", "cron", &run.function])
+            .timeout(REQUEST_TIMEOUT)
+            .json(run);
+        match self.send(request).await {
+            Ok(_) => Ok(true),
+            Err(ClientError::Status { status, .. }) if status == StatusCode::CONFLICT => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Records how a claimed tick's run ended.
+    pub async fn cron_finish(&self, run: &atoll_core::cron::CronRun) -> Result<(), ClientError> {
+        let request = self
+            .request(reqwest::Method::PUT, &["v1", "cron", &run.function])
+            .timeout(REQUEST_TIMEOUT)
+            .json(run);
+        self.send(request).await.map(drop)
+    }
+
+    /// A function's last cron runs, newest first.
+    pub async fn cron_runs(&self, function: &str) -> Result<Vec<atoll_core::cron::CronRun>, ClientError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "cron", function])
+            .timeout(REQUEST_TIMEOUT);
+        self.json(request).await
+    }
+
     /// One function's versions.
     pub async fn versions(&self, name: &str) -> Result<VersionsResponse, ClientError> {
         let request = self

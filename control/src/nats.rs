@@ -56,6 +56,11 @@ pub const MODULES_BUCKET: &str = "atoll_modules";
 pub const NODES_BUCKET: &str = "atoll_nodes";
 /// The KV bucket holding minted tokens (hashes only), one per id.
 pub const CREDENTIALS_BUCKET: &str = "atoll_credentials";
+/// The KV bucket holding cron claims and outcomes, one key per function, entry and tick
+/// ([`atoll_core::cron::claim_key`]); entries expire after a day.
+pub const CRON_BUCKET: &str = "atoll_cron";
+/// How long cron runs are kept.
+const CRON_KEPT_FOR: Duration = Duration::from_secs(24 * 3600);
 /// Compare-and-set attempts before a push or rollback gives up (each lost race costs one).
 const MAX_CAS_ATTEMPTS: u32 = 64;
 /// How long to wait before re-opening the KV watch that wakes watch streams.
@@ -75,6 +80,7 @@ struct Inner {
     modules: object_store::ObjectStore,
     nodes: kv::Store,
     credentials: kv::Store,
+    cron: kv::Store,
     /// The latest revision the KV watch has seen; wakes watch streams.
     revision: watch::Sender<u64>,
     /// Every node's last heartbeat, fed by a watch on [`NODES_BUCKET`].
@@ -245,6 +251,20 @@ impl NatsStore {
         let modules = open_object_store(&js).await?;
         let nodes = open_nodes_kv(&js).await?;
         let credentials = open_credentials_kv(&js).await?;
+        let cron = open_or_create_kv(
+            &js,
+            kv::Config {
+                bucket: CRON_BUCKET.into(),
+                description: "Atoll cron: one claim (and then the outcome) per function, entry and tick"
+                    .into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                max_age: CRON_KEPT_FOR,
+                ..Default::default()
+            },
+            "",
+        )
+        .await?;
         let (revision, _) = watch::channel(0);
         let members = Arc::new(Mutex::new(MemberTable::new(MEMBER_TTL)));
         let watchers = [
@@ -260,6 +280,7 @@ impl NatsStore {
                 modules,
                 nodes,
                 credentials,
+                cron,
                 revision,
                 members,
                 watchers,
@@ -272,6 +293,73 @@ impl NatsStore {
             changed
         });
         Ok(store)
+    }
+
+    /// Claims one cron tick: `true` if this was the first claim (a KV create: exactly one
+    /// node in the cluster wins it).
+    pub async fn cron_claim(&self, run: &atoll_core::cron::CronRun) -> Result<bool, StoreError> {
+        let key = atoll_core::cron::claim_key(&run.function, run.entry, run.tick);
+        let value = serde_json::to_vec(run).map_err(|e| nats_error("encoding a cron run")(boxed(e)))?;
+        match tokio::time::timeout(NATS_OP_TIMEOUT, self.inner.cron.create(&key, Bytes::from(value))).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(error)) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Ok(Err(error)) => Err(nats_error("claiming a cron tick")(boxed(error))),
+            Err(_) => Err(nats_error("claiming a cron tick")("NATS did not answer".into())),
+        }
+    }
+
+    /// Records how a claimed tick's run ended.
+    pub async fn cron_finish(&self, run: &atoll_core::cron::CronRun) -> Result<(), StoreError> {
+        let key = atoll_core::cron::claim_key(&run.function, run.entry, run.tick);
+        let value = serde_json::to_vec(run).map_err(|e| nats_error("encoding a cron run")(boxed(e)))?;
+        bounded(
+            "recording a cron run",
+            NATS_OP_TIMEOUT,
+            self.inner.cron.put(&key, Bytes::from(value)),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A function's last cron runs (at most [`atoll_core::cron::KEPT_RUNS`]), newest first.
+    pub async fn cron_runs(&self, function: &str) -> Result<Vec<atoll_core::cron::CronRun>, StoreError> {
+        if !is_valid_key(function) {
+            return Ok(Vec::new());
+        }
+        let cron = &self.inner.cron;
+        let read = async {
+            let mut runs = Vec::new();
+            let consumer = cron
+                .stream
+                .create_consumer(jetstream::consumer::push::OrderedConfig {
+                    deliver_subject: self.inner.client.new_inbox(),
+                    filter_subject: format!("{}{function}.>", cron.prefix),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                    replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+                    ..Default::default()
+                })
+                .await
+                .map_err(boxed)?;
+            if consumer.cached_info().num_pending == 0 {
+                return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(runs);
+            }
+            let mut messages = consumer.messages().await.map_err(boxed)?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(boxed)?;
+                let pending = message.info()?.pending;
+                if let Ok(run) = serde_json::from_slice::<atoll_core::cron::CronRun>(&message.payload) {
+                    runs.push(run);
+                }
+                if pending == 0 {
+                    break;
+                }
+            }
+            Ok(runs)
+        };
+        let mut runs = bounded("reading cron runs", NATS_OP_TIMEOUT, read).await?;
+        runs.sort_by(|a, b| b.tick.cmp(&a.tick).then(a.entry.cmp(&b.entry)));
+        runs.truncate(atoll_core::cron::KEPT_RUNS);
+        Ok(runs)
     }
 
     /// The JetStream context, for the functions' key-value stores ([`crate::nats_kv`]).

@@ -282,7 +282,10 @@ impl NatsKv {
         let mut stores = Vec::new();
         while let Some(name) = names.next().await {
             let name = name.map_err(|error| unavailable("listing the stores", error))?;
-            if let Some(store) = name.strip_prefix("KV_").and_then(|n| n.strip_prefix(BUCKET_PREFIX)) {
+            if let Some(store) = name
+                .strip_prefix("KV_")
+                .and_then(|n| n.strip_prefix(BUCKET_PREFIX))
+            {
                 stores.push(store.to_string());
             }
         }
@@ -366,9 +369,7 @@ async fn read(bucket: &Bucket, key: &str) -> Result<Current, KvError> {
                     expires_ms,
                 })
             }
-            Err(error)
-                if error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
+            Err(error) if error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
                 Ok(Current::default())
             }
             Err(error) => Err(unavailable("reading a key", error)),
@@ -506,7 +507,10 @@ impl NatsKv {
             }
         };
         match publish(&bucket, key, Bytes::from(value), expires_ms, expected, false).await {
-            Ok(revision) => Ok(KvWritten { revision, value: None }),
+            Ok(revision) => Ok(KvWritten {
+                revision,
+                value: None,
+            }),
             Err(WriteFailure::Lost) => Err(KvError::Conflict {
                 current: read(&bucket, key).await?.revision(),
             }),
@@ -521,7 +525,11 @@ impl NatsKv {
             let current = read(&bucket, key).await?;
             let value = rules::increment(current.value.as_deref(), delta)?;
             // The key keeps its expiry, as on the embedded store.
-            let expires_ms = if current.value.is_some() { current.expires_ms } else { 0 };
+            let expires_ms = if current.value.is_some() {
+                current.expires_ms
+            } else {
+                0
+            };
             let text = Bytes::from(value.to_string());
             match publish(&bucket, key, text, expires_ms, Some(current.sequence), false).await {
                 Ok(revision) => {
@@ -679,7 +687,9 @@ impl Slot {
         key.len()
             + 64
             + match self {
-                Slot::Known { value: Some(value), .. } => value.len(),
+                Slot::Known {
+                    value: Some(value), ..
+                } => value.len(),
                 _ => 0,
             }
     }
@@ -734,10 +744,15 @@ impl Cache {
                 sequence,
                 value,
                 expires_ms,
-            } => Some(value.as_ref().filter(|_| live(*expires_ms, now)).map(|value| KvEntry {
-                value: value.to_vec(),
-                revision: *sequence,
-            })),
+            } => Some(
+                value
+                    .as_ref()
+                    .filter(|_| live(*expires_ms, now))
+                    .map(|value| KvEntry {
+                        value: value.to_vec(),
+                        revision: *sequence,
+                    }),
+            ),
             Slot::Reading { .. } => None,
         }
     }
@@ -768,7 +783,10 @@ impl Cache {
             // Not ours any more, or stale: the ticket's drop frees a slot still ours.
             return;
         }
-        let fits = current.value.as_ref().is_none_or(|value| value.len() <= LARGEST_CACHED_VALUE);
+        let fits = current
+            .value
+            .as_ref()
+            .is_none_or(|value| value.len() <= LARGEST_CACHED_VALUE);
         let slot = Slot::Known {
             sequence: current.sequence,
             value: current.value.clone(),

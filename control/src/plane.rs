@@ -135,6 +135,22 @@ impl ControlPlane {
         }
     }
 
+    /// Claims one cron tick for this node: `true` if it was first, in the whole cluster.
+    pub async fn cron_claim(&self, run: &atoll_core::cron::CronRun) -> Result<bool, ControlError> {
+        match self {
+            ControlPlane::Registry(client) => Ok(client.cron_claim(run).await?),
+            ControlPlane::Nats(lazy) => Ok(lazy.get().await?.cron_claim(run).await?),
+        }
+    }
+
+    /// Records how a claimed tick's run ended.
+    pub async fn cron_finish(&self, run: &atoll_core::cron::CronRun) -> Result<(), ControlError> {
+        match self {
+            ControlPlane::Registry(client) => Ok(client.cron_finish(run).await?),
+            ControlPlane::Nats(lazy) => Ok(lazy.get().await?.cron_finish(run).await?),
+        }
+    }
+
     /// Sends a node's heartbeat; returns the cluster's members.
     pub async fn announce(&self, announcement: &NodeAnnouncement) -> Result<Vec<MemberStatus>, ControlError> {
         match self {

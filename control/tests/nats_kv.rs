@@ -35,11 +35,15 @@ async fn revisions_compare_and_set_increment_and_delete_keep_the_rules() {
     let second = kv.set("default", "a", b"2".to_vec(), None, None).await.unwrap();
     assert!(second.revision > first.revision);
     let entry = kv.get("default", "a").await.unwrap().unwrap();
-    assert_eq!((entry.value.as_slice(), entry.revision), (&b"2"[..], second.revision));
+    assert_eq!(
+        (entry.value.as_slice(), entry.revision),
+        (&b"2"[..], second.revision)
+    );
 
     // Compare-and-set: the current revision wins, any other is refused and told the current.
     assert_eq!(
-        kv.set("default", "a", b"x".to_vec(), None, Some(first.revision)).await,
+        kv.set("default", "a", b"x".to_vec(), None, Some(first.revision))
+            .await,
         Err(KvError::Conflict {
             current: second.revision
         })
@@ -56,7 +60,9 @@ async fn revisions_compare_and_set_increment_and_delete_keep_the_rules() {
             current: third.revision
         })
     );
-    kv.set("default", "fresh", b"new".to_vec(), None, Some(0)).await.unwrap();
+    kv.set("default", "fresh", b"new".to_vec(), None, Some(0))
+        .await
+        .unwrap();
 
     // Delete: true once, then false; a deleted key can be created again with 0.
     assert!(kv.delete("default", "fresh").await.unwrap());
@@ -66,12 +72,16 @@ async fn revisions_compare_and_set_increment_and_delete_keep_the_rules() {
         kv.set("default", "fresh", b"v".to_vec(), None, Some(7)).await,
         Err(KvError::Conflict { current: 0 })
     );
-    kv.set("default", "fresh", b"again".to_vec(), None, Some(0)).await.unwrap();
+    kv.set("default", "fresh", b"again".to_vec(), None, Some(0))
+        .await
+        .unwrap();
 
     // Increment: decimal, from 0 when absent, refused on a non-number.
     assert_eq!(kv.increment("default", "n", 5).await.unwrap().value, Some(5));
     assert_eq!(kv.increment("default", "n", -7).await.unwrap().value, Some(-2));
-    kv.set("default", "word", b"abc".to_vec(), None, None).await.unwrap();
+    kv.set("default", "word", b"abc".to_vec(), None, None)
+        .await
+        .unwrap();
     assert_eq!(kv.increment("default", "word", 1).await, Err(KvError::NotANumber));
 
     // Stores are separate buckets: the same key elsewhere is another value.
@@ -85,9 +95,18 @@ async fn revisions_compare_and_set_increment_and_delete_keep_the_rules() {
 async fn keys_of_any_shape_list_in_order_with_a_cursor() {
     let nats = NatsServer::start();
     let kv = stores(&nats, false);
-    let keys = ["todo/2", "todo/1", "todo/a.b", "todo/ünï code", "todo/*>", "other"];
+    let keys = [
+        "todo/2",
+        "todo/1",
+        "todo/a.b",
+        "todo/ünï code",
+        "todo/*>",
+        "other",
+    ];
     for key in keys {
-        kv.set("default", key, key.as_bytes().to_vec(), None, None).await.unwrap();
+        kv.set("default", key, key.as_bytes().to_vec(), None, None)
+            .await
+            .unwrap();
     }
     for key in keys {
         assert_eq!(value(&kv, "default", key).await.as_deref(), Some(key));
@@ -112,11 +131,17 @@ async fn keys_of_any_shape_list_in_order_with_a_cursor() {
 async fn an_expired_key_reads_as_absent_and_the_sweep_removes_it() {
     let nats = NatsServer::start();
     let kv = stores(&nats, true);
-    kv.set("default", "short", b"v".to_vec(), Some(1), None).await.unwrap();
-    kv.set("default", "long", b"v".to_vec(), Some(3600), None).await.unwrap();
+    kv.set("default", "short", b"v".to_vec(), Some(1), None)
+        .await
+        .unwrap();
+    kv.set("default", "long", b"v".to_vec(), Some(3600), None)
+        .await
+        .unwrap();
     assert!(kv.get("default", "short").await.unwrap().is_some());
     // An increment keeps the key's expiry.
-    kv.set("default", "count", b"1".to_vec(), Some(1), None).await.unwrap();
+    kv.set("default", "count", b"1".to_vec(), Some(1), None)
+        .await
+        .unwrap();
     kv.increment("default", "count", 1).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while kv.get("default", "short").await.unwrap().is_some() {
@@ -151,8 +176,13 @@ async fn a_value_over_the_servers_max_payload_is_refused_by_name() {
         .await
         .unwrap_err();
     assert!(refused.to_string().contains("max_payload"), "{refused}");
-    kv.set("default", "big", vec![b'x'; 512 << 10], None, None).await.unwrap();
-    assert_eq!(kv.get("default", "big").await.unwrap().unwrap().value.len(), 512 << 10);
+    kv.set("default", "big", vec![b'x'; 512 << 10], None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        kv.get("default", "big").await.unwrap().unwrap().value.len(),
+        512 << 10
+    );
 }
 
 #[tokio::test]
@@ -199,20 +229,27 @@ async fn cached_nodes_read_their_own_writes_at_once_and_others_after_the_watch()
     // Once b's watch on the bucket runs, reads fill its cache and come from memory.
     let start = Instant::now();
     while b.cache_hits() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "the cache never answered");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the cache never answered"
+        );
         assert_eq!(value(&b, "default", "k").await.as_deref(), Some("1"));
         assert_eq!(value(&b, "default", "absent").await, None);
     }
     for round in 2..=20 {
         let text = round.to_string();
-        a.set("default", "k", text.clone().into_bytes(), None, None).await.unwrap();
+        a.set("default", "k", text.clone().into_bytes(), None, None)
+            .await
+            .unwrap();
         // Read-your-writes on a node: no wait at all.
         assert_eq!(value(&a, "default", "k").await.as_deref(), Some(text.as_str()));
         // The other node: when the watch event arrives.
         let seen = until_read(&b, "k", Some(&text)).await;
         assert!(seen < Duration::from_secs(5), "{seen:?}");
     }
-    a.set("default", "absent", b"now".to_vec(), None, None).await.unwrap();
+    a.set("default", "absent", b"now".to_vec(), None, None)
+        .await
+        .unwrap();
     until_read(&b, "absent", Some("now")).await;
     a.delete("default", "absent").await.unwrap();
     until_read(&b, "absent", None).await;
@@ -234,7 +271,10 @@ async fn a_node_that_loses_nats_serves_no_cached_reads() {
     kv.set("default", "k", b"v".to_vec(), None, None).await.unwrap();
     let start = Instant::now();
     while kv.cache_hits() == 0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "the cache never answered");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the cache never answered"
+        );
         assert!(kv.get("default", "k").await.unwrap().is_some());
     }
     nats.kill();
@@ -254,7 +294,9 @@ async fn a_node_that_loses_nats_serves_no_cached_reads() {
     let _nats = NatsServer::start_in(dir.path(), Some(port));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(Ok(Some(entry))) = tokio::time::timeout(Duration::from_secs(5), kv.get("default", "k")).await {
+        if let Ok(Ok(Some(entry))) =
+            tokio::time::timeout(Duration::from_secs(5), kv.get("default", "k")).await
+        {
             assert_eq!(entry.value, b"v");
             break;
         }

@@ -19,11 +19,11 @@
 pub mod api_types;
 pub mod auth;
 pub mod check;
+pub mod cron;
 pub mod digest;
 pub mod durable;
 pub mod error;
 pub mod host;
-pub mod cron;
 pub mod kv;
 pub mod manifest;
 pub mod membership;

@@ -991,12 +991,16 @@ timeout = "10s"
         .unwrap();
         assert_eq!(manifest.cron[0].path, "/tasks/x");
         assert!(
-            error(&format!("{base}[[cron]]\nschedule = \"61 * * * *\"\npath = \"/x\"\n"))
-                .contains("cron[0]: schedule \"61 * * * *\" is not a cron pattern")
+            error(&format!(
+                "{base}[[cron]]\nschedule = \"61 * * * *\"\npath = \"/x\"\n"
+            ))
+            .contains("cron[0]: schedule \"61 * * * *\" is not a cron pattern")
         );
         assert!(
-            error(&format!("{base}[[cron]]\nschedule = \"* * * * *\"\npath = \"x\"\n"))
-                .contains("cron[0]: path \"x\" must start with /")
+            error(&format!(
+                "{base}[[cron]]\nschedule = \"* * * * *\"\npath = \"x\"\n"
+            ))
+            .contains("cron[0]: path \"x\" must start with /")
         );
         let nine = "[[cron]]\nschedule = \"* * * * *\"\npath = \"/x\"\n".repeat(9);
         assert!(error(&format!("{base}{nine}")).contains("at most 8"));

@@ -44,6 +44,10 @@ pub struct CgiRequest {
     /// An earlier end than the function's own timeout (a service call's caller's): the
     /// run's outbound calls never wait past it, and calls it makes carry it on.
     pub deadline: Option<std::time::Instant>,
+    /// Set when the scheduler runs this request for a `[[cron]]` tick (Unix seconds): the
+    /// guest sees `X_ATOLL_TRIGGER=cron` and `X_ATOLL_CRON_TICK`. Nothing a client sends
+    /// sets it.
+    pub cron_tick: Option<u64>,
 }
 
 /// The CGI environment for `request`, with the function's own `[env]` underneath: the
@@ -92,7 +96,19 @@ pub fn environment(request: &CgiRequest, function_env: &[(String, String)]) -> V
         ),
         ("X_RAW_PATH_INFO".into(), request.raw_path.clone()),
         ("X_RELATIVE_PATH".into(), relative.to_string()),
+        (
+            "X_ATOLL_TRIGGER".into(),
+            match (request.cron_tick, request.service_depth) {
+                (Some(_), _) => "cron",
+                (None, 0) => "http",
+                (None, _) => "service",
+            }
+            .into(),
+        ),
     ];
+    if let Some(tick) = request.cron_tick {
+        cgi.push(("X_ATOLL_CRON_TICK".into(), tick.to_string()));
+    }
     if request.scheme == "https" {
         cgi.push(("HTTPS".into(), "on".into()));
     }
@@ -133,7 +149,7 @@ pub fn environment(request: &CgiRequest, function_env: &[(String, String)]) -> V
 }
 
 /// The variables [`environment`] may set from a request besides `HTTP_*`.
-const REQUEST_VARIABLES: [&str; 19] = [
+const REQUEST_VARIABLES: [&str; 21] = [
     "GATEWAY_INTERFACE",
     "SERVER_SOFTWARE",
     "SERVER_PROTOCOL",
@@ -150,6 +166,8 @@ const REQUEST_VARIABLES: [&str; 19] = [
     "X_FULL_URL",
     "X_RAW_PATH_INFO",
     "X_RELATIVE_PATH",
+    "X_ATOLL_TRIGGER",
+    "X_ATOLL_CRON_TICK",
     "HTTPS",
     "CONTENT_TYPE",
     "CONTENT_LENGTH",
@@ -455,6 +473,7 @@ mod tests {
             body: Bytes::from_static(b"{}"),
             service_depth: 0,
             deadline: None,
+            cron_tick: None,
         }
     }
 
@@ -479,6 +498,28 @@ mod tests {
         assert_eq!(lookup(&env, "CONTENT_LENGTH"), Some("2"));
         assert_eq!(lookup(&env, "HTTP_X_CUSTOM"), Some("one"));
         assert_eq!(lookup(&env, "HTTP_ACCEPT"), Some("a, b"));
+        assert_eq!(lookup(&env, "X_ATOLL_TRIGGER"), Some("http"));
+        assert_eq!(lookup(&env, "X_ATOLL_CRON_TICK"), None);
+        let cron = CgiRequest {
+            cron_tick: Some(1_796_083_320),
+            ..request()
+        };
+        let env = environment(&cron, &[("X_ATOLL_TRIGGER".into(), "fake".into())]);
+        assert_eq!(lookup(&env, "X_ATOLL_TRIGGER"), Some("cron"));
+        assert_eq!(lookup(&env, "X_ATOLL_CRON_TICK"), Some("1796083320"));
+        assert_eq!(
+            env.iter().filter(|(k, _)| k == "X_ATOLL_TRIGGER").count(),
+            1,
+            "[env] cannot fake it"
+        );
+        let service = CgiRequest {
+            service_depth: 1,
+            ..request()
+        };
+        assert_eq!(
+            lookup(&environment(&service, &[]), "X_ATOLL_TRIGGER"),
+            Some("service")
+        );
         assert_eq!(lookup(&env, "HTTP_CONTENT_TYPE"), None);
         assert_eq!(lookup(&env, "HTTP_X_SPOOF"), None);
     }

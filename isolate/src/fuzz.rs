@@ -327,6 +327,7 @@ fn cgi_request() -> impl Strategy<Value = CgiRequest> {
                     body: Bytes::from(body),
                     service_depth: 0,
                     deadline: None,
+                    cron_tick: None,
                 }
             },
         )

@@ -22,6 +22,9 @@
 //! POST   /v1/tokens                      admin             Grant → CreatedToken
 //! GET    /v1/tokens                      admin             [TokenInfo]
 //! DELETE /v1/tokens/{id}                 admin             204
+//! GET    /v1/cron/{name}                 admin deploy      the last cron runs (atoll cron NAME)
+//! POST   /v1/cron/{name}                 admin node        claim a tick: 201, or 409 if taken
+//! PUT    /v1/cron/{name}                 admin node        a claimed run's outcome: 204
 //! GET    /v1/kv/{store}?prefix&cursor&limit admin deploy node KeyPage (atoll_core::kv)
 //! GET    /v1/kv/{store}/{key}            admin deploy node value bytes, `atoll-kv-revision`
 //! PUT    /v1/kv/{store}/{key}?ttl&if_revision  …          value bytes → KvWritten (409 lost CAS)
@@ -86,6 +89,7 @@ use atoll_core::api_types::{
 };
 use atoll_core::auth::token_matches;
 use atoll_core::auth::{Caller, CreatedToken, Credential, Forbidden, Grant, Scope, TokenInfo};
+use atoll_core::cron::CronRun;
 use atoll_core::digest::is_sha256_hex;
 use atoll_core::manifest::{Manifest, ManifestError};
 use atoll_core::model::{FunctionRecord, Version};
@@ -127,6 +131,8 @@ pub struct Registry {
     kv: Option<Arc<dyn atoll_core::kv::KvBackend>>,
     /// What removes expired keys in the background.
     kv_sweep: Option<KvSweep>,
+    /// Cron claims and runs, on the embedded store (on NATS they are in a bucket).
+    cron: crate::cron::CronBook,
 }
 
 /// The store whose expired keys the registry sweeps.
@@ -256,6 +262,7 @@ impl Registry {
                 .clone()
                 .map(|kv| Arc::new(kv) as Arc<dyn atoll_core::kv::KvBackend>),
             kv_sweep: nats_kv.map(KvSweep::Nats),
+            cron: crate::cron::CronBook::default(),
         }
     }
 
@@ -469,6 +476,10 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/nodes/{name}", put(announce_node))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", delete(revoke_token))
+        .route(
+            "/v1/cron/{name}",
+            get(cron_runs).post(cron_claim).put(cron_finish),
+        )
         .route("/v1/kv/{store}", get(kv_list))
         .route(
             "/v1/kv/{store}/{key}",
@@ -576,6 +587,8 @@ pub fn required_scopes(method: &Method, path: &str) -> &'static [Scope] {
         ("GET", "/v1/nodes") => &[Admin, Deploy, Node],
         ("PUT", "/v1/nodes/{name}") => &[Admin, Node],
         (_, "/v1/kv/{store}" | "/v1/kv/{store}/{key}") => &[Admin, Deploy, Node],
+        ("GET", "/v1/cron/{name}") => &[Admin, Deploy],
+        ("POST" | "PUT", "/v1/cron/{name}") => &[Admin, Node],
         _ => &[Admin],
     }
 }
@@ -946,6 +959,85 @@ mod tests {
 }
 
 // ---------------------------------------------------------------------------------------
+// Cron
+
+/// A cron run from a node: for the function in the path, by the node it names.
+fn cron_run_from(name: &str, run: CronRun) -> Result<CronRun, ApiError> {
+    if run.function != name {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the run is for `{}`, not `{name}`", run.function),
+        ));
+    }
+    atoll_core::manifest::check_name(&run.function)
+        .map_err(|reason| ApiError::new(StatusCode::BAD_REQUEST, format!("function {reason}")))?;
+    if run.node.is_empty() || run.node.len() > 256 || run.path.len() > atoll_core::cron::MAX_PATH_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the run's node or path is invalid",
+        ));
+    }
+    Ok(run)
+}
+
+async fn cron_claim(
+    State(app): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    axum::Json(run): axum::Json<CronRun>,
+) -> Result<StatusCode, ApiError> {
+    let run = cron_run_from(&name, run)?;
+    let claimed = match &app.registry.store {
+        Backend::Embedded(_) => app.registry.cron.claim(run),
+        Backend::Nats(store) => store.cron_claim(&run).await?,
+    };
+    if claimed {
+        Ok(StatusCode::CREATED)
+    } else {
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "another node claimed this tick",
+        ))
+    }
+}
+
+async fn cron_finish(
+    State(app): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    axum::Json(run): axum::Json<CronRun>,
+) -> Result<StatusCode, ApiError> {
+    let run = cron_run_from(&name, run)?;
+    let recorded = match &app.registry.store {
+        Backend::Embedded(_) => app.registry.cron.finish(run),
+        Backend::Nats(store) => {
+            store.cron_finish(&run).await?;
+            true
+        }
+    };
+    if recorded {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this node did not claim this tick",
+        ))
+    }
+}
+
+async fn cron_runs(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<axum::Json<Vec<CronRun>>, ApiError> {
+    caller
+        .require_function(&name, "see the cron runs")
+        .map_err(RegistryError::from)?;
+    let runs = match &app.registry.store {
+        Backend::Embedded(_) => app.registry.cron.runs(&name),
+        Backend::Nats(store) => store.cron_runs(&name).await?,
+    };
+    Ok(axum::Json(runs))
+}
+
 // Key-value stores
 
 /// How often expired KV entries are removed, and how many per pass at most.
@@ -1048,7 +1140,9 @@ async fn kv_list(
         query.map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()))?;
     let kv = kv_for(&app, &caller, &store)?;
     let limit = query.limit.unwrap_or(atoll_core::kv::MAX_LIST_KEYS);
-    let page = kv.list(&store, &query.prefix, query.cursor.as_deref(), limit).await?;
+    let page = kv
+        .list(&store, &query.prefix, query.cursor.as_deref(), limit)
+        .await?;
     Ok(axum::Json(page))
 }
 

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod backend;
 pub mod connections;
+pub mod cron;
 pub mod kv;
 pub mod store;
 pub mod token;

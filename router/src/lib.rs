@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod body;
 pub mod cluster;
+pub mod cron;
 pub mod hop;
 pub mod kv;
 pub mod metrics;

@@ -353,7 +353,7 @@ pub async fn run(
     let http01 = Http01Challenges::new();
     let service = EdgeService::with_options(
         Arc::clone(&routing),
-        executor,
+        Arc::clone(&executor),
         options.max_body_bytes,
         options.body_timeout,
         Some(Arc::clone(&http01)),
@@ -395,6 +395,15 @@ pub async fn run(
         stopped(stop.clone()),
     )));
     tasks.push(tokio::spawn(syncer.run(stop.clone())));
+    tasks.push(tokio::spawn(
+        crate::cron::CronScheduler::new(
+            Arc::clone(&routing),
+            Arc::clone(&executor),
+            Arc::clone(&control),
+            Arc::clone(&cluster),
+        )
+        .run(stopped(stop.clone())),
+    ));
     tasks.push(tokio::spawn(maintain_pools(
         Arc::clone(&routing),
         stopped(stop.clone()),

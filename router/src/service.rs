@@ -385,6 +385,7 @@ impl EdgeService {
             body,
             service_depth,
             deadline: None,
+            cron_tick: None,
         };
         let mut response = invoke(&self.executor, served, cgi_request, None).await;
         if self.cluster.is_some() {

@@ -65,6 +65,7 @@ impl ServiceCaller for LocalServices {
                 body: call.body,
                 service_depth: call.depth,
                 deadline: Some(call.deadline),
+                cron_tick: None,
             };
             let metrics = Arc::clone(&served.metrics);
             let deadline = tokio::time::Instant::from_std(call.deadline);

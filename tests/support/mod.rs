@@ -265,6 +265,40 @@ pub fn start_node(registry_url: &str, data: &Path) -> (Process, String, String) 
     (node.process, http, node.admin)
 }
 
+/// `atoll node --name NAME` following `control` (`--registry URL` or `--store nats://…`);
+/// the process and its HTTP address.
+pub fn start_named_node(control: &[&str; 2], name: &str, data: &Path) -> (Process, String) {
+    let data = data.to_str().unwrap();
+    let mut process = Process::spawn(
+        name,
+        &[
+            "node",
+            control[0],
+            control[1],
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data",
+            data,
+            "--name",
+            name,
+            "--region",
+            "test",
+        ],
+    );
+    process.wait_for_line("admin listening on http://", STARTUP);
+    let http = process
+        .stdout_lines()
+        .into_iter()
+        .find_map(|line| {
+            line.strip_prefix("node listening on http://")
+                .map(|s| s.trim().to_string())
+        })
+        .expect("an HTTP listener");
+    (process, http)
+}
+
 /// A node started with extra flags, and every address it printed.
 pub struct EdgeNode {
     pub process: Process,

@@ -6,9 +6,12 @@
 //! GET    /todos/N      {"id":N,"title":"…"} or 404
 //! DELETE /todos/N      204 or 404
 //! POST   /hits         adds 1 to a counter → the new count (for load and consistency tests)
+//! GET    /tasks/tick   for a `[[cron]]` entry: counts the runs of this tick (ticks/<tick>);
+//!                      403 unless the scheduler runs it (X_ATOLL_TRIGGER=cron)
 //! ```
 //!
-//! Keys: `items/<id, 12 digits>` (so they list in creation order) and `next-id`.
+//! Keys: `items/<id, 12 digits>` (so they list in creation order), `next-id`, `hits` and
+//! `ticks/<unix seconds>`.
 
 use atoll_sdk::kv::Store;
 use atoll_sdk::{Request, Response, json_escape};
@@ -55,6 +58,7 @@ fn handle(request: &Request, store: &Store) -> Response {
         ("POST", ["hits"]) => store
             .increment("hits", 1)
             .map(|count| Response::new(200).text(&format!("{count}\n"))),
+        ("GET", ["tasks", "tick"]) => tick(store),
         _ => Ok(Response::new(404).text("try /todos\n")),
     };
     result.unwrap_or_else(|error| Response::new(503).text(&format!("{error}\n")))
@@ -86,4 +90,14 @@ fn create(store: &Store, title: &str) -> Result<Response, atoll_sdk::kv::KvError
     Ok(Response::new(201)
         .header("Location", &format!("/todos/{id}"))
         .json(&format!("{{\"id\":{id}}}")))
+}
+
+/// A scheduled run: the node sets X_ATOLL_TRIGGER (no client can), and names the tick.
+fn tick(store: &Store) -> Result<Response, atoll_sdk::kv::KvError> {
+    if std::env::var("X_ATOLL_TRIGGER").as_deref() != Ok("cron") {
+        return Ok(Response::new(403).text("only the scheduler runs this\n"));
+    }
+    let tick = std::env::var("X_ATOLL_CRON_TICK").unwrap_or_default();
+    let runs = store.increment(&format!("ticks/{tick}"), 1)?;
+    Ok(Response::new(200).text(&format!("{runs}\n")))
 }

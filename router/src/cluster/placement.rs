@@ -169,6 +169,41 @@ pub fn decide(
 }
 
 impl Cluster {
+    /// This node's place among the cluster's nodes (every region) for running `function`'s
+    /// cron ticks: 0 for its first home, the node that claims at once; a node ranked
+    /// lower waits a little before claiming, so the home wins while it is up. A draining
+    /// node ranks last; alone or with a stale view, 0.
+    pub fn cron_rank(&self, function: &str) -> usize {
+        let now = Instant::now();
+        let view = self.view.load();
+        if view.peers.is_empty() || !fresh(&view, now) {
+            return 0;
+        }
+        let mut members: Vec<Member> = view
+            .peers
+            .values()
+            .map(|peer| Member {
+                region: String::new(),
+                ..peer.member.clone()
+            })
+            .collect();
+        if self.is_draining() {
+            return members.len();
+        }
+        members.push(Member {
+            name: self.options.name.clone(),
+            region: String::new(),
+            in_flight: 0,
+            draining: false,
+        });
+        home_nodes(function, "", &members, members.len())
+            .iter()
+            .position(|member| member.name == self.options.name)
+            .unwrap_or(members.len())
+    }
+}
+
+impl Cluster {
     /// Where a request for `function` should run: `None` here, or the peer to forward to.
     /// `saturated`: this node's pool for the function has no free slot.
     pub fn place(&self, function: &str, saturated: bool) -> Option<(String, SocketAddr)> {

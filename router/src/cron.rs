@@ -1,0 +1,185 @@
+//! Scheduled triggers, the node's side: every node follows every served function's
+//! `[[cron]]` entries, and at each tick the nodes race to claim it through the control
+//! plane (a NATS KV create, or the registry's `POST /v1/cron/{name}` on the embedded
+//! store). The one claim that wins runs the function — a GET of the entry's path with
+//! `X_ATOLL_TRIGGER=cron` — and records the outcome; the others do nothing. So a tick runs
+//! once in the whole cluster, while any node is up.
+//!
+//! * **A home node first.** Nodes rank themselves for each function (rendezvous hashing
+//!   over the cluster's members, [`Cluster::cron_rank`]); rank 0 claims at once, the others
+//!   after [`CLAIM_DELAY_PER_RANK`] per rank, so the same node runs a function's ticks
+//!   while it is up and its warm instances serve them.
+//! * **Drift.** A node that reaches a tick more than [`DRIFT_BOUND_SECONDS`] late (paused,
+//!   overloaded, or the control plane slow) skips it and counts it
+//!   (`atoll_cron_skipped_total`), rather than firing a burst of stale runs.
+//! * **New entries start from now**: a node that starts, or learns of a new version, runs
+//!   no tick from before it saw the schedule.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use atoll_control::ControlPlane;
+use atoll_core::cron::{CronRun, DRIFT_BOUND_SECONDS, Outcome, Schedule};
+use atoll_isolate::{CgiRequest, GuestExecutor};
+use http_body_util::BodyExt;
+
+use crate::cluster::Cluster;
+use crate::served::Routing;
+use crate::service::invoke;
+
+/// How often the scheduler looks at the clock and the served functions.
+const TICK_CHECK: Duration = Duration::from_millis(200);
+/// How long a node of rank N waits (N times this, at most 3) before claiming a tick.
+pub const CLAIM_DELAY_PER_RANK: Duration = Duration::from_millis(400);
+
+/// Runs claimed ticks: an in-process GET through the function's pool.
+pub struct CronScheduler {
+    routing: Arc<Routing>,
+    executor: Arc<GuestExecutor>,
+    control: Arc<ControlPlane>,
+    cluster: Arc<Cluster>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// One entry being followed: (function, entry index, schedule text) → the last tick seen.
+type Followed = HashMap<(String, usize, String), u64>;
+
+impl CronScheduler {
+    pub fn new(
+        routing: Arc<Routing>,
+        executor: Arc<GuestExecutor>,
+        control: Arc<ControlPlane>,
+        cluster: Arc<Cluster>,
+    ) -> Arc<CronScheduler> {
+        Arc::new(CronScheduler {
+            routing,
+            executor,
+            control,
+            cluster,
+        })
+    }
+
+    /// Follows the schedules until `stopped` resolves.
+    pub async fn run(self: Arc<Self>, stopped: impl std::future::Future<Output = ()>) {
+        let mut followed = Followed::new();
+        let mut parsed: HashMap<String, Option<Schedule>> = HashMap::new();
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                () = &mut stopped => return,
+                () = tokio::time::sleep(TICK_CHECK) => {}
+            }
+            self.check(&mut followed, &mut parsed, unix_now());
+        }
+    }
+
+    /// Fires every tick due since the last check; forgets entries no longer served.
+    fn check(&self, followed: &mut Followed, parsed: &mut HashMap<String, Option<Schedule>>, now: u64) {
+        let mut seen = Vec::new();
+        for served in self.routing.functions() {
+            let manifest = &served.deployment.manifest;
+            for (index, entry) in manifest.cron.iter().enumerate() {
+                let key = (manifest.name.clone(), index, entry.schedule.clone());
+                seen.push(key.clone());
+                let Some(schedule) = parsed
+                    .entry(entry.schedule.clone())
+                    .or_insert_with(|| entry.schedule.parse().ok())
+                    .clone()
+                else {
+                    continue;
+                };
+                let last = followed.entry(key).or_insert(now);
+                while let Some(tick) = schedule.next_after(*last).filter(|tick| *tick <= now) {
+                    *last = tick;
+                    if now - tick > DRIFT_BOUND_SECONDS {
+                        metrics::counter!("atoll_cron_skipped_total", "function" => manifest.name.clone())
+                            .increment(1);
+                        tracing::warn!(function = %manifest.name, tick, "cron tick skipped: past the drift bound");
+                        continue;
+                    }
+                    let run = CronRun {
+                        function: manifest.name.clone(),
+                        entry: index,
+                        path: entry.path.clone(),
+                        tick,
+                        node: self.cluster.name().to_string(),
+                        outcome: Outcome::Running,
+                        duration_ms: None,
+                    };
+                    tokio::spawn(Self::fire(
+                        Arc::clone(&self.routing),
+                        Arc::clone(&self.executor),
+                        Arc::clone(&self.control),
+                        self.cluster.cron_rank(&manifest.name),
+                        run,
+                    ));
+                }
+            }
+        }
+        followed.retain(|key, _| seen.contains(key));
+        parsed.retain(|schedule, _| seen.iter().any(|(_, _, text)| text == schedule));
+    }
+
+    /// Claims the tick after this node's rank delay and, if it won, runs it.
+    async fn fire(
+        routing: Arc<Routing>,
+        executor: Arc<GuestExecutor>,
+        control: Arc<ControlPlane>,
+        rank: usize,
+        mut run: CronRun,
+    ) {
+        tokio::time::sleep(CLAIM_DELAY_PER_RANK * rank.min(3) as u32).await;
+        match control.cron_claim(&run).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(error) => {
+                metrics::counter!("atoll_cron_claim_failures_total", "function" => run.function.clone())
+                    .increment(1);
+                tracing::warn!(function = %run.function, tick = run.tick, %error, "cron tick not claimed: the control plane failed");
+                return;
+            }
+        }
+        let Some(served) = routing.function(&run.function) else {
+            return;
+        };
+        let (raw_path, query) = match run.path.split_once('?') {
+            Some((path, query)) => (path.to_string(), query.to_string()),
+            None => (run.path.clone(), String::new()),
+        };
+        let request = CgiRequest {
+            method: "GET".into(),
+            raw_path,
+            query,
+            protocol: "HTTP/1.1".into(),
+            scheme: "http".into(),
+            server_name: format!("{}.{}", run.function, atoll_core::manifest::SERVICE_DOMAIN),
+            server_port: 80,
+            remote_addr: "0.0.0.0".into(),
+            remote_port: 0,
+            cron_tick: Some(run.tick),
+            ..CgiRequest::default()
+        };
+        let started = Instant::now();
+        let metrics = Arc::clone(&served.metrics);
+        let response = invoke(&executor, served, request, None).await;
+        let status = response.status().as_u16();
+        // The body is the function's to write and nobody's to read: drain it.
+        let _ = response.into_body().collect().await;
+        let elapsed = started.elapsed();
+        metrics.request(status, elapsed);
+        metrics::counter!("atoll_cron_runs_total", "function" => run.function.clone(), "status" => status.to_string())
+            .increment(1);
+        tracing::info!(function = %run.function, tick = run.tick, status, ms = elapsed.as_millis() as u64, "cron run");
+        run.outcome = Outcome::Status(status);
+        run.duration_ms = Some(elapsed.as_millis() as u64);
+        if let Err(error) = control.cron_finish(&run).await {
+            tracing::warn!(function = %run.function, tick = run.tick, %error, "the cron run's outcome was not recorded");
+        }
+    }
+}
