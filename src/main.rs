@@ -676,6 +676,7 @@ async fn run(command: Command) -> Result<()> {
                     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(run.tick));
                 let outcome = match run.outcome {
                     atoll_core::cron::Outcome::Running => "running".to_string(),
+                    atoll_core::cron::Outcome::Skipped => "skipped".to_string(),
                     atoll_core::cron::Outcome::Status(status) => status.to_string(),
                 };
                 let duration = run.duration_ms.map_or_else(String::new, |ms| format!("{ms}ms"));
@@ -910,6 +911,9 @@ fn read_function(path: &Path) -> Result<(String, Vec<u8>)> {
     let manifest_text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("reading {}", manifest_path.display()))?;
     let manifest = Manifest::parse(&manifest_text).with_context(|| manifest_path.display().to_string())?;
+    if manifest.is_origin_only() {
+        return Ok((manifest_text, Vec::new()));
+    }
     let wasm_path = manifest_path
         .parent()
         .unwrap_or(Path::new("."))

@@ -30,6 +30,7 @@ mod http_scenario;
 mod isolate_scenario;
 mod kv_scenario;
 mod latency;
+mod origin_scenario;
 mod outbound_scenario;
 mod scaling_scenario;
 mod soak_guests;
@@ -68,6 +69,9 @@ enum Scenario {
     Outbound(outbound_scenario::OutboundArgs),
     /// KV latency: bare redb, the registry's API, a function; a service call vs direct.
     Kv(kv_scenario::KvArgs),
+    /// An origin route (the node as a reverse proxy) beside nginx proxy_pass to the same
+    /// origin, and the origin directly.
+    Origin(origin_scenario::OriginArgs),
     /// Minutes of mixed load with pushes, rollbacks and hostile guests beside it: zero
     /// failures, flat RSS and fds, no thread left spinning.
     Soak(soak_scenario::SoakArgs),
@@ -82,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Cluster(args) => cluster_scenario::run(args),
         Scenario::Outbound(args) => outbound_scenario::run(args),
         Scenario::Kv(args) => kv_scenario::run(args),
+        Scenario::Origin(args) => origin_scenario::run(args),
         Scenario::Soak(args) => soak_scenario::run(args),
     }
 }

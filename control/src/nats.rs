@@ -56,11 +56,12 @@ pub const MODULES_BUCKET: &str = "atoll_modules";
 pub const NODES_BUCKET: &str = "atoll_nodes";
 /// The KV bucket holding minted tokens (hashes only), one per id.
 pub const CREDENTIALS_BUCKET: &str = "atoll_credentials";
-/// The KV bucket holding cron claims and outcomes, one key per function, entry and tick
-/// ([`atoll_core::cron::claim_key`]); entries expire after a day.
+/// The KV bucket holding cron claims, one key per function, entry and tick
+/// ([`atoll_core::cron::claim_key`]), value the node; they expire after
+/// [`atoll_core::cron::CLAIMS_KEPT_SECONDS`].
 pub const CRON_BUCKET: &str = "atoll_cron";
-/// How long cron runs are kept.
-const CRON_KEPT_FOR: Duration = Duration::from_secs(24 * 3600);
+/// The KV bucket holding each function's last cron runs (a JSON list, newest last).
+pub const CRON_RUNS_BUCKET: &str = "atoll_cron_runs";
 /// Compare-and-set attempts before a push or rollback gives up (each lost race costs one).
 const MAX_CAS_ATTEMPTS: u32 = 64;
 /// How long to wait before re-opening the KV watch that wakes watch streams.
@@ -81,6 +82,7 @@ struct Inner {
     nodes: kv::Store,
     credentials: kv::Store,
     cron: kv::Store,
+    cron_runs: kv::Store,
     /// The latest revision the KV watch has seen; wakes watch streams.
     revision: watch::Sender<u64>,
     /// Every node's last heartbeat, fed by a watch on [`NODES_BUCKET`].
@@ -255,11 +257,22 @@ impl NatsStore {
             &js,
             kv::Config {
                 bucket: CRON_BUCKET.into(),
-                description: "Atoll cron: one claim (and then the outcome) per function, entry and tick"
-                    .into(),
+                description: "Atoll cron: one claim (the node) per function, entry and tick".into(),
                 history: 1,
                 storage: jetstream::stream::StorageType::File,
-                max_age: CRON_KEPT_FOR,
+                max_age: Duration::from_secs(atoll_core::cron::CLAIMS_KEPT_SECONDS),
+                ..Default::default()
+            },
+            "",
+        )
+        .await?;
+        let cron_runs = open_or_create_kv(
+            &js,
+            kv::Config {
+                bucket: CRON_RUNS_BUCKET.into(),
+                description: "Atoll cron: each function's last runs (JSON)".into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
                 ..Default::default()
             },
             "",
@@ -281,6 +294,7 @@ impl NatsStore {
                 nodes,
                 credentials,
                 cron,
+                cron_runs,
                 revision,
                 members,
                 watchers,
@@ -296,29 +310,83 @@ impl NatsStore {
     }
 
     /// Claims one cron tick: `true` if this was the first claim (a KV create: exactly one
-    /// node in the cluster wins it).
+    /// node in the cluster wins it). The winner's run is listed as running.
     pub async fn cron_claim(&self, run: &atoll_core::cron::CronRun) -> Result<bool, StoreError> {
         let key = atoll_core::cron::claim_key(&run.function, run.entry, run.tick);
-        let value = serde_json::to_vec(run).map_err(|e| nats_error("encoding a cron run")(boxed(e)))?;
-        match tokio::time::timeout(NATS_OP_TIMEOUT, self.inner.cron.create(&key, Bytes::from(value))).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(error)) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Ok(Err(error)) => Err(nats_error("claiming a cron tick")(boxed(error))),
-            Err(_) => Err(nats_error("claiming a cron tick")("NATS did not answer".into())),
+        let node = Bytes::from(run.node.clone());
+        match tokio::time::timeout(NATS_OP_TIMEOUT, self.inner.cron.create(&key, node)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) if error.kind() == kv::CreateErrorKind::AlreadyExists => return Ok(false),
+            Ok(Err(error)) => return Err(nats_error("claiming a cron tick")(boxed(error))),
+            Err(_) => return Err(nats_error("claiming a cron tick")("NATS did not answer".into())),
         }
+        if let Err(error) = self.record_cron_run(run).await {
+            tracing::debug!(%error, function = %run.function, "listing a claimed cron run failed");
+        }
+        Ok(true)
     }
 
-    /// Records how a claimed tick's run ended.
-    pub async fn cron_finish(&self, run: &atoll_core::cron::CronRun) -> Result<(), StoreError> {
+    /// Records how a claimed tick's run ended; `false` if that node holds no such claim.
+    pub async fn cron_finish(&self, run: &atoll_core::cron::CronRun) -> Result<bool, StoreError> {
         let key = atoll_core::cron::claim_key(&run.function, run.entry, run.tick);
-        let value = serde_json::to_vec(run).map_err(|e| nats_error("encoding a cron run")(boxed(e)))?;
-        bounded(
-            "recording a cron run",
-            NATS_OP_TIMEOUT,
-            self.inner.cron.put(&key, Bytes::from(value)),
-        )
-        .await?;
-        Ok(())
+        let claim = bounded("reading a cron claim", NATS_OP_TIMEOUT, self.inner.cron.get(&key)).await?;
+        if claim.as_deref() != Some(run.node.as_bytes()) {
+            return Ok(false);
+        }
+        self.record_cron_run(run).await?;
+        Ok(true)
+    }
+
+    /// Puts `run` in its function's list (replacing the same entry and tick), by
+    /// compare-and-set, keeping the last [`atoll_core::cron::KEPT_RUNS`].
+    async fn record_cron_run(&self, run: &atoll_core::cron::CronRun) -> Result<(), StoreError> {
+        if !is_valid_key(&run.function) {
+            return Err(StoreError::Invalid(format!("function name {:?}", run.function)));
+        }
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let entry = bounded(
+                "reading cron runs",
+                NATS_OP_TIMEOUT,
+                self.inner.cron_runs.entry(run.function.clone()),
+            )
+            .await?;
+            let (mut runs, revision) = match entry {
+                Some(entry) if entry.operation == kv::Operation::Put => (
+                    serde_json::from_slice::<Vec<atoll_core::cron::CronRun>>(&entry.value)
+                        .unwrap_or_default(),
+                    entry.revision,
+                ),
+                Some(entry) => (Vec::new(), entry.revision),
+                None => (Vec::new(), 0),
+            };
+            match runs
+                .iter_mut()
+                .find(|known| known.entry == run.entry && known.tick == run.tick)
+            {
+                Some(known) => *known = run.clone(),
+                None => runs.push(run.clone()),
+            }
+            runs.sort_by_key(|known| known.tick);
+            let excess = runs.len().saturating_sub(atoll_core::cron::KEPT_RUNS);
+            runs.drain(..excess);
+            let value = serde_json::to_vec(&runs).map_err(|e| nats_error("encoding cron runs")(boxed(e)))?;
+            match tokio::time::timeout(
+                NATS_OP_TIMEOUT,
+                self.inner
+                    .cron_runs
+                    .update(&run.function, Bytes::from(value), revision),
+            )
+            .await
+            {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(error)) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Ok(Err(error)) => return Err(nats_error("recording a cron run")(boxed(error))),
+                Err(_) => return Err(nats_error("recording a cron run")("NATS did not answer".into())),
+            }
+        }
+        Err(nats_error("recording a cron run")(
+            "too many concurrent writers".into(),
+        ))
     }
 
     /// A function's last cron runs (at most [`atoll_core::cron::KEPT_RUNS`]), newest first.
@@ -326,39 +394,16 @@ impl NatsStore {
         if !is_valid_key(function) {
             return Ok(Vec::new());
         }
-        let cron = &self.inner.cron;
-        let read = async {
-            let mut runs = Vec::new();
-            let consumer = cron
-                .stream
-                .create_consumer(jetstream::consumer::push::OrderedConfig {
-                    deliver_subject: self.inner.client.new_inbox(),
-                    filter_subject: format!("{}{function}.>", cron.prefix),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-                    replay_policy: jetstream::consumer::ReplayPolicy::Instant,
-                    ..Default::default()
-                })
-                .await
-                .map_err(boxed)?;
-            if consumer.cached_info().num_pending == 0 {
-                return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(runs);
-            }
-            let mut messages = consumer.messages().await.map_err(boxed)?;
-            while let Some(message) = messages.next().await {
-                let message = message.map_err(boxed)?;
-                let pending = message.info()?.pending;
-                if let Ok(run) = serde_json::from_slice::<atoll_core::cron::CronRun>(&message.payload) {
-                    runs.push(run);
-                }
-                if pending == 0 {
-                    break;
-                }
-            }
-            Ok(runs)
-        };
-        let mut runs = bounded("reading cron runs", NATS_OP_TIMEOUT, read).await?;
+        let value = bounded(
+            "reading cron runs",
+            NATS_OP_TIMEOUT,
+            self.inner.cron_runs.get(function),
+        )
+        .await?;
+        let mut runs: Vec<atoll_core::cron::CronRun> = value
+            .and_then(|value| serde_json::from_slice(&value).ok())
+            .unwrap_or_default();
         runs.sort_by(|a, b| b.tick.cmp(&a.tick).then(a.entry.cmp(&b.entry)));
-        runs.truncate(atoll_core::cron::KEPT_RUNS);
         Ok(runs)
     }
 
@@ -634,7 +679,8 @@ impl NatsStore {
     /// by compare-and-set. Refused, with no metadata written, if the module is empty or a
     /// route is served by another function.
     pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
-        if module.is_empty() {
+        // Only a route to origins has no module (its blob is the empty one).
+        if module.is_empty() && !manifest.is_origin_only() {
             return Err(StoreError::Invalid("module is empty".into()));
         }
         let name = manifest.name.clone();

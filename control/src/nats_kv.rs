@@ -28,8 +28,13 @@
 //!   - *other nodes* see a write when its watch event reaches them: usually within
 //!     milliseconds (the e2e test measures it), bounded by NATS's delivery, not by a TTL;
 //!   - *never a stale entry kept*: a read that raced a write does not fill the cache (see
-//!     [`Cache`]); while the watch is down or the connection is not up, reads skip the cache
-//!     and it is emptied.
+//!     [`Cache`]); while the watch is down, the connection is not up, or the client has
+//!     reconnected since the watch began, reads skip the cache and it is emptied.
+//!
+//!   The watch takes headers only (a key and its sequence), never the values. The cache
+//!   holds 64 MiB, an eighth of it at most per store, values up to 64 KiB.
+//! * **Buckets** are created by a store's first write (a read of a store never written is
+//!   answered "absent" without creating anything) and hold at most 1 GiB each.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -60,6 +65,9 @@ const MAX_ATTEMPTS: u32 = 64;
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Memory the node-local cache may hold, in value bytes, across all stores.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+/// Disk one store's bucket may use: writes beyond it fail (`Unavailable`) rather than fill
+/// the JetStream volume every store and the control plane share.
+pub const BUCKET_MAX_BYTES: i64 = 1 << 30;
 /// Values larger than this are not cached (they would crowd out many small ones).
 const LARGEST_CACHED_VALUE: usize = 64 << 10;
 /// Wait before reopening a bucket's watch that ended.
@@ -213,11 +221,13 @@ impl NatsKv {
         }
     }
 
-    /// The store's bucket, opened (created if missing) on first use.
-    async fn bucket(&self, store: &str) -> Result<Arc<Bucket>, KvError> {
+    /// The store's bucket, opened on first use; created if missing only for a write
+    /// (`create`), so reading a store that was never written costs nothing. `None`: no
+    /// such bucket (and not created).
+    async fn bucket(&self, store: &str, create: bool) -> Result<Option<Arc<Bucket>>, KvError> {
         rules::check_store_name(store)?;
         if let Some(bucket) = self.inner.buckets.read().expect("buckets").get(store) {
-            return Ok(Arc::clone(bucket));
+            return Ok(Some(Arc::clone(bucket)));
         }
         let nats = self
             .inner
@@ -229,25 +239,35 @@ impl NatsKv {
         let name = format!("{BUCKET_PREFIX}{store}");
         let kv_store = bounded("opening the store", async {
             match js.get_key_value(&name).await {
-                Ok(kv_store) => Ok(kv_store),
+                Ok(kv_store) => Ok(Some(kv_store)),
+                Err(_) if !create => Ok(None),
                 Err(_) => js
                     .create_key_value(kv::Config {
                         bucket: name.clone(),
                         description: format!("Atoll key-value store `{store}`"),
                         history: 1,
-                        max_value_size: rules::MAX_VALUE_BYTES as i32,
+                        max_value_size: (rules::MAX_VALUE_BYTES + MESSAGE_OVERHEAD) as i32,
+                        max_bytes: BUCKET_MAX_BYTES,
                         storage: stream::StorageType::File,
                         ..Default::default()
                     })
                     .await
+                    .map(Some)
                     .map_err(|error| unavailable(&format!("creating the NATS bucket {name}"), error)),
             }
         })
         .await?;
+        let Some(kv_store) = kv_store else {
+            return Ok(None);
+        };
         let (cache, watcher) = match self.inner.cache_bytes {
             Some(budget) => {
                 let cache = Arc::new(Cache::new(budget, Arc::clone(&self.inner.cached_bytes)));
-                let watcher = tokio::spawn(follow_writes(kv_store.clone(), Arc::clone(&cache)));
+                let watcher = tokio::spawn(follow_writes(
+                    kv_store.clone(),
+                    nats.client().clone(),
+                    Arc::clone(&cache),
+                ));
                 (Some(cache), Some(watcher.abort_handle()))
             }
             None => (None, None),
@@ -262,7 +282,9 @@ impl NatsKv {
         });
         let mut buckets = self.inner.buckets.write().expect("buckets");
         // Another call may have opened it meanwhile: keep the first, drop ours (and its watch).
-        Ok(Arc::clone(buckets.entry(store.to_string()).or_insert(bucket)))
+        Ok(Some(Arc::clone(
+            buckets.entry(store.to_string()).or_insert(bucket),
+        )))
     }
 
     /// Reads the node-local cache has answered so far.
@@ -292,8 +314,20 @@ impl NatsKv {
         let now = now_ms();
         let mut removed = 0;
         for store in stores {
-            let bucket = self.bucket(&store).await?;
-            for (key, sequence, expires_ms) in last_messages(&bucket).await? {
+            // One store failing (slow, huge) does not stop the sweep of the others.
+            let found = match self.bucket(&store, false).await {
+                Ok(Some(bucket)) => last_messages(&bucket).await.map(|found| (bucket, found)),
+                Ok(None) => continue,
+                Err(error) => Err(error),
+            };
+            let (bucket, found) = match found {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::warn!(%store, %error, "sweeping a KV store failed");
+                    continue;
+                }
+            };
+            for (key, sequence, expires_ms) in found {
                 if expires_ms != 0 && expires_ms <= now {
                     // Expected sequence: a key rewritten since keeps its new value.
                     if publish(&bucket, &key, Bytes::new(), 0, Some(sequence), true)
@@ -452,19 +486,17 @@ fn check_payload(bucket: &Bucket, value: &[u8]) -> Result<(), KvError> {
 
 /// Short random pause after a lost compare-and-set, so racing writers spread out.
 async fn back_off(attempt: u32) {
-    let spread = u64::from(attempt.min(8)) * 500;
-    let micros = u64::from(std::process::id()).wrapping_mul(now_ms() | 1) % spread.max(1);
-    tokio::time::sleep(Duration::from_micros(micros)).await;
+    let spread = u64::from(attempt.min(8) + 1) * 500;
+    tokio::time::sleep(Duration::from_micros(fastrand::u64(..spread))).await;
 }
 
 impl NatsKv {
     async fn get_entry(&self, store: &str, key: &str) -> Result<Option<KvEntry>, KvError> {
         rules::check_key(key)?;
-        let bucket = self.bucket(store).await?;
-        let Some(cache) = bucket.cache.as_ref().filter(|cache| {
-            cache.live.load(Ordering::Acquire)
-                && bucket.client.connection_state() == async_nats::connection::State::Connected
-        }) else {
+        let Some(bucket) = self.bucket(store, false).await? else {
+            return Ok(None);
+        };
+        let Some(cache) = bucket.cache.as_ref().filter(|cache| cache.usable(&bucket.client)) else {
             return Ok(entry_of(&read(&bucket, key).await?));
         };
         if let Some(hit) = cache.lookup(key, now_ms()) {
@@ -491,7 +523,7 @@ impl NatsKv {
         if let Some(ttl) = ttl {
             rules::check_ttl(ttl)?;
         }
-        let bucket = self.bucket(store).await?;
+        let bucket = self.bucket(store, true).await?.expect("created");
         check_payload(&bucket, &value)?;
         let expires_ms = ttl.map_or(0, |ttl| now_ms() + ttl * 1000);
         let expected = match if_revision {
@@ -520,7 +552,7 @@ impl NatsKv {
 
     async fn increment_entry(&self, store: &str, key: &str, delta: i64) -> Result<KvWritten, KvError> {
         rules::check_key(key)?;
-        let bucket = self.bucket(store).await?;
+        let bucket = self.bucket(store, true).await?.expect("created");
         for attempt in 0..MAX_ATTEMPTS {
             let current = read(&bucket, key).await?;
             let value = rules::increment(current.value.as_deref(), delta)?;
@@ -549,7 +581,9 @@ impl NatsKv {
 
     async fn delete_entry(&self, store: &str, key: &str) -> Result<bool, KvError> {
         rules::check_key(key)?;
-        let bucket = self.bucket(store).await?;
+        let Some(bucket) = self.bucket(store, false).await? else {
+            return Ok(false);
+        };
         for attempt in 0..MAX_ATTEMPTS {
             let current = read(&bucket, key).await?;
             if current.value.is_none() {
@@ -574,7 +608,9 @@ impl NatsKv {
         limit: usize,
     ) -> Result<KeyPage, KvError> {
         let limit = limit.clamp(1, rules::MAX_LIST_KEYS);
-        let bucket = self.bucket(store).await?;
+        let Some(bucket) = self.bucket(store, false).await? else {
+            return Ok(KeyPage::default());
+        };
         let now = now_ms();
         let mut keys: Vec<String> = last_messages(&bucket)
             .await?
@@ -636,30 +672,53 @@ impl KvBackend for NatsKv {
     }
 }
 
-/// Keeps a bucket's cache honest: every write's event removes what it makes stale. While
-/// the watch is not running the cache is empty and unused.
-async fn follow_writes(store: kv::Store, cache: Arc<Cache>) {
+/// Keeps a bucket's cache honest: every write's event (headers only: the key and its
+/// sequence, never the value) removes what it makes stale. While the watch is not running
+/// the cache is empty and unused; a reconnect of the client ends the watch too (events may
+/// have been missed while it was away), so it starts again from an empty cache.
+async fn follow_writes(store: kv::Store, client: async_nats::Client, cache: Arc<Cache>) {
     loop {
-        match store.watch_all().await {
-            Ok(mut writes) => {
-                cache.clear();
-                cache.live.store(true, Ordering::Release);
-                while let Some(write) = writes.next().await {
-                    match write {
-                        Ok(entry) => {
-                            if let Some(key) = decode_key(&entry.key) {
-                                cache.invalidate(&key, entry.revision);
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, bucket = %store.name, "the KV cache's watch failed; reads skip the cache until it is back");
-                            break;
-                        }
-                    }
-                }
-            }
+        let connects = client.statistics().connects.load(Ordering::Relaxed);
+        let consumer = store
+            .stream
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                description: Some("atoll kv cache".to_string()),
+                filter_subject: format!("{}>", store.prefix),
+                headers_only: true,
+                replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await;
+        let writes = match consumer {
+            Ok(consumer) => consumer.messages().await.ok(),
             Err(error) => {
                 tracing::debug!(%error, bucket = %store.name, "opening the KV cache's watch failed");
+                None
+            }
+        };
+        if let Some(mut writes) = writes {
+            cache.clear();
+            cache.connects.store(connects, Ordering::Release);
+            cache.live.store(true, Ordering::Release);
+            while let Some(write) = writes.next().await {
+                let Ok(write) = write else {
+                    tracing::warn!(bucket = %store.name, "the KV cache's watch failed; reads skip the cache until it is back");
+                    break;
+                };
+                if client.statistics().connects.load(Ordering::Relaxed) != connects {
+                    break;
+                }
+                let Ok(info) = write.info() else { continue };
+                let sequence = info.stream_sequence;
+                if let Some(key) = write
+                    .subject
+                    .strip_prefix(store.prefix.as_str())
+                    .and_then(decode_key)
+                {
+                    cache.invalidate(&key, sequence);
+                }
             }
         }
         cache.live.store(false, Ordering::Release);
@@ -701,6 +760,9 @@ impl Slot {
 pub struct Cache {
     slots: Mutex<HashMap<String, Slot>>,
     live: AtomicBool,
+    /// The client's connect count when the watch started: a reconnect since makes the
+    /// cache unusable until the watch starts again.
+    connects: AtomicU64,
     next_ticket: AtomicU64,
     budget: usize,
     used: Arc<AtomicUsize>,
@@ -729,11 +791,20 @@ impl Cache {
         Cache {
             slots: Mutex::new(HashMap::new()),
             live: AtomicBool::new(false),
+            connects: AtomicU64::new(0),
             next_ticket: AtomicU64::new(1),
             budget,
             used,
             bytes_here: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether reads may use the cache now: its watch runs, on the connection it started
+    /// on, and that connection is up.
+    fn usable(&self, client: &async_nats::Client) -> bool {
+        self.live.load(Ordering::Acquire)
+            && client.statistics().connects.load(Ordering::Relaxed) == self.connects.load(Ordering::Acquire)
+            && client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// The cached answer, if there is one.
@@ -796,7 +867,11 @@ impl Cache {
         if !fits {
             return;
         }
-        if self.used.load(Ordering::Relaxed) + size > self.budget {
+        // One store holds at most an eighth of the node's budget, so one tenant's hot store
+        // cannot crowd every other store out of the cache.
+        if self.used.load(Ordering::Relaxed) + size > self.budget
+            || self.bytes_here.load(Ordering::Relaxed) + size > self.budget / 8
+        {
             // Full: start this store's cache over rather than track recency per key.
             self.release(&mut slots);
             return;

@@ -147,7 +147,12 @@ impl ControlPlane {
     pub async fn cron_finish(&self, run: &atoll_core::cron::CronRun) -> Result<(), ControlError> {
         match self {
             ControlPlane::Registry(client) => Ok(client.cron_finish(run).await?),
-            ControlPlane::Nats(lazy) => Ok(lazy.get().await?.cron_finish(run).await?),
+            ControlPlane::Nats(lazy) => {
+                if !lazy.get().await?.cron_finish(run).await? {
+                    tracing::warn!(function = %run.function, tick = run.tick, "a cron outcome for a tick this node did not claim");
+                }
+                Ok(())
+            }
         }
     }
 

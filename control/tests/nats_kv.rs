@@ -125,6 +125,25 @@ async fn keys_of_any_shape_list_in_order_with_a_cursor() {
     }
     assert_eq!(listed, ["todo/*>", "todo/1", "todo/a.b", "todo/ünï code"]);
     assert!(kv.list("empty", "", None, 10).await.unwrap().keys.is_empty());
+    // Reading, listing or deleting in a store never written creates nothing.
+    assert_eq!(kv.get("never", "k").await.unwrap(), None);
+    assert!(!kv.delete("never", "k").await.unwrap());
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let mut names = async_nats::jetstream::new(client).stream_names();
+    let mut streams = Vec::new();
+    while let Some(name) = futures_util::StreamExt::next(&mut names).await {
+        streams.push(name.unwrap());
+    }
+    assert!(
+        streams.contains(&"KV_atoll_kv_default".to_string()),
+        "{streams:?}"
+    );
+    assert!(
+        !streams
+            .iter()
+            .any(|name| name.ends_with("_never") || name.ends_with("_empty")),
+        "{streams:?}"
+    );
 }
 
 #[tokio::test]

@@ -22,6 +22,17 @@ pub const MAX_PATH_BYTES: usize = 1024;
 pub const DRIFT_BOUND_SECONDS: u64 = 30;
 /// Runs `atoll cron NAME` keeps per function.
 pub const KEPT_RUNS: usize = 100;
+/// A claim is accepted only for a tick this close to the registry's clock (either way):
+/// a node whose clock is far off, or a forged claim, cannot take future ticks.
+pub const CLAIM_WINDOW_SECONDS: u64 = DRIFT_BOUND_SECONDS + 30;
+/// How long claims are remembered: well past the drift bound, so a late node cannot claim
+/// a tick again once it is forgotten.
+pub const CLAIMS_KEPT_SECONDS: u64 = 10 * 60;
+
+/// Whether `tick` may be claimed at `now` (both Unix seconds).
+pub fn claimable(tick: u64, now: u64) -> bool {
+    tick.abs_diff(now) <= CLAIM_WINDOW_SECONDS
+}
 
 /// A parsed schedule.
 #[derive(Debug, Clone)]
@@ -69,6 +80,8 @@ pub fn check_path(path: &str) -> Result<(), String> {
 pub enum Outcome {
     /// Claimed; the run has not reported yet (or its node went away).
     Running,
+    /// Claimed, then not run: too late by then, or the function not served on that node.
+    Skipped,
     /// The function answered with this status.
     Status(u16),
 }

@@ -28,6 +28,7 @@ pub mod kv;
 pub mod manifest;
 pub mod membership;
 pub mod model;
+pub mod origin;
 pub mod outbound;
 pub mod route;
 pub mod route_table;

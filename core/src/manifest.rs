@@ -9,7 +9,8 @@
 //!
 //! ```toml
 //! name = "echo"          # [a-z0-9-], 1..=63 chars, no leading/trailing '-'
-//! wasm = "echo.wasm"     # required; relative to the manifest
+//! wasm = "echo.wasm"     # the module, relative to the manifest; required unless `origins`
+//! origins = ["http://10.0.0.5:3000"]  # optional; servers to proxy to (see crate::origin)
 //! routes = ["echo.example.com", "*.echo.example.com", "api.example.com/echo"]
 //! [env]                  # optional; keys [A-Za-z_][A-Za-z0-9_]*
 //! GREETING = "hi"
@@ -31,6 +32,8 @@
 //! stores = ["todo"]      # store names, like function names; at most 16
 //! [services]             # optional; functions this one calls in-process (service bindings)
 //! AUTH = "auth"          # the guest sees ATOLL_SERVICE_AUTH=http://auth.atoll.internal
+//! [origin]               # optional, with `origins`; health checks, timeouts, retries
+//! health_path = "/"  health_interval = "5s"  connect_timeout = "2s"  timeout = "30s"  retries = 1
 //! [[cron]]               # optional, at most 8; scheduled runs (see crate::cron)
 //! schedule = "*/5 * * * *"  # cron pattern in UTC; 5 fields, or 6 with seconds first
 //! path = "/tasks/cleanup"   # requested as a GET with X_ATOLL_TRIGGER=cron
@@ -68,8 +71,17 @@ pub struct Manifest {
     /// Function name: `[a-z0-9-]`, 1..=63 chars, not starting or ending with `-`;
     /// unique in the registry. Required.
     pub name: String,
-    /// Path of the module, relative to the manifest. Required, non-empty.
+    /// Path of the module, relative to the manifest. Required unless `origins` is set;
+    /// empty for a route to origins only.
+    #[serde(default)]
     pub wasm: String,
+    /// Origin servers: without a module, the route proxies to them; with one, the function
+    /// reaches them at `http://origin.atoll.internal`. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<String>,
+    /// How the node talks to the origins.
+    #[serde(default, skip_serializing_if = "crate::origin::OriginOptions::is_default")]
+    pub origin: crate::origin::OriginOptions,
     /// `host[/path-prefix]` patterns, canonical form, at least one, no duplicates.
     pub routes: Vec<String>,
     /// Environment passed to the function. Default: empty.
@@ -412,6 +424,69 @@ impl Manifest {
         Ok((manifest, wasm))
     }
 
+    /// Whether the route only proxies to origins (no module).
+    pub fn is_origin_only(&self) -> bool {
+        self.wasm.is_empty() && !self.origins.is_empty()
+    }
+
+    /// The origins, parsed. Infallible for a manifest that went through [`Manifest::parse`].
+    pub fn origin_urls(&self) -> Vec<crate::origin::OriginUrl> {
+        self.origins
+            .iter()
+            .filter_map(|text| crate::origin::OriginUrl::parse(text).ok())
+            .collect()
+    }
+
+    fn validate_origins(&self) -> Result<(), String> {
+        if self.wasm.trim().is_empty() && !self.wasm.is_empty() {
+            return Err("`wasm` must not be empty".into());
+        }
+        if self.wasm.is_empty() && self.origins.is_empty() {
+            return Err("`wasm` is required (or `origins`, for a route to origin servers)".into());
+        }
+        if self.origins.len() > crate::origin::MAX_ORIGINS {
+            return Err(format!(
+                "`origins` lists {} servers; at most {} are allowed",
+                self.origins.len(),
+                crate::origin::MAX_ORIGINS
+            ));
+        }
+        let mut seen = Vec::new();
+        for text in &self.origins {
+            let origin = crate::origin::OriginUrl::parse(text)?;
+            if seen.contains(&origin) {
+                return Err(format!("origin {text:?} is listed twice"));
+            }
+            seen.push(origin);
+        }
+        if self.origins.is_empty() && !self.origin.is_default() {
+            return Err("[origin] needs `origins`".into());
+        }
+        self.origin.validate()?;
+        if self.is_origin_only() {
+            let needs_module = [
+                (!self.env.is_empty(), "[env]"),
+                (!self.outbound.is_default(), "[outbound]"),
+                (!self.services.is_empty(), "[services]"),
+                (!self.kv.is_default(), "[kv]"),
+                (!self.cron.is_empty(), "[[cron]]"),
+                (!self.scale.is_default(), "[scale]"),
+            ];
+            if let Some((_, section)) = needs_module.iter().find(|(set, _)| *set) {
+                return Err(format!(
+                    "{section} needs a `wasm` module; this route only proxies to `origins`"
+                ));
+            }
+        }
+        if self.services.values().any(|function| function == "origin") {
+            return Err(format!(
+                "services: `origin` cannot be bound: http://{} is this function's own origins",
+                crate::origin::ORIGIN_HOST
+            ));
+        }
+        Ok(())
+    }
+
     /// The routes, parsed. Infallible for a manifest that went through [`Manifest::parse`];
     /// entries that do not parse (a hand-built manifest) are skipped.
     pub fn route_patterns(&self) -> Vec<RoutePattern> {
@@ -421,9 +496,7 @@ impl Manifest {
     /// Checks every rule and canonicalises the routes.
     fn validate(&mut self) -> Result<(), ManifestError> {
         check_name(&self.name).map_err(ManifestError::Invalid)?;
-        if self.wasm.trim().is_empty() {
-            return Err(ManifestError::Invalid("`wasm` must not be empty".into()));
-        }
+        self.validate_origins().map_err(ManifestError::Invalid)?;
         if self.routes.is_empty() {
             return Err(ManifestError::Invalid(
                 "`routes` must list at least one route".into(),
@@ -827,10 +900,44 @@ timeout = "10s"
     }
 
     #[test]
+    fn origins_replace_or_sit_behind_the_module() {
+        let proxy = Manifest::parse(
+            "name = \"shop\"\nroutes = [\"shop.com\"]\norigins = [\"http://10.0.0.5:3000\", \"http://10.0.0.6:3000\"]\n[origin]\nhealth_path = \"/healthz\"\n",
+        )
+        .unwrap();
+        assert!(proxy.is_origin_only());
+        assert_eq!(proxy.origin_urls().len(), 2);
+        assert_eq!(proxy.origin.health_path(), "/healthz");
+        let behind = Manifest::parse(
+            "name = \"shop\"\nwasm = \"s.wasm\"\nroutes = [\"shop.com\"]\norigins = [\"http://10.0.0.5:3000\"]\n",
+        )
+        .unwrap();
+        assert!(!behind.is_origin_only());
+        let base = "name = \"shop\"\nroutes = [\"shop.com\"]\n";
+        assert!(error(base).contains("`wasm` is required (or `origins`"));
+        assert!(error(&format!("{base}origins = [\"10.0.0.5\"]\n")).contains("must start with http://"));
+        assert!(
+            error(&format!("{base}origins = [\"http://a\", \"http://a:80\"]\n")).contains("listed twice")
+        );
+        assert!(
+            error(&format!(
+                "{base}origins = [\"http://a\"]\n[kv]\nstores = [\"x\"]\n"
+            ))
+            .contains("[kv] needs a `wasm` module")
+        );
+        assert!(
+            error(&format!("{base}wasm = \"s.wasm\"\n[origin]\nretries = 1\n"))
+                .contains("[origin] needs `origins`")
+        );
+    }
+
+    #[test]
     fn missing_or_empty_wasm() {
         let m = error("name = \"e\"\nroutes = [\"a.com\"]");
-        assert!(m.contains("missing field `wasm`"), "{m}");
+        assert!(m.contains("`wasm` is required"), "{m}");
         let m = error("name = \"e\"\nwasm = \"\"\nroutes = [\"a.com\"]");
+        assert!(m.contains("`wasm` is required"), "{m}");
+        let m = error("name = \"e\"\nwasm = \" \"\nroutes = [\"a.com\"]");
         assert!(m.contains("`wasm` must not be empty"), "{m}");
     }
 

@@ -9,7 +9,8 @@
 //! `fuzz-corpus/`. Each input is checked against an independent reading of the same bytes:
 //! httparse (hyper's parser) for every head the validator lets through and a plain chunked
 //! decoder for the bodies, so the validator and hyper can never disagree on where a request
-//! ends. A failing case is written to `proptest-regressions/` and replayed first from then on.
+//! ends, nor on which request is an upgrade request (after its head everything passes
+//! through). A failing case is written to `proptest-regressions/` and replayed first from then on.
 
 use http::StatusCode;
 use proptest::prelude::*;
@@ -103,7 +104,7 @@ const VERSIONS: &[&str] = &[
     "HTTP/1.1 ",
     "HTTP/11",
 ];
-/// Field names: ordinary ones (5), the ones framing depends on (7), malformed ones.
+/// Field names: ordinary ones (5), the ones framing depends on (8), malformed ones.
 const NAMES: &[&str] = &[
     "X-Forwarded-For",
     "Connection",
@@ -112,6 +113,7 @@ const NAMES: &[&str] = &[
     "Accept",
     "Host",
     "host",
+    "Upgrade",
     "Content-Length",
     "content-length",
     "CONTENT-LENGTH",
@@ -128,10 +130,10 @@ const NAMES: &[&str] = &[
 
 /// A field name: an ordinary one most of the time, so that requests get through.
 fn field_name() -> impl Strategy<Value = &'static str> {
-    prop_oneof![8 => select(&NAMES[..5]), 3 => select(&NAMES[5..12]), 1 => select(NAMES)]
+    prop_oneof![8 => select(&NAMES[..5]), 3 => select(&NAMES[5..13]), 1 => select(NAMES)]
 }
 
-/// Field values, well-formed first (19).
+/// Field values, well-formed first (21).
 const VALUES: &[&str] = &[
     "a",
     "a:80",
@@ -149,6 +151,8 @@ const VALUES: &[&str] = &[
     "gzip;q=1, chunked",
     "gzip;q=\"a\\\"b\", chunked",
     "close",
+    "keep-alive, Upgrade",
+    "websocket",
     "100-continue",
     "\u{fc}",
     "",
@@ -188,7 +192,7 @@ struct Field {
 
 fn field() -> impl Strategy<Value = Field> {
     let value = prop_oneof![
-        4 => biased(VALUES, 19, 6).prop_map(String::from),
+        4 => biased(VALUES, 21, 6).prop_map(String::from),
         1 => any::<u16>().prop_map(|n| n.to_string()),
         1 => "[ -~\t]{0,12}",
     ];
@@ -468,9 +472,12 @@ fn feed_in_pieces(limits: H1Limits, stream: &[u8], cuts: &[usize]) -> Verdict {
 /// Where the validator, fed one byte at a time, saw each request's head and message end.
 #[derive(Debug, Default)]
 struct Trace {
-    /// `(head start, head end, message end if reached)` of each head it let through.
+    /// `(head start, head end, message end if reached)` of each head it let through, but
+    /// an upgrade request's.
     messages: Vec<(u64, u64, Option<u64>)>,
     passthrough: bool,
+    /// `(head start, head end)` of the upgrade request after which everything passes.
+    upgrade: Option<(u64, u64)>,
     verdict: Option<Verdict>,
 }
 
@@ -491,6 +498,13 @@ fn trace_bytewise(limits: H1Limits, stream: &[u8]) -> Trace {
         if validator.is_passthrough() {
             trace.passthrough = true;
             return trace;
+        }
+        if validator.upgraded_request().is_some() {
+            // From the upgrade request's head on, every byte is released as it comes.
+            trace.upgrade.get_or_insert((message_start, end));
+            assert_eq!(validator.upgraded_request(), Some(index));
+            assert_eq!(validator.release_to(), end);
+            continue;
         }
         // Released bytes never come back, and what is held back stays bounded.
         assert!(
@@ -561,9 +575,11 @@ fn chunked_end(stream: &[u8], body: usize) -> Option<usize> {
     }
 }
 
-/// The independent reading of one head the validator let through: what it must hold, and
-/// where its body ends (`None`: not within `stream`, or not framed).
-fn check_accepted_head(limits: H1Limits, stream: &[u8], start: usize, end: usize) -> Option<u64> {
+/// The independent reading of one head the validator let through: what it must hold, where
+/// its body ends (`None`: not within `stream`, or not framed), and whether it is an upgrade
+/// request (HTTP/1.1 `GET`, `upgrade` among the `Connection` options, a non-empty `Upgrade`,
+/// no body), after which the validator must pass everything through.
+fn check_accepted_head(limits: H1Limits, stream: &[u8], start: usize, end: usize) -> (Option<u64>, bool) {
     let head = &stream[start..end];
     let shown = String::from_utf8_lossy(head);
     for (index, &byte) in head.iter().enumerate() {
@@ -620,6 +636,14 @@ fn check_accepted_head(limits: H1Limits, stream: &[u8], start: usize, end: usize
             "control byte in a value accepted: {shown:?}"
         );
     }
+    let upgrade = !http10
+        && request.method == Some("GET")
+        && named("connection").iter().any(|value| {
+            value
+                .split(|&b| b == b',')
+                .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        })
+        && named("upgrade").iter().any(|value| !value.is_empty());
     let hosts = named("host");
     assert!(hosts.len() <= 1 && (http10 || hosts.len() == 1), "{shown:?}");
     let lengths = named("content-length");
@@ -641,7 +665,7 @@ fn check_accepted_head(limits: H1Limits, stream: &[u8], start: usize, end: usize
             elements.len() == 1 && elements[0].eq_ignore_ascii_case("chunked"),
             "Transfer-Encoding {elements:?} accepted: {shown:?}"
         );
-        return chunked_end(stream, end).map(|end| end as u64);
+        return (chunked_end(stream, end).map(|end| end as u64), false);
     }
     match lengths.first() {
         Some(value) => {
@@ -650,11 +674,12 @@ fn check_accepted_head(limits: H1Limits, stream: &[u8], start: usize, end: usize
                 "{shown:?}"
             );
             let length: u64 = std::str::from_utf8(value).unwrap().parse().unwrap();
-            (end as u64)
+            let end = (end as u64)
                 .checked_add(length)
-                .filter(|&body_end| body_end <= stream.len() as u64)
+                .filter(|&body_end| body_end <= stream.len() as u64);
+            (end, upgrade && length == 0)
         }
-        None => Some(end as u64),
+        None => (Some(end as u64), upgrade),
     }
 }
 
@@ -704,7 +729,11 @@ fn check_h1(limits: H1Limits, stream: &[u8], cuts: &[usize]) {
     let completed = trace.messages.iter().filter(|m| m.2.is_some()).count() as u64;
     assert_eq!(completed, whole.request_index, "{shown:?}");
     for (index, &(start, head_end, message_end)) in trace.messages.iter().enumerate() {
-        let expected_end = check_accepted_head(limits, stream, start as usize, head_end as usize);
+        let (expected_end, upgrade) = check_accepted_head(limits, stream, start as usize, head_end as usize);
+        assert!(
+            !upgrade,
+            "request {index} is an upgrade request, not switched: {shown:?}"
+        );
         let body_refused = matches!(&whole.violation,
             Some(v) if v.stage == Stage::Body && v.request_index == index as u64);
         match message_end {
@@ -719,6 +748,18 @@ fn check_h1(limits: H1Limits, stream: &[u8], cuts: &[usize]) {
                 "request {index} is complete for hyper, not for the validator: {shown:?}"
             ),
         }
+    }
+
+    // An upgrade request's head, read alike, switches: everything after it is released.
+    if let Some((start, head_end)) = trace.upgrade {
+        let (expected_end, upgrade) = check_accepted_head(limits, stream, start as usize, head_end as usize);
+        assert!(
+            upgrade && expected_end == Some(head_end),
+            "switched on a head that is no upgrade request: {shown:?}"
+        );
+        assert_eq!(whole.violation, None, "{shown:?}");
+        assert_eq!(whole.release_to, stream.len() as u64, "{shown:?}");
+        return;
     }
 
     // Nothing of a refused or incomplete head is released to hyper.

@@ -8,6 +8,14 @@
 //! ([`crate::h1_guard`]), HTTP/2 stream and reset limits. On shutdown the loop stops
 //! accepting, in-flight requests finish within the grace period, then the function returns.
 //!
+//! HTTP/1.1 upgrades (WebSocket) pass through: a handler answers an upgrade request with
+//! `101 Switching Protocols` and takes the connection with `hyper::upgrade::on(&mut request)`.
+//! Only a request the guard saw as one (`GET`, `Connection: upgrade`, `Upgrade`, no body)
+//! carries hyper's `OnUpgrade`; the guard checks nothing after its head, so any answer but
+//! 101 gets `Connection: close`. An upgraded connection still counts against the
+//! connection cap until the handler drops it; the idle timeout and graceful shutdown end
+//! with hyper's part, at the upgrade.
+//!
 //! What answers is a [`Handler`], which this crate knows only by that trait: its responses
 //! carry its own body type ([`HandlerBody`]), served as it is, without boxing. A request on
 //! a TLS connection for a host the connection's certificate does not cover gets a 421
@@ -15,8 +23,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::activity::Activity;
@@ -27,9 +37,9 @@ use hyper::body::Body;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::h1_guard::{GuardState, GuardedIo, H1Limits, Rejection};
 use crate::tls::Certificates;
@@ -249,10 +259,13 @@ pub async fn serve_with<H: Handler>(
         };
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            connection.run(stream, acceptor, watcher).await;
-            drop(permit);
-        });
+        // The permit lives as long as the socket: after hyper is done with it, an upgraded
+        // connection the handler took still counts.
+        let stream = Capped {
+            io: stream,
+            _permit: permit,
+        };
+        tokio::spawn(connection.run(stream, acceptor, watcher));
     }
     drop(listener);
     tokio::select! {
@@ -291,6 +304,53 @@ struct Connection<H> {
     remote: SocketAddr,
 }
 
+/// A socket and its place under the listener's connection cap, given back when the socket
+/// is dropped.
+struct Capped<S> {
+    io: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 /// Per-connection bookkeeping shared by its requests: for the idle timeout ([`Activity`],
 /// one implementation for the edge and the registry) and the guard.
 struct ConnectionState {
@@ -303,7 +363,7 @@ struct ConnectionState {
 impl<H: Handler> Connection<H> {
     async fn run(
         self,
-        stream: TcpStream,
+        stream: Capped<TcpStream>,
         acceptor: Option<tokio_rustls::TlsAcceptor>,
         watcher: hyper_util::server::graceful::Watcher,
     ) {
@@ -394,7 +454,9 @@ impl<H: Handler> Connection<H> {
         } else {
             let io = GuardedIo::new(io, limits.h1(), Arc::clone(&state.guard))
                 .with_header_timeout(limits.header_read_timeout);
-            let connection = builder.serve_connection(TokioIo::new(io), service);
+            // With upgrades: after a 101 hyper hands the connection (and what it read ahead)
+            // to the handler's `hyper::upgrade::on`, and this future ends.
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::select! {
                 result = watcher.watch(connection.into_owned()) => result,
                 () = state.activity.idle(limits.idle_timeout) => Ok(()),
@@ -407,14 +469,44 @@ impl<H: Handler> Connection<H> {
 }
 
 /// One request through the connection's checks, then the handler.
+///
+/// The request reaches the handler as hyper made it, extensions and all, so an HTTP/1.1
+/// upgrade request carries hyper's `OnUpgrade` — but only one the guard saw as an upgrade
+/// request: on HTTP/1 anything else hyper would hand over (`Upgrade` without
+/// `Connection: upgrade`, with a body, CONNECT) was validated as HTTP/1 and must stay so,
+/// and without `OnUpgrade` a 101 or a CONNECT 2xx only ends the connection. An upgrade
+/// request answered with anything but 101 closes the connection: the guard checks nothing
+/// after its head. HTTP/2 (no guard) is left as hyper serves it.
 async fn respond<H: Handler>(
     handler: Arc<H>,
     ingress: &Ingress,
     state: &ConnectionState,
-    request: Request<hyper::body::Incoming>,
+    mut request: Request<hyper::body::Incoming>,
     info: ConnectionInfo,
 ) -> Response<H::Body> {
     let index = state.requests.fetch_add(1, Ordering::Relaxed);
+    let upgrade = state.guard.upgrade_requested(index);
+    if !upgrade && request.version() < http::Version::HTTP_2 {
+        request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    }
+    let mut response = answer(handler, ingress, state, index, request, info).await;
+    if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// The answer to the `index`-th request: a refusal, the 421, or the handler's.
+async fn answer<H: Handler>(
+    handler: Arc<H>,
+    ingress: &Ingress,
+    state: &ConnectionState,
+    index: u64,
+    request: Request<hyper::body::Incoming>,
+    info: ConnectionInfo,
+) -> Response<H::Body> {
     if let Some(rejection) = state.guard.rejection_for(index) {
         return rejection_response(&rejection);
     }

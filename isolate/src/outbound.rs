@@ -192,6 +192,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct OutboundClient {
     public: reqwest::Client,
     internal: reqwest::Client,
+    /// The trust roots, for the origin clients made later ([`OutboundClient::origin_client`]).
+    root_store: Arc<rustls::RootCertStore>,
     runtime: tokio::runtime::Handle,
     roots: usize,
     /// Whether a host listed by name may be internal (see [`check_destination`]).
@@ -302,12 +304,43 @@ impl OutboundClient {
         Ok(Arc::new(OutboundClient {
             public: build(Reach::Public)?,
             internal: build(Reach::Internal)?,
+            root_store: Arc::clone(&roots),
             runtime: tokio::runtime::Handle::current(),
             roots: count,
             listed_internal: internal == InternalPolicy::Listed,
             waits: Arc::new(tokio::sync::Semaphore::new(max_waits.max(1))),
             max_waits: max_waits.max(1),
         }))
+    }
+
+    /// A client of its own for one function's origins (its own connection pool, so no
+    /// connection is shared between tenants): the same trust roots and address guard as
+    /// outbound calls, HTTP/1.1 (upgrades such as WebSocket pass through it), redirects
+    /// returned, not followed. `reach`: whether the origins may be internal addresses.
+    pub fn origin_client(
+        &self,
+        reach: Reach,
+        connect_timeout: Duration,
+    ) -> Result<reqwest::Client, OutboundSetupError> {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| OutboundSetupError::Client(error.to_string()))?
+        .with_root_certificates(Arc::clone(&self.root_store))
+        .with_no_client_auth();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .dns_resolver(GuardedResolver(reach))
+            .no_proxy()
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build()
+            .map_err(|error| OutboundSetupError::Client(error.to_string()))
     }
 
     /// The pool for calls of this reach.

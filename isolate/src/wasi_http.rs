@@ -115,6 +115,9 @@ pub struct ServiceCall {
     pub deadline: Instant,
     /// Largest response body the caller can hold.
     pub max_response_bytes: u64,
+    /// A call to the caller's own origins (`http://origin.atoll.internal/…`), not to a
+    /// function: `function` is then the caller.
+    pub origin: bool,
 }
 
 /// What a service call answered: the callee's response, whatever its status.
@@ -160,6 +163,8 @@ pub struct OutboundAccess {
     pub function: String,
     /// Functions it may call through service bindings.
     pub services: Vec<String>,
+    /// Whether the manifest lists origins, which `http://origin.atoll.internal` reaches.
+    pub origins: bool,
     /// The node's side of service calls; `None` refuses them.
     pub service_caller: Option<Arc<dyn ServiceCaller>>,
     pub allowed: AllowedHosts,
@@ -418,7 +423,8 @@ type Exchange = Pin<Box<dyn Future<Output = Result<(u16, HeldResponse), Failure>
 /// Where an allowed call goes.
 enum Destination {
     Network(crate::outbound::Reach),
-    Service(Arc<dyn ServiceCaller>, String),
+    /// A function on this node; `true`: the caller's origins instead.
+    Service(Arc<dyn ServiceCaller>, String, bool),
 }
 
 /// Why a call that was sent produced no response.
@@ -525,6 +531,20 @@ pub(crate) fn req(
             return Ok(TOO_MANY_SESSIONS);
         }
         let destination = match service_target(&target.host) {
+            _ if target.host == atoll_core::origin::ORIGIN_HOST => {
+                if !access.origins {
+                    context.log_host_line(&format!(
+                        "outbound call to {} refused: the manifest lists no origins",
+                        target.url
+                    ));
+                    return Ok(DESTINATION_NOT_ALLOWED);
+                }
+                let Some(caller) = access.service_caller.clone() else {
+                    context.log_host_line("origin calls are not available here");
+                    return Ok(DESTINATION_NOT_ALLOWED);
+                };
+                Destination::Service(caller, access.function.clone(), true)
+            }
             Some(function) => {
                 if !access.services.iter().any(|bound| bound == function) {
                     context.log_host_line(&format!(
@@ -543,7 +563,7 @@ pub(crate) fn req(
                     context.log_host_line("service calls are not available here");
                     return Ok(DESTINATION_NOT_ALLOWED);
                 };
-                Destination::Service(caller, function.to_string())
+                Destination::Service(caller, function.to_string(), false)
             }
             None => match check_destination(
                 &access.allowed,
@@ -605,8 +625,9 @@ pub(crate) fn req(
                     .body(body);
                 Box::pin(send(request, budget))
             }
-            Destination::Service(caller, function) => {
+            Destination::Service(caller, function, origin) => {
                 let call = ServiceCall {
+                    origin,
                     caller: access.function.clone(),
                     function,
                     method: method.clone(),

@@ -145,6 +145,7 @@ fn access(client: &Arc<OutboundClient>, allowed: &[&str]) -> OutboundAccess {
         client: Arc::clone(client),
         function: "caller".into(),
         services: Vec::new(),
+        origins: false,
         service_caller: None,
         allowed: AllowedHosts::parse(allowed).unwrap(),
         max_requests: 50,

@@ -352,6 +352,18 @@ impl Registry {
     ) -> Result<Version, RegistryError> {
         let manifest = Manifest::parse(manifest_text)?;
         caller.require_manifest(&manifest, "push")?;
+        if manifest.is_origin_only() {
+            // A route to origins: nothing to compile; its "module" is the empty blob.
+            if !module.is_empty() {
+                return Err(RegistryError::Manifest(ManifestError::Invalid(
+                    "this manifest has no `wasm` (it proxies to `origins`), but a module was sent".into(),
+                )));
+            }
+            let name = manifest.name.clone();
+            let version = self.store.push(manifest, module).await?;
+            tracing::info!("pushed {name} v{} (origins only)", version.version);
+            return Ok(version);
+        }
         if module.is_empty() {
             return Err(RegistryError::EmptyModule);
         }
@@ -738,7 +750,9 @@ async fn push(
     }
     let manifest =
         manifest.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "missing part `manifest`"))?;
-    let module = module.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "missing part `module`"))?;
+    // A route to origins has no module: the part may be absent (a function's empty one is
+    // refused by the push with "module is empty").
+    let module = module.unwrap_or_default();
     let version = app.registry.push_as(&caller, &manifest, module).await?;
     Ok((
         StatusCode::CREATED,
@@ -986,8 +1000,27 @@ async fn cron_claim(
     axum::Json(run): axum::Json<CronRun>,
 ) -> Result<StatusCode, ApiError> {
     let run = cron_run_from(&name, run)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    if !atoll_core::cron::claimable(run.tick, now) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "tick {} is more than {} s from the registry's clock ({now}): is the node's clock right?",
+                run.tick,
+                atoll_core::cron::CLAIM_WINDOW_SECONDS
+            ),
+        ));
+    }
+    if app.registry.store.get(&name).await?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no function `{name}`"),
+        ));
+    }
     let claimed = match &app.registry.store {
-        Backend::Embedded(_) => app.registry.cron.claim(run),
+        Backend::Embedded(_) => app.registry.cron.claim(run, now),
         Backend::Nats(store) => store.cron_claim(&run).await?,
     };
     if claimed {
@@ -1008,10 +1041,7 @@ async fn cron_finish(
     let run = cron_run_from(&name, run)?;
     let recorded = match &app.registry.store {
         Backend::Embedded(_) => app.registry.cron.finish(run),
-        Backend::Nats(store) => {
-            store.cron_finish(&run).await?;
-            true
-        }
+        Backend::Nats(store) => store.cron_finish(&run).await?,
     };
     if recorded {
         Ok(StatusCode::NO_CONTENT)

@@ -1,72 +1,72 @@
 //! Cron claims on the embedded store: which node runs each tick, and how it went.
 //!
 //! Nodes following this registry claim a tick before running it (`POST /v1/cron/{name}`);
-//! the first claim wins and later ones are refused, so each tick runs on one node. The
-//! book lives in memory: a restarted registry forgets past runs (`atoll cron` starts
-//! empty) and could let a tick claimed just before the restart be claimed again, within
-//! the drift bound. On NATS the book is a KV bucket instead (`atoll_control::nats`).
+//! the first claim wins and later ones are refused, so each tick runs on one node. Claims
+//! are remembered for [`CLAIMS_KEPT_SECONDS`] (far past the drift bound, after which no
+//! node tries a tick), apart from the last [`KEPT_RUNS`] runs per function that
+//! `atoll cron` shows. Both live in memory: a restarted registry forgets past runs, and a
+//! tick claimed just before the restart could be claimed again within the drift bound. On
+//! NATS both are KV buckets instead (`atoll_control::nats`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use atoll_core::cron::{CronRun, KEPT_RUNS};
+use atoll_core::cron::{CLAIMS_KEPT_SECONDS, CronRun, KEPT_RUNS, claim_key};
 
-/// The last [`KEPT_RUNS`] runs of every function.
 #[derive(Debug, Default)]
-pub struct CronBook {
-    runs: Mutex<HashMap<String, VecDeque<CronRun>>>,
+struct Book {
+    /// Claim key → (tick, node).
+    claims: HashMap<String, (u64, String)>,
+    /// Per function, the last runs, oldest first.
+    runs: HashMap<String, VecDeque<CronRun>>,
 }
 
-fn same_tick(a: &CronRun, b: &CronRun) -> bool {
-    a.entry == b.entry && a.tick == b.tick
+/// Claims and the last runs of every function.
+#[derive(Debug, Default)]
+pub struct CronBook {
+    book: Mutex<Book>,
 }
 
 impl CronBook {
-    /// Records the claim; `false` if the tick was claimed already.
-    pub fn claim(&self, run: CronRun) -> bool {
-        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        let kept = runs.entry(run.function.clone()).or_default();
-        if kept.iter().any(|known| same_tick(known, &run)) {
+    /// Records the claim at `now` (Unix seconds); `false` if the tick was claimed already.
+    pub fn claim(&self, run: CronRun, now: u64) -> bool {
+        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        book.claims
+            .retain(|_, (tick, _)| tick.saturating_add(CLAIMS_KEPT_SECONDS) >= now);
+        let key = claim_key(&run.function, run.entry, run.tick);
+        if book.claims.contains_key(&key) {
             return false;
         }
-        // A tick older than every kept one (and the book full) is long past its drift
-        // bound: refuse it rather than forget which node ran it.
-        if kept.len() >= KEPT_RUNS && kept.iter().all(|known| known.tick > run.tick) {
-            return false;
-        }
+        book.claims.insert(key, (run.tick, run.node.clone()));
+        let kept = book.runs.entry(run.function.clone()).or_default();
         kept.push_back(run);
-        if kept.len() > KEPT_RUNS {
-            let oldest = kept
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, known)| known.tick)
-                .map(|(index, _)| index)
-                .expect("not empty");
-            kept.remove(oldest);
+        while kept.len() > KEPT_RUNS {
+            kept.pop_front();
         }
         true
     }
 
-    /// Records how the claimed run ended; `false` if it was not claimed by that node.
+    /// Records how the claimed run ended; `false` if that node holds no such claim.
     pub fn finish(&self, run: CronRun) -> bool {
-        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(known) = runs
-            .get_mut(&run.function)
-            .and_then(|kept| kept.iter_mut().find(|known| same_tick(known, &run)))
-        else {
-            return false;
-        };
-        if known.node != run.node {
+        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        let key = claim_key(&run.function, run.entry, run.tick);
+        if book.claims.get(&key).is_none_or(|(_, node)| *node != run.node) {
             return false;
         }
-        *known = run;
+        if let Some(known) = book.runs.get_mut(&run.function).and_then(|kept| {
+            kept.iter_mut()
+                .find(|known| known.entry == run.entry && known.tick == run.tick)
+        }) {
+            *known = run;
+        }
         true
     }
 
     /// A function's runs, newest first.
     pub fn runs(&self, function: &str) -> Vec<CronRun> {
-        let runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<CronRun> = runs
+        let book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<CronRun> = book
+            .runs
             .get(function)
             .map(|kept| kept.iter().cloned().collect())
             .unwrap_or_default();
@@ -80,10 +80,10 @@ mod tests {
     use super::*;
     use atoll_core::cron::Outcome;
 
-    fn run(tick: u64, node: &str) -> CronRun {
+    fn run(entry: usize, tick: u64, node: &str) -> CronRun {
         CronRun {
             function: "f".into(),
-            entry: 0,
+            entry,
             path: "/t".into(),
             tick,
             node: node.into(),
@@ -95,31 +95,41 @@ mod tests {
     #[test]
     fn the_first_claim_of_a_tick_wins_and_only_its_node_finishes_it() {
         let book = CronBook::default();
-        assert!(book.claim(run(10, "a")));
-        assert!(!book.claim(run(10, "b")));
-        assert!(book.claim(run(12, "b")));
+        assert!(book.claim(run(0, 10, "a"), 10));
+        assert!(!book.claim(run(0, 10, "b"), 10));
+        assert!(book.claim(run(1, 10, "b"), 10), "another entry, same tick");
+        assert!(book.claim(run(0, 12, "b"), 12));
         assert!(!book.finish(CronRun {
             outcome: Outcome::Status(200),
-            ..run(10, "b")
+            ..run(0, 10, "b")
         }));
         assert!(book.finish(CronRun {
             outcome: Outcome::Status(200),
-            ..run(10, "a")
+            ..run(0, 10, "a")
         }));
         let runs = book.runs("f");
+        assert_eq!(runs.len(), 3);
         assert_eq!((runs[0].tick, runs[1].tick), (12, 10));
-        assert_eq!(runs[1].outcome, Outcome::Status(200));
+        assert!(
+            runs.iter()
+                .any(|run| run.node == "a" && run.outcome == Outcome::Status(200))
+        );
     }
 
     #[test]
-    fn the_book_keeps_the_newest_runs() {
+    fn claims_outlive_the_shown_runs_and_are_forgotten_only_long_after() {
         let book = CronBook::default();
-        for tick in 0..(KEPT_RUNS as u64 + 5) {
-            assert!(book.claim(run(tick, "a")));
+        // Eight entries every second fill the shown runs in seconds; the claims stay.
+        for tick in 0..20 {
+            for entry in 0..8 {
+                assert!(book.claim(run(entry, tick, "a"), tick));
+            }
         }
-        let runs = book.runs("f");
-        assert_eq!(runs.len(), KEPT_RUNS);
-        assert_eq!(runs.last().unwrap().tick, 5);
-        assert!(!book.claim(run(1, "b")), "older than everything kept");
+        assert_eq!(book.runs("f").len(), KEPT_RUNS);
+        assert!(!book.claim(run(0, 0, "b"), 25), "a claimed tick stays claimed");
+        assert!(
+            book.claim(run(0, 0, "b"), CLAIMS_KEPT_SECONDS + 1),
+            "long after, forgotten"
+        );
     }
 }

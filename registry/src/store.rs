@@ -226,7 +226,8 @@ impl Store {
     /// `manifest` must be validated ([`Manifest::parse`]). Refused, with nothing stored, if
     /// the module is empty or a route is served by another function.
     pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
-        if module.is_empty() {
+        // Only a route to origins has no module (its blob is the empty one).
+        if module.is_empty() && !manifest.is_origin_only() {
             return Err(StoreError::Invalid("module is empty".into()));
         }
         let guard = self.inner.write.clone().lock_owned().await;

@@ -22,6 +22,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cluster::ForwardInFlight;
 
+/// Chunks of a body from elsewhere (an origin).
+pub type ChunkStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, BoxError>> + Send>>;
+
 /// A response body: see the module documentation.
 pub enum ResponseBody {
     /// All of it, taken by the first poll.
@@ -30,6 +33,8 @@ pub enum ResponseBody {
     Function(BodyReader),
     /// A peer's answer, relayed as it arrives.
     Peer(PeerBody),
+    /// An origin's answer, relayed as it arrives, with its length when the origin said it.
+    Stream(ChunkStream, Option<u64>),
     /// A streamed body with something that must live as long as it does: the in-flight
     /// marks of the node and of the connection (so its idle timeout does not cut a long
     /// download).
@@ -45,6 +50,7 @@ impl std::fmt::Debug for ResponseBody {
                 .finish(),
             ResponseBody::Function(_) => formatter.write_str("Function"),
             ResponseBody::Peer(_) => formatter.write_str("Peer"),
+            ResponseBody::Stream(_, length) => formatter.debug_tuple("Stream").field(length).finish(),
             ResponseBody::Held(body, _) => formatter.debug_tuple("Held").field(body).finish(),
         }
     }
@@ -57,6 +63,11 @@ impl ResponseBody {
 
     pub fn empty() -> Self {
         ResponseBody::Whole(None)
+    }
+
+    /// Chunks as they come; `length` when known up front.
+    pub fn stream(chunks: ChunkStream, length: Option<u64>) -> Self {
+        ResponseBody::Stream(chunks, length)
     }
 
     /// Whether the body goes out as it arrives (its length is not known up front).
@@ -107,6 +118,10 @@ impl Body for ResponseBody {
                 .poll_chunk(context)
                 .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data).map_err(BoxError::from))),
             ResponseBody::Peer(peer) => peer.poll(context),
+            ResponseBody::Stream(chunks, _) => chunks
+                .as_mut()
+                .poll_next(context)
+                .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data))),
             ResponseBody::Held(body, _) => Pin::new(body.as_mut()).poll_frame(context),
         }
     }
@@ -116,6 +131,7 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ResponseBody::Function(reader) => reader.is_end_stream(),
             ResponseBody::Peer(peer) => peer.body.is_end_stream(),
+            ResponseBody::Stream(_, length) => *length == Some(0),
             ResponseBody::Held(body, _) => body.is_end_stream(),
         }
     }
@@ -125,6 +141,8 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Function(_) => SizeHint::default(),
             ResponseBody::Peer(peer) => peer.body.size_hint(),
+            ResponseBody::Stream(_, Some(length)) => SizeHint::with_exact(*length),
+            ResponseBody::Stream(_, None) => SizeHint::default(),
             ResponseBody::Held(body, _) => body.size_hint(),
         }
     }

@@ -12,10 +12,16 @@
 //! * **Drift.** A node that reaches a tick more than [`DRIFT_BOUND_SECONDS`] late (paused,
 //!   overloaded, or the control plane slow) skips it and counts it
 //!   (`atoll_cron_skipped_total`), rather than firing a burst of stale runs.
+//!   The bound is checked again once the claim is won: a claim that waited on a slow
+//!   control plane does not run late.
+//! * **Bounded.** A claim waits at most [`CLAIM_TIMEOUT`]; an entry whose previous run is
+//!   still going on this node skips its next tick here (another node may take it); at most
+//!   [`MAX_RUNS`] scheduled runs go on at once per node. Every skip is counted.
 //! * **New entries start from now**: a node that starts, or learns of a new version, runs
-//!   no tick from before it saw the schedule.
+//!   no tick from before it saw the schedule; after a long pause it jumps to the drift
+//!   bound instead of walking every missed tick.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +38,16 @@ use crate::service::invoke;
 const TICK_CHECK: Duration = Duration::from_millis(200);
 /// How long a node of rank N waits (N times this, at most 3) before claiming a tick.
 pub const CLAIM_DELAY_PER_RANK: Duration = Duration::from_millis(400);
+/// Longest a claim may take.
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scheduled runs going on at once on a node, at most.
+pub const MAX_RUNS: usize = 64;
+
+/// The entries (function, index) with a run going on here, and the node's run slots.
+#[derive(Default)]
+struct Running {
+    entries: std::sync::Mutex<HashSet<(String, usize)>>,
+}
 
 /// Runs claimed ticks: an in-process GET through the function's pool.
 pub struct CronScheduler {
@@ -39,6 +55,13 @@ pub struct CronScheduler {
     executor: Arc<GuestExecutor>,
     control: Arc<ControlPlane>,
     cluster: Arc<Cluster>,
+    running: Arc<Running>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+fn skipped(function: &str, why: &'static str) {
+    metrics::counter!("atoll_cron_skipped_total", "function" => function.to_string(), "why" => why)
+        .increment(1);
 }
 
 fn unix_now() -> u64 {
@@ -62,6 +85,8 @@ impl CronScheduler {
             executor,
             control,
             cluster,
+            running: Arc::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_RUNS)),
         })
     }
 
@@ -81,12 +106,12 @@ impl CronScheduler {
 
     /// Fires every tick due since the last check; forgets entries no longer served.
     fn check(&self, followed: &mut Followed, parsed: &mut HashMap<String, Option<Schedule>>, now: u64) {
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for served in self.routing.functions() {
             let manifest = &served.deployment.manifest;
             for (index, entry) in manifest.cron.iter().enumerate() {
                 let key = (manifest.name.clone(), index, entry.schedule.clone());
-                seen.push(key.clone());
+                seen.insert(key.clone());
                 let Some(schedule) = parsed
                     .entry(entry.schedule.clone())
                     .or_insert_with(|| entry.schedule.parse().ok())
@@ -95,14 +120,23 @@ impl CronScheduler {
                     continue;
                 };
                 let last = followed.entry(key).or_insert(now);
+                if now.saturating_sub(*last) > DRIFT_BOUND_SECONDS {
+                    // Paused for long: what lies beyond the bound would be skipped anyway.
+                    skipped(&manifest.name, "late");
+                    tracing::warn!(function = %manifest.name, behind = now - *last, "cron ticks skipped: the node fell behind past the drift bound");
+                    *last = now - DRIFT_BOUND_SECONDS;
+                }
                 while let Some(tick) = schedule.next_after(*last).filter(|tick| *tick <= now) {
                     *last = tick;
-                    if now - tick > DRIFT_BOUND_SECONDS {
-                        metrics::counter!("atoll_cron_skipped_total", "function" => manifest.name.clone())
-                            .increment(1);
-                        tracing::warn!(function = %manifest.name, tick, "cron tick skipped: past the drift bound");
+                    let entry_key = (manifest.name.clone(), index);
+                    if self.running.entries.lock().expect("running").contains(&entry_key) {
+                        skipped(&manifest.name, "overlap");
                         continue;
                     }
+                    let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+                        skipped(&manifest.name, "busy");
+                        continue;
+                    };
                     let run = CronRun {
                         function: manifest.name.clone(),
                         entry: index,
@@ -112,13 +146,24 @@ impl CronScheduler {
                         outcome: Outcome::Running,
                         duration_ms: None,
                     };
-                    tokio::spawn(Self::fire(
+                    self.running
+                        .entries
+                        .lock()
+                        .expect("running")
+                        .insert(entry_key.clone());
+                    let running = Arc::clone(&self.running);
+                    let fire = Self::fire(
                         Arc::clone(&self.routing),
                         Arc::clone(&self.executor),
                         Arc::clone(&self.control),
                         self.cluster.cron_rank(&manifest.name),
                         run,
-                    ));
+                    );
+                    tokio::spawn(async move {
+                        fire.await;
+                        running.entries.lock().expect("running").remove(&entry_key);
+                        drop(slot);
+                    });
                 }
             }
         }
@@ -135,7 +180,10 @@ impl CronScheduler {
         mut run: CronRun,
     ) {
         tokio::time::sleep(CLAIM_DELAY_PER_RANK * rank.min(3) as u32).await;
-        match control.cron_claim(&run).await {
+        match tokio::time::timeout(CLAIM_TIMEOUT, control.cron_claim(&run))
+            .await
+            .unwrap_or_else(|_| Err(atoll_control::ControlError::Timeout(CLAIM_TIMEOUT)))
+        {
             Ok(true) => {}
             Ok(false) => return,
             Err(error) => {
@@ -145,7 +193,12 @@ impl CronScheduler {
                 return;
             }
         }
-        let Some(served) = routing.function(&run.function) else {
+        let late = unix_now().saturating_sub(run.tick) > DRIFT_BOUND_SECONDS;
+        let served = routing.function(&run.function);
+        let Some(served) = served.filter(|_| !late) else {
+            skipped(&run.function, if late { "late" } else { "not-served" });
+            run.outcome = Outcome::Skipped;
+            let _ = tokio::time::timeout(CLAIM_TIMEOUT, control.cron_finish(&run)).await;
             return;
         };
         let (raw_path, query) = match run.path.split_once('?') {
@@ -178,7 +231,7 @@ impl CronScheduler {
         tracing::info!(function = %run.function, tick = run.tick, status, ms = elapsed.as_millis() as u64, "cron run");
         run.outcome = Outcome::Status(status);
         run.duration_ms = Some(elapsed.as_millis() as u64);
-        if let Err(error) = control.cron_finish(&run).await {
+        if let Ok(Err(error)) = tokio::time::timeout(CLAIM_TIMEOUT, control.cron_finish(&run)).await {
             tracing::warn!(function = %run.function, tick = run.tick, %error, "the cron run's outcome was not recorded");
         }
     }

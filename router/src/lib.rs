@@ -31,6 +31,7 @@ pub mod kv;
 pub mod metrics;
 pub mod node;
 pub mod node_cache;
+pub mod origin;
 pub mod served;
 pub mod service;
 pub mod services;

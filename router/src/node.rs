@@ -162,7 +162,7 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
             () = &mut shutdown => return,
         }
         for served in routing.functions() {
-            let pool = Arc::clone(&served.pool);
+            let Some(pool) = served.pool.clone() else { continue };
             tokio::task::spawn_blocking(move || {
                 if let Some(start_times) = pool.maintain() {
                     for start_time in start_times {
@@ -206,7 +206,8 @@ async fn heartbeat(
         let free_capacity = routing
             .functions()
             .iter()
-            .map(|served| served.pool.instances().0 as u64)
+            .filter_map(|served| served.pool.as_ref())
+            .map(|pool| pool.instances().0 as u64)
             .sum();
         let sync = routing.sync_status();
         let announcement = NodeAnnouncement {

@@ -18,7 +18,10 @@ use atoll_core::route_table::{RouteEntry, RouteTable};
 #[derive(Debug)]
 pub struct ServedFunction {
     pub deployment: Deployment,
-    pub pool: Arc<InstancePool>,
+    /// The module's instances; `None` for a route that only proxies to origins.
+    pub pool: Option<Arc<InstancePool>>,
+    /// The manifest's origins, when it lists any.
+    pub origins: Option<Arc<crate::origin::OriginPool>>,
     pub metrics: Arc<FunctionMetrics>,
 }
 

@@ -312,9 +312,10 @@ impl EdgeService {
                 (None, Ok(())) => {}
             }
         } else if let Some(cluster) = &self.cluster
-            && let Some(peer) = cluster.place(served.name(), served.pool.saturated())
+            && let Some(pool) = &served.pool
+            && let Some(peer) = cluster.place(served.name(), pool.saturated())
         {
-            let timeout = served.pool.function().config().timeout + FORWARD_SLACK;
+            let timeout = pool.function().config().timeout + FORWARD_SLACK;
             let forwarded = cluster
                 .forward(
                     (&peer.0, peer.1),
@@ -348,6 +349,38 @@ impl EdgeService {
                     tracing::debug!(peer = %peer.0, reason = %error.reason, "forward failed; serving here");
                 }
             }
+        }
+        // A route to origins: the node is a reverse proxy.
+        if served.pool.is_none()
+            && let Some(origins) = served.origins.clone()
+        {
+            let side = crate::origin::ClientSide {
+                client: client.ip(),
+                scheme,
+                host: atoll_core::host::normalize_host(&host).into_owned(),
+                upgrade: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+            };
+            let target = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |target| target.as_str())
+                .to_string();
+            let mut response = match origins
+                .send(parts.method, &target, parts.headers, body, Some(side), None)
+                .await
+            {
+                Ok(response) => response,
+                Err(failure) => {
+                    tracing::debug!(function = %served.name(), ?failure, "no origin answered");
+                    crate::origin::failure_response(&failure)
+                }
+            };
+            if self.cluster.is_some() {
+                response
+                    .headers_mut()
+                    .insert(SERVED_BY_HEADER, self.served_by.clone());
+            }
+            return (response, Accounting::Function(function_metrics));
         }
         // A request made by a function's outbound call says how long its chain is.
         let service_depth = match parts.headers.get(HOPS_HEADER) {
@@ -451,7 +484,9 @@ pub(crate) async fn invoke(
         discard_body: request.method == "HEAD",
         deadline,
     };
-    let pool = Arc::clone(&served.pool);
+    let Some(pool) = served.pool.clone() else {
+        return text_response(StatusCode::BAD_GATEWAY, format!("`{name}` has no module to run"));
+    };
     let observer: Arc<dyn RunObserver> = Arc::clone(&served) as Arc<dyn RunObserver>;
     let outcome = match atoll_isolate::invoke(executor, pool, request, options, observer).await {
         Ok(Run::Streaming(head)) => return streamed_response(head),

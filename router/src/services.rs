@@ -16,7 +16,7 @@ use atoll_isolate::wasi_http::{ServiceCall, ServiceCaller, ServiceFailure, Servi
 use atoll_isolate::{CgiRequest, GuestExecutor};
 use http_body_util::{BodyExt, Limited};
 
-use crate::served::Routing;
+use crate::served::{Routing, ServedFunction};
 use crate::service::invoke;
 
 /// Runs service calls on this node's functions.
@@ -38,6 +38,9 @@ impl ServiceCaller for LocalServices {
             let Some(served) = routing.function(&call.function) else {
                 return Err(ServiceFailure::NotServed(call.function));
             };
+            if call.origin {
+                return call_origin(&served, call).await;
+            }
             let started = Instant::now();
             let (raw_path, query) = match call.path_and_query.split_once('?') {
                 Some((path, query)) => (path.to_string(), query.to_string()),
@@ -73,20 +76,53 @@ impl ServiceCaller for LocalServices {
             let status = response.status();
             metrics.request(status.as_u16(), started.elapsed());
             tracing::debug!(caller = %call.caller, function = %call.function, depth = call.depth, status = status.as_u16(), "service call");
-            let (parts, body) = response.into_parts();
-            let limit = usize::try_from(call.max_response_bytes).unwrap_or(usize::MAX);
-            let body = match Limited::new(body, limit).collect().await {
-                Ok(body) => body.to_bytes(),
-                Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-                    return Err(ServiceFailure::TooLarge(call.max_response_bytes));
-                }
-                Err(error) => return Err(ServiceFailure::Failed(format!("reading the response: {error}"))),
-            };
-            Ok(ServiceResponse {
-                status: status.as_u16(),
-                headers: parts.headers,
-                body,
-            })
+            collect(response, call.max_response_bytes).await
         })
     }
+}
+
+/// A function's call to its own origins (`http://origin.atoll.internal/…`): through the
+/// route's origin pool (balancing, health, retries), answered whole within the caller's
+/// budget and deadline.
+async fn call_origin(served: &ServedFunction, call: ServiceCall) -> Result<ServiceResponse, ServiceFailure> {
+    let Some(origins) = served.origins.clone() else {
+        return Err(ServiceFailure::Failed(format!(
+            "`{}` lists no origins",
+            call.caller
+        )));
+    };
+    let deadline = tokio::time::Instant::from_std(call.deadline);
+    let response = origins
+        .send(
+            call.method,
+            &call.path_and_query,
+            call.headers,
+            call.body,
+            None,
+            Some(deadline),
+        )
+        .await
+        .map_err(|failure| ServiceFailure::Failed(format!("no origin answered: {failure:?}")))?;
+    collect(response, call.max_response_bytes).await
+}
+
+/// A response read whole, up to `max_bytes`.
+async fn collect(
+    response: http::Response<crate::body::ResponseBody>,
+    max_bytes: u64,
+) -> Result<ServiceResponse, ServiceFailure> {
+    let (parts, body) = response.into_parts();
+    let limit = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return Err(ServiceFailure::TooLarge(max_bytes));
+        }
+        Err(error) => return Err(ServiceFailure::Failed(format!("reading the response: {error}"))),
+    };
+    Ok(ServiceResponse {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
 }

@@ -50,6 +50,8 @@ async fn served(routing: &Routing) -> Option<(u64, String)> {
         };
         let invocation = function
             .pool
+            .as_ref()
+            .expect("a module")
             .function()
             .invoke(&request)
             .expect("the guest answers");

@@ -8,7 +8,12 @@
 //! - `/delay?ms=N`: answers `delayed` after N ms
 //! - `/slow`: never answers
 //! - `/redirect`: 302 to `/hello`
+//! - `/whoami`: the origin's port (which of several answered)
+//! - `/headers`: every request header, `name: value` per line, sorted
+//! - `/ws`: a WebSocket echo (every message sent back as it came)
 //! - anything else: 404
+//!
+//! [`TestOrigin::stop`] closes the listener and every open connection, as a crash would.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -75,11 +80,12 @@ pub struct TestOrigin {
     tls: bool,
     requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for TestOrigin {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -111,6 +117,9 @@ impl TestOrigin {
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&requests);
         let is_tls = tls.is_some();
+        let connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let tracked = Arc::clone(&connections);
+        let port = address.port();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -118,10 +127,10 @@ impl TestOrigin {
                 };
                 let counted = Arc::clone(&counted);
                 let tls = tls.clone();
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         counted.fetch_add(1, Ordering::SeqCst);
-                        answer(request)
+                        answer(request, port)
                     });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -135,11 +144,14 @@ impl TestOrigin {
                         }
                         None => {
                             let _ = builder
-                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
                                 .await;
                         }
                     }
                 });
+                let mut open = tracked.lock().expect("connections");
+                open.retain(|handle| !handle.is_finished());
+                open.push(connection.abort_handle());
             }
         });
         TestOrigin {
@@ -147,6 +159,15 @@ impl TestOrigin {
             tls: is_tls,
             requests,
             task,
+            connections,
+        }
+    }
+
+    /// Stops at once: the listener and every connection, mid-request or not.
+    pub fn stop(&self) {
+        self.task.abort();
+        for connection in self.connections.lock().expect("connections").drain(..) {
+            connection.abort();
         }
     }
 
@@ -165,7 +186,10 @@ impl TestOrigin {
     }
 }
 
-async fn answer(request: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    mut request: Request<hyper::body::Incoming>,
+    port: u16,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let query = request.uri().query().unwrap_or("").to_string();
     let number = |name: &str| {
         query
@@ -216,6 +240,17 @@ async fn answer(request: Request<hyper::body::Incoming>) -> Result<Response<Full
             tokio::time::sleep(Duration::from_secs(3600)).await;
             text(200, "too late".into())
         }
+        "/whoami" => text(200, port.to_string()),
+        "/headers" => {
+            let mut lines: Vec<String> = request
+                .headers()
+                .iter()
+                .map(|(name, value)| format!("{name}: {}\n", value.to_str().unwrap_or("?")))
+                .collect();
+            lines.sort();
+            text(200, lines.concat())
+        }
+        "/ws" => return Ok(websocket_echo(&mut request)),
         "/redirect" => Response::builder()
             .status(302)
             .header("location", "/hello")
@@ -224,4 +259,43 @@ async fn answer(request: Request<hyper::body::Incoming>) -> Result<Response<Full
         _ => text(404, "not found".into()),
     };
     Ok(response)
+}
+
+/// Accepts a WebSocket handshake and echoes every message on the upgraded connection.
+fn websocket_echo(request: &mut Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
+        return Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::from_static(b"not a websocket handshake")))
+            .expect("a response");
+    };
+    let upgrade = hyper::upgrade::on(request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = socket.next().await {
+            if message.is_close() {
+                break;
+            }
+            if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .body(Full::new(Bytes::new()))
+        .expect("a response")
 }

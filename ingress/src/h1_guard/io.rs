@@ -2,8 +2,9 @@
 //! it reads to an [`H1Validator`] and hands hyper only the bytes the validator released.
 //! A refused head becomes [`SYNTHETIC_REQUEST`] and a refused chunked body a failed read;
 //! either way the verdict is recorded in the connection's [`GuardState`], where the
-//! service finds it ([`GuardState::rejection_for`]). It also times the request heads
-//! (the header timeout hyper cannot apply to bytes it never sees).
+//! service finds it ([`GuardState::rejection_for`]). So is an upgrade request, after whose
+//! head reads go straight through ([`GuardState::upgrade_requested`]). It also times the
+//! request heads (the header timeout hyper cannot apply to bytes it never sees).
 
 use std::future::Future;
 use std::io;
@@ -19,11 +20,13 @@ use super::validator::{H1Limits, H1Validator, Rejection, Stage, Violation};
 
 /// What the guard found on one connection, shared with the connection's service.
 ///
-/// A connection is refused at most once (it closes after), so this is a write-once cell: the
-/// per-request check is one atomic load.
+/// A connection is refused at most once (it closes after), and asks to upgrade at most once
+/// (the guard checks nothing after), so these are write-once cells: the per-request checks
+/// are an atomic load each.
 #[derive(Debug, Default)]
 pub struct GuardState {
     rejection: OnceLock<(u64, Rejection)>,
+    upgrade: OnceLock<u64>,
 }
 
 impl GuardState {
@@ -43,6 +46,19 @@ impl GuardState {
     pub fn record(&self, request_index: u64, rejection: Rejection) {
         let _ = self.rejection.set((request_index, rejection));
     }
+
+    /// Whether the `request_index`-th request asked to upgrade the connection, so that the
+    /// guard passes every byte after its head through unchecked. Only a 101 may answer it
+    /// and keep the connection: after any other answer the connection must close (the
+    /// service sets `Connection: close`), since the next request would not be checked.
+    pub fn upgrade_requested(&self, request_index: u64) -> bool {
+        self.upgrade.get() == Some(&request_index)
+    }
+
+    /// Records that the `request_index`-th request asked to upgrade; the first record wins.
+    pub fn record_upgrade(&self, request_index: u64) {
+        let _ = self.upgrade.set(request_index);
+    }
 }
 
 /// The request hyper is handed in place of a refused head: minimal, valid, and closing.
@@ -53,7 +69,8 @@ pub const SYNTHETIC_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: rejected.invalid\
 enum ReadMode {
     /// Checking HTTP/1 framing.
     Validating,
-    /// HTTP/2 prior knowledge: reads go straight through.
+    /// HTTP/2 prior knowledge, or after an upgrade request's head: reads go straight
+    /// through.
     Passthrough,
     /// A chunked body was refused: the next read fails, so hyper fails the body.
     FailBody(&'static str),
@@ -126,7 +143,13 @@ impl<S> GuardedIo<S> {
                 self.head_clock = None;
             }
             Ok(()) => {
-                if !self.validator.reading_head() {
+                if let Some(index) = self.validator.upgraded_request() {
+                    // Recorded before hyper is handed the head, so the service finds it.
+                    tracing::trace!(index, "HTTP/1 upgrade requested; passing bytes through");
+                    self.state.record_upgrade(index);
+                    self.mode = ReadMode::Passthrough;
+                    self.head_clock = None;
+                } else if !self.validator.reading_head() {
                     self.head_clock = None;
                 } else if self.validator.held() > 0 {
                     self.head_clock.get_or_insert_with(Instant::now);

@@ -13,10 +13,12 @@
 //!            │ H1Validator (pure, fed bytes):              ▲         │
 //!            │   Preface ─▶ h2: pass-through               │         │
 //!            │      └─▶ Head ─▶ FixedBody ─▶ Head …        │         │
-//!            │           └─▶ ChunkSize ⇄ ChunkData         │         │
-//!            │                └─▶ Trailers ─▶ Head …       │         │
+//!            │           ├─▶ ChunkSize ⇄ ChunkData         │         │
+//!            │           │    └─▶ Trailers ─▶ Head …       │         │
+//!            │           └─▶ Upgraded: pass-through        │         │
 //!            │ valid bytes: passed on in place ────────────┘         │
 //!            │ a head or framing line cut by a read: held back       │
+//!            ├ upgrade ─▶ GuardState::record_upgrade(index) ─────────┤ upgrade_requested(index)
 //!            └ violation ─▶ GuardState::record(index, Rejection) ────┘ rejection_for(index)
 //! ```
 //!
@@ -38,6 +40,18 @@
 //!   FIN, not a reset that could destroy the response in flight.
 //! - **HTTP/2 prior knowledge** (`PRI * HTTP/2.0…`, h2c) as the connection's first bytes
 //!   switches the guard to a pass-through; HTTP/2 frames itself.
+//! - **Upgrades** (WebSocket). The head of an upgrade request — HTTP/1.1, method `GET`, a
+//!   `Connection` field listing `upgrade` (any case), a non-empty `Upgrade` field, no body
+//!   (no `Transfer-Encoding`, no `Content-Length` other than 0) — switches the guard to a
+//!   pass-through from the byte after it: those bytes are the new protocol's. The guard
+//!   records the request's index ([`GuardState::upgrade_requested`]) before hyper sees the
+//!   head. hyper parses no further request until the response is decided; the service
+//!   (`server::respond`) lets a 101 hand the connection to the handler
+//!   (`hyper::upgrade::on`), and answers anything else with `Connection: close`, so no
+//!   unchecked byte is ever read as HTTP/1. Anything else that carries `Upgrade` (a body,
+//!   HTTP/1.0, no `Connection: upgrade`) and CONNECT are checked as usual, and the service
+//!   takes hyper's `OnUpgrade` off them, so a 101 or a CONNECT 2xx there only ends the
+//!   connection.
 //! - **Header timeout.** hyper's own header timer starts only once hyper waits for a head;
 //!   on a cleartext connection the h1/h2 detection reads first, and a head the guard holds
 //!   back is invisible to hyper. So the guard times the first head from the connection's

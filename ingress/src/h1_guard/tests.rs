@@ -526,6 +526,175 @@ fn http2_preface_switches_to_passthrough() {
     }
 }
 
+/// A WebSocket upgrade request head (RFC 6455 §4.1), as a browser sends it.
+const UPGRADE_HEAD: &[u8] = b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\
+Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// What follows an upgrade: WebSocket frames (masked text, binary, close) and bytes that no
+/// HTTP/1 head may hold (bare LF and CR, NUL, a chunk-size line, every byte value).
+fn after_upgrade() -> Vec<u8> {
+    let mut bytes = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58".to_vec();
+    bytes.extend_from_slice(b"GET /smuggled HTTP/1.1\nHost: a\n\n\r\x00 5 \r\nhello\r\n0x5\r\n");
+    bytes.extend(0..=255u8);
+    bytes.extend_from_slice(b"\x88\x80\x00\x00\x00\x00");
+    bytes
+}
+
+#[test]
+fn an_upgrade_request_passes_every_later_byte_through() {
+    let after = after_upgrade();
+    let get = b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n";
+    let upgrade_heads: Vec<Vec<u8>> = vec![
+        UPGRADE_HEAD.to_vec(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nconnection: UPGRADE\r\nupgrade: websocket\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nHost: a\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nConnection: ,\tupgrade ,\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n".to_vec(),
+    ];
+    for head in &upgrade_heads {
+        // Alone, and after a pipelined request: the index is the upgrade request's.
+        for (before, index) in [(&b""[..], 0), (&get[..], 1)] {
+            let stream = [before, head, &after].concat();
+            let head_end = before.len() + head.len();
+            let shown = String::from_utf8_lossy(head);
+            for split in 0..=stream.len() {
+                let mut validator = H1Validator::new(limits());
+                validator.feed(&stream[..split]).unwrap();
+                if split < head_end {
+                    assert_eq!(validator.upgraded_request(), None, "split {split}: {shown:?}");
+                    assert!(validator.release_to() <= before.len() as u64, "split {split}");
+                } else {
+                    assert_eq!(validator.release_to(), split as u64, "split {split}: {shown:?}");
+                }
+                validator.feed(&stream[split..]).unwrap();
+                assert_eq!(
+                    validator.upgraded_request(),
+                    Some(index),
+                    "split {split}: {shown:?}"
+                );
+                assert_eq!(validator.request_index(), index);
+                assert_eq!(validator.release_to(), stream.len() as u64, "split {split}");
+                assert!(!validator.reading_head() && !validator.is_passthrough());
+                assert_eq!(validator.time_out(), None, "no head timeout after an upgrade");
+            }
+            // One byte at a time.
+            let mut validator = H1Validator::new(limits());
+            for byte in &stream {
+                validator.feed(std::slice::from_ref(byte)).unwrap();
+            }
+            assert_eq!(
+                (validator.upgraded_request(), validator.release_to()),
+                (Some(index), stream.len() as u64)
+            );
+        }
+    }
+}
+
+#[test]
+fn requests_that_are_not_upgrade_requests_do_not_switch() {
+    let not_upgrades: &[&[u8]] = &[
+        // A body, framed either way.
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        // CONNECT, even with the upgrade fields.
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+        // HTTP/1.0 (hyper ignores Upgrade there).
+        b"GET /ws HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        // No `upgrade` among the Connection options, or no Connection at all.
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgraded, x-upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: up grade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nX-Connection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        // No Upgrade, or an empty one.
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade:\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nX-Upgrade: websocket\r\n\r\n",
+        // Another method (methods are case-sensitive).
+        b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"get /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ];
+    let after = after_upgrade();
+    for request in not_upgrades {
+        let shown = String::from_utf8_lossy(request);
+        assert_accepted(request, 1);
+        assert_eq!(feed_whole(request).1.upgraded_request(), None, "{shown:?}");
+        // What follows is checked as the next request's head, so WebSocket frames are refused.
+        let stream = [request, &after[..]].concat();
+        for split in 0..=stream.len() {
+            let mut validator = H1Validator::new(limits());
+            let violation = validator
+                .feed(&stream[..split])
+                .and_then(|()| validator.feed(&stream[split..]))
+                .unwrap_err();
+            assert_eq!(
+                (violation.request_index, violation.stage),
+                (1, Stage::Head),
+                "split {split}: {shown:?}"
+            );
+            assert_eq!(validator.upgraded_request(), None, "split {split}: {shown:?}");
+            assert_eq!(validator.release_to(), request.len() as u64, "split {split}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_head_is_refused_even_when_it_or_a_later_one_asks_to_upgrade() {
+    let after = after_upgrade();
+    // Bad heads that ask to upgrade: refused, nothing released, no switch.
+    let bad_upgrades: Vec<Vec<u8>> = vec![
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n Upgrade: websocket\r\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: web\x00socket\r\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade : websocket\r\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 0, 0\r\n\r\n".to_vec(),
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(),
+    ];
+    for head in &bad_upgrades {
+        let stream = [&head[..], &after[..]].concat();
+        let whole = refusal(&stream);
+        assert_eq!(
+            (whole.request_index, whole.stage),
+            (0, Stage::Head),
+            "{:?}",
+            String::from_utf8_lossy(head)
+        );
+        for split in 0..=stream.len() {
+            let mut validator = H1Validator::new(limits());
+            let outcome = validator
+                .feed(&stream[..split])
+                .and_then(|()| validator.feed(&stream[split..]));
+            assert_eq!(outcome, Err(whole.clone()), "split {split}");
+            assert_eq!(validator.upgraded_request(), None);
+            assert_eq!(validator.release_to(), 0, "split {split}");
+        }
+    }
+    // A bad request before an upgrade request: refused; the upgrade never happens.
+    let bad_before: Vec<Vec<u8>> = vec![
+        post("Content-Length: 5\r\nContent-Length: 5", "hello"),
+        b"GET / HTTP/1.1\nHost: a\r\n\r\n".to_vec(),
+        chunked("5\r\nhello\r\n5 \r\nworld\r\n0\r\n\r\n"),
+    ];
+    for bad in &bad_before {
+        let stream = [&bad[..], UPGRADE_HEAD, &after[..]].concat();
+        let whole = refusal(&stream);
+        assert_eq!(whole.request_index, 0, "{:?}", String::from_utf8_lossy(bad));
+        for split in 0..=stream.len() {
+            let mut validator = H1Validator::new(limits());
+            let outcome = validator
+                .feed(&stream[..split])
+                .and_then(|()| validator.feed(&stream[split..]));
+            assert_eq!(outcome, Err(whole.clone()), "split {split}");
+            assert_eq!(validator.upgraded_request(), None);
+            assert!(validator.release_to() < bad.len() as u64, "split {split}");
+        }
+    }
+}
+
 /// Valid connections: pipelined messages, with the byte ranges of their heads.
 fn valid_streams() -> Vec<Vec<&'static [u8]>> {
     vec![
@@ -897,6 +1066,38 @@ fn guarded_io_fails_the_read_at_a_bad_chunk_line() {
     }
 }
 
+#[test]
+fn guarded_io_passes_everything_after_an_upgrade_head_through() {
+    let get = b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n";
+    let stream = [&get[..], UPGRADE_HEAD, &after_upgrade()].concat();
+    for read_size in [1, 7, 24, 8192] {
+        for cut in 0..=stream.len() {
+            let (received, end, state) = read_guarded(&stream, &[cut], read_size);
+            assert_eq!(end, ReadEnd::Eof, "cut {cut}, reads of {read_size}");
+            assert!(received == stream, "cut {cut}, reads of {read_size}");
+            assert!(!state.upgrade_requested(0) && state.upgrade_requested(1));
+            assert_eq!(state.rejection_for(1), None);
+        }
+    }
+    let every_byte: Vec<usize> = (1..stream.len()).collect();
+    let (received, end, state) = read_guarded(&stream, &every_byte, 24);
+    assert_eq!((received, end), (stream.clone(), ReadEnd::Eof));
+    assert!(state.upgrade_requested(1));
+
+    // Not an upgrade request (a body): what follows is checked, and refused.
+    let with_body =
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhi";
+    let stream = [&with_body[..], &after_upgrade()].concat();
+    let (received, end, state) = read_guarded(&stream, &[], 8192);
+    assert_eq!(end, ReadEnd::Pending);
+    assert!(received == [&with_body[..], SYNTHETIC_REQUEST].concat());
+    assert!(!state.upgrade_requested(0) && !state.upgrade_requested(1));
+    assert_eq!(
+        state.rejection_for(1).map(|r| r.status),
+        Some(StatusCode::BAD_REQUEST)
+    );
+}
+
 /// The guard in its real place: `server::serve_with` (hyper-util's auto builder and the
 /// `respond` checks) on loopback, with a handler that records the bodies it was given.
 mod through_hyper {
@@ -911,7 +1112,7 @@ mod through_hyper {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::server::{self, BoxError, ConnectionInfo, Handler, Ingress, ServerLimits};
+    use crate::server::{self, BoxError, ConnectionInfo, Handler, HandlerBody, Ingress, ServerLimits};
     use crate::test_body::TestBody;
 
     /// Stands in for a function: answers `PATH N bytes` and records each whole body it got.
@@ -956,23 +1157,27 @@ mod through_hyper {
         _stop: tokio::sync::oneshot::Sender<()>,
     }
 
-    async fn start(limits: ServerLimits) -> TestServer {
+    /// Serves `handler` on a loopback port until the returned sender is dropped.
+    async fn spawn_server<H: Handler>(
+        handler: Arc<H>,
+        limits: ServerLimits,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let recorder = Arc::new(Recorder::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let ingress = Ingress {
             limits: Arc::new(limits),
             ..Ingress::default()
         };
-        tokio::spawn(server::serve_with(
-            listener,
-            Arc::clone(&recorder),
-            ingress,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        tokio::spawn(server::serve_with(listener, handler, ingress, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop)
+    }
+
+    async fn start(limits: ServerLimits) -> TestServer {
+        let recorder = Arc::new(Recorder::default());
+        let (addr, stop) = spawn_server(Arc::clone(&recorder), limits).await;
         TestServer {
             addr,
             recorder,
@@ -1200,5 +1405,205 @@ mod through_hyper {
         assert_eq!(read_until_closed(&mut silent).await, "");
         assert!(started.elapsed() < DEADLINE);
         assert!(server.recorder.bodies().is_empty());
+    }
+
+    /// Stands in for a WebSocket function: takes the connection whenever hyper's
+    /// `OnUpgrade` came with the request (101, then echoes every byte back until the client
+    /// stops sending), except on `/refuse`; answers 200 otherwise. Records each path and
+    /// whether `OnUpgrade` came with it.
+    #[derive(Default)]
+    struct Upgrades {
+        seen: Mutex<Vec<(String, bool)>>,
+    }
+
+    impl Upgrades {
+        fn seen(&self) -> Vec<(String, bool)> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl Handler for Upgrades {
+        type Body = TestBody;
+
+        async fn handle<B>(
+            self: Arc<Self>,
+            mut request: Request<B>,
+            _connection: ConnectionInfo,
+        ) -> Response<TestBody>
+        where
+            B: Body<Data = Bytes> + Send + 'static,
+            B::Error: Into<BoxError>,
+        {
+            let path = request.uri().path().to_string();
+            let can_upgrade = request.extensions().get::<hyper::upgrade::OnUpgrade>().is_some();
+            self.seen.lock().unwrap().push((path.clone(), can_upgrade));
+            if !can_upgrade || path == "/refuse" {
+                return server::text_response(StatusCode::OK, format!("{path}: no upgrade"));
+            }
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let mut buffer = [0u8; 1024];
+                while let Ok(n @ 1..) = io.read(&mut buffer).await {
+                    if io.write_all(&buffer[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = io.shutdown().await;
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header(http::header::CONNECTION, "upgrade")
+                .header(http::header::UPGRADE, "websocket")
+                .body(TestBody::empty())
+                .unwrap()
+        }
+    }
+
+    /// Reads one response head, up to its empty line.
+    async fn read_head(stream: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(DEADLINE, stream.read_exact(&mut byte))
+                .await
+                .expect("a response head in time")
+                .expect("a response head");
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    /// Writes `bytes` and expects them back from the echo on the upgraded connection.
+    async fn assert_echoed(stream: &mut TcpStream, bytes: &[u8]) {
+        stream.write_all(bytes).await.unwrap();
+        let mut echoed = vec![0u8; bytes.len()];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+            .await
+            .expect("the echo in time")
+            .expect("the echo");
+        assert!(echoed == bytes, "{:?}", String::from_utf8_lossy(&echoed));
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_answered_with_101_carries_bytes_both_ways() {
+        let upgrades = Arc::new(Upgrades::default());
+        let (addr, _stop) = spawn_server(Arc::clone(&upgrades), small_limits()).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // A first frame in the same write as the head: what hyper read ahead of the 101
+        // reaches the handler too.
+        let first = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58";
+        stream
+            .write_all(&[UPGRADE_HEAD, &first[..]].concat())
+            .await
+            .unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        let lowercase = head.to_ascii_lowercase();
+        assert!(lowercase.contains("upgrade: websocket"), "{head}");
+        assert!(!lowercase.contains("connection: close"), "{head}");
+        let mut echoed = vec![0u8; first.len()];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, first);
+        // Bytes the guard would refuse as HTTP/1, and a request that must not be served.
+        assert_echoed(&mut stream, &after_upgrade()).await;
+        assert_echoed(&mut stream, b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_echoed(&mut stream, &vec![b'x'; 100_000]).await;
+        stream.shutdown().await.unwrap();
+        assert_eq!(read_until_closed(&mut stream).await, "");
+        assert_eq!(upgrades.seen(), [("/chat".to_string(), true)]);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_answered_otherwise_closes_the_connection() {
+        let upgrades = Arc::new(Upgrades::default());
+        let (addr, _stop) = spawn_server(Arc::clone(&upgrades), small_limits()).await;
+        let refused = b"GET /refuse HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        // The guard passes what follows through unchecked, so it must never be served.
+        let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        let answer = exchange(addr, &[&refused[..], &smuggled[..]].concat()).await;
+        assert_eq!(statuses(&answer), [200], "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        assert!(answer.contains("/refuse: no upgrade"), "{answer}");
+        // Alone, too: the server closes after the answer.
+        let answer = exchange(addr, refused).await;
+        assert_eq!(statuses(&answer), [200], "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        assert_eq!(
+            upgrades.seen(),
+            [("/refuse".to_string(), true), ("/refuse".to_string(), true)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_the_guard_does_not_switch_on_cannot_be_upgraded() {
+        let upgrades = Arc::new(Upgrades::default());
+        let (addr, _stop) = spawn_server(Arc::clone(&upgrades), small_limits()).await;
+        // `Upgrade` with a body: checked as HTTP/1 (hyper would still offer an upgrade), so
+        // no `OnUpgrade`, and the connection goes on with checked requests.
+        let mut request = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello".to_vec();
+        request.extend_from_slice(b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let answer = exchange(addr, &request).await;
+        assert_eq!(statuses(&answer), [200, 200], "{answer}");
+        // `Upgrade` without `Connection: upgrade`, and CONNECT: no `OnUpgrade` either.
+        let answer = exchange(
+            addr,
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(statuses(&answer), [200], "{answer}");
+        let _ = exchange(addr, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n").await;
+        assert_eq!(
+            upgrades.seen(),
+            [
+                ("/ws".to_string(), false),
+                ("/after".to_string(), false),
+                ("/ws".to_string(), false),
+                ("".to_string(), false),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_connection_still_counts_against_the_connection_cap() {
+        let upgrades = Arc::new(Upgrades::default());
+        let limits = ServerLimits {
+            max_connections: 1,
+            ..small_limits()
+        };
+        let (addr, _stop) = spawn_server(Arc::clone(&upgrades), limits).await;
+        let mut upgraded = TcpStream::connect(addr).await.unwrap();
+        upgraded.write_all(UPGRADE_HEAD).await.unwrap();
+        assert!(read_head(&mut upgraded).await.starts_with("HTTP/1.1 101 "));
+        assert_echoed(&mut upgraded, b"ping").await;
+        // The listener takes no other connection while the upgraded one is open.
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second
+            .write_all(b"GET /second HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), second.read(&mut byte))
+                .await
+                .is_err(),
+            "served beyond the cap"
+        );
+        assert_echoed(&mut upgraded, b"still open").await;
+        drop(upgraded);
+        let answer = read_until_closed(&mut second).await;
+        assert_eq!(statuses(&answer), [200], "{answer}");
     }
 }

@@ -55,6 +55,11 @@ enum Phase {
     },
     /// HTTP/2 with prior knowledge: nothing to check.
     Passthrough,
+    /// After the head of an upgrade request (`GET`, `Connection: upgrade`, `Upgrade`, no
+    /// body): the bytes that follow are the new protocol's, or nothing hyper parses (hyper
+    /// reads no further request before the response is decided, and one that is not 101
+    /// closes the connection). Nothing to check.
+    Upgraded,
     /// Request line and header fields, up to the empty line.
     Head,
     /// A `Content-Length` body.
@@ -81,6 +86,12 @@ enum Phase {
 struct HeadFacts {
     request_line_seen: bool,
     http10: bool,
+    /// The method is exactly `GET` (methods are case-sensitive).
+    get: bool,
+    /// A `Connection` field listed the `upgrade` option.
+    connection_upgrade: bool,
+    /// A non-empty `Upgrade` field.
+    upgrade: bool,
     fields: usize,
     hosts: u32,
     content_length: Option<u64>,
@@ -110,6 +121,8 @@ pub struct H1Validator {
     partial: Vec<u8>,
     /// 0-based index of the request being read.
     request_index: u64,
+    /// The index of the request whose head switched the connection to another protocol.
+    upgraded: Option<u64>,
     head: HeadFacts,
     violation: Option<Violation>,
 }
@@ -123,6 +136,7 @@ impl H1Validator {
             unit_start: 0,
             partial: Vec::new(),
             request_index: 0,
+            upgraded: None,
             head: HeadFacts::default(),
             violation: None,
         }
@@ -161,7 +175,9 @@ impl H1Validator {
     pub fn release_to(&self) -> u64 {
         match self.phase {
             Phase::Preface { .. } => 0,
-            Phase::Passthrough | Phase::FixedBody { .. } | Phase::ChunkData { .. } => self.fed,
+            Phase::Passthrough | Phase::Upgraded | Phase::FixedBody { .. } | Phase::ChunkData { .. } => {
+                self.fed
+            }
             Phase::Head
             | Phase::ChunkSize
             | Phase::ChunkDataEnd
@@ -180,7 +196,7 @@ impl H1Validator {
         self.fed - self.release_to()
     }
 
-    /// 0-based index of the request being read.
+    /// 0-based index of the request being read; after an upgrade, of the upgrade request.
     pub fn request_index(&self) -> u64 {
         self.request_index
     }
@@ -188,6 +204,13 @@ impl H1Validator {
     /// Whether the connection turned out to be HTTP/2 with prior knowledge.
     pub fn is_passthrough(&self) -> bool {
         self.phase == Phase::Passthrough
+    }
+
+    /// The index of the request whose head asked to upgrade the connection (HTTP/1.1 `GET`
+    /// with `Connection: upgrade`, an `Upgrade` field and no body), if one did: every byte
+    /// from the end of that head on is passed through unchecked.
+    pub fn upgraded_request(&self) -> Option<u64> {
+        self.upgraded
     }
 
     /// Whether the next bytes belong to a request head (none of it may have arrived yet).
@@ -236,7 +259,9 @@ impl H1Validator {
                         };
                     }
                 }
-                Phase::Passthrough | Phase::Rejected | Phase::Preface { .. } => return Ok(()),
+                Phase::Passthrough | Phase::Upgraded | Phase::Rejected | Phase::Preface { .. } => {
+                    return Ok(());
+                }
                 Phase::Head | Phase::ChunkSize | Phase::ChunkDataEnd | Phase::Trailers { .. } => {
                     let rest = &bytes[pos..];
                     match rest.iter().position(|&b| b == b'\n') {
@@ -369,6 +394,16 @@ impl H1Validator {
         }
         match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") => self.on_host(value),
+            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                self.head.upgrade |= !value.is_empty();
+                Ok(())
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                self.head.connection_upgrade |= value
+                    .split(|&b| b == b',')
+                    .any(|option| trim_ows(option).eq_ignore_ascii_case(b"upgrade"));
+                Ok(())
+            }
             14 if name.eq_ignore_ascii_case(b"content-length") => self.on_content_length(value),
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => self.on_transfer_encoding(value),
             _ => Ok(()),
@@ -422,6 +457,7 @@ impl H1Validator {
             b"HTTP/1.0" => true,
             _ => return bad(self, refine(version, "unsupported HTTP version")),
         };
+        self.head.get = method == b"GET";
         self.head.request_line_seen = true;
         Ok(())
     }
@@ -536,6 +572,15 @@ impl H1Validator {
         match head.content_length {
             Some(length) if length > 0 => {
                 self.phase = Phase::FixedBody { remaining: length };
+                self.unit_start = head_end;
+            }
+            // An upgrade request (RFC 9110 §7.8) in the one form hyper hands over the
+            // connection for after a 101: HTTP/1.1 (hyper ignores `Upgrade` in HTTP/1.0), no
+            // body (no `Transfer-Encoding` reaches here). CONNECT, which hyper also hands over
+            // (after a 2xx), never switches the guard.
+            _ if !head.http10 && head.get && head.connection_upgrade && head.upgrade => {
+                self.phase = Phase::Upgraded;
+                self.upgraded = Some(self.request_index);
                 self.unit_start = head_end;
             }
             _ => self.end_message(head_end),

@@ -41,6 +41,17 @@ impl Loader {
         &self,
         deployment: Deployment,
     ) -> Result<Arc<ServedFunction>, SyncError> {
+        if deployment.manifest.is_origin_only() {
+            // Nothing to fetch or compile: the route proxies to its origins.
+            let origins = self.origin_pool(&deployment)?;
+            tracing::info!(function = %deployment.name, version = deployment.version, origins = deployment.manifest.origins.len(), "origin route ready");
+            return Ok(Arc::new(ServedFunction {
+                metrics: Arc::new(FunctionMetrics::new(&deployment.name)),
+                deployment,
+                pool: None,
+                origins,
+            }));
+        }
         let bytes = match self.cache.read_module(&deployment.sha256) {
             Some(bytes) => bytes,
             None => {
@@ -57,6 +68,35 @@ impl Loader {
             }
         };
         self.load(deployment, bytes).await
+    }
+
+    /// The deployment's origin pool, when its manifest lists origins.
+    fn origin_pool(
+        &self,
+        deployment: &Deployment,
+    ) -> Result<Option<Arc<crate::origin::OriginPool>>, SyncError> {
+        if deployment.manifest.origins.is_empty() {
+            return Ok(None);
+        }
+        let Some(outbound) = &self.outbound else {
+            return Err(SyncError::Load {
+                name: deployment.name.clone(),
+                version: deployment.version,
+                reason: "this node has no outbound client for origins".into(),
+            });
+        };
+        let reach = if outbound.listed_internal() {
+            atoll_isolate::outbound::Reach::Internal
+        } else {
+            atoll_isolate::outbound::Reach::Public
+        };
+        crate::origin::OriginPool::new(&deployment.manifest, outbound, reach)
+            .map(Some)
+            .map_err(|reason| SyncError::Load {
+                name: deployment.name.clone(),
+                version: deployment.version,
+                reason,
+            })
     }
 
     /// Compiles (or loads the cached artifact of) a deployment's module off the runtime.
@@ -144,6 +184,12 @@ impl Loader {
                     atoll_core::manifest::service_url(function),
                 )
             })
+            .chain((!manifest.origins.is_empty()).then(|| {
+                (
+                    "ATOLL_ORIGIN".to_string(),
+                    format!("http://{}", atoll_core::origin::ORIGIN_HOST),
+                )
+            }))
             .collect();
         config.env = manifest
             .env
@@ -162,6 +208,7 @@ impl Loader {
                 client: Arc::clone(client),
                 function: deployment.name.clone(),
                 services: manifest.services.values().cloned().collect(),
+                origins: !manifest.origins.is_empty(),
                 service_caller: self.services.clone(),
                 allowed: manifest.outbound.allowed_hosts(),
                 max_requests: manifest.outbound.max_requests(),
@@ -196,9 +243,11 @@ impl Loader {
                 function_metrics.instance_started(start_time, true);
             }
         }
+        let origins = self.origin_pool(&deployment)?;
         Ok(Arc::new(ServedFunction {
             deployment,
-            pool,
+            pool: Some(pool),
+            origins,
             metrics: function_metrics,
         }))
     }
@@ -251,7 +300,7 @@ mod tests {
             let request = request.clone();
             async move {
                 let served = loader.load(deployment, wasm).await.unwrap();
-                let invocation = served.pool.function().invoke(&request).unwrap();
+                let invocation = served.pool.as_ref().unwrap().function().invoke(&request).unwrap();
                 assert_eq!(&invocation.response.body[..], b"hello");
             }
         };

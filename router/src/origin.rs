@@ -1,0 +1,582 @@
+//! Origin routes: the node as a reverse proxy in front of a function's `origins`, the way
+//! nginx forwards to an upstream, and the origins a function reaches at
+//! `http://origin.atoll.internal`.
+//!
+//! ```text
+//! request ─▶ pick (power of two choices among the available origins, by requests in flight)
+//!              │  available: the health check passes and not ejected after failures
+//!              ▼
+//!           origin A ──connect error / timeout──▶ retry on another origin (idempotent
+//!              │                                   methods; any method if never sent)
+//!              ▼
+//!           response streamed back; 101 → the two connections joined (WebSocket)
+//! ```
+//!
+//! * **A connection pool per function** (`OutboundClient::origin_client`): keep-alive,
+//!   HTTP/1.1, the node's trust roots and the same address guard as outbound calls (cloud
+//!   metadata and link-local are never reached; internal addresses only under the node's
+//!   `--outbound-internal listed`, origins being listed by their manifest).
+//! * **Health**: an active check per origin (`GET health_path` every `health_interval`,
+//!   healthy below 500; two failures mark it down, one success up), and passive ejection:
+//!   three failures in a row (connect errors, timeouts, 502–504) take an origin out for
+//!   [`EJECTION`]. With every origin down, all are tried anyway (a wrong health check must
+//!   not take a site off the air).
+//! * **Headers**: hop-by-hop headers go (both ways); `X-Forwarded-For`, `-Proto`, `-Host`
+//!   and `Forwarded` are set from what the node saw, replacing any the client sent (a
+//!   client is not trusted to say where it is); `Host` is the client's.
+//! * **The request body is read whole** (within the node's body limit), so a retry can
+//!   send it again; the response streams.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use atoll_core::manifest::Manifest;
+use atoll_isolate::outbound::{OutboundClient, Reach};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::body::ResponseBody;
+
+/// How long an origin stays out after [`EJECT_AFTER`] failures in a row.
+pub const EJECTION: Duration = Duration::from_secs(5);
+/// Failures in a row that eject an origin.
+const EJECT_AFTER: u32 = 3;
+/// Failed health checks in a row that mark an origin down.
+const DOWN_AFTER: u32 = 2;
+/// A tunnel (WebSocket) with no byte either way for this long is closed.
+pub const TUNNEL_IDLE: Duration = Duration::from_secs(600);
+/// Tunnels open at once on a node: each holds two connections.
+pub const MAX_TUNNELS: usize = 10_000;
+
+static TUNNELS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_TUNNELS);
+
+/// One origin server and what the node knows of it.
+struct Target {
+    base: String,
+    in_flight: AtomicU64,
+    /// The active check's verdict (true until a check says otherwise).
+    healthy: AtomicBool,
+    check_failures: AtomicU32,
+    failures: AtomicU32,
+    /// Ejected until this many ms after the pool's start (0: not ejected).
+    ejected_until_ms: AtomicU64,
+    /// An address literal the node's guard refuses: never tried.
+    refused: bool,
+}
+
+/// A function's origins. Dropping it stops the health checks.
+pub struct OriginPool {
+    function: String,
+    targets: Arc<Vec<Target>>,
+    client: reqwest::Client,
+    timeout: Duration,
+    retries: u32,
+    started: Instant,
+    checks: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for OriginPool {
+    fn drop(&mut self) {
+        if let Some(checks) = &self.checks {
+            checks.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for OriginPool {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("OriginPool")
+            .field("function", &self.function)
+            .field(
+                "origins",
+                &self.targets.iter().map(|t| t.base.as_str()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never passed on.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Removes hop-by-hop headers and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .collect();
+    for name in HOP_BY_HOP.iter().map(|name| name.to_string()).chain(named) {
+        headers.remove(name.as_str());
+    }
+    headers.remove("proxy-authenticate");
+}
+
+/// Whether the request asks to switch protocols (WebSocket and the like), HTTP/1.1 style.
+pub fn wants_upgrade(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::GET
+        && headers.contains_key(http::header::UPGRADE)
+        && headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// What a proxied request needs besides its method, target, headers and body.
+pub struct ClientSide {
+    /// The client's address, as the node saw it (or a trusted peer said).
+    pub client: std::net::IpAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The Host the client asked for.
+    pub host: String,
+    /// The client connection's upgrade, when the request asked for one.
+    pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+/// Why no origin answered.
+#[derive(Debug)]
+pub enum OriginFailure {
+    TimedOut(Duration),
+    Failed(String),
+}
+
+impl OriginPool {
+    /// The pool for `manifest`'s origins, with its health checks running. `reach`: whether
+    /// origins may be internal addresses (the node's outbound policy).
+    pub fn new(
+        manifest: &Manifest,
+        outbound: &OutboundClient,
+        reach: Reach,
+    ) -> Result<Arc<OriginPool>, String> {
+        let client = outbound
+            .origin_client(reach, manifest.origin.connect_timeout())
+            .map_err(|error| error.to_string())?;
+        let targets: Arc<Vec<Target>> = Arc::new(
+            manifest
+                .origin_urls()
+                .iter()
+                .map(|url| Target {
+                    refused: {
+                        let bare = url.host.trim_start_matches('[').trim_end_matches(']');
+                        bare.parse::<std::net::IpAddr>().is_ok_and(|address| {
+                            atoll_core::outbound::is_never_reachable(address)
+                                || (reach == Reach::Public && atoll_core::outbound::is_internal(address))
+                        })
+                    },
+                    base: url.base(),
+                    in_flight: AtomicU64::new(0),
+                    healthy: AtomicBool::new(true),
+                    check_failures: AtomicU32::new(0),
+                    failures: AtomicU32::new(0),
+                    ejected_until_ms: AtomicU64::new(0),
+                })
+                .collect(),
+        );
+        let checks = tokio::spawn(check_health(
+            manifest.name.clone(),
+            Arc::clone(&targets),
+            client.clone(),
+            manifest.origin.health_path().to_string(),
+            manifest.origin.health_interval(),
+        ))
+        .abort_handle();
+        Ok(Arc::new(OriginPool {
+            function: manifest.name.clone(),
+            targets,
+            client,
+            timeout: manifest.origin.timeout(),
+            retries: manifest.origin.retries(),
+            started: Instant::now(),
+            checks: Some(checks),
+        }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    fn available(&self, index: usize, now_ms: u64) -> bool {
+        let target = &self.targets[index];
+        target.healthy.load(Ordering::Relaxed) && target.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// The origin for the next try: power of two choices among those available and not
+    /// tried yet (among all not tried, when none is available).
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let now = self.now_ms();
+        let untried: Vec<usize> = (0..self.targets.len())
+            .filter(|i| !tried.contains(i) && !self.targets[*i].refused)
+            .collect();
+        let available: Vec<usize> = untried
+            .iter()
+            .copied()
+            .filter(|&i| self.available(i, now))
+            .collect();
+        let candidates = if available.is_empty() { untried } else { available };
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0]),
+            n => {
+                let first = candidates[fastrand::usize(..n)];
+                let mut second = candidates[fastrand::usize(..n - 1)];
+                if second == first {
+                    second = candidates[n - 1];
+                }
+                let load = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
+                Some(if load(second) < load(first) { second } else { first })
+            }
+        }
+    }
+
+    fn succeeded(&self, index: usize) {
+        self.targets[index].failures.store(0, Ordering::Relaxed);
+    }
+
+    fn failed(&self, index: usize, reason: &str) {
+        let target = &self.targets[index];
+        let failures = target.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= EJECT_AFTER {
+            target.failures.store(0, Ordering::Relaxed);
+            target
+                .ejected_until_ms
+                .store(self.now_ms() + EJECTION.as_millis() as u64, Ordering::Relaxed);
+            ::metrics::counter!("atoll_origin_ejections_total", "function" => self.function.clone())
+                .increment(1);
+            tracing::warn!(function = %self.function, origin = %target.base, reason, "origin ejected after {EJECT_AFTER} failures in a row");
+        }
+    }
+
+    /// Sends one request to the origins: picks, retries, and answers with the origin's
+    /// response head and a streamed body (or the 502/504 of the node). `forwarded`: the
+    /// client side, for the forwarding headers and a protocol switch; `None` for a
+    /// function's own call (its headers are its own).
+    pub async fn send(
+        self: &Arc<Self>,
+        method: Method,
+        path_and_query: &str,
+        mut headers: HeaderMap,
+        body: Bytes,
+        forwarded: Option<ClientSide>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Response<ResponseBody>, OriginFailure> {
+        let upgrading =
+            wants_upgrade(&method, &headers) && forwarded.as_ref().is_some_and(|f| f.upgrade.is_some());
+        let upgrade_protocol = headers.get(http::header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut headers);
+        for name in crate::cluster::FORWARDING_HEADERS {
+            headers.remove(name);
+        }
+        let mut upgrade = None;
+        if let Some(side) = forwarded {
+            let client = side.client.to_string();
+            let for_value = if side.client.is_ipv6() {
+                format!("\"[{client}]\"")
+            } else {
+                client.clone()
+            };
+            set(&mut headers, "x-forwarded-for", &client);
+            set(&mut headers, "x-forwarded-proto", side.scheme);
+            set(&mut headers, "x-forwarded-host", &side.host);
+            set(
+                &mut headers,
+                "forwarded",
+                &format!(
+                    "for={for_value};proto={};host=\"{}\"",
+                    side.scheme,
+                    side.host.replace('"', "")
+                ),
+            );
+            upgrade = side.upgrade;
+        }
+        if upgrading && let Some(protocol) = upgrade_protocol {
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(http::header::UPGRADE, protocol);
+        }
+        let idempotent = is_idempotent(&method);
+        let tries = 1 + self.retries as usize;
+        let mut tried = Vec::new();
+        let mut last = OriginFailure::Failed("every origin is an address this node may not reach".into());
+        while tried.len() < tries {
+            let Some(index) = self.pick(&tried) else { break };
+            tried.push(index);
+            let target = &self.targets[index];
+            target.in_flight.fetch_add(1, Ordering::Relaxed);
+            let in_flight = InFlight(Arc::clone(self), index);
+            let url = format!("{}{}", target.base, path_and_query);
+            let request = self
+                .client
+                .request(method.clone(), &url)
+                .headers(headers.clone())
+                .body(body.clone());
+            let limit = match deadline {
+                Some(deadline) => self
+                    .timeout
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+                None => self.timeout,
+            };
+            match tokio::time::timeout(limit, request.send()).await {
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    if matches!(status.as_u16(), 502..=504) {
+                        self.failed(index, "answered 502-504");
+                    } else {
+                        self.succeeded(index);
+                    }
+                    if status == StatusCode::SWITCHING_PROTOCOLS && upgrading {
+                        return Ok(self.join_upgrade(response, upgrade.take()));
+                    }
+                    return Ok(relay(response, &method, in_flight));
+                }
+                Ok(Err(error)) => {
+                    self.failed(index, "request failed");
+                    tracing::debug!(function = %self.function, origin = %target.base, error = %error_chain(&error), "origin request failed");
+                    last = OriginFailure::Failed(format!("{}: {}", target.base, error_chain(&error)));
+                    // A request that never left may go to another origin whatever its
+                    // method; one that may have been received, only if idempotent.
+                    if !error.is_connect() && !idempotent {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    self.failed(index, "timed out");
+                    last = OriginFailure::TimedOut(limit);
+                    if !idempotent || deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The origin switched protocols: answer the client with its 101, then join the two
+    /// connections once hyper hands the client's over.
+    fn join_upgrade(
+        &self,
+        response: reqwest::Response,
+        client: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ResponseBody> {
+        let Ok(permit) = TUNNELS.try_acquire() else {
+            return node_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node has too many open tunnels",
+            );
+        };
+        let mut answer = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+        for (name, value) in response.headers() {
+            answer = answer.header(name, value);
+        }
+        let function = self.function.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(client) = client else { return };
+            let (client, origin) = match tokio::join!(client, response.upgrade()) {
+                (Ok(client), Ok(origin)) => (client, origin),
+                (Err(error), _) => {
+                    tracing::debug!(%function, %error, "the client's upgrade failed");
+                    return;
+                }
+                (_, Err(error)) => {
+                    tracing::debug!(%function, %error, "the origin's upgrade failed");
+                    return;
+                }
+            };
+            ::metrics::gauge!("atoll_origin_tunnels", "function" => function.clone()).increment(1.0);
+            tunnel(hyper_util::rt::TokioIo::new(client), origin, TUNNEL_IDLE).await;
+            ::metrics::gauge!("atoll_origin_tunnels", "function" => function).decrement(1.0);
+        });
+        answer
+            .body(ResponseBody::empty())
+            .expect("the origin's head is valid")
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+fn node_answer(status: StatusCode, text: &str) -> Response<ResponseBody> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(ResponseBody::whole(format!("{text}\n")))
+        .expect("static response parts are valid")
+}
+
+/// The node's answer when no origin answered.
+pub fn failure_response(failure: &OriginFailure) -> Response<ResponseBody> {
+    match failure {
+        OriginFailure::TimedOut(limit) => node_answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "the origin did not answer within {}",
+                humantime::format_duration(*limit)
+            ),
+        ),
+        OriginFailure::Failed(_) => node_answer(StatusCode::BAD_GATEWAY, "no origin answered"),
+    }
+}
+
+/// Counts a request in flight at an origin until dropped (with the response body).
+struct InFlight(Arc<OriginPool>, usize);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.targets[self.1].in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The origin's response, its body streamed as it arrives.
+fn relay(response: reqwest::Response, method: &Method, in_flight: InFlight) -> Response<ResponseBody> {
+    let mut head = Response::builder().status(response.status());
+    let mut headers = response.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    let length = response.content_length();
+    if let Some(map) = head.headers_mut() {
+        *map = headers;
+    }
+    let body = if *method == Method::HEAD || length == Some(0) {
+        ResponseBody::empty()
+    } else {
+        let stream = response
+            .bytes_stream()
+            .map(|chunk| chunk.map_err(|error| Box::new(error) as atoll_ingress::server::BoxError));
+        ResponseBody::stream(Box::pin(stream), length).holding(in_flight)
+    };
+    head.body(body).expect("the origin's head is valid")
+}
+
+fn error_chain(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Copies bytes both ways until both sides close, one fails, or nothing moves for `idle`.
+async fn tunnel<A, B>(client: A, origin: B, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut origin_read, mut origin_write) = tokio::io::split(origin);
+    let mut up = vec![0u8; 16 << 10];
+    let mut down = vec![0u8; 16 << 10];
+    let (mut client_open, mut origin_open) = (true, true);
+    while client_open || origin_open {
+        tokio::select! {
+            read = client_read.read(&mut up), if client_open => match read {
+                Ok(0) | Err(_) => {
+                    client_open = false;
+                    let _ = origin_write.shutdown().await;
+                }
+                Ok(n) => if origin_write.write_all(&up[..n]).await.is_err() { break },
+            },
+            read = origin_read.read(&mut down), if origin_open => match read {
+                Ok(0) | Err(_) => {
+                    origin_open = false;
+                    let _ = client_write.shutdown().await;
+                }
+                Ok(n) => if client_write.write_all(&down[..n]).await.is_err() { break },
+            },
+            () = tokio::time::sleep(idle) => break,
+        }
+    }
+}
+
+/// The active health checks of one pool, until it is dropped.
+async fn check_health(
+    function: String,
+    targets: Arc<Vec<Target>>,
+    client: reqwest::Client,
+    path: String,
+    interval: Duration,
+) {
+    let timeout = interval.min(Duration::from_secs(2));
+    loop {
+        tokio::time::sleep(interval).await;
+        let checks = targets.iter().filter(|target| !target.refused).map(|target| {
+            let request = client.get(format!("{}{path}", target.base)).send();
+            async move {
+                let healthy = matches!(
+                    tokio::time::timeout(timeout, request).await,
+                    Ok(Ok(response)) if response.status().as_u16() < 500
+                );
+                (target, healthy)
+            }
+        });
+        for (target, healthy) in futures_util::future::join_all(checks).await {
+            if healthy {
+                target.check_failures.store(0, Ordering::Relaxed);
+                if !target.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(%function, origin = %target.base, "origin is healthy again");
+                }
+            } else if target.check_failures.fetch_add(1, Ordering::Relaxed) + 1 >= DOWN_AFTER
+                && target.healthy.swap(false, Ordering::Relaxed)
+            {
+                tracing::warn!(%function, origin = %target.base, "origin failed its health check; taken out");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn an_upgrade_is_a_get_with_upgrade_and_connection_upgrade() {
+        let mut headers = HeaderMap::new();
+        headers.insert("upgrade", HeaderValue::from_static("websocket"));
+        headers.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(wants_upgrade(&Method::GET, &headers));
+        assert!(!wants_upgrade(&Method::POST, &headers));
+        headers.insert("connection", HeaderValue::from_static("keep-alive"));
+        assert!(!wants_upgrade(&Method::GET, &headers));
+    }
+}

@@ -1,0 +1,282 @@
+//! Origin routes end to end: a node proxying to two real origin servers — balancing,
+//! forwarding headers, hop-by-hop headers dropped, one origin stopped in the middle of a
+//! load without a failed request, a WebSocket passed through, a function calling its own
+//! origins at `http://origin.atoll.internal`, and the address guard on origins.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use atoll_testkit::origin::TestOrigin;
+use support::*;
+
+struct Setup {
+    runtime: tokio::runtime::Runtime,
+    origins: Vec<TestOrigin>,
+    _registry: Process,
+    url: String,
+    _node: Process,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Two origins, a registry and a node, and `shop` (origins only) pushed and served.
+fn setup(extra: &str) -> Setup {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let origins = vec![
+        runtime.block_on(TestOrigin::http()),
+        runtime.block_on(TestOrigin::http()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, url) = start_registry(&dir.path().join("registry"));
+    let (node, addr, _admin) = start_node(&url, &dir.path().join("node"));
+    let list: Vec<String> = origins
+        .iter()
+        .map(|origin| format!("{:?}", origin.url("")))
+        .collect();
+    let manifest = dir.path().join("shop/atoll.toml");
+    std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"shop\"\nroutes = [\"shop.localhost\"]\norigins = [{}]\n[origin]\nhealth_interval = \"200ms\"\n{extra}",
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    push_ok(&url, &manifest);
+    wait_until("shop is served", || {
+        http_get(&addr, "shop.localhost", "/hello").is_ok_and(|response| response.status == 200)
+    });
+    Setup {
+        runtime,
+        origins,
+        _registry: registry,
+        url,
+        _node: node,
+        addr,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn an_origin_route_balances_and_sets_the_forwarding_headers() {
+    let setup = setup("");
+    let ports: BTreeSet<String> = (0..40)
+        .map(|_| get(&setup.addr, "shop.localhost", "/whoami").text())
+        .collect();
+    let expected: BTreeSet<String> = setup
+        .origins
+        .iter()
+        .map(|o| o.address.port().to_string())
+        .collect();
+    assert_eq!(ports, expected, "both origins answered");
+
+    let hello = get(&setup.addr, "shop.localhost", "/hello");
+    assert_eq!(hello.text(), "hello from origin");
+    assert_eq!(hello.header("content-type"), Some("text/plain"));
+
+    // What the client says about where it is gets replaced; hop-by-hop headers stop here.
+    let headers = http_request(
+        &setup.addr,
+        "GET",
+        "shop.localhost",
+        "/headers",
+        &[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("x-kept", "1"),
+        ],
+        b"",
+    )
+    .unwrap()
+    .text();
+    for line in [
+        "host: shop.localhost\n",
+        "x-forwarded-for: 127.0.0.1\n",
+        "x-forwarded-proto: http\n",
+        "x-forwarded-host: shop.localhost\n",
+        "forwarded: for=127.0.0.1;proto=http;host=\"shop.localhost\"\n",
+        "x-kept: 1\n",
+    ] {
+        assert!(headers.contains(line), "{line:?} missing in:\n{headers}");
+    }
+    assert!(
+        !headers.contains("6.6.6.6") && !headers.contains("x-secret"),
+        "{headers}"
+    );
+
+    // Bodies go through, both ways.
+    let echoed = http_request(&setup.addr, "POST", "shop.localhost", "/echo", &[], b"order 42").unwrap();
+    assert!(echoed.text().ends_with("body=order 42"), "{}", echoed.text());
+    let large = get(&setup.addr, "shop.localhost", "/bytes?n=1000000");
+    assert_eq!(large.body.len(), 1_000_000);
+}
+
+#[test]
+fn an_origin_stopped_under_load_fails_no_idempotent_request() {
+    let setup = setup("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, stop) = (setup.addr.clone(), Arc::clone(&stop));
+            let (served, failed) = (Arc::clone(&served), Arc::clone(&failed));
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match http_get(&addr, "shop.localhost", "/whoami") {
+                        Ok(response) if response.status == 200 => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            failures.push(format!("{:?}", other.map(|r| (r.status, r.text()))));
+                        }
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    wait_until("load runs", || served.load(Ordering::Relaxed) > 200);
+    setup.origins[0].stop();
+    let at_stop = served.load(Ordering::Relaxed);
+    wait_until("load goes on after the stop", || {
+        served.load(Ordering::Relaxed) > at_stop + 500
+    });
+    stop.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    // The survivor answers everything now.
+    let survivor = setup.origins[1].address.port().to_string();
+    for _ in 0..20 {
+        assert_eq!(get(&setup.addr, "shop.localhost", "/whoami").text(), survivor);
+    }
+}
+
+#[test]
+fn a_websocket_passes_through_to_the_origin() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let setup = setup("");
+    setup.runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(&setup.addr).await.unwrap();
+        let mut request = format!("ws://{}/ws", setup.addr).into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("host", "shop.localhost".parse().unwrap());
+        let (mut socket, response) = tokio_tungstenite::client_async(request, stream).await.unwrap();
+        assert_eq!(response.status(), 101);
+        for text in ["hello", "through the edge", &"x".repeat(100_000)] {
+            socket.send(Message::text(text)).await.unwrap();
+            let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+                .await
+                .expect("an echo within 10 s")
+                .unwrap()
+                .unwrap();
+            assert_eq!(echoed.into_text().unwrap().as_str(), text);
+        }
+        socket.close(None).await.unwrap();
+    });
+}
+
+#[test]
+fn a_function_reaches_its_own_origins_and_others_do_not() {
+    let setup = setup("");
+    let origin = setup.origins[1].url("");
+    let write = |name: &str, origins: &str| {
+        write_manifest(
+            &setup._dir.path().join(name),
+            name,
+            &example_wasm("outbound"),
+            &[&format!("{name}.localhost")],
+            origins,
+        )
+    };
+    push_ok(&setup.url, &write("front", &format!("origins = [{origin:?}]\n")));
+    push_ok(&setup.url, &write("plain", ""));
+    wait_until("front and plain are served", || {
+        http_get(
+            &setup.addr,
+            "front.localhost",
+            "/?url=http://origin.atoll.internal/whoami",
+        )
+        .is_ok_and(|response| response.status == 200)
+            && http_get(&setup.addr, "plain.localhost", "/").is_ok_and(|response| response.status != 404)
+    });
+    let answer = get(
+        &setup.addr,
+        "front.localhost",
+        "/?url=http://origin.atoll.internal/whoami",
+    );
+    assert!(
+        answer
+            .text()
+            .ends_with(&format!("body={}", setup.origins[1].address.port())),
+        "{}",
+        answer.text()
+    );
+    let refused = get(
+        &setup.addr,
+        "plain.localhost",
+        "/?url=http://origin.atoll.internal/whoami",
+    );
+    assert_eq!(refused.status, 502, "{}", refused.text());
+}
+
+#[test]
+fn origins_are_checked_at_push_and_metadata_addresses_are_never_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, url) = start_registry(&dir.path().join("registry"));
+    let (_node, addr, _admin) = start_node(&url, &dir.path().join("node"));
+    let write = |text: &str| {
+        let path = dir.path().join("o/atoll.toml");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let refused = push(
+        &url,
+        &write("name = \"o\"\nroutes = [\"o.localhost\"]\norigins = [\"10.0.0.5:3000\"]\n"),
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("must start with http:// or https://"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    push_ok(
+        &url,
+        &write("name = \"o\"\nroutes = [\"o.localhost\"]\norigins = [\"http://169.254.169.254\"]\n"),
+    );
+    // Routed (no more 404 or 503 while the node starts), it answers 502 at once: the guard
+    // refuses the address before any connection.
+    wait_until("o is routed", || {
+        http_get(&addr, "o.localhost", "/latest/meta-data/").is_ok_and(|response| response.status == 502)
+    });
+    let started = std::time::Instant::now();
+    let answer = get(&addr, "o.localhost", "/latest/meta-data/");
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "no connection was tried"
+    );
+}
