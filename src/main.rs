@@ -777,6 +777,7 @@ async fn up(
     // The node in this process calls the registry's KV store directly.
     let local_kv = registry.kv();
     let registry_listener = bind(registry_listen).await?;
+    let registry_listener_port = registry_listener.local_addr()?.port();
     let registry_url = format!("http://{}", registry_listener.local_addr()?);
     println!("registry listening on {registry_url}");
     let listeners = edge.bind(listen, admin).await?;
@@ -800,6 +801,7 @@ async fn up(
     options.token = Some(token.clone());
     options.name = default_node_name();
     options.kv = local_kv;
+    options.other_ports = vec![registry_listener_port];
     edge.apply(&mut options);
     let node_task = tokio::spawn(atoll_router::run(
         options,

@@ -20,6 +20,7 @@ struct Setup {
     url: String,
     _node: Process,
     addr: String,
+    admin: String,
     _dir: tempfile::TempDir,
 }
 
@@ -36,7 +37,7 @@ fn setup(extra: &str) -> Setup {
     ];
     let dir = tempfile::tempdir().unwrap();
     let (registry, url) = start_registry(&dir.path().join("registry"));
-    let (node, addr, _admin) = start_node(&url, &dir.path().join("node"));
+    let (node, addr, admin) = start_node(&url, &dir.path().join("node"));
     let list: Vec<String> = origins
         .iter()
         .map(|origin| format!("{:?}", origin.url("")))
@@ -46,7 +47,7 @@ fn setup(extra: &str) -> Setup {
     std::fs::write(
         &manifest,
         format!(
-            "name = \"shop\"\nroutes = [\"shop.localhost\"]\norigins = [{}]\n[origin]\nhealth_interval = \"200ms\"\n{extra}",
+            "name = \"shop\"\nroutes = [\"shop.localhost\"]\norigins = [{}]\n[origin]\nhealth_interval = \"1s\"\n{extra}",
             list.join(", ")
         ),
     )
@@ -62,6 +63,7 @@ fn setup(extra: &str) -> Setup {
         url,
         _node: node,
         addr,
+        admin,
         _dir: dir,
     }
 }
@@ -123,6 +125,54 @@ fn an_origin_route_balances_and_sets_the_forwarding_headers() {
 }
 
 #[test]
+fn what_could_escape_or_loop_is_refused_and_http2_keeps_the_host() {
+    let setup = setup("");
+    // Dot segments (plain or encoded) would let a path-prefix route reach other paths.
+    for path in ["/public/../admin", "/a/%2e%2e/admin", "/a/%2E%2e/b", "/a%2fb"] {
+        let refused = get(&setup.addr, "shop.localhost", path);
+        assert_eq!(refused.status, 400, "{path}: {}", refused.text());
+    }
+    // A request already deep in a chain of hops is a loop.
+    let looped = http_request(
+        &setup.addr,
+        "GET",
+        "shop.localhost",
+        "/hello",
+        &[("atoll-hops", "9")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(looped.status, 508);
+    // The origin learns the chain's length, so a route back to the edge stops.
+    let headers = get(&setup.addr, "shop.localhost", "/headers").text();
+    assert!(headers.contains("atoll-hops: 1\n"), "{headers}");
+    // HTTP/2 carries the host as :authority; the origin still gets it as Host.
+    let curl = std::process::Command::new("curl")
+        .args(["-s", "--http2-prior-knowledge", "-H", "Host: shop.localhost"])
+        .arg(format!("http://{}/headers", setup.addr))
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&curl.stdout);
+    assert!(text.contains("host: shop.localhost\n"), "{text}");
+
+    // An origin on the node's own port (its edge or admin listener) is refused.
+    let dir = setup._dir.path().join("self");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("atoll.toml"),
+        format!(
+            "name = \"self\"\nroutes = [\"self.localhost\"]\norigins = [\"http://{}\"]\n",
+            setup.addr
+        ),
+    )
+    .unwrap();
+    push_ok(&setup.url, &dir.join("atoll.toml"));
+    wait_until("self is routed, and refused", || {
+        http_get(&setup.addr, "self.localhost", "/").is_ok_and(|response| response.status == 502)
+    });
+}
+
+#[test]
 fn an_origin_stopped_under_load_fails_no_idempotent_request() {
     let setup = setup("");
     let stop = Arc::new(AtomicBool::new(false));
@@ -163,6 +213,14 @@ fn an_origin_stopped_under_load_fails_no_idempotent_request() {
         &failures[..failures.len().min(5)]
     );
     assert_eq!(failed.load(Ordering::Relaxed), 0);
+    // The stopped origin was taken out (three failures in a row), not just retried around.
+    let metrics = get(&setup.admin, "localhost", "/metrics").text();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("atoll_origin_ejections_total{function=\"shop\"}")),
+        "{metrics}"
+    );
     // The survivor answers everything now.
     let survivor = setup.origins[1].address.port().to_string();
     for _ in 0..20 {

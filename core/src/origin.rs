@@ -19,7 +19,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RETRIES: u32 = 1;
 /// Bounds of `[origin]`.
-pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(3600);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 pub const MAX_RETRIES: u32 = 3;
@@ -249,12 +249,12 @@ mod tests {
         assert_eq!(options.retries(), 1);
         assert_eq!(options.timeout(), DEFAULT_TIMEOUT);
         let set = OriginOptions {
-            health_interval: Some("200ms".into()),
+            health_interval: Some("2s".into()),
             retries: Some(2),
             ..OriginOptions::default()
         };
         assert!(set.validate().is_ok());
-        assert_eq!(set.health_interval(), Duration::from_millis(200));
+        assert_eq!(set.health_interval(), Duration::from_secs(2));
         let bad = OriginOptions {
             retries: Some(9),
             ..OriginOptions::default()

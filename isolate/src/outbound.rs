@@ -313,34 +313,10 @@ impl OutboundClient {
         }))
     }
 
-    /// A client of its own for one function's origins (its own connection pool, so no
-    /// connection is shared between tenants): the same trust roots and address guard as
-    /// outbound calls, HTTP/1.1 (upgrades such as WebSocket pass through it), redirects
-    /// returned, not followed. `reach`: whether the origins may be internal addresses.
-    pub fn origin_client(
-        &self,
-        reach: Reach,
-        connect_timeout: Duration,
-    ) -> Result<reqwest::Client, OutboundSetupError> {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|error| OutboundSetupError::Client(error.to_string()))?
-        .with_root_certificates(Arc::clone(&self.root_store))
-        .with_no_client_auth();
-        reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .dns_resolver(GuardedResolver(reach))
-            .no_proxy()
-            .http1_only()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build()
-            .map_err(|error| OutboundSetupError::Client(error.to_string()))
+    /// The trust roots outbound calls use (the system's and `--outbound-ca`), for the
+    /// origins' connections (`router::origin`).
+    pub fn tls_roots(&self) -> Arc<rustls::RootCertStore> {
+        Arc::clone(&self.root_store)
     }
 
     /// The pool for calls of this reach.

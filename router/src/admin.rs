@@ -116,6 +116,12 @@ impl AdminService {
         if request.headers().contains_key(http::header::ORIGIN) {
             return refused("it came from a web page (Origin header)");
         }
+        // A proxy in between (the node's own origin routes among them) says so.
+        for proxied in ["x-forwarded-for", "forwarded", "atoll-hops", "via"] {
+            if request.headers().contains_key(proxied) {
+                return refused("it came through a proxy (forwarding headers)");
+            }
+        }
         if let Some(site) = request.headers().get("sec-fetch-site")
             && site.as_bytes() != b"none"
         {

@@ -22,9 +22,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cluster::ForwardInFlight;
 
-/// Chunks of a body from elsewhere (an origin).
-pub type ChunkStream = Pin<Box<dyn futures_util::Stream<Item = Result<Bytes, BoxError>> + Send>>;
-
 /// A response body: see the module documentation.
 pub enum ResponseBody {
     /// All of it, taken by the first poll.
@@ -33,8 +30,8 @@ pub enum ResponseBody {
     Function(BodyReader),
     /// A peer's answer, relayed as it arrives.
     Peer(PeerBody),
-    /// An origin's answer, relayed as it arrives, with its length when the origin said it.
-    Stream(ChunkStream, Option<u64>),
+    /// An origin's answer, relayed as it arrives.
+    Origin(Incoming),
     /// A streamed body with something that must live as long as it does: the in-flight
     /// marks of the node and of the connection (so its idle timeout does not cut a long
     /// download).
@@ -50,7 +47,7 @@ impl std::fmt::Debug for ResponseBody {
                 .finish(),
             ResponseBody::Function(_) => formatter.write_str("Function"),
             ResponseBody::Peer(_) => formatter.write_str("Peer"),
-            ResponseBody::Stream(_, length) => formatter.debug_tuple("Stream").field(length).finish(),
+            ResponseBody::Origin(_) => formatter.write_str("Origin"),
             ResponseBody::Held(body, _) => formatter.debug_tuple("Held").field(body).finish(),
         }
     }
@@ -63,11 +60,6 @@ impl ResponseBody {
 
     pub fn empty() -> Self {
         ResponseBody::Whole(None)
-    }
-
-    /// Chunks as they come; `length` when known up front.
-    pub fn stream(chunks: ChunkStream, length: Option<u64>) -> Self {
-        ResponseBody::Stream(chunks, length)
     }
 
     /// Whether the body goes out as it arrives (its length is not known up front).
@@ -118,10 +110,9 @@ impl Body for ResponseBody {
                 .poll_chunk(context)
                 .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data).map_err(BoxError::from))),
             ResponseBody::Peer(peer) => peer.poll(context),
-            ResponseBody::Stream(chunks, _) => chunks
-                .as_mut()
-                .poll_next(context)
-                .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data))),
+            ResponseBody::Origin(body) => Pin::new(body)
+                .poll_frame(context)
+                .map(|frame| frame.map(|frame| frame.map_err(BoxError::from))),
             ResponseBody::Held(body, _) => Pin::new(body.as_mut()).poll_frame(context),
         }
     }
@@ -131,7 +122,7 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ResponseBody::Function(reader) => reader.is_end_stream(),
             ResponseBody::Peer(peer) => peer.body.is_end_stream(),
-            ResponseBody::Stream(_, length) => *length == Some(0),
+            ResponseBody::Origin(body) => body.is_end_stream(),
             ResponseBody::Held(body, _) => body.is_end_stream(),
         }
     }
@@ -141,8 +132,7 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Function(_) => SizeHint::default(),
             ResponseBody::Peer(peer) => peer.body.size_hint(),
-            ResponseBody::Stream(_, Some(length)) => SizeHint::with_exact(*length),
-            ResponseBody::Stream(_, None) => SizeHint::default(),
+            ResponseBody::Origin(body) => body.size_hint(),
             ResponseBody::Held(body, _) => body.size_hint(),
         }
     }

@@ -72,6 +72,9 @@ pub struct NodeOptions {
     /// Where functions' KV calls go when not through the registry's API: `atoll up` hands
     /// the registry's own store to its node.
     pub kv: Option<Arc<dyn atoll_isolate::wasi_kv::KvBackend>>,
+    /// Ports of this process's other listeners (`atoll up`'s registry) that origins may
+    /// not point at, beside the node's own.
+    pub other_ports: Vec<u16>,
 }
 
 impl NodeOptions {
@@ -99,6 +102,7 @@ impl NodeOptions {
             outbound_ca: None,
             outbound_internal: atoll_isolate::outbound::InternalPolicy::default(),
             kv: None,
+            other_ports: Vec::new(),
         }
     }
 }
@@ -312,6 +316,14 @@ pub async fn run(
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone())
         .with_outbound(outbound, services)
+        .with_own_ports({
+            let mut ports = options.other_ports.clone();
+            for listener in [&listeners.http, &listeners.tls].into_iter().flatten() {
+                ports.extend(listener.local_addr().ok().map(|address| address.port()));
+            }
+            ports.extend(listeners.admin.local_addr().ok().map(|address| address.port()));
+            ports
+        })
         .with_kv(match (&options.kv, control.as_ref()) {
             (Some(kv), _) => Arc::clone(kv),
             // The stores are NATS buckets, read through a cache the buckets' watches keep.

@@ -12,10 +12,12 @@
 //!           response streamed back; 101 → the two connections joined (WebSocket)
 //! ```
 //!
-//! * **A connection pool per function** (`OutboundClient::origin_client`): keep-alive,
-//!   HTTP/1.1, the node's trust roots and the same address guard as outbound calls (cloud
-//!   metadata and link-local are never reached; internal addresses only under the node's
-//!   `--outbound-internal listed`, origins being listed by their manifest).
+//! * **A connection pool per function**: hyper's client, keep-alive, HTTP/1.1, the node's
+//!   trust roots (`OutboundClient::tls_roots`) and the same address guard as outbound calls
+//!   ([`GuardedDns`] over `guarded_lookup`: cloud metadata and link-local are never reached;
+//!   internal addresses only under the node's `--outbound-internal listed`, origins being
+//!   listed by their manifest). hyper directly rather than reqwest: no URL parsing, no
+//!   boxing, and the origin's body relayed as hyper hands it over.
 //! * **Health**: an active check per origin (`GET health_path` every `health_interval`,
 //!   healthy below 500; two failures mark it down, one success up), and passive ejection:
 //!   three failures in a row (connect errors, timeouts, 502–504) take an origin out for
@@ -32,11 +34,60 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_core::manifest::Manifest;
-use atoll_isolate::outbound::{OutboundClient, Reach};
+use atoll_isolate::outbound::{OutboundClient, Reach, guarded_lookup};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The resolver of origins' connections: the outbound address guard, so the addresses
+/// checked are the addresses connected to.
+#[derive(Clone, Copy)]
+pub struct GuardedDns(Reach);
+
+impl tower_service::Service<Name> for GuardedDns {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = atoll_isolate::outbound::Refusal;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let (host, reach) = (name.as_str().to_string(), self.0);
+        Box::pin(async move { guarded_lookup(&host, 0, reach).await.map(Vec::into_iter) })
+    }
+}
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedDns>>;
+type OriginClient = Client<Connector, Full<Bytes>>;
+
+fn origin_client(outbound: &OutboundClient, reach: Reach, connect_timeout: Duration) -> OriginClient {
+    let mut http = HttpConnector::new_with_resolver(GuardedDns(reach));
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let tls =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("rustls has default protocol versions")
+            .with_root_certificates(outbound.tls_roots())
+            .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .build(https)
+}
 
 use crate::body::ResponseBody;
 
@@ -48,8 +99,11 @@ const EJECT_AFTER: u32 = 3;
 const DOWN_AFTER: u32 = 2;
 /// A tunnel (WebSocket) with no byte either way for this long is closed.
 pub const TUNNEL_IDLE: Duration = Duration::from_secs(600);
-/// Tunnels open at once on a node: each holds two connections.
-pub const MAX_TUNNELS: usize = 10_000;
+/// Tunnels open at once on a node (each holds two connections): well under the edge's
+/// connection cap, so tunnels cannot take every connection.
+pub const MAX_TUNNELS: usize = 4096;
+/// Tunnels open at once per function.
+pub const MAX_TUNNELS_PER_FUNCTION: usize = 1024;
 
 static TUNNELS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_TUNNELS);
 
@@ -71,11 +125,12 @@ struct Target {
 pub struct OriginPool {
     function: String,
     targets: Arc<Vec<Target>>,
-    client: reqwest::Client,
+    client: OriginClient,
     timeout: Duration,
     retries: u32,
     started: Instant,
     checks: Option<tokio::task::AbortHandle>,
+    tunnels: Arc<tokio::sync::Semaphore>,
 }
 
 impl Drop for OriginPool {
@@ -163,19 +218,58 @@ pub struct ClientSide {
 pub enum OriginFailure {
     TimedOut(Duration),
     Failed(String),
+    /// The request cannot be forwarded (400): no origin was tried.
+    BadRequest(String),
+}
+
+/// A request target that may be forwarded: origin-form (`/…`), without dot segments,
+/// encoded slashes or backslashes — the origin would resolve them, and a route's path
+/// prefix (`example.com/public`) must not be left through `/public/../admin`.
+fn check_target(target: &str) -> Result<(), OriginFailure> {
+    if !target.starts_with('/') {
+        return Err(OriginFailure::BadRequest(
+            "only origin-form targets (/…) are forwarded".into(),
+        ));
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let lower = path.to_ascii_lowercase();
+    let dotted = path.split('/').any(|segment| segment == "." || segment == "..");
+    if dotted
+        || lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || path.contains('\\')
+    {
+        return Err(OriginFailure::BadRequest(
+            "the path has dot segments, encoded slashes or backslashes".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `host` can go out as a Host header: a DNS name or an address, and a port.
+fn is_host_like(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 260
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 impl OriginPool {
     /// The pool for `manifest`'s origins, with its health checks running. `reach`: whether
     /// origins may be internal addresses (the node's outbound policy).
+    ///
+    /// `own_ports`: the ports this node listens on; an origin there that could be the node
+    /// itself (a loopback, unspecified or internal address, or any name) is refused, so no
+    /// tenant reaches the node's admin listener through it.
     pub fn new(
         manifest: &Manifest,
         outbound: &OutboundClient,
         reach: Reach,
+        own_ports: &[u16],
     ) -> Result<Arc<OriginPool>, String> {
-        let client = outbound
-            .origin_client(reach, manifest.origin.connect_timeout())
-            .map_err(|error| error.to_string())?;
+        let client = origin_client(outbound, reach, manifest.origin.connect_timeout());
         let targets: Arc<Vec<Target>> = Arc::new(
             manifest
                 .origin_urls()
@@ -183,10 +277,18 @@ impl OriginPool {
                 .map(|url| Target {
                     refused: {
                         let bare = url.host.trim_start_matches('[').trim_end_matches(']');
-                        bare.parse::<std::net::IpAddr>().is_ok_and(|address| {
-                            atoll_core::outbound::is_never_reachable(address)
-                                || (reach == Reach::Public && atoll_core::outbound::is_internal(address))
-                        })
+                        let literal = bare.parse::<std::net::IpAddr>().ok();
+                        let may_be_self = own_ports.contains(&url.port)
+                            && literal.is_none_or(|address| {
+                                address.is_loopback()
+                                    || address.is_unspecified()
+                                    || atoll_core::outbound::is_internal(address)
+                            });
+                        may_be_self
+                            || literal.is_some_and(|address| {
+                                atoll_core::outbound::is_never_reachable(address)
+                                    || (reach == Reach::Public && atoll_core::outbound::is_internal(address))
+                            })
                     },
                     base: url.base(),
                     in_flight: AtomicU64::new(0),
@@ -213,6 +315,7 @@ impl OriginPool {
             retries: manifest.origin.retries(),
             started: Instant::now(),
             checks: Some(checks),
+            tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS_PER_FUNCTION)),
         }))
     }
 
@@ -275,6 +378,7 @@ impl OriginPool {
     /// response head and a streamed body (or the 502/504 of the node). `forwarded`: the
     /// client side, for the forwarding headers and a protocol switch; `None` for a
     /// function's own call (its headers are its own).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         self: &Arc<Self>,
         method: Method,
@@ -282,8 +386,10 @@ impl OriginPool {
         mut headers: HeaderMap,
         body: Bytes,
         forwarded: Option<ClientSide>,
+        hops: u32,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Response<ResponseBody>, OriginFailure> {
+        check_target(path_and_query)?;
         let upgrading =
             wants_upgrade(&method, &headers) && forwarded.as_ref().is_some_and(|f| f.upgrade.is_some());
         let upgrade_protocol = headers.get(http::header::UPGRADE).cloned();
@@ -291,8 +397,19 @@ impl OriginPool {
         for name in crate::cluster::FORWARDING_HEADERS {
             headers.remove(name);
         }
+        // The chain's length travels on, so an origin that leads back to this route (a
+        // loop through the edge) meets the same depth limit as function calls.
+        headers.insert(
+            atoll_isolate::wasi_http::HOPS_HEADER,
+            HeaderValue::from(hops.saturating_add(1)),
+        );
         let mut upgrade = None;
         if let Some(side) = forwarded {
+            // The Host the client asked for, normalised (HTTP/2 carries it as :authority).
+            if !is_host_like(&side.host) {
+                return Err(OriginFailure::BadRequest("the Host is not a host name".into()));
+            }
+            set(&mut headers, "host", &side.host);
             let client = side.client.to_string();
             let for_value = if side.client.is_ipv6() {
                 format!("\"[{client}]\"")
@@ -305,11 +422,7 @@ impl OriginPool {
             set(
                 &mut headers,
                 "forwarded",
-                &format!(
-                    "for={for_value};proto={};host=\"{}\"",
-                    side.scheme,
-                    side.host.replace('"', "")
-                ),
+                &format!("for={for_value};proto={};host=\"{}\"", side.scheme, side.host),
             );
             upgrade = side.upgrade;
         }
@@ -319,6 +432,9 @@ impl OriginPool {
         }
         let idempotent = is_idempotent(&method);
         let tries = 1 + self.retries as usize;
+        // One time budget for every try together: retries never stretch a request past it.
+        let give_up = tokio::time::Instant::now() + self.timeout;
+        let give_up = deadline.map_or(give_up, |deadline| deadline.min(give_up));
         let mut tried = Vec::new();
         let mut last = OriginFailure::Failed("every origin is an address this node may not reach".into());
         while tried.len() < tries {
@@ -327,26 +443,30 @@ impl OriginPool {
             let target = &self.targets[index];
             target.in_flight.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight(Arc::clone(self), index);
-            let url = format!("{}{}", target.base, path_and_query);
-            let request = self
-                .client
-                .request(method.clone(), &url)
-                .headers(headers.clone())
-                .body(body.clone());
-            let limit = match deadline {
-                Some(deadline) => self
-                    .timeout
-                    .min(deadline.saturating_duration_since(tokio::time::Instant::now())),
-                None => self.timeout,
+            let uri: Uri = match format!("{}{}", target.base, path_and_query).parse() {
+                Ok(uri) => uri,
+                Err(error) => {
+                    return Err(OriginFailure::BadRequest(format!(
+                        "the target is not a URI: {error}"
+                    )));
+                }
             };
-            match tokio::time::timeout(limit, request.send()).await {
+            let mut request = Request::new(Full::new(body.clone()));
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = uri;
+            *request.headers_mut() = headers.clone();
+            let request = self.client.request(request);
+            let limit = give_up.saturating_duration_since(tokio::time::Instant::now());
+            if limit.is_zero() {
+                last = OriginFailure::TimedOut(self.timeout);
+                break;
+            }
+            match tokio::time::timeout(limit, request).await {
                 Ok(Ok(response)) => {
+                    // An answer, whatever its status, is an origin that works: a path that
+                    // answers 5xx must not let clients eject origins at will.
                     let status = response.status();
-                    if matches!(status.as_u16(), 502..=504) {
-                        self.failed(index, "answered 502-504");
-                    } else {
-                        self.succeeded(index);
-                    }
+                    self.succeeded(index);
                     if status == StatusCode::SWITCHING_PROTOCOLS && upgrading {
                         return Ok(self.join_upgrade(response, upgrade.take()));
                     }
@@ -354,8 +474,9 @@ impl OriginPool {
                 }
                 Ok(Err(error)) => {
                     self.failed(index, "request failed");
-                    tracing::debug!(function = %self.function, origin = %target.base, error = %error_chain(&error), "origin request failed");
-                    last = OriginFailure::Failed(format!("{}: {}", target.base, error_chain(&error)));
+                    let reason = error_chain(&error);
+                    tracing::debug!(function = %self.function, origin = %target.base, error = %reason, "origin request failed");
+                    last = OriginFailure::Failed(format!("{}: {reason}", target.base));
                     // A request that never left may go to another origin whatever its
                     // method; one that may have been received, only if idempotent.
                     if !error.is_connect() && !idempotent {
@@ -364,8 +485,8 @@ impl OriginPool {
                 }
                 Err(_) => {
                     self.failed(index, "timed out");
-                    last = OriginFailure::TimedOut(limit);
-                    if !idempotent || deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                    last = OriginFailure::TimedOut(self.timeout);
+                    if !idempotent {
                         break;
                     }
                 }
@@ -378,13 +499,16 @@ impl OriginPool {
     /// connections once hyper hands the client's over.
     fn join_upgrade(
         &self,
-        response: reqwest::Response,
+        mut response: Response<hyper::body::Incoming>,
         client: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<ResponseBody> {
-        let Ok(permit) = TUNNELS.try_acquire() else {
+        let (Ok(permit), Ok(mine)) = (
+            TUNNELS.try_acquire(),
+            Arc::clone(&self.tunnels).try_acquire_owned(),
+        ) else {
             return node_answer(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "this node has too many open tunnels",
+                "too many open tunnels; try again later",
             );
         };
         let mut answer = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
@@ -392,10 +516,11 @@ impl OriginPool {
             answer = answer.header(name, value);
         }
         let function = self.function.clone();
+        let origin = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, mine);
             let Some(client) = client else { return };
-            let (client, origin) = match tokio::join!(client, response.upgrade()) {
+            let (client, origin) = match tokio::join!(client, origin) {
                 (Ok(client), Ok(origin)) => (client, origin),
                 (Err(error), _) => {
                     tracing::debug!(%function, %error, "the client's upgrade failed");
@@ -407,7 +532,12 @@ impl OriginPool {
                 }
             };
             ::metrics::gauge!("atoll_origin_tunnels", "function" => function.clone()).increment(1.0);
-            tunnel(hyper_util::rt::TokioIo::new(client), origin, TUNNEL_IDLE).await;
+            tunnel(
+                hyper_util::rt::TokioIo::new(client),
+                hyper_util::rt::TokioIo::new(origin),
+                TUNNEL_IDLE,
+            )
+            .await;
             ::metrics::gauge!("atoll_origin_tunnels", "function" => function).decrement(1.0);
         });
         answer
@@ -441,6 +571,7 @@ pub fn failure_response(failure: &OriginFailure) -> Response<ResponseBody> {
             ),
         ),
         OriginFailure::Failed(_) => node_answer(StatusCode::BAD_GATEWAY, "no origin answered"),
+        OriginFailure::BadRequest(reason) => node_answer(StatusCode::BAD_REQUEST, reason),
     }
 }
 
@@ -453,27 +584,23 @@ impl Drop for InFlight {
     }
 }
 
-/// The origin's response, its body streamed as it arrives.
-fn relay(response: reqwest::Response, method: &Method, in_flight: InFlight) -> Response<ResponseBody> {
-    let mut head = Response::builder().status(response.status());
-    let mut headers = response.headers().clone();
-    strip_hop_by_hop(&mut headers);
-    let length = response.content_length();
-    if let Some(map) = head.headers_mut() {
-        *map = headers;
-    }
-    let body = if *method == Method::HEAD || length == Some(0) {
+/// The origin's response, its body relayed as it arrives.
+fn relay(
+    response: Response<hyper::body::Incoming>,
+    method: &Method,
+    in_flight: InFlight,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = if *method == Method::HEAD || hyper::body::Body::is_end_stream(&body) {
         ResponseBody::empty()
     } else {
-        let stream = response
-            .bytes_stream()
-            .map(|chunk| chunk.map_err(|error| Box::new(error) as atoll_ingress::server::BoxError));
-        ResponseBody::stream(Box::pin(stream), length).holding(in_flight)
+        ResponseBody::Origin(body).holding(in_flight)
     };
-    head.body(body).expect("the origin's head is valid")
+    Response::from_parts(parts, body)
 }
 
-fn error_chain(error: &reqwest::Error) -> String {
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
@@ -502,14 +629,14 @@ where
                     client_open = false;
                     let _ = origin_write.shutdown().await;
                 }
-                Ok(n) => if origin_write.write_all(&up[..n]).await.is_err() { break },
+                Ok(n) => if !matches!(tokio::time::timeout(idle, origin_write.write_all(&up[..n])).await, Ok(Ok(()))) { break },
             },
             read = origin_read.read(&mut down), if origin_open => match read {
                 Ok(0) | Err(_) => {
                     origin_open = false;
                     let _ = client_write.shutdown().await;
                 }
-                Ok(n) => if client_write.write_all(&down[..n]).await.is_err() { break },
+                Ok(n) => if !matches!(tokio::time::timeout(idle, client_write.write_all(&down[..n])).await, Ok(Ok(()))) { break },
             },
             () = tokio::time::sleep(idle) => break,
         }
@@ -520,7 +647,7 @@ where
 async fn check_health(
     function: String,
     targets: Arc<Vec<Target>>,
-    client: reqwest::Client,
+    client: OriginClient,
     path: String,
     interval: Duration,
 ) {
@@ -528,10 +655,14 @@ async fn check_health(
     loop {
         tokio::time::sleep(interval).await;
         let checks = targets.iter().filter(|target| !target.refused).map(|target| {
-            let request = client.get(format!("{}{path}", target.base)).send();
+            let uri = format!("{}{path}", target.base).parse::<Uri>();
+            let client = client.clone();
             async move {
+                let Ok(uri) = uri else { return (target, false) };
+                let mut request = Request::new(Full::new(Bytes::new()));
+                *request.uri_mut() = uri;
                 let healthy = matches!(
-                    tokio::time::timeout(timeout, request).await,
+                    tokio::time::timeout(timeout, client.request(request)).await,
                     Ok(Ok(response)) if response.status().as_u16() < 500
                 );
                 (target, healthy)

@@ -350,38 +350,6 @@ impl EdgeService {
                 }
             }
         }
-        // A route to origins: the node is a reverse proxy.
-        if served.pool.is_none()
-            && let Some(origins) = served.origins.clone()
-        {
-            let side = crate::origin::ClientSide {
-                client: client.ip(),
-                scheme,
-                host: atoll_core::host::normalize_host(&host).into_owned(),
-                upgrade: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
-            };
-            let target = parts
-                .uri
-                .path_and_query()
-                .map_or("/", |target| target.as_str())
-                .to_string();
-            let mut response = match origins
-                .send(parts.method, &target, parts.headers, body, Some(side), None)
-                .await
-            {
-                Ok(response) => response,
-                Err(failure) => {
-                    tracing::debug!(function = %served.name(), ?failure, "no origin answered");
-                    crate::origin::failure_response(&failure)
-                }
-            };
-            if self.cluster.is_some() {
-                response
-                    .headers_mut()
-                    .insert(SERVED_BY_HEADER, self.served_by.clone());
-            }
-            return (response, Accounting::Function(function_metrics));
-        }
         // A request made by a function's outbound call says how long its chain is.
         let service_depth = match parts.headers.get(HOPS_HEADER) {
             None => 0,
@@ -398,6 +366,46 @@ impl EdgeService {
                 }
             },
         };
+        // A route to origins: the node is a reverse proxy.
+        if served.pool.is_none()
+            && let Some(origins) = served.origins.clone()
+        {
+            let side = crate::origin::ClientSide {
+                client: client.ip(),
+                scheme,
+                host: atoll_core::host::normalize_host(&host).into_owned(),
+                upgrade: parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+            };
+            let target = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |target| target.as_str())
+                .to_string();
+            let mut response = match origins
+                .send(
+                    parts.method,
+                    &target,
+                    parts.headers,
+                    body,
+                    Some(side),
+                    service_depth,
+                    None,
+                )
+                .await
+            {
+                Ok(response) => response,
+                Err(failure) => {
+                    tracing::debug!(function = %served.name(), ?failure, "no origin answered");
+                    crate::origin::failure_response(&failure)
+                }
+            };
+            if self.cluster.is_some() {
+                response
+                    .headers_mut()
+                    .insert(SERVED_BY_HEADER, self.served_by.clone());
+            }
+            return (response, Accounting::Function(function_metrics));
+        }
         for name in FORWARDING_HEADERS {
             parts.headers.remove(name);
         }

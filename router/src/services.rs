@@ -99,6 +99,7 @@ async fn call_origin(served: &ServedFunction, call: ServiceCall) -> Result<Servi
             call.headers,
             call.body,
             None,
+            call.depth,
             Some(deadline),
         )
         .await

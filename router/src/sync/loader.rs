@@ -34,6 +34,8 @@ pub(super) struct Loader {
     pub(super) kv: Option<Arc<dyn atoll_isolate::wasi_kv::KvBackend>>,
     /// The node's cap on KV calls waiting at once, shared by every function.
     pub(super) kv_waits: Arc<tokio::sync::Semaphore>,
+    /// The ports this node listens on (see `OriginPool::new`).
+    pub(super) own_ports: Arc<Vec<u16>>,
 }
 
 impl Loader {
@@ -90,7 +92,7 @@ impl Loader {
         } else {
             atoll_isolate::outbound::Reach::Public
         };
-        crate::origin::OriginPool::new(&deployment.manifest, outbound, reach)
+        crate::origin::OriginPool::new(&deployment.manifest, outbound, reach, &self.own_ports)
             .map(Some)
             .map_err(|reason| SyncError::Load {
                 name: deployment.name.clone(),

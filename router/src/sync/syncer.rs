@@ -96,6 +96,7 @@ impl Syncer {
                 kv_waits: Arc::new(tokio::sync::Semaphore::new(
                     atoll_isolate::wasi_kv::DEFAULT_MAX_WAITS,
                 )),
+                own_ports: Arc::new(Vec::new()),
             },
             source,
             routing,
@@ -131,6 +132,13 @@ impl Syncer {
         self
     }
 
+    /// The ports this node listens on: origins there that could be the node itself are
+    /// refused (`OriginPool::new`).
+    pub fn with_own_ports(mut self, ports: Vec<u16>) -> Self {
+        self.loader.own_ports = Arc::new(ports);
+        self
+    }
+
     /// Sends functions' key-value calls to `backend`; without it every call is refused.
     pub fn with_kv(mut self, backend: Arc<dyn atoll_isolate::wasi_kv::KvBackend>) -> Self {
         self.loader.kv = Some(backend);
@@ -145,6 +153,13 @@ impl Syncer {
         };
         let expected = state.deployments.len();
         for deployment in state.deployments {
+            if deployment.manifest.is_origin_only() {
+                match self.loader.fetch_and_load(deployment).await {
+                    Ok(served) => self.serve(served),
+                    Err(error) => tracing::warn!(%error, "could not restore a cached origin route"),
+                }
+                continue;
+            }
             let Some(bytes) = self.loader.cache.read_module(&deployment.sha256) else {
                 tracing::warn!(function = %deployment.name, "module missing from the disk cache; it will be fetched");
                 continue;
