@@ -470,7 +470,7 @@ impl OriginPool {
                     if status == StatusCode::SWITCHING_PROTOCOLS && upgrading {
                         return Ok(self.join_upgrade(response, upgrade.take()));
                     }
-                    return Ok(relay(response, &method, in_flight));
+                    return Ok(relay(response, &method, in_flight).await);
                 }
                 Ok(Err(error)) => {
                     self.failed(index, "request failed");
@@ -584,16 +584,35 @@ impl Drop for InFlight {
     }
 }
 
-/// The origin's response, its body relayed as it arrives.
-fn relay(
+/// Largest origin body read whole before the response goes out: head and body then leave
+/// in one write, and the origin's connection is free at once.
+const WHOLE_BODY_BYTES: u64 = 64 << 10;
+
+/// The origin's response: a small body (its length known) read whole, a larger one relayed
+/// as it arrives.
+async fn relay(
     response: Response<hyper::body::Incoming>,
     method: &Method,
     in_flight: InFlight,
 ) -> Response<ResponseBody> {
+    use http_body_util::BodyExt;
+
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let small = hyper::body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|length| length <= WHOLE_BODY_BYTES);
     let body = if *method == Method::HEAD || hyper::body::Body::is_end_stream(&body) {
         ResponseBody::empty()
+    } else if small {
+        match body.collect().await {
+            Ok(collected) => ResponseBody::whole(collected.to_bytes()),
+            Err(error) => {
+                tracing::debug!(%error, "the origin's body broke off");
+                drop(in_flight);
+                return node_answer(StatusCode::BAD_GATEWAY, "the origin's response broke off");
+            }
+        }
     } else {
         ResponseBody::Origin(body).holding(in_flight)
     };
