@@ -229,6 +229,33 @@ fn an_origin_stopped_under_load_fails_no_idempotent_request() {
 }
 
 #[test]
+fn a_request_the_origin_may_have_received_is_retried_only_when_idempotent() {
+    let setup = setup("");
+    let count = || setup.origins.iter().map(TestOrigin::requests).sum::<usize>();
+    // /drop reads the request and hangs up: the request was received.
+    let before = count();
+    for _ in 0..5 {
+        let answer = http_request(&setup.addr, "POST", "shop.localhost", "/drop", &[], b"pay 10").unwrap();
+        assert_eq!(answer.status, 502, "{}", answer.text());
+    }
+    assert_eq!(
+        count() - before,
+        5,
+        "a POST that reached an origin is never sent again"
+    );
+    let before = count();
+    for _ in 0..5 {
+        let answer = http_request(&setup.addr, "PUT", "shop.localhost", "/drop", &[], b"x").unwrap();
+        assert_eq!(answer.status, 502, "{}", answer.text());
+    }
+    assert_eq!(
+        count() - before,
+        10,
+        "an idempotent request is tried once more, elsewhere"
+    );
+}
+
+#[test]
 fn a_websocket_passes_through_to_the_origin() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;

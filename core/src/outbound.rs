@@ -298,8 +298,9 @@ fn is_internal_v4(address: Ipv4Addr) -> bool {
 /// where clouds serve instance metadata and credentials (169.254.169.254, fd00:ec2::254),
 /// and the other metadata services (Alibaba's 100.100.100.200, Azure's 168.63.129.16).
 pub fn is_never_reachable(address: IpAddr) -> bool {
+    // IPv4 carried in IPv6 (mapped, compatible, NAT64, 6to4) is judged by the IPv4 inside.
     let address = match address {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => IpAddr::V4(v4),
             None => IpAddr::V6(v6),
         },
@@ -315,6 +316,36 @@ pub fn is_never_reachable(address: IpAddr) -> bool {
             (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
         }
     }
+}
+
+/// The IPv4 address an IPv6 one carries: IPv4-mapped, IPv4-compatible (`::a.b.c.d`),
+/// NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`) or 6to4 (`2002:a.b.c.d::/48`).
+fn embedded_v4(address: Ipv6Addr) -> Option<Ipv4Addr> {
+    if let Some(v4) = address.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let segments = address.segments();
+    let low = Ipv4Addr::new(
+        (segments[6] >> 8) as u8,
+        segments[6] as u8,
+        (segments[7] >> 8) as u8,
+        segments[7] as u8,
+    );
+    if (segments[..6] == [0; 6] && !address.is_unspecified() && !address.is_loopback())
+        || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+        || segments[..3] == [0x64, 0xff9b, 1]
+    {
+        return Some(low);
+    }
+    if segments[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (segments[1] >> 8) as u8,
+            segments[1] as u8,
+            (segments[2] >> 8) as u8,
+            segments[2] as u8,
+        ));
+    }
+    None
 }
 
 fn is_internal_v6(address: Ipv6Addr) -> bool {
@@ -361,6 +392,33 @@ fn is_internal_v6(address: Ipv6Addr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_addresses_are_never_reachable_in_any_ipv6_dress() {
+        for text in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "100.100.100.200",
+            "64:ff9b::6464:64c8",
+            "fd00:ec2::254",
+            "fe80::1",
+        ] {
+            assert!(is_never_reachable(text.parse().unwrap()), "{text}");
+        }
+        for text in [
+            "8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "10.0.0.5",
+            "::1",
+        ] {
+            assert!(!is_never_reachable(text.parse().unwrap()), "{text}");
+        }
+    }
 
     fn hosts(entries: &[&str]) -> AllowedHosts {
         AllowedHosts::parse(entries).unwrap()

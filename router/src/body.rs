@@ -31,7 +31,7 @@ pub enum ResponseBody {
     /// A peer's answer, relayed as it arrives.
     Peer(PeerBody),
     /// An origin's answer, relayed as it arrives.
-    Origin(Incoming),
+    Origin(OriginBody),
     /// A streamed body with something that must live as long as it does: the in-flight
     /// marks of the node and of the connection (so its idle timeout does not cut a long
     /// download).
@@ -110,9 +110,7 @@ impl Body for ResponseBody {
                 .poll_chunk(context)
                 .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data).map_err(BoxError::from))),
             ResponseBody::Peer(peer) => peer.poll(context),
-            ResponseBody::Origin(body) => Pin::new(body)
-                .poll_frame(context)
-                .map(|frame| frame.map(|frame| frame.map_err(BoxError::from))),
+            ResponseBody::Origin(body) => body.poll(context),
             ResponseBody::Held(body, _) => Pin::new(body.as_mut()).poll_frame(context),
         }
     }
@@ -122,7 +120,7 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
             ResponseBody::Function(reader) => reader.is_end_stream(),
             ResponseBody::Peer(peer) => peer.body.is_end_stream(),
-            ResponseBody::Origin(body) => body.is_end_stream(),
+            ResponseBody::Origin(origin) => origin.body.is_end_stream(),
             ResponseBody::Held(body, _) => body.is_end_stream(),
         }
     }
@@ -132,8 +130,45 @@ impl Body for ResponseBody {
             ResponseBody::Whole(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             ResponseBody::Function(_) => SizeHint::default(),
             ResponseBody::Peer(peer) => peer.body.size_hint(),
-            ResponseBody::Origin(body) => body.size_hint(),
+            ResponseBody::Origin(origin) => origin.body.size_hint(),
             ResponseBody::Held(body, _) => body.size_hint(),
+        }
+    }
+}
+
+/// An origin's response body, relayed as it comes, ended with an error when the origin
+/// sends nothing for `idle` (a stalled origin must not hold the client's connection and
+/// its own forever).
+pub struct OriginBody {
+    body: Incoming,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl OriginBody {
+    pub fn new(body: Incoming, idle: Duration) -> Self {
+        OriginBody {
+            body,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    fn poll(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.body).poll_frame(context) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|frame| frame.map_err(BoxError::from))),
+            Poll::Pending => match self.timer.as_mut().poll(context) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BoxError::from(format!(
+                    "the origin sent nothing for {} s",
+                    self.idle.as_secs()
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }

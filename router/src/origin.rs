@@ -584,6 +584,9 @@ impl Drop for InFlight {
     }
 }
 
+/// An origin body that sends nothing for this long is cut off.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
+
 /// Largest origin body read whole before the response goes out: head and body then leave
 /// in one write, and the origin's connection is free at once.
 const WHOLE_BODY_BYTES: u64 = 64 << 10;
@@ -605,16 +608,16 @@ async fn relay(
     let body = if *method == Method::HEAD || hyper::body::Body::is_end_stream(&body) {
         ResponseBody::empty()
     } else if small {
-        match body.collect().await {
-            Ok(collected) => ResponseBody::whole(collected.to_bytes()),
-            Err(error) => {
-                tracing::debug!(%error, "the origin's body broke off");
+        match tokio::time::timeout(BODY_IDLE, body.collect()).await {
+            Ok(Ok(collected)) => ResponseBody::whole(collected.to_bytes()),
+            failed => {
+                tracing::debug!(?failed, "the origin's body broke off or stalled");
                 drop(in_flight);
                 return node_answer(StatusCode::BAD_GATEWAY, "the origin's response broke off");
             }
         }
     } else {
-        ResponseBody::Origin(body).holding(in_flight)
+        ResponseBody::Origin(crate::body::OriginBody::new(body, BODY_IDLE)).holding(in_flight)
     };
     Response::from_parts(parts, body)
 }

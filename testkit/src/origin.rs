@@ -11,11 +11,11 @@
 //! - `/whoami`: the origin's port (which of several answered)
 //! - `/headers`: every request header, `name: value` per line, sorted
 //! - `/ws`: a WebSocket echo (every message sent back as it came)
+//! - `/drop`: reads the request, then closes the connection without answering
 //! - anything else: 404
 //!
 //! [`TestOrigin::stop`] closes the listener and every open connection, as a crash would.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -189,7 +189,7 @@ impl TestOrigin {
 async fn answer(
     mut request: Request<hyper::body::Incoming>,
     port: u16,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let query = request.uri().query().unwrap_or("").to_string();
     let number = |name: &str| {
         query
@@ -251,6 +251,10 @@ async fn answer(
             text(200, lines.concat())
         }
         "/ws" => return Ok(websocket_echo(&mut request)),
+        "/drop" => {
+            let _ = request.into_body().collect().await;
+            return Err(std::io::Error::other("dropped on purpose"));
+        }
         "/redirect" => Response::builder()
             .status(302)
             .header("location", "/hello")
