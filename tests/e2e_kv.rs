@@ -275,6 +275,14 @@ fn the_todo_app_a_bff_over_a_service_binding_and_an_outbound_call() {
         get(&addr, "todos.localhost", "/api/todos").text(),
         "[{\"id\":1,\"title\":\"walk the dog\"}]"
     );
+    // In a real browser: the page's script lists the items through the BFF.
+    let page_url = format!("http://todos.localhost:{}/", addr.rsplit(':').next().unwrap());
+    let mut rendered = String::new();
+    wait_until("chromium shows the item", || {
+        rendered = chromium_dom(&page_url);
+        rendered.contains("<li>walk the dog<button>done</button></li>")
+    });
+    assert!(rendered.contains("<title>Atoll to-dos</title>"), "{rendered}");
     let deleted = http_request(&addr, "DELETE", "todos.localhost", "/api/todos/1", &[], b"").unwrap();
     assert_eq!(deleted.status, 204);
     assert_eq!(get(&addr, "todos.localhost", "/api/todos").text(), "[]");
@@ -355,4 +363,29 @@ fn atoll_up_serves_kv_from_its_own_store() {
         get(&addr, "todo.localhost", "/todos/7").text(),
         "{\"id\":7,\"title\":\"from the cli\"}"
     );
+}
+
+/// The DOM of `url` after its scripts ran, in Debian's headless chromium. Every host but
+/// `*.localhost` resolves to nothing, so the browser reaches no one but the node.
+fn chromium_dom(url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE *.localhost",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("chromium is installed (apt-get install chromium)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -526,28 +526,51 @@ impl NatsKv {
         let bucket = self.bucket(store, true).await?.expect("created");
         check_payload(&bucket, &value)?;
         let expires_ms = ttl.map_or(0, |ttl| now_ms() + ttl * 1000);
-        let expected = match if_revision {
-            None => None,
-            Some(wanted) => {
-                let current = read(&bucket, key).await?;
-                if current.revision() != wanted {
-                    return Err(KvError::Conflict {
-                        current: current.revision(),
+        let Some(wanted) = if_revision else {
+            return match publish(&bucket, key, Bytes::from(value), expires_ms, None, false).await {
+                Ok(revision) => Ok(KvWritten {
+                    revision,
+                    value: None,
+                }),
+                // An unconditional write has no compare to lose.
+                Err(WriteFailure::Lost) => Err(KvError::Unavailable("NATS refused the write".into())),
+                Err(WriteFailure::Failed(error)) => Err(error),
+            };
+        };
+        let value = Bytes::from(value);
+        for attempt in 0..MAX_ATTEMPTS {
+            let current = read(&bucket, key).await?;
+            if current.revision() != wanted {
+                return Err(KvError::Conflict {
+                    current: current.revision(),
+                });
+            }
+            match publish(
+                &bucket,
+                key,
+                value.clone(),
+                expires_ms,
+                Some(current.sequence),
+                false,
+            )
+            .await
+            {
+                Ok(revision) => {
+                    return Ok(KvWritten {
+                        revision,
+                        value: None,
                     });
                 }
-                Some(current.sequence)
+                // The key's last message changed under us. If the caller's view still holds
+                // (it is still absent: the sweep's delete marker, say), try again; else the
+                // next read reports the conflict.
+                Err(WriteFailure::Lost) => back_off(attempt).await,
+                Err(WriteFailure::Failed(error)) => return Err(error),
             }
-        };
-        match publish(&bucket, key, Bytes::from(value), expires_ms, expected, false).await {
-            Ok(revision) => Ok(KvWritten {
-                revision,
-                value: None,
-            }),
-            Err(WriteFailure::Lost) => Err(KvError::Conflict {
-                current: read(&bucket, key).await?.revision(),
-            }),
-            Err(WriteFailure::Failed(error)) => Err(error),
         }
+        Err(KvError::Conflict {
+            current: read(&bucket, key).await?.revision(),
+        })
     }
 
     async fn increment_entry(&self, store: &str, key: &str, delta: i64) -> Result<KvWritten, KvError> {
