@@ -19,6 +19,30 @@ fn post(addr: &str, path: &str, body: &str) -> Response {
     http_request(addr, "POST", "todo.localhost", path, &[], body.as_bytes()).unwrap()
 }
 
+/// 20 writers, half through each node, 5 increments each: the counter ends at 100.
+fn twenty_writers_lose_no_increment(a: &str, b: &str, registry_url: &str) {
+    let writers: Vec<_> = (0..20)
+        .map(|writer| {
+            let addr = if writer % 2 == 0 {
+                a.to_string()
+            } else {
+                b.to_string()
+            };
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    let response = post(&addr, "/hits", "");
+                    assert_eq!(response.status, 200, "{}", response.text());
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let count = atoll(&["kv", "get", "todo", "hits", "--registry", registry_url]);
+    assert_eq!(expect_success("kv get", &count), "100");
+}
+
 fn served(addr: &str) {
     wait_until("todo is served", || {
         http_get(addr, "todo.localhost", "/todos").is_ok_and(|response| response.status == 200)
@@ -82,22 +106,7 @@ fn twenty_concurrent_writers_through_two_nodes_lose_no_increment() {
     push_ok(&url, &example("todo"));
     served(&a);
     served(&b);
-    let writers: Vec<_> = (0..20)
-        .map(|writer| {
-            let addr = if writer % 2 == 0 { a.clone() } else { b.clone() };
-            std::thread::spawn(move || {
-                for _ in 0..5 {
-                    let response = post(&addr, "/hits", "");
-                    assert_eq!(response.status, 200, "{}", response.text());
-                }
-            })
-        })
-        .collect();
-    for writer in writers {
-        writer.join().unwrap();
-    }
-    let count = atoll(&["kv", "get", "todo", "hits", "--registry", &url]);
-    assert_eq!(expect_success("kv get", &count), "100");
+    twenty_writers_lose_no_increment(&a, &b, &url);
     assert_eq!(post(&a, "/hits", "").text(), "101\n");
 }
 
@@ -163,22 +172,7 @@ fn on_nats_two_nodes_share_a_store_through_their_caches_and_lose_no_increment() 
     );
     until_answer(&a, "/todos/1", 404, None);
 
-    let writers: Vec<_> = (0..20)
-        .map(|writer| {
-            let addr = if writer % 2 == 0 { a.clone() } else { b.clone() };
-            std::thread::spawn(move || {
-                for _ in 0..5 {
-                    let response = post(&addr, "/hits", "");
-                    assert_eq!(response.status, 200, "{}", response.text());
-                }
-            })
-        })
-        .collect();
-    for writer in writers {
-        writer.join().unwrap();
-    }
-    let count = atoll(&["kv", "get", "todo", "hits", "--registry", &url]);
-    assert_eq!(expect_success("kv get", &count), "100");
+    twenty_writers_lose_no_increment(&a, &b, &url);
     assert_eq!(post(&b, "/hits", "").text(), "101\n");
     let listed = atoll(&["kv", "ls", "todo", "--registry", &url]);
     assert!(expect_success("kv ls", &listed).contains("hits"));

@@ -229,12 +229,7 @@ impl NatsKv {
         if let Some(bucket) = self.inner.buckets.read().expect("buckets").get(store) {
             return Ok(Some(Arc::clone(bucket)));
         }
-        let nats = self
-            .inner
-            .nats
-            .get()
-            .await
-            .map_err(|error| unavailable("connecting to NATS", error))?;
+        let nats = self.connected().await?;
         let js = nats.jetstream().clone();
         let name = format!("{BUCKET_PREFIX}{store}");
         let kv_store = bounded("opening the store", async {
@@ -287,6 +282,14 @@ impl NatsKv {
         )))
     }
 
+    async fn connected(&self) -> Result<&crate::NatsStore, KvError> {
+        self.inner
+            .nats
+            .get()
+            .await
+            .map_err(|error| unavailable("connecting to NATS", error))
+    }
+
     /// Reads the node-local cache has answered so far.
     pub fn cache_hits(&self) -> u64 {
         self.inner.hits.load(Ordering::Relaxed)
@@ -294,12 +297,7 @@ impl NatsKv {
 
     /// Removes expired keys (writes their delete markers) in every store; how many.
     pub async fn sweep_expired(&self) -> Result<usize, KvError> {
-        let nats = self
-            .inner
-            .nats
-            .get()
-            .await
-            .map_err(|error| unavailable("connecting to NATS", error))?;
+        let nats = self.connected().await?;
         let mut names = nats.jetstream().stream_names();
         let mut stores = Vec::new();
         while let Some(name) = names.next().await {

@@ -166,18 +166,24 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authorization",
 ];
 
-/// Removes hop-by-hop headers and those the `Connection` header names.
+/// Removes hop-by-hop headers and those the `Connection` header names (a value that is not
+/// text names nothing it could hide: it is dropped with the rest).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
-        .filter(|token| !token.is_empty())
-        .collect();
-    for name in HOP_BY_HOP.iter().map(|name| name.to_string()).chain(named) {
-        headers.remove(name.as_str());
+    if headers.contains_key(http::header::CONNECTION) {
+        let named: Vec<String> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(|token| token.trim().to_ascii_lowercase())
+            .filter(|token| !token.is_empty())
+            .collect();
+        for name in named {
+            headers.remove(name.as_str());
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
     }
     headers.remove("proxy-authenticate");
 }

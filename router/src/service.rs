@@ -452,6 +452,10 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    // No body (a GET, most often): nothing to wait for, and no timer to arm.
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
     let mut body = std::pin::pin!(Limited::new(body, max_bytes));
     let mut chunks: Vec<Bytes> = Vec::new();
     loop {
