@@ -15,7 +15,7 @@
 //!   The bound is checked again once the claim is won: a claim that waited on a slow
 //!   control plane does not run late.
 //! * **Bounded.** A claim waits at most [`CLAIM_TIMEOUT`]; an entry whose previous run is
-//!   still going on this node skips its next tick here (another node may take it); at most
+//!   still going skips the tick it claimed next (rather than stacking runs); at most
 //!   [`MAX_RUNS`] scheduled runs go on at once per node. Every skip is counted.
 //! * **New entries start from now**: a node that starts, or learns of a new version, runs
 //!   no tick from before it saw the schedule; after a long pause it jumps to the drift
@@ -128,11 +128,6 @@ impl CronScheduler {
                 }
                 while let Some(tick) = schedule.next_after(*last).filter(|tick| *tick <= now) {
                     *last = tick;
-                    let entry_key = (manifest.name.clone(), index);
-                    if self.running.entries.lock().expect("running").contains(&entry_key) {
-                        skipped(&manifest.name, "overlap");
-                        continue;
-                    }
                     let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
                         skipped(&manifest.name, "busy");
                         continue;
@@ -146,22 +141,16 @@ impl CronScheduler {
                         outcome: Outcome::Running,
                         duration_ms: None,
                     };
-                    self.running
-                        .entries
-                        .lock()
-                        .expect("running")
-                        .insert(entry_key.clone());
-                    let running = Arc::clone(&self.running);
                     let fire = Self::fire(
                         Arc::clone(&self.routing),
                         Arc::clone(&self.executor),
                         Arc::clone(&self.control),
+                        Arc::clone(&self.running),
                         self.cluster.cron_rank(&manifest.name),
                         run,
                     );
                     tokio::spawn(async move {
                         fire.await;
-                        running.entries.lock().expect("running").remove(&entry_key);
                         drop(slot);
                     });
                 }
@@ -176,6 +165,7 @@ impl CronScheduler {
         routing: Arc<Routing>,
         executor: Arc<GuestExecutor>,
         control: Arc<ControlPlane>,
+        running: Arc<Running>,
         rank: usize,
         mut run: CronRun,
     ) {
@@ -195,12 +185,34 @@ impl CronScheduler {
         }
         let late = unix_now().saturating_sub(run.tick) > DRIFT_BOUND_SECONDS;
         let served = routing.function(&run.function);
-        let Some(served) = served.filter(|_| !late) else {
-            skipped(&run.function, if late { "late" } else { "not-served" });
+        let entry_key = (run.function.clone(), run.entry);
+        // The entry's previous run, claimed by this node too, is still going: this tick is
+        // skipped rather than stacked on it.
+        let overlap =
+            !late && served.is_some() && !running.entries.lock().expect("running").insert(entry_key.clone());
+        let Some(served) = served.filter(|_| !late && !overlap) else {
+            skipped(
+                &run.function,
+                if late {
+                    "late"
+                } else if overlap {
+                    "overlap"
+                } else {
+                    "not-served"
+                },
+            );
             run.outcome = Outcome::Skipped;
             let _ = tokio::time::timeout(CLAIM_TIMEOUT, control.cron_finish(&run)).await;
             return;
         };
+        // Frees the entry when the run ends, however it ends.
+        struct Finished(Arc<Running>, (String, usize));
+        impl Drop for Finished {
+            fn drop(&mut self) {
+                self.0.entries.lock().expect("running").remove(&self.1);
+            }
+        }
+        let _finished = Finished(Arc::clone(&running), entry_key);
         let (raw_path, query) = match run.path.split_once('?') {
             Some((path, query)) => (path.to_string(), query.to_string()),
             None => (run.path.clone(), String::new()),
