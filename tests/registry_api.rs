@@ -637,6 +637,39 @@ async fn node_token_cannot_push_and_announces_only_its_node() {
         403,
         &["may only announce node `n1`, not `n2`"],
     );
+    // Cron: it claims ticks as itself only, once each; nothing for another node's name.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let run = |node: &str| atoll_core::cron::CronRun {
+        function: "echo".into(),
+        entry: 0,
+        path: "/".into(),
+        tick: now,
+        node: node.into(),
+        outcome: atoll_core::cron::Outcome::Running,
+        duration_ms: None,
+    };
+    refused(
+        node.cron_claim(&run("n2")).await.unwrap_err(),
+        403,
+        &["may only announce node `n1`, not `n2`"],
+    );
+    assert!(node.cron_claim(&run("n1")).await.unwrap());
+    assert!(
+        !node.cron_claim(&run("n1")).await.unwrap(),
+        "a tick is claimed once"
+    );
+    let future = atoll_core::cron::CronRun {
+        tick: now + 3600,
+        ..run("n1")
+    };
+    refused(
+        node.cron_claim(&future).await.unwrap_err(),
+        400,
+        &["from the registry's clock"],
+    );
     refused(
         node.push(&manifest("echo", &["echo.localhost"]), module("e2"))
             .await

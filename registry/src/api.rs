@@ -996,10 +996,13 @@ fn cron_run_from(name: &str, run: CronRun) -> Result<CronRun, ApiError> {
 
 async fn cron_claim(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     axum::Json(run): axum::Json<CronRun>,
 ) -> Result<StatusCode, ApiError> {
     let run = cron_run_from(&name, run)?;
+    // A node token bound to a node claims only as that node.
+    caller.require_node(&run.node).map_err(RegistryError::from)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
@@ -1035,10 +1038,12 @@ async fn cron_claim(
 
 async fn cron_finish(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     axum::Json(run): axum::Json<CronRun>,
 ) -> Result<StatusCode, ApiError> {
     let run = cron_run_from(&name, run)?;
+    caller.require_node(&run.node).map_err(RegistryError::from)?;
     let recorded = match &app.registry.store {
         Backend::Embedded(_) => app.registry.cron.finish(run),
         Backend::Nats(store) => store.cron_finish(&run).await?,
