@@ -437,8 +437,9 @@ enum Failure {
     Stopped,
 }
 
-/// A client error with its causes, on one line.
-fn error_chain(error: &reqwest::Error) -> String {
+/// A client error with its causes, on one line (a cause already in the text once is not
+/// repeated). The node's origin proxy words its failures the same way.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {

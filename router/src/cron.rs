@@ -43,7 +43,7 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scheduled runs going on at once on a node, at most.
 pub const MAX_RUNS: usize = 64;
 
-/// The entries (function, index) with a run going on here, and the node's run slots.
+/// The entries (function, index) with a run going on on this node.
 #[derive(Default)]
 struct Running {
     entries: std::sync::Mutex<HashSet<(String, usize)>>,

@@ -480,7 +480,7 @@ impl OriginPool {
                 }
                 Ok(Err(error)) => {
                     self.failed(index, "request failed");
-                    let reason = error_chain(&error);
+                    let reason = atoll_isolate::wasi_http::error_chain(&error);
                     tracing::debug!(function = %self.function, origin = %target.base, error = %reason, "origin request failed");
                     last = OriginFailure::Failed(format!("{}: {reason}", target.base));
                     // A request that never left may go to another origin whatever its
@@ -626,17 +626,6 @@ async fn relay(
         ResponseBody::Origin(crate::body::OriginBody::new(body, BODY_IDLE)).holding(in_flight)
     };
     Response::from_parts(parts, body)
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Copies bytes both ways until both sides close, one fails, or nothing moves for `idle`.
