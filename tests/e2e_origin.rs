@@ -365,3 +365,148 @@ fn origins_are_checked_at_push_and_metadata_addresses_are_never_reached() {
         "no connection was tried"
     );
 }
+
+/// An origin that answers every request `200 ok` on a kept-alive connection (no
+/// `Connection: close`), then closes a connection that stays idle for 100 ms, the way an
+/// origin's keep-alive timeout does. Counts POSTs and closed connections.
+struct IdleClosingOrigin {
+    address: std::net::SocketAddr,
+    posts: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+}
+
+impl IdleClosingOrigin {
+    fn start() -> IdleClosingOrigin {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let (posts, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (posts_seen, closes) = (Arc::clone(&posts), Arc::clone(&closed));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let (posts_seen, closes) = (Arc::clone(&posts_seen), Arc::clone(&closes));
+                std::thread::spawn(move || {
+                    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // A whole request: its head, then Content-Length bytes of body.
+                        let complete = buffer.windows(4).position(|w| w == b"\r\n\r\n").and_then(|end| {
+                            let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|line| line.strip_prefix("content-length:"))
+                                .map_or(0, |value| value.trim().parse::<usize>().unwrap());
+                            (buffer.len() >= end + 4 + length).then_some((end + 4 + length, head))
+                        });
+                        if let Some((used, head)) = complete {
+                            if head.starts_with("post ") {
+                                posts_seen.fetch_add(1, Ordering::SeqCst);
+                            }
+                            buffer.drain(..used);
+                            if stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .is_err()
+                            {
+                                break;
+                            }
+                            continue;
+                        }
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    closes.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        IdleClosingOrigin {
+            address,
+            posts,
+            closed,
+        }
+    }
+}
+
+#[test]
+fn connections_to_origins_are_kept_alive_and_a_closed_one_is_replaced() {
+    let setup = setup("");
+    let accepted = || {
+        setup
+            .origins
+            .iter()
+            .map(TestOrigin::connections_accepted)
+            .sum::<usize>()
+    };
+    // One client, one request at a time: the same few connections serve them all (two
+    // origins, and the health checks' own), small and streamed (1 MB) bodies alike.
+    for _ in 0..40 {
+        assert_eq!(
+            get(&setup.addr, "shop.localhost", "/hello").text(),
+            "hello from origin"
+        );
+    }
+    for _ in 0..5 {
+        assert_eq!(
+            get(&setup.addr, "shop.localhost", "/bytes?n=1000000").body.len(),
+            1_000_000
+        );
+        for _ in 0..5 {
+            assert_eq!(get(&setup.addr, "shop.localhost", "/hello").status, 200);
+        }
+    }
+    let used = accepted();
+    assert!(
+        used <= 12,
+        "{used} connections for 70 requests: they are not kept alive"
+    );
+    // An origin that ends a connection after its answer (`Connection: close`): every
+    // request still gets through, on a new connection.
+    for _ in 0..5 {
+        assert_eq!(get(&setup.addr, "shop.localhost", "/close").text(), "closing");
+        let echoed = http_request(
+            &setup.addr,
+            "POST",
+            "shop.localhost",
+            "/echo",
+            &[],
+            b"after close",
+        )
+        .unwrap();
+        assert!(echoed.text().ends_with("body=after close"), "{}", echoed.text());
+    }
+
+    // An origin that closes idle connections itself: a POST after such a close goes out on
+    // a new connection (the closed one is noticed before use), and reaches it exactly once.
+    let origin = IdleClosingOrigin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("atoll.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"idle\"\nroutes = [\"idle.localhost\"]\norigins = [\"http://{}\"]\n[origin]\nhealth_interval = \"1h\"\n",
+            origin.address
+        ),
+    )
+    .unwrap();
+    push_ok(&setup.url, &manifest);
+    wait_until("idle is served", || {
+        http_get(&setup.addr, "idle.localhost", "/").is_ok_and(|response| response.status == 200)
+    });
+    for round in 1..=3 {
+        let closed_before = origin.closed.load(Ordering::SeqCst);
+        wait_until("the origin closes the idle connection", || {
+            origin.closed.load(Ordering::SeqCst) > closed_before
+        });
+        let answer = http_request(&setup.addr, "POST", "idle.localhost", "/pay", &[], b"10").unwrap();
+        assert_eq!(answer.status, 200, "round {round}: {}", answer.text());
+        assert_eq!(answer.text(), "ok");
+        assert_eq!(
+            origin.posts.load(Ordering::SeqCst),
+            round,
+            "each POST reached the origin once"
+        );
+    }
+}

@@ -24,6 +24,10 @@
 //! `atoll-bench soak`: no baseline but the promises themselves — mixed load with churn and
 //! hostile guests beside it; failures, the node's RSS and fd curve, and idle CPU after it.
 
+/// The node's allocator (see the `atoll` binary), so the bench measures what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cluster_scenario;
 mod h3_load;
 mod http_scenario;

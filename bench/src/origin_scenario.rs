@@ -42,7 +42,15 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGTERM, not SIGKILL: the master then stops its workers (killed, it would leave
+        // them running, orphaned).
+        let terminated = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|status| status.success());
+        if !terminated {
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
@@ -107,11 +115,13 @@ pub fn run(args: OriginArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     // The origin on a runtime of its own, as a separate server would be.
     let origin_runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("origin")
         .worker_threads(cores)
         .enable_all()
         .build()?;
     let origin = origin_runtime.block_on(TestOrigin::http());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("node")
         .worker_threads(cores)
         .enable_all()
         .build()?;

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod node;
 pub mod node_cache;
 pub mod origin;
+pub mod origin_conn;
 pub mod served;
 pub mod service;
 pub mod services;

@@ -67,7 +67,7 @@ impl tower_service::Service<Name> for GuardedDns {
 type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedDns>>;
 type OriginClient = Client<Connector, Full<Bytes>>;
 
-fn origin_client(outbound: &OutboundClient, reach: Reach, connect_timeout: Duration) -> OriginClient {
+fn origin_connector(outbound: &OutboundClient, reach: Reach, connect_timeout: Duration) -> Connector {
     let mut http = HttpConnector::new_with_resolver(GuardedDns(reach));
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -78,18 +78,33 @@ fn origin_client(outbound: &OutboundClient, reach: Reach, connect_timeout: Durat
             .expect("rustls has default protocol versions")
             .with_root_certificates(outbound.tls_roots())
             .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(http)
+}
+
+/// The health checks' client: hyper-util's pooled one (a request every few seconds needs
+/// nothing faster), over the same connector as proxied requests.
+fn health_client(connector: Connector) -> OriginClient {
     Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(https)
+        .pool_max_idle_per_host(4)
+        .build(connector)
 }
 
 use crate::body::ResponseBody;
+use crate::origin_conn::{Driven, ExchangeError, IdleConnections, OriginConnection};
+
+/// What every try of one proxied request sends.
+struct Exchange<'a> {
+    method: &'a Method,
+    /// Origin-form: the path and query.
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
+}
 
 /// How long an origin stays out after [`EJECT_AFTER`] failures in a row.
 pub const EJECTION: Duration = Duration::from_secs(5);
@@ -110,6 +125,13 @@ static TUNNELS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_T
 /// One origin server and what the node knows of it.
 struct Target {
     base: String,
+    /// `base` as a URI, to connect to.
+    connect_uri: Uri,
+    /// `host[:port]` (the port when not the scheme's default): the Host of a request that
+    /// names none.
+    authority: HeaderValue,
+    /// Keep-alive connections not in use.
+    idle: Arc<crate::origin_conn::IdleConnections>,
     in_flight: AtomicU64,
     /// The active check's verdict (true until a check says otherwise).
     healthy: AtomicBool,
@@ -125,7 +147,7 @@ struct Target {
 pub struct OriginPool {
     function: String,
     targets: Arc<Vec<Target>>,
-    client: OriginClient,
+    connector: Connector,
     timeout: Duration,
     retries: u32,
     started: Instant,
@@ -154,17 +176,24 @@ impl std::fmt::Debug for OriginPool {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never passed on.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never passed on. Names made at compile time: a
+/// `&str` would be parsed again on every removal.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
 ];
+/// The forwarding headers the node sets.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = http::header::FORWARDED;
 
 /// Removes hop-by-hop headers and those the `Connection` header names (a value that is not
 /// text names nothing it could hide: it is dropped with the rest).
@@ -182,10 +211,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name.as_str());
         }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove("proxy-authenticate");
 }
 
 /// Whether the request asks to switch protocols (WebSocket and the like), HTTP/1.1 style.
@@ -238,14 +266,15 @@ fn check_target(target: &str) -> Result<(), OriginFailure> {
         ));
     }
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    let lower = path.to_ascii_lowercase();
     let dotted = path.split('/').any(|segment| segment == "." || segment == "..");
-    if dotted
-        || lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
-    {
+    let encoded = path.as_bytes().windows(3).any(|window| {
+        window[0] == b'%'
+            && matches!(
+                (window[1], window[2].to_ascii_lowercase()),
+                (b'2', b'e') | (b'2', b'f') | (b'5', b'c')
+            )
+    });
+    if dotted || encoded || path.contains('\\') {
         return Err(OriginFailure::BadRequest(
             "the path has dot segments, encoded slashes or backslashes".into(),
         ));
@@ -275,40 +304,53 @@ impl OriginPool {
         reach: Reach,
         own_ports: &[u16],
     ) -> Result<Arc<OriginPool>, String> {
-        let client = origin_client(outbound, reach, manifest.origin.connect_timeout());
-        let targets: Arc<Vec<Target>> = Arc::new(
-            manifest
-                .origin_urls()
-                .iter()
-                .map(|url| Target {
-                    refused: {
-                        let bare = url.host.trim_start_matches('[').trim_end_matches(']');
-                        let literal = bare.parse::<std::net::IpAddr>().ok();
-                        let may_be_self = own_ports.contains(&url.port)
-                            && literal.is_none_or(|address| {
-                                address.is_loopback()
-                                    || address.is_unspecified()
-                                    || atoll_core::outbound::is_internal(address)
-                            });
-                        may_be_self
-                            || literal.is_some_and(|address| {
-                                atoll_core::outbound::is_never_reachable(address)
-                                    || (reach == Reach::Public && atoll_core::outbound::is_internal(address))
-                            })
-                    },
-                    base: url.base(),
-                    in_flight: AtomicU64::new(0),
-                    healthy: AtomicBool::new(true),
-                    check_failures: AtomicU32::new(0),
-                    failures: AtomicU32::new(0),
-                    ejected_until_ms: AtomicU64::new(0),
-                })
-                .collect(),
-        );
+        let connector = origin_connector(outbound, reach, manifest.origin.connect_timeout());
+        let mut targets = Vec::new();
+        for url in manifest.origin_urls() {
+            let connect_uri = url
+                .base()
+                .parse::<Uri>()
+                .map_err(|error| format!("origin {}: {error}", url.base()))?;
+            let default_port = if url.https { 443 } else { 80 };
+            let authority = if url.port == default_port {
+                url.host.clone()
+            } else {
+                format!("{}:{}", url.host, url.port)
+            };
+            let authority = HeaderValue::from_str(&authority)
+                .map_err(|error| format!("origin {}: {error}", url.base()))?;
+            targets.push(Target {
+                refused: {
+                    let bare = url.host.trim_start_matches('[').trim_end_matches(']');
+                    let literal = bare.parse::<std::net::IpAddr>().ok();
+                    let may_be_self = own_ports.contains(&url.port)
+                        && literal.is_none_or(|address| {
+                            address.is_loopback()
+                                || address.is_unspecified()
+                                || atoll_core::outbound::is_internal(address)
+                        });
+                    may_be_self
+                        || literal.is_some_and(|address| {
+                            atoll_core::outbound::is_never_reachable(address)
+                                || (reach == Reach::Public && atoll_core::outbound::is_internal(address))
+                        })
+                },
+                base: url.base(),
+                connect_uri,
+                authority,
+                idle: Arc::default(),
+                in_flight: AtomicU64::new(0),
+                healthy: AtomicBool::new(true),
+                check_failures: AtomicU32::new(0),
+                failures: AtomicU32::new(0),
+                ejected_until_ms: AtomicU64::new(0),
+            });
+        }
+        let targets = Arc::new(targets);
         let checks = tokio::spawn(check_health(
             manifest.name.clone(),
             Arc::clone(&targets),
-            client.clone(),
+            health_client(connector.clone()),
             manifest.origin.health_path().to_string(),
             manifest.origin.health_interval(),
         ))
@@ -316,7 +358,7 @@ impl OriginPool {
         Ok(Arc::new(OriginPool {
             function: manifest.name.clone(),
             targets,
-            client,
+            connector,
             timeout: manifest.origin.timeout(),
             retries: manifest.origin.retries(),
             started: Instant::now(),
@@ -335,27 +377,38 @@ impl OriginPool {
     }
 
     /// The origin for the next try: power of two choices among those available and not
-    /// tried yet (among all not tried, when none is available).
-    fn pick(&self, tried: &[usize]) -> Option<usize> {
+    /// tried yet (among all not tried, when none is available). `tried`: a bit per origin
+    /// ([`atoll_core::origin::MAX_ORIGINS`] fit). No allocation: this runs per request.
+    fn pick(&self, tried: u32) -> Option<usize> {
         let now = self.now_ms();
-        let untried: Vec<usize> = (0..self.targets.len())
-            .filter(|i| !tried.contains(i) && !self.targets[*i].refused)
-            .collect();
-        let available: Vec<usize> = untried
-            .iter()
-            .copied()
-            .filter(|&i| self.available(i, now))
-            .collect();
-        let candidates = if available.is_empty() { untried } else { available };
-        match candidates.len() {
-            0 => None,
-            1 => Some(candidates[0]),
-            n => {
-                let first = candidates[fastrand::usize(..n)];
-                let mut second = candidates[fastrand::usize(..n - 1)];
-                if second == first {
-                    second = candidates[n - 1];
+        let (mut untried, mut available) = (0u32, 0u32);
+        for (index, target) in self.targets.iter().enumerate() {
+            if tried & (1 << index) == 0 && !target.refused {
+                untried |= 1 << index;
+                if self.available(index, now) {
+                    available |= 1 << index;
                 }
+            }
+        }
+        let candidates = if available == 0 { untried } else { available };
+        // The index of the `k`-th candidate (its `k`-th set bit).
+        let nth = |k: u32| {
+            let mut rest = candidates;
+            for _ in 0..k {
+                rest &= rest - 1;
+            }
+            rest.trailing_zeros() as usize
+        };
+        match candidates.count_ones() {
+            0 => None,
+            1 => Some(nth(0)),
+            n => {
+                let first = fastrand::u32(..n);
+                let mut second = fastrand::u32(..n - 1);
+                if second >= first {
+                    second += 1;
+                }
+                let (first, second) = (nth(first), nth(second));
                 let load = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
                 Some(if load(second) < load(first) { second } else { first })
             }
@@ -415,19 +468,19 @@ impl OriginPool {
             if !is_host_like(&side.host) {
                 return Err(OriginFailure::BadRequest("the Host is not a host name".into()));
             }
-            set(&mut headers, "host", &side.host);
+            set(&mut headers, http::header::HOST, &side.host);
             let client = side.client.to_string();
             let for_value = if side.client.is_ipv6() {
                 format!("\"[{client}]\"")
             } else {
                 client.clone()
             };
-            set(&mut headers, "x-forwarded-for", &client);
-            set(&mut headers, "x-forwarded-proto", side.scheme);
-            set(&mut headers, "x-forwarded-host", &side.host);
+            set(&mut headers, X_FORWARDED_FOR, &client);
+            set(&mut headers, X_FORWARDED_PROTO, side.scheme);
+            set(&mut headers, X_FORWARDED_HOST, &side.host);
             set(
                 &mut headers,
-                "forwarded",
+                FORWARDED,
                 &format!("for={for_value};proto={};host=\"{}\"", side.scheme, side.host),
             );
             upgrade = side.upgrade;
@@ -441,34 +494,37 @@ impl OriginPool {
         // One time budget for every try together: retries never stretch a request past it.
         let give_up = tokio::time::Instant::now() + self.timeout;
         let give_up = deadline.map_or(give_up, |deadline| deadline.min(give_up));
-        let mut tried = Vec::new();
+        // HTTP/1.1 to an origin: the origin-form target, the Host in a header.
+        let target_uri: Uri = match path_and_query.parse() {
+            Ok(uri) => uri,
+            Err(error) => {
+                return Err(OriginFailure::BadRequest(format!(
+                    "the target is not a URI: {error}"
+                )));
+            }
+        };
+        let exchange = Exchange {
+            method: &method,
+            uri: &target_uri,
+            headers: &headers,
+            body: &body,
+        };
+        let (mut tried, mut tries_made) = (0u32, 0usize);
         let mut last = OriginFailure::Failed("every origin is an address this node may not reach".into());
-        while tried.len() < tries {
-            let Some(index) = self.pick(&tried) else { break };
-            tried.push(index);
+        while tries_made < tries {
+            let Some(index) = self.pick(tried) else { break };
+            tried |= 1 << index;
+            tries_made += 1;
             let target = &self.targets[index];
             target.in_flight.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight(Arc::clone(self), index);
-            let uri: Uri = match format!("{}{}", target.base, path_and_query).parse() {
-                Ok(uri) => uri,
-                Err(error) => {
-                    return Err(OriginFailure::BadRequest(format!(
-                        "the target is not a URI: {error}"
-                    )));
-                }
-            };
-            let mut request = Request::new(Full::new(body.clone()));
-            *request.method_mut() = method.clone();
-            *request.uri_mut() = uri;
-            *request.headers_mut() = headers.clone();
-            let request = self.client.request(request);
             let limit = give_up.saturating_duration_since(tokio::time::Instant::now());
             if limit.is_zero() {
                 last = OriginFailure::TimedOut(self.timeout);
                 break;
             }
-            match tokio::time::timeout(limit, request).await {
-                Ok(Ok(response)) => {
+            match tokio::time::timeout(limit, self.exchange(index, &exchange, upgrading)).await {
+                Ok(Ok((response, connection))) => {
                     // An answer, whatever its status, is an origin that works: a path that
                     // answers 5xx must not let clients eject origins at will.
                     let status = response.status();
@@ -476,16 +532,15 @@ impl OriginPool {
                     if status == StatusCode::SWITCHING_PROTOCOLS && upgrading {
                         return Ok(self.join_upgrade(response, upgrade.take()));
                     }
-                    return Ok(relay(response, &method, in_flight).await);
+                    return Ok(relay(response, connection, &target.idle, &method, in_flight).await);
                 }
                 Ok(Err(error)) => {
                     self.failed(index, "request failed");
-                    let reason = atoll_isolate::wasi_http::error_chain(&error);
-                    tracing::debug!(function = %self.function, origin = %target.base, error = %reason, "origin request failed");
-                    last = OriginFailure::Failed(format!("{}: {reason}", target.base));
+                    tracing::debug!(function = %self.function, origin = %target.base, error = %error.reason, "origin request failed");
+                    last = OriginFailure::Failed(format!("{}: {}", target.base, error.reason));
                     // A request that never left may go to another origin whatever its
                     // method; one that may have been received, only if idempotent.
-                    if !error.is_connect() && !idempotent {
+                    if !error.never_sent && !idempotent {
                         break;
                     }
                 }
@@ -499,6 +554,82 @@ impl OriginPool {
             }
         }
         Err(last)
+    }
+
+    /// A new connection to origin `index` (the guarded resolver, the connect timeout, TLS
+    /// for `https://`).
+    async fn connect(&self, index: usize) -> Result<Box<OriginConnection>, ExchangeError> {
+        use tower_service::Service;
+        let never_sent = |reason: String| ExchangeError {
+            reason,
+            never_sent: true,
+        };
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|context| connector.poll_ready(context))
+            .await
+            .map_err(|error| never_sent(atoll_isolate::wasi_http::error_chain(&*error)))?;
+        let io = connector
+            .call(self.targets[index].connect_uri.clone())
+            .await
+            .map_err(|error| {
+                never_sent(format!(
+                    "connecting: {}",
+                    atoll_isolate::wasi_http::error_chain(&*error)
+                ))
+            })?;
+        OriginConnection::new(io)
+            .await
+            .map_err(|error| never_sent(atoll_isolate::wasi_http::error_chain(&error)))
+    }
+
+    /// One try at origin `index`: its response head, and the connection that carries the
+    /// body (`None` when a task of its own drives it: an upgrade).
+    async fn exchange(
+        &self,
+        index: usize,
+        exchange: &Exchange<'_>,
+        upgrading: bool,
+    ) -> Result<(Response<hyper::body::Incoming>, Option<Box<OriginConnection>>), ExchangeError> {
+        let target = &self.targets[index];
+        let request = || {
+            let mut request = Request::new(Full::new(exchange.body.clone()));
+            *request.method_mut() = exchange.method.clone();
+            *request.uri_mut() = exchange.uri.clone();
+            let mut headers = exchange.headers.clone();
+            if !headers.contains_key(http::header::HOST) {
+                headers.insert(http::header::HOST, target.authority.clone());
+            }
+            *request.headers_mut() = headers;
+            request
+        };
+        if upgrading {
+            // A connection of its own, driven by a task that can hand the socket over.
+            let mut sender = Box::pin(self.connect(index)).await?.into_upgradable();
+            return match sender.send_request(request()).await {
+                Ok(response) => Ok((response, None)),
+                Err(error) => Err(ExchangeError::from_hyper(&error)),
+            };
+        }
+        let mut fresh = false;
+        loop {
+            let idle = if fresh { None } else { target.idle.take() };
+            let reused = idle.is_some();
+            let mut connection = match idle {
+                Some(connection) => connection,
+                // Boxed: a new connection is rare, its future large.
+                None => Box::pin(self.connect(index)).await?,
+            };
+            match connection.request(request()).await {
+                Ok(response) => return Ok((response, Some(connection))),
+                // A kept-alive connection the origin closed before the request went out
+                // (the race every keep-alive client meets): once more, on a new connection.
+                // One that may have reached the origin is the caller's to retry or not.
+                Err(error) if reused && error.never_sent => {
+                    fresh = true;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// The origin switched protocols: answer the client with its 101, then join the two
@@ -552,9 +683,9 @@ impl OriginPool {
     }
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), value);
+        headers.insert(name, value);
     }
 }
 
@@ -598,9 +729,12 @@ pub const BODY_IDLE: Duration = Duration::from_secs(60);
 const WHOLE_BODY_BYTES: u64 = 64 << 10;
 
 /// The origin's response: a small body (its length known) read whole, a larger one relayed
-/// as it arrives.
+/// as it arrives. `connection`, when the body comes over it, is driven meanwhile and goes
+/// back to `idle` when the response is done.
 async fn relay(
     response: Response<hyper::body::Incoming>,
+    connection: Option<Box<OriginConnection>>,
+    idle: &Arc<IdleConnections>,
     method: &Method,
     in_flight: InFlight,
 ) -> Response<ResponseBody> {
@@ -612,10 +746,27 @@ async fn relay(
         .exact()
         .is_some_and(|length| length <= WHOLE_BODY_BYTES);
     let body = if *method == Method::HEAD || hyper::body::Body::is_end_stream(&body) {
+        drop(body);
+        if let Some(connection) = connection {
+            idle.release(connection);
+        }
         ResponseBody::empty()
     } else if small {
-        match tokio::time::timeout(BODY_IDLE, body.collect()).await {
-            Ok(Ok(collected)) => ResponseBody::whole(collected.to_bytes()),
+        let read = tokio::time::timeout(BODY_IDLE, body.collect());
+        let read = match connection {
+            Some(mut connection) => match connection.drive(read).await {
+                Driven::Done(read) => {
+                    if matches!(read, Ok(Ok(_))) {
+                        idle.release(connection);
+                    }
+                    Some(read)
+                }
+                Driven::Ended(_) => None,
+            },
+            None => Some(read.await),
+        };
+        match read {
+            Some(Ok(Ok(collected))) => ResponseBody::whole(collected.to_bytes()),
             failed => {
                 tracing::debug!(?failed, "the origin's body broke off or stalled");
                 drop(in_flight);
@@ -623,6 +774,10 @@ async fn relay(
             }
         }
     } else {
+        // A task drives the connection while the body streams, and puts it back after.
+        if let Some(connection) = connection {
+            idle.release(connection);
+        }
         ResponseBody::Origin(crate::body::OriginBody::new(body, BODY_IDLE)).holding(in_flight)
     };
     Response::from_parts(parts, body)
@@ -671,6 +826,9 @@ async fn check_health(
     let timeout = interval.min(Duration::from_secs(2));
     loop {
         tokio::time::sleep(interval).await;
+        for target in targets.iter() {
+            target.idle.sweep();
+        }
         let checks = targets.iter().filter(|target| !target.refused).map(|target| {
             let uri = format!("{}{path}", target.base).parse::<Uri>();
             let client = client.clone();

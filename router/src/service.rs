@@ -213,8 +213,7 @@ impl EdgeService {
                 Accounting::Unrouted,
             );
         };
-        let path = request.uri().path().to_string();
-        let Some(found) = table.lookup(&host, &path) else {
+        let Some(found) = table.lookup(&host, request.uri().path()) else {
             let host = atoll_core::host::normalize_host(&host).into_owned();
             if hop.is_some() {
                 // The forwarding node serves a function here; this node does not (yet).
@@ -259,8 +258,15 @@ impl EdgeService {
                 );
             }
         }
-        let matched_route = found.pattern.to_string();
-        let route_prefix = found.pattern.path_prefix.clone().unwrap_or_default();
+        // What a function's CGI environment names (an origin route needs neither).
+        let (matched_route, route_prefix) = if served.pool.is_some() {
+            (
+                found.pattern.to_string(),
+                found.pattern.path_prefix.clone().unwrap_or_default(),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         let function_metrics = Arc::clone(&served.metrics);
         drop(table);
 
@@ -316,20 +322,21 @@ impl EdgeService {
             && let Some(peer) = cluster.place(served.name(), pool.saturated())
         {
             let timeout = pool.function().config().timeout + FORWARD_SLACK;
-            let forwarded = cluster
-                .forward(
-                    (&peer.0, peer.1),
-                    parts.method.clone(),
-                    &parts.uri,
-                    parts.headers.clone(),
-                    body.clone(),
-                    &host,
-                    connection.remote,
-                    scheme == "https",
-                    &served.deployment,
-                    timeout,
-                )
-                .await;
+            // Boxed: forwarding is the rare path, and its future would make every request's
+            // future larger.
+            let forwarded = Box::pin(cluster.forward(
+                (&peer.0, peer.1),
+                parts.method.clone(),
+                &parts.uri,
+                parts.headers.clone(),
+                body.clone(),
+                &host,
+                connection.remote,
+                scheme == "https",
+                &served.deployment,
+                timeout,
+            ))
+            .await;
             match forwarded {
                 Ok(response) => match not_served(&response) {
                     None => return (response, Accounting::Forwarded),
@@ -412,7 +419,7 @@ impl EdgeService {
         let server_name = atoll_core::host::normalize_host(&host).into_owned();
         let cgi_request = CgiRequest {
             method: parts.method.as_str().to_string(),
-            raw_path: path,
+            raw_path: parts.uri.path().to_string(),
             query: parts.uri.query().unwrap_or("").to_string(),
             protocol: protocol_name(parts.version).to_string(),
             scheme: scheme.to_string(),

@@ -9,6 +9,7 @@
 //! - `/slow`: never answers
 //! - `/redirect`: 302 to `/hello`
 //! - `/whoami`: the origin's port (which of several answered)
+//! - `/close`: 200 `closing`, with `Connection: close`, then the connection ends
 //! - `/headers`: every request header, `name: value` per line, sorted
 //! - `/ws`: a WebSocket echo (every message sent back as it came)
 //! - `/drop`: reads the request, then closes the connection without answering
@@ -79,6 +80,7 @@ pub struct TestOrigin {
     pub address: SocketAddr,
     tls: bool,
     requests: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
@@ -116,6 +118,8 @@ impl TestOrigin {
         let address = listener.local_addr().expect("the origin's address");
         let requests = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&requests);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepted_count = Arc::clone(&accepted);
         let is_tls = tls.is_some();
         let connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let tracked = Arc::clone(&connections);
@@ -125,6 +129,7 @@ impl TestOrigin {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted_count.fetch_add(1, Ordering::SeqCst);
                 let counted = Arc::clone(&counted);
                 let tls = tls.clone();
                 let connection = tokio::spawn(async move {
@@ -158,6 +163,7 @@ impl TestOrigin {
             address,
             tls: is_tls,
             requests,
+            accepted,
             task,
             connections,
         }
@@ -183,6 +189,11 @@ impl TestOrigin {
     /// Requests served so far.
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections_accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 
@@ -241,6 +252,11 @@ async fn answer(
             text(200, "too late".into())
         }
         "/whoami" => text(200, port.to_string()),
+        // Answers, then closes the connection.
+        "/close" => Response::builder()
+            .header("connection", "close")
+            .body(Full::new(Bytes::from_static(b"closing")))
+            .expect("a response"),
         "/headers" => {
             let mut lines: Vec<String> = request
                 .headers()
