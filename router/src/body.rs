@@ -21,6 +21,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cluster::ForwardInFlight;
+use crate::origin_conn::LentConnection;
 
 /// A response body: see the module documentation.
 pub enum ResponseBody {
@@ -138,30 +139,53 @@ impl Body for ResponseBody {
 
 /// An origin's response body, relayed as it comes, ended with an error when the origin
 /// sends nothing for `idle` (a stalled origin must not hold the client's connection and
-/// its own forever).
+/// its own forever). It drives the connection its data comes over while it is read
+/// ([`LentConnection`]), which goes back to the origin's idle connections when the body
+/// ends, and is closed when the body is dropped before that.
 pub struct OriginBody {
     body: Incoming,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    connection: Option<LentConnection>,
 }
 
 impl OriginBody {
-    pub fn new(body: Incoming, idle: Duration) -> Self {
+    pub fn new(body: Incoming, idle: Duration, connection: Option<LentConnection>) -> Self {
         OriginBody {
             body,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            connection,
         }
     }
 
     fn poll(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.body).poll_frame(context) {
+        let polled = Pin::new(&mut self.body).poll_frame(context);
+        if let Poll::Pending = polled
+            && let Some(connection) = &mut self.connection
+            && connection.poll_ended(context)
+        {
+            // The connection ended: dropped, so the body learns how (its next poll).
+            self.connection = None;
+            context.waker().wake_by_ref();
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let next = tokio::time::Instant::now() + self.idle;
                 self.timer.as_mut().reset(next);
+                if self.body.is_end_stream() {
+                    self.finish();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|frame| frame.map_err(BoxError::from))),
+            Poll::Ready(None) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                self.connection = None;
+                Poll::Ready(Some(Err(BoxError::from(error))))
+            }
             Poll::Pending => match self.timer.as_mut().poll(context) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(BoxError::from(format!(
                     "the origin sent nothing for {} s",
@@ -169,6 +193,13 @@ impl OriginBody {
                 ))))),
                 Poll::Pending => Poll::Pending,
             },
+        }
+    }
+
+    /// The body is all read: its connection may serve another request.
+    fn finish(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            connection.release();
         }
     }
 }

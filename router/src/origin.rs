@@ -12,8 +12,9 @@
 //!           response streamed back; 101 → the two connections joined (WebSocket)
 //! ```
 //!
-//! * **A connection pool per function**: hyper's client, keep-alive, HTTP/1.1, the node's
-//!   trust roots (`OutboundClient::tls_roots`) and the same address guard as outbound calls
+//! * **Keep-alive connections per origin** ([`crate::origin_conn`]: hyper's HTTP/1.1
+//!   client connections, driven by the request that uses them), the node's trust roots
+//!   (`OutboundClient::tls_roots`) and the same address guard as outbound calls
 //!   ([`GuardedDns`] over `guarded_lookup`: cloud metadata and link-local are never reached;
 //!   internal addresses only under the node's `--outbound-internal listed`, origins being
 //!   listed by their manifest). hyper directly rather than reqwest: no URL parsing, no
@@ -95,7 +96,7 @@ fn health_client(connector: Connector) -> OriginClient {
 }
 
 use crate::body::ResponseBody;
-use crate::origin_conn::{Driven, ExchangeError, IdleConnections, OriginConnection};
+use crate::origin_conn::{Driven, ExchangeError, IdleConnections, LentConnection, OriginConnection};
 
 /// What every try of one proxied request sends.
 struct Exchange<'a> {
@@ -142,6 +143,9 @@ struct Target {
     /// An address literal the node's guard refuses: never tried.
     refused: bool,
 }
+
+// `OriginPool::pick` keeps the origins a request tried as bits of a `u32`.
+const _: () = assert!(atoll_core::origin::MAX_ORIGINS <= 32);
 
 /// A function's origins. Dropping it stops the health checks.
 pub struct OriginPool {
@@ -347,13 +351,17 @@ impl OriginPool {
             });
         }
         let targets = Arc::new(targets);
-        let checks = tokio::spawn(check_health(
+        let health = check_health(
             manifest.name.clone(),
             Arc::clone(&targets),
             health_client(connector.clone()),
             manifest.origin.health_path().to_string(),
             manifest.origin.health_interval(),
-        ))
+        );
+        let sweeps = sweep_idle(Arc::clone(&targets));
+        let checks = tokio::spawn(async move {
+            tokio::join!(health, sweeps);
+        })
         .abort_handle();
         Ok(Arc::new(OriginPool {
             function: manifest.name.clone(),
@@ -448,6 +456,11 @@ impl OriginPool {
         hops: u32,
         deadline: Option<tokio::time::Instant>,
     ) -> Result<Response<ResponseBody>, OriginFailure> {
+        if method == Method::CONNECT {
+            return Err(OriginFailure::BadRequest(
+                "CONNECT is not forwarded to origins".into(),
+            ));
+        }
         check_target(path_and_query)?;
         let upgrading =
             wants_upgrade(&method, &headers) && forwarded.as_ref().is_some_and(|f| f.upgrade.is_some());
@@ -774,11 +787,9 @@ async fn relay(
             }
         }
     } else {
-        // A task drives the connection while the body streams, and puts it back after.
-        if let Some(connection) = connection {
-            idle.release(connection);
-        }
-        ResponseBody::Origin(crate::body::OriginBody::new(body, BODY_IDLE)).holding(in_flight)
+        // The body drives its connection while it streams, and puts it back at its end.
+        let lent = connection.map(|connection| LentConnection::new(connection, Arc::clone(idle)));
+        ResponseBody::Origin(crate::body::OriginBody::new(body, BODY_IDLE, lent)).holding(in_flight)
     };
     Response::from_parts(parts, body)
 }
@@ -815,6 +826,17 @@ where
     }
 }
 
+/// Closes the pool's idle connections that timed out or that their origin closed, every
+/// [`SWEEP_INTERVAL`](crate::origin_conn::SWEEP_INTERVAL), until the pool is dropped.
+async fn sweep_idle(targets: Arc<Vec<Target>>) {
+    loop {
+        tokio::time::sleep(crate::origin_conn::SWEEP_INTERVAL).await;
+        for target in targets.iter() {
+            target.idle.sweep();
+        }
+    }
+}
+
 /// The active health checks of one pool, until it is dropped.
 async fn check_health(
     function: String,
@@ -826,9 +848,6 @@ async fn check_health(
     let timeout = interval.min(Duration::from_secs(2));
     loop {
         tokio::time::sleep(interval).await;
-        for target in targets.iter() {
-            target.idle.sweep();
-        }
         let checks = targets.iter().filter(|target| !target.refused).map(|target| {
             let uri = format!("{}{path}", target.base).parse::<Uri>();
             let client = client.clone();

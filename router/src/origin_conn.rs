@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,10 @@ pub type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 type Driver = hyper::client::conn::http1::Connection<OriginIo, Full<Bytes>>;
 
-/// Idle connections kept per origin (hyper-util's `pool_max_idle_per_host` before).
-pub const MAX_IDLE_PER_ORIGIN: usize = 1024;
+/// Idle connections kept per origin (nginx's `keepalive 256` in `atoll-bench origin`).
+pub const MAX_IDLE_PER_ORIGIN: usize = 256;
+/// How often idle connections are swept ([`IdleConnections::sweep`]).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// An idle connection unused this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -128,7 +130,10 @@ impl OriginConnection {
         match drive(driver, sender.send_request(request)).await {
             Driven::Done(Ok(response)) => Ok(response),
             Driven::Done(Err(error)) => Err(ExchangeError::from_hyper(&error)),
-            Driven::Ended(ended) => Err(ExchangeError::ended(ended)),
+            // Had hyper taken the request, it would have answered it with an error as the
+            // connection ended; it is still queued (an EOF seen on the idle connection
+            // first): never sent.
+            Driven::Ended(ended) => Err(unsent(ExchangeError::ended(ended))),
         }
     }
 
@@ -156,8 +161,9 @@ impl OriginConnection {
         }
     }
 
-    /// Waits, driving the connection, until it can take another request (its response
-    /// ended); `false` when it closed instead or `limit` passed.
+    /// Waits, driving the connection, until it can take another request (its response has
+    /// ended: only hyper's bookkeeping is left); `false` when it closed instead or `limit`
+    /// passed.
     async fn until_ready(&mut self, limit: Duration) -> bool {
         let OriginConnection { sender, driver, .. } = self;
         matches!(
@@ -179,6 +185,29 @@ impl OriginConnection {
     }
 }
 
+/// A connection lent to the streamed body it carries: the body drives it while it is read
+/// and puts it back when it has all been read; dropped earlier, it is closed.
+pub struct LentConnection {
+    connection: Box<OriginConnection>,
+    idle: Arc<IdleConnections>,
+}
+
+impl LentConnection {
+    pub fn new(connection: Box<OriginConnection>, idle: Arc<IdleConnections>) -> Self {
+        LentConnection { connection, idle }
+    }
+
+    /// Drives the connection (the body's data arrives through it); `true` once it ended.
+    pub fn poll_ended(&mut self, context: &mut Context<'_>) -> bool {
+        Pin::new(&mut self.connection.driver).poll(context).is_ready()
+    }
+
+    /// The body was read to its end.
+    pub fn release(self) {
+        self.idle.release(self.connection);
+    }
+}
+
 /// The idle connections to one origin.
 #[derive(Default)]
 pub struct IdleConnections {
@@ -191,7 +220,7 @@ impl IdleConnections {
     /// The most recently used connection that is still open.
     pub fn take(&self) -> Option<Box<OriginConnection>> {
         loop {
-            let mut connection = self.stack.lock().expect("idle stack poisoned").pop()?;
+            let mut connection = self.stack.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
             if connection.is_open() {
                 return Some(connection);
             }
@@ -200,12 +229,12 @@ impl IdleConnections {
 
     /// Puts back a connection whose response is done, or gives it to a task that waits
     /// for that (a body still being read elsewhere) and then puts it back.
-    pub fn release(self: &std::sync::Arc<Self>, mut connection: Box<OriginConnection>) {
+    pub fn release(self: &Arc<Self>, mut connection: Box<OriginConnection>) {
         match connection.ready_now() {
             Poll::Ready(true) => self.push(connection),
             Poll::Ready(false) => {}
             Poll::Pending => {
-                let idle = std::sync::Arc::clone(self);
+                let idle = Arc::clone(self);
                 tokio::spawn(async move {
                     if connection.until_ready(crate::origin::BODY_IDLE).await {
                         idle.push(connection);
@@ -217,18 +246,25 @@ impl IdleConnections {
 
     fn push(&self, mut connection: Box<OriginConnection>) {
         connection.idle_since = Instant::now();
-        let mut stack = self.stack.lock().expect("idle stack poisoned");
+        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
         if stack.len() < MAX_IDLE_PER_ORIGIN {
             stack.push(connection);
         }
     }
 
-    /// Closes connections idle past [`IDLE_TIMEOUT`] and those the origin closed.
+    /// Closes connections idle past [`IDLE_TIMEOUT`] and those the origin closed (polled
+    /// and closed outside the lock requests take connections under).
     pub fn sweep(&self) {
         let now = Instant::now();
-        let mut stack = self.stack.lock().expect("idle stack poisoned");
-        stack.retain_mut(|connection| {
+        let mut taken = std::mem::take(&mut *self.stack.lock().unwrap_or_else(PoisonError::into_inner));
+        taken.retain_mut(|connection| {
             now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.is_open()
         });
+        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
+        // Those put back meanwhile are the most recently used: they stay on top.
+        taken.append(&mut stack);
+        let surplus = taken.len().saturating_sub(MAX_IDLE_PER_ORIGIN);
+        taken.drain(..surplus);
+        *stack = taken;
     }
 }
