@@ -28,6 +28,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod bare_proxy;
 mod cluster_scenario;
 mod h3_load;
 mod http_scenario;

@@ -6,7 +6,9 @@
 //! 2. nginx (`worker_processes auto`, an upstream with keep-alive connections, HTTP/1.1
 //!    to the origin) — skipped, saying so, when `nginx` is not installed
 //!    (`apt-get install nginx-light`);
-//! 3. an Atoll node with the origin route (`origins = ["http://…"]`).
+//! 3. a bare hyper proxy ([`crate::bare_proxy`]) on a runtime like the node's: the floor of
+//!    a proxy on this stack;
+//! 4. an Atoll node with the origin route (`origins = ["http://…"]`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -157,6 +159,7 @@ pub fn run(args: OriginArgs) -> Result<()> {
             None
         }
     };
+    let bare = runtime.block_on(crate::bare_proxy::start(origin.address))?;
     let warmup = Load {
         duration: Duration::from_secs(1),
         ..load.clone()
@@ -173,9 +176,12 @@ pub fn run(args: OriginArgs) -> Result<()> {
         }
         None => None,
     };
+    let bare_url = format!("http://{bare}/hello");
+    wrk::run(&bare_url, "proxy.localhost", &warmup)?;
+    let bare = wrk::run(&bare_url, "proxy.localhost", &load)?;
     wrk::run(&atoll_url, "proxy.localhost", &warmup)?;
     let atoll = wrk::run(&atoll_url, "proxy.localhost", &load)?;
-    report(&args, &direct, nginx_report.as_ref(), &atoll);
+    report(&args, &direct, nginx_report.as_ref(), &bare, &atoll);
     drop(nginx);
     drop(runtime);
     drop(origin);
@@ -183,11 +189,18 @@ pub fn run(args: OriginArgs) -> Result<()> {
     Ok(())
 }
 
-fn report(args: &OriginArgs, direct: &WrkReport, nginx: Option<&WrkReport>, atoll: &WrkReport) {
+fn report(
+    args: &OriginArgs,
+    direct: &WrkReport,
+    nginx: Option<&WrkReport>,
+    bare: &WrkReport,
+    atoll: &WrkReport,
+) {
     let mut rows = vec![("origin-direct", direct)];
     if let Some(nginx) = nginx {
         rows.push(("nginx-proxy-pass", nginx));
     }
+    rows.push(("hyper-bare-proxy", bare));
     rows.push(("atoll-origin-route", atoll));
     if args.json {
         wrk::print_json("origin", args.connections, &rows);
@@ -207,6 +220,16 @@ fn report(args: &OriginArgs, direct: &WrkReport, nginx: Option<&WrkReport>, atol
             atoll.p50.as_secs_f64() / nginx.p50.as_secs_f64()
         );
     }
+    if let Some(nginx) = nginx {
+        println!(
+            "ratio hyper-bare/nginx req/s: {:.3}",
+            bare.requests_per_second / nginx.requests_per_second
+        );
+    }
+    println!(
+        "ratio atoll/hyper-bare req/s: {:.3}",
+        atoll.requests_per_second / bare.requests_per_second
+    );
     println!(
         "ratio atoll/direct req/s: {:.3}",
         atoll.requests_per_second / direct.requests_per_second

@@ -279,10 +279,13 @@ pub async fn serve_with<H: Handler>(
 
 fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No hyper header timer: the guard times each head (the first from the connection's
+    // start, later ones from their first byte) and `Activity` the idle time between them.
+    // hyper's would also run while a kept-alive connection waits, closing it at the header
+    // timeout instead of the idle timeout, and cost a timer per request.
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_headers(limits.max_headers)
         .keep_alive(true);
     builder

@@ -449,7 +449,7 @@ impl OriginPool {
     pub async fn send(
         self: &Arc<Self>,
         method: Method,
-        path_and_query: &str,
+        path_and_query: http::uri::PathAndQuery,
         mut headers: HeaderMap,
         body: Bytes,
         forwarded: Option<ClientSide>,
@@ -461,7 +461,7 @@ impl OriginPool {
                 "CONNECT is not forwarded to origins".into(),
             ));
         }
-        check_target(path_and_query)?;
+        check_target(path_and_query.as_str())?;
         let upgrading =
             wants_upgrade(&method, &headers) && forwarded.as_ref().is_some_and(|f| f.upgrade.is_some());
         let upgrade_protocol = headers.get(http::header::UPGRADE).cloned();
@@ -481,21 +481,25 @@ impl OriginPool {
             if !is_host_like(&side.host) {
                 return Err(OriginFailure::BadRequest("the Host is not a host name".into()));
             }
-            set(&mut headers, http::header::HOST, &side.host);
-            let client = side.client.to_string();
-            let for_value = if side.client.is_ipv6() {
-                format!("\"[{client}]\"")
+            // Each value made once and shared, not copied per header.
+            let forwarded = if side.client.is_ipv6() {
+                format!(
+                    "for=\"[{}]\";proto={};host=\"{}\"",
+                    side.client, side.scheme, side.host
+                )
             } else {
-                client.clone()
+                format!("for={};proto={};host=\"{}\"", side.client, side.scheme, side.host)
             };
-            set(&mut headers, X_FORWARDED_FOR, &client);
-            set(&mut headers, X_FORWARDED_PROTO, side.scheme);
-            set(&mut headers, X_FORWARDED_HOST, &side.host);
+            let host = Bytes::from(side.host);
+            set(&mut headers, http::header::HOST, host.clone());
+            set(&mut headers, X_FORWARDED_HOST, host);
             set(
                 &mut headers,
-                FORWARDED,
-                &format!("for={for_value};proto={};host=\"{}\"", side.scheme, side.host),
+                X_FORWARDED_FOR,
+                Bytes::from(side.client.to_string()),
             );
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(side.scheme));
+            set(&mut headers, FORWARDED, Bytes::from(forwarded));
             upgrade = side.upgrade;
         }
         if upgrading && let Some(protocol) = upgrade_protocol {
@@ -508,14 +512,7 @@ impl OriginPool {
         let give_up = tokio::time::Instant::now() + self.timeout;
         let give_up = deadline.map_or(give_up, |deadline| deadline.min(give_up));
         // HTTP/1.1 to an origin: the origin-form target, the Host in a header.
-        let target_uri: Uri = match path_and_query.parse() {
-            Ok(uri) => uri,
-            Err(error) => {
-                return Err(OriginFailure::BadRequest(format!(
-                    "the target is not a URI: {error}"
-                )));
-            }
-        };
+        let target_uri = Uri::from(path_and_query);
         let exchange = Exchange {
             method: &method,
             uri: &target_uri,
@@ -696,8 +693,8 @@ impl OriginPool {
     }
 }
 
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
+fn set(headers: &mut HeaderMap, name: HeaderName, value: Bytes) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(value) {
         headers.insert(name, value);
     }
 }
@@ -751,8 +748,6 @@ async fn relay(
     method: &Method,
     in_flight: InFlight,
 ) -> Response<ResponseBody> {
-    use http_body_util::BodyExt;
-
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let small = hyper::body::Body::size_hint(&body)
@@ -765,7 +760,7 @@ async fn relay(
         }
         ResponseBody::empty()
     } else if small {
-        let read = tokio::time::timeout(BODY_IDLE, body.collect());
+        let read = tokio::time::timeout(BODY_IDLE, read_whole(body));
         let read = match connection {
             Some(mut connection) => match connection.drive(read).await {
                 Driven::Done(read) => {
@@ -779,7 +774,7 @@ async fn relay(
             None => Some(read.await),
         };
         match read {
-            Some(Ok(Ok(collected))) => ResponseBody::whole(collected.to_bytes()),
+            Some(Ok(Ok(whole))) => ResponseBody::whole(whole),
             failed => {
                 tracing::debug!(?failed, "the origin's body broke off or stalled");
                 drop(in_flight);
@@ -792,6 +787,29 @@ async fn relay(
         ResponseBody::Origin(crate::body::OriginBody::new(body, BODY_IDLE, lent)).holding(in_flight)
     };
     Response::from_parts(parts, body)
+}
+
+/// A small body read whole: a body in one frame (the usual case) as it came, without a
+/// copy; several frames joined. Trailers are dropped.
+async fn read_whole(mut body: hyper::body::Incoming) -> Result<Bytes, hyper::Error> {
+    use http_body_util::BodyExt;
+
+    let mut whole = Bytes::new();
+    let mut joined: Option<Vec<u8>> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&data),
+            None if whole.is_empty() => whole = data,
+            None => {
+                let mut both = Vec::with_capacity(whole.len() + data.len());
+                both.extend_from_slice(&whole);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(joined.map_or(whole, Bytes::from))
 }
 
 /// Copies bytes both ways until both sides close, one fails, or nothing moves for `idle`.

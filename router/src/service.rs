@@ -386,12 +386,12 @@ impl EdgeService {
             let target = parts
                 .uri
                 .path_and_query()
-                .map_or("/", |target| target.as_str())
-                .to_string();
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
             let mut response = match origins
                 .send(
                     parts.method,
-                    &target,
+                    target,
                     parts.headers,
                     body,
                     Some(side),

@@ -92,10 +92,14 @@ async fn call_origin(served: &ServedFunction, call: ServiceCall) -> Result<Servi
         )));
     };
     let deadline = tokio::time::Instant::from_std(call.deadline);
+    let target = call
+        .path_and_query
+        .parse::<http::uri::PathAndQuery>()
+        .map_err(|error| ServiceFailure::Failed(format!("the target is not a URI: {error}")))?;
     let response = origins
         .send(
             call.method,
-            &call.path_and_query,
+            target,
             call.headers,
             call.body,
             None,

@@ -102,7 +102,7 @@ pub struct GuardedIo<S> {
     header_timeout: Option<Duration>,
     /// When the time for the current head started counting: the connection's start for the
     /// first head, the first byte of any later one; `None` when no head is being awaited
-    /// (hyper's own header timer covers the gaps between requests).
+    /// (the connection's idle timeout covers the gaps between requests).
     head_clock: Option<Instant>,
     head_timer: Option<Pin<Box<Sleep>>>,
 }

@@ -1407,6 +1407,32 @@ mod through_hyper {
         assert!(server.recorder.bodies().is_empty());
     }
 
+    #[tokio::test]
+    async fn a_later_head_is_timed_from_its_first_byte_and_keep_alive_waits_for_the_idle_timeout() {
+        let timeout = Duration::from_millis(300);
+        let server = start(ServerLimits {
+            header_read_timeout: timeout,
+            ..small_limits()
+        })
+        .await;
+        let mut client = TcpStream::connect(server.addr).await.unwrap();
+        client
+            .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        // Kept alive with no request for twice the header timeout: the wait between
+        // requests is the idle timeout's (60 s here), not a head's.
+        tokio::time::sleep(timeout * 2).await;
+        client
+            .write_all(b"GET /two HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let answer = read_until_closed(&mut client).await;
+        assert_eq!(statuses(&answer), [200, 408], "{answer}");
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    }
+
     /// Stands in for a WebSocket function: takes the connection whenever hyper's
     /// `OnUpgrade` came with the request (101, then echoes every byte back until the client
     /// stops sending), except on `/refuse`; answers 200 otherwise. Records each path and
