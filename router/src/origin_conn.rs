@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -33,6 +34,12 @@ type Driver = hyper::client::conn::http1::Connection<OriginIo, Full<Bytes>>;
 
 /// Idle connections kept per origin (nginx's `keepalive 256` in `atoll-bench origin`).
 pub const MAX_IDLE_PER_ORIGIN: usize = 256;
+/// Idle connections kept on a node, all origins of all functions together: a tenant with
+/// many origins cannot hold the node's file descriptors in idle connections.
+pub const MAX_IDLE_ON_NODE: usize = 8192;
+/// Idle connections on the node now (in some origin's stack).
+static IDLE_ON_NODE: AtomicUsize = AtomicUsize::new(0);
+
 /// How often idle connections are swept ([`IdleConnections::sweep`]).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// An idle connection unused this long is closed.
@@ -221,6 +228,7 @@ impl IdleConnections {
     pub fn take(&self) -> Option<Box<OriginConnection>> {
         loop {
             let mut connection = self.stack.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
+            IDLE_ON_NODE.fetch_sub(1, Ordering::Relaxed);
             if connection.is_open() {
                 return Some(connection);
             }
@@ -248,7 +256,11 @@ impl IdleConnections {
         connection.idle_since = Instant::now();
         let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
         if stack.len() < MAX_IDLE_PER_ORIGIN {
-            stack.push(connection);
+            if IDLE_ON_NODE.fetch_add(1, Ordering::Relaxed) < MAX_IDLE_ON_NODE {
+                stack.push(connection);
+            } else {
+                IDLE_ON_NODE.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -257,14 +269,67 @@ impl IdleConnections {
     pub fn sweep(&self) {
         let now = Instant::now();
         let mut taken = std::mem::take(&mut *self.stack.lock().unwrap_or_else(PoisonError::into_inner));
+        let before = taken.len();
         taken.retain_mut(|connection| {
             now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.is_open()
         });
+        IDLE_ON_NODE.fetch_sub(before - taken.len(), Ordering::Relaxed);
         let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
         // Those put back meanwhile are the most recently used: they stay on top.
         taken.append(&mut stack);
         let surplus = taken.len().saturating_sub(MAX_IDLE_PER_ORIGIN);
         taken.drain(..surplus);
+        IDLE_ON_NODE.fetch_sub(surplus, Ordering::Relaxed);
         *stack = taken;
+    }
+}
+
+impl Drop for IdleConnections {
+    fn drop(&mut self) {
+        let stack = self.stack.get_mut().unwrap_or_else(PoisonError::into_inner);
+        IDLE_ON_NODE.fetch_sub(stack.len(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn connection(address: std::net::SocketAddr) -> Box<OriginConnection> {
+        let tcp = TcpStream::connect(address).await.unwrap();
+        OriginConnection::new(hyper_rustls::MaybeHttpsStream::Http(TokioIo::new(tcp)))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_per_origin_and_counted_on_the_node() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // The origin keeps every connection open and says nothing.
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let idle = Arc::new(IdleConnections::default());
+        for _ in 0..MAX_IDLE_PER_ORIGIN + 10 {
+            idle.release(connection(address).await);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while IDLE_ON_NODE.load(Ordering::Relaxed) < MAX_IDLE_PER_ORIGIN {
+            assert!(Instant::now() < deadline, "connections were not put back");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), MAX_IDLE_PER_ORIGIN);
+        assert_eq!(idle.stack.lock().unwrap().len(), MAX_IDLE_PER_ORIGIN);
+        let taken = idle.take().expect("an open connection");
+        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), MAX_IDLE_PER_ORIGIN - 1);
+        idle.release(taken);
+        idle.sweep();
+        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), MAX_IDLE_PER_ORIGIN);
+        drop(idle);
+        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), 0);
     }
 }
