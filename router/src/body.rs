@@ -173,7 +173,8 @@ impl OriginBody {
             Poll::Ready(Some(Ok(frame))) => {
                 let next = tokio::time::Instant::now() + self.idle;
                 self.timer.as_mut().reset(next);
-                if self.body.is_end_stream() {
+                // Trailers come last: hyper's servers read nothing after them.
+                if frame.is_trailers() || self.body.is_end_stream() {
                     self.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))

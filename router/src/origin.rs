@@ -31,7 +31,7 @@
 //!   send it again; the response streams.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_core::manifest::Manifest;
@@ -96,7 +96,9 @@ fn health_client(connector: Connector) -> OriginClient {
 }
 
 use crate::body::ResponseBody;
-use crate::origin_conn::{Driven, ExchangeError, IdleConnections, LentConnection, OriginConnection};
+use crate::origin_conn::{
+    Driven, ExchangeError, IdleConnections, IdleLimits, LentConnection, OriginConnection,
+};
 
 /// What every try of one proxied request sends.
 struct Exchange<'a> {
@@ -155,14 +157,15 @@ pub struct OriginPool {
     timeout: Duration,
     retries: u32,
     started: Instant,
-    checks: Option<tokio::task::AbortHandle>,
+    /// The health checks' and the idle sweep's tasks.
+    checks: Vec<tokio::task::AbortHandle>,
     tunnels: Arc<tokio::sync::Semaphore>,
 }
 
 impl Drop for OriginPool {
     fn drop(&mut self) {
-        if let Some(checks) = &self.checks {
-            checks.abort();
+        for task in &self.checks {
+            task.abort();
         }
     }
 }
@@ -310,6 +313,7 @@ impl OriginPool {
     ) -> Result<Arc<OriginPool>, String> {
         let connector = origin_connector(outbound, reach, manifest.origin.connect_timeout());
         let mut targets = Vec::new();
+        let idle_in_function = Arc::new(AtomicUsize::new(0));
         for url in manifest.origin_urls() {
             let connect_uri = url
                 .base()
@@ -342,7 +346,10 @@ impl OriginPool {
                 base: url.base(),
                 connect_uri,
                 authority,
-                idle: Arc::default(),
+                idle: Arc::new(IdleConnections::new(
+                    IdleLimits::default(),
+                    Arc::clone(&idle_in_function),
+                )),
                 in_flight: AtomicU64::new(0),
                 healthy: AtomicBool::new(true),
                 check_failures: AtomicU32::new(0),
@@ -358,11 +365,8 @@ impl OriginPool {
             manifest.origin.health_path().to_string(),
             manifest.origin.health_interval(),
         );
-        let sweeps = sweep_idle(Arc::clone(&targets));
-        let checks = tokio::spawn(async move {
-            tokio::join!(health, sweeps);
-        })
-        .abort_handle();
+        let checks = tokio::spawn(health).abort_handle();
+        let sweeps = tokio::spawn(sweep_idle(Arc::clone(&targets))).abort_handle();
         Ok(Arc::new(OriginPool {
             function: manifest.name.clone(),
             targets,
@@ -370,7 +374,7 @@ impl OriginPool {
             timeout: manifest.origin.timeout(),
             retries: manifest.origin.retries(),
             started: Instant::now(),
-            checks: Some(checks),
+            checks: vec![checks, sweeps],
             tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS_PER_FUNCTION)),
         }))
     }

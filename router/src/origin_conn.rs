@@ -32,11 +32,29 @@ pub type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 type Driver = hyper::client::conn::http1::Connection<OriginIo, Full<Bytes>>;
 
-/// Idle connections kept per origin (nginx's `keepalive 256` in `atoll-bench origin`).
-pub const MAX_IDLE_PER_ORIGIN: usize = 256;
-/// Idle connections kept on a node, all origins of all functions together: a tenant with
-/// many origins cannot hold the node's file descriptors in idle connections.
-pub const MAX_IDLE_ON_NODE: usize = 8192;
+/// How many idle connections are kept: per origin, per function (all its origins), on the
+/// node (all functions), and a floor per origin that the function's and the node's caps do
+/// not take away, so a tenant that fills them slows only itself.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleLimits {
+    pub per_origin: usize,
+    pub per_function: usize,
+    pub on_node: usize,
+    pub floor: usize,
+}
+
+impl Default for IdleLimits {
+    fn default() -> Self {
+        IdleLimits {
+            // nginx's `keepalive 256` in `atoll-bench origin`.
+            per_origin: 256,
+            per_function: 1024,
+            on_node: 8192,
+            floor: 4,
+        }
+    }
+}
+
 /// Idle connections on the node now (in some origin's stack).
 static IDLE_ON_NODE: AtomicUsize = AtomicUsize::new(0);
 
@@ -216,19 +234,36 @@ impl LentConnection {
 }
 
 /// The idle connections to one origin.
-#[derive(Default)]
 pub struct IdleConnections {
     // Boxed on purpose: a connection taken moves into a request's future as a pointer.
     #[allow(clippy::vec_box)]
     stack: Mutex<Vec<Box<OriginConnection>>>,
+    limits: IdleLimits,
+    /// Idle connections of the function's origins together (shared by its stacks).
+    in_function: Arc<AtomicUsize>,
 }
 
 impl IdleConnections {
+    /// The stack of one of a function's origins; `in_function` is shared by all of them.
+    pub fn new(limits: IdleLimits, in_function: Arc<AtomicUsize>) -> Self {
+        IdleConnections {
+            stack: Mutex::default(),
+            limits,
+            in_function,
+        }
+    }
+
+    /// `count` connections left the stack.
+    fn forget(&self, count: usize) {
+        self.in_function.fetch_sub(count, Ordering::Relaxed);
+        IDLE_ON_NODE.fetch_sub(count, Ordering::Relaxed);
+    }
+
     /// The most recently used connection that is still open.
     pub fn take(&self) -> Option<Box<OriginConnection>> {
         loop {
             let mut connection = self.stack.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
-            IDLE_ON_NODE.fetch_sub(1, Ordering::Relaxed);
+            self.forget(1);
             if connection.is_open() {
                 return Some(connection);
             }
@@ -255,12 +290,16 @@ impl IdleConnections {
     fn push(&self, mut connection: Box<OriginConnection>) {
         connection.idle_since = Instant::now();
         let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
-        if stack.len() < MAX_IDLE_PER_ORIGIN {
-            if IDLE_ON_NODE.fetch_add(1, Ordering::Relaxed) < MAX_IDLE_ON_NODE {
-                stack.push(connection);
-            } else {
-                IDLE_ON_NODE.fetch_sub(1, Ordering::Relaxed);
-            }
+        if stack.len() >= self.limits.per_origin {
+            return;
+        }
+        let in_function = self.in_function.fetch_add(1, Ordering::Relaxed);
+        let on_node = IDLE_ON_NODE.fetch_add(1, Ordering::Relaxed);
+        let within = in_function < self.limits.per_function && on_node < self.limits.on_node;
+        if within || stack.len() < self.limits.floor {
+            stack.push(connection);
+        } else {
+            self.forget(1);
         }
     }
 
@@ -269,25 +308,28 @@ impl IdleConnections {
     pub fn sweep(&self) {
         let now = Instant::now();
         let mut taken = std::mem::take(&mut *self.stack.lock().unwrap_or_else(PoisonError::into_inner));
-        let before = taken.len();
+        // Uncounted while out of the stack (a panic while polling them leaves no count
+        // behind), counted again as they go back.
+        self.forget(taken.len());
         taken.retain_mut(|connection| {
             now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.is_open()
         });
-        IDLE_ON_NODE.fetch_sub(before - taken.len(), Ordering::Relaxed);
+        self.in_function.fetch_add(taken.len(), Ordering::Relaxed);
+        IDLE_ON_NODE.fetch_add(taken.len(), Ordering::Relaxed);
         let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
         // Those put back meanwhile are the most recently used: they stay on top.
         taken.append(&mut stack);
-        let surplus = taken.len().saturating_sub(MAX_IDLE_PER_ORIGIN);
+        let surplus = taken.len().saturating_sub(self.limits.per_origin);
         taken.drain(..surplus);
-        IDLE_ON_NODE.fetch_sub(surplus, Ordering::Relaxed);
+        self.forget(surplus);
         *stack = taken;
     }
 }
 
 impl Drop for IdleConnections {
     fn drop(&mut self) {
-        let stack = self.stack.get_mut().unwrap_or_else(PoisonError::into_inner);
-        IDLE_ON_NODE.fetch_sub(stack.len(), Ordering::Relaxed);
+        let count = self.stack.get_mut().unwrap_or_else(PoisonError::into_inner).len();
+        self.forget(count);
     }
 }
 
@@ -303,7 +345,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn idle_connections_are_capped_per_origin_and_counted_on_the_node() {
+    async fn idle_connections_are_capped_per_origin_function_and_node_above_a_floor() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         // The origin keeps every connection open and says nothing.
@@ -313,23 +355,51 @@ mod tests {
                 open.push(socket);
             }
         });
-        let idle = Arc::new(IdleConnections::default());
-        for _ in 0..MAX_IDLE_PER_ORIGIN + 10 {
-            idle.release(connection(address).await);
+        let limits = IdleLimits {
+            per_origin: 6,
+            per_function: 7,
+            on_node: 9,
+            floor: 2,
+        };
+        let (shop, other) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let stack =
+            |function: &Arc<AtomicUsize>| Arc::new(IdleConnections::new(limits, Arc::clone(function)));
+        let (a, b, c) = (stack(&shop), stack(&shop), stack(&other));
+        let len = |idle: &IdleConnections| idle.stack.lock().unwrap().len();
+        // A fresh connection can take a request at once: released, it is pushed (or not)
+        // before `release` returns.
+        for _ in 0..7 {
+            a.release(connection(address).await);
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while IDLE_ON_NODE.load(Ordering::Relaxed) < MAX_IDLE_PER_ORIGIN {
-            assert!(Instant::now() < deadline, "connections were not put back");
-            tokio::task::yield_now().await;
+        assert_eq!(len(&a), 6, "per origin");
+        for _ in 0..4 {
+            b.release(connection(address).await);
         }
-        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), MAX_IDLE_PER_ORIGIN);
-        assert_eq!(idle.stack.lock().unwrap().len(), MAX_IDLE_PER_ORIGIN);
-        let taken = idle.take().expect("an open connection");
-        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), MAX_IDLE_PER_ORIGIN - 1);
-        idle.release(taken);
-        idle.sweep();
-        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), MAX_IDLE_PER_ORIGIN);
-        drop(idle);
-        assert_eq!(IDLE_ON_NODE.load(Ordering::Relaxed), 0);
+        assert_eq!(len(&b), 2, "one within the function's cap, one on the floor");
+        for _ in 0..4 {
+            c.release(connection(address).await);
+        }
+        assert_eq!(len(&c), 2, "one within the node's cap, one on the floor");
+        let counts = || {
+            (
+                IDLE_ON_NODE.load(Ordering::Relaxed),
+                shop.load(Ordering::Relaxed),
+                other.load(Ordering::Relaxed),
+            )
+        };
+        assert_eq!(counts(), (10, 8, 2));
+        let taken = a.take().expect("an open connection");
+        assert_eq!(counts(), (9, 7, 2));
+        drop(taken);
+        a.sweep();
+        assert_eq!(
+            (len(&a), counts()),
+            (5, (9, 7, 2)),
+            "a sweep keeps what is open and fresh"
+        );
+        drop(a);
+        assert_eq!(counts(), (4, 2, 2));
+        drop((b, c));
+        assert_eq!(counts(), (0, 0, 0));
     }
 }
