@@ -30,6 +30,7 @@
 //! * **The request body is read whole** (within the node's body limit), so a retry can
 //!   send it again; the response streams.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -475,35 +476,14 @@ impl OriginPool {
         }
         // The chain's length travels on, so an origin that leads back to this route (a
         // loop through the edge) meets the same depth limit as function calls.
-        headers.insert(
-            atoll_isolate::wasi_http::HOPS_HEADER,
-            HeaderValue::from(hops.saturating_add(1)),
-        );
+        headers.insert(HOPS, hops_value(hops.saturating_add(1)));
         let mut upgrade = None;
         if let Some(side) = forwarded {
             // The Host the client asked for, normalised (HTTP/2 carries it as :authority).
             if !is_host_like(&side.host) {
                 return Err(OriginFailure::BadRequest("the Host is not a host name".into()));
             }
-            // Each value made once and shared, not copied per header.
-            let forwarded = if side.client.is_ipv6() {
-                format!(
-                    "for=\"[{}]\";proto={};host=\"{}\"",
-                    side.client, side.scheme, side.host
-                )
-            } else {
-                format!("for={};proto={};host=\"{}\"", side.client, side.scheme, side.host)
-            };
-            let host = Bytes::from(side.host);
-            set(&mut headers, http::header::HOST, host.clone());
-            set(&mut headers, X_FORWARDED_HOST, host);
-            set(
-                &mut headers,
-                X_FORWARDED_FOR,
-                Bytes::from(side.client.to_string()),
-            );
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(side.scheme));
-            set(&mut headers, FORWARDED, Bytes::from(forwarded));
+            set_forwarding(&mut headers, side.client, side.scheme, &side.host);
             upgrade = side.upgrade;
         }
         if upgrading && let Some(protocol) = upgrade_protocol {
@@ -697,9 +677,82 @@ impl OriginPool {
     }
 }
 
-fn set(headers: &mut HeaderMap, name: HeaderName, value: Bytes) {
-    if let Ok(value) = HeaderValue::from_maybe_shared(value) {
-        headers.insert(name, value);
+/// Sets `Host`, `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` for a request from
+/// `client` over `scheme` for `host` (already checked by [`is_host_like`]). The values are
+/// written on the stack and copied once each: a request should not pay for a `String` per
+/// header.
+fn set_forwarding(headers: &mut HeaderMap, client: std::net::IpAddr, scheme: &'static str, host: &str) {
+    let mut text = StackText::default();
+    // `Forwarded` quotes an IPv6 address in brackets; `X-Forwarded-For` has it bare.
+    let bare = match client {
+        std::net::IpAddr::V6(address) => {
+            let _ = write!(text, "for=\"[{address}]\"");
+            6..text.len() - 2
+        }
+        std::net::IpAddr::V4(address) => {
+            let _ = write!(text, "for={address}");
+            4..text.len()
+        }
+    };
+    if let Ok(value) = HeaderValue::from_bytes(&text.as_bytes()[bare]) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    let _ = write!(text, ";proto={scheme};host=\"{host}\"");
+    if let Ok(value) = HeaderValue::from_bytes(text.as_bytes()) {
+        headers.insert(FORWARDED, value);
+    }
+    if let Ok(host) = HeaderValue::from_str(host) {
+        headers.insert(http::header::HOST, host.clone());
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+}
+
+/// [`atoll_isolate::wasi_http::HOPS_HEADER`], made at compile time.
+const HOPS: HeaderName = HeaderName::from_static(atoll_isolate::wasi_http::HOPS_HEADER);
+
+/// The `atoll-hops` value for `hops`: static for every depth below the limit.
+fn hops_value(hops: u32) -> HeaderValue {
+    const DEPTHS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match DEPTHS.get(hops as usize) {
+        Some(depth) => HeaderValue::from_static(depth),
+        None => HeaderValue::from(hops),
+    }
+}
+
+/// A header value written without a heap allocation (`Forwarded` is at most ~330 bytes:
+/// an address, a scheme and a host of at most 260).
+struct StackText {
+    bytes: [u8; 512],
+    len: usize,
+}
+
+impl Default for StackText {
+    fn default() -> Self {
+        StackText {
+            bytes: [0; 512],
+            len: 0,
+        }
+    }
+}
+
+impl StackText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl std::fmt::Write for StackText {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let end = self.len + text.len();
+        let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        room.copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
@@ -914,6 +967,41 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarding_headers_name_the_client_scheme_and_host() {
+        let mut headers = HeaderMap::new();
+        set_forwarding(
+            &mut headers,
+            "203.0.113.7".parse().unwrap(),
+            "https",
+            "shop.example:8443",
+        );
+        let text = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_string();
+        assert_eq!(text("x-forwarded-for"), "203.0.113.7");
+        assert_eq!(text("x-forwarded-proto"), "https");
+        assert_eq!(text("x-forwarded-host"), "shop.example:8443");
+        assert_eq!(text("host"), "shop.example:8443");
+        assert_eq!(
+            text("forwarded"),
+            "for=203.0.113.7;proto=https;host=\"shop.example:8443\""
+        );
+        let mut headers = HeaderMap::new();
+        set_forwarding(
+            &mut headers,
+            "2001:db8::1".parse().unwrap(),
+            "http",
+            "[2001:db8::2]",
+        );
+        let text = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_string();
+        assert_eq!(text("x-forwarded-for"), "2001:db8::1");
+        assert_eq!(
+            text("forwarded"),
+            "for=\"[2001:db8::1]\";proto=http;host=\"[2001:db8::2]\""
+        );
+        assert_eq!(hops_value(3), "3");
+        assert_eq!(hops_value(12), "12");
     }
 
     #[test]
