@@ -697,8 +697,11 @@ fn set_forwarding(headers: &mut HeaderMap, client: std::net::IpAddr, scheme: &'s
     if let Ok(value) = HeaderValue::from_bytes(&text.as_bytes()[bare]) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    let _ = write!(text, ";proto={scheme};host=\"{host}\"");
-    if let Ok(value) = HeaderValue::from_bytes(text.as_bytes()) {
+    // A host too long for the buffer (never one `is_host_like` lets through) leaves
+    // `Forwarded` out rather than cut short.
+    if write!(text, ";proto={scheme};host=\"{host}\"").is_ok()
+        && let Ok(value) = HeaderValue::from_bytes(text.as_bytes())
+    {
         headers.insert(FORWARDED, value);
     }
     if let Ok(host) = HeaderValue::from_str(host) {
@@ -1000,6 +1003,15 @@ mod tests {
             text("forwarded"),
             "for=\"[2001:db8::1]\";proto=http;host=\"[2001:db8::2]\""
         );
+        let mut headers = HeaderMap::new();
+        set_forwarding(
+            &mut headers,
+            "203.0.113.7".parse().unwrap(),
+            "http",
+            &"a".repeat(600),
+        );
+        assert!(headers.get("forwarded").is_none(), "never a cut-off value");
+        assert_eq!(headers.get("x-forwarded-for").unwrap(), "203.0.113.7");
         assert_eq!(hops_value(3), "3");
         assert_eq!(hops_value(12), "12");
     }
