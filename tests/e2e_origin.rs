@@ -132,6 +132,23 @@ fn what_could_escape_or_loop_is_refused_and_http2_keeps_the_host() {
         let refused = get(&setup.addr, "shop.localhost", path);
         assert_eq!(refused.status, 400, "{path}: {}", refused.text());
     }
+    // CONNECT would make the node a tunnel to wherever the client names: refused, and the
+    // origins never see it.
+    let before: usize = setup.origins.iter().map(TestOrigin::requests).sum();
+    let connect = http_request(
+        &setup.addr,
+        "CONNECT",
+        "shop.localhost",
+        "shop.localhost:443",
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(connect.status, 400, "{}", connect.text());
+    assert_eq!(
+        setup.origins.iter().map(TestOrigin::requests).sum::<usize>(),
+        before
+    );
     // A request already deep in a chain of hops is a loop.
     let looped = http_request(
         &setup.addr,
