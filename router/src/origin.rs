@@ -135,7 +135,7 @@ struct Target {
     /// names none.
     authority: HeaderValue,
     /// Keep-alive connections not in use.
-    idle: Arc<crate::origin_conn::IdleConnections>,
+    idle: Arc<IdleConnections>,
     in_flight: AtomicU64,
     /// The active check's verdict (true until a check says otherwise).
     healthy: AtomicBool,

@@ -81,7 +81,7 @@ pub enum Driven<T> {
 /// Polls `work` and the connection's `driver` together until `work` is done or the
 /// connection ends. When the connection ends, `work` gets one more poll: hyper answers the
 /// requests it still held then.
-pub async fn drive<F: Future>(driver: &mut Driver, work: F) -> Driven<F::Output> {
+async fn drive<F: Future>(driver: &mut Driver, work: F) -> Driven<F::Output> {
     let mut work = std::pin::pin!(work);
     std::future::poll_fn(|context| {
         if let Poll::Ready(output) = work.as_mut().poll(context) {
@@ -113,13 +113,15 @@ impl ExchangeError {
         }
     }
 
+    /// The connection ended while the request still waited for it: hyper had not taken
+    /// it (a request hyper took is answered with an error as the connection ends).
     fn ended(ended: Result<(), hyper::Error>) -> Self {
-        match ended {
-            Ok(()) => ExchangeError {
-                reason: "the origin closed the connection".into(),
-                never_sent: false,
+        ExchangeError {
+            reason: match ended {
+                Ok(()) => "the origin closed the connection".into(),
+                Err(error) => atoll_isolate::wasi_http::error_chain(&error),
             },
-            Err(error) => Self::from_hyper(&error),
+            never_sent: true,
         }
     }
 }
@@ -142,23 +144,22 @@ impl OriginConnection {
         request: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, ExchangeError> {
         let OriginConnection { sender, driver, .. } = self;
-        // A connection that cannot take the request closed before anything was sent.
-        let unsent = |mut error: ExchangeError| {
-            error.never_sent = true;
-            error
-        };
         match drive(driver, sender.ready()).await {
             Driven::Done(Ok(())) => {}
-            Driven::Done(Err(error)) => return Err(unsent(ExchangeError::from_hyper(&error))),
-            Driven::Ended(ended) => return Err(unsent(ExchangeError::ended(ended))),
+            // A connection that cannot take the request closed before anything was sent.
+            Driven::Done(Err(error)) => {
+                return Err(ExchangeError {
+                    never_sent: true,
+                    ..ExchangeError::from_hyper(&error)
+                });
+            }
+            Driven::Ended(ended) => return Err(ExchangeError::ended(ended)),
         }
         match drive(driver, sender.send_request(request)).await {
             Driven::Done(Ok(response)) => Ok(response),
             Driven::Done(Err(error)) => Err(ExchangeError::from_hyper(&error)),
-            // Had hyper taken the request, it would have answered it with an error as the
-            // connection ended; it is still queued (an EOF seen on the idle connection
-            // first): never sent.
-            Driven::Ended(ended) => Err(unsent(ExchangeError::ended(ended))),
+            // Still queued (an EOF seen on the idle connection first): never sent.
+            Driven::Ended(ended) => Err(ExchangeError::ended(ended)),
         }
     }
 
