@@ -372,6 +372,10 @@ struct EdgeArgs {
     /// Ceiling over every function's `[scale] max_concurrency` on this node.
     #[arg(long, default_value_t = atoll_core::manifest::MAX_CONCURRENCY)]
     max_function_concurrency: u32,
+    /// Threads serving HTTP and HTTPS connections, each connection on one for its whole
+    /// life (default: one per core; 0: the node's shared runtime).
+    #[arg(long)]
+    connection_threads: Option<usize>,
 }
 
 impl EdgeArgs {
@@ -421,6 +425,9 @@ impl EdgeArgs {
         };
         options.quic_retry_threshold = self.quic_retry_threshold;
         options.advertise = self.advertise;
+        if let Some(threads) = self.connection_threads {
+            options.connection_workers = threads;
+        }
     }
 
     /// Binds the node's sockets and prints where each listens.

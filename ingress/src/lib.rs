@@ -23,6 +23,7 @@ pub mod h1_guard;
 pub mod quic;
 pub mod server;
 pub mod tls;
+pub mod workers;
 
 #[cfg(test)]
 mod fuzz;

@@ -43,6 +43,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::h1_guard::{GuardState, GuardedIo, H1Limits, Rejection};
 use crate::tls::Certificates;
+use crate::workers::ConnectionWorkers;
 
 /// A boxed error, as bodies report them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -201,6 +202,9 @@ pub struct Ingress {
     /// `Alt-Svc` value announcing HTTP/3, added to every response.
     pub alt_svc: Option<HeaderValue>,
     pub limits: Arc<ServerLimits>,
+    /// Threads the connections are served on, each connection on one of them for its
+    /// whole life ([`ConnectionWorkers`]); `None`: tasks of the runtime that accepts them.
+    pub workers: Option<Arc<ConnectionWorkers>>,
 }
 
 /// Serves `handler` on `listener` (cleartext, default limits) until `shutdown` resolves.
@@ -261,11 +265,36 @@ pub async fn serve_with<H: Handler>(
         let watcher = graceful.watcher();
         // The permit lives as long as the socket: after hyper is done with it, an upgraded
         // connection the handler took still counts.
-        let stream = Capped {
-            io: stream,
-            _permit: permit,
-        };
-        tokio::spawn(connection.run(stream, acceptor, watcher));
+        match &ingress.workers {
+            None => {
+                let stream = Capped {
+                    io: stream,
+                    _permit: permit,
+                };
+                tokio::spawn(connection.run(stream, acceptor, watcher));
+            }
+            Some(workers) => {
+                // Registered again with the worker's own reactor.
+                let stream = match stream.into_std() {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::debug!(%remote, %error, "could not hand the connection to a worker");
+                        continue;
+                    }
+                };
+                workers.spawn(async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(io) => {
+                            let stream = Capped { io, _permit: permit };
+                            connection.run(stream, acceptor, watcher).await;
+                        }
+                        Err(error) => {
+                            tracing::debug!(%remote, %error, "a worker could not take the connection")
+                        }
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {

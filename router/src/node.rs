@@ -75,6 +75,10 @@ pub struct NodeOptions {
     /// Ports of this process's other listeners (`atoll up`'s registry) that origins may
     /// not point at, beside the node's own.
     pub other_ports: Vec<u16>,
+    /// Threads that serve the HTTP and HTTPS listeners' connections, a connection on one
+    /// of them for its whole life (`atoll_ingress::workers`); 0: the node's runtime
+    /// serves them. Default: one per core.
+    pub connection_workers: usize,
 }
 
 impl NodeOptions {
@@ -103,6 +107,7 @@ impl NodeOptions {
             outbound_internal: atoll_isolate::outbound::InternalPolicy::default(),
             kv: None,
             other_ports: Vec::new(),
+            connection_workers: std::thread::available_parallelism().map_or(1, |cores| cores.get()),
         }
     }
 }
@@ -459,11 +464,18 @@ pub async fn run(
         .map(|listener| (listener, None, None))
         .into_iter()
         .chain(tls.map(|(listener, tls)| (listener, Some(tls), alt_svc)));
+    let workers = match options.connection_workers {
+        0 => None,
+        count => Some(
+            atoll_ingress::workers::ConnectionWorkers::start(count, "edge").map_err(NodeError::Listener)?,
+        ),
+    };
     for (listener, tls, alt_svc) in tcp_listeners {
         let ingress = Ingress {
             tls,
             alt_svc,
             limits: Arc::clone(&limits),
+            workers: workers.clone(),
         };
         servers.push(tokio::spawn(atoll_ingress::server::serve_with(
             listener,

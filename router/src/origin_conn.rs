@@ -234,41 +234,98 @@ impl LentConnection {
     }
 }
 
-/// The idle connections to one origin.
+/// The idle connections to one origin, a stack per connection worker (and one for the
+/// other threads): a connection goes back to the stack of the thread that used it, whose
+/// reactor its socket is registered with, so the next request on that thread wakes no
+/// other. A thread whose stack is empty takes from the others before it connects anew.
 pub struct IdleConnections {
     // Boxed on purpose: a connection taken moves into a request's future as a pointer.
     #[allow(clippy::vec_box)]
-    stack: Mutex<Vec<Box<OriginConnection>>>,
+    stacks: Box<[Mutex<Vec<Box<OriginConnection>>>]>,
+    /// Connections in all the stacks.
+    count: AtomicUsize,
     limits: IdleLimits,
     /// Idle connections of the function's origins together (shared by its stacks).
     in_function: Arc<AtomicUsize>,
+}
+
+/// How many stacks an origin's idle connections are kept in: one per core, which is the
+/// node's default number of connection workers, and one for every other thread.
+fn stack_count() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| 1 + std::thread::available_parallelism().map_or(1, |cores| cores.get()))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl IdleConnections {
     /// The stack of one of a function's origins; `in_function` is shared by all of them.
     pub fn new(limits: IdleLimits, in_function: Arc<AtomicUsize>) -> Self {
         IdleConnections {
-            stack: Mutex::default(),
+            stacks: (0..stack_count()).map(|_| Mutex::default()).collect(),
+            count: AtomicUsize::new(0),
             limits,
             in_function,
         }
     }
 
-    /// `count` connections left the stack.
+    /// The calling thread's stack.
+    fn home(&self) -> usize {
+        atoll_ingress::workers::current_worker().map_or(0, |worker| worker + 1) % self.stacks.len()
+    }
+
+    /// `count` connections left the stacks.
     fn forget(&self, count: usize) {
+        self.count.fetch_sub(count, Ordering::Relaxed);
         self.in_function.fetch_sub(count, Ordering::Relaxed);
         IDLE_ON_NODE.fetch_sub(count, Ordering::Relaxed);
     }
 
-    /// The most recently used connection that is still open.
+    /// `count` connections joined the stacks.
+    fn count_in(&self, count: usize) {
+        self.count.fetch_add(count, Ordering::Relaxed);
+        self.in_function.fetch_add(count, Ordering::Relaxed);
+        IDLE_ON_NODE.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Connections in the stacks now.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Connections in each stack, by index (the calling thread's is [`Self::home`]).
+    #[cfg(test)]
+    fn stack_lens(&self) -> Vec<usize> {
+        self.stacks.iter().map(|stack| lock(stack).len()).collect()
+    }
+
+    /// Whether no connection waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most recently used connection that is still open, from the calling thread's
+    /// stack if it has one.
     pub fn take(&self) -> Option<Box<OriginConnection>> {
-        loop {
-            let mut connection = self.stack.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
-            self.forget(1);
-            if connection.is_open() {
-                return Some(connection);
+        if self.is_empty() {
+            return None;
+        }
+        let home = self.home();
+        for offset in 0..self.stacks.len() {
+            let stack = &self.stacks[(home + offset) % self.stacks.len()];
+            loop {
+                let Some(mut connection) = lock(stack).pop() else {
+                    break;
+                };
+                self.forget(1);
+                if connection.is_open() {
+                    return Some(connection);
+                }
             }
         }
+        None
     }
 
     /// Puts back a connection whose response is done, or gives it to a task that waits
@@ -290,15 +347,16 @@ impl IdleConnections {
 
     fn push(&self, mut connection: Box<OriginConnection>) {
         connection.idle_since = Instant::now();
-        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
-        if stack.len() >= self.limits.per_origin {
+        let in_origin = self.count.fetch_add(1, Ordering::Relaxed);
+        if in_origin >= self.limits.per_origin {
+            self.count.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         let in_function = self.in_function.fetch_add(1, Ordering::Relaxed);
         let on_node = IDLE_ON_NODE.fetch_add(1, Ordering::Relaxed);
         let within = in_function < self.limits.per_function && on_node < self.limits.on_node;
-        if within || stack.len() < self.limits.floor {
-            stack.push(connection);
+        if within || in_origin < self.limits.floor {
+            lock(&self.stacks[self.home()]).push(connection);
         } else {
             self.forget(1);
         }
@@ -308,28 +366,33 @@ impl IdleConnections {
     /// and closed outside the lock requests take connections under).
     pub fn sweep(&self) {
         let now = Instant::now();
-        let mut taken = std::mem::take(&mut *self.stack.lock().unwrap_or_else(PoisonError::into_inner));
-        // Uncounted while out of the stack (a panic while polling them leaves no count
-        // behind), counted again as they go back.
-        self.forget(taken.len());
-        taken.retain_mut(|connection| {
-            now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.is_open()
-        });
-        self.in_function.fetch_add(taken.len(), Ordering::Relaxed);
-        IDLE_ON_NODE.fetch_add(taken.len(), Ordering::Relaxed);
-        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
-        // Those put back meanwhile are the most recently used: they stay on top.
-        taken.append(&mut stack);
-        let surplus = taken.len().saturating_sub(self.limits.per_origin);
-        taken.drain(..surplus);
-        self.forget(surplus);
-        *stack = taken;
+        for stack in self.stacks.iter() {
+            let mut taken = std::mem::take(&mut *lock(stack));
+            // Uncounted while out of the stack (a panic while polling them leaves no count
+            // behind), counted again as they go back.
+            self.forget(taken.len());
+            taken.retain_mut(|connection| {
+                now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.is_open()
+            });
+            let mut stack = lock(stack);
+            // Those put back meanwhile are the most recently used: they stay on top, and
+            // the oldest go if the origin's cap is reached.
+            let room = self.limits.per_origin.saturating_sub(self.len());
+            taken.drain(..taken.len().saturating_sub(room));
+            self.count_in(taken.len());
+            taken.append(&mut stack);
+            *stack = taken;
+        }
     }
 }
 
 impl Drop for IdleConnections {
     fn drop(&mut self) {
-        let count = self.stack.get_mut().unwrap_or_else(PoisonError::into_inner).len();
+        let count = self
+            .stacks
+            .iter_mut()
+            .map(|stack| stack.get_mut().unwrap_or_else(PoisonError::into_inner).len())
+            .sum();
         self.forget(count);
     }
 }
@@ -366,7 +429,7 @@ mod tests {
         let stack =
             |function: &Arc<AtomicUsize>| Arc::new(IdleConnections::new(limits, Arc::clone(function)));
         let (a, b, c) = (stack(&shop), stack(&shop), stack(&other));
-        let len = |idle: &IdleConnections| idle.stack.lock().unwrap().len();
+        let len = |idle: &IdleConnections| idle.len();
         // A fresh connection can take a request at once: released, it is pushed (or not)
         // before `release` returns.
         for _ in 0..7 {
@@ -402,5 +465,51 @@ mod tests {
         assert_eq!(counts(), (4, 2, 2));
         drop((b, c));
         assert_eq!(counts(), (0, 0, 0));
+    }
+
+    /// Runs `work` on worker `index` and waits for its output.
+    async fn on_worker<T: Send + 'static>(
+        workers: &atoll_ingress::workers::ConnectionWorkers,
+        index: usize,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        workers.spawn_on(index, async move {
+            let _ = sender.send(work.await);
+        });
+        receiver.await.expect("the worker ran it")
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_back_to_its_workers_stack_and_another_worker_takes_it_when_its_own_is_empty() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let workers = atoll_ingress::workers::ConnectionWorkers::start(2, "test-idle").unwrap();
+        let idle = Arc::new(IdleConnections::new(
+            IdleLimits::default(),
+            Arc::new(AtomicUsize::new(0)),
+        ));
+        let stacks = idle.stack_lens().len();
+        // Made and released on worker 0: in worker 0's stack (index 1; 0 is for other threads).
+        let on_zero = Arc::clone(&idle);
+        on_worker(
+            &workers,
+            0,
+            async move { on_zero.release(connection(address).await) },
+        )
+        .await;
+        let mut expected = vec![0; stacks];
+        expected[1 % stacks] = 1;
+        assert_eq!(idle.stack_lens(), expected);
+        // Worker 1's own stack is empty: it takes worker 0's connection rather than none.
+        let on_one = Arc::clone(&idle);
+        assert!(on_worker(&workers, 1, async move { on_one.take().is_some() }).await);
+        assert_eq!((idle.len(), idle.stack_lens()), (0, vec![0; stacks]));
     }
 }
