@@ -24,7 +24,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
-    /// Milliseconds since `started` of the last request start or end.
+    /// Milliseconds since `started` of the last request's end.
     last_activity_ms: AtomicU64,
     requests: AtomicU64,
 }
@@ -51,11 +51,12 @@ impl Activity {
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Counts a request as in flight until the returned guard is dropped.
+    /// Counts a request as in flight until the returned guard is dropped. The clock is read
+    /// when it ends: a connection is never idle while a request is in flight, so only the
+    /// end of the last one matters.
     pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.touch();
         InFlight(Arc::clone(self))
     }
 
@@ -69,7 +70,7 @@ impl Activity {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// When the connection last started or finished a request (or started).
+    /// When the connection last finished a request (or, before any, started).
     pub fn last_activity(&self) -> Instant {
         self.started + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
     }

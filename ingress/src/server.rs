@@ -460,7 +460,10 @@ impl<H: Handler> Connection<H> {
                 let ingress = Arc::clone(&ingress);
                 let info = info.clone();
                 async move {
-                    Ok::<_, std::convert::Infallible>(respond(handler, &ingress, &state, request, info).await)
+                    let fut = respond(handler, &ingress, &state, request, info);
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| eprintln!("SIZE respond future {}", std::mem::size_of_val(&fut)));
+                    Ok::<_, std::convert::Infallible>(fut.await)
                 }
             })
         };

@@ -203,9 +203,26 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = http::header::FORWARDED;
 
-/// Removes hop-by-hop headers and those the `Connection` header names (a value that is not
-/// text names nothing it could hide: it is dropped with the rest).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// The node's own forwarding headers ([`crate::cluster::FORWARDING_HEADERS`]), which a
+/// client must not set.
+const NODE_FORWARDING: [HeaderName; 3] = [
+    HeaderName::from_static(crate::cluster::FORWARDING_HEADERS[0]),
+    HeaderName::from_static(crate::cluster::FORWARDING_HEADERS[1]),
+    HeaderName::from_static(crate::cluster::FORWARDING_HEADERS[2]),
+];
+
+/// Removes hop-by-hop headers, those the `Connection` header names (a value that is not
+/// text names nothing it could hide: it is dropped with the rest) and those in `also`.
+///
+/// One pass over the names present first: most messages carry none of them, and removing
+/// each listed name would hash it against the map, a dozen lookups per request for nothing.
+fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
+    let any = headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || also.contains(name));
+    if !any {
+        return;
+    }
     if headers.contains_key(http::header::CONNECTION) {
         let named: Vec<String> = headers
             .get_all(http::header::CONNECTION)
@@ -219,7 +236,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name.as_str());
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in HOP_BY_HOP.iter().chain(also) {
         headers.remove(name);
     }
 }
@@ -384,21 +401,39 @@ impl OriginPool {
         self.started.elapsed().as_millis() as u64 + 1
     }
 
-    fn available(&self, index: usize, now_ms: u64) -> bool {
+    /// Whether origin `index` is healthy and not ejected. The clock is read only for an
+    /// origin that was ejected, and an ejection that has run out is cleared, so the usual
+    /// pick reads no clock at all.
+    fn available(&self, index: usize, now_ms: &mut impl FnMut() -> u64) -> bool {
         let target = &self.targets[index];
-        target.healthy.load(Ordering::Relaxed) && target.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+        if !target.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = target.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if until > now_ms() {
+            return false;
+        }
+        // A new ejection meanwhile stays.
+        let _ = target
+            .ejected_until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        true
     }
 
     /// The origin for the next try: power of two choices among those available and not
     /// tried yet (among all not tried, when none is available). `tried`: a bit per origin
     /// ([`atoll_core::origin::MAX_ORIGINS`] fit). No allocation: this runs per request.
     fn pick(&self, tried: u32) -> Option<usize> {
-        let now = self.now_ms();
+        let mut now = None;
+        let mut now_ms = || *now.get_or_insert_with(|| self.now_ms());
         let (mut untried, mut available) = (0u32, 0u32);
         for (index, target) in self.targets.iter().enumerate() {
             if tried & (1 << index) == 0 && !target.refused {
                 untried |= 1 << index;
-                if self.available(index, now) {
+                if self.available(index, &mut now_ms) {
                     available |= 1 << index;
                 }
             }
@@ -470,10 +505,7 @@ impl OriginPool {
         let upgrading =
             wants_upgrade(&method, &headers) && forwarded.as_ref().is_some_and(|f| f.upgrade.is_some());
         let upgrade_protocol = headers.get(http::header::UPGRADE).cloned();
-        strip_hop_by_hop(&mut headers);
-        for name in crate::cluster::FORWARDING_HEADERS {
-            headers.remove(name);
-        }
+        strip_hop_by_hop(&mut headers, &NODE_FORWARDING);
         // The chain's length travels on, so an origin that leads back to this route (a
         // loop through the edge) meets the same depth limit as function calls.
         headers.insert(HOPS, hops_value(hops.saturating_add(1)));
@@ -512,12 +544,14 @@ impl OriginPool {
             let target = &self.targets[index];
             target.in_flight.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight(Arc::clone(self), index);
-            let limit = give_up.saturating_duration_since(tokio::time::Instant::now());
-            if limit.is_zero() {
+            // A retry, or a call whose caller's deadline may have passed, checks what is
+            // left (an origin is not failed for a budget already spent); the first try of
+            // a proxied request starts within its budget.
+            if (tries_made > 1 || deadline.is_some()) && give_up <= tokio::time::Instant::now() {
                 last = OriginFailure::TimedOut(self.timeout);
                 break;
             }
-            match tokio::time::timeout(limit, self.exchange(index, &exchange, upgrading)).await {
+            match tokio::time::timeout_at(give_up, self.exchange(index, &exchange, upgrading)).await {
                 Ok(Ok((response, connection))) => {
                     // An answer, whatever its status, is an origin that works: a path that
                     // answers 5xx must not let clients eject origins at will.
@@ -809,7 +843,7 @@ async fn relay(
     in_flight: InFlight,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, &[]);
     let small = hyper::body::Body::size_hint(&body)
         .exact()
         .is_some_and(|length| length <= WHOLE_BODY_BYTES);
@@ -967,9 +1001,22 @@ mod tests {
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, &[]);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+        // Without `Connection`: a hop-by-hop header alone, the node's own headers, none.
+        let mut headers = HeaderMap::new();
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut headers, &NODE_FORWARDING);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
+        for name in crate::cluster::FORWARDING_HEADERS {
+            headers.insert(name, HeaderValue::from_static("forged"));
+        }
+        strip_hop_by_hop(&mut headers, &[]);
+        assert_eq!(headers.len(), 4, "only what `also` names goes besides hop-by-hop");
+        strip_hop_by_hop(&mut headers, &NODE_FORWARDING);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

@@ -388,17 +388,18 @@ impl EdgeService {
                 .path_and_query()
                 .cloned()
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-            let mut response = match origins
-                .send(
-                    parts.method,
-                    target,
-                    parts.headers,
-                    body,
-                    Some(side),
-                    service_depth,
-                    None,
-                )
-                .await
+            // Boxed, as the function's run below: each is kilobytes, which every request's
+            // future would otherwise carry (and copy as it is made) whichever path it takes.
+            let mut response = match Box::pin(origins.send(
+                parts.method,
+                target,
+                parts.headers,
+                body,
+                Some(side),
+                service_depth,
+                None,
+            ))
+            .await
             {
                 Ok(response) => response,
                 Err(failure) => {
@@ -435,7 +436,7 @@ impl EdgeService {
             deadline: None,
             cron_tick: None,
         };
-        let mut response = invoke(&self.executor, served, cgi_request, None).await;
+        let mut response = Box::pin(invoke(&self.executor, served, cgi_request, None)).await;
         if self.cluster.is_some() {
             response
                 .headers_mut()
