@@ -220,9 +220,12 @@ pub async fn serve<H: Handler>(
 pub async fn serve_with<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
-    ingress: Ingress,
+    mut ingress: Ingress,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    // Held here, not by the connections: what still runs on a worker must not keep the
+    // workers alive once their owner lets go of them.
+    let workers = ingress.workers.take();
     let local = listener.local_addr()?;
     let limits = Arc::clone(&ingress.limits);
     let builder = Arc::new(http_builder(&limits));
@@ -265,7 +268,7 @@ pub async fn serve_with<H: Handler>(
         let watcher = graceful.watcher();
         // The permit lives as long as the socket: after hyper is done with it, an upgraded
         // connection the handler took still counts.
-        match &ingress.workers {
+        match &workers {
             None => {
                 let stream = Capped {
                     io: stream,
@@ -460,10 +463,7 @@ impl<H: Handler> Connection<H> {
                 let ingress = Arc::clone(&ingress);
                 let info = info.clone();
                 async move {
-                    let fut = respond(handler, &ingress, &state, request, info);
-                    static ONCE: std::sync::Once = std::sync::Once::new();
-                    ONCE.call_once(|| eprintln!("SIZE respond future {}", std::mem::size_of_val(&fut)));
-                    Ok::<_, std::convert::Infallible>(fut.await)
+                    Ok::<_, std::convert::Infallible>(respond(handler, &ingress, &state, request, info).await)
                 }
             })
         };

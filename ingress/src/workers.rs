@@ -29,7 +29,10 @@ pub fn current_worker() -> Option<usize> {
 }
 
 /// Threads that serve connections, each on a single-threaded tokio runtime. Dropped, they
-/// stop: what they still run is dropped with their runtimes.
+/// stop: what they still run is dropped with their runtimes (the listener holds them while
+/// it serves, its connections do not). A connection counts as one of its worker's until
+/// its task ends; what it starts besides (HTTP/2 streams, an upgraded tunnel) runs there
+/// too without being counted.
 pub struct ConnectionWorkers {
     workers: Vec<Worker>,
 }
@@ -56,17 +59,27 @@ impl ConnectionWorkers {
     pub fn start(count: usize, name: &str) -> std::io::Result<Arc<Self>> {
         let mut workers = Vec::new();
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = runtime.handle().clone();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let (sender, built) = std::sync::mpsc::sync_channel(1);
+            // The runtime is made, run and dropped on its own thread: a runtime dropped
+            // on the caller's (an async context) would panic.
             std::thread::Builder::new()
                 .name(format!("{name}-{index}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            let _ = sender.send(Err(error));
+                            return;
+                        }
+                    };
                     CURRENT_WORKER.set(Some(index));
+                    let _ = sender.send(Ok(runtime.handle().clone()));
                     let _ = runtime.block_on(stopped);
                 })?;
+            let handle = built
+                .recv()
+                .map_err(|_| std::io::Error::other("a connection worker ended while starting"))??;
             workers.push(Worker {
                 handle,
                 connections: Arc::new(AtomicUsize::new(0)),
@@ -183,26 +196,43 @@ mod tests {
         }
     }
 
+    /// Sends on its channel when dropped.
+    struct SignalOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
+
+    impl Drop for SignalOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.take().map(|sender| sender.send(()));
+        }
+    }
+
+    thread_local! {
+        /// Dropped when its thread exits.
+        static AT_EXIT: std::cell::RefCell<Option<SignalOnDrop>> = const { std::cell::RefCell::new(None) };
+    }
+
     #[tokio::test]
     async fn dropped_workers_stop_their_threads_and_what_runs_there() {
         let workers = ConnectionWorkers::start(1, "test-stop").unwrap();
         let (_never, never) = tokio::sync::oneshot::channel::<()>();
-        let (dropped, on_drop) = tokio::sync::oneshot::channel::<()>();
-        struct SignalOnDrop(Option<tokio::sync::oneshot::Sender<()>>);
-        impl Drop for SignalOnDrop {
-            fn drop(&mut self) {
-                let _ = self.0.take().map(|sender| sender.send(()));
-            }
-        }
-        let signal = SignalOnDrop(Some(dropped));
+        let (started, has_started) = tokio::sync::oneshot::channel::<()>();
+        let (task_dropped, on_task_drop) = tokio::sync::oneshot::channel::<()>();
+        let (thread_ended, on_thread_end) = tokio::sync::oneshot::channel::<()>();
         workers.spawn(async move {
-            let _signal = signal;
+            let _task = SignalOnDrop(Some(task_dropped));
+            AT_EXIT.with(|slot| *slot.borrow_mut() = Some(SignalOnDrop(Some(thread_ended))));
+            let _ = started.send(());
             let _ = never.await;
         });
+        has_started.await.unwrap();
         drop(workers);
-        tokio::time::timeout(std::time::Duration::from_secs(10), on_drop)
+        let within = std::time::Duration::from_secs(10);
+        tokio::time::timeout(within, on_task_drop)
             .await
             .expect("the worker's runtime dropped the connection")
+            .unwrap();
+        tokio::time::timeout(within, on_thread_end)
+            .await
+            .expect("the worker's thread ended")
             .unwrap();
     }
 }
@@ -255,6 +285,7 @@ mod served {
         }
     }
 
+    /// The body of the answer to a GET, read by its `content-length`.
     async fn get(stream: &mut tokio::net::TcpStream, path: &str) -> String {
         stream
             .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -262,13 +293,23 @@ mod served {
             .unwrap();
         let mut answer = Vec::new();
         let mut buffer = [0u8; 1024];
-        while !answer.ends_with(b"\n") || !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        loop {
+            let text = String::from_utf8_lossy(&answer).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length: "))
+                    .expect("a content-length")
+                    .parse()
+                    .unwrap();
+                if body.len() >= length {
+                    return body.trim().to_string();
+                }
+            }
             let read = stream.read(&mut buffer).await.unwrap();
-            assert!(read > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+            assert!(read > 0, "closed early: {text}");
             answer.extend_from_slice(&buffer[..read]);
         }
-        let text = String::from_utf8(answer).unwrap();
-        text.split("\r\n\r\n").nth(1).unwrap().trim().to_string()
     }
 
     #[tokio::test]

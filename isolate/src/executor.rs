@@ -257,16 +257,18 @@ impl GuestExecutor {
         GuestExecutor::new(std::thread::available_parallelism().map_or(2, |cores| cores.get()))
     }
 
-    /// Runs `job` on a hot worker, or on the overflow pool when every worker is stalled.
-    /// Must be called from within a tokio runtime.
+    /// Runs `job` on a hot worker, or on the overflow pool when every worker is stalled:
+    /// the blocking pool of the runtime the executor was made in, whichever thread asks
+    /// (a node's connection threads have runtimes of their own), so the pool's cap holds
+    /// for the node.
     pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         if self.shared.all_stalled() {
-            tokio::task::spawn_blocking(job);
+            self.shared.runtime.spawn_blocking(job);
             return;
         }
         if let Err(returned) = self.sender.send(Box::new(job)) {
             // Workers are gone (the process is shutting down): run it anyway.
-            tokio::task::spawn_blocking(returned.into_inner());
+            self.shared.runtime.spawn_blocking(returned.into_inner());
         }
     }
 }

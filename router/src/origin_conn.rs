@@ -7,8 +7,8 @@
 //! sends the request, waits for the head and reads a small body: the origin's socket wakes
 //! the task that writes the answer, and nothing else runs in between.
 //!
-//! Idle connections wait on a per-origin stack (the most recently used first, its socket
-//! buffers warm). Nothing polls them there, so a close by the origin is noticed when one is
+//! Idle connections wait on a per-origin stack, one per connection worker (the most
+//! recently used first, its socket buffers warm). Nothing polls them there, so a close by the origin is noticed when one is
 //! taken (polled once, without a waker) or by the periodic [`IdleConnections::sweep`]. A
 //! response whose body streams on after the head hands its connection to a task that drives
 //! it until the response is done and then puts it back.
@@ -237,7 +237,10 @@ impl LentConnection {
 /// The idle connections to one origin, a stack per connection worker (and one for the
 /// other threads): a connection goes back to the stack of the thread that used it, whose
 /// reactor its socket is registered with, so the next request on that thread wakes no
-/// other. A thread whose stack is empty takes from the others before it connects anew.
+/// other. A thread whose stack is empty takes from the others before it connects anew; the
+/// connection then stays with the taker, its readiness still reported by the reactor it
+/// was registered with (correct, a cross-thread wake-up each time; it ends with its
+/// connection). Workers beyond the number of cores share stacks.
 pub struct IdleConnections {
     // Boxed on purpose: a connection taken moves into a request's future as a pointer.
     #[allow(clippy::vec_box)]
@@ -408,8 +411,12 @@ mod tests {
             .unwrap()
     }
 
+    /// Held by the tests that move [`IDLE_ON_NODE`], which the cap test counts exactly.
+    static NODE_COUNT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     #[tokio::test]
     async fn idle_connections_are_capped_per_origin_function_and_node_above_a_floor() {
+        let _alone = NODE_COUNT.lock().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         // The origin keeps every connection open and says nothing.
@@ -482,6 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_goes_back_to_its_workers_stack_and_another_worker_takes_it_when_its_own_is_empty() {
+        let _alone = NODE_COUNT.lock().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
