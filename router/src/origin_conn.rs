@@ -411,21 +411,26 @@ mod tests {
             .unwrap()
     }
 
-    /// Held by the tests that move [`IDLE_ON_NODE`], which the cap test counts exactly.
-    static NODE_COUNT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-    #[tokio::test]
-    async fn idle_connections_are_capped_per_origin_function_and_node_above_a_floor() {
-        let _alone = NODE_COUNT.lock().await;
+    /// An origin that keeps every connection open and says nothing; its address.
+    async fn silent_origin() -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        // The origin keeps every connection open and says nothing.
         tokio::spawn(async move {
             let mut open = Vec::new();
             while let Ok((socket, _)) = listener.accept().await {
                 open.push(socket);
             }
         });
+        address
+    }
+
+    /// Held by the tests that move [`IDLE_ON_NODE`], which the cap test counts exactly.
+    static NODE_COUNT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_per_origin_function_and_node_above_a_floor() {
+        let _alone = NODE_COUNT.lock().await;
+        let address = silent_origin().await;
         let limits = IdleLimits {
             per_origin: 6,
             per_function: 7,
@@ -490,14 +495,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_goes_back_to_its_workers_stack_and_another_worker_takes_it_when_its_own_is_empty() {
         let _alone = NODE_COUNT.lock().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                open.push(socket);
-            }
-        });
+        let address = silent_origin().await;
         let workers = atoll_ingress::workers::ConnectionWorkers::start(2, "test-idle").unwrap();
         let idle = Arc::new(IdleConnections::new(
             IdleLimits::default(),
