@@ -6,9 +6,11 @@
 //! 2. nginx (`worker_processes auto`, an upstream with keep-alive connections, HTTP/1.1
 //!    to the origin) — skipped, saying so, when `nginx` is not installed
 //!    (`apt-get install nginx-light`);
-//! 3. a bare hyper proxy ([`crate::bare_proxy`]) on a runtime like the node's: the floor of
-//!    a proxy on this stack;
-//! 4. an Atoll node with the origin route (`origins = ["http://…"]`).
+//! 3. a bare hyper proxy ([`crate::bare_proxy`]) on tokio's work-stealing runtime (the
+//!    node's, otherwise idle then): the floor of a proxy on this stack, without Atoll's
+//!    layers and without its connection workers;
+//! 4. an Atoll node with the origin route (`origins = ["http://…"]`), its connections on
+//!    its connection workers (a thread per core).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
