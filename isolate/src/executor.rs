@@ -252,6 +252,12 @@ impl GuestExecutor {
         Arc::new(GuestExecutor { sender, shared })
     }
 
+    /// The runtime the executor was made in: its blocking pool takes overflow, and what
+    /// must outlive a request (a run's supervisor) runs there.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.shared.runtime
+    }
+
     /// One worker per available core.
     pub fn per_core() -> Arc<Self> {
         GuestExecutor::new(std::thread::available_parallelism().map_or(2, |cores| cores.get()))

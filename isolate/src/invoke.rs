@@ -110,6 +110,7 @@ pub async fn invoke(
     // this future being dropped) leaves the guest to the supervisor: it is stopped at the
     // deadline and its outcome recorded, whatever happens to this request.
     let mut supervised = Supervised {
+        runtime: executor.runtime(),
         deadline,
         interrupt,
         receiver: Some(receiver),
@@ -165,20 +166,20 @@ pub async fn invoke(
 type OutcomeReceiver = tokio::sync::oneshot::Receiver<Result<(Invocation, StartKind), InvokeError>>;
 
 /// A run nobody waits for any more, while `receiver` is set: dropping it hands the run to
-/// a task that stops it at the deadline and reports its outcome.
-struct Supervised {
+/// a task that stops it at the deadline and reports its outcome. The task runs on the
+/// executor's runtime, which outlives whatever runtime the request was on (a node's
+/// connection threads stop with their listeners).
+struct Supervised<'a> {
+    runtime: &'a tokio::runtime::Handle,
     deadline: tokio::time::Instant,
     interrupt: Arc<InterruptSlot>,
     receiver: Option<OutcomeReceiver>,
     observer: Arc<dyn RunObserver>,
 }
 
-impl Drop for Supervised {
+impl Drop for Supervised<'_> {
     fn drop(&mut self) {
         let Some(mut receiver) = self.receiver.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let (deadline, interrupt, observer) = (
@@ -186,7 +187,7 @@ impl Drop for Supervised {
             Arc::clone(&self.interrupt),
             Arc::clone(&self.observer),
         );
-        runtime.spawn(async move {
+        self.runtime.spawn(async move {
             let outcome = stop_at(deadline, &interrupt, &mut receiver).await;
             observer.finished(&outcome);
         });
