@@ -101,8 +101,10 @@ pub trait Handler: Send + Sync + 'static {
     /// (hyper over TCP, frame by frame over HTTP/3) without boxing it.
     type Body: HandlerBody;
 
+    /// Borrows the handler: the connection holds it, so a request writes no count that
+    /// every core shares (an `Arc` clone per request would).
     fn handle<B>(
-        self: Arc<Self>,
+        &self,
         request: Request<B>,
         connection: ConnectionInfo,
     ) -> impl Future<Output = Response<Self::Body>> + Send
@@ -387,8 +389,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
 }
 
 /// Per-connection bookkeeping shared by its requests: for the idle timeout ([`Activity`],
-/// one implementation for the edge and the registry) and the guard.
-struct ConnectionState {
+/// one implementation for the edge and the registry) and the guard; and the handler and
+/// the listener's settings, reached through it so that a request clones only what its
+/// connection alone holds (the handler's own count is shared by every core).
+struct ConnectionState<H> {
+    handler: Arc<H>,
+    ingress: Arc<Ingress>,
     activity: Arc<Activity>,
     /// Requests seen, refused ones too: the index the guard's verdicts refer to.
     requests: AtomicU64,
@@ -448,6 +454,8 @@ impl<H: Handler> Connection<H> {
     {
         let limits = Arc::clone(&self.ingress.limits);
         let state = Arc::new(ConnectionState {
+            handler: Arc::clone(&self.handler),
+            ingress: Arc::clone(&self.ingress),
             activity: Activity::new(),
             requests: AtomicU64::new(0),
             guard: GuardState::new(),
@@ -455,16 +463,10 @@ impl<H: Handler> Connection<H> {
         let remote = info.remote;
         let service = {
             let state = Arc::clone(&state);
-            let handler = Arc::clone(&self.handler);
-            let ingress = Arc::clone(&self.ingress);
             hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                 let state = Arc::clone(&state);
-                let handler = Arc::clone(&handler);
-                let ingress = Arc::clone(&ingress);
                 let info = info.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(respond(handler, &ingress, &state, request, info).await)
-                }
+                async move { Ok::<_, std::convert::Infallible>(respond(&state, request, info).await) }
             })
         };
         let builder = match h2_only {
@@ -513,9 +515,7 @@ impl<H: Handler> Connection<H> {
 /// request answered with anything but 101 closes the connection: the guard checks nothing
 /// after its head. HTTP/2 (no guard) is left as hyper serves it.
 async fn respond<H: Handler>(
-    handler: Arc<H>,
-    ingress: &Ingress,
-    state: &ConnectionState,
+    state: &ConnectionState<H>,
     mut request: Request<hyper::body::Incoming>,
     info: ConnectionInfo,
 ) -> Response<H::Body> {
@@ -524,7 +524,7 @@ async fn respond<H: Handler>(
     if !upgrade && request.version() < http::Version::HTTP_2 {
         request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
     }
-    let mut response = answer(handler, ingress, state, index, request, info).await;
+    let mut response = answer(state, index, request, info).await;
     if upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
         response
             .headers_mut()
@@ -535,9 +535,7 @@ async fn respond<H: Handler>(
 
 /// The answer to the `index`-th request: a refusal, the 421, or the handler's.
 async fn answer<H: Handler>(
-    handler: Arc<H>,
-    ingress: &Ingress,
-    state: &ConnectionState,
+    state: &ConnectionState<H>,
     index: u64,
     request: Request<hyper::body::Incoming>,
     info: ConnectionInfo,
@@ -545,6 +543,7 @@ async fn answer<H: Handler>(
     if let Some(rejection) = state.guard.rejection_for(index) {
         return rejection_response(&rejection);
     }
+    let ingress = &*state.ingress;
     if let Some(tls) = &ingress.tls
         && let Some(mut response) = misdirected(&tls.certificates, &request, &info)
     {
@@ -554,7 +553,8 @@ async fn answer<H: Handler>(
     let in_flight = state.activity.enter();
     // A streamed body keeps the connection busy until it ends, so the idle timeout does
     // not cut a long download.
-    let mut response = handler
+    let mut response = state
+        .handler
         .handle(request, info)
         .await
         .map(|body| body.holding(in_flight));

@@ -12,7 +12,9 @@
 //! implementations never block their thread).
 //!
 //! [`current_worker`] says which worker the calling thread is, so per-thread state (the
-//! router's idle origin connections) can be sharded by it.
+//! router's idle origin connections, counts of requests in flight) can be sharded by it:
+//! [`PerWorker`]. Two cores writing one cache line pass it back and forth on every write;
+//! at a proxy's request rate a handful of such counters cost as much as its own code.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -135,6 +137,73 @@ impl ConnectionWorkers {
     }
 }
 
+/// One `T` per connection worker and one for every other thread, each on cache lines of
+/// its own: state the request path writes (counts of requests in flight, idle
+/// connections) stays in the cache of the core that writes it. Read together (a sum), the
+/// values are as exact as one shared counter's. Workers beyond the number of cores share
+/// slots, so `T` must tolerate several threads (an atomic does).
+pub struct PerWorker<T> {
+    slots: Box<[crossbeam_utils::CachePadded<T>]>,
+}
+
+/// How many slots a [`PerWorker`] has: one per core, the default number of workers, and one
+/// for every other thread.
+fn slot_count() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| 1 + std::thread::available_parallelism().map_or(1, |cores| cores.get()))
+}
+
+impl<T> PerWorker<T> {
+    pub fn new(mut make: impl FnMut() -> T) -> Self {
+        PerWorker {
+            slots: (0..slot_count())
+                .map(|_| crossbeam_utils::CachePadded::new(make()))
+                .collect(),
+        }
+    }
+
+    /// The calling thread's slot index: its worker's, or 0 on any other thread.
+    pub fn local_index(&self) -> usize {
+        current_worker().map_or(0, |worker| worker + 1) % self.slots.len()
+    }
+
+    /// The calling thread's slot.
+    pub fn local(&self) -> &T {
+        &self.slots[self.local_index()]
+    }
+
+    /// Slot `index`'s value.
+    pub fn get(&self, index: usize) -> &T {
+        &self.slots[index]
+    }
+
+    /// Every slot's index, the calling thread's first and then on in index order, so a
+    /// thread that looks beyond its own slot starts with its neighbour.
+    pub fn indices_from_local(&self) -> impl Iterator<Item = usize> + use<T> {
+        let (home, len) = (self.local_index(), self.slots.len());
+        (0..len).map(move |offset| (home + offset) % len)
+    }
+
+    /// Every slot, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().map(|slot| &**slot)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+impl<T: Default> Default for PerWorker<T> {
+    fn default() -> Self {
+        PerWorker::new(T::default)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +218,42 @@ mod tests {
             let _ = sender.send(work.await);
         });
         receiver.await.expect("the worker ran it")
+    }
+
+    #[tokio::test]
+    async fn per_worker_state_is_written_in_the_calling_workers_slot_and_read_whole() {
+        use std::sync::atomic::AtomicI64;
+        let counts: Arc<PerWorker<AtomicI64>> = Arc::new(PerWorker::default());
+        // Slot 0 for threads that are no worker, then one per worker (while there are
+        // enough: they share beyond the number of cores).
+        assert_eq!(counts.local_index(), 0);
+        assert_eq!(
+            counts.indices_from_local().collect::<Vec<_>>(),
+            (0..counts.len()).collect::<Vec<_>>()
+        );
+        counts.local().fetch_add(5, Ordering::Relaxed);
+        let workers = ConnectionWorkers::start(2, "test-slots").unwrap();
+        for worker in 0..2 {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            let on_worker = Arc::clone(&counts);
+            workers.spawn_on(worker, async move {
+                on_worker
+                    .local()
+                    .fetch_add(1 << (4 * (worker + 1)), Ordering::Relaxed);
+                let _ = sender.send((on_worker.local_index(), on_worker.indices_from_local().next()));
+            });
+            let (index, first) = receiver.await.unwrap();
+            assert_eq!(index, (worker + 1) % counts.len());
+            assert_eq!(first, Some(index), "a worker looks at its own slot first");
+        }
+        let mut expected = vec![0i64; counts.len()];
+        expected[0] += 5;
+        for worker in 0..2 {
+            expected[(worker + 1) % counts.len()] += 1 << (4 * (worker + 1));
+        }
+        let slots: Vec<i64> = counts.iter().map(|count| count.load(Ordering::Relaxed)).collect();
+        assert_eq!(slots, expected);
+        assert_eq!(slots.iter().sum::<i64>(), 5 + 16 + 256);
     }
 
     #[tokio::test]
@@ -265,11 +370,7 @@ mod served {
     impl Handler for WhichWorker {
         type Body = TestBody;
 
-        async fn handle<B>(
-            self: Arc<Self>,
-            request: Request<B>,
-            _connection: ConnectionInfo,
-        ) -> Response<TestBody>
+        async fn handle<B>(&self, request: Request<B>, _connection: ConnectionInfo) -> Response<TestBody>
         where
             B: Body<Data = Bytes> + Send + 'static,
             B::Error: Into<BoxError>,

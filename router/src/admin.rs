@@ -45,6 +45,8 @@ pub struct AdminService {
     cluster: Arc<Cluster>,
     /// The node's token: a bearer token that authorises state-changing calls.
     token: Option<String>,
+    /// Run before `/metrics` is rendered: sets what is counted outside the registry.
+    refresh_metrics: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl AdminService {
@@ -53,12 +55,14 @@ impl AdminService {
         metrics: PrometheusHandle,
         cluster: Arc<Cluster>,
         token: Option<String>,
+        refresh_metrics: Option<Box<dyn Fn() + Send + Sync>>,
     ) -> Arc<Self> {
         Arc::new(AdminService {
             routing,
             metrics,
             cluster,
             token: token.filter(|token| !token.is_empty()),
+            refresh_metrics,
         })
     }
 
@@ -141,11 +145,7 @@ impl AdminService {
 impl Handler for AdminService {
     type Body = ResponseBody;
 
-    async fn handle<B>(
-        self: Arc<Self>,
-        request: Request<B>,
-        connection: ConnectionInfo,
-    ) -> Response<ResponseBody>
+    async fn handle<B>(&self, request: Request<B>, connection: ConnectionInfo) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -219,10 +219,15 @@ impl Handler for AdminService {
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(ResponseBody::whole(self.cluster.describe().to_string()))
                 .expect("static response parts are valid"),
-            "/metrics" => Response::builder()
-                .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(ResponseBody::whole(self.metrics.render()))
-                .expect("static response parts are valid"),
+            "/metrics" => {
+                if let Some(refresh) = &self.refresh_metrics {
+                    refresh();
+                }
+                Response::builder()
+                    .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                    .body(ResponseBody::whole(self.metrics.render()))
+                    .expect("static response parts are valid")
+            }
             other => text_response(StatusCode::NOT_FOUND, format!("no admin endpoint `{other}`")),
         }
     }
@@ -284,7 +289,7 @@ mod tests {
         let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
             .build_recorder()
             .handle();
-        AdminService::new(Routing::new(), metrics, cluster, token.map(str::to_string))
+        AdminService::new(Routing::new(), metrics, cluster, token.map(str::to_string), None)
     }
 
     async fn call(
@@ -302,7 +307,7 @@ mod tests {
         }
         let request = request.body(http_body_util::Empty::<Bytes>::new()).unwrap();
         let info = ConnectionInfo::plain("127.0.0.1:9090".parse().unwrap(), peer.parse().unwrap());
-        let response = Arc::clone(service).handle(request, info).await;
+        let response = service.handle(request, info).await;
         let status = response.status();
         let body = http_body_util::BodyExt::collect(response.into_body())
             .await

@@ -231,13 +231,12 @@ impl CronScheduler {
             ..CgiRequest::default()
         };
         let started = Instant::now();
-        let metrics = Arc::clone(&served.metrics);
-        let response = invoke(&executor, served, request, None).await;
+        let response = invoke(&executor, &served, request, None).await;
         let status = response.status().as_u16();
         // The body is the function's to write and nobody's to read: drain it.
         let _ = response.into_body().collect().await;
         let elapsed = started.elapsed();
-        metrics.request(status, elapsed);
+        served.metrics.request(status, elapsed);
         metrics::counter!("atoll_cron_runs_total", "function" => run.function.clone(), "status" => status.to_string())
             .increment(1);
         tracing::info!(function = %run.function, tick = run.tick, status, ms = elapsed.as_millis() as u64, "cron run");

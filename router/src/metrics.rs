@@ -4,9 +4,10 @@
 //! the process (the `metrics` crate's design), so it is installed once even when a process
 //! runs several nodes, as the in-process benches and tests do.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use atoll_ingress::workers::PerWorker;
 use dashmap::DashMap;
 use metrics::{Counter, Histogram};
 
@@ -61,6 +62,11 @@ pub struct FunctionMetrics {
     name: String,
     request_duration: Histogram,
     requests_by_status: DashMap<u16, Counter>,
+    /// Requests answered and not yet in the two series above, kept by each connection
+    /// worker: the registry's series are shared by every core, and writing them per
+    /// request passed their cache lines from core to core. Moved there in batches, and
+    /// all of them before metrics are read ([`Self::flush`]) and when the function goes.
+    answered: PerWorker<Mutex<Answered>>,
     invocation_duration: Histogram,
     invocations_ok: Counter,
     overloaded: Counter,
@@ -84,6 +90,7 @@ impl FunctionMetrics {
         FunctionMetrics {
             request_duration: metrics::histogram!(REQUEST_DURATION, "function" => label.clone()),
             requests_by_status: DashMap::new(),
+            answered: PerWorker::default(),
             invocation_duration: metrics::histogram!(INVOCATION_DURATION, "function" => label.clone()),
             invocations_ok: metrics::counter!(INVOCATIONS_TOTAL, "function" => label.clone(), "outcome" => "ok"),
             overloaded: metrics::counter!(OVERLOADED_TOTAL, "function" => label.clone()),
@@ -104,14 +111,46 @@ impl FunctionMetrics {
 
     /// A request routed to this function was answered.
     pub fn request(&self, status: u16, elapsed: Duration) {
-        self.request_duration.record(elapsed.as_secs_f64());
+        let batch = {
+            let mut answered = lock(self.answered.local());
+            answered.durations.push(elapsed.as_secs_f64());
+            match answered.by_status.iter_mut().find(|(known, _)| *known == status) {
+                Some((_, count)) => *count += 1,
+                None => answered.by_status.push((status, 1)),
+            }
+            if answered.durations.len() < FLUSH_EVERY {
+                return;
+            }
+            answered.take()
+        };
+        // Outside the lock: threads that share a slot (those of no worker) do not wait.
+        self.publish(batch);
+    }
+
+    /// Moves what every worker counted into the registry's series: before they are read.
+    pub fn flush(&self) {
+        for answered in self.answered.iter() {
+            let batch = lock(answered).take();
+            self.publish(batch);
+        }
+    }
+
+    fn publish(&self, batch: Answered) {
+        for duration in batch.durations {
+            self.request_duration.record(duration);
+        }
+        for (status, count) in batch.by_status {
+            self.status_counter(status).increment(count);
+        }
+    }
+
+    fn status_counter(&self, status: u16) -> Counter {
         if let Some(counter) = self.requests_by_status.get(&status) {
-            counter.increment(1);
-            return;
+            return counter.clone();
         }
         let counter = metrics::counter!(REQUESTS_TOTAL, "function" => self.name.clone(), "status" => status.to_string());
-        counter.increment(1);
-        self.requests_by_status.insert(status, counter);
+        self.requests_by_status.insert(status, counter.clone());
+        counter
     }
 
     pub fn invocation_ok(&self, run_time: Duration) {
@@ -138,6 +177,42 @@ impl FunctionMetrics {
         }
         self.snapshot_start.record(start_time.as_secs_f64());
     }
+}
+
+impl Drop for FunctionMetrics {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Requests one worker saw answered since its last batch went to the registry.
+#[derive(Default)]
+struct Answered {
+    /// By status (few: a list beats a map).
+    by_status: Vec<(u16, u64)>,
+    /// Each one's time from head to response, in seconds.
+    durations: Vec<f64>,
+}
+
+impl Answered {
+    /// What was counted, leaving room for the next batch (nothing when nothing was).
+    fn take(&mut self) -> Answered {
+        if self.durations.is_empty() {
+            return Answered::default();
+        }
+        Answered {
+            by_status: std::mem::take(&mut self.by_status),
+            durations: std::mem::replace(&mut self.durations, Vec::with_capacity(FLUSH_EVERY)),
+        }
+    }
+}
+
+/// Requests a worker keeps before it moves them into the registry: small, as each
+/// function of thousands on a node may keep this many per worker.
+const FLUSH_EVERY: usize = 64;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.

@@ -501,7 +501,16 @@ pub async fn run(
     // its own cap), so idle or half-sent connections cannot lock out probes and drains.
     servers.push(tokio::spawn(atoll_ingress::server::serve_with(
         listeners.admin,
-        AdminService::new(routing, metrics, Arc::clone(&cluster), options.token.clone()),
+        AdminService::new(
+            routing,
+            metrics,
+            Arc::clone(&cluster),
+            options.token.clone(),
+            Some(Box::new({
+                let service = Arc::clone(&service);
+                move || service.refresh_metrics()
+            })),
+        ),
         Ingress {
             limits: Arc::clone(&limits),
             ..Ingress::default()

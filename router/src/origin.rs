@@ -32,12 +32,14 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_core::manifest::Manifest;
+use atoll_ingress::workers::PerWorker;
 use atoll_isolate::outbound::{OutboundClient, Reach, guarded_lookup};
 use bytes::Bytes;
+use crossbeam_utils::CachePadded;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
@@ -136,7 +138,6 @@ struct Target {
     authority: HeaderValue,
     /// Keep-alive connections not in use.
     idle: Arc<IdleConnections>,
-    in_flight: AtomicU64,
     /// The active check's verdict (true until a check says otherwise).
     healthy: AtomicBool,
     check_failures: AtomicU32,
@@ -150,6 +151,9 @@ struct Target {
 // `OriginPool::pick` keeps the origins a request tried as bits of a `u32`.
 const _: () = assert!(atoll_core::origin::MAX_ORIGINS <= 32);
 
+/// Requests in flight at each of a function's origins, from one connection worker.
+type InFlightCounts = Arc<CachePadded<[AtomicU32; atoll_core::origin::MAX_ORIGINS]>>;
+
 /// A function's origins. Dropping it stops the health checks.
 pub struct OriginPool {
     function: String,
@@ -161,6 +165,9 @@ pub struct OriginPool {
     /// The health checks' and the idle sweep's tasks.
     checks: Vec<tokio::task::AbortHandle>,
     tunnels: Arc<tokio::sync::Semaphore>,
+    /// What [`Self::pick`] balances by, kept per connection worker as Envoy's workers
+    /// each balance on their own: a request's count is written by its core alone.
+    in_flight: PerWorker<InFlightCounts>,
 }
 
 impl Drop for OriginPool {
@@ -331,7 +338,7 @@ impl OriginPool {
     ) -> Result<Arc<OriginPool>, String> {
         let connector = origin_connector(outbound, reach, manifest.origin.connect_timeout());
         let mut targets = Vec::new();
-        let idle_in_function = Arc::new(AtomicUsize::new(0));
+        let idle_in_function = Arc::new(PerWorker::default());
         for url in manifest.origin_urls() {
             let connect_uri = url
                 .base()
@@ -368,7 +375,6 @@ impl OriginPool {
                     IdleLimits::default(),
                     Arc::clone(&idle_in_function),
                 )),
-                in_flight: AtomicU64::new(0),
                 healthy: AtomicBool::new(true),
                 check_failures: AtomicU32::new(0),
                 failures: AtomicU32::new(0),
@@ -394,6 +400,7 @@ impl OriginPool {
             started: Instant::now(),
             checks: vec![checks, sweeps],
             tunnels: Arc::new(tokio::sync::Semaphore::new(MAX_TUNNELS_PER_FUNCTION)),
+            in_flight: PerWorker::default(),
         }))
     }
 
@@ -457,14 +464,19 @@ impl OriginPool {
                     second += 1;
                 }
                 let (first, second) = (nth(first), nth(second));
-                let load = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
+                let counts = self.in_flight.local();
+                let load = |i: usize| counts[i].load(Ordering::Relaxed);
                 Some(if load(second) < load(first) { second } else { first })
             }
         }
     }
 
     fn succeeded(&self, index: usize) {
-        self.targets[index].failures.store(0, Ordering::Relaxed);
+        // Read first: a store on every request would pass the line between cores.
+        let failures = &self.targets[index].failures;
+        if failures.load(Ordering::Relaxed) != 0 {
+            failures.store(0, Ordering::Relaxed);
+        }
     }
 
     fn failed(&self, index: usize, reason: &str) {
@@ -542,8 +554,7 @@ impl OriginPool {
             tried |= 1 << index;
             tries_made += 1;
             let target = &self.targets[index];
-            target.in_flight.fetch_add(1, Ordering::Relaxed);
-            let in_flight = InFlight(Arc::clone(self), index);
+            let in_flight = InFlight::enter(self.in_flight.local(), index);
             // A retry, or a call whose caller's deadline may have passed, checks what is
             // left (an origin is not failed for a budget already spent); the first try of
             // a proxied request starts within its budget.
@@ -816,12 +827,20 @@ pub fn failure_response(failure: &OriginFailure) -> Response<ResponseBody> {
     }
 }
 
-/// Counts a request in flight at an origin until dropped (with the response body).
-struct InFlight(Arc<OriginPool>, usize);
+/// Counts a request in flight at an origin until dropped (with the response body), in the
+/// counts of the worker it started on.
+struct InFlight(InFlightCounts, usize);
+
+impl InFlight {
+    fn enter(counts: &InFlightCounts, index: usize) -> Self {
+        counts[index].fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(counts), index)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.targets[self.1].in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0[self.1].fetch_sub(1, Ordering::Relaxed);
     }
 }
 

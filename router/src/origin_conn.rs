@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use atoll_ingress::workers::PerWorker;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -32,9 +33,11 @@ pub type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 type Driver = hyper::client::conn::http1::Connection<OriginIo, Full<Bytes>>;
 
-/// How many idle connections are kept: per origin, per function (all its origins), on the
-/// node (all functions), and a floor per origin that the function's and the node's caps do
-/// not take away, so a tenant that fills them slows only itself.
+/// How many idle connections are kept: `per_origin` per connection worker, as nginx's
+/// `keepalive` is per worker process; `per_function` (all its origins) and `on_node` (all
+/// functions) for the node, within a factor of two (see [`IdleConnections`]); and a
+/// `floor` per origin that the function's and the node's caps do not take away, so a
+/// tenant that fills them slows only itself.
 #[derive(Debug, Clone, Copy)]
 pub struct IdleLimits {
     pub per_origin: usize,
@@ -55,8 +58,11 @@ impl Default for IdleLimits {
     }
 }
 
-/// Idle connections on the node now (in some origin's stack).
-static IDLE_ON_NODE: AtomicUsize = AtomicUsize::new(0);
+/// Idle connections on the node now (in some origin's stack), by worker.
+fn idle_on_node() -> &'static PerWorker<AtomicUsize> {
+    static ON_NODE: std::sync::OnceLock<PerWorker<AtomicUsize>> = std::sync::OnceLock::new();
+    ON_NODE.get_or_init(PerWorker::default)
+}
 
 /// How often idle connections are swept ([`IdleConnections::sweep`]).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -241,67 +247,82 @@ impl LentConnection {
 /// connection then stays with the taker, its readiness still reported by the reactor it
 /// was registered with (correct, a cross-thread wake-up each time; it ends with its
 /// connection). Workers beyond the number of cores share stacks.
+///
+/// What is counted is counted per worker too, so taking and putting back writes only the
+/// calling core's cache lines: a worker within its share of the function's and the node's
+/// caps looks at no other worker's count; one beyond it (the only one busy, say) adds them
+/// all up. The caps therefore hold within a factor of two, the floor exactly.
 pub struct IdleConnections {
-    // Boxed on purpose: a connection taken moves into a request's future as a pointer.
-    #[allow(clippy::vec_box)]
-    stacks: Box<[Mutex<Vec<Box<OriginConnection>>>]>,
-    /// Connections in all the stacks.
-    count: AtomicUsize,
+    stacks: PerWorker<Stack>,
     limits: IdleLimits,
     /// Idle connections of the function's origins together (shared by its stacks).
-    in_function: Arc<AtomicUsize>,
+    in_function: Arc<PerWorker<AtomicUsize>>,
 }
 
-/// How many stacks an origin's idle connections are kept in: one per core, which is the
-/// node's default number of connection workers, and one for every other thread.
-fn stack_count() -> usize {
-    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *COUNT.get_or_init(|| 1 + std::thread::available_parallelism().map_or(1, |cores| cores.get()))
+/// One worker's idle connections to an origin.
+#[derive(Default)]
+struct Stack {
+    // Boxed on purpose: a connection taken moves into a request's future as a pointer.
+    #[allow(clippy::vec_box)]
+    connections: Mutex<Vec<Box<OriginConnection>>>,
+    /// `connections.len()`, read without the lock (by other workers).
+    len: AtomicUsize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn sum(counts: &PerWorker<AtomicUsize>) -> usize {
+    counts.iter().map(|count| count.load(Ordering::Relaxed)).sum()
+}
+
+/// Whether one more fits under `cap` on the node, counted in `counts`, from `slot`: at
+/// once while the slot is within its share, else by the sum of all.
+fn fits(counts: &PerWorker<AtomicUsize>, slot: usize, cap: usize) -> bool {
+    counts.get(slot).load(Ordering::Relaxed) < cap.div_ceil(counts.len()) || sum(counts) < cap
+}
+
 impl IdleConnections {
-    /// The stack of one of a function's origins; `in_function` is shared by all of them.
-    pub fn new(limits: IdleLimits, in_function: Arc<AtomicUsize>) -> Self {
+    /// The stacks of one of a function's origins; `in_function` is shared by all of them.
+    pub fn new(limits: IdleLimits, in_function: Arc<PerWorker<AtomicUsize>>) -> Self {
         IdleConnections {
-            stacks: (0..stack_count()).map(|_| Mutex::default()).collect(),
-            count: AtomicUsize::new(0),
+            stacks: PerWorker::default(),
             limits,
             in_function,
         }
     }
 
-    /// The calling thread's stack.
-    fn home(&self) -> usize {
-        atoll_ingress::workers::current_worker().map_or(0, |worker| worker + 1) % self.stacks.len()
+    /// `count` connections left stack `slot` (its lock held).
+    fn forget(&self, slot: usize, count: usize) {
+        self.stacks.get(slot).len.fetch_sub(count, Ordering::Relaxed);
+        self.in_function.get(slot).fetch_sub(count, Ordering::Relaxed);
+        idle_on_node().get(slot).fetch_sub(count, Ordering::Relaxed);
     }
 
-    /// `count` connections left the stacks.
-    fn forget(&self, count: usize) {
-        self.count.fetch_sub(count, Ordering::Relaxed);
-        self.in_function.fetch_sub(count, Ordering::Relaxed);
-        IDLE_ON_NODE.fetch_sub(count, Ordering::Relaxed);
-    }
-
-    /// `count` connections joined the stacks.
-    fn count_in(&self, count: usize) {
-        self.count.fetch_add(count, Ordering::Relaxed);
-        self.in_function.fetch_add(count, Ordering::Relaxed);
-        IDLE_ON_NODE.fetch_add(count, Ordering::Relaxed);
+    /// `count` connections joined stack `slot` (its lock held).
+    fn count_in(&self, slot: usize, count: usize) {
+        self.stacks.get(slot).len.fetch_add(count, Ordering::Relaxed);
+        self.in_function.get(slot).fetch_add(count, Ordering::Relaxed);
+        idle_on_node().get(slot).fetch_add(count, Ordering::Relaxed);
     }
 
     /// Connections in the stacks now.
     pub fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        self.stacks
+            .iter()
+            .map(|stack| stack.len.load(Ordering::Relaxed))
+            .sum()
     }
 
-    /// Connections in each stack, by index (the calling thread's is [`Self::home`]).
+    /// Connections in each stack, by index (the calling thread's is
+    /// [`PerWorker::local_index`]).
     #[cfg(test)]
     fn stack_lens(&self) -> Vec<usize> {
-        self.stacks.iter().map(|stack| lock(stack).len()).collect()
+        self.stacks
+            .iter()
+            .map(|stack| lock(&stack.connections).len())
+            .collect()
     }
 
     /// Whether no connection waits.
@@ -310,19 +331,17 @@ impl IdleConnections {
     }
 
     /// The most recently used connection that is still open, from the calling thread's
-    /// stack if it has one.
+    /// stack if it has one. Another worker's stack is locked only when it has some.
     pub fn take(&self) -> Option<Box<OriginConnection>> {
-        if self.is_empty() {
-            return None;
-        }
-        let home = self.home();
-        for offset in 0..self.stacks.len() {
-            let stack = &self.stacks[(home + offset) % self.stacks.len()];
-            loop {
-                let Some(mut connection) = lock(stack).pop() else {
+        for slot in self.stacks.indices_from_local() {
+            let stack = self.stacks.get(slot);
+            while stack.len.load(Ordering::Relaxed) > 0 {
+                let mut connections = lock(&stack.connections);
+                let Some(mut connection) = connections.pop() else {
                     break;
                 };
-                self.forget(1);
+                self.forget(slot, 1);
+                drop(connections);
                 if connection.is_open() {
                     return Some(connection);
                 }
@@ -350,18 +369,16 @@ impl IdleConnections {
 
     fn push(&self, mut connection: Box<OriginConnection>) {
         connection.idle_since = Instant::now();
-        let in_origin = self.count.fetch_add(1, Ordering::Relaxed);
-        if in_origin >= self.limits.per_origin {
-            self.count.fetch_sub(1, Ordering::Relaxed);
+        let slot = self.stacks.local_index();
+        let mut connections = lock(&self.stacks.get(slot).connections);
+        if connections.len() >= self.limits.per_origin {
             return;
         }
-        let in_function = self.in_function.fetch_add(1, Ordering::Relaxed);
-        let on_node = IDLE_ON_NODE.fetch_add(1, Ordering::Relaxed);
-        let within = in_function < self.limits.per_function && on_node < self.limits.on_node;
-        if within || in_origin < self.limits.floor {
-            lock(&self.stacks[self.home()]).push(connection);
-        } else {
-            self.forget(1);
+        let within = fits(&self.in_function, slot, self.limits.per_function)
+            && fits(idle_on_node(), slot, self.limits.on_node);
+        if within || self.len() < self.limits.floor {
+            connections.push(connection);
+            self.count_in(slot, 1);
         }
     }
 
@@ -369,34 +386,36 @@ impl IdleConnections {
     /// and closed outside the lock requests take connections under).
     pub fn sweep(&self) {
         let now = Instant::now();
-        for stack in self.stacks.iter() {
-            let mut taken = std::mem::take(&mut *lock(stack));
-            // Uncounted while out of the stack (a panic while polling them leaves no count
-            // behind), counted again as they go back.
-            self.forget(taken.len());
+        for slot in 0..self.stacks.len() {
+            let stack = &self.stacks.get(slot).connections;
+            let mut taken = {
+                let mut connections = lock(stack);
+                // Uncounted while out of the stack (a panic while polling them leaves no
+                // count behind), counted again as they go back.
+                self.forget(slot, connections.len());
+                std::mem::take(&mut *connections)
+            };
             taken.retain_mut(|connection| {
                 now.duration_since(connection.idle_since) < IDLE_TIMEOUT && connection.is_open()
             });
-            let mut stack = lock(stack);
+            let mut connections = lock(stack);
             // Those put back meanwhile are the most recently used: they stay on top, and
-            // the oldest go if the origin's cap is reached.
-            let room = self.limits.per_origin.saturating_sub(self.len());
+            // the oldest go if the stack's cap is reached.
+            let room = self.limits.per_origin.saturating_sub(connections.len());
             taken.drain(..taken.len().saturating_sub(room));
-            self.count_in(taken.len());
-            taken.append(&mut stack);
-            *stack = taken;
+            self.count_in(slot, taken.len());
+            taken.append(&mut connections);
+            *connections = taken;
         }
     }
 }
 
 impl Drop for IdleConnections {
     fn drop(&mut self) {
-        let count = self
-            .stacks
-            .iter_mut()
-            .map(|stack| stack.get_mut().unwrap_or_else(PoisonError::into_inner).len())
-            .sum();
-        self.forget(count);
+        for slot in 0..self.stacks.len() {
+            let count = lock(&self.stacks.get(slot).connections).len();
+            self.forget(slot, count);
+        }
     }
 }
 
@@ -424,22 +443,25 @@ mod tests {
         address
     }
 
-    /// Held by the tests that move [`IDLE_ON_NODE`], which the cap test counts exactly.
+    /// Held by the tests that move [`idle_on_node`], which the cap test counts exactly.
     static NODE_COUNT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     #[tokio::test]
     async fn idle_connections_are_capped_per_origin_function_and_node_above_a_floor() {
         let _alone = NODE_COUNT.lock().await;
         let address = silent_origin().await;
+        // All on this thread's stack: beyond its share of the function's and the node's
+        // caps, it counts every stack's.
         let limits = IdleLimits {
             per_origin: 6,
             per_function: 7,
             on_node: 9,
             floor: 2,
         };
-        let (shop, other) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let stack =
-            |function: &Arc<AtomicUsize>| Arc::new(IdleConnections::new(limits, Arc::clone(function)));
+        let (shop, other) = (Arc::new(PerWorker::default()), Arc::new(PerWorker::default()));
+        let stack = |function: &Arc<PerWorker<AtomicUsize>>| {
+            Arc::new(IdleConnections::new(limits, Arc::clone(function)))
+        };
         let (a, b, c) = (stack(&shop), stack(&shop), stack(&other));
         let len = |idle: &IdleConnections| idle.len();
         // A fresh connection can take a request at once: released, it is pushed (or not)
@@ -456,13 +478,7 @@ mod tests {
             c.release(connection(address).await);
         }
         assert_eq!(len(&c), 2, "one within the node's cap, one on the floor");
-        let counts = || {
-            (
-                IDLE_ON_NODE.load(Ordering::Relaxed),
-                shop.load(Ordering::Relaxed),
-                other.load(Ordering::Relaxed),
-            )
-        };
+        let counts = || (sum(idle_on_node()), sum(&shop), sum(&other));
         assert_eq!(counts(), (10, 8, 2));
         let taken = a.take().expect("an open connection");
         assert_eq!(counts(), (9, 7, 2));
@@ -499,7 +515,7 @@ mod tests {
         let workers = atoll_ingress::workers::ConnectionWorkers::start(2, "test-idle").unwrap();
         let idle = Arc::new(IdleConnections::new(
             IdleLimits::default(),
-            Arc::new(AtomicUsize::new(0)),
+            Arc::new(PerWorker::default()),
         ));
         let stacks = idle.stack_lens().len();
         // Made and released on worker 0: in worker 0's stack (index 1; 0 is for other threads).
@@ -517,5 +533,35 @@ mod tests {
         let on_one = Arc::clone(&idle);
         assert!(on_worker(&workers, 1, async move { on_one.take().is_some() }).await);
         assert_eq!((idle.len(), idle.stack_lens()), (0, vec![0; stacks]));
+    }
+
+    #[tokio::test]
+    async fn each_worker_keeps_its_own_idle_connections_up_to_the_cap_per_origin() {
+        let _alone = NODE_COUNT.lock().await;
+        let address = silent_origin().await;
+        let workers = atoll_ingress::workers::ConnectionWorkers::start(2, "test-caps").unwrap();
+        let limits = IdleLimits {
+            per_origin: 2,
+            ..IdleLimits::default()
+        };
+        let idle = Arc::new(IdleConnections::new(limits, Arc::new(PerWorker::default())));
+        for worker in 0..2 {
+            let idle = Arc::clone(&idle);
+            on_worker(&workers, worker, async move {
+                for _ in 0..3 {
+                    idle.release(connection(address).await);
+                }
+            })
+            .await;
+        }
+        let lens = idle.stack_lens();
+        // Slot 0 is other threads'; worker w's is w + 1 (shared when there are fewer
+        // slots than that, on a one-core machine).
+        let mut expected = vec![0; lens.len()];
+        for worker in 0..2 {
+            expected[(worker + 1) % lens.len()] = 2;
+        }
+        assert_eq!(lens, expected, "two per worker, the third closed");
+        assert_eq!(sum(idle_on_node()), expected.iter().sum::<usize>());
     }
 }

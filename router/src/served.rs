@@ -111,6 +111,12 @@ impl Routing {
         self.table.load_full()
     }
 
+    /// The current table for a moment (no await while it is held): reading it so writes
+    /// nothing other threads read, unlike [`Self::current`]'s clone.
+    pub fn current_guard(&self) -> arc_swap::Guard<Option<Arc<FunctionTable>>> {
+        self.table.load()
+    }
+
     pub fn publish(&self, table: FunctionTable) {
         metrics::gauge!(crate::metrics::ROUTES).set(table.len() as f64);
         let by_name = table
@@ -119,6 +125,14 @@ impl Routing {
             .collect();
         self.by_name.store(Arc::new(by_name));
         self.table.store(Some(Arc::new(table)));
+    }
+
+    /// Moves the request counts each function's workers keep into the metrics registry
+    /// ([`crate::metrics::FunctionMetrics::flush`]).
+    pub fn flush_metrics(&self) {
+        for served in self.by_name.load().values() {
+            served.metrics.flush();
+        }
     }
 
     /// The served function called `name`.

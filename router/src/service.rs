@@ -18,16 +18,19 @@
 //! verifies.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_ingress::acme::Http01Challenges;
 use atoll_ingress::server::{BoxError, ConnectionInfo, Handler, request_host, text_response};
+use atoll_ingress::workers::PerWorker;
 use atoll_isolate::wasi_http::{HOPS_HEADER, MAX_SERVICE_DEPTH};
 use atoll_isolate::{
     CgiRequest, GuestExecutor, GuestPanicked, InvokeError, Run, RunObserver, RunOptions, RunOutcome,
     StartKind, StreamedResponse,
 };
 use bytes::Bytes;
+use crossbeam_utils::CachePadded;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body;
@@ -37,7 +40,7 @@ use crate::cluster::{
     Cluster, FORWARDING_HEADERS, HOP_HEADER, NOT_SERVED_HEADER, NotServed, SERVED_BY_HEADER, not_served,
 };
 use crate::hop::Bound;
-use crate::metrics::{self, FunctionMetrics};
+use crate::metrics;
 use crate::served::{Routing, ServedFunction};
 
 /// Largest request body a function accepts.
@@ -59,10 +62,9 @@ pub struct EdgeService {
     body_timeout: Duration,
     /// ACME HTTP-01 tokens, answered before routing.
     http01: Option<Arc<Http01Challenges>>,
-    /// `atoll_requests_in_flight`, registered once.
-    in_flight: ::metrics::Gauge,
-    /// The same count, for heartbeats.
-    in_flight_count: std::sync::atomic::AtomicU64,
+    /// Requests being answered now, counted per connection worker: the heartbeat and
+    /// `atoll_requests_in_flight` (set when metrics are read) take the sum.
+    in_flight: PerWorker<Arc<CachePadded<AtomicI64>>>,
     /// Peers to forward to; `None` for a node on its own.
     cluster: Option<Arc<Cluster>>,
     /// This node's name for [`SERVED_BY_HEADER`].
@@ -99,8 +101,7 @@ impl EdgeService {
             max_body_bytes,
             body_timeout,
             http01,
-            in_flight: ::metrics::gauge!(metrics::REQUESTS_IN_FLIGHT),
-            in_flight_count: std::sync::atomic::AtomicU64::new(0),
+            in_flight: PerWorker::default(),
             cluster,
             served_by,
         })
@@ -108,28 +109,36 @@ impl EdgeService {
 
     /// Requests being answered now.
     pub fn in_flight(&self) -> u64 {
-        self.in_flight_count.load(std::sync::atomic::Ordering::Relaxed)
+        let sum: i64 = self
+            .in_flight
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .sum();
+        sum.max(0) as u64
+    }
+
+    /// Sets the gauges kept outside the metrics registry (`atoll_requests_in_flight`), so
+    /// a scrape that follows reads them as they are now.
+    pub fn refresh_metrics(&self) {
+        ::metrics::gauge!(metrics::REQUESTS_IN_FLIGHT).set(self.in_flight() as f64);
+        self.routing.flush_metrics();
     }
 }
 
 impl Handler for EdgeService {
     type Body = ResponseBody;
 
-    async fn handle<B>(
-        self: Arc<Self>,
-        request: Request<B>,
-        connection: ConnectionInfo,
-    ) -> Response<ResponseBody>
+    async fn handle<B>(&self, request: Request<B>, connection: ConnectionInfo) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let in_flight = InFlight::enter(Arc::clone(&self));
+        let in_flight = InFlight::enter(self);
         let (response, function) = self.route(request, connection).await;
         let status = response.status().as_u16();
         match function {
-            Accounting::Function(function) => function.request(status, started.elapsed()),
+            Accounting::Function(function) => function.metrics.request(status, started.elapsed()),
             // Counted where it ran; here only in `atoll_forwards_total`, so that summing
             // `atoll_requests_total` over the cluster counts each request once.
             Accounting::Forwarded => {}
@@ -198,7 +207,9 @@ impl EdgeService {
                 },
             }
         });
-        let Some(table) = self.routing.current() else {
+        // A guard, not a clone: the table's count is not written by every request.
+        let current = self.routing.current_guard();
+        let Some(table) = current.as_ref() else {
             if hop.is_some() {
                 return (
                     refusal(NotServed::Starting, "node is starting: no route table yet"),
@@ -267,8 +278,7 @@ impl EdgeService {
         } else {
             (String::new(), String::new())
         };
-        let function_metrics = Arc::clone(&served.metrics);
-        drop(table);
+        drop(current);
 
         let (mut parts, body) = request.into_parts();
         let body = match read_body(body, self.max_body_bytes, self.body_timeout).await {
@@ -282,7 +292,7 @@ impl EdgeService {
                 response
                     .headers_mut()
                     .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-                return (response, Accounting::Function(function_metrics));
+                return (response, Accounting::Function(served));
             }
             Err(BodyError::Read(error)) if error.is::<http_body_util::LengthLimitError>() => {
                 return (
@@ -290,14 +300,14 @@ impl EdgeService {
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!("request body is over the {} byte limit", self.max_body_bytes),
                     ),
-                    Accounting::Function(function_metrics),
+                    Accounting::Function(served),
                 );
             }
             Err(BodyError::Read(error)) => {
                 tracing::debug!(%error, "reading request body failed");
                 return (
                     text_response(StatusCode::BAD_REQUEST, "could not read the request body"),
-                    Accounting::Function(function_metrics),
+                    Accounting::Function(served),
                 );
             }
         };
@@ -349,7 +359,7 @@ impl EdgeService {
                     tracing::warn!(peer = %peer.0, reason = %error.reason, "forwarded request lost");
                     return (
                         text_response(StatusCode::BAD_GATEWAY, "the peer serving this request failed"),
-                        Accounting::Function(function_metrics),
+                        Accounting::Function(served),
                     );
                 }
                 Err(error) => {
@@ -368,14 +378,14 @@ impl EdgeService {
                             StatusCode::LOOP_DETECTED,
                             format!("the chain of calls between functions is over {MAX_SERVICE_DEPTH}"),
                         ),
-                        Accounting::Function(function_metrics),
+                        Accounting::Function(served),
                     );
                 }
             },
         };
         // A route to origins: the node is a reverse proxy.
         if served.pool.is_none()
-            && let Some(origins) = served.origins.clone()
+            && let Some(origins) = &served.origins
         {
             let side = crate::origin::ClientSide {
                 client: client.ip(),
@@ -412,7 +422,7 @@ impl EdgeService {
                     .headers_mut()
                     .insert(SERVED_BY_HEADER, self.served_by.clone());
             }
-            return (response, Accounting::Function(function_metrics));
+            return (response, Accounting::Function(served));
         }
         for name in FORWARDING_HEADERS {
             parts.headers.remove(name);
@@ -436,13 +446,13 @@ impl EdgeService {
             deadline: None,
             cron_tick: None,
         };
-        let mut response = Box::pin(invoke(&self.executor, served, cgi_request, None)).await;
+        let mut response = Box::pin(invoke(&self.executor, &served, cgi_request, None)).await;
         if self.cluster.is_some() {
             response
                 .headers_mut()
                 .insert(SERVED_BY_HEADER, self.served_by.clone());
         }
-        (response, Accounting::Function(function_metrics))
+        (response, Accounting::Function(served))
     }
 }
 
@@ -491,7 +501,7 @@ where
 /// for a failure. `deadline`, when earlier than the function's timeout, ends the run.
 pub(crate) async fn invoke(
     executor: &GuestExecutor,
-    served: Arc<ServedFunction>,
+    served: &Arc<ServedFunction>,
     request: CgiRequest,
     deadline: Option<tokio::time::Instant>,
 ) -> Response<ResponseBody> {
@@ -507,7 +517,7 @@ pub(crate) async fn invoke(
     let Some(pool) = served.pool.clone() else {
         return text_response(StatusCode::BAD_GATEWAY, format!("`{name}` has no module to run"));
     };
-    let observer: Arc<dyn RunObserver> = Arc::clone(&served) as Arc<dyn RunObserver>;
+    let observer: Arc<dyn RunObserver> = Arc::clone(served) as Arc<dyn RunObserver>;
     let outcome = match atoll_isolate::invoke(executor, pool, request, options, observer).await {
         Ok(Run::Streaming(head)) => return streamed_response(head),
         Ok(Run::Finished(outcome)) => outcome,
@@ -613,32 +623,28 @@ fn record(served: &ServedFunction, outcome: &RunOutcome) {
 
 /// Counts a request in `atoll_requests_in_flight` (and the heartbeat's count) until
 /// dropped: when it is answered, when the client goes away and the request's future is
-/// dropped, or when its streamed body ends.
-struct InFlight(Arc<EdgeService>);
+/// dropped, or when its streamed body ends. It holds its worker's count (dropped on
+/// another thread, it still takes back what it added).
+struct InFlight(Arc<CachePadded<AtomicI64>>);
 
 impl InFlight {
-    fn enter(service: Arc<EdgeService>) -> Self {
-        service.in_flight.increment(1.0);
-        service
-            .in_flight_count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        InFlight(service)
+    fn enter(service: &EdgeService) -> Self {
+        let count = Arc::clone(service.in_flight.local());
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.decrement(1.0);
-        self.0
-            .in_flight_count
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Where a request's metrics go.
 enum Accounting {
     /// The function's own series.
-    Function(Arc<FunctionMetrics>),
+    Function(Arc<ServedFunction>),
     /// `function="-"`: no function was found (or a challenge was answered).
     Unrouted,
     /// A peer ran it and counted it.

@@ -70,11 +70,10 @@ impl ServiceCaller for LocalServices {
                 deadline: Some(call.deadline),
                 cron_tick: None,
             };
-            let metrics = Arc::clone(&served.metrics);
             let deadline = tokio::time::Instant::from_std(call.deadline);
-            let response = invoke(&executor, served, request, Some(deadline)).await;
+            let response = invoke(&executor, &served, request, Some(deadline)).await;
             let status = response.status();
-            metrics.request(status.as_u16(), started.elapsed());
+            served.metrics.request(status.as_u16(), started.elapsed());
             tracing::debug!(caller = %call.caller, function = %call.function, depth = call.depth, status = status.as_u16(), "service call");
             collect(response, call.max_response_bytes).await
         })

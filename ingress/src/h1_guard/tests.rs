@@ -1130,11 +1130,7 @@ mod through_hyper {
     impl Handler for Recorder {
         type Body = TestBody;
 
-        async fn handle<B>(
-            self: Arc<Self>,
-            request: Request<B>,
-            _connection: ConnectionInfo,
-        ) -> Response<TestBody>
+        async fn handle<B>(&self, request: Request<B>, _connection: ConnectionInfo) -> Response<TestBody>
         where
             B: Body<Data = Bytes> + Send + 'static,
             B::Error: Into<BoxError>,
@@ -1451,11 +1447,7 @@ mod through_hyper {
     impl Handler for Upgrades {
         type Body = TestBody;
 
-        async fn handle<B>(
-            self: Arc<Self>,
-            mut request: Request<B>,
-            _connection: ConnectionInfo,
-        ) -> Response<TestBody>
+        async fn handle<B>(&self, mut request: Request<B>, _connection: ConnectionInfo) -> Response<TestBody>
         where
             B: Body<Data = Bytes> + Send + 'static,
             B::Error: Into<BoxError>,

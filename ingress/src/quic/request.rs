@@ -126,7 +126,7 @@ impl<H: Handler> Shared<H> {
         let request = request.map(|()| RequestBody { stream: receiver });
         let response = match misdirected(&self.certificates, &request, &info) {
             Some(response) => response,
-            None => Arc::clone(&self.handler).handle(request, info).await,
+            None => self.handler.handle(request, info).await,
         };
         let (head, body) = into_h3_parts(response, head_only);
         // Pinned where it is: the handler's body is streamed without being boxed.
