@@ -723,13 +723,13 @@ impl OriginPool {
 }
 
 /// Sets `Host`, `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` for a request from
-/// `client` over `scheme` for `host` (already checked by [`is_host_like`]). The values are
-/// written on the stack and copied once each: a request should not pay for a `String` per
-/// header.
+/// `client` over `scheme` for `host` (already checked by [`is_host_like`]). One buffer
+/// holds `Forwarded`, and the others are slices of it (the address, the host): one
+/// allocation per request, and each try's copy of the headers only counts references.
 fn set_forwarding(headers: &mut HeaderMap, client: std::net::IpAddr, scheme: &'static str, host: &str) {
-    let mut text = StackText::default();
+    let mut text = bytes::BytesMut::with_capacity(64 + host.len());
     // `Forwarded` quotes an IPv6 address in brackets; `X-Forwarded-For` has it bare.
-    let bare = match client {
+    let address = match client {
         std::net::IpAddr::V6(address) => {
             let _ = write!(text, "for=\"[{address}]\"");
             6..text.len() - 2
@@ -739,19 +739,20 @@ fn set_forwarding(headers: &mut HeaderMap, client: std::net::IpAddr, scheme: &'s
             4..text.len()
         }
     };
-    if let Ok(value) = HeaderValue::from_bytes(&text.as_bytes()[bare]) {
+    let _ = write!(text, ";proto={scheme};host=\"");
+    let host_range = text.len()..text.len() + host.len();
+    text.extend_from_slice(host.as_bytes());
+    text.extend_from_slice(b"\"");
+    let text = text.freeze();
+    if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(address)) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    // A host too long for the buffer (never one `is_host_like` lets through) leaves
-    // `Forwarded` out rather than cut short.
-    if write!(text, ";proto={scheme};host=\"{host}\"").is_ok()
-        && let Ok(value) = HeaderValue::from_bytes(text.as_bytes())
-    {
-        headers.insert(FORWARDED, value);
-    }
-    if let Ok(host) = HeaderValue::from_str(host) {
+    if let Ok(host) = HeaderValue::from_maybe_shared(text.slice(host_range)) {
         headers.insert(http::header::HOST, host.clone());
         headers.insert(X_FORWARDED_HOST, host);
+        if let Ok(value) = HeaderValue::from_maybe_shared(text) {
+            headers.insert(FORWARDED, value);
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
 }
@@ -765,42 +766,6 @@ fn hops_value(hops: u32) -> HeaderValue {
     match DEPTHS.get(hops as usize) {
         Some(depth) => HeaderValue::from_static(depth),
         None => HeaderValue::from(hops),
-    }
-}
-
-/// A header value written without a heap allocation (`Forwarded` is at most ~330 bytes:
-/// an address, a scheme and a host of at most 260).
-struct StackText {
-    bytes: [u8; 512],
-    len: usize,
-}
-
-impl Default for StackText {
-    fn default() -> Self {
-        StackText {
-            bytes: [0; 512],
-            len: 0,
-        }
-    }
-}
-
-impl StackText {
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl std::fmt::Write for StackText {
-    fn write_str(&mut self, text: &str) -> std::fmt::Result {
-        let end = self.len + text.len();
-        let room = self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        room.copy_from_slice(text.as_bytes());
-        self.len = end;
-        Ok(())
     }
 }
 
@@ -1038,6 +1003,10 @@ mod tests {
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
+    fn text_of(headers: &HeaderMap, name: &str) -> String {
+        headers.get(name).unwrap().to_str().unwrap().to_string()
+    }
+
     #[test]
     fn forwarding_headers_name_the_client_scheme_and_host() {
         let mut headers = HeaderMap::new();
@@ -1047,7 +1016,7 @@ mod tests {
             "https",
             "shop.example:8443",
         );
-        let text = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_string();
+        let text = |name: &str| text_of(&headers, name);
         assert_eq!(text("x-forwarded-for"), "203.0.113.7");
         assert_eq!(text("x-forwarded-proto"), "https");
         assert_eq!(text("x-forwarded-host"), "shop.example:8443");
@@ -1063,7 +1032,7 @@ mod tests {
             "http",
             "[2001:db8::2]",
         );
-        let text = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_string();
+        let text = |name: &str| text_of(&headers, name);
         assert_eq!(text("x-forwarded-for"), "2001:db8::1");
         assert_eq!(
             text("forwarded"),
@@ -1076,7 +1045,11 @@ mod tests {
             "http",
             &"a".repeat(600),
         );
-        assert!(headers.get("forwarded").is_none(), "never a cut-off value");
+        assert_eq!(
+            text_of(&headers, "forwarded"),
+            format!("for=203.0.113.7;proto=http;host=\"{}\"", "a".repeat(600)),
+            "never a cut-off value"
+        );
         assert_eq!(headers.get("x-forwarded-for").unwrap(), "203.0.113.7");
         assert_eq!(hops_value(3), "3");
         assert_eq!(hops_value(12), "12");
