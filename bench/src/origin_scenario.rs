@@ -11,6 +11,11 @@
 //!    layers and without its connection workers;
 //! 4. an Atoll node with the origin route (`origins = ["http://…"]`), its connections on
 //!    its connection workers (a thread per core).
+//!
+//! Beside req/s, the CPU each proxy spent per request under the same load (user + system,
+//! from `/proc`: nginx's processes, the bare proxy's runtime threads, Atoll's connection
+//! workers): on a machine whose cores the load generator and the origin share, what a
+//! proxy costs per request decides its req/s, and this number moves less from run to run.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -57,6 +62,78 @@ impl Drop for Nginx {
         }
         let _ = self.child.wait();
     }
+}
+
+/// CPU time (user + system) `/proc/<pid>/stat` (or a task's) reports; 0 when it cannot be
+/// read (a process that ended).
+fn cpu_of(stat_path: &std::path::Path) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return Duration::ZERO;
+    };
+    // The fields after the command name (which may hold spaces): state, ppid, …; utime
+    // and stime are the 12th and 13th of them, in clock ticks (USER_HZ: 100 on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// CPU time of this process's threads whose name starts with `prefix`.
+fn threads_cpu(prefix: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix))
+        })
+        .map(|task| cpu_of(&task.path().join("stat")))
+        .sum()
+}
+
+/// CPU time of process `root` and its children (nginx's master and workers).
+fn process_tree_cpu(root: u32) -> Duration {
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    let is_in_tree = |stat: &str, pid: &str| {
+        pid == root.to_string()
+            || stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .is_some_and(|ppid| ppid == root.to_string())
+    };
+    processes
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().to_string();
+            pid.bytes()
+                .all(|byte| byte.is_ascii_digit())
+                .then_some((pid, entry.path()))
+        })
+        .filter(|(pid, path)| {
+            std::fs::read_to_string(path.join("stat")).is_ok_and(|stat| is_in_tree(&stat, pid))
+        })
+        .map(|(_, path)| cpu_of(&path.join("stat")))
+        .sum()
+}
+
+/// Runs the load, returning wrk's report and the CPU per request `cpu` says was spent.
+fn measured(url: &str, load: &Load, cpu: impl Fn() -> Duration) -> Result<(WrkReport, Duration)> {
+    let before = cpu();
+    let report = wrk::run(url, "proxy.localhost", load)?;
+    let spent = cpu().saturating_sub(before);
+    let requests = (report.requests_per_second * load.duration.as_secs_f64()).max(1.0);
+    Ok((report, spent.div_f64(requests)))
 }
 
 fn nginx_binary() -> Option<PathBuf> {
@@ -174,15 +251,16 @@ pub fn run(args: OriginArgs) -> Result<()> {
         Some(nginx) => {
             let url = format!("http://127.0.0.1:{}/hello", nginx.port);
             wrk::run(&url, "proxy.localhost", &warmup)?;
-            Some(wrk::run(&url, "proxy.localhost", &load)?)
+            let master = nginx.child.id();
+            Some(measured(&url, &load, || process_tree_cpu(master))?)
         }
         None => None,
     };
     let bare_url = format!("http://{bare}/hello");
     wrk::run(&bare_url, "proxy.localhost", &warmup)?;
-    let bare = wrk::run(&bare_url, "proxy.localhost", &load)?;
+    let bare = measured(&bare_url, &load, || threads_cpu("node"))?;
     wrk::run(&atoll_url, "proxy.localhost", &warmup)?;
-    let atoll = wrk::run(&atoll_url, "proxy.localhost", &load)?;
+    let atoll = measured(&atoll_url, &load, || threads_cpu("edge"))?;
     report(&args, &direct, nginx_report.as_ref(), &bare, &atoll);
     drop(nginx);
     drop(runtime);
@@ -194,10 +272,13 @@ pub fn run(args: OriginArgs) -> Result<()> {
 fn report(
     args: &OriginArgs,
     direct: &WrkReport,
-    nginx: Option<&WrkReport>,
-    bare: &WrkReport,
-    atoll: &WrkReport,
+    nginx: Option<&(WrkReport, Duration)>,
+    bare: &(WrkReport, Duration),
+    atoll: &(WrkReport, Duration),
 ) {
+    let cpu = |measured: &(WrkReport, Duration)| measured.1.as_secs_f64() * 1e6;
+    let (nginx_cpu, bare_cpu, atoll_cpu) = (nginx.map(cpu), cpu(bare), cpu(atoll));
+    let (nginx, bare, atoll) = (nginx.map(|(report, _)| report), &bare.0, &atoll.0);
     let mut rows = vec![("origin-direct", direct)];
     if let Some(nginx) = nginx {
         rows.push(("nginx-proxy-pass", nginx));
@@ -206,6 +287,17 @@ fn report(
     rows.push(("atoll-origin-route", atoll));
     if args.json {
         wrk::print_json("origin", args.connections, &rows);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "origin",
+                "cpu_us_per_request": {
+                    "nginx-proxy-pass": nginx_cpu,
+                    "hyper-bare-proxy": bare_cpu,
+                    "atoll-origin-route": atoll_cpu,
+                },
+            })
+        );
         return;
     }
     wrk::print_table(
@@ -235,5 +327,9 @@ fn report(
     println!(
         "ratio atoll/direct req/s: {:.3}",
         atoll.requests_per_second / direct.requests_per_second
+    );
+    let nginx_cpu = nginx_cpu.map_or("-".to_string(), |us| format!("{us:.1}"));
+    println!(
+        "CPU per request (µs, user + system): nginx {nginx_cpu}, hyper-bare {bare_cpu:.1} (the node runtime's threads), atoll {atoll_cpu:.1} (its connection workers)"
     );
 }

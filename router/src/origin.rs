@@ -724,10 +724,12 @@ impl OriginPool {
 
 /// Sets `Host`, `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded` for a request from
 /// `client` over `scheme` for `host` (already checked by [`is_host_like`]). One buffer
-/// holds `Forwarded`, and the others are slices of it (the address, the host): one
-/// allocation per request, and each try's copy of the headers only counts references.
+/// holds `Forwarded`, and the others are slices of it (the address, the host): the buffer
+/// and its shared count are all a request allocates here, and each try's copy of the
+/// headers only counts references.
 fn set_forwarding(headers: &mut HeaderMap, client: std::net::IpAddr, scheme: &'static str, host: &str) {
-    let mut text = bytes::BytesMut::with_capacity(64 + host.len());
+    // `for="[` 39 characters of address `]";proto=https;host="` … `"`.
+    let mut text = bytes::BytesMut::with_capacity(80 + host.len());
     // `Forwarded` quotes an IPv6 address in brackets; `X-Forwarded-For` has it bare.
     let address = match client {
         std::net::IpAddr::V6(address) => {
@@ -1034,6 +1036,8 @@ mod tests {
         );
         let text = |name: &str| text_of(&headers, name);
         assert_eq!(text("x-forwarded-for"), "2001:db8::1");
+        assert_eq!(text("host"), "[2001:db8::2]");
+        assert_eq!(text("x-forwarded-host"), "[2001:db8::2]");
         assert_eq!(
             text("forwarded"),
             "for=\"[2001:db8::1]\";proto=http;host=\"[2001:db8::2]\""

@@ -8,10 +8,11 @@
 //! the task that writes the answer, and nothing else runs in between.
 //!
 //! Idle connections wait on a per-origin stack, one per connection worker (the most
-//! recently used first, its socket buffers warm). Nothing polls them there, so a close by the origin is noticed when one is
-//! taken (polled once, without a waker) or by the periodic [`IdleConnections::sweep`]. A
-//! response whose body streams on after the head hands its connection to a task that drives
-//! it until the response is done and then puts it back.
+//! recently used first, its socket buffers warm). Nothing polls them there, so a close by
+//! the origin is noticed when one is taken (polled once, without a waker) or by the
+//! periodic [`IdleConnections::sweep`]. A response whose body streams on after the head
+//! hands its connection to a task that drives it until the response is done and then puts
+//! it back.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,11 +34,12 @@ pub type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 type Driver = hyper::client::conn::http1::Connection<OriginIo, Full<Bytes>>;
 
-/// How many idle connections are kept: `per_origin` per connection worker, as nginx's
-/// `keepalive` is per worker process; `per_function` (all its origins) and `on_node` (all
-/// functions) for the node, within a factor of two (see [`IdleConnections`]); and a
-/// `floor` per origin that the function's and the node's caps do not take away, so a
-/// tenant that fills them slows only itself.
+/// How many idle connections are kept: `per_origin` per connection worker's stack (as
+/// nginx's `keepalive` is per worker process; threads that are no worker, HTTP/3's, share
+/// one stack); `per_function` (all its origins) and `on_node` (all functions) for the node,
+/// give or take the workers' shares (see [`IdleConnections`]); and a `floor` per origin
+/// that the function's and the node's caps do not take away, so a tenant that fills them
+/// slows only itself.
 #[derive(Debug, Clone, Copy)]
 pub struct IdleLimits {
     pub per_origin: usize,
@@ -250,8 +252,10 @@ impl LentConnection {
 ///
 /// What is counted is counted per worker too, so taking and putting back writes only the
 /// calling core's cache lines: a worker within its share of the function's and the node's
-/// caps looks at no other worker's count; one beyond it (the only one busy, say) adds them
-/// all up. The caps therefore hold within a factor of two, the floor exactly.
+/// caps (cap ÷ stacks) looks at no other worker's count; one beyond it (the only one busy,
+/// say) adds them all up. A cap can therefore be passed by the other workers' shares (about
+/// twice the cap at worst) and by threads that race on one stack; the floor is always
+/// kept.
 pub struct IdleConnections {
     stacks: PerWorker<Stack>,
     limits: IdleLimits,
@@ -555,8 +559,8 @@ mod tests {
             .await;
         }
         let lens = idle.stack_lens();
-        // Slot 0 is other threads'; worker w's is w + 1 (shared when there are fewer
-        // slots than that, on a one-core machine).
+        // Slot 0 is other threads'; worker w's is w + 1, modulo the slots (on a one-core
+        // machine, two: worker 1's is then slot 0).
         let mut expected = vec![0; lens.len()];
         for worker in 0..2 {
             expected[(worker + 1) % lens.len()] = 2;
