@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail};
 use atoll_testkit::origin::TestOrigin;
 
 use crate::http_scenario::{BENCH_TOKEN, NodeSetup, get_status, read_hello, start_node};
+use crate::soak_scenario::{USER_HZ, parse_task_stat};
 use crate::wrk::{self, Load, WrkReport};
 
 #[derive(clap::Args)]
@@ -64,26 +65,9 @@ impl Drop for Nginx {
     }
 }
 
-/// CPU time (user + system) `/proc/<pid>/stat` (or a task's) reports; 0 when it cannot be
-/// read (a process that ended).
-fn cpu_of(stat_path: &std::path::Path) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(stat_path) else {
-        return Duration::ZERO;
-    };
-    // The fields after the command name (which may hold spaces): state, ppid, …; utime
-    // and stime are the 12th and 13th of them, in clock ticks (USER_HZ: 100 on Linux).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |index: usize| {
-        fields
-            .get(index)
-            .and_then(|field| field.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+/// CPU time (user + system) from USER_HZ ticks.
+fn ticks_to_cpu(ticks: u64) -> Duration {
+    Duration::from_secs_f64(ticks as f64 / USER_HZ)
 }
 
 /// CPU time of this process's threads whose name starts with `prefix`.
@@ -91,40 +75,33 @@ fn threads_cpu(prefix: &str) -> Duration {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return Duration::ZERO;
     };
-    tasks
+    let ticks = tasks
         .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix))
-        })
-        .map(|task| cpu_of(&task.path().join("stat")))
-        .sum()
+        .filter_map(|task| parse_task_stat(&std::fs::read_to_string(task.path().join("stat")).ok()?))
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(_, ticks)| ticks)
+        .sum();
+    ticks_to_cpu(ticks)
 }
 
-/// CPU time of process `root` and its children (nginx's master and workers).
+/// CPU time of process `root` and its children (nginx's master and workers); a process
+/// that ended meanwhile counts nothing.
 fn process_tree_cpu(root: u32) -> Duration {
     let Ok(processes) = std::fs::read_dir("/proc") else {
         return Duration::ZERO;
     };
-    let is_in_tree = |stat: &str, pid: &str| {
-        pid == root.to_string()
-            || stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .is_some_and(|ppid| ppid == root.to_string())
-    };
-    processes
+    let root = root.to_string();
+    let ticks = processes
         .flatten()
         .filter_map(|entry| {
-            let pid = entry.file_name().to_string_lossy().to_string();
-            pid.bytes()
-                .all(|byte| byte.is_ascii_digit())
-                .then_some((pid, entry.path()))
+            let pid = entry.file_name().into_string().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // Field 4, the parent's pid, counted from the last `)` as `parse_task_stat` does.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            (pid == root || ppid == root).then(|| parse_task_stat(&stat).map(|(_, ticks)| ticks))?
         })
-        .filter(|(pid, path)| {
-            std::fs::read_to_string(path.join("stat")).is_ok_and(|stat| is_in_tree(&stat, pid))
-        })
-        .map(|(_, path)| cpu_of(&path.join("stat")))
-        .sum()
+        .sum();
+    ticks_to_cpu(ticks)
 }
 
 /// Runs the load, returning wrk's report and the CPU per request `cpu` says was spent.

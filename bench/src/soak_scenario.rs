@@ -112,7 +112,7 @@ const IDLE_WINDOW: Duration = Duration::from_secs(5);
 /// core over the idle window.
 const IDLE_CPU_LIMIT: f64 = 0.05;
 /// `/proc/*/stat` counts CPU time in USER_HZ ticks, 100 per second on every Linux ABI.
-const USER_HZ: f64 = 100.0;
+pub(crate) const USER_HZ: f64 = 100.0;
 /// A connection is replaced after this many requests, so connections open and close all
 /// through the run.
 const REQUESTS_PER_CONNECTION: usize = 400;
@@ -1180,7 +1180,7 @@ fn thread_ticks(pid: u32) -> BTreeMap<u32, (String, u64)> {
 /// Name and utime + stime from a `/proc/PID/task/TID/stat` line. The name (field 2) is in
 /// parentheses and may hold spaces or parentheses itself, so fields are counted from the
 /// last `)`: state is field 3, utime 14, stime 15.
-fn parse_task_stat(stat: &str) -> Option<(String, u64)> {
+pub(crate) fn parse_task_stat(stat: &str) -> Option<(String, u64)> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let name = stat.get(open + 1..close)?.to_string();

@@ -39,3 +39,10 @@ pub mod services;
 pub mod sync;
 
 pub use node::{NodeError, NodeListeners, NodeOptions, run};
+
+/// Locks `mutex`, taking over a lock a panicking thread left poisoned: what these locks
+/// guard (a stack of idle connections, a batch of pending metrics) is changed by single
+/// pushes and pops, never left half-changed.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

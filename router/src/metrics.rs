@@ -4,10 +4,12 @@
 //! the process (the `metrics` crate's design), so it is installed once even when a process
 //! runs several nodes, as the in-process benches and tests do.
 
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use atoll_ingress::workers::PerWorker;
+
+use crate::lock;
 use dashmap::DashMap;
 use metrics::{Counter, Histogram};
 
@@ -210,10 +212,6 @@ impl Answered {
 /// Requests a worker keeps before it moves them into the registry: small, as each
 /// function of thousands on a node may keep this many per worker.
 const FLUSH_EVERY: usize = 64;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {

@@ -17,7 +17,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::lock;
 
 /// What a connection to an origin runs over: TCP, or TLS for an `https://` origin.
 pub type OriginIo = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
@@ -271,10 +273,6 @@ struct Stack {
     connections: Mutex<Vec<Box<OriginConnection>>>,
     /// `connections.len()`, read without the lock (by other workers).
     len: AtomicUsize,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn sum(counts: &PerWorker<AtomicUsize>) -> usize {
