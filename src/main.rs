@@ -373,9 +373,9 @@ struct EdgeArgs {
     #[arg(long, default_value_t = atoll_core::manifest::MAX_CONCURRENCY)]
     max_function_concurrency: u32,
     /// Threads serving HTTP and HTTPS connections, each connection on one for its whole
-    /// life (default: one per core; 0: the node's shared runtime).
-    #[arg(long)]
-    connection_threads: Option<usize>,
+    /// life (default: one per core; 0: the node's shared runtime; at most 1024).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    connection_threads: Option<u16>,
 }
 
 impl EdgeArgs {
@@ -426,7 +426,7 @@ impl EdgeArgs {
         options.quic_retry_threshold = self.quic_retry_threshold;
         options.advertise = self.advertise;
         if let Some(threads) = self.connection_threads {
-            options.connection_workers = threads;
+            options.connection_workers = usize::from(threads);
         }
     }
 

@@ -120,3 +120,17 @@ fn the_admin_listener_has_the_edges_connection_limits() {
     let health = get(&node.admin, "localhost", "/healthz");
     assert_eq!(health.status, 200, "{}", health.text());
 }
+
+#[test]
+fn a_connection_thread_count_beyond_the_bound_is_refused_naming_the_flag() {
+    let output = std::process::Command::new(atoll_bin())
+        .args(["node", "--connection-threads", "5000"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "5000 connection threads were accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--connection-threads") && stderr.contains("0..=1024"),
+        "{stderr}"
+    );
+}
