@@ -8,7 +8,11 @@
 //! the task that writes the answer, and nothing else runs in between.
 //!
 //! Idle connections wait on a per-origin stack, one per connection worker (the most
-//! recently used first, its socket buffers warm). Nothing polls them there, so a close by
+//! recently used first, its socket buffers warm), and a worker takes only from its own:
+//! a socket's readiness is reported by the reactor of the thread that opened it, so a
+//! connection used from another worker costs a cross-thread wake-up (an eventfd write and
+//! an epoll return) on every read, for as long as it lives. nginx's workers keep their
+//! upstream connections the same way. Nothing polls them there, so a close by
 //! the origin is noticed when one is taken (polled once, without a waker) or by the
 //! periodic [`IdleConnections::sweep`]. A response whose body streams on after the head
 //! hands its connection to a task that drives it until the response is done and then puts
@@ -247,10 +251,11 @@ impl LentConnection {
 /// The idle connections to one origin, a stack per connection worker (and one for the
 /// other threads): a connection goes back to the stack of the thread that used it, whose
 /// reactor its socket is registered with, so the next request on that thread wakes no
-/// other. A thread whose stack is empty takes from the others before it connects anew; the
-/// connection then stays with the taker, its readiness still reported by the reactor it
-/// was registered with (correct, a cross-thread wake-up each time; it ends with its
-/// connection). Workers beyond the number of cores share stacks.
+/// other. A thread whose stack is empty connects anew rather than take another worker's
+/// (in `atoll-bench origin`, taking them made 0.1 cross-thread wake-ups per request as
+/// connections drifted between workers). Workers beyond the number of cores share stacks,
+/// and so do threads that are no worker (correct either way: a connection used from
+/// another thread than its reactor's only costs a wake-up per read).
 ///
 /// What is counted is counted per worker too, so taking and putting back writes only the
 /// calling core's cache lines: a worker within its share of the function's and the node's
@@ -332,21 +337,19 @@ impl IdleConnections {
         self.len() == 0
     }
 
-    /// The most recently used connection that is still open, from the calling thread's
-    /// stack if it has one. Another worker's stack is locked only when it has some.
+    /// The most recently used connection on the calling thread's stack that is still open.
     pub fn take(&self) -> Option<Box<OriginConnection>> {
-        for slot in self.stacks.indices_from_local() {
-            let stack = self.stacks.get(slot);
-            while stack.len.load(Ordering::Relaxed) > 0 {
-                let mut connections = lock(&stack.connections);
-                let Some(mut connection) = connections.pop() else {
-                    break;
-                };
-                self.forget(slot, 1);
-                drop(connections);
-                if connection.is_open() {
-                    return Some(connection);
-                }
+        let slot = self.stacks.local_index();
+        let stack = self.stacks.get(slot);
+        while stack.len.load(Ordering::Relaxed) > 0 {
+            let mut connections = lock(&stack.connections);
+            let Some(mut connection) = connections.pop() else {
+                break;
+            };
+            self.forget(slot, 1);
+            drop(connections);
+            if connection.is_open() {
+                return Some(connection);
             }
         }
         None
@@ -511,7 +514,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_goes_back_to_its_workers_stack_and_another_worker_takes_it_when_its_own_is_empty() {
+    async fn a_connection_goes_back_to_its_workers_stack_and_only_that_worker_takes_it() {
         let _alone = NODE_COUNT.lock().await;
         let address = silent_origin().await;
         let workers = atoll_ingress::workers::ConnectionWorkers::start(2, "test-idle").unwrap();
@@ -531,9 +534,15 @@ mod tests {
         let mut expected = vec![0; stacks];
         expected[1 % stacks] = 1;
         assert_eq!(idle.stack_lens(), expected);
-        // Worker 1's own stack is empty: it takes worker 0's connection rather than none.
+        // Worker 1's own stack is empty: it leaves worker 0's connection where it is (its
+        // socket wakes worker 0's reactor) and would connect anew.
         let on_one = Arc::clone(&idle);
-        assert!(on_worker(&workers, 1, async move { on_one.take().is_some() }).await);
+        assert!(on_worker(&workers, 1, async move { on_one.take().is_none() }).await);
+        assert_eq!(idle.stack_lens(), expected);
+        // Nor does a thread that is no worker.
+        assert!(idle.take().is_none());
+        let on_zero = Arc::clone(&idle);
+        assert!(on_worker(&workers, 0, async move { on_zero.take().is_some() }).await);
         assert_eq!((idle.len(), idle.stack_lens()), (0, vec![0; stacks]));
     }
 
