@@ -150,6 +150,11 @@ enum Command {
     /// Push a function: PATH is an atoll.toml or a folder holding one.
     Push {
         path: PathBuf,
+        /// Keep serving what is served: the new version joins the traffic split at 0%,
+        /// prepared on every node and reached only with `x-atoll-version: N`, until
+        /// `atoll traffic` gives it a share.
+        #[arg(long)]
+        no_traffic: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -175,6 +180,28 @@ enum Command {
         /// Version to serve, e.g. `v2` or `2`.
         #[arg(long)]
         to: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Gray release: share a function's requests between versions, e.g. `v7=90 v8=10`
+    /// (whole percentages adding up to 100; every node chooses alike, the newest version's
+    /// users stay on it as its share grows).
+    Traffic {
+        name: String,
+        /// VERSION=PERCENT, e.g. `v7=90 v8=10`.
+        #[arg(required = true)]
+        shares: Vec<String>,
+        /// What keeps a client on one version: `header:NAME`, `cookie:NAME` or `ip`
+        /// (default: each request draws).
+        #[arg(long)]
+        sticky: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// End a gray release: all traffic to VERSION (e.g. `v8`).
+    Promote {
+        name: String,
+        version: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -606,9 +633,16 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Dns(args) => dns_cli::run(args, shutdown_signal()).await,
-        Command::Push { path, client } => {
+        Command::Push {
+            path,
+            no_traffic,
+            client,
+        } => {
             let (manifest_text, module) = read_function(&path)?;
-            let pushed = client.client()?.push(&manifest_text, module).await?;
+            let pushed = client
+                .client()?
+                .push_with_traffic(&manifest_text, module, !no_traffic)
+                .await?;
             println!("{} v{} sha256:{}", pushed.name, pushed.version, pushed.sha256);
             Ok(())
         }
@@ -670,6 +704,56 @@ async fn run(command: Command) -> Result<()> {
                     version.sha256
                 );
             }
+            if let Some(split) = versions.traffic {
+                println!("traffic: {}", describe_split(&split));
+            }
+            Ok(())
+        }
+        Command::Traffic {
+            name,
+            shares,
+            sticky,
+            client,
+        } => {
+            let shares = shares
+                .iter()
+                .map(|share| {
+                    let (version, percent) = share
+                        .split_once('=')
+                        .with_context(|| format!("`{share}` is not VERSION=PERCENT (e.g. v8=10)"))?;
+                    let percent = percent
+                        .trim_end_matches('%')
+                        .parse::<u8>()
+                        .with_context(|| format!("`{percent}` in `{share}` is not a percentage 0-100"))?;
+                    Ok(atoll_core::traffic::Share {
+                        version: parse_version(version)?,
+                        percent,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let sticky = sticky
+                .map(|key| key.parse::<atoll_core::traffic::StickyKey>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let request = atoll_core::api_types::TrafficRequest { shares, sticky };
+            let answer = client.client()?.traffic(&name, &request).await?;
+            print_traffic(&answer);
+            Ok(())
+        }
+        Command::Promote {
+            name,
+            version,
+            client,
+        } => {
+            let request = atoll_core::api_types::TrafficRequest {
+                shares: vec![atoll_core::traffic::Share {
+                    version: parse_version(&version)?,
+                    percent: 100,
+                }],
+                sticky: None,
+            };
+            let answer = client.client()?.traffic(&name, &request).await?;
+            print_traffic(&answer);
             Ok(())
         }
         Command::Token { command } => token_command(command).await,
@@ -711,6 +795,26 @@ async fn run(command: Command) -> Result<()> {
             println!("{} v{} sha256:{}", rolled.name, rolled.active, rolled.sha256);
             Ok(())
         }
+    }
+}
+
+/// `v8=10% v7=90% (sticky: header:x-user)`.
+fn describe_split(split: &atoll_core::traffic::TrafficSplit) -> String {
+    let shares: Vec<String> = split
+        .shares
+        .iter()
+        .map(|share| format!("v{}={}%", share.version, share.percent))
+        .collect();
+    match &split.sticky {
+        Some(key) => format!("{} (sticky: {key})", shares.join(" ")),
+        None => shares.join(" "),
+    }
+}
+
+fn print_traffic(answer: &atoll_core::api_types::TrafficResponse) {
+    match &answer.traffic {
+        Some(split) => println!("{}: {}", answer.name, describe_split(split)),
+        None => println!("{}: all traffic to v{}", answer.name, answer.active),
     }
 }
 

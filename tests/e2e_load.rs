@@ -71,7 +71,7 @@ fn ab_1000_requests_200_concurrent_all_succeed() {
     let metrics = metrics(&admin);
     let served: f64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix(r#"atoll_requests_total{function="hello",status="200"} "#))
+        .find_map(|l| l.strip_prefix(r#"atoll_requests_total{function="hello",version="1",status="200"} "#))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no hello counter:\n{metrics}"));
     assert!(served >= 1001.0, "node counted {served} requests:\n{metrics}");

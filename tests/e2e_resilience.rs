@@ -47,7 +47,7 @@ fn failing_guest_is_502_and_the_node_keeps_serving() {
 
     let metrics = metrics(&admin);
     assert!(
-        metrics.contains(r#"atoll_requests_total{function="fault",status="502"} 3"#),
+        metrics.contains(r#"atoll_requests_total{function="fault",version="1",status="502"} 3"#),
         "{metrics}"
     );
     assert!(

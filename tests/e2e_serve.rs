@@ -33,7 +33,7 @@ fn push_then_serve_hello() {
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with(r#"atoll_requests_total{function="hello",status="200"} "#)),
+            .any(|l| l.starts_with(r#"atoll_requests_total{function="hello",version="1",status="200"} "#)),
         "no request counter for hello in /metrics:\n{metrics}"
     );
     assert!(

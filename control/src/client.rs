@@ -136,6 +136,17 @@ impl RegistryClient {
 
     /// Pushes a module with its manifest (the `atoll.toml` text).
     pub async fn push(&self, manifest_text: &str, module: Vec<u8>) -> Result<PushResponse, ClientError> {
+        self.push_with_traffic(manifest_text, module, true).await
+    }
+
+    /// [`Self::push`]; without `takes_traffic` the version joins the function's traffic
+    /// split at 0% (`atoll push --no-traffic`).
+    pub async fn push_with_traffic(
+        &self,
+        manifest_text: &str,
+        module: Vec<u8>,
+        takes_traffic: bool,
+    ) -> Result<PushResponse, ClientError> {
         let module = reqwest::multipart::Part::bytes(module)
             .file_name("module.wasm")
             .mime_str("application/wasm")
@@ -143,10 +154,13 @@ impl RegistryClient {
         let form = reqwest::multipart::Form::new()
             .text("manifest", manifest_text.to_owned())
             .part("module", module);
-        let request = self
+        let mut request = self
             .request(reqwest::Method::POST, &["v1", "functions"])
             .timeout(TRANSFER_TIMEOUT)
             .multipart(form);
+        if !takes_traffic {
+            request = request.query(&[("no_traffic", "true")]);
+        }
         self.json(request).await
     }
 
@@ -223,6 +237,19 @@ impl RegistryClient {
             .request(reqwest::Method::POST, &["v1", "functions", name, "rollback"])
             .timeout(REQUEST_TIMEOUT)
             .json(&RollbackRequest { to });
+        self.json(request).await
+    }
+
+    /// Shares `name`'s requests between versions (`atoll traffic`, `atoll promote`).
+    pub async fn traffic(
+        &self,
+        name: &str,
+        split: &atoll_core::api_types::TrafficRequest,
+    ) -> Result<atoll_core::api_types::TrafficResponse, ClientError> {
+        let request = self
+            .request(reqwest::Method::POST, &["v1", "functions", name, "traffic"])
+            .timeout(REQUEST_TIMEOUT)
+            .json(split);
         self.json(request).await
     }
 

@@ -45,7 +45,8 @@ use atoll_core::digest::is_sha256_hex;
 use atoll_core::manifest::Manifest;
 use atoll_core::membership::{FORGET_AFTER_TTLS, MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 use atoll_core::model::{FunctionRecord, Version};
-use atoll_core::rules::{check_routes, plan_push, put_events, rollback_target};
+use atoll_core::rules::{check_routes, plan_push, plan_traffic, put_events, rollback_target};
+use atoll_core::traffic::TrafficSplit;
 use atoll_core::watch::WatchEvent;
 
 /// The KV bucket holding one record per function.
@@ -679,6 +680,17 @@ impl NatsStore {
     /// by compare-and-set. Refused, with no metadata written, if the module is empty or a
     /// route is served by another function.
     pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
+        self.push_with_traffic(manifest, module, true).await
+    }
+
+    /// [`Self::push`]; without `takes_traffic` the version joins the traffic split at 0%
+    /// ([`plan_push`]).
+    pub async fn push_with_traffic(
+        &self,
+        manifest: Manifest,
+        module: Vec<u8>,
+        takes_traffic: bool,
+    ) -> Result<Version, StoreError> {
         // Only a route to origins has no module (its blob is the empty one).
         if module.is_empty() && !manifest.is_origin_only() {
             return Err(StoreError::Invalid("module is empty".into()));
@@ -692,7 +704,13 @@ impl NatsStore {
         loop {
             attempt += 1;
             let current = self.current(&name).await?;
-            let (record, version) = plan_push(current.record, manifest.clone(), sha256.clone(), size);
+            let (record, version) = plan_push(
+                current.record,
+                manifest.clone(),
+                sha256.clone(),
+                size,
+                takes_traffic,
+            )?;
             match self.write(&record, current.revision, attempt).await? {
                 Written::Yes => return Ok(version),
                 Written::Stale => continue,
@@ -713,12 +731,40 @@ impl NatsStore {
             let current = self.current(name).await?;
             let mut record = current.record.ok_or_else(not_found)?;
             let target = rollback_target(&record, to)?;
-            if target.version == record.active {
+            if target.version == record.active && record.traffic.is_none() {
                 return Ok(record);
             }
             check_routes(&self.scan().await?, name, &target.manifest)?;
             record.active = target.version;
+            // A rollback ends any gray release.
+            record.traffic = None;
             match self.write(&record, current.revision, attempt).await? {
+                Written::Yes => return self.current(name).await?.record.ok_or_else(not_found),
+                Written::Stale => continue,
+            }
+        }
+    }
+
+    /// Shares `name`'s requests between versions as `split` says, by compare-and-set (see
+    /// [`atoll_core::rules::plan_traffic`]); the same split again changes nothing.
+    pub async fn set_traffic(&self, name: &str, split: TrafficSplit) -> Result<FunctionRecord, StoreError> {
+        let not_found = || StoreError::NotFound(format!("no function `{name}`"));
+        if !is_valid_key(name) {
+            return Err(not_found());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.current(name).await?;
+            let record = current.record.ok_or_else(not_found)?;
+            let changed = plan_traffic(record.clone(), split.clone())?;
+            if changed == record {
+                return Ok(record);
+            }
+            if let Some(active) = changed.active_version() {
+                check_routes(&self.scan().await?, name, &active.manifest)?;
+            }
+            match self.write(&changed, current.revision, attempt).await? {
                 Written::Yes => return self.current(name).await?.record.ok_or_else(not_found),
                 Written::Stale => continue,
             }

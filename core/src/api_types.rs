@@ -40,6 +40,30 @@ pub struct VersionsResponse {
     pub active: u64,
     /// Every version, ascending.
     pub versions: Vec<Version>,
+    /// The gray release in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<crate::traffic::TrafficSplit>,
+}
+
+/// Body of `POST /v1/functions/{name}/traffic`: the versions and their whole percentages
+/// (adding up to 100), and what keeps a client on one version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficRequest {
+    pub shares: Vec<crate::traffic::Share>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<crate::traffic::StickyKey>,
+}
+
+/// Answer to a traffic change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficResponse {
+    pub name: String,
+    /// The version with the largest share, whose routes the function serves.
+    pub active: u64,
+    /// The split now; `None` when every request goes to `active`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<crate::traffic::TrafficSplit>,
 }
 
 /// Body of `POST /v1/functions/{name}/rollback` (an empty body means `{}`).

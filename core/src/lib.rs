@@ -33,6 +33,7 @@ pub mod outbound;
 pub mod route;
 pub mod route_table;
 pub mod rules;
+pub mod traffic;
 pub mod watch;
 
 #[cfg(test)]
@@ -41,7 +42,7 @@ mod fuzz;
 pub use check::{ModuleCheck, ModuleRefusal};
 pub use error::StoreError;
 pub use manifest::{Limits, Manifest, ManifestError};
-pub use model::{Deployment, FunctionRecord, Version};
+pub use model::{DeployedSplit, Deployment, FunctionRecord, SplitVersion, Version};
 pub use route::{HostPattern, RouteError, RoutePattern};
 pub use route_table::{RouteEntry, RouteMatch, RouteTable};
 pub use watch::WatchEvent;

@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::Manifest;
+use crate::traffic::{StickyKey, TrafficSplit};
 
 /// One immutable version of a function.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,8 +39,12 @@ pub struct FunctionRecord {
     pub versions: Vec<Version>,
     /// The version served now.
     pub active: u64,
-    /// Store revision of this function's last change (push or rollback).
+    /// Store revision of this function's last change (push, rollback, traffic).
     pub mod_revision: u64,
+    /// A gray release in progress: requests shared between versions (`active` is the one
+    /// with the largest share). `None`: every request goes to `active`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficSplit>,
 }
 
 /// What a node serves for one function: everything it needs, nothing else.
@@ -52,6 +57,28 @@ pub struct Deployment {
     /// SHA-256 of the module to fetch from `/v1/blobs/{sha256}` (and to verify).
     pub sha256: String,
     /// Routes, env and limits of that version.
+    pub manifest: Manifest,
+    /// The function's traffic split, when it has one: every version in it (the active one
+    /// too), each to prepare before the split takes effect on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<DeployedSplit>,
+}
+
+/// A traffic split as nodes serve it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployedSplit {
+    /// Newest version first, as [`crate::traffic::choose`] takes them.
+    pub versions: Vec<SplitVersion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<StickyKey>,
+}
+
+/// One version of a split: its share, and what a node needs to serve it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitVersion {
+    pub version: u64,
+    pub percent: u8,
+    pub sha256: String,
     pub manifest: Manifest,
 }
 
@@ -73,11 +100,27 @@ impl FunctionRecord {
 
     /// What a node should serve for this function now.
     pub fn deployment(&self) -> Option<Deployment> {
+        let traffic = self.traffic.as_ref().map(|split| DeployedSplit {
+            versions: split
+                .shares
+                .iter()
+                .filter_map(|share| {
+                    self.version(share.version).map(|v| SplitVersion {
+                        version: v.version,
+                        percent: share.percent,
+                        sha256: v.sha256.clone(),
+                        manifest: v.manifest.clone(),
+                    })
+                })
+                .collect(),
+            sticky: split.sticky.clone(),
+        });
         self.active_version().map(|v| Deployment {
             name: self.name.clone(),
             version: v.version,
             sha256: v.sha256.clone(),
             manifest: v.manifest.clone(),
+            traffic,
         })
     }
 }

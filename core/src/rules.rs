@@ -8,22 +8,28 @@ use crate::error::StoreError;
 use crate::manifest::Manifest;
 use crate::model::{FunctionRecord, Version};
 use crate::route::RoutePattern;
+use crate::traffic::{Share, TrafficSplit};
 use crate::watch::WatchEvent;
 
 /// The record after pushing a module with `sha256` and `size` bytes to `current` (`None`:
-/// a new function), and the version it adds: the next number after the highest, active.
-/// `mod_revision` is left for the store to stamp.
+/// a new function), and the version it adds: the next number after the highest. With
+/// `takes_traffic` it becomes active and ends any split; without (`atoll push
+/// --no-traffic`) it joins the function's split at 0%, prepared on every node and reached
+/// only by pinning it, while the active version keeps serving. `mod_revision` is left for
+/// the store to stamp.
 pub fn plan_push(
     current: Option<FunctionRecord>,
     manifest: Manifest,
     sha256: String,
     size: u64,
-) -> (FunctionRecord, Version) {
+    takes_traffic: bool,
+) -> Result<(FunctionRecord, Version), StoreError> {
     let mut record = current.unwrap_or_else(|| FunctionRecord {
         name: manifest.name.clone(),
         versions: Vec::new(),
         active: 0,
         mod_revision: 0,
+        traffic: None,
     });
     let version = Version {
         version: record.latest() + 1,
@@ -32,9 +38,53 @@ pub fn plan_push(
         created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         size,
     };
+    if takes_traffic {
+        record.active = version.version;
+        record.traffic = None;
+    } else {
+        if record.active_version().is_none() {
+            return Err(StoreError::Conflict(format!(
+                "function `{}` has no version serving yet: its first push takes the traffic \
+                 (push without --no-traffic)",
+                record.name
+            )));
+        }
+        let (mut shares, sticky) = match record.traffic.take() {
+            Some(split) => (split.shares, split.sticky),
+            None => (
+                vec![Share {
+                    version: record.active,
+                    percent: 100,
+                }],
+                None,
+            ),
+        };
+        shares.push(Share {
+            version: version.version,
+            percent: 0,
+        });
+        record.traffic = Some(TrafficSplit::new(shares, sticky).map_err(StoreError::Invalid)?);
+    }
     record.versions.push(version.clone());
-    record.active = version.version;
-    (record, version)
+    Ok((record, version))
+}
+
+/// `record` with `split` as its traffic: each version must exist, and the one with the
+/// largest share becomes active (its routes are the function's). A split that sends
+/// everything to one version without a sticky key is that version made active, the split
+/// ended (`atoll promote`). The routes are the caller's to check.
+pub fn plan_traffic(mut record: FunctionRecord, split: TrafficSplit) -> Result<FunctionRecord, StoreError> {
+    for share in &split.shares {
+        if record.version(share.version).is_none() {
+            return Err(StoreError::NotFound(format!(
+                "function `{}` has no v{}",
+                record.name, share.version
+            )));
+        }
+    }
+    record.active = split.leading();
+    record.traffic = (!split.is_whole()).then_some(split);
+    Ok(record)
 }
 
 /// The version a rollback of `record` activates: `to`, or by default the highest version
@@ -131,14 +181,70 @@ mod tests {
     }
 
     #[test]
+    fn a_push_without_traffic_joins_the_split_at_zero_and_a_split_moves_the_active_version() {
+        let (record, _) = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 1, true).unwrap();
+        let first = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 1, false);
+        assert!(
+            matches!(first, Err(StoreError::Conflict(_))),
+            "a first version takes the traffic"
+        );
+        let (record, v2) =
+            plan_push(Some(record), manifest("f", &["f.com"]), "b".repeat(64), 1, false).unwrap();
+        assert_eq!((v2.version, record.active), (2, 1), "v1 keeps serving");
+        let split = record.traffic.clone().unwrap();
+        assert_eq!(
+            split.shares,
+            vec![
+                Share {
+                    version: 2,
+                    percent: 0
+                },
+                Share {
+                    version: 1,
+                    percent: 100
+                }
+            ]
+        );
+        let shares = |pairs: &[(u64, u8)]| {
+            TrafficSplit::new(
+                pairs
+                    .iter()
+                    .map(|&(version, percent)| Share { version, percent })
+                    .collect(),
+                None,
+            )
+            .unwrap()
+        };
+        let record = plan_traffic(record, shares(&[(1, 40), (2, 60)])).unwrap();
+        assert_eq!(record.active, 2, "the largest share is the active version");
+        let missing = plan_traffic(record.clone(), shares(&[(1, 40), (9, 60)]));
+        assert!(matches!(missing, Err(StoreError::NotFound(message)) if message.contains("no v9")));
+        let promoted = plan_traffic(record.clone(), shares(&[(2, 100)])).unwrap();
+        assert_eq!(
+            (promoted.active, promoted.traffic),
+            (2, None),
+            "all to one is no split"
+        );
+        let (pushed, _) =
+            plan_push(Some(record), manifest("f", &["f.com"]), "c".repeat(64), 1, true).unwrap();
+        assert_eq!(
+            (pushed.active, pushed.traffic),
+            (3, None),
+            "a push with traffic ends the split"
+        );
+    }
+
+    #[test]
     fn push_plan_takes_the_next_number_after_the_highest() {
-        let (record, v1) = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 3);
+        let (record, v1) = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 3, true).unwrap();
         assert_eq!((v1.version, record.active, record.versions.len()), (1, 1, 1));
-        let (mut record, v2) = plan_push(Some(record), manifest("f", &["f.com"]), "b".repeat(64), 4);
+        let (mut record, v2) =
+            plan_push(Some(record), manifest("f", &["f.com"]), "b".repeat(64), 4, true).unwrap();
         assert_eq!((v2.version, record.active), (2, 2));
         // After a rollback to v1 the next push is still v3, not a second v2.
         record.active = 1;
-        let (record, v3) = plan_push(Some(record), manifest("f", &["f.com"]), "c".repeat(64), 5);
+        let (record, v3) =
+            plan_push(Some(record), manifest("f", &["f.com"]), "c".repeat(64), 5, true).unwrap();
         assert_eq!((v3.version, record.active), (3, 3));
         let numbers: Vec<u64> = record.versions.iter().map(|v| v.version).collect();
         assert_eq!(numbers, [1, 2, 3]);
@@ -146,8 +252,9 @@ mod tests {
 
     #[test]
     fn rollback_target_default_and_explicit() {
-        let (record, _) = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 1);
-        let (record, _) = plan_push(Some(record), manifest("f", &["f.com"]), "b".repeat(64), 1);
+        let (record, _) = plan_push(None, manifest("f", &["f.com"]), "a".repeat(64), 1, true).unwrap();
+        let (record, _) =
+            plan_push(Some(record), manifest("f", &["f.com"]), "b".repeat(64), 1, true).unwrap();
         assert_eq!(rollback_target(&record, None).unwrap().version, 1);
         assert_eq!(rollback_target(&record, Some(2)).unwrap().version, 2);
         assert!(matches!(
@@ -164,7 +271,7 @@ mod tests {
 
     #[test]
     fn routes_of_other_functions_conflict() {
-        let (a, _) = plan_push(None, manifest("a", &["x.com"]), "a".repeat(64), 1);
+        let (a, _) = plan_push(None, manifest("a", &["x.com"]), "a".repeat(64), 1, true).unwrap();
         let err = check_routes([&a], "b", &manifest("b", &["X.com/"])).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -181,8 +288,17 @@ mod tests {
             manifest("owner", &["shop.localhost", "*.shop.localhost"]),
             "a".repeat(64),
             1,
-        );
-        let (api, _) = plan_push(None, manifest("api", &["api.localhost/v1"]), "b".repeat(64), 1);
+            true,
+        )
+        .unwrap();
+        let (api, _) = plan_push(
+            None,
+            manifest("api", &["api.localhost/v1"]),
+            "b".repeat(64),
+            1,
+            true,
+        )
+        .unwrap();
         let refused = [
             (
                 "shop.localhost/checkout",

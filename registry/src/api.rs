@@ -11,10 +11,11 @@
 //! ```text
 //!                                        scopes (see atoll_core::auth)
 //! GET    /healthz                        -                 "ok" (no auth)
-//! POST   /v1/functions                   admin deploy      multipart: manifest, module
+//! POST   /v1/functions[?no_traffic=true] admin deploy      multipart: manifest, module
 //! GET    /v1/functions                   admin deploy node [FunctionSummary]
 //! GET    /v1/functions/{name}/versions   admin deploy      VersionsResponse
 //! POST   /v1/functions/{name}/rollback   admin deploy      {"to": N} or {} → RollbackResponse
+//! POST   /v1/functions/{name}/traffic    admin deploy      TrafficRequest → TrafficResponse
 //! GET    /v1/blobs/{sha256}              admin node        module bytes (application/wasm)
 //! GET    /v1/watch?since=N               admin node        NDJSON WatchEvents (atoll_core::watch)
 //! GET    /v1/nodes                       admin deploy node [MemberStatus]
@@ -85,7 +86,8 @@ use crate::store::Store;
 use atoll_control::watch::{ChangeWatch, WatchEnd, WhenIdle};
 use atoll_core::StoreError;
 use atoll_core::api_types::{
-    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, VersionsResponse,
+    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, TrafficRequest,
+    TrafficResponse, VersionsResponse,
 };
 use atoll_core::auth::token_matches;
 use atoll_core::auth::{Caller, CreatedToken, Credential, Forbidden, Grant, Scope, TokenInfo};
@@ -350,6 +352,18 @@ impl Registry {
         manifest_text: &str,
         module: Vec<u8>,
     ) -> Result<Version, RegistryError> {
+        self.push_with_traffic(caller, manifest_text, module, true).await
+    }
+
+    /// [`Registry::push_as`]; without `takes_traffic` the new version joins the function's
+    /// traffic split at 0% instead of becoming active (`atoll push --no-traffic`).
+    pub async fn push_with_traffic(
+        &self,
+        caller: &Caller,
+        manifest_text: &str,
+        module: Vec<u8>,
+        takes_traffic: bool,
+    ) -> Result<Version, RegistryError> {
         let manifest = Manifest::parse(manifest_text)?;
         caller.require_manifest(&manifest, "push")?;
         if manifest.is_origin_only() {
@@ -360,7 +374,7 @@ impl Registry {
                 )));
             }
             let name = manifest.name.clone();
-            let version = self.store.push(manifest, module).await?;
+            let version = self.store.push(manifest, module, takes_traffic).await?;
             tracing::info!("pushed {name} v{} (origins only)", version.version);
             return Ok(version);
         }
@@ -389,7 +403,7 @@ impl Registry {
             Err(ModuleRefusal::Failed(reason)) => return Err(RegistryError::Engine(reason)),
         }
         let name = manifest.name.clone();
-        let version = self.store.push(manifest, module).await?;
+        let version = self.store.push(manifest, module, takes_traffic).await?;
         tracing::info!(
             "pushed {name} v{} sha256:{} ({} bytes)",
             version.version,
@@ -432,6 +446,48 @@ impl Registry {
             .map(|v| v.sha256.as_str())
             .unwrap_or_default();
         tracing::info!("rolled back {name} to v{} sha256:{sha}", record.active);
+        Ok(record)
+    }
+}
+
+impl Registry {
+    /// Shares `name`'s requests between its versions (see
+    /// [`atoll_core::rules::plan_traffic`]). A deploy token may do it only for its
+    /// functions, and only with versions whose routes are all on its domains.
+    pub async fn set_traffic_as(
+        &self,
+        caller: &Caller,
+        name: &str,
+        split: atoll_core::traffic::TrafficSplit,
+    ) -> Result<FunctionRecord, RegistryError> {
+        caller.require_function(name, "change the traffic of")?;
+        if caller.scope() != Scope::Admin {
+            let record = self
+                .store
+                .get(name)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
+            for share in &split.shares {
+                if let Some(version) = record.version(share.version) {
+                    caller.require_manifest(
+                        &version.manifest,
+                        &format!("send traffic to v{}", share.version),
+                    )?;
+                }
+            }
+        }
+        let record = self.store.set_traffic(name, split).await?;
+        match &record.traffic {
+            Some(split) => {
+                let shares: Vec<String> = split
+                    .shares
+                    .iter()
+                    .map(|share| format!("v{}={}%", share.version, share.percent))
+                    .collect();
+                tracing::info!("traffic of {name}: {}", shares.join(" "));
+            }
+            None => tracing::info!("traffic of {name}: all to v{}", record.active),
+        }
         Ok(record)
     }
 }
@@ -482,6 +538,7 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/functions", post(push).get(list))
         .route("/v1/functions/{name}/versions", get(versions))
         .route("/v1/functions/{name}/rollback", post(rollback))
+        .route("/v1/functions/{name}/traffic", post(traffic))
         .route("/v1/blobs/{sha256}", get(blob))
         .route("/v1/watch", get(watch_events))
         .route("/v1/nodes", get(list_nodes))
@@ -594,6 +651,7 @@ pub fn required_scopes(method: &Method, path: &str) -> &'static [Scope] {
         ("GET", "/v1/functions") => &[Admin, Deploy, Node],
         ("GET", "/v1/functions/{name}/versions") => &[Admin, Deploy],
         ("POST", "/v1/functions/{name}/rollback") => &[Admin, Deploy],
+        ("POST", "/v1/functions/{name}/traffic") => &[Admin, Deploy],
         ("GET", "/v1/blobs/{sha256}") => &[Admin, Node],
         ("GET", "/v1/watch") => &[Admin, Node],
         ("GET", "/v1/nodes") => &[Admin, Deploy, Node],
@@ -697,11 +755,29 @@ fn multipart_error(app: &AppState, e: MultipartError) -> ApiError {
     }
 }
 
+/// `POST /v1/functions`'s query.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PushQuery {
+    /// The version joins the traffic split at 0% instead of taking the traffic.
+    #[serde(default)]
+    no_traffic: bool,
+}
+
 async fn push(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    query: Result<axum::extract::Query<PushQuery>, QueryRejection>,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, axum::Json<PushResponse>), ApiError> {
+    let no_traffic = query
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid query: {}", e.body_text()),
+            )
+        })?
+        .no_traffic;
     let mut multipart = multipart.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -753,7 +829,10 @@ async fn push(
     // A route to origins has no module: the part may be absent (a function's empty one is
     // refused by the push with "module is empty").
     let module = module.unwrap_or_default();
-    let version = app.registry.push_as(&caller, &manifest, module).await?;
+    let version = app
+        .registry
+        .push_with_traffic(&caller, &manifest, module, !no_traffic)
+        .await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(PushResponse {
@@ -837,6 +916,25 @@ async fn versions(
         name: record.name,
         active: record.active,
         versions: record.versions,
+        traffic: record.traffic,
+    }))
+}
+
+async fn traffic(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> Result<axum::Json<TrafficResponse>, ApiError> {
+    let request: TrafficRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid traffic body: {e}")))?;
+    let split = atoll_core::traffic::TrafficSplit::new(request.shares, request.sticky)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let record = app.registry.set_traffic_as(&caller, &name, split).await?;
+    Ok(axum::Json(TrafficResponse {
+        name: record.name,
+        active: record.active,
+        traffic: record.traffic,
     }))
 }
 

@@ -78,11 +78,29 @@ impl Backend {
         }
     }
 
-    /// Stores a new active version of `manifest.name` (see [`Store::push`]).
-    pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
+    /// Stores a new version of `manifest.name`, active with `takes_traffic` (see
+    /// [`Store::push`] and [`atoll_core::rules::plan_push`]).
+    pub async fn push(
+        &self,
+        manifest: Manifest,
+        module: Vec<u8>,
+        takes_traffic: bool,
+    ) -> Result<Version, StoreError> {
         match self {
-            Backend::Embedded(store) => store.push(manifest, module).await,
-            Backend::Nats(store) => store.push(manifest, module).await,
+            Backend::Embedded(store) => store.push_with_traffic(manifest, module, takes_traffic).await,
+            Backend::Nats(store) => store.push_with_traffic(manifest, module, takes_traffic).await,
+        }
+    }
+
+    /// Sets `name`'s traffic split (see [`Store::set_traffic`]).
+    pub async fn set_traffic(
+        &self,
+        name: &str,
+        split: atoll_core::traffic::TrafficSplit,
+    ) -> Result<FunctionRecord, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.set_traffic(name, split).await,
+            Backend::Nats(store) => store.set_traffic(name, split).await,
         }
     }
 

@@ -47,7 +47,8 @@ use atoll_core::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnounce
 use atoll_core::auth::Credential;
 use atoll_core::manifest::Manifest;
 use atoll_core::model::{FunctionRecord, Version};
-use atoll_core::rules::{plan_push, put_events, rollback_target};
+use atoll_core::rules::{plan_push, plan_traffic, put_events, rollback_target};
+use atoll_core::traffic::TrafficSplit;
 use atoll_core::watch::WatchEvent;
 
 const STATE_FILE: &str = "state.json";
@@ -226,6 +227,17 @@ impl Store {
     /// `manifest` must be validated ([`Manifest::parse`]). Refused, with nothing stored, if
     /// the module is empty or a route is served by another function.
     pub async fn push(&self, manifest: Manifest, module: Vec<u8>) -> Result<Version, StoreError> {
+        self.push_with_traffic(manifest, module, true).await
+    }
+
+    /// [`Self::push`]; without `takes_traffic` the version joins the traffic split at 0%
+    /// ([`plan_push`]).
+    pub async fn push_with_traffic(
+        &self,
+        manifest: Manifest,
+        module: Vec<u8>,
+        takes_traffic: bool,
+    ) -> Result<Version, StoreError> {
         // Only a route to origins has no module (its blob is the empty one).
         if module.is_empty() && !manifest.is_origin_only() {
             return Err(StoreError::Invalid("module is empty".into()));
@@ -236,7 +248,13 @@ impl Store {
 
         let sha256 = atoll_core::digest::sha256_hex(&module);
         let current = state.functions.get(&manifest.name).cloned();
-        let (mut record, version) = plan_push(current, manifest, sha256.clone(), module.len() as u64);
+        let (mut record, version) = plan_push(
+            current,
+            manifest,
+            sha256.clone(),
+            module.len() as u64,
+            takes_traffic,
+        )?;
         let mut next = (*state).clone();
         next.revision += 1;
         record.mod_revision = next.revision;
@@ -263,18 +281,47 @@ impl Store {
             .get(name)
             .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
         let target = rollback_target(record, to)?;
-        if target.version == record.active {
+        if target.version == record.active && record.traffic.is_none() {
             return Ok(record.clone());
         }
         check_routes(&state, name, &target.manifest)?;
+        let mut changed = record.clone();
+        changed.active = target.version;
+        // A rollback ends any gray release: everything goes to the version rolled back to.
+        changed.traffic = None;
+        self.replace(guard, &state, changed).await
+    }
 
-        let mut next = (*state).clone();
+    /// Shares `name`'s requests between versions as `split` says (see
+    /// [`atoll_core::rules::plan_traffic`]); the same split again changes nothing.
+    pub async fn set_traffic(&self, name: &str, split: TrafficSplit) -> Result<FunctionRecord, StoreError> {
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        let record = state
+            .functions
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
+        let changed = plan_traffic(record.clone(), split)?;
+        if changed == *record {
+            return Ok(changed);
+        }
+        if let Some(active) = changed.active_version() {
+            check_routes(&state, name, &active.manifest)?;
+        }
+        self.replace(guard, &state, changed).await
+    }
+
+    /// Stores `record` in place of its function's, as the next revision.
+    async fn replace(
+        &self,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        state: &State,
+        mut record: FunctionRecord,
+    ) -> Result<FunctionRecord, StoreError> {
+        let mut next = state.clone();
         next.revision += 1;
-        let mut record = record.clone();
-        record.active = target.version;
         record.mod_revision = next.revision;
-        next.functions.insert(name.to_owned(), record.clone());
-
+        next.functions.insert(record.name.clone(), record.clone());
         let inner = self.inner.clone();
         commit(guard, move || inner.persist_and_publish(next)).await?;
         Ok(record)

@@ -15,9 +15,10 @@ use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Requests answered, by `function` (or `-` when no route matched) and `status`.
+/// Requests answered, by `function` (or `-` when no route matched), `version` (a
+/// function's) and `status`.
 pub const REQUESTS_TOTAL: &str = "atoll_requests_total";
-/// Time from request head to response, by `function`.
+/// Time from request head to response, by `function` and `version`.
 pub const REQUEST_DURATION: &str = "atoll_request_duration_seconds";
 /// Instances created, by `function` and `when`: `ahead` (prepared before a request) or
 /// `on_demand` (created while a request waited).
@@ -62,6 +63,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// path then records without hashing labels or allocating label strings.
 pub struct FunctionMetrics {
     name: String,
+    /// The version, as its label.
+    version: String,
     request_duration: Histogram,
     requests_by_status: DashMap<u16, Counter>,
     /// Requests answered and not yet in the two series above, kept by each connection
@@ -87,10 +90,14 @@ impl std::fmt::Debug for FunctionMetrics {
 }
 
 impl FunctionMetrics {
-    pub fn new(name: &str) -> Self {
+    /// Handles for version `version` of function `name`: requests and their durations
+    /// are labelled with both, so a canary's errors and latency show beside the stable
+    /// version's.
+    pub fn new(name: &str, version: u64) -> Self {
         let label = name.to_string();
+        let version = version.to_string();
         FunctionMetrics {
-            request_duration: metrics::histogram!(REQUEST_DURATION, "function" => label.clone()),
+            request_duration: metrics::histogram!(REQUEST_DURATION, "function" => label.clone(), "version" => version.clone()),
             requests_by_status: DashMap::new(),
             answered: PerWorker::default(),
             invocation_duration: metrics::histogram!(INVOCATION_DURATION, "function" => label.clone()),
@@ -104,6 +111,7 @@ impl FunctionMetrics {
             ),
             snapshot_start: metrics::histogram!(ISOLATE_START_DURATION, "function" => label.clone(), "kind" => "snapshot"),
             name: label,
+            version,
         }
     }
 
@@ -150,7 +158,12 @@ impl FunctionMetrics {
         if let Some(counter) = self.requests_by_status.get(&status) {
             return counter.clone();
         }
-        let counter = metrics::counter!(REQUESTS_TOTAL, "function" => self.name.clone(), "status" => status.to_string());
+        let counter = metrics::counter!(
+            REQUESTS_TOTAL,
+            "function" => self.name.clone(),
+            "version" => self.version.clone(),
+            "status" => status.to_string()
+        );
         self.requests_by_status.insert(status, counter.clone());
         counter
     }

@@ -23,11 +23,85 @@ pub struct ServedFunction {
     /// The manifest's origins, when it lists any.
     pub origins: Option<Arc<crate::origin::OriginPool>>,
     pub metrics: Arc<FunctionMetrics>,
+    /// `x-atoll-version` on its answers: the version number, made once.
+    pub version_header: http::HeaderValue,
+    /// The function's gray release, held by its active version (the one routed to).
+    pub split: Option<ServedSplit>,
+}
+
+/// A traffic split as this node serves it: every version in it prepared.
+#[derive(Debug)]
+pub struct ServedSplit {
+    /// Newest version first (as [`atoll_core::traffic::choose`] takes them).
+    pub versions: Vec<SplitShare>,
+    pub sticky: Option<atoll_core::traffic::StickyKey>,
+}
+
+/// One version of a split and its share.
+#[derive(Debug)]
+pub struct SplitShare {
+    pub version: u64,
+    pub percent: u8,
+    /// `None`: the active version itself (which holds the split).
+    pub served: Option<Arc<ServedFunction>>,
 }
 
 impl ServedFunction {
+    pub fn new(
+        deployment: Deployment,
+        pool: Option<Arc<InstancePool>>,
+        origins: Option<Arc<crate::origin::OriginPool>>,
+        metrics: Arc<FunctionMetrics>,
+    ) -> Self {
+        ServedFunction {
+            version_header: http::HeaderValue::from(deployment.version),
+            deployment,
+            pool,
+            origins,
+            metrics,
+            split: None,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.deployment.name
+    }
+
+    /// The version of this function that serves a request: the one `pinned` names (the
+    /// `x-atoll-version` header, any version in the split, also one at 0%), else the
+    /// split's choice by the sticky key's point, or by `draw` (a random point in
+    /// `0..10_000`) without one. `None`: the pinned version is not served here.
+    pub fn pick(
+        self: &Arc<Self>,
+        pinned: Option<u64>,
+        sticky_point: impl FnOnce(&atoll_core::traffic::StickyKey) -> Option<u16>,
+        draw: impl FnOnce() -> u16,
+    ) -> Option<&Arc<ServedFunction>> {
+        let Some(split) = &self.split else {
+            return match pinned {
+                Some(version) if version != self.deployment.version => None,
+                _ => Some(self),
+            };
+        };
+        let share = match pinned {
+            Some(version) => split.versions.iter().find(|share| share.version == version)?,
+            None => {
+                let point = split.sticky.as_ref().and_then(sticky_point).unwrap_or_else(draw);
+                let index =
+                    atoll_core::traffic::choose(split.versions.iter().map(|share| share.percent), point);
+                &split.versions[index]
+            }
+        };
+        Some(share.served.as_ref().unwrap_or(self))
+    }
+
+    /// This version and every other version its split holds.
+    pub fn with_split_versions(&self) -> impl Iterator<Item = &ServedFunction> {
+        std::iter::once(self).chain(
+            self.split
+                .iter()
+                .flat_map(|split| split.versions.iter().filter_map(|share| share.served.as_deref())),
+        )
     }
 }
 
@@ -131,7 +205,9 @@ impl Routing {
     /// ([`crate::metrics::FunctionMetrics::flush`]).
     pub fn flush_metrics(&self) {
         for served in self.by_name.load().values() {
-            served.metrics.flush();
+            for version in served.with_split_versions() {
+                version.metrics.flush();
+            }
         }
     }
 

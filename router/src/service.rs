@@ -135,10 +135,16 @@ impl Handler for EdgeService {
     {
         let started = Instant::now();
         let in_flight = InFlight::enter(self);
-        let (response, function) = self.route(request, connection).await;
+        let (mut response, function) = self.route(request, connection).await;
         let status = response.status().as_u16();
         match function {
-            Accounting::Function(function) => function.metrics.request(status, started.elapsed()),
+            Accounting::Function(function) => {
+                function.metrics.request(status, started.elapsed());
+                response.headers_mut().insert(
+                    http::HeaderName::from_static(VERSION_HEADER),
+                    function.version_header.clone(),
+                );
+            }
             // Counted where it ran; here only in `atoll_forwards_total`, so that summing
             // `atoll_requests_total` over the cluster counts each request once.
             Accounting::Forwarded => {}
@@ -244,8 +250,59 @@ impl EdgeService {
                 Accounting::Unrouted,
             );
         };
-        let served = Arc::clone(found.target);
-        if let Some(claims) = hop.as_ref().and_then(|hop| hop.claims.as_ref()) {
+        // The version that serves it: a forwarded request names the one the forwarding
+        // node chose; a client may pin one for testing; else the function's split decides.
+        let claimed = hop.as_ref().and_then(|hop| hop.claims.as_ref());
+        let pinned = match claimed {
+            Some(claims) => Some(claims.version),
+            None => match request.headers().get(VERSION_HEADER) {
+                None => None,
+                Some(value) => match parse_version(value.as_bytes()) {
+                    Some(version) => Some(version),
+                    None => {
+                        return (
+                            text_response(
+                                StatusCode::BAD_REQUEST,
+                                format!("{VERSION_HEADER} is a version number such as `7` or `v7`"),
+                            ),
+                            Accounting::Unrouted,
+                        );
+                    }
+                },
+            },
+        };
+        let picked = found.target.pick(
+            pinned,
+            |key| {
+                sticky_point(
+                    found.target.name(),
+                    key,
+                    request.headers(),
+                    connection.remote.ip(),
+                )
+            },
+            || fastrand::u16(..10_000),
+        );
+        let served = match (picked, pinned) {
+            (Some(served), _) => Arc::clone(served),
+            // A peer's version this node does not serve: refused below, as any other.
+            (None, _) if claimed.is_some() => Arc::clone(found.target),
+            (None, version) => {
+                return (
+                    text_response(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "function `{}` serves no v{} here (a pinned version must be active or \
+                             in its traffic split)",
+                            found.target.name(),
+                            version.unwrap_or_default()
+                        ),
+                    ),
+                    Accounting::Unrouted,
+                );
+            }
+        };
+        if let Some(claims) = claimed {
             let deployment = &served.deployment;
             if claims.function != deployment.name
                 || claims.version != deployment.version
@@ -653,6 +710,47 @@ enum Accounting {
 
 /// Time a forwarded request gets beyond the function's own timeout (the hop, a cold start).
 const FORWARD_SLACK: Duration = Duration::from_secs(5);
+
+/// On answers, the version of the function that made them; on requests, the version a
+/// client pins (any version in the function's traffic split, one at 0% too).
+pub const VERSION_HEADER: &str = "x-atoll-version";
+
+/// `7` or `v7`.
+fn parse_version(value: &[u8]) -> Option<u64> {
+    let digits = value.strip_prefix(b"v").unwrap_or(value);
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Where a request's sticky key puts it (`None`: the request has no such key, and draws).
+fn sticky_point(
+    function: &str,
+    key: &atoll_core::traffic::StickyKey,
+    headers: &http::HeaderMap,
+    client: std::net::IpAddr,
+) -> Option<u16> {
+    use atoll_core::traffic::{StickyKey, point_of};
+    match key {
+        StickyKey::Header(name) => headers
+            .get(name.as_str())
+            .map(|value| point_of(function, value.as_bytes())),
+        StickyKey::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let (key, value) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
+                (key == name.as_bytes()).then(|| point_of(function, &value[1..]))
+            }),
+        StickyKey::Ip => Some(match client {
+            std::net::IpAddr::V4(address) => point_of(function, &address.octets()),
+            std::net::IpAddr::V6(address) => point_of(function, &address.octets()),
+        }),
+    }
+}
 
 /// Methods a client may repeat (RFC 9110 §9.2.2): safe to run here after a forward broke
 /// off with the request possibly run at the peer.

@@ -507,7 +507,7 @@ pub fn parse_versions(table: &str) -> Vec<VersionRow> {
         "unexpected versions header: {table}"
     );
     lines
-        .filter(|l| !l.trim().is_empty())
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("traffic:"))
         .map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let version = fields[0]

@@ -316,6 +316,7 @@ mod tests {
                 "name = \"f\"\nwasm = \"f.wasm\"\nroutes = [\"f.localhost\"]\n",
             )
             .unwrap(),
+            traffic: None,
         };
         let uri: http::Uri = "/".parse().unwrap();
         let forward = || {

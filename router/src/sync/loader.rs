@@ -39,20 +39,52 @@ pub(super) struct Loader {
 }
 
 impl Loader {
+    /// Prepares `deployment` and, when it carries a traffic split, every other version of
+    /// the split (the split takes effect only once all of them are ready).
     pub(super) async fn fetch_and_load(
         &self,
         deployment: Deployment,
     ) -> Result<Arc<ServedFunction>, SyncError> {
+        let Some(traffic) = deployment.traffic.clone() else {
+            return self.fetch_and_load_one(deployment).await;
+        };
+        let mut versions = Vec::with_capacity(traffic.versions.len());
+        for share in traffic.versions {
+            let served = if share.version == deployment.version {
+                None
+            } else {
+                let other = Deployment {
+                    name: deployment.name.clone(),
+                    version: share.version,
+                    sha256: share.sha256,
+                    manifest: share.manifest,
+                    traffic: None,
+                };
+                Some(self.fetch_and_load_one(other).await?)
+            };
+            versions.push(crate::served::SplitShare {
+                version: share.version,
+                percent: share.percent,
+                served,
+            });
+        }
+        let active = self.fetch_and_load_one(deployment).await?;
+        let mut active = Arc::into_inner(active).expect("a version just prepared is held nowhere else");
+        active.split = Some(crate::served::ServedSplit {
+            versions,
+            sticky: traffic.sticky,
+        });
+        Ok(Arc::new(active))
+    }
+
+    /// Prepares one version (its split, if any, aside).
+    async fn fetch_and_load_one(&self, deployment: Deployment) -> Result<Arc<ServedFunction>, SyncError> {
         if deployment.manifest.is_origin_only() {
             // Nothing to fetch or compile: the route proxies to its origins.
             let origins = self.origin_pool(&deployment)?;
             tracing::info!(function = %deployment.name, version = deployment.version, origins = deployment.manifest.origins.len(), "origin route ready");
-            return Ok(Arc::new(ServedFunction {
-                metrics: Arc::new(FunctionMetrics::new(&deployment.name)),
-                deployment,
-                pool: None,
-                origins,
-            }));
+            let metrics = Arc::new(FunctionMetrics::new(&deployment.name, deployment.version));
+            return Ok(Arc::new(ServedFunction::new(deployment, None, origins, metrics)));
         }
         let bytes = match self.cache.read_module(&deployment.sha256) {
             Some(bytes) => bytes,
@@ -237,7 +269,7 @@ impl Loader {
         };
         let function = LoadedFunction::from_prepared(engine, prepared, config);
         let pool = InstancePool::new(function, scale);
-        let function_metrics = Arc::new(FunctionMetrics::new(&deployment.name));
+        let function_metrics = Arc::new(FunctionMetrics::new(&deployment.name, deployment.version));
         // Reserved instances (`min_instances`) are made ready before the version is routed.
         let reserved = Arc::clone(&pool);
         if let Ok(start_times) = tokio::task::spawn_blocking(move || reserved.replenish()).await {
@@ -246,12 +278,12 @@ impl Loader {
             }
         }
         let origins = self.origin_pool(&deployment)?;
-        Ok(Arc::new(ServedFunction {
+        Ok(Arc::new(ServedFunction::new(
             deployment,
-            pool: Some(pool),
+            Some(pool),
             origins,
-            metrics: function_metrics,
-        }))
+            function_metrics,
+        )))
     }
 }
 

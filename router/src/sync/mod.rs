@@ -130,6 +130,7 @@ mod tests {
                 "name = \"{name}\"\nwasm = \"x.wasm\"\nroutes = [\"{name}.example.com\"]\n"
             ))
             .unwrap(),
+            traffic: None,
         }
     }
 }

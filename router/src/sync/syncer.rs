@@ -153,7 +153,9 @@ impl Syncer {
         };
         let expected = state.deployments.len();
         for deployment in state.deployments {
-            if deployment.manifest.is_origin_only() {
+            // An origin route has no module, and a split more than one: both are prepared
+            // as a watch event would have them (modules from the disk cache first).
+            if deployment.manifest.is_origin_only() || deployment.traffic.is_some() {
                 match self.loader.fetch_and_load(deployment).await {
                     Ok(served) => self.serve(served),
                     Err(error) => tracing::warn!(%error, "could not restore a cached origin route"),
@@ -308,13 +310,15 @@ impl Syncer {
             {
                 Plan::Advance
             }
-            // The same version and module with another manifest only comes from another
-            // source (after a reset): what that source says wins.
+            // The same version and module with another traffic split (a gray release
+            // moved on), or with another manifest (only from another source, after a
+            // reset: what that source says wins): prepared again.
             WatchEvent::Put { deployment, .. }
                 if self.served.get(&deployment.name).is_some_and(|served| {
                     served.deployment.version == deployment.version
                         && served.deployment.sha256 == deployment.sha256
-                        && served.deployment.manifest != deployment.manifest
+                        && (served.deployment.manifest != deployment.manifest
+                            || served.deployment.traffic != deployment.traffic)
                 }) =>
             {
                 Plan::Load(Box::new(deployment))
