@@ -257,7 +257,7 @@ fn a_push_reaches_every_node_and_requests_are_served_by_their_home() {
         metric_value(
             &metrics(&member.admin),
             "atoll_requests_total",
-            &[("function", "hello"), ("status", "200")],
+            &[("function", "hello"), ("version", "1"), ("status", "200")],
         )
         .unwrap_or(0.0)
     };

@@ -112,7 +112,7 @@ fn looping_guest_is_stopped_with_504_in_time() {
         metric_value(
             &metrics,
             "atoll_requests_total",
-            &[("function", "fault"), ("status", "504")]
+            &[("function", "fault"), ("version", "1"), ("status", "504")]
         ),
         Some(3.0),
         "{metrics}"
@@ -309,7 +309,7 @@ fn isolation_across_10000_requests_alternating_functions() {
         let counted = metric_value(
             &metrics,
             "atoll_requests_total",
-            &[("function", function), ("status", "200")],
+            &[("function", function), ("version", "1"), ("status", "200")],
         )
         .unwrap_or(0.0);
         assert!(

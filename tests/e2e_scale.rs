@@ -172,7 +172,7 @@ fn queue_full_answers_503_with_retry_after() {
         metric_value(
             &metrics,
             "atoll_requests_total",
-            &[("function", "spin"), ("status", "503")]
+            &[("function", "spin"), ("version", "1"), ("status", "503")]
         ),
         Some(refused.len() as f64),
         "{metrics}"

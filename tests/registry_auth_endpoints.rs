@@ -30,6 +30,11 @@ const ENDPOINTS: &[(&str, &str, &str)] = &[
         "/v1/functions/{name}/rollback",
         "/v1/functions/echo/rollback",
     ),
+    (
+        "POST",
+        "/v1/functions/{name}/traffic",
+        "/v1/functions/echo/traffic",
+    ),
     ("GET", "/v1/blobs/{sha256}", "/v1/blobs/SHA"),
     ("GET", "/v1/watch", "/v1/watch?since=0"),
     ("GET", "/v1/nodes", "/v1/nodes"),
@@ -273,6 +278,10 @@ async fn every_v1_endpoint_needs_the_token_and_changes_nothing_without_it() {
                         duration_ms: None,
                     })
                 }
+                // A split that would move the active version to v1 if it went through.
+                "POST" if target.ends_with("/traffic") => request.json(&serde_json::json!({
+                    "shares": [{ "version": 1, "percent": 60 }, { "version": 2, "percent": 40 }]
+                })),
                 "POST" => request.json(&serde_json::json!({ "to": 1 })),
                 "PUT" => request.json(&announcement),
                 _ => request,
