@@ -192,7 +192,8 @@ enum Command {
         #[arg(required = true)]
         shares: Vec<String>,
         /// What keeps a client on one version: `header:NAME`, `cookie:NAME` or `ip`
-        /// (default: each request draws).
+        /// (default: each request draws). Each `atoll traffic` sets the whole split, this
+        /// key too: give it at every step, or the users are drawn anew.
         #[arg(long)]
         sticky: Option<String>,
         #[command(flatten)]

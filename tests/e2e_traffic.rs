@@ -39,7 +39,7 @@ fn traffic(url: &str, args: &[&str]) -> std::process::Output {
 fn a_split_is_the_same_on_every_node_sticky_users_stay_on_the_new_version_and_promote_and_rollback_end_it() {
     let dir = tempfile::tempdir().unwrap();
     let (_registry, url) = start_registry(&dir.path().join("registry"));
-    let (_a, a, admin_a) = start_node(&url, &dir.path().join("a"));
+    let (node_a, a, admin_a) = start_node(&url, &dir.path().join("a"));
     let (_b, b, _admin_b) = start_node(&url, &dir.path().join("b"));
     let manifest = |version: &str| {
         write_manifest(
@@ -175,6 +175,18 @@ fn a_split_is_the_same_on_every_node_sticky_users_stay_on_the_new_version_and_pr
         );
     }
 
+    // Every change of the split so far took both versions as they were, warm: each was
+    // prepared once on the node.
+    let prepared = || {
+        node_a
+            .stderr_lines()
+            .iter()
+            .filter(|line| line.contains("function ready") && line.contains("function=canary"))
+            .count()
+    };
+    wait_until("the node's log read", || prepared() >= 2);
+    assert_eq!(prepared(), 2, "{}", node_a.logs());
+
     // Promote: everything to v2, the split gone.
     let out = expect_success(
         "promote",
@@ -185,17 +197,41 @@ fn a_split_is_the_same_on_every_node_sticky_users_stay_on_the_new_version_and_pr
         wait_until("v2 takes everything", || on_v2(node, 0..50).len() == 50);
     }
     assert!(!versions(&url, "canary").contains("traffic:"));
-    let rows = parse_versions(&versions(&url, "canary"));
-    assert!(rows.iter().any(|row| row.version == 2 && row.active), "{rows:?}");
+    let active = |version: u64| {
+        parse_versions(&versions(&url, "canary"))
+            .iter()
+            .any(|row| row.version == version && row.active)
+    };
+    assert!(active(2));
 
-    // A split again, then a rollback: it ends the split, everything to v1.
-    expect_success("traffic 80/20", &traffic(&url, &["v1=20", "v2=80"]));
+    // v2 leads a split, then is promoted: the active version stays, the split ends.
+    let some_on_v1 = |node: &str| on_v2(node, 0..50).len() < 50;
+    expect_success("traffic 20/80", &traffic(&url, &["v1=20", "v2=80"]));
+    for node in [&a, &b] {
+        wait_until("some back on v1", || some_on_v1(node));
+    }
     expect_success(
-        "rollback",
-        &atoll(&["rollback", "canary", "--to", "v1", "--registry", &url]),
+        "promote",
+        &atoll(&["promote", "canary", "v2", "--registry", &url]),
     );
+    for node in [&a, &b] {
+        wait_until("v2 takes everything again", || on_v2(node, 0..50).len() == 50);
+    }
+
+    // A rollback during a split goes back where the release started (the oldest version
+    // with a share), even when the newer one leads, and ends the split.
+    expect_success("traffic 20/80", &traffic(&url, &["v1=20", "v2=80"]));
+    for node in [&a, &b] {
+        wait_until("some back on v1", || some_on_v1(node));
+    }
+    let out = expect_success("rollback", &atoll(&["rollback", "canary", "--registry", &url]));
+    assert!(out.starts_with("canary v1 "), "{out}");
     for node in [&a, &b] {
         wait_until("v1 takes everything", || on_v2(node, 0..50).is_empty());
     }
-    assert!(!versions(&url, "canary").contains("traffic:"));
+    assert!(!versions(&url, "canary").contains("traffic:") && active(1));
+
+    // v1 was prepared again only where a promote had dropped it: twice.
+    wait_until("the node's log read", || prepared() >= 4);
+    assert_eq!(prepared(), 4, "{}", node_a.logs());
 }

@@ -49,6 +49,18 @@ pub fn plan_push(
                 record.name
             )));
         }
+        let active = record.active_version().expect("checked above");
+        if !same_routes(&active.manifest, &version.manifest) {
+            return Err(StoreError::Conflict(format!(
+                "v{} would join the traffic split of `{}` with other routes than v{} ({}): the \
+                 versions of a split share the active version's routes (push it with traffic \
+                 to change them)",
+                version.version,
+                record.name,
+                active.version,
+                active.manifest.routes.join(", ")
+            )));
+        }
         let (mut shares, sticky) = match record.traffic.take() {
             Some(split) => (split.shares, split.sticky),
             None => (
@@ -82,15 +94,51 @@ pub fn plan_traffic(mut record: FunctionRecord, split: TrafficSplit) -> Result<F
             )));
         }
     }
-    record.active = split.leading();
+    let leading = record.version(split.leading()).expect("checked above");
+    if let Some(other) = split
+        .shares
+        .iter()
+        .filter_map(|share| record.version(share.version))
+        .find(|version| !same_routes(&version.manifest, &leading.manifest))
+    {
+        return Err(StoreError::Conflict(format!(
+            "v{} and v{} of `{}` have different routes: the versions of a split share one set \
+             of routes",
+            other.version, leading.version, record.name
+        )));
+    }
+    record.active = leading.version;
     record.traffic = (!split.is_whole()).then_some(split);
     Ok(record)
 }
 
+/// Whether two versions serve the same routes (each manifest's are canonical).
+fn same_routes(a: &Manifest, b: &Manifest) -> bool {
+    let sorted = |manifest: &Manifest| {
+        let mut routes = manifest.routes.clone();
+        routes.sort();
+        routes
+    };
+    sorted(a) == sorted(b)
+}
+
 /// The version a rollback of `record` activates: `to`, or by default the highest version
-/// below the active one.
+/// below the active one (during a traffic split, the oldest version with a share).
 pub fn rollback_target(record: &FunctionRecord, to: Option<u64>) -> Result<&Version, StoreError> {
     let name = &record.name;
+    // During a gray release, "back" is where the release started: the oldest version that
+    // still has a share (the stable one), not the one before the leading version.
+    if to.is_none()
+        && let Some(split) = &record.traffic
+        && let Some(stable) = split
+            .shares
+            .iter()
+            .filter(|share| share.percent > 0)
+            .filter_map(|share| record.version(share.version))
+            .min_by_key(|version| version.version)
+    {
+        return Ok(stable);
+    }
     match to {
         Some(v) => record
             .version(v)
@@ -224,6 +272,22 @@ mod tests {
             (promoted.active, promoted.traffic),
             (2, None),
             "all to one is no split"
+        );
+        let elsewhere = plan_push(
+            Some(record.clone()),
+            manifest("f", &["g.com"]),
+            "d".repeat(64),
+            1,
+            false,
+        );
+        assert!(
+            matches!(&elsewhere, Err(StoreError::Conflict(message)) if message.contains("other routes")),
+            "{elsewhere:?}"
+        );
+        let stable = rollback_target(&record, None).unwrap();
+        assert_eq!(
+            stable.version, 1,
+            "a rollback during a split goes back to the stable version"
         );
         let (pushed, _) =
             plan_push(Some(record), manifest("f", &["f.com"]), "c".repeat(64), 1, true).unwrap();

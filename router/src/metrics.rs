@@ -259,11 +259,14 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    metrics::describe_counter!(REQUESTS_TOTAL, "Requests answered by function and status");
+    metrics::describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered by function, version and status"
+    );
     metrics::describe_histogram!(
         REQUEST_DURATION,
         metrics::Unit::Seconds,
-        "Request latency by function"
+        "Request latency by function and version"
     );
     metrics::describe_counter!(INSTANCE_STARTS_TOTAL, "Instances created, by function and when");
     metrics::describe_histogram!(

@@ -171,15 +171,27 @@ async fn maintain_pools(routing: Arc<Routing>, shutdown: impl Future<Output = ()
             () = &mut shutdown => return,
         }
         for served in routing.functions() {
-            let Some(pool) = served.pool.clone() else { continue };
+            // Every version a traffic split holds has a pool of its own to trim.
+            let pools: Vec<_> = served
+                .with_split_versions()
+                .filter_map(|version| Some((version.pool.clone()?, Arc::clone(&version.metrics))))
+                .collect();
+            if pools.is_empty() {
+                continue;
+            }
+            let name = served.name().to_string();
             tokio::task::spawn_blocking(move || {
-                if let Some(start_times) = pool.maintain() {
-                    for start_time in start_times {
-                        served.metrics.instance_started(start_time, true);
+                let (mut idle, mut busy) = (0, 0);
+                for (pool, metrics) in pools {
+                    if let Some(start_times) = pool.maintain() {
+                        for start_time in start_times {
+                            metrics.instance_started(start_time, true);
+                        }
                     }
+                    let (version_idle, version_busy) = pool.instances();
+                    idle += version_idle;
+                    busy += version_busy;
                 }
-                let (idle, busy) = pool.instances();
-                let name = served.name().to_string();
                 ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name.clone(), "state" => "idle")
                     .set(idle as f64);
                 ::metrics::gauge!(crate::metrics::INSTANCES, "function" => name, "state" => "busy")
@@ -215,7 +227,11 @@ async fn heartbeat(
         let free_capacity = routing
             .functions()
             .iter()
-            .filter_map(|served| served.pool.as_ref())
+            .flat_map(|served| {
+                served
+                    .with_split_versions()
+                    .filter_map(|version| version.pool.as_ref())
+            })
             .map(|pool| pool.instances().0 as u64)
             .sum();
         let sync = routing.sync_status();

@@ -67,6 +67,28 @@ impl ServedFunction {
         &self.deployment.name
     }
 
+    /// This version, prepared, under `deployment` (the same version, module and manifest;
+    /// another traffic split, or none): its instances, origins and metrics are shared, so
+    /// a split that moves on keeps every version warm.
+    pub fn sharing(&self, deployment: Deployment) -> ServedFunction {
+        ServedFunction {
+            version_header: self.version_header.clone(),
+            deployment,
+            pool: self.pool.clone(),
+            origins: self.origins.clone(),
+            metrics: Arc::clone(&self.metrics),
+            split: None,
+        }
+    }
+
+    /// Whether this is the version `deployment` names, prepared as it says (module and
+    /// manifest; the split aside).
+    pub fn prepares(&self, deployment: &Deployment) -> bool {
+        self.deployment.version == deployment.version
+            && self.deployment.sha256 == deployment.sha256
+            && self.deployment.manifest == deployment.manifest
+    }
+
     /// The version of this function that serves a request: the one `pinned` names (the
     /// `x-atoll-version` header, any version in the split, also one at 0%), else the
     /// split's choice by the sticky key's point, or by `draw` (a random point in
@@ -89,7 +111,9 @@ impl ServedFunction {
                 let point = split.sticky.as_ref().and_then(sticky_point).unwrap_or_else(draw);
                 let index =
                     atoll_core::traffic::choose(split.versions.iter().map(|share| share.percent), point);
-                &split.versions[index]
+                // A split is never empty (checked where it is made); were one, the active
+                // version serves.
+                split.versions.get(index)?
             }
         };
         Some(share.served.as_ref().unwrap_or(self))
@@ -250,5 +274,69 @@ impl Routing {
 
     pub fn set_sync_status(&self, status: SyncStatus) {
         self.sync.store(Arc::new(status));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(number: u64) -> ServedFunction {
+        let deployment = Deployment {
+            name: "f".into(),
+            version: number,
+            sha256: "0".repeat(64),
+            manifest: atoll_core::Manifest::parse(
+                "name = \"f\"\nwasm = \"f.wasm\"\nroutes = [\"f.localhost\"]\n",
+            )
+            .unwrap(),
+            traffic: None,
+        };
+        ServedFunction::new(
+            deployment,
+            None,
+            None,
+            Arc::new(FunctionMetrics::new("f", number)),
+        )
+    }
+
+    #[test]
+    fn a_request_goes_to_the_pinned_version_or_where_its_point_falls() {
+        let canary = Arc::new(version(2));
+        let mut stable = version(1);
+        stable.split = Some(ServedSplit {
+            versions: vec![
+                SplitShare {
+                    version: 2,
+                    percent: 10,
+                    served: Some(Arc::clone(&canary)),
+                },
+                SplitShare {
+                    version: 1,
+                    percent: 90,
+                    served: None,
+                },
+            ],
+            sticky: Some(atoll_core::traffic::StickyKey::Ip),
+        });
+        let stable = Arc::new(stable);
+        let picked = |pinned, point: Option<u16>| {
+            stable
+                .pick(pinned, |_| point, || 9_999)
+                .map(|served| served.deployment.version)
+        };
+        assert_eq!(picked(None, Some(999)), Some(2), "the newest version's tenth");
+        assert_eq!(picked(None, Some(1_000)), Some(1));
+        assert_eq!(picked(None, None), Some(1), "no key: the draw decides");
+        assert_eq!(picked(Some(2), Some(5_000)), Some(2), "a pin wins over the point");
+        assert_eq!(picked(Some(1), Some(0)), Some(1));
+        assert_eq!(picked(Some(9), None), None, "a version the split does not hold");
+        let alone = Arc::new(version(3));
+        assert_eq!(
+            alone.pick(Some(3), |_| None, || 0).map(|s| s.deployment.version),
+            Some(3)
+        );
+        assert!(alone.pick(Some(2), |_| None, || 0).is_none());
+        assert_eq!(stable.with_split_versions().count(), 2);
     }
 }

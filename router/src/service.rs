@@ -194,7 +194,8 @@ impl EdgeService {
             );
         };
         // A forwarded request: what the forwarding node says (the version it expects is
-        // honoured whether or not the signature verifies; it can only make this node refuse).
+        // honoured whether or not the signature verifies: it picks one of the versions any
+        // client may pin, or makes this node refuse).
         let hop = request.headers().get(HOP_HEADER).map(|value| {
             let value = value.to_str().unwrap_or_default();
             let target = request.uri().path_and_query().map_or("/", |path| path.as_str());
@@ -745,7 +746,9 @@ fn sticky_point(
                 let (key, value) = pair.split_at(pair.iter().position(|&b| b == b'=')?);
                 (key == name.as_bytes()).then(|| point_of(function, &value[1..]))
             }),
-        StickyKey::Ip => Some(match client {
+        // An IPv4 client seen by a dual-stack listener (`::ffff:a.b.c.d`) is the same
+        // client on every node.
+        StickyKey::Ip => Some(match client.to_canonical() {
             std::net::IpAddr::V4(address) => point_of(function, &address.octets()),
             std::net::IpAddr::V6(address) => point_of(function, &address.octets()),
         }),

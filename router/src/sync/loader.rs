@@ -40,13 +40,16 @@ pub(super) struct Loader {
 
 impl Loader {
     /// Prepares `deployment` and, when it carries a traffic split, every other version of
-    /// the split (the split takes effect only once all of them are ready).
+    /// the split (the split takes effect only once all of them are ready). A version among
+    /// `prepared` (what the function serves now) is taken as it is, warm: a split that
+    /// moves from 10% to 20%, a promote or the end of a split prepares nothing again.
     pub(super) async fn fetch_and_load(
         &self,
         deployment: Deployment,
+        prepared: &[Arc<ServedFunction>],
     ) -> Result<Arc<ServedFunction>, SyncError> {
         let Some(traffic) = deployment.traffic.clone() else {
-            return self.fetch_and_load_one(deployment).await;
+            return self.prepare(deployment, prepared).await;
         };
         let mut versions = Vec::with_capacity(traffic.versions.len());
         for share in traffic.versions {
@@ -60,7 +63,7 @@ impl Loader {
                     manifest: share.manifest,
                     traffic: None,
                 };
-                Some(self.fetch_and_load_one(other).await?)
+                Some(self.prepare(other, prepared).await?)
             };
             versions.push(crate::served::SplitShare {
                 version: share.version,
@@ -68,13 +71,25 @@ impl Loader {
                 served,
             });
         }
-        let active = self.fetch_and_load_one(deployment).await?;
-        let mut active = Arc::into_inner(active).expect("a version just prepared is held nowhere else");
+        let active = self.prepare(deployment.clone(), prepared).await?;
+        let mut active = active.sharing(deployment);
         active.split = Some(crate::served::ServedSplit {
             versions,
             sticky: traffic.sticky,
         });
         Ok(Arc::new(active))
+    }
+
+    /// One version: shared with what already serves it, or prepared now.
+    async fn prepare(
+        &self,
+        deployment: Deployment,
+        prepared: &[Arc<ServedFunction>],
+    ) -> Result<Arc<ServedFunction>, SyncError> {
+        match prepared.iter().find(|served| served.prepares(&deployment)) {
+            Some(served) => Ok(Arc::new(served.sharing(deployment))),
+            None => self.fetch_and_load_one(deployment).await,
+        }
     }
 
     /// Prepares one version (its split, if any, aside).

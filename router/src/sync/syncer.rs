@@ -156,9 +156,11 @@ impl Syncer {
             // An origin route has no module, and a split more than one: both are prepared
             // as a watch event would have them (modules from the disk cache first).
             if deployment.manifest.is_origin_only() || deployment.traffic.is_some() {
-                match self.loader.fetch_and_load(deployment).await {
+                match self.loader.fetch_and_load(deployment, &[]).await {
                     Ok(served) => self.serve(served),
-                    Err(error) => tracing::warn!(%error, "could not restore a cached origin route"),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not restore a cached origin route or traffic split")
+                    }
                 }
                 continue;
             }
@@ -374,6 +376,20 @@ impl Syncer {
     /// Starts preparing `deployment` in its own task.
     fn start_load(&mut self, deployment: Deployment, revision: Option<u64>) {
         let loader = self.loader.clone();
+        // The versions the function serves now, to take as they are where they match.
+        let prepared: Vec<Arc<ServedFunction>> =
+            self.served
+                .get(&deployment.name)
+                .map(|served| {
+                    std::iter::once(Arc::clone(served))
+                        .chain(
+                            served.split.iter().flat_map(|split| {
+                                split.versions.iter().filter_map(|share| share.served.clone())
+                            }),
+                        )
+                        .collect()
+                })
+                .unwrap_or_default();
         self.loading.insert(
             deployment.name.clone(),
             Loading {
@@ -384,7 +400,7 @@ impl Syncer {
         self.loads.spawn(async move {
             // A panic while preparing is that version's failure (quarantined like any
             // other), never a load that stays "in flight" and holds the revision back.
-            let result = std::panic::AssertUnwindSafe(loader.fetch_and_load(deployment.clone()))
+            let result = std::panic::AssertUnwindSafe(loader.fetch_and_load(deployment.clone(), &prepared))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
