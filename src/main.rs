@@ -87,6 +87,10 @@ enum Command {
         /// Largest module a push may carry, in bytes.
         #[arg(long, default_value_t = atoll_registry::api::DEFAULT_MAX_MODULE_BYTES)]
         max_module_bytes: u64,
+        /// A file of 64 hex characters (`openssl rand -hex 32`) that seals functions'
+        /// secrets; without it `atoll secret set` is refused.
+        #[arg(long, env = "ATOLL_SECRETS_KEY_FILE")]
+        secrets_key_file: Option<PathBuf>,
         /// Open connections; at the cap the longest-idle one is closed to make room, and a
         /// new one is refused (503) when every connection has a request in flight.
         #[arg(long, default_value_t = atoll_registry::connections::DEFAULT_MAX_CONNECTIONS)]
@@ -211,6 +215,12 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Functions' secrets: environment variables sealed at rest (needs --secrets-key-file
+    /// on the registry and the nodes).
+    Secret {
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
     /// Read and change functions' key-value stores (a registry on the embedded store).
     Kv {
         #[command(subcommand)]
@@ -219,6 +229,31 @@ enum Command {
     /// A function's last scheduled runs (`[[cron]]`): tick, node, outcome, newest first.
     Cron {
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Set a secret from stdin (never from the command line, which others can read); the
+    /// function sees it as the environment variable KEY.
+    Set {
+        name: String,
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List a function's secrets (names only: values are never shown).
+    Ls {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a secret.
+    Rm {
+        name: String,
+        key: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -322,6 +357,10 @@ struct EdgeArgs {
     /// addresses are never reached.
     #[arg(long, default_value = "listed", value_parser = ["listed", "deny"])]
     outbound_internal: String,
+    /// A file of 64 hex characters (`openssl rand -hex 32`) that opens functions'
+    /// secrets (and, for `atoll up`, seals them); the registry's and the nodes' must match.
+    #[arg(long, env = "ATOLL_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN) here; needs --certs or --acme-directory.
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
@@ -408,7 +447,8 @@ struct EdgeArgs {
 
 impl EdgeArgs {
     /// Fills the ingress part of `options`.
-    fn apply(&self, options: &mut atoll_router::NodeOptions) {
+    fn apply(&self, options: &mut atoll_router::NodeOptions) -> Result<()> {
+        options.secrets_key = secrets_key(self.secrets_key_file.as_deref())?;
         options.certs_dir = self.certs.clone();
         options.outbound_ca = self.outbound_ca.clone();
         options.outbound_internal = if self.outbound_internal == "deny" {
@@ -456,6 +496,7 @@ impl EdgeArgs {
         if let Some(threads) = self.connection_threads {
             options.connection_workers = usize::from(threads);
         }
+        Ok(())
     }
 
     /// Binds the node's sockets and prints where each listens.
@@ -582,15 +623,17 @@ async fn run(command: Command) -> Result<()> {
             data,
             store,
             max_module_bytes,
+            secrets_key_file,
             max_connections,
             header_timeout,
             idle_timeout,
         } => {
+            let secrets_key = secrets_key(secrets_key_file.as_deref())?;
             let limits = registry_limits("--max-connections", max_connections, header_timeout, idle_timeout)?;
             let engine = Engine::new()?;
             let registry = match store {
-                None => open_registry(&data, engine, max_module_bytes)?.0,
-                Some(url) => open_nats_registry(&url, engine, max_module_bytes).await?,
+                None => open_registry(&data, engine, max_module_bytes, secrets_key)?.0,
+                Some(url) => open_nats_registry(&url, engine, max_module_bytes, secrets_key).await?,
             };
             let listener = bind(listen).await?;
             println!("registry listening on http://{}", listener.local_addr()?);
@@ -629,7 +672,7 @@ async fn run(command: Command) -> Result<()> {
             options.home_replicas = home_replicas.max(1);
             options.drain_delay = drain_delay;
             options.cluster_key = cluster_key;
-            edge.apply(&mut options);
+            edge.apply(&mut options)?;
             atoll_router::run(options, engine, listeners, shutdown_signal()).await?;
             Ok(())
         }
@@ -759,6 +802,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Token { command } => token_command(command).await,
         Command::Kv { command } => kv_command(command).await,
+        Command::Secret { command } => secret_command(command).await,
         Command::Cron { name, client } => {
             let runs = client.client()?.cron_runs(&name).await?;
             if runs.is_empty() {
@@ -891,6 +935,7 @@ async fn up(
         &data.join("registry"),
         engine.clone(),
         atoll_registry::api::DEFAULT_MAX_MODULE_BYTES,
+        secrets_key(edge.secrets_key_file.as_deref())?,
     )?;
     // The node in this process calls the registry's KV store directly.
     let local_kv = registry.kv();
@@ -920,7 +965,7 @@ async fn up(
     options.name = default_node_name();
     options.kv = local_kv;
     options.other_ports = vec![registry_listener_port];
-    edge.apply(&mut options);
+    edge.apply(&mut options)?;
     let node_task = tokio::spawn(atoll_router::run(
         options,
         engine,
@@ -967,7 +1012,22 @@ fn registry_limits(
     })
 }
 
-fn open_registry(data: &Path, engine: Engine, max_module_bytes: u64) -> Result<(Arc<Registry>, String)> {
+/// The secrets key in `path`, if one is given.
+fn secrets_key(path: Option<&Path>) -> Result<Option<Arc<atoll_core::secrets::SecretKey>>> {
+    path.map(|path| {
+        atoll_core::secrets::SecretKey::from_file(path)
+            .map(Arc::new)
+            .map_err(|error| anyhow::anyhow!(error))
+    })
+    .transpose()
+}
+
+fn open_registry(
+    data: &Path,
+    engine: Engine,
+    max_module_bytes: u64,
+    secrets_key: Option<Arc<atoll_core::secrets::SecretKey>>,
+) -> Result<(Arc<Registry>, String)> {
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let (token, origin) =
         atoll_registry::load_or_create(data).with_context(|| format!("token in {}", data.display()))?;
@@ -980,6 +1040,7 @@ fn open_registry(data: &Path, engine: Engine, max_module_bytes: u64) -> Result<(
     }
     let options = RegistryOptions {
         max_module_bytes,
+        secrets_key,
         ..RegistryOptions::default()
     };
     let registry = Registry::open(
@@ -994,7 +1055,12 @@ fn open_registry(data: &Path, engine: Engine, max_module_bytes: u64) -> Result<(
 
 /// A registry on NATS JetStream: stateless, so the token comes from ATOLL_TOKEN, shared by
 /// every registry on the cluster.
-async fn open_nats_registry(url: &str, engine: Engine, max_module_bytes: u64) -> Result<Arc<Registry>> {
+async fn open_nats_registry(
+    url: &str,
+    engine: Engine,
+    max_module_bytes: u64,
+    secrets_key: Option<Arc<atoll_core::secrets::SecretKey>>,
+) -> Result<Arc<Registry>> {
     if !url.starts_with("nats://") {
         bail!("--store {url:?}: expected nats://HOST:PORT");
     }
@@ -1010,6 +1076,7 @@ async fn open_nats_registry(url: &str, engine: Engine, max_module_bytes: u64) ->
     println!("store: NATS JetStream at {url}");
     let options = RegistryOptions {
         max_module_bytes,
+        secrets_key,
         ..RegistryOptions::default()
     };
     let backend = atoll_registry::Backend::Nats(store);
@@ -1079,6 +1146,38 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
+}
+
+/// `atoll secret set|ls|rm`.
+async fn secret_command(command: SecretCommand) -> Result<()> {
+    use std::io::Read;
+    match command {
+        SecretCommand::Set { name, key, client } => {
+            let mut value = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut value)
+                .context("reading the secret from stdin")?;
+            // `echo value |` adds a newline nobody means as part of the secret.
+            if value.last() == Some(&b'\n') {
+                value.pop();
+                if value.last() == Some(&b'\r') {
+                    value.pop();
+                }
+            }
+            client.client()?.secret_set(&name, &key, value).await?;
+            println!("{name}: secret {key} set");
+        }
+        SecretCommand::Ls { name, client } => {
+            for key in client.client()?.secret_list(&name).await?.secrets {
+                println!("{key}");
+            }
+        }
+        SecretCommand::Rm { name, key, client } => {
+            client.client()?.secret_remove(&name, &key).await?;
+            println!("{name}: secret {key} removed");
+        }
+    }
+    Ok(())
 }
 
 async fn kv_command(command: KvCommand) -> Result<()> {

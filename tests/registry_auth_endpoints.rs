@@ -35,6 +35,21 @@ const ENDPOINTS: &[(&str, &str, &str)] = &[
         "/v1/functions/{name}/traffic",
         "/v1/functions/echo/traffic",
     ),
+    (
+        "GET",
+        "/v1/functions/{name}/secrets",
+        "/v1/functions/echo/secrets",
+    ),
+    (
+        "PUT",
+        "/v1/functions/{name}/secrets/{key}",
+        "/v1/functions/echo/secrets/API_KEY",
+    ),
+    (
+        "DELETE",
+        "/v1/functions/{name}/secrets/{key}",
+        "/v1/functions/echo/secrets/API_KEY",
+    ),
     ("GET", "/v1/blobs/{sha256}", "/v1/blobs/SHA"),
     ("GET", "/v1/watch", "/v1/watch?since=0"),
     ("GET", "/v1/nodes", "/v1/nodes"),

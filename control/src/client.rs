@@ -281,6 +281,37 @@ impl RegistryClient {
         self.send(request).await.map(drop)
     }
 
+    /// Sets function `name`'s secret `key` (sealed by the registry at once).
+    pub async fn secret_set(&self, name: &str, key: &str, value: Vec<u8>) -> Result<(), ClientError> {
+        let request = self
+            .request(reqwest::Method::PUT, &["v1", "functions", name, "secrets", key])
+            .timeout(REQUEST_TIMEOUT)
+            .body(value);
+        self.send(request).await.map(drop)
+    }
+
+    /// The names of function `name`'s secrets.
+    pub async fn secret_list(
+        &self,
+        name: &str,
+    ) -> Result<atoll_core::api_types::SecretsResponse, ClientError> {
+        let request = self
+            .request(reqwest::Method::GET, &["v1", "functions", name, "secrets"])
+            .timeout(REQUEST_TIMEOUT);
+        self.json(request).await
+    }
+
+    /// Removes function `name`'s secret `key`.
+    pub async fn secret_remove(&self, name: &str, key: &str) -> Result<(), ClientError> {
+        let request = self
+            .request(
+                reqwest::Method::DELETE,
+                &["v1", "functions", name, "secrets", key],
+            )
+            .timeout(REQUEST_TIMEOUT);
+        self.send(request).await.map(drop)
+    }
+
     /// The module bytes with this SHA-256 (the caller verifies the digest).
     pub async fn blob(&self, sha256: &str) -> Result<Bytes, ClientError> {
         let request = self

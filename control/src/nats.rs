@@ -45,7 +45,8 @@ use atoll_core::digest::is_sha256_hex;
 use atoll_core::manifest::Manifest;
 use atoll_core::membership::{FORGET_AFTER_TTLS, MEMBER_TTL, MemberStatus, MemberTable, NodeAnnouncement};
 use atoll_core::model::{FunctionRecord, Version};
-use atoll_core::rules::{check_routes, plan_push, plan_traffic, put_events, rollback_target};
+use atoll_core::rules::{apply_secret, check_routes, plan_push, plan_traffic, put_events, rollback_target};
+use atoll_core::secrets::SealedSecret;
 use atoll_core::traffic::TrafficSplit;
 use atoll_core::watch::WatchEvent;
 
@@ -766,6 +767,35 @@ impl NatsStore {
             }
             match self.write(&changed, current.revision, attempt).await? {
                 Written::Yes => return self.current(name).await?.record.ok_or_else(not_found),
+                Written::Stale => continue,
+            }
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) function `name`'s secret `key`, by
+    /// compare-and-set; whether it was there before.
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        key: &str,
+        sealed: Option<SealedSecret>,
+    ) -> Result<bool, StoreError> {
+        let not_found = || StoreError::NotFound(format!("no function `{name}`"));
+        if !is_valid_key(name) {
+            return Err(not_found());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.current(name).await?;
+            let record = current.record.ok_or_else(not_found)?;
+            let mut changed = record.clone();
+            let existed = apply_secret(&mut changed, key, sealed.clone())?;
+            if changed == record {
+                return Ok(existed);
+            }
+            match self.write(&changed, current.revision, attempt).await? {
+                Written::Yes => return Ok(existed),
                 Written::Stale => continue,
             }
         }

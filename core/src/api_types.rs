@@ -55,6 +55,13 @@ pub struct TrafficRequest {
     pub sticky: Option<crate::traffic::StickyKey>,
 }
 
+/// `GET /v1/functions/{name}/secrets`: the names only; values never leave the registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsResponse {
+    pub name: String,
+    pub secrets: Vec<String>,
+}
+
 /// Answer to a traffic change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrafficResponse {

@@ -33,6 +33,7 @@ pub mod outbound;
 pub mod route;
 pub mod route_table;
 pub mod rules;
+pub mod secrets;
 pub mod traffic;
 pub mod watch;
 

@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::Manifest;
+use crate::secrets::SealedSecrets;
 use crate::traffic::{StickyKey, TrafficSplit};
 
 /// One immutable version of a function.
@@ -45,6 +46,9 @@ pub struct FunctionRecord {
     /// with the largest share). `None`: every request goes to `active`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<TrafficSplit>,
+    /// Secrets (every version's), sealed with the operator's key.
+    #[serde(default, skip_serializing_if = "SealedSecrets::is_empty")]
+    pub secrets: SealedSecrets,
 }
 
 /// What a node serves for one function: everything it needs, nothing else.
@@ -62,6 +66,9 @@ pub struct Deployment {
     /// too), each to prepare before the split takes effect on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<DeployedSplit>,
+    /// The function's secrets, sealed: opened by the node when it prepares the version.
+    #[serde(default, skip_serializing_if = "SealedSecrets::is_empty")]
+    pub secrets: SealedSecrets,
 }
 
 /// A traffic split as nodes serve it.
@@ -121,6 +128,7 @@ impl FunctionRecord {
             sha256: v.sha256.clone(),
             manifest: v.manifest.clone(),
             traffic,
+            secrets: self.secrets.clone(),
         })
     }
 }

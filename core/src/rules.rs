@@ -30,6 +30,7 @@ pub fn plan_push(
         active: 0,
         mod_revision: 0,
         traffic: None,
+        secrets: Default::default(),
     });
     let version = Version {
         version: record.latest() + 1,
@@ -110,6 +111,33 @@ pub fn plan_traffic(mut record: FunctionRecord, split: TrafficSplit) -> Result<F
     record.active = leading.version;
     record.traffic = (!split.is_whole()).then_some(split);
     Ok(record)
+}
+
+/// Sets (`Some`) or removes (`None`) `record`'s secret `key` (checked by the caller:
+/// [`crate::secrets::check`]); whether it was there before. Refused past
+/// [`crate::secrets::MAX_SECRETS`].
+pub fn apply_secret(
+    record: &mut FunctionRecord,
+    key: &str,
+    sealed: Option<crate::secrets::SealedSecret>,
+) -> Result<bool, StoreError> {
+    let existed = record.secrets.contains_key(key);
+    match sealed {
+        Some(sealed) => {
+            if !existed && record.secrets.len() >= crate::secrets::MAX_SECRETS {
+                return Err(StoreError::Conflict(format!(
+                    "function `{}` has {} secrets, the most it may have",
+                    record.name,
+                    crate::secrets::MAX_SECRETS
+                )));
+            }
+            record.secrets.insert(key.to_string(), sealed);
+        }
+        None => {
+            record.secrets.remove(key);
+        }
+    }
+    Ok(existed)
 }
 
 /// Whether two versions serve the same routes (each manifest's are canonical).

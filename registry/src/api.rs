@@ -16,6 +16,9 @@
 //! GET    /v1/functions/{name}/versions   admin deploy      VersionsResponse
 //! POST   /v1/functions/{name}/rollback   admin deploy      {"to": N} or {} → RollbackResponse
 //! POST   /v1/functions/{name}/traffic    admin deploy      TrafficRequest → TrafficResponse
+//! GET    /v1/functions/{name}/secrets    admin deploy      SecretsResponse (names only)
+//! PUT    /v1/functions/{name}/secrets/{key} admin deploy   the value → 204 (sealed at once)
+//! DELETE /v1/functions/{name}/secrets/{key} admin deploy   204, or 404
 //! GET    /v1/blobs/{sha256}              admin node        module bytes (application/wasm)
 //! GET    /v1/watch?since=N               admin node        NDJSON WatchEvents (atoll_core::watch)
 //! GET    /v1/nodes                       admin deploy node [MemberStatus]
@@ -86,8 +89,8 @@ use crate::store::Store;
 use atoll_control::watch::{ChangeWatch, WatchEnd, WhenIdle};
 use atoll_core::StoreError;
 use atoll_core::api_types::{
-    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, TrafficRequest,
-    TrafficResponse, VersionsResponse,
+    ErrorResponse, FunctionSummary, PushResponse, RollbackRequest, RollbackResponse, SecretsResponse,
+    TrafficRequest, TrafficResponse, VersionsResponse,
 };
 use atoll_core::auth::token_matches;
 use atoll_core::auth::{Caller, CreatedToken, Credential, Forbidden, Grant, Scope, TokenInfo};
@@ -112,6 +115,8 @@ pub struct RegistryOptions {
     pub max_module_bytes: u64,
     /// Idle time after which a watch stream sends a heartbeat. Default 5 s.
     pub heartbeat: Duration,
+    /// Seals functions' secrets (`--secrets-key-file`); `None` refuses to store any.
+    pub secrets_key: Option<Arc<atoll_core::secrets::SecretKey>>,
 }
 
 impl Default for RegistryOptions {
@@ -119,6 +124,7 @@ impl Default for RegistryOptions {
         RegistryOptions {
             max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
             heartbeat: Duration::from_secs(5),
+            secrets_key: None,
         }
     }
 }
@@ -451,6 +457,51 @@ impl Registry {
 }
 
 impl Registry {
+    /// Sets function `name`'s secret `key` to `value`, sealed with the registry's key
+    /// (nothing stores, logs or answers the value in clear); whether it replaced one.
+    async fn set_secret_as(
+        &self,
+        caller: &Caller,
+        name: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<bool, ApiError> {
+        caller
+            .require_function(name, "set secrets of")
+            .map_err(RegistryError::from)?;
+        atoll_core::secrets::check(key, value).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+        let Some(sealer) = &self.options.secrets_key else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "this registry has no secrets key (start it with --secrets-key-file)",
+            ));
+        };
+        let sealed = sealer
+            .seal(name, key, value)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let replaced = self.store.set_secret(name, key, Some(sealed)).await?;
+        tracing::info!(
+            "secret {key} of {name} {}",
+            if replaced { "replaced" } else { "set" }
+        );
+        Ok(replaced)
+    }
+
+    /// Removes function `name`'s secret `key` (404 when it has none of that name).
+    async fn remove_secret_as(&self, caller: &Caller, name: &str, key: &str) -> Result<(), ApiError> {
+        caller
+            .require_function(name, "remove secrets of")
+            .map_err(RegistryError::from)?;
+        if !self.store.set_secret(name, key, None).await? {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("function `{name}` has no secret {key}"),
+            ));
+        }
+        tracing::info!("secret {key} of {name} removed");
+        Ok(())
+    }
+
     /// Shares `name`'s requests between its versions (see
     /// [`atoll_core::rules::plan_traffic`]). A deploy token may do it only for its
     /// functions, and only with versions whose routes are all on its domains.
@@ -539,6 +590,11 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/functions/{name}/versions", get(versions))
         .route("/v1/functions/{name}/rollback", post(rollback))
         .route("/v1/functions/{name}/traffic", post(traffic))
+        .route("/v1/functions/{name}/secrets", get(list_secrets))
+        .route(
+            "/v1/functions/{name}/secrets/{key}",
+            put(set_secret).delete(remove_secret),
+        )
         .route("/v1/blobs/{sha256}", get(blob))
         .route("/v1/watch", get(watch_events))
         .route("/v1/nodes", get(list_nodes))
@@ -652,6 +708,8 @@ pub fn required_scopes(method: &Method, path: &str) -> &'static [Scope] {
         ("GET", "/v1/functions/{name}/versions") => &[Admin, Deploy],
         ("POST", "/v1/functions/{name}/rollback") => &[Admin, Deploy],
         ("POST", "/v1/functions/{name}/traffic") => &[Admin, Deploy],
+        ("GET", "/v1/functions/{name}/secrets") => &[Admin, Deploy],
+        ("PUT" | "DELETE", "/v1/functions/{name}/secrets/{key}") => &[Admin, Deploy],
         ("GET", "/v1/blobs/{sha256}") => &[Admin, Node],
         ("GET", "/v1/watch") => &[Admin, Node],
         ("GET", "/v1/nodes") => &[Admin, Deploy, Node],
@@ -918,6 +976,45 @@ async fn versions(
         versions: record.versions,
         traffic: record.traffic,
     }))
+}
+
+async fn list_secrets(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<axum::Json<SecretsResponse>, ApiError> {
+    caller
+        .require_function(&name, "see the secrets of")
+        .map_err(RegistryError::from)?;
+    let record = app
+        .registry
+        .store
+        .get(&name)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no function `{name}`")))?;
+    Ok(axum::Json(SecretsResponse {
+        name: record.name,
+        secrets: record.secrets.into_keys().collect(),
+    }))
+}
+
+async fn set_secret(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((name, key)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    app.registry.set_secret_as(&caller, &name, &key, &body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_secret(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((name, key)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.registry.remove_secret_as(&caller, &name, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn traffic(

@@ -92,6 +92,19 @@ impl Backend {
         }
     }
 
+    /// Sets or removes a secret (see [`Store::set_secret`]).
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        key: &str,
+        sealed: Option<atoll_core::secrets::SealedSecret>,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.set_secret(name, key, sealed).await,
+            Backend::Nats(store) => store.set_secret(name, key, sealed).await,
+        }
+    }
+
     /// Sets `name`'s traffic split (see [`Store::set_traffic`]).
     pub async fn set_traffic(
         &self,

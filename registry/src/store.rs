@@ -47,7 +47,8 @@ use atoll_core::membership::{MEMBER_TTL, MemberStatus, MemberTable, NodeAnnounce
 use atoll_core::auth::Credential;
 use atoll_core::manifest::Manifest;
 use atoll_core::model::{FunctionRecord, Version};
-use atoll_core::rules::{plan_push, plan_traffic, put_events, rollback_target};
+use atoll_core::rules::{apply_secret, plan_push, plan_traffic, put_events, rollback_target};
+use atoll_core::secrets::SealedSecret;
 use atoll_core::traffic::TrafficSplit;
 use atoll_core::watch::WatchEvent;
 
@@ -309,6 +310,29 @@ impl Store {
             check_routes(&state, name, &active.manifest)?;
         }
         self.replace(guard, &state, changed).await
+    }
+
+    /// Sets (`Some`) or removes (`None`) function `name`'s secret `key`; whether it was
+    /// there before. Removing one that is not there changes nothing.
+    pub async fn set_secret(
+        &self,
+        name: &str,
+        key: &str,
+        sealed: Option<SealedSecret>,
+    ) -> Result<bool, StoreError> {
+        let guard = self.inner.write.clone().lock_owned().await;
+        let state = self.snapshot();
+        let record = state
+            .functions
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
+        let mut changed = record.clone();
+        let existed = apply_secret(&mut changed, key, sealed)?;
+        if changed == *record {
+            return Ok(existed);
+        }
+        self.replace(guard, &state, changed).await?;
+        Ok(existed)
     }
 
     /// Stores `record` in place of its function's, as the next revision.

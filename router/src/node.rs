@@ -67,6 +67,9 @@ pub struct NodeOptions {
     /// `--outbound-ca FILE`: CA certificates (PEM) functions' outbound HTTPS trusts beside
     /// the system's.
     pub outbound_ca: Option<PathBuf>,
+    /// `--secrets-key-file`: opens functions' secrets; `None`: a function with secrets is
+    /// not served (quarantined, saying why).
+    pub secrets_key: Option<Arc<atoll_core::secrets::SecretKey>>,
     /// `--outbound-internal`: whether hosts a manifest lists by name may be internal.
     pub outbound_internal: atoll_isolate::outbound::InternalPolicy,
     /// Where functions' KV calls go when not through the registry's API: `atoll up` hands
@@ -104,6 +107,7 @@ impl NodeOptions {
             ceilings: crate::sync::FunctionCeilings::default(),
             cluster_key: None,
             outbound_ca: None,
+            secrets_key: None,
             outbound_internal: atoll_isolate::outbound::InternalPolicy::default(),
             kv: None,
             other_ports: Vec::new(),
@@ -336,6 +340,7 @@ pub async fn run(
     let services = crate::services::LocalServices::new(Arc::clone(&routing), Arc::clone(&executor));
     let mut syncer = Syncer::new(Arc::clone(&control), cache, artifacts, Arc::clone(&routing))
         .with_ceilings(options.ceilings.clone())
+        .with_secrets_key(options.secrets_key.clone())
         .with_outbound(outbound, services)
         .with_own_ports({
             let mut ports = options.other_ports.clone();

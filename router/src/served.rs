@@ -81,12 +81,13 @@ impl ServedFunction {
         }
     }
 
-    /// Whether this is the version `deployment` names, prepared as it says (module and
-    /// manifest; the split aside).
+    /// Whether this is the version `deployment` names, prepared as it says (module,
+    /// manifest and secrets; the split aside).
     pub fn prepares(&self, deployment: &Deployment) -> bool {
         self.deployment.version == deployment.version
             && self.deployment.sha256 == deployment.sha256
             && self.deployment.manifest == deployment.manifest
+            && self.deployment.secrets == deployment.secrets
     }
 
     /// The version of this function that serves a request: the one `pinned` names (the
@@ -291,6 +292,7 @@ mod tests {
             )
             .unwrap(),
             traffic: None,
+            secrets: Default::default(),
         };
         ServedFunction::new(
             deployment,

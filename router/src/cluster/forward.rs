@@ -317,6 +317,7 @@ mod tests {
             )
             .unwrap(),
             traffic: None,
+            secrets: Default::default(),
         };
         let uri: http::Uri = "/".parse().unwrap();
         let forward = || {

@@ -36,6 +36,8 @@ pub(super) struct Loader {
     pub(super) kv_waits: Arc<tokio::sync::Semaphore>,
     /// The ports this node listens on (see `OriginPool::new`).
     pub(super) own_ports: Arc<Vec<u16>>,
+    /// Opens functions' secrets (`--secrets-key-file`).
+    pub(super) secrets_key: Option<Arc<atoll_core::secrets::SecretKey>>,
 }
 
 impl Loader {
@@ -62,6 +64,7 @@ impl Loader {
                     sha256: share.sha256,
                     manifest: share.manifest,
                     traffic: None,
+                    secrets: deployment.secrets.clone(),
                 };
                 Some(self.prepare(other, prepared).await?)
             };
@@ -117,6 +120,32 @@ impl Loader {
             }
         };
         self.load(deployment, bytes).await
+    }
+
+    /// The deployment's secrets, opened with this node's key.
+    fn open_secrets(&self, deployment: &Deployment) -> Result<Vec<(String, String)>, SyncError> {
+        if deployment.secrets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refuse = |reason: String| SyncError::Load {
+            name: deployment.name.clone(),
+            version: deployment.version,
+            reason,
+        };
+        let Some(key) = &self.secrets_key else {
+            return Err(refuse(
+                "the function has secrets and this node has no secrets key (--secrets-key-file)".into(),
+            ));
+        };
+        deployment
+            .secrets
+            .iter()
+            .map(|(name, sealed)| {
+                key.open(&deployment.name, name, sealed)
+                    .map(|value| (name.clone(), value))
+                    .map_err(refuse)
+            })
+            .collect()
     }
 
     /// The deployment's origin pool, when its manifest lists origins.
@@ -240,12 +269,17 @@ impl Loader {
                 )
             }))
             .collect();
+        // Secrets reach requests only: the init above, whose memory is snapshotted to disk,
+        // never saw them. A secret takes the place of a manifest variable of its name.
+        let secrets = self.open_secrets(&deployment)?;
         config.env = manifest
             .env
             .iter()
             .filter(|(key, _)| !bindings.iter().any(|(bound, _)| bound == *key))
+            .filter(|(key, _)| !secrets.iter().any(|(secret, _)| secret == *key))
             .map(|(key, value)| (key.clone(), value.clone()))
             .chain(bindings.iter().cloned())
+            .chain(secrets.iter().cloned())
             .collect();
         config.max_memory_bytes = memory_limit;
         config.max_response_bytes =

@@ -131,6 +131,7 @@ mod tests {
             ))
             .unwrap(),
             traffic: None,
+            secrets: Default::default(),
         }
     }
 }

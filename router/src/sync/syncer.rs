@@ -97,6 +97,7 @@ impl Syncer {
                     atoll_isolate::wasi_kv::DEFAULT_MAX_WAITS,
                 )),
                 own_ports: Arc::new(Vec::new()),
+                secrets_key: None,
             },
             source,
             routing,
@@ -114,6 +115,12 @@ impl Syncer {
     }
 
     /// Caps what every function gets at `ceilings`, whatever its manifest asks for.
+    /// The key that opens functions' secrets.
+    pub fn with_secrets_key(mut self, key: Option<Arc<atoll_core::secrets::SecretKey>>) -> Self {
+        self.loader.secrets_key = key;
+        self
+    }
+
     pub fn with_ceilings(mut self, ceilings: FunctionCeilings) -> Self {
         self.loader.ceilings = Arc::new(ceilings);
         self
@@ -312,15 +319,16 @@ impl Syncer {
             {
                 Plan::Advance
             }
-            // The same version and module with another traffic split (a gray release
-            // moved on), or with another manifest (only from another source, after a
+            // The same version and module with other secrets or another traffic split (a
+            // gray release moved on), or with another manifest (only from another source, after a
             // reset: what that source says wins): prepared again.
             WatchEvent::Put { deployment, .. }
                 if self.served.get(&deployment.name).is_some_and(|served| {
                     served.deployment.version == deployment.version
                         && served.deployment.sha256 == deployment.sha256
                         && (served.deployment.manifest != deployment.manifest
-                            || served.deployment.traffic != deployment.traffic)
+                            || served.deployment.traffic != deployment.traffic
+                            || served.deployment.secrets != deployment.secrets)
                 }) =>
             {
                 Plan::Load(Box::new(deployment))
