@@ -93,13 +93,17 @@ fn a_secret_reaches_the_function_and_nothing_else_holds_it_in_clear() {
     );
 
     // Bad names are refused and store nothing.
-    let refused = secret_set(&url, "lower-case", "x", dir.path());
-    assert!(!refused.status.success());
-    assert!(
-        stderr(&refused).contains("not an environment variable name"),
-        "{}",
-        stderr(&refused)
-    );
+    let big = "x".repeat(64 * 1024 + 1);
+    for (name, value, message) in [
+        ("lower-case", "x", "not an environment variable name"),
+        // A client's `Api-Token` header would fill it.
+        ("HTTP_API_TOKEN", "x", "set by each request"),
+        ("BIG", big.as_str(), "limit"),
+    ] {
+        let refused = secret_set(&url, name, value, dir.path());
+        assert!(!refused.status.success(), "{name}");
+        assert!(stderr(&refused).contains(message), "{name}: {}", stderr(&refused));
+    }
 
     let out = expect_success("secret set", &secret_set(&url, "GREETING", SECRET, dir.path()));
     assert_eq!(out.trim(), "vault: secret GREETING set");

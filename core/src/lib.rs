@@ -22,6 +22,7 @@ pub mod check;
 pub mod cron;
 pub mod digest;
 pub mod durable;
+pub mod env_names;
 pub mod error;
 pub mod host;
 pub mod kv;

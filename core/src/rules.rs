@@ -131,7 +131,22 @@ pub fn apply_secret(
                     crate::secrets::MAX_SECRETS
                 )));
             }
-            record.secrets.insert(key.to_string(), sealed);
+            let mut after = record.secrets.clone();
+            after.insert(key.to_string(), sealed);
+            // Sealed: hex of the value and its 16-byte tag, so about twice the value.
+            let total: usize = after
+                .iter()
+                .map(|(name, sealed)| name.len() + (sealed.sealed.len() / 2).saturating_sub(16))
+                .sum();
+            if total > crate::secrets::MAX_SECRETS_TOTAL_BYTES {
+                return Err(StoreError::Invalid(format!(
+                    "the secrets of `{}` would hold {total} bytes, over the {} byte limit for \
+                     them together",
+                    record.name,
+                    crate::secrets::MAX_SECRETS_TOTAL_BYTES
+                )));
+            }
+            record.secrets = after;
         }
         None => {
             record.secrets.remove(key);

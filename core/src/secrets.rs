@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 pub const MAX_SECRET_BYTES: usize = 64 * 1024;
 /// Most secrets one function may have.
 pub const MAX_SECRETS: usize = 100;
+/// Most bytes of names and values one function's secrets may hold together (as its
+/// `[env]`): each request copies them into the guest, and each watch line carries them.
+pub const MAX_SECRETS_TOTAL_BYTES: usize = 64 * 1024;
 
 /// A function's secrets by variable name, sealed.
 pub type SealedSecrets = BTreeMap<String, SealedSecret>;
@@ -123,6 +126,12 @@ pub fn check(name: &str, value: &[u8]) -> Result<(), String> {
             "secret name `{name}` is not an environment variable name (A-Z, 0-9, _; not starting with a digit)"
         ));
     }
+    if crate::env_names::is_request_variable(name) || crate::env_names::is_binding_variable(name) {
+        return Err(format!(
+            "secret name `{name}` is set by each request or by the node (HTTP_*, CGI variables, \
+             ATOLL_SERVICE_*, ATOLL_ORIGIN): a client could choose its value"
+        ));
+    }
     if value.len() > MAX_SECRET_BYTES {
         return Err(format!(
             "secret {name} is {} bytes, over the {MAX_SECRET_BYTES} byte limit",
@@ -131,6 +140,11 @@ pub fn check(name: &str, value: &[u8]) -> Result<(), String> {
     }
     if std::str::from_utf8(value).is_err() {
         return Err(format!("secret {name} is not UTF-8 text"));
+    }
+    if value.contains(&0) {
+        return Err(format!(
+            "secret {name} holds a NUL byte, which would cut it short in the environment"
+        ));
     }
     Ok(())
 }
@@ -173,7 +187,18 @@ mod tests {
         assert!(SecretKey::from_hex("abcd").is_err());
         assert!(SecretKey::from_hex(&format!(" {KEY}\n")).is_ok());
         assert!(check("API_KEY", b"x").is_ok());
-        for bad in ["", "api_key", "1KEY", "A-B", &"A".repeat(129)] {
+        for bad in [
+            "",
+            "api_key",
+            "1KEY",
+            "A-B",
+            &"A".repeat(129),
+            "HTTP_PROXY",
+            "HTTP_API_TOKEN",
+            "REQUEST_METHOD",
+            "ATOLL_SERVICE_AUTH",
+            "ATOLL_ORIGIN",
+        ] {
             assert!(check(bad, b"x").is_err(), "{bad}");
         }
         assert!(
@@ -182,5 +207,6 @@ mod tests {
                 .contains("limit")
         );
         assert!(check("K", &[0xff]).is_err());
+        assert!(check("K", b"a\0b").unwrap_err().contains("NUL"));
     }
 }

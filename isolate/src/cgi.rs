@@ -148,35 +148,7 @@ pub fn environment(request: &CgiRequest, function_env: &[(String, String)]) -> V
     merged
 }
 
-/// The variables [`environment`] may set from a request besides `HTTP_*`.
-const REQUEST_VARIABLES: [&str; 21] = [
-    "GATEWAY_INTERFACE",
-    "SERVER_SOFTWARE",
-    "SERVER_PROTOCOL",
-    "SERVER_NAME",
-    "SERVER_PORT",
-    "REQUEST_METHOD",
-    "SCRIPT_NAME",
-    "PATH_INFO",
-    "QUERY_STRING",
-    "REQUEST_URI",
-    "REMOTE_ADDR",
-    "REMOTE_PORT",
-    "X_MATCHED_ROUTE",
-    "X_FULL_URL",
-    "X_RAW_PATH_INFO",
-    "X_RELATIVE_PATH",
-    "X_ATOLL_TRIGGER",
-    "X_ATOLL_CRON_TICK",
-    "HTTPS",
-    "CONTENT_TYPE",
-    "CONTENT_LENGTH",
-];
-
-/// Whether `name` is a variable a request may set, which a function's own `[env]` cannot.
-pub fn is_request_variable(name: &str) -> bool {
-    name.starts_with("HTTP_") || REQUEST_VARIABLES.contains(&name)
-}
+pub use atoll_core::env_names::is_request_variable;
 
 fn lossy(value: &HeaderValue) -> String {
     String::from_utf8_lossy(value.as_bytes()).into_owned()

@@ -25,7 +25,7 @@ use crate::stream::StreamingOutput;
 use crate::wasi::{self, ProcExit, RunSignals, StreamFailure, WasiContext};
 
 /// Per-function settings from its manifest.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FunctionConfig {
     /// The function's name, also `argv[0]`.
     pub name: String,
@@ -46,6 +46,22 @@ pub struct FunctionConfig {
     /// The key-value stores the function may use (`[kv]`) and the node's backend; `None`
     /// refuses every call.
     pub kv: Option<Arc<crate::wasi_kv::KvAccess>>,
+}
+
+/// The environment by name only: it holds the function's secrets.
+impl std::fmt::Debug for FunctionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionConfig")
+            .field("name", &self.name)
+            .field("env", &self.env.iter().map(|(key, _)| key).collect::<Vec<_>>())
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("max_log_bytes", &self.max_log_bytes)
+            .field("max_memory_bytes", &self.max_memory_bytes)
+            .field("timeout", &self.timeout)
+            .field("outbound", &self.outbound.is_some())
+            .field("kv", &self.kv.is_some())
+            .finish()
+    }
 }
 
 impl FunctionConfig {

@@ -593,7 +593,12 @@ pub fn router(registry: Arc<Registry>, stopped: watch::Receiver<bool>) -> Router
         .route("/v1/functions/{name}/secrets", get(list_secrets))
         .route(
             "/v1/functions/{name}/secrets/{key}",
-            put(set_secret).delete(remove_secret),
+            put(set_secret)
+                .delete(remove_secret)
+                // A secret is at most 64 KiB: no module-sized bodies here.
+                .layer(DefaultBodyLimit::max(
+                    atoll_core::secrets::MAX_SECRET_BYTES + 4096,
+                )),
         )
         .route("/v1/blobs/{sha256}", get(blob))
         .route("/v1/watch", get(watch_events))

@@ -183,6 +183,7 @@ impl Loader {
         deployment: Deployment,
         bytes: Vec<u8>,
     ) -> Result<Arc<ServedFunction>, SyncError> {
+        let secrets = self.open_secrets(&deployment)?;
         let _slot = Arc::clone(&self.slots)
             .acquire_owned()
             .await
@@ -270,8 +271,8 @@ impl Loader {
             }))
             .collect();
         // Secrets reach requests only: the init above, whose memory is snapshotted to disk,
-        // never saw them. A secret takes the place of a manifest variable of its name.
-        let secrets = self.open_secrets(&deployment)?;
+        // never saw them (opened before it, so a node without the key compiles nothing).
+        // A secret takes the place of a manifest variable of its name.
         config.env = manifest
             .env
             .iter()
