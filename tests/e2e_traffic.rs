@@ -40,7 +40,7 @@ fn a_split_is_the_same_on_every_node_sticky_users_stay_on_the_new_version_and_pr
     let dir = tempfile::tempdir().unwrap();
     let (_registry, url) = start_registry(&dir.path().join("registry"));
     let (node_a, a, admin_a) = start_node(&url, &dir.path().join("a"));
-    let (_b, b, _admin_b) = start_node(&url, &dir.path().join("b"));
+    let (node_b, b, _admin_b) = start_node(&url, &dir.path().join("b"));
     let manifest = |version: &str| {
         write_manifest(
             &dir.path().join(version),
@@ -234,4 +234,25 @@ fn a_split_is_the_same_on_every_node_sticky_users_stay_on_the_new_version_and_pr
     // v1 was prepared again only where a promote had dropped it: twice.
     wait_until("the node's log read", || prepared() >= 4);
     assert_eq!(prepared(), 4, "{}", node_a.logs());
+
+    // A node restarted during a split serves the same split from its disk at once.
+    expect_success(
+        "traffic 50/50",
+        &traffic(&url, &["v1=50", "v2=50", "--sticky", "header:x-user"]),
+    );
+    for node in [&a, &b] {
+        wait_until("the split applied", || on_v2(node, 0..100).len() > 25);
+    }
+    let before = on_v2(&b, 0..300);
+    drop(node_b);
+    let (restarted, b, _admin_b) = start_node(&url, &dir.path().join("b"));
+    wait_until("the restarted node serves", || {
+        http_get(&b, HOST, "/").is_ok_and(|r| r.status == 200)
+    });
+    assert_eq!(on_v2(&b, 0..300), before, "the split survived the restart");
+    let logs = restarted.logs();
+    assert!(
+        !logs.contains("could not restore") && logs.contains("serving from the disk cache"),
+        "{logs}"
+    );
 }
