@@ -140,10 +140,9 @@ impl Handler for EdgeService {
         match function {
             Accounting::Function(function) => {
                 function.metrics.request(status, started.elapsed());
-                response.headers_mut().insert(
-                    http::HeaderName::from_static(VERSION_HEADER),
-                    function.version_header.clone(),
-                );
+                response
+                    .headers_mut()
+                    .insert(VERSION_HEADER_NAME, function.version_header.clone());
             }
             // Counted where it ran; here only in `atoll_forwards_total`, so that summing
             // `atoll_requests_total` over the cluster counts each request once.
@@ -256,7 +255,7 @@ impl EdgeService {
         let claimed = hop.as_ref().and_then(|hop| hop.claims.as_ref());
         let pinned = match claimed {
             Some(claims) => Some(claims.version),
-            None => match request.headers().get(VERSION_HEADER) {
+            None => match request.headers().get(VERSION_HEADER_NAME) {
                 None => None,
                 Some(value) => match parse_version(value.as_bytes()) {
                     Some(version) => Some(version),
@@ -715,6 +714,7 @@ const FORWARD_SLACK: Duration = Duration::from_secs(5);
 /// On answers, the version of the function that made them; on requests, the version a
 /// client pins (any version in the function's traffic split, one at 0% too).
 pub const VERSION_HEADER: &str = "x-atoll-version";
+const VERSION_HEADER_NAME: http::HeaderName = http::HeaderName::from_static(VERSION_HEADER);
 
 /// `7` or `v7`.
 fn parse_version(value: &[u8]) -> Option<u64> {
