@@ -722,54 +722,32 @@ impl NatsStore {
     /// Makes `to` (default: the highest version below the active one) active, by
     /// compare-and-set. Re-activating the active version changes nothing.
     pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, StoreError> {
-        let not_found = || StoreError::NotFound(format!("no function `{name}`"));
-        if !is_valid_key(name) {
-            return Err(not_found());
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let current = self.current(name).await?;
-            let mut record = current.record.ok_or_else(not_found)?;
-            let target = rollback_target(&record, to)?;
-            if target.version == record.active && record.traffic.is_none() {
-                return Ok(record);
-            }
-            check_routes(&self.scan().await?, name, &target.manifest)?;
-            record.active = target.version;
-            // A rollback ends any gray release.
-            record.traffic = None;
-            match self.write(&record, current.revision, attempt).await? {
-                Written::Yes => return self.current(name).await?.record.ok_or_else(not_found),
-                Written::Stale => continue,
-            }
-        }
+        let (record, ()) = self
+            .modify(name, |record| {
+                let target = rollback_target(record, to)?;
+                if target.version == record.active && record.traffic.is_none() {
+                    return Ok((None, ()));
+                }
+                let mut changed = record.clone();
+                changed.active = target.version;
+                // A rollback ends any gray release.
+                changed.traffic = None;
+                Ok((Some(changed), ()))
+            })
+            .await?;
+        Ok(record)
     }
 
     /// Shares `name`'s requests between versions as `split` says, by compare-and-set (see
     /// [`atoll_core::rules::plan_traffic`]); the same split again changes nothing.
     pub async fn set_traffic(&self, name: &str, split: TrafficSplit) -> Result<FunctionRecord, StoreError> {
-        let not_found = || StoreError::NotFound(format!("no function `{name}`"));
-        if !is_valid_key(name) {
-            return Err(not_found());
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let current = self.current(name).await?;
-            let record = current.record.ok_or_else(not_found)?;
-            let changed = plan_traffic(record.clone(), split.clone())?;
-            if changed == record {
-                return Ok(record);
-            }
-            if let Some(active) = changed.active_version() {
-                check_routes(&self.scan().await?, name, &active.manifest)?;
-            }
-            match self.write(&changed, current.revision, attempt).await? {
-                Written::Yes => return self.current(name).await?.record.ok_or_else(not_found),
-                Written::Stale => continue,
-            }
-        }
+        let (record, ()) = self
+            .modify(name, |record| {
+                let changed = plan_traffic(record.clone(), split.clone())?;
+                Ok(((changed != *record).then_some(changed), ()))
+            })
+            .await?;
+        Ok(record)
     }
 
     /// Sets (`Some`) or removes (`None`) function `name`'s secret `key`, by
@@ -780,6 +758,24 @@ impl NatsStore {
         key: &str,
         sealed: Option<SealedSecret>,
     ) -> Result<bool, StoreError> {
+        let (_, existed) = self
+            .modify(name, |record| {
+                let mut changed = record.clone();
+                let existed = apply_secret(&mut changed, key, sealed.clone())?;
+                Ok(((changed != *record).then_some(changed), existed))
+            })
+            .await?;
+        Ok(existed)
+    }
+
+    /// Changes function `name`'s record as `change` decides from a fresh read (`None`:
+    /// nothing to change), by compare-and-set, deciding again on a lost race, and checking
+    /// the routes of a version it makes active; the record after, and what `change` said.
+    async fn modify<T>(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&FunctionRecord) -> Result<(Option<FunctionRecord>, T), StoreError>,
+    ) -> Result<(FunctionRecord, T), StoreError> {
         let not_found = || StoreError::NotFound(format!("no function `{name}`"));
         if !is_valid_key(name) {
             return Err(not_found());
@@ -789,13 +785,17 @@ impl NatsStore {
             attempt += 1;
             let current = self.current(name).await?;
             let record = current.record.ok_or_else(not_found)?;
-            let mut changed = record.clone();
-            let existed = apply_secret(&mut changed, key, sealed.clone())?;
-            if changed == record {
-                return Ok(existed);
+            let (changed, said) = change(&record)?;
+            let Some(changed) = changed else {
+                return Ok((record, said));
+            };
+            if changed.active != record.active
+                && let Some(active) = changed.active_version()
+            {
+                check_routes(&self.scan().await?, name, &active.manifest)?;
             }
             match self.write(&changed, current.revision, attempt).await? {
-                Written::Yes => return Ok(existed),
+                Written::Yes => return Ok((self.current(name).await?.record.ok_or_else(not_found)?, said)),
                 Written::Stale => continue,
             }
         }

@@ -961,20 +961,29 @@ async fn announce_node(
     Ok(axum::Json(app.registry.members()))
 }
 
+/// Function `name`'s record, when `caller` may `action` it (404 when there is none).
+async fn readable_record(
+    app: &AppState,
+    caller: &Caller,
+    name: &str,
+    action: &str,
+) -> Result<FunctionRecord, ApiError> {
+    caller
+        .require_function(name, action)
+        .map_err(RegistryError::from)?;
+    app.registry
+        .store
+        .get(name)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no function `{name}`")))
+}
+
 async fn versions(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<axum::Json<VersionsResponse>, ApiError> {
-    caller
-        .require_function(&name, "see the versions")
-        .map_err(RegistryError::from)?;
-    let record = app
-        .registry
-        .store
-        .get(&name)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no function `{name}`")))?;
+    let record = readable_record(&app, &caller, &name, "see the versions").await?;
     Ok(axum::Json(VersionsResponse {
         name: record.name,
         active: record.active,
@@ -988,15 +997,7 @@ async fn list_secrets(
     Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<axum::Json<SecretsResponse>, ApiError> {
-    caller
-        .require_function(&name, "see the secrets of")
-        .map_err(RegistryError::from)?;
-    let record = app
-        .registry
-        .store
-        .get(&name)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no function `{name}`")))?;
+    let record = readable_record(&app, &caller, &name, "see the secrets of").await?;
     Ok(axum::Json(SecretsResponse {
         name: record.name,
         secrets: record.secrets.into_keys().collect(),

@@ -275,41 +275,33 @@ impl Store {
     /// version below the active one. Versions are not touched. Re-activating the active
     /// version changes nothing.
     pub async fn rollback(&self, name: &str, to: Option<u64>) -> Result<FunctionRecord, StoreError> {
-        let guard = self.inner.write.clone().lock_owned().await;
-        let state = self.snapshot();
-        let record = state
-            .functions
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
-        let target = rollback_target(record, to)?;
-        if target.version == record.active && record.traffic.is_none() {
-            return Ok(record.clone());
-        }
-        check_routes(&state, name, &target.manifest)?;
-        let mut changed = record.clone();
-        changed.active = target.version;
-        // A rollback ends any gray release: everything goes to the version rolled back to.
-        changed.traffic = None;
-        self.replace(guard, &state, changed).await
+        let (record, ()) = self
+            .modify(name, |record| {
+                let target = rollback_target(record, to)?;
+                if target.version == record.active && record.traffic.is_none() {
+                    return Ok((None, ()));
+                }
+                let mut changed = record.clone();
+                changed.active = target.version;
+                // A rollback ends any gray release: everything goes to the version rolled
+                // back to.
+                changed.traffic = None;
+                Ok((Some(changed), ()))
+            })
+            .await?;
+        Ok(record)
     }
 
     /// Shares `name`'s requests between versions as `split` says (see
     /// [`atoll_core::rules::plan_traffic`]); the same split again changes nothing.
     pub async fn set_traffic(&self, name: &str, split: TrafficSplit) -> Result<FunctionRecord, StoreError> {
-        let guard = self.inner.write.clone().lock_owned().await;
-        let state = self.snapshot();
-        let record = state
-            .functions
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
-        let changed = plan_traffic(record.clone(), split)?;
-        if changed == *record {
-            return Ok(changed);
-        }
-        if let Some(active) = changed.active_version() {
-            check_routes(&state, name, &active.manifest)?;
-        }
-        self.replace(guard, &state, changed).await
+        let (record, ()) = self
+            .modify(name, |record| {
+                let changed = plan_traffic(record.clone(), split.clone())?;
+                Ok(((changed != *record).then_some(changed), ()))
+            })
+            .await?;
+        Ok(record)
     }
 
     /// Sets (`Some`) or removes (`None`) function `name`'s secret `key`; whether it was
@@ -320,19 +312,40 @@ impl Store {
         key: &str,
         sealed: Option<SealedSecret>,
     ) -> Result<bool, StoreError> {
+        let (_, existed) = self
+            .modify(name, |record| {
+                let mut changed = record.clone();
+                let existed = apply_secret(&mut changed, key, sealed.clone())?;
+                Ok(((changed != *record).then_some(changed), existed))
+            })
+            .await?;
+        Ok(existed)
+    }
+
+    /// Changes function `name`'s record as `change` decides from it (`None`: nothing to
+    /// change), under the write lock, checking the routes of a version it makes active;
+    /// the record after, and what `change` said.
+    async fn modify<T>(
+        &self,
+        name: &str,
+        change: impl FnOnce(&FunctionRecord) -> Result<(Option<FunctionRecord>, T), StoreError>,
+    ) -> Result<(FunctionRecord, T), StoreError> {
         let guard = self.inner.write.clone().lock_owned().await;
         let state = self.snapshot();
         let record = state
             .functions
             .get(name)
             .ok_or_else(|| StoreError::NotFound(format!("no function `{name}`")))?;
-        let mut changed = record.clone();
-        let existed = apply_secret(&mut changed, key, sealed)?;
-        if changed == *record {
-            return Ok(existed);
+        let (changed, said) = change(record)?;
+        let Some(changed) = changed else {
+            return Ok((record.clone(), said));
+        };
+        if changed.active != record.active
+            && let Some(active) = changed.active_version()
+        {
+            check_routes(&state, name, &active.manifest)?;
         }
-        self.replace(guard, &state, changed).await?;
-        Ok(existed)
+        Ok((self.replace(guard, &state, changed).await?, said))
     }
 
     /// Stores `record` in place of its function's, as the next revision.
